@@ -1,0 +1,5 @@
+//! Metrics (METHOD.md section 2): classification, SLURP slot filling, PGR and bootstrap intervals.
+
+pub mod classify;
+pub mod slurp;
+pub mod summary;

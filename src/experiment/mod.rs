@@ -1,0 +1,3 @@
+//! Experiments: their configuration (and, as the pipeline grows, its stages and their cache).
+
+pub mod config;

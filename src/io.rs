@@ -1,0 +1,131 @@
+//! File helpers: JSONL reading with line-numbered errors, gzip transparency, atomic writes.
+
+use crate::error::InputError;
+use anyhow::{Context, Result};
+use serde::de::DeserializeOwned;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+
+/// Reads a whole file, un-gzipping it when its name ends in `.gz`.
+pub fn read_text(path: &Path) -> Result<String, InputError> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| InputError::in_file(path, format!("cannot open: {e}")))?;
+    let mut text = String::new();
+    let result = if path.extension().is_some_and(|e| e == "gz") {
+        flate2::read::GzDecoder::new(file).read_to_string(&mut text)
+    } else {
+        BufReader::new(file).read_to_string(&mut text)
+    };
+    result.map_err(|e| InputError::in_file(path, format!("cannot read as UTF-8 text: {e}")))?;
+    Ok(text)
+}
+
+/// Parses a JSONL file into records of type `T`. Blank lines are skipped; an empty file, a line
+/// that is not JSON, or a line missing a field is an error naming the file and the line.
+/// `what` describes one expected record for the error message, e.g. `{"label": int, "probs": [float]}`.
+pub fn read_jsonl<T: DeserializeOwned>(path: &Path, what: &str) -> Result<Vec<T>, InputError> {
+    read_jsonl_map(path, what, |_, record| Ok(record))
+}
+
+/// Like [`read_jsonl`], and each parsed record goes through `convert` with its 1-based line number,
+/// so that checks beyond the JSON shape can name their line too.
+pub fn read_jsonl_map<T: DeserializeOwned, U>(
+    path: &Path,
+    what: &str,
+    mut convert: impl FnMut(usize, T) -> Result<U, InputError>,
+) -> Result<Vec<U>, InputError> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| InputError::in_file(path, format!("cannot open: {e}")))?;
+    let reader: Box<dyn BufRead> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(BufReader::new(flate2::read::GzDecoder::new(file)))
+    } else {
+        Box::new(BufReader::new(file))
+    };
+    let mut records = Vec::new();
+    for (index, line) in reader.lines().enumerate() {
+        let line_no = index + 1;
+        let line =
+            line.map_err(|e| InputError::at_line(path, line_no, format!("cannot read: {e}")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record = serde_json::from_str::<T>(&line).map_err(|e| {
+            InputError::at_line(path, line_no, format!("expected a JSON object {what}: {e}"))
+        })?;
+        records.push(convert(line_no, record)?);
+    }
+    if records.is_empty() {
+        return Err(InputError::in_file(
+            path,
+            format!("the file is empty: expected one JSON object {what} per line"),
+        ));
+    }
+    Ok(records)
+}
+
+/// Writes a file atomically: the bytes go to a temporary file in the same folder, which is then
+/// renamed over the target, so a reader never sees a half-written file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating folder {}", dir.display()))?;
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("{} has no file name", path.display()))?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    {
+        let mut file =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        file.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        file.sync_all().ok();
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Rec {
+        label: i64,
+    }
+
+    #[test]
+    fn jsonl_errors_name_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.jsonl");
+        std::fs::write(&path, "{\"label\": 1}\n\n{\"lab\": 2}\n").unwrap();
+        let err = read_jsonl::<Rec>(&path, "{\"label\": int}").unwrap_err();
+        assert_eq!(err.line, Some(3));
+        assert!(err.to_string().contains("p.jsonl:3:"), "{err}");
+        assert!(err.message.contains("missing field `label`"), "{err}");
+
+        std::fs::write(&path, "not json\n").unwrap();
+        let err = read_jsonl::<Rec>(&path, "{\"label\": int}").unwrap_err();
+        assert_eq!(err.line, Some(1));
+
+        std::fs::write(&path, "\n  \n").unwrap();
+        let err = read_jsonl::<Rec>(&path, "{\"label\": int}").unwrap_err();
+        assert_eq!(err.line, None);
+        assert!(err.message.contains("empty"));
+    }
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("out.json");
+        write_atomic(&path, b"one").unwrap();
+        write_atomic(&path, b"two").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "two");
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+    }
+}

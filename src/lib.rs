@@ -1,0 +1,14 @@
+//! ws2s: weak-to-strong and Bayesian WeakS-to-Strong experiments on language models.
+//!
+//! The library is organised by job: `data` loads and splits tasks, `eval` holds the metrics,
+//! `experiment` the configuration of a run. The `ws2s` binary is a thin CLI over these modules.
+
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod experiment;
+pub mod hash;
+pub mod io;
+pub mod rng;
+
+pub use error::InputError;

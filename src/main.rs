@@ -1,0 +1,259 @@
+//! The `ws2s` command line: a thin layer over the library.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use ws2s::data::{self, stats, ChoiceOptions, SplitName, SplitSizes, TaskSpec};
+use ws2s::eval;
+use ws2s::experiment::config::ExperimentConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "ws2s",
+    version,
+    about = "Weak-to-strong experiments on language models",
+    long_about = "ws2s trains weak models on ground truth, lets them label data, trains a strong model on \
+those labels alone, and measures how much of the strong model's ceiling it recovers (PGR). \
+It implements Bayesian WeakS-to-Strong and the classic weak-to-strong baselines.\n\n\
+Errors in input files name the file and line; every error exits with code 2."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Score predictions with the metrics of METHOD.md section 2; prints one JSON object.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+    /// Inspect the bundled datasets and their splits.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Check experiment configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Classification: accuracy, AUROC, ECE (15 bins), Brier, n.
+    #[command(long_about = "Classification metrics of a predictions file.\n\n\
+FILE is JSONL, one {\"label\": int, \"probs\": [float, ...]} per line; every line must have the same number \
+of classes K >= 2, probabilities in [0, 1] summing to 1 (within 1e-4), and a label in 0..K.\n\n\
+Prints accuracy, auroc (binary: of class 1; K > 2: macro one-vs-rest; null when a class is absent), \
+ece (15 equal-width bins of the top probability), brier (multi-class form) and n.")]
+    Classify {
+        /// Predictions, JSONL: {"label": int, "probs": [float, ...]} per line.
+        #[arg(long, value_name = "FILE")]
+        pred: PathBuf,
+    },
+    /// SLURP slot filling: span, word, char and SLU F1 (with precision/recall), exact match.
+    #[command(
+        long_about = "SLURP entity metrics, as the official SLURP scorer computes them.\n\n\
+GOLD and PRED are JSONL, one {\"id\": str, \"entities\": [{\"type\": str, \"filler\": str}]} per line, matched \
+by id. A gold id without a prediction counts as an empty prediction; prediction ids not in gold are ignored \
+(with a warning). Optional \"scenario\", \"action\", \"intent\" fields add their accuracies."
+    )]
+    Slurp {
+        /// Gold entities, JSONL.
+        #[arg(long, value_name = "FILE")]
+        gold: PathBuf,
+        /// Predicted entities, JSONL.
+        #[arg(long, value_name = "FILE")]
+        pred: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct TaskArgs {
+    /// The task: sciq, cosmosqa, ethics-{commonsense,deontology,justice,virtue,utilitarianism},
+    /// slurp, classify:PATH.jsonl or generate:PATH.jsonl.
+    task: String,
+    /// Seed of the splits and of the label choices.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Size of weak_train (default: the task's; SciQ 5000).
+    #[arg(long)]
+    weak_train: Option<usize>,
+    /// Size of strong_train (default: the task's; SciQ 5000).
+    #[arg(long)]
+    strong_train: Option<usize>,
+    /// Size of test (default: the task's; SciQ 1000).
+    #[arg(long)]
+    test: Option<usize>,
+    /// Size of valid (default 0).
+    #[arg(long)]
+    valid: Option<usize>,
+    /// SciQ / CosmosQA: a positive and a negative example per question.
+    #[arg(long)]
+    pairs: bool,
+    /// SciQ: prepend the support paragraph.
+    #[arg(long)]
+    support: bool,
+    /// Generic JSONL tasks: a separate test file.
+    #[arg(long, value_name = "FILE")]
+    test_file: Option<PathBuf>,
+    /// Folder of the bundled datasets (default: $WS2S_DATA, else the source tree's data/).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+impl TaskArgs {
+    fn load(&self) -> Result<data::Dataset> {
+        let options = ChoiceOptions {
+            pairs: self.pairs,
+            support: self.support,
+        };
+        let mut spec = TaskSpec::parse(&self.task, options)?;
+        if let Some(test_file) = &self.test_file {
+            match &mut spec {
+                TaskSpec::ClassifyJsonl { test_path, .. }
+                | TaskSpec::GenerateJsonl { test_path, .. } => *test_path = Some(test_file.clone()),
+                _ => anyhow::bail!("--test-file is only for classify:/generate: JSONL tasks"),
+            }
+        }
+        let sizes = SplitSizes {
+            weak_train: self.weak_train,
+            strong_train: self.strong_train,
+            test: self.test,
+            valid: self.valid,
+        };
+        let data_dir = self.data_dir.clone().unwrap_or_else(data::default_data_dir);
+        data::load(&data_dir, &spec, &sizes, self.seed)
+    }
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Split sizes, class balance and length distribution (characters) of a task.
+    Stats {
+        #[command(flatten)]
+        task: TaskArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print examples of one split.
+    Show {
+        #[command(flatten)]
+        task: TaskArgs,
+        /// Which split.
+        #[arg(long, value_enum, default_value_t = SplitName::Test)]
+        split: SplitName,
+        /// How many examples.
+        #[arg(short = 'n', long, default_value_t = 5)]
+        n: usize,
+        /// Print JSONL instead of formatted text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Parse and validate a TOML experiment config, then print it with defaults filled in.
+    Check {
+        /// The config file.
+        file: PathBuf,
+    },
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn eval_classify(pred: &Path) -> Result<()> {
+    let predictions = eval::classify::read_predictions(pred)?;
+    let metrics = eval::classify::classify_metrics(&predictions)
+        .with_context(|| format!("{}", pred.display()))?;
+    print_json(&metrics)
+}
+
+fn eval_slurp(gold: &Path, pred: &Path) -> Result<()> {
+    let gold_records = eval::slurp::read_records(gold)?;
+    let predicted = eval::slurp::read_records(pred)?;
+    let (metrics, unknown) = eval::slurp::slurp_metrics(&gold_records, &predicted);
+    if !unknown.is_empty() {
+        eprintln!(
+            "warning: {} prediction(s) in {} have ids not in {} and were ignored (first: {})",
+            unknown.len(),
+            pred.display(),
+            gold.display(),
+            unknown[0]
+        );
+    }
+    print_json(&metrics)
+}
+
+fn show(dataset: &data::Dataset, split: SplitName, n: usize, json: bool) -> Result<()> {
+    let examples = dataset.split(split);
+    for example in examples.iter().take(n) {
+        if json {
+            println!("{}", serde_json::to_string(example)?);
+            continue;
+        }
+        let label = match &example.label {
+            data::Label::Class { class } => format!("label {class}"),
+            data::Label::Text { target } => format!("target {target}"),
+            data::Label::Slots { target, intent, .. } => {
+                format!("intent {intent}\ntarget {target}")
+            }
+        };
+        println!(
+            "--- {} [{}]\n{}\n{}\n",
+            example.id,
+            split.as_str(),
+            example.input,
+            label
+        );
+    }
+    if !json {
+        println!(
+            "({} of {} examples in {})",
+            n.min(examples.len()),
+            examples.len(),
+            split.as_str()
+        );
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Eval(EvalCommand::Classify { pred }) => eval_classify(&pred),
+        Command::Eval(EvalCommand::Slurp { gold, pred }) => eval_slurp(&gold, &pred),
+        Command::Data(DataCommand::Stats { task, json }) => {
+            let summary = stats::dataset_stats(&task.load()?);
+            if json {
+                print_json(&summary)
+            } else {
+                print!("{}", stats::format_stats(&summary));
+                Ok(())
+            }
+        }
+        Command::Data(DataCommand::Show {
+            task,
+            split,
+            n,
+            json,
+        }) => show(&task.load()?, split, n, json),
+        Command::Config(ConfigCommand::Check { file }) => {
+            let config = ExperimentConfig::load(&file)?;
+            print_json(&config)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

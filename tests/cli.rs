@@ -1,0 +1,216 @@
+//! The command line end to end: outputs, and bad input (file and line named, exit code 2,
+//! nothing on stdout).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn ws2s(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ws2s"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn assert_bad_input(output: &Output, expected: &[&str]) {
+    assert_eq!(output.status.code(), Some(2), "stderr: {}", stderr(output));
+    assert!(
+        stdout(output).is_empty(),
+        "stdout should be empty: {}",
+        stdout(output)
+    );
+    for needle in expected {
+        assert!(
+            stderr(output).contains(needle),
+            "missing `{needle}` in: {}",
+            stderr(output)
+        );
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn eval_classify_prints_one_json_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let pred = write(
+        dir.path(),
+        "p.jsonl",
+        "{\"label\": 1, \"probs\": [0.2, 0.8]}\n{\"label\": 0, \"probs\": [0.6, 0.4]}\n",
+    );
+    let output = ws2s(&["eval", "classify", "--pred", &pred]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(value["accuracy"], 1.0);
+    assert_eq!(value["auroc"], 1.0);
+    assert_eq!(value["n"], 2);
+    assert!(value["ece"].is_number() && value["brier"].is_number());
+}
+
+#[test]
+fn eval_classify_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = "{\"label\": 1, \"probs\": [0.2, 0.8]}\n";
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "sum.jsonl",
+            format!("{ok}{{\"label\": 0, \"probs\": [0.5, 0.6]}}\n"),
+            vec!["sum.jsonl:2:", "sum to"],
+        ),
+        (
+            "range.jsonl",
+            format!("{ok}{ok}{{\"label\": 2, \"probs\": [0.5, 0.5]}}\n"),
+            vec!["range.jsonl:3:", "out of range"],
+        ),
+        (
+            "field.jsonl",
+            "{\"probs\": [0.5, 0.5]}\n".into(),
+            vec!["field.jsonl:1:", "missing field `label`"],
+        ),
+        (
+            "json.jsonl",
+            format!("{ok}{{\"label\": 1, \"probs\": [0.5, \n"),
+            vec!["json.jsonl:2:", "expected a JSON object"],
+        ),
+        ("empty.jsonl", "".into(), vec!["empty.jsonl", "empty"]),
+        (
+            "k.jsonl",
+            format!("{ok}{{\"label\": 0, \"probs\": [0.2, 0.3, 0.5]}}\n"),
+            vec!["k.jsonl:2:", "earlier predictions had 2"],
+        ),
+        (
+            "neg.jsonl",
+            "{\"label\": -1, \"probs\": [0.5, 0.5]}\n".into(),
+            vec!["neg.jsonl:1:"],
+        ),
+    ];
+    for (name, text, expected) in cases {
+        let path = write(dir.path(), name, &text);
+        assert_bad_input(&ws2s(&["eval", "classify", "--pred", &path]), &expected);
+    }
+    let missing = dir.path().join("nope.jsonl");
+    assert_bad_input(
+        &ws2s(&["eval", "classify", "--pred", missing.to_str().unwrap()]),
+        &["nope.jsonl", "cannot open"],
+    );
+}
+
+#[test]
+fn eval_slurp_scores_and_rejects_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let gold = write(
+        dir.path(),
+        "gold.jsonl",
+        "{\"id\": \"a\", \"entities\": [{\"type\": \"date\", \"filler\": \"friday\"}]}\n{\"id\": \"b\", \"entities\": []}\n",
+    );
+    let pred = write(
+        dir.path(),
+        "pred.jsonl",
+        "{\"id\": \"a\", \"entities\": [{\"type\": \"date\", \"filler\": \"friday\"}]}\n",
+    );
+    let output = ws2s(&["eval", "slurp", "--gold", &gold, "--pred", &pred]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(value["span_f1"], 1.0);
+    assert_eq!(value["slu_f1"], 1.0);
+    assert_eq!(value["exact_match"], 1.0);
+    assert_eq!(value["n"], 2);
+
+    let bad = write(
+        dir.path(),
+        "bad.jsonl",
+        "{\"id\": \"a\", \"entities\": [{\"type\": \"date\"}]}\n",
+    );
+    assert_bad_input(
+        &ws2s(&["eval", "slurp", "--gold", &gold, "--pred", &bad]),
+        &["bad.jsonl:1:", "missing field `filler`"],
+    );
+    let dup = write(
+        dir.path(),
+        "dup.jsonl",
+        "{\"id\": \"a\", \"entities\": []}\n{\"id\": \"a\", \"entities\": []}\n",
+    );
+    assert_bad_input(
+        &ws2s(&["eval", "slurp", "--gold", &dup, "--pred", &pred]),
+        &["dup.jsonl:2:", "repeats line 1"],
+    );
+}
+
+#[test]
+fn data_stats_sciq_shows_paper_sizes_and_balance() {
+    let output = ws2s(&["data", "stats", "sciq", "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    let splits = value["splits"].as_array().unwrap();
+    let sizes: Vec<u64> = splits.iter().map(|s| s["n"].as_u64().unwrap()).collect();
+    assert_eq!(sizes, vec![5000, 5000, 1000, 0]);
+    for split in &splits[..3] {
+        let rate = split["positive_rate"].as_f64().unwrap();
+        assert!((rate - 0.5).abs() <= 0.01, "{rate}");
+    }
+    let table = stdout(&ws2s(&["data", "stats", "sciq"]));
+    assert!(
+        table.contains("weak_train") && table.contains("5000") && table.contains("50.0%"),
+        "{table}"
+    );
+}
+
+#[test]
+fn data_show_and_unknown_task() {
+    let output = ws2s(&[
+        "data",
+        "show",
+        "slurp",
+        "--split",
+        "strong-train",
+        "-n",
+        "2",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2);
+    let example: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert!(example["label"]["target"]
+        .as_str()
+        .unwrap()
+        .starts_with('{'));
+    assert_bad_input(
+        &ws2s(&["data", "stats", "sciqq"]),
+        &["unknown task `sciqq`"],
+    );
+}
+
+#[test]
+fn config_check_rejects_unknown_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write(
+        dir.path(),
+        "good.toml",
+        "name = \"x\"\n[task]\nname = \"sciq\"\n",
+    );
+    let output = ws2s(&["config", "check", &good]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("\"seeds\""));
+    let bad = write(
+        dir.path(),
+        "bad.toml",
+        "name = \"x\"\nlearning_rat = 1.0\n[task]\nname = \"sciq\"\n",
+    );
+    assert_bad_input(
+        &ws2s(&["config", "check", &bad]),
+        &["bad.toml", "learning_rat"],
+    );
+}
