@@ -1,0 +1,171 @@
+//! BERT-family encoders (all-MiniLM-L6-v2 and other sentence-transformers BERT checkpoints).
+//!
+//! Post-LayerNorm blocks: a = LN(x + o(attn(x))), out = LN(a + down(gelu(up(a)))), bidirectional
+//! attention with a key-padding mask, absolute learned positions, token type 0. Checkpoint names
+//! with or without the `bert.` prefix both load.
+
+use super::config::ConfigJson;
+use super::nn::{self, LayerNorm, Linear};
+use super::params::Params;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BertConfig {
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub intermediate_size: usize,
+    pub max_positions: usize,
+    pub type_vocab_size: usize,
+    pub vocab_size: usize,
+    pub layer_norm_eps: f64,
+}
+
+impl BertConfig {
+    pub fn from_json(c: &ConfigJson) -> Result<Self> {
+        let activation = c.str_or("hidden_act", "gelu");
+        if activation != "gelu" {
+            bail!(
+                "{}: hidden_act `{activation}` is not supported (gelu only)",
+                c.source
+            );
+        }
+        let embedding_type = c.str_or("position_embedding_type", "absolute");
+        if embedding_type != "absolute" {
+            bail!(
+                "{}: position_embedding_type `{embedding_type}` is not supported",
+                c.source
+            );
+        }
+        Ok(BertConfig {
+            hidden_size: c.usize("hidden_size")?,
+            num_layers: c.usize("num_hidden_layers")?,
+            num_heads: c.usize("num_attention_heads")?,
+            intermediate_size: c.usize("intermediate_size")?,
+            max_positions: c.usize("max_position_embeddings")?,
+            type_vocab_size: c.usize_or("type_vocab_size", 2)?,
+            vocab_size: c.usize("vocab_size")?,
+            layer_norm_eps: c.f64_or("layer_norm_eps", 1e-12)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+#[derive(Debug, Clone)]
+pub struct Bert {
+    pub config: BertConfig,
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    embed_norm: LayerNorm,
+    layers: Vec<Layer>,
+}
+
+impl Bert {
+    pub fn load(config: BertConfig, params: &mut Params) -> Result<Self> {
+        let c = &config;
+        let root = if params.contains("bert.embeddings.word_embeddings.weight") {
+            "bert."
+        } else {
+            ""
+        };
+        let (h, eps) = (c.hidden_size, c.layer_norm_eps);
+        let e = format!("{root}embeddings");
+        let word = params.weight(&format!("{e}.word_embeddings.weight"), &[c.vocab_size, h])?;
+        let position = params.weight(
+            &format!("{e}.position_embeddings.weight"),
+            &[c.max_positions, h],
+        )?;
+        let token_type = params.weight(
+            &format!("{e}.token_type_embeddings.weight"),
+            &[c.type_vocab_size, h],
+        )?;
+        let embed_norm = LayerNorm::load(params, &format!("{e}.LayerNorm"), h, eps)?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("{root}encoder.layer.{i}");
+            layers.push(Layer {
+                query: params.linear(&format!("{p}.attention.self.query"), h, h, true)?,
+                key: params.linear(&format!("{p}.attention.self.key"), h, h, true)?,
+                value: params.linear(&format!("{p}.attention.self.value"), h, h, true)?,
+                attn_out: params.linear(&format!("{p}.attention.output.dense"), h, h, true)?,
+                attn_norm: LayerNorm::load(
+                    params,
+                    &format!("{p}.attention.output.LayerNorm"),
+                    h,
+                    eps,
+                )?,
+                intermediate: params.linear(
+                    &format!("{p}.intermediate.dense"),
+                    h,
+                    c.intermediate_size,
+                    true,
+                )?,
+                output: params.linear(
+                    &format!("{p}.output.dense"),
+                    c.intermediate_size,
+                    h,
+                    true,
+                )?,
+                output_norm: LayerNorm::load(params, &format!("{p}.output.LayerNorm"), h, eps)?,
+            });
+        }
+        Ok(Bert {
+            config,
+            word,
+            position,
+            token_type,
+            embed_norm,
+            layers,
+        })
+    }
+
+    /// Last hidden states [B, T, H] of `ids` [B, T] with 0/1 `mask` rows (right padding).
+    pub fn forward(&self, ids: &Tensor, mask: &[Vec<u32>]) -> Result<Tensor> {
+        let c = &self.config;
+        let device = ids.device();
+        let (_, t) = ids.dims2()?;
+        if t > c.max_positions {
+            bail!(
+                "input of {t} tokens is longer than BERT's {} positions",
+                c.max_positions
+            );
+        }
+        let positions = Tensor::arange(0u32, t as u32, device)?;
+        let pos = self.position.index_select(&positions, 0)?.unsqueeze(0)?;
+        let token_type = self.token_type.narrow(0, 0, 1)?.unsqueeze(0)?;
+        let x = nn::embed(&self.word, ids)?
+            .broadcast_add(&pos)?
+            .broadcast_add(&token_type)?;
+        let mut x = self.embed_norm.forward(&x)?;
+        let attn_mask = nn::additive_mask(mask, t, false, None, device)?;
+        let head_dim = c.hidden_size / c.num_heads;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        for layer in &self.layers {
+            let q = nn::split_heads(&layer.query.forward(&x)?, c.num_heads, head_dim)?;
+            let k = nn::split_heads(&layer.key.forward(&x)?, c.num_heads, head_dim)?;
+            let v = nn::split_heads(&layer.value.forward(&x)?, c.num_heads, head_dim)?;
+            let attn = nn::attention(&q, &k, &v, &attn_mask, scale)?;
+            let a = layer
+                .attn_norm
+                .forward(&(layer.attn_out.forward(&attn)? + &x)?)?;
+            let inter = layer.intermediate.forward(&a)?.gelu_erf()?;
+            x = layer
+                .output_norm
+                .forward(&(layer.output.forward(&inter)? + &a)?)?;
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,71 @@
+//! Key/value cache for incremental decoding.
+
+use candle_core::{Result, Tensor};
+
+/// Per layer, the keys and values seen so far ([B, KVH, T, D], after RoPE, before head
+/// repetition), and the 0/1 mask of every position seen so far.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    mask: Vec<Vec<u32>>,
+}
+
+impl KvCache {
+    pub fn new(layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; layers],
+            mask: Vec::new(),
+        }
+    }
+
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.mask.first().map_or(0, Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends the mask of new positions (one row per batch element) and returns the full mask.
+    pub fn extend_mask(&mut self, new: &[Vec<u32>]) -> &[Vec<u32>] {
+        if self.mask.is_empty() {
+            self.mask = new.to_vec();
+        } else {
+            for (row, extra) in self.mask.iter_mut().zip(new) {
+                row.extend_from_slice(extra);
+            }
+        }
+        &self.mask
+    }
+
+    /// Appends new keys and values of one layer; returns all of them.
+    pub fn update(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match &self.layers[layer] {
+            None => (k.clone(), v.clone()),
+            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+
+    /// Keeps (and repeats) batch rows: row i of the result is row `rows[i]` of the cache. Used by
+    /// beam search when hypotheses are reordered.
+    pub fn select(&mut self, rows: &[usize]) -> Result<()> {
+        let device = match self.layers.iter().flatten().next() {
+            Some((k, _)) => k.device().clone(),
+            None => return Ok(()),
+        };
+        let index = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            &device,
+        )?;
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(&index, 0)?;
+            *v = v.index_select(&index, 0)?;
+        }
+        self.mask = rows.iter().map(|&r| self.mask[r].clone()).collect();
+        Ok(())
+    }
+}

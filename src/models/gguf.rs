@@ -1,0 +1,163 @@
+//! GGUF checkpoints (llama.cpp's format): metadata turned into a config, tensors de-quantised to
+//! f32 (STACK.md trap 8: quantised matmuls are far too slow for batched passes here) and renamed
+//! to the HF names our architectures use; llama-arch Q/K weights un-permuted back to the HF
+//! half-split RoPE layout.
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{Device, Tensor};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// An opened GGUF file: its metadata and tensor directory.
+pub struct GgufFile {
+    pub content: Content,
+    pub path: std::path::PathBuf,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let content = Content::read(&mut file)
+            .with_context(|| format!("{}: not a readable GGUF file (truncated or corrupt?)", path.display()))?;
+        Ok(GgufFile { content, path: path.to_path_buf() })
+    }
+
+    pub fn meta(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    pub fn meta_str(&self, key: &str) -> Option<&str> {
+        self.meta(key).and_then(|v| v.to_string().ok()).map(String::as_str)
+    }
+
+    pub fn meta_u64(&self, key: &str) -> Option<u64> {
+        self.meta(key).and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
+    }
+
+    pub fn meta_f64(&self, key: &str) -> Option<f64> {
+        self.meta(key).and_then(|v| v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok()))
+    }
+
+    pub fn architecture(&self) -> Result<&str> {
+        self.meta_str("general.architecture")
+            .ok_or_else(|| anyhow!("{}: `general.architecture` is missing", self.path.display()))
+    }
+
+    fn required_u64(&self, key: &str) -> Result<u64> {
+        self.meta_u64(key).ok_or_else(|| anyhow!("{}: metadata `{key}` is missing", self.path.display()))
+    }
+
+    fn tensor_dims(&self, name: &str) -> Option<Vec<usize>> {
+        self.content.tensor_infos.get(name).map(|info| info.shape.dims().to_vec())
+    }
+
+    /// The equivalent of an HF config.json, built from the metadata.
+    pub fn config_json(&self) -> Result<serde_json::Value> {
+        let arch = self.architecture()?;
+        let model_type = match arch {
+            "llama" | "qwen2" | "gemma3" => arch,
+            other => bail!("{}: GGUF architecture `{other}` is not supported (llama, qwen2, gemma3)", self.path.display()),
+        };
+        let key = |k: &str| format!("{arch}.{k}");
+        let embed = self
+            .tensor_dims("token_embd.weight")
+            .ok_or_else(|| anyhow!("{}: tensor `token_embd.weight` is missing", self.path.display()))?;
+        let mut config = json!({
+            "model_type": if model_type == "gemma3" { "gemma3_text" } else { model_type },
+            "hidden_size": self.required_u64(&key("embedding_length"))?,
+            "intermediate_size": self.required_u64(&key("feed_forward_length"))?,
+            "num_hidden_layers": self.required_u64(&key("block_count"))?,
+            "num_attention_heads": self.required_u64(&key("attention.head_count"))?,
+            "num_key_value_heads": self.meta_u64(&key("attention.head_count_kv")).or(self.meta_u64(&key("attention.head_count"))),
+            "rms_norm_eps": self.meta_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-6),
+            "rope_theta": self.meta_f64(&key("rope.freq_base")).unwrap_or(10_000.0),
+            "vocab_size": embed[0],
+            "tie_word_embeddings": self.tensor_dims("output.weight").is_none(),
+        });
+        if let Some(head_dim) = self.meta_u64(&key("attention.key_length")) {
+            config["head_dim"] = json!(head_dim);
+        }
+        if model_type == "gemma3" {
+            config["sliding_window"] = json!(self.meta_u64(&key("attention.sliding_window")));
+            config["rope_local_base_freq"] = json!(10_000.0);
+            if let Some(scalar) = self.meta_u64(&key("attention.key_length")) {
+                config["query_pre_attn_scalar"] = json!(scalar);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Every tensor, de-quantised to f32 and renamed to HF names.
+    pub fn tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
+        let arch = self.architecture()?.to_string();
+        let heads = self.required_u64(&format!("{arch}.attention.head_count"))? as usize;
+        let kv_heads = self.meta_u64(&format!("{arch}.attention.head_count_kv")).map_or(heads, |v| v as usize);
+        let mut file = std::fs::File::open(&self.path)?;
+        let mut tensors = HashMap::new();
+        let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
+        names.sort();
+        for name in names {
+            let Some(hf_name) = hf_name(name, &arch) else { continue };
+            let q = self
+                .content
+                .tensor(&mut file, name, device)
+                .with_context(|| format!("{}: reading tensor `{name}`", self.path.display()))?;
+            let mut tensor = q.dequantize(device)?;
+            if arch == "llama" && name.ends_with("attn_q.weight") {
+                tensor = unpermute_rope(&tensor, heads)?;
+            } else if arch == "llama" && name.ends_with("attn_k.weight") {
+                tensor = unpermute_rope(&tensor, kv_heads)?;
+            }
+            if arch == "gemma3" && name.ends_with("norm.weight") {
+                // llama.cpp stores Gemma's RMSNorm scales as 1 + w; HF stores w.
+                tensor = (tensor - 1.0)?;
+            }
+            tensors.insert(hf_name, tensor);
+        }
+        Ok(tensors)
+    }
+}
+
+/// llama.cpp's converter reorders each head's rows of Q and K for interleaved RoPE:
+/// w.reshape(h, 2, d / 2, in).swapaxes(1, 2). This undoes it: reshape(h, d / 2, 2, in).swapaxes(1, 2).
+pub fn unpermute_rope(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, input) = w.dims2()?;
+    let half = out / heads / 2;
+    Ok(w.reshape((heads, half, 2, input))?.transpose(1, 2)?.contiguous()?.reshape((out, input))?)
+}
+
+/// The HF name of a GGUF tensor (`None` for tensors we do not use, such as `rope_freqs`).
+pub fn hf_name(gguf: &str, arch: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(name) = fixed {
+        return Some(name.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "post_attention_norm" => "post_attention_layernorm",
+        "ffn_norm" if arch == "gemma3" => "pre_feedforward_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "post_ffw_norm" => "post_feedforward_layernorm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}

@@ -1,0 +1,174 @@
+//! Llama-family decoders (SmolLM2, TinyLlama, Llama-2) and Qwen2, which is the same architecture
+//! with biases on the q/k/v projections. Names follow HF transformers' `modeling_llama.py`.
+//!
+//! Block: h = x + o(attn(rope(q(n1 x)), rope(k(n1 x)), v(n1 x))); out = h + down(silu(gate(n2 h)) * up(n2 h)),
+//! with RMSNorms n1, n2, grouped-query attention, causal + padding mask.
+
+use super::cache::KvCache;
+use super::config::ConfigJson;
+use super::nn::{self, Linear, RmsNorm, Rope};
+use super::params::Params;
+use anyhow::Result;
+use candle_core::Tensor;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub tie_word_embeddings: bool,
+    /// Bias on q, k, v (Qwen2 always; Llama when `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on o (Llama with `attention_bias`).
+    pub o_bias: bool,
+}
+
+impl LlamaConfig {
+    pub fn from_json(c: &ConfigJson, qwen2: bool) -> Result<Self> {
+        c.check_plain_rope()?;
+        let hidden_size = c.usize("hidden_size")?;
+        let num_heads = c.usize("num_attention_heads")?;
+        let attention_bias = c.bool_or("attention_bias", false)?;
+        Ok(LlamaConfig {
+            hidden_size,
+            intermediate_size: c.usize("intermediate_size")?,
+            num_layers: c.usize("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads: c.usize_or("num_key_value_heads", num_heads)?,
+            head_dim: c.usize_or("head_dim", hidden_size / num_heads)?,
+            vocab_size: c.usize("vocab_size")?,
+            rms_norm_eps: c.f64_or("rms_norm_eps", 1e-6)?,
+            rope_theta: c.rope_theta(None, 10_000.0)?,
+            tie_word_embeddings: c.bool_or("tie_word_embeddings", false)?,
+            qkv_bias: qwen2 || attention_bias,
+            o_bias: !qwen2 && attention_bias,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub config: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rope: Rope,
+}
+
+impl Llama {
+    pub fn load(config: LlamaConfig, params: &mut Params) -> Result<Self> {
+        let c = &config;
+        let (h, q_dim, kv_dim) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+        );
+        let rms = |params: &mut Params, name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: params.weight(name, &[h])?,
+                eps: c.rms_norm_eps,
+                add_unit_offset: false,
+            })
+        };
+        let embed = params.weight("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                input_norm: rms(params, &format!("{p}.input_layernorm.weight"))?,
+                q: params.linear(&format!("{p}.self_attn.q_proj"), h, q_dim, c.qkv_bias)?,
+                k: params.linear(&format!("{p}.self_attn.k_proj"), h, kv_dim, c.qkv_bias)?,
+                v: params.linear(&format!("{p}.self_attn.v_proj"), h, kv_dim, c.qkv_bias)?,
+                o: params.linear(&format!("{p}.self_attn.o_proj"), q_dim, h, c.o_bias)?,
+                post_norm: rms(params, &format!("{p}.post_attention_layernorm.weight"))?,
+                gate: params.linear(
+                    &format!("{p}.mlp.gate_proj"),
+                    h,
+                    c.intermediate_size,
+                    false,
+                )?,
+                up: params.linear(&format!("{p}.mlp.up_proj"), h, c.intermediate_size, false)?,
+                down: params.linear(
+                    &format!("{p}.mlp.down_proj"),
+                    c.intermediate_size,
+                    h,
+                    false,
+                )?,
+            });
+        }
+        let norm = rms(params, "model.norm.weight")?;
+        let lm_head = if c.tie_word_embeddings || !params.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            params.weight("lm_head.weight", &[c.vocab_size, h])?
+        };
+        let rope = Rope::new(c.head_dim, c.rope_theta);
+        Ok(Llama {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// Final hidden states (after the last norm) of the new tokens `ids` [B, T], whose 0/1 mask
+    /// rows are `mask`; earlier positions come from `cache`, which receives the new ones.
+    pub fn forward(&self, ids: &Tensor, mask: &[Vec<u32>], cache: &mut KvCache) -> Result<Tensor> {
+        let c = &self.config;
+        let device = ids.device();
+        let (_, t) = ids.dims2()?;
+        let full_mask = cache.extend_mask(mask).to_vec();
+        let positions: Vec<Vec<u32>> = nn::positions_from_mask(&full_mask)
+            .into_iter()
+            .map(|row| row[row.len() - t..].to_vec())
+            .collect();
+        let positions = Tensor::new(positions, device)?;
+        let (cos, sin) = self.rope.tables(&positions)?;
+        let attn_mask = nn::additive_mask(&full_mask, t, true, None, device)?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let mut x = nn::embed(&self.embed, ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let n = layer.input_norm.forward(&x)?;
+            let q = nn::split_heads(&layer.q.forward(&n)?, c.num_heads, c.head_dim)?;
+            let k = nn::split_heads(&layer.k.forward(&n)?, c.num_kv_heads, c.head_dim)?;
+            let v = nn::split_heads(&layer.v.forward(&n)?, c.num_kv_heads, c.head_dim)?;
+            let q = nn::apply_rope(&q, &cos, &sin)?;
+            let k = nn::apply_rope(&k, &cos, &sin)?;
+            let (k, v) = cache.update(i, &k, &v)?;
+            let groups = c.num_heads / c.num_kv_heads;
+            let (k, v) = (nn::repeat_kv(&k, groups)?, nn::repeat_kv(&v, groups)?);
+            let attn = nn::attention(&q, &k, &v, &attn_mask, scale)?;
+            x = (x + layer.o.forward(&attn)?)?;
+            let n = layer.post_norm.forward(&x)?;
+            let mlp = (candle_nn::ops::silu(&layer.gate.forward(&n)?)? * layer.up.forward(&n)?)?;
+            x = (x + layer.down.forward(&mlp)?)?;
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.broadcast_matmul(&self.lm_head.t()?)?)
+    }
+}

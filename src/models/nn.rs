@@ -1,0 +1,243 @@
+//! Differentiable building blocks of the architectures.
+//!
+//! Everything here is written with candle operations that have a backward pass (STACK.md, trap 1:
+//! candle-nn's fused norms, `softmax_last_dim` and RoPE kernels silently stop gradients).
+
+use super::params::Params;
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+
+/// A large negative number used as an additive mask: finite, so that a fully masked row gives a
+/// uniform distribution instead of NaN.
+pub const MASK_VALUE: f64 = -1e9;
+
+/// LoRA adapter: y += scale * dropout(x) A^T B^T, with A [r, in] and B [out, r].
+#[derive(Debug, Clone)]
+pub struct Lora {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+    pub dropout: f32,
+}
+
+/// y = x W^T + b (+ LoRA). `weight` is [out, in], as in PyTorch's nn.Linear.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
+}
+
+thread_local! {
+    static TRAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Dropout (LoRA's) is active only inside [`with_training`].
+pub fn with_training<T>(f: impl FnOnce() -> T) -> T {
+    TRAINING.with(|t| t.set(true));
+    let out = f();
+    TRAINING.with(|t| t.set(false));
+    out
+}
+
+fn is_training() -> bool {
+    TRAINING.with(|t| t.get())
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = x.broadcast_matmul(&self.weight.t()?)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        if let Some(lora) = &self.lora {
+            let input = if is_training() && lora.dropout > 0.0 {
+                candle_nn::ops::dropout(x, lora.dropout)?
+            } else {
+                x.clone()
+            };
+            let delta = input
+                .broadcast_matmul(&lora.a.t()?)?
+                .broadcast_matmul(&lora.b.t()?)?;
+            y = (y + (delta * lora.scale)?)?;
+        }
+        Ok(y)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Linear::forward(self, x)
+    }
+}
+
+/// LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * w + b.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// From checkpoint tensors `{prefix}.weight` and `{prefix}.bias`.
+    pub fn load(params: &mut Params, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: params.weight(&format!("{prefix}.weight"), &[dim])?,
+            bias: params.weight(&format!("{prefix}.bias"), &[dim])?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// RMSNorm over the last dimension: x / sqrt(mean(x^2) + eps) * scale, where scale is `w`
+/// (Llama, Qwen2) or `1 + w` (Gemma).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+    pub add_unit_offset: bool,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+        if self.add_unit_offset {
+            normed.broadcast_mul(&(&self.weight + 1.0)?)
+        } else {
+            normed.broadcast_mul(&self.weight)
+        }
+    }
+}
+
+/// Token embeddings by row lookup.
+pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let flat = table.index_select(&ids.flatten_all()?, 0)?;
+    flat.reshape((b, t, table.dim(1)?))
+}
+
+/// Rotary position embedding tables for given positions.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64) -> Self {
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+            .collect();
+        Rope { inv_freq }
+    }
+
+    /// cos and sin of shape [B, 1, T, D] for `positions` [B, T] (u32 or i64).
+    pub fn tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t) = positions.dims2()?;
+        let half = self.inv_freq.len();
+        let inv = Tensor::from_slice(&self.inv_freq, (1, 1, half), positions.device())?;
+        let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
+        Ok((emb.cos()?, emb.sin()?))
+    }
+}
+
+/// Applies RoPE in the half-split layout of HF transformers: x cos + rotate_half(x) sin, with
+/// rotate_half([x1, x2]) = [-x2, x1]. `x` is [B, H, T, D].
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// Repeats key/value heads for grouped-query attention: [B, KVH, T, D] -> [B, KVH * n, T, D].
+pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kvh, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kvh, n, t, d))?
+        .contiguous()?
+        .reshape((b, kvh * n, t, d))
+}
+
+/// Scaled dot-product attention with an additive mask [B, 1, Tq, Tk] (0 or [`MASK_VALUE`]).
+/// q [B, H, Tq, D], k and v [B, H, Tk, D]; returns [B, Tq, H * D].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, tq, d) = q.dims4()?;
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = scores.broadcast_add(mask)?;
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let out = probs.matmul(&v.contiguous()?)?;
+    out.transpose(1, 2)?.contiguous()?.reshape((b, tq, h * d))
+}
+
+/// Splits [B, T, H * D] into heads [B, H, T, D].
+pub fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    x.reshape((b, t, heads, head_dim))?.transpose(1, 2)
+}
+
+/// Position ids from a 0/1 attention mask [B, T]: the number of real tokens before each real
+/// position (cumsum - 1), so that left- and right-padded rows both count from 0. Padding
+/// positions get the position of the previous real token (their value never matters: they are
+/// masked as keys and their outputs are ignored).
+pub fn positions_from_mask(mask: &[Vec<u32>]) -> Vec<Vec<u32>> {
+    mask.iter()
+        .map(|row| {
+            let mut seen = 0u32;
+            row.iter()
+                .map(|&m| {
+                    seen += m;
+                    seen.saturating_sub(1)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The additive attention mask [B, 1, Tq, Tk] for queries at the last `tq` of `tk` key positions:
+/// a key is visible when it is a real token (mask 1), and, for causal models, not after the
+/// query; with a sliding window w, only keys with q - k < w are visible.
+pub fn additive_mask(
+    key_mask: &[Vec<u32>],
+    tq: usize,
+    causal: bool,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    let b = key_mask.len();
+    let tk = key_mask.first().map_or(0, |r| r.len());
+    let offset = tk - tq;
+    let mut values = Vec::with_capacity(b * tq * tk);
+    for row in key_mask {
+        for q in 0..tq {
+            let qpos = q + offset;
+            for (k, &m) in row.iter().enumerate() {
+                let visible =
+                    m == 1 && (!causal || k <= qpos) && window.is_none_or(|w| qpos < k + w);
+                values.push(if visible { 0f32 } else { MASK_VALUE as f32 });
+            }
+        }
+    }
+    Tensor::from_vec(values, (b, 1, tq, tk), device)
+}
+
+/// A [B, T] 0/1 mask as nested vectors (from a u32/i64 tensor).
+pub fn mask_rows(mask: &Tensor) -> Result<Vec<Vec<u32>>> {
+    mask.to_dtype(DType::U32)?.to_vec2::<u32>()
+}

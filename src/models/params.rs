@@ -1,0 +1,176 @@
+//! Parameters of a model: checkpoint tensors taken by name, as trainable variables or frozen
+//! tensors, plus new parameters (heads, LoRA) initialised from the seed.
+
+use super::nn::{Linear, Lora};
+use crate::rng::Rng;
+use candle_core::{DType, Device, Error, Result, Shape, Tensor, Var};
+use std::collections::{BTreeMap, HashMap};
+
+/// LoRA settings: rank r, scale alpha / r, dropout on the adapter's input, and the names of the
+/// modules that get an adapter (the last component of the checkpoint name, e.g. `q_proj`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f32,
+    pub targets: Vec<String>,
+}
+
+/// Which checkpoint weights are trained.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Trainable {
+    /// Everything frozen (feature extraction, inference).
+    Frozen,
+    /// Full fine-tuning.
+    All,
+    /// The base frozen; LoRA adapters on the target modules are trained.
+    Lora(LoraConfig),
+}
+
+pub struct Params {
+    tensors: HashMap<String, Tensor>,
+    trainable: Trainable,
+    vars: BTreeMap<String, Var>,
+    rng: Rng,
+    device: Device,
+    /// Where the tensors came from, for error messages.
+    source: String,
+}
+
+impl Params {
+    pub fn new(
+        tensors: HashMap<String, Tensor>,
+        trainable: Trainable,
+        seed: u64,
+        device: &Device,
+        source: &str,
+    ) -> Self {
+        Params {
+            tensors,
+            trainable,
+            vars: BTreeMap::new(),
+            rng: Rng::derived(seed, "params"),
+            device: device.clone(),
+            source: source.to_string(),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// A checkpoint tensor, checked against the expected shape, as f32.
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let tensor = self.tensors.get(name).ok_or_else(|| {
+            Error::Msg(format!(
+                "{}: tensor `{name}` is missing from the checkpoint",
+                self.source
+            ))
+        })?;
+        if tensor.dims() != shape {
+            return Err(Error::Msg(format!(
+                "{}: tensor `{name}` has shape {:?}, expected {:?} from the config",
+                self.source,
+                tensor.dims(),
+                shape
+            )));
+        }
+        tensor.to_dtype(DType::F32)?.to_device(&self.device)
+    }
+
+    /// A checkpoint weight: a trainable variable under full fine-tuning, else a frozen tensor.
+    pub fn weight(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let tensor = self.take(name, shape)?;
+        if self.trainable == Trainable::All {
+            if let Some(var) = self.vars.get(name) {
+                return Ok(var.as_tensor().clone());
+            }
+            let var = Var::from_tensor(&tensor)?;
+            let out = var.as_tensor().clone();
+            self.vars.insert(name.to_string(), var);
+            return Ok(out);
+        }
+        Ok(tensor)
+    }
+
+    /// A new trainable parameter, uniform in [-bound, bound] (bound 0: zeros), drawn from the seed.
+    pub fn new_var(&mut self, name: &str, shape: &[usize], bound: f64) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| ((self.rng.next_f64() * 2.0 - 1.0) * bound) as f32)
+            .collect();
+        let var = Var::from_tensor(&Tensor::from_vec(values, Shape::from(shape), &self.device)?)?;
+        let out = var.as_tensor().clone();
+        self.vars.insert(name.to_string(), var);
+        Ok(out)
+    }
+
+    /// A linear layer from `{prefix}.weight` [out, in] and optionally `{prefix}.bias`, with a LoRA
+    /// adapter when the module is a LoRA target.
+    pub fn linear(
+        &mut self,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let weight = self.weight(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(self.weight(&format!("{prefix}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        let lora = self.lora_for(prefix, in_dim, out_dim)?;
+        Ok(Linear { weight, bias, lora })
+    }
+
+    /// A linear layer stored transposed, [in, out] (GPT-2's Conv1D).
+    pub fn conv1d(&mut self, prefix: &str, in_dim: usize, out_dim: usize) -> Result<Linear> {
+        let weight = self
+            .weight(&format!("{prefix}.weight"), &[in_dim, out_dim])?
+            .t()?;
+        let bias = Some(self.weight(&format!("{prefix}.bias"), &[out_dim])?);
+        let lora = self.lora_for(prefix, in_dim, out_dim)?;
+        Ok(Linear { weight, bias, lora })
+    }
+
+    fn lora_for(&mut self, prefix: &str, in_dim: usize, out_dim: usize) -> Result<Option<Lora>> {
+        let Trainable::Lora(config) = &self.trainable else {
+            return Ok(None);
+        };
+        let module = prefix.rsplit('.').next().unwrap_or(prefix);
+        if !config.targets.iter().any(|t| t == module) {
+            return Ok(None);
+        }
+        let config = config.clone();
+        // A as nn.Linear's default (Kaiming-uniform, bound 1/sqrt(in)), B zero: the adapter starts as
+        // the identity change.
+        let a = self.new_var(
+            &format!("{prefix}.lora_a"),
+            &[config.rank, in_dim],
+            1.0 / (in_dim as f64).sqrt(),
+        )?;
+        let b = self.new_var(&format!("{prefix}.lora_b"), &[out_dim, config.rank], 0.0)?;
+        Ok(Some(Lora {
+            a,
+            b,
+            scale: config.alpha / config.rank as f64,
+            dropout: config.dropout,
+        }))
+    }
+
+    /// The trainable variables by name.
+    pub fn vars(&self) -> &BTreeMap<String, Var> {
+        &self.vars
+    }
+
+    pub fn into_vars(self) -> BTreeMap<String, Var> {
+        self.vars
+    }
+}
