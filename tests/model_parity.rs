@@ -44,7 +44,7 @@ fn load(name: &str, trainable: Trainable) -> Model {
     Model::load_hf_folder(&fixture(name), trainable, 0, &Device::Cpu).unwrap()
 }
 
-const DECODERS: [&str; 4] = ["llama", "qwen2", "qwen2_untied", "gpt2"];
+const DECODERS: [&str; 5] = ["llama", "qwen2", "qwen2_untied", "gpt2", "gemma3"];
 
 #[test]
 fn decoders_match_hf_logits() {
@@ -163,7 +163,7 @@ fn output_of(model: &Model, name: &str) -> Tensor {
 
 #[test]
 fn every_weight_gets_a_gradient_in_full_fine_tuning() {
-    for name in ["bert", "llama", "qwen2", "qwen2_untied", "gpt2"] {
+    for name in ["bert", "llama", "qwen2", "qwen2_untied", "gpt2", "gemma3"] {
         let model = load(name, Trainable::All);
         assert!(!model.vars.is_empty());
         let grads = probe_loss(&output_of(&model, name)).backward().unwrap();
@@ -192,7 +192,7 @@ fn with_lora_only_the_adapters_are_trained_and_all_get_gradients() {
             _ => vec!["q_proj".into(), "v_proj".into()],
         }
     };
-    for name in ["bert", "llama", "qwen2", "gpt2"] {
+    for name in ["bert", "llama", "qwen2", "gpt2", "gemma3"] {
         let lora = LoraConfig {
             rank: 4,
             alpha: 8.0,

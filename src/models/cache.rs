@@ -42,7 +42,7 @@ impl KvCache {
     /// Appends new keys and values of one layer; returns all of them.
     pub fn update(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (k, v) = match &self.layers[layer] {
-            None => (k.clone(), v.clone()),
+            None => (k.contiguous()?, v.contiguous()?),
             Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
         };
         self.layers[layer] = Some((k.clone(), v.clone()));

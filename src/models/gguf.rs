@@ -18,10 +18,18 @@ pub struct GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let content = Content::read(&mut file)
-            .with_context(|| format!("{}: not a readable GGUF file (truncated or corrupt?)", path.display()))?;
-        Ok(GgufFile { content, path: path.to_path_buf() })
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let content = Content::read(&mut file).with_context(|| {
+            format!(
+                "{}: not a readable GGUF file (truncated or corrupt?)",
+                path.display()
+            )
+        })?;
+        Ok(GgufFile {
+            content,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn meta(&self, key: &str) -> Option<&Value> {
@@ -29,15 +37,19 @@ impl GgufFile {
     }
 
     pub fn meta_str(&self, key: &str) -> Option<&str> {
-        self.meta(key).and_then(|v| v.to_string().ok()).map(String::as_str)
+        self.meta(key)
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
     }
 
     pub fn meta_u64(&self, key: &str) -> Option<u64> {
-        self.meta(key).and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
+        self.meta(key)
+            .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
     }
 
     pub fn meta_f64(&self, key: &str) -> Option<f64> {
-        self.meta(key).and_then(|v| v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok()))
+        self.meta(key)
+            .and_then(|v| v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok()))
     }
 
     pub fn architecture(&self) -> Result<&str> {
@@ -46,11 +58,15 @@ impl GgufFile {
     }
 
     fn required_u64(&self, key: &str) -> Result<u64> {
-        self.meta_u64(key).ok_or_else(|| anyhow!("{}: metadata `{key}` is missing", self.path.display()))
+        self.meta_u64(key)
+            .ok_or_else(|| anyhow!("{}: metadata `{key}` is missing", self.path.display()))
     }
 
     fn tensor_dims(&self, name: &str) -> Option<Vec<usize>> {
-        self.content.tensor_infos.get(name).map(|info| info.shape.dims().to_vec())
+        self.content
+            .tensor_infos
+            .get(name)
+            .map(|info| info.shape.dims().to_vec())
     }
 
     /// The equivalent of an HF config.json, built from the metadata.
@@ -58,12 +74,18 @@ impl GgufFile {
         let arch = self.architecture()?;
         let model_type = match arch {
             "llama" | "qwen2" | "gemma3" => arch,
-            other => bail!("{}: GGUF architecture `{other}` is not supported (llama, qwen2, gemma3)", self.path.display()),
+            other => bail!(
+                "{}: GGUF architecture `{other}` is not supported (llama, qwen2, gemma3)",
+                self.path.display()
+            ),
         };
         let key = |k: &str| format!("{arch}.{k}");
-        let embed = self
-            .tensor_dims("token_embd.weight")
-            .ok_or_else(|| anyhow!("{}: tensor `token_embd.weight` is missing", self.path.display()))?;
+        let embed = self.tensor_dims("token_embd.weight").ok_or_else(|| {
+            anyhow!(
+                "{}: tensor `token_embd.weight` is missing",
+                self.path.display()
+            )
+        })?;
         let mut config = json!({
             "model_type": if model_type == "gemma3" { "gemma3_text" } else { model_type },
             "hidden_size": self.required_u64(&key("embedding_length"))?,
@@ -93,13 +115,17 @@ impl GgufFile {
     pub fn tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
         let arch = self.architecture()?.to_string();
         let heads = self.required_u64(&format!("{arch}.attention.head_count"))? as usize;
-        let kv_heads = self.meta_u64(&format!("{arch}.attention.head_count_kv")).map_or(heads, |v| v as usize);
+        let kv_heads = self
+            .meta_u64(&format!("{arch}.attention.head_count_kv"))
+            .map_or(heads, |v| v as usize);
         let mut file = std::fs::File::open(&self.path)?;
         let mut tensors = HashMap::new();
         let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
         names.sort();
         for name in names {
-            let Some(hf_name) = hf_name(name, &arch) else { continue };
+            let Some(hf_name) = hf_name(name, &arch) else {
+                continue;
+            };
             let q = self
                 .content
                 .tensor(&mut file, name, device)
@@ -125,7 +151,10 @@ impl GgufFile {
 pub fn unpermute_rope(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (out, input) = w.dims2()?;
     let half = out / heads / 2;
-    Ok(w.reshape((heads, half, 2, input))?.transpose(1, 2)?.contiguous()?.reshape((out, input))?)
+    Ok(w.reshape((heads, half, 2, input))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, input))?)
 }
 
 /// The HF name of a GGUF tensor (`None` for tensors we do not use, such as `rope_freqs`).

@@ -4,10 +4,14 @@
 pub mod bert;
 pub mod cache;
 pub mod config;
+pub mod decode;
+pub mod gemma3;
+pub mod gguf;
 pub mod gpt2;
 pub mod llama;
 pub mod nn;
 pub mod params;
+pub mod tokenizer;
 
 use anyhow::{anyhow, bail, Context, Result};
 use cache::KvCache;
@@ -22,6 +26,7 @@ pub enum Network {
     Bert(bert::Bert),
     Llama(llama::Llama),
     Gpt2(gpt2::Gpt2),
+    Gemma3(gemma3::Gemma3),
 }
 
 impl Network {
@@ -31,6 +36,7 @@ impl Network {
             Network::Llama(m) if m.config.qkv_bias && !m.config.o_bias => "qwen2",
             Network::Llama(_) => "llama",
             Network::Gpt2(_) => "gpt2",
+            Network::Gemma3(_) => "gemma3",
         }
     }
 
@@ -43,6 +49,7 @@ impl Network {
             Network::Bert(m) => m.config.num_layers,
             Network::Llama(m) => m.config.num_layers,
             Network::Gpt2(m) => m.config.num_layers,
+            Network::Gemma3(m) => m.config.num_layers,
         }
     }
 
@@ -51,6 +58,7 @@ impl Network {
             Network::Bert(m) => m.config.hidden_size,
             Network::Llama(m) => m.config.hidden_size,
             Network::Gpt2(m) => m.config.hidden_size,
+            Network::Gemma3(m) => m.config.hidden_size,
         }
     }
 
@@ -59,6 +67,7 @@ impl Network {
             Network::Bert(m) => m.config.vocab_size,
             Network::Llama(m) => m.config.vocab_size,
             Network::Gpt2(m) => m.config.vocab_size,
+            Network::Gemma3(m) => m.config.vocab_size,
         }
     }
 
@@ -73,6 +82,7 @@ impl Network {
             Network::Bert(m) => m.forward(ids, mask),
             Network::Llama(m) => m.forward(ids, mask, cache),
             Network::Gpt2(m) => m.forward(ids, mask, cache),
+            Network::Gemma3(m) => m.forward(ids, mask, cache),
         }
     }
 
@@ -82,6 +92,7 @@ impl Network {
             Network::Bert(_) => bail!("a BERT encoder has no language-model head"),
             Network::Llama(m) => m.logits(hidden),
             Network::Gpt2(m) => m.logits(hidden),
+            Network::Gemma3(m) => m.logits(hidden),
         }
     }
 }
@@ -108,8 +119,23 @@ pub fn network_from_config(
             params,
         )?),
         "gpt2" => Network::Gpt2(gpt2::Gpt2::load(gpt2::Gpt2Config::from_json(&c)?, params)?),
+        "gemma3_text" => Network::Gemma3(gemma3::Gemma3::load(
+            gemma3::Gemma3Config::from_json(&c)?,
+            params,
+        )?),
+        "gemma3" => {
+            // A multimodal Gemma 3 config: the text stack's settings are under `text_config`.
+            let text = config
+                .get("text_config")
+                .ok_or_else(|| anyhow!("{}: `text_config` is missing", config_path.display()))?;
+            let c = config::ConfigJson::new(text, config_path);
+            Network::Gemma3(gemma3::Gemma3::load(
+                gemma3::Gemma3Config::from_json(&c)?,
+                params,
+            )?)
+        }
         other => bail!(
-            "{}: unknown architecture `{other}`; supported: bert, llama, qwen2, gpt2",
+            "{}: unknown architecture `{other}`; supported: bert, llama, qwen2, gpt2, gemma3_text",
             config_path.display()
         ),
     })
@@ -162,15 +188,34 @@ pub fn read_safetensors(files: &[PathBuf], device: &Device) -> Result<HashMap<St
     Ok(tensors)
 }
 
-/// A loaded model: network, trainable variables, and what it was loaded from.
+/// A loaded model: network, trainable variables, tokenizer, and what it was loaded from.
 pub struct Model {
     pub network: Network,
     pub vars: BTreeMap<String, Var>,
+    pub tokenizer: Option<tokenizer::Tokenizer>,
     pub source: PathBuf,
+    /// The config.json (or its equivalent built from GGUF metadata).
+    pub config: serde_json::Value,
 }
 
 impl Model {
-    /// Loads an HF folder (config.json + safetensors).
+    /// Loads a model from an HF folder (config.json, safetensors, tokenizer.json) or a `.gguf` file.
+    pub fn load(path: &Path, trainable: Trainable, seed: u64, device: &Device) -> Result<Model> {
+        if path.is_dir() {
+            Self::load_hf_folder(path, trainable, seed, device)
+        } else if path.extension().is_some_and(|e| e == "gguf") {
+            Self::load_gguf(path, trainable, seed, device)
+        } else if path.exists() {
+            bail!(
+                "{}: expected an HF model folder or a .gguf file",
+                path.display()
+            )
+        } else {
+            bail!("{}: no such model folder or file", path.display())
+        }
+    }
+
+    /// Loads an HF folder (config.json + safetensors; tokenizer.json when present).
     pub fn load_hf_folder(
         dir: &Path,
         trainable: Trainable,
@@ -185,10 +230,110 @@ impl Model {
         let tensors = read_safetensors(&safetensors_files(dir)?, device)?;
         let mut params = Params::new(tensors, trainable, seed, device, &dir.display().to_string());
         let network = network_from_config(&config, &config_path, &mut params)?;
+        let tokenizer = if dir.join("tokenizer.json").exists() {
+            Some(tokenizer::Tokenizer::from_hf_folder(dir)?)
+        } else {
+            None
+        };
         Ok(Model {
             network,
             vars: params.into_vars(),
+            tokenizer,
             source: dir.to_path_buf(),
+            config,
         })
     }
+
+    /// Loads a GGUF file, de-quantised to f32, with the tokenizer of its metadata.
+    pub fn load_gguf(
+        path: &Path,
+        trainable: Trainable,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Model> {
+        let file = gguf::GgufFile::open(path)?;
+        let config = file.config_json()?;
+        let tensors = file.tensors(device)?;
+        let mut params = Params::new(
+            tensors,
+            trainable,
+            seed,
+            device,
+            &path.display().to_string(),
+        );
+        let network = network_from_config(&config, path, &mut params)?;
+        let tokenizer = Some(tokenizer::Tokenizer::from_gguf(&file)?);
+        Ok(Model {
+            network,
+            vars: params.into_vars(),
+            tokenizer,
+            source: path.to_path_buf(),
+            config,
+        })
+    }
+
+    /// The tokenizer, or an error saying that the model came without one.
+    pub fn tokenizer(&self) -> Result<&tokenizer::Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            anyhow!(
+                "{}: the model has no tokenizer (tokenizer.json is missing)",
+                self.source.display()
+            )
+        })
+    }
+}
+
+/// The cache folder of ws2s: `$WS2S_HOME`, default `~/.cache/ws2s`.
+pub fn ws2s_home() -> PathBuf {
+    match std::env::var_os("WS2S_HOME") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."));
+            home.join(".cache").join("ws2s")
+        }
+    }
+}
+
+/// Models that `scripts/fetch-models` installs: (name, path under `$WS2S_HOME/models`).
+pub const KNOWN_MODELS: [(&str, &str); 5] = [
+    (
+        "smollm2-135m",
+        "smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    ("gemma3-270m", "gemma3-270m/gemma-3-270m-q4_k_m.gguf"),
+    (
+        "qwen2.5-coder-0.5b",
+        "qwen2.5-coder-0.5b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    ),
+    (
+        "qwen2.5-coder-1.5b",
+        "qwen2.5-coder-1.5b/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    ),
+    ("all-minilm-l6-v2", "all-minilm-l6-v2"),
+];
+
+/// A model argument: a path, or the name of a fetched model. A known name that is not installed
+/// yet is an error that says how to install it.
+pub fn resolve_model(name_or_path: &str) -> Result<PathBuf> {
+    let path = PathBuf::from(name_or_path);
+    if path.exists() {
+        return Ok(path);
+    }
+    if let Some((name, relative)) = KNOWN_MODELS.iter().find(|(n, _)| *n == name_or_path) {
+        let installed = ws2s_home().join("models").join(relative);
+        if installed.exists() {
+            return Ok(installed);
+        }
+        bail!(
+            "model `{name}` is not installed at {}; run: scripts/fetch-models {name}",
+            installed.display()
+        );
+    }
+    let names: Vec<&str> = KNOWN_MODELS.iter().map(|(n, _)| *n).collect();
+    bail!(
+        "{name_or_path}: no such file or folder, and not a known model name ({})",
+        names.join(", ")
+    )
 }

@@ -1,0 +1,266 @@
+//! Decoding and scoring with decoder models: greedy and beam search (batched, with per-token
+//! log-probabilities), and teacher-forced log-probabilities of given continuations.
+
+use super::Network;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+/// One generated continuation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hypothesis {
+    /// Generated token ids (the end-of-sequence token included when one was produced).
+    pub tokens: Vec<u32>,
+    /// Log-probability of each generated token.
+    pub logprobs: Vec<f32>,
+    /// Ranking score: sum of log-probabilities / length^length_penalty.
+    pub score: f32,
+}
+
+impl Hypothesis {
+    pub fn sum_logprob(&self) -> f32 {
+        self.logprobs.iter().sum()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DecodeOptions {
+    pub max_new_tokens: usize,
+    pub eos_ids: Vec<u32>,
+    /// Beam width (1: greedy).
+    pub beams: usize,
+    /// How many hypotheses to return per prompt (at most `beams`).
+    pub n_best: usize,
+    pub length_penalty: f32,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            max_new_tokens: 64,
+            eos_ids: Vec::new(),
+            beams: 1,
+            n_best: 1,
+            length_penalty: 1.0,
+        }
+    }
+}
+
+/// Left-pads prompts into a [B, T] id tensor and its 0/1 mask rows.
+fn left_pad(prompts: &[Vec<u32>], device: &Device) -> Result<(Tensor, Vec<Vec<u32>>)> {
+    let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if prompts.iter().any(Vec::is_empty) {
+        bail!("cannot decode from an empty prompt (add a BOS token)");
+    }
+    let mut ids = Vec::with_capacity(prompts.len() * t);
+    let mut mask = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        let pad = t - prompt.len();
+        ids.extend(std::iter::repeat_n(0u32, pad).chain(prompt.iter().copied()));
+        mask.push(
+            std::iter::repeat_n(0u32, pad)
+                .chain(std::iter::repeat_n(1, prompt.len()))
+                .collect(),
+        );
+    }
+    Ok((Tensor::from_vec(ids, (prompts.len(), t), device)?, mask))
+}
+
+/// Log-softmax of the last position's logits, one row per batch element.
+fn last_logprobs(network: &Network, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let t = hidden.dim(1)?;
+    let last = hidden.narrow(1, t - 1, 1)?;
+    let logits = network.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?;
+    Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?)
+}
+
+/// Beam search (greedy when `beams` is 1) for a batch of prompts; returns, per prompt, up to
+/// `n_best` hypotheses, best first.
+pub fn generate(
+    network: &Network,
+    prompts: &[Vec<u32>],
+    options: &DecodeOptions,
+    device: &Device,
+) -> Result<Vec<Vec<Hypothesis>>> {
+    if !network.is_decoder() {
+        bail!("generation needs a decoder model");
+    }
+    let k = options.beams.max(1);
+    let n_prompts = prompts.len();
+    if n_prompts == 0 {
+        return Ok(Vec::new());
+    }
+    // Every prompt is repeated once per beam: row p * k + j is beam j of prompt p.
+    let expanded: Vec<Vec<u32>> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.clone(), k))
+        .collect();
+    let (ids, mask) = left_pad(&expanded, device)?;
+    let mut cache = network.new_cache();
+    let hidden = network.hidden(&ids, &mask, &mut cache)?;
+    let mut logprobs = last_logprobs(network, &hidden)?;
+    // Live beams per prompt: (tokens, logprobs, cumulative score). Only beam 0 starts alive so that
+    // the k copies of the prompt do not produce k identical hypotheses.
+    let mut live: Vec<Vec<(Vec<u32>, Vec<f32>, f32)>> =
+        vec![vec![(Vec::new(), Vec::new(), 0.0)]; n_prompts];
+    let mut finished: Vec<Vec<Hypothesis>> = vec![Vec::new(); n_prompts];
+    let normalised = |sum: f32, len: usize| sum / (len.max(1) as f32).powf(options.length_penalty);
+    for step in 0..options.max_new_tokens {
+        let mut next_rows = Vec::with_capacity(n_prompts * k);
+        let mut next_tokens = Vec::with_capacity(n_prompts * k);
+        for p in 0..n_prompts {
+            let done = finished[p].len() >= k && {
+                let worst = finished[p]
+                    .iter()
+                    .map(|h| h.score)
+                    .fold(f32::INFINITY, f32::min);
+                let best_live = live[p]
+                    .iter()
+                    .map(|b| normalised(b.2, b.0.len()))
+                    .fold(f32::NEG_INFINITY, f32::max);
+                live[p].is_empty() || worst >= best_live
+            };
+            // Candidates: (cumulative score, beam, token, token logprob).
+            let mut candidates: Vec<(f32, usize, u32, f32)> = Vec::new();
+            if !done {
+                for (j, beam) in live[p].iter().enumerate() {
+                    let row = &logprobs[p * k + j];
+                    let mut top: Vec<(u32, f32)> = row
+                        .iter()
+                        .enumerate()
+                        .map(|(v, &lp)| (v as u32, lp))
+                        .collect();
+                    let keep = (2 * k).min(top.len());
+                    top.select_nth_unstable_by(keep - 1, |a, b| b.1.total_cmp(&a.1));
+                    top.truncate(keep);
+                    candidates.extend(top.into_iter().map(|(v, lp)| (beam.2 + lp, j, v, lp)));
+                }
+            }
+            candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let mut new_live = Vec::with_capacity(k);
+            for (score, j, token, lp) in candidates {
+                if new_live.len() >= k {
+                    break;
+                }
+                let (mut tokens, mut lps, _) = live[p][j].clone();
+                tokens.push(token);
+                lps.push(lp);
+                if options.eos_ids.contains(&token) {
+                    let len = tokens.len();
+                    finished[p].push(Hypothesis {
+                        tokens,
+                        logprobs: lps,
+                        score: normalised(score, len),
+                    });
+                } else {
+                    new_live.push((tokens, lps, score));
+                    next_rows.push(p * k + j);
+                    next_tokens.push(token);
+                }
+            }
+            // Keep the batch rectangular: rows of dead beams repeat beam 0 of the prompt (ignored).
+            for _ in new_live.len()..k {
+                next_rows.push(p * k);
+                next_tokens.push(options.eos_ids.first().copied().unwrap_or(0));
+            }
+            live[p] = new_live;
+        }
+        if live.iter().all(Vec::is_empty) || step + 1 == options.max_new_tokens {
+            break;
+        }
+        cache.select(&next_rows)?;
+        let ids = Tensor::from_vec(next_tokens, (n_prompts * k, 1), device)?;
+        let hidden = network.hidden(&ids, &vec![vec![1u32]; n_prompts * k], &mut cache)?;
+        logprobs = last_logprobs(network, &hidden)?;
+    }
+    let n_best = options.n_best.clamp(1, k);
+    Ok(finished
+        .into_iter()
+        .zip(live)
+        .map(|(mut done, alive)| {
+            for (tokens, lps, score) in alive {
+                let len = tokens.len();
+                done.push(Hypothesis {
+                    tokens,
+                    logprobs: lps,
+                    score: normalised(score, len),
+                });
+            }
+            done.sort_by(|a, b| b.score.total_cmp(&a.score));
+            done.truncate(n_best);
+            done
+        })
+        .collect())
+}
+
+/// Teacher-forced log-probabilities [B, Tc] of each continuation token given its prompt, as a
+/// differentiable tensor (padding positions hold 0), together with the 0/1 mask of real tokens.
+pub fn continuation_logprobs_tensor(
+    network: &Network,
+    prompts: &[Vec<u32>],
+    continuations: &[Vec<u32>],
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    if prompts.len() != continuations.len() {
+        bail!(
+            "{} prompts but {} continuations",
+            prompts.len(),
+            continuations.len()
+        );
+    }
+    if prompts.iter().any(Vec::is_empty) {
+        bail!("cannot score a continuation of an empty prompt (add a BOS token)");
+    }
+    let total = prompts
+        .iter()
+        .zip(continuations)
+        .map(|(p, c)| p.len() + c.len())
+        .max()
+        .unwrap_or(0);
+    let tc = continuations.iter().map(Vec::len).max().unwrap_or(0);
+    let b = prompts.len();
+    // Right-padded sequences; targets gathered at the positions that predict each continuation token.
+    let mut ids = vec![0u32; b * total];
+    let mut mask = vec![vec![0u32; total]; b];
+    let mut gather_pos = vec![0u32; b * tc];
+    let mut targets = vec![0u32; b * tc];
+    let mut target_mask = vec![0f32; b * tc];
+    for (i, (prompt, cont)) in prompts.iter().zip(continuations).enumerate() {
+        for (t, &token) in prompt.iter().chain(cont).enumerate() {
+            ids[i * total + t] = token;
+            mask[i][t] = 1;
+        }
+        for (j, &token) in cont.iter().enumerate() {
+            gather_pos[i * tc + j] = (prompt.len() + j - 1) as u32;
+            targets[i * tc + j] = token;
+            target_mask[i * tc + j] = 1.0;
+        }
+    }
+    let ids = Tensor::from_vec(ids, (b, total), device)?;
+    let hidden = network.hidden(&ids, &mask, &mut network.new_cache())?;
+    let h = hidden.dim(2)?;
+    let positions = Tensor::from_vec(gather_pos, (b, tc, 1), device)?
+        .broadcast_as((b, tc, h))?
+        .contiguous()?;
+    let picked = hidden.gather(&positions, 1)?;
+    let logprobs = candle_nn::ops::log_softmax(&network.logits(&picked)?, D::Minus1)?;
+    let targets = Tensor::from_vec(targets, (b, tc, 1), device)?;
+    let token_logprobs = logprobs.gather(&targets, 2)?.squeeze(2)?;
+    let target_mask = Tensor::from_vec(target_mask, (b, tc), device)?;
+    Ok(((token_logprobs * &target_mask)?, target_mask))
+}
+
+/// Teacher-forced per-token log-probabilities of each continuation (no padding in the result).
+pub fn continuation_logprobs(
+    network: &Network,
+    prompts: &[Vec<u32>],
+    continuations: &[Vec<u32>],
+    device: &Device,
+) -> Result<Vec<Vec<f32>>> {
+    let (logprobs, _) = continuation_logprobs_tensor(network, prompts, continuations, device)?;
+    let rows = logprobs.to_vec2::<f32>()?;
+    Ok(rows
+        .into_iter()
+        .zip(continuations)
+        .map(|(row, c)| row[..c.len()].to_vec())
+        .collect())
+}

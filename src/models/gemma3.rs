@@ -1,0 +1,273 @@
+//! Gemma 3 text decoders (Gemma-3-270M and larger text stacks).
+//!
+//! Differences from Llama: embeddings scaled by sqrt(hidden); RMSNorm scales by (1 + w); four
+//! norms per block (before and after attention and MLP); RMSNorm on each query and key head
+//! before RoPE; attention scale query_pre_attn_scalar^-1/2; GELU (tanh) gated MLP; sliding-window
+//! layers (window w: a query sees the w most recent keys, itself included) with their own RoPE base,
+//! and full-attention layers every `sliding_window_pattern`-th layer (or as `layer_types` says).
+
+use super::cache::KvCache;
+use super::config::ConfigJson;
+use super::nn::{self, Linear, RmsNorm, Rope};
+use super::params::Params;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Gemma3Config {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub query_pre_attn_scalar: f64,
+    pub sliding_window: usize,
+    /// Per layer: true for sliding-window attention.
+    pub sliding: Vec<bool>,
+    pub rope_theta_global: f64,
+    pub rope_theta_local: f64,
+    pub final_logit_softcapping: Option<f64>,
+    pub attn_logit_softcapping: Option<f64>,
+}
+
+impl Gemma3Config {
+    pub fn from_json(c: &ConfigJson) -> Result<Self> {
+        let activation = c.str_or("hidden_activation", "gelu_pytorch_tanh");
+        if activation != "gelu_pytorch_tanh" {
+            bail!(
+                "{}: hidden_activation `{activation}` is not supported",
+                c.source
+            );
+        }
+        if c.opt_f64("attn_logit_softcapping").is_some() {
+            bail!(
+                "{}: attention logit soft-capping is not supported",
+                c.source
+            );
+        }
+        for section in ["rope_scaling", "rope_parameters"] {
+            if let Some(Value::Object(map)) = c.value.get(section) {
+                for (kind, inner) in map {
+                    let kind_type = inner
+                        .get("rope_type")
+                        .and_then(Value::as_str)
+                        .unwrap_or("default");
+                    if inner.is_object() && kind_type != "default" {
+                        bail!(
+                            "{}: RoPE scaling `{kind_type}` for {kind} is not supported",
+                            c.source
+                        );
+                    }
+                }
+            }
+        }
+        let num_layers = c.usize("num_hidden_layers")?;
+        let sliding: Vec<bool> = match c.value.get("layer_types").and_then(Value::as_array) {
+            Some(types) => types
+                .iter()
+                .map(|t| t.as_str() == Some("sliding_attention"))
+                .collect(),
+            None => {
+                let pattern = c.usize_or("sliding_window_pattern", 6)?;
+                (0..num_layers).map(|i| (i + 1) % pattern != 0).collect()
+            }
+        };
+        if sliding.len() != num_layers {
+            bail!(
+                "{}: `layer_types` has {} entries for {num_layers} layers",
+                c.source,
+                sliding.len()
+            );
+        }
+        let head_dim = c.usize_or("head_dim", 256)?;
+        Ok(Gemma3Config {
+            hidden_size: c.usize("hidden_size")?,
+            intermediate_size: c.usize("intermediate_size")?,
+            num_layers,
+            num_heads: c.usize("num_attention_heads")?,
+            num_kv_heads: c.usize_or("num_key_value_heads", 1)?,
+            head_dim,
+            vocab_size: c.usize("vocab_size")?,
+            rms_norm_eps: c.f64_or("rms_norm_eps", 1e-6)?,
+            query_pre_attn_scalar: c.f64_or("query_pre_attn_scalar", head_dim as f64)?,
+            sliding_window: c.usize_or("sliding_window", 4096)?,
+            sliding,
+            rope_theta_global: c.rope_theta(Some("full_attention"), 1_000_000.0)?,
+            rope_theta_local: match c
+                .value
+                .get("rope_parameters")
+                .and_then(|p| p.get("sliding_attention"))
+            {
+                Some(section) => section
+                    .get("rope_theta")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(10_000.0),
+                None => c.f64_or("rope_local_base_freq", 10_000.0)?,
+            },
+            final_logit_softcapping: c.opt_f64("final_logit_softcapping"),
+            attn_logit_softcapping: None,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    post_attention_norm: RmsNorm,
+    pre_feedforward_norm: RmsNorm,
+    post_feedforward_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct Gemma3 {
+    pub config: Gemma3Config,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    rope_global: Rope,
+    rope_local: Rope,
+}
+
+impl Gemma3 {
+    pub fn load(config: Gemma3Config, params: &mut Params) -> Result<Self> {
+        let c = &config;
+        let (h, q_dim, kv_dim) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+        );
+        let norm = |params: &mut Params, name: &str, dim: usize| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: params.weight(name, &[dim])?,
+                eps: c.rms_norm_eps,
+                add_unit_offset: true,
+            })
+        };
+        let embed = params.weight("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                input_norm: norm(params, &format!("{p}.input_layernorm.weight"), h)?,
+                q: params.linear(&format!("{p}.self_attn.q_proj"), h, q_dim, false)?,
+                k: params.linear(&format!("{p}.self_attn.k_proj"), h, kv_dim, false)?,
+                v: params.linear(&format!("{p}.self_attn.v_proj"), h, kv_dim, false)?,
+                o: params.linear(&format!("{p}.self_attn.o_proj"), q_dim, h, false)?,
+                q_norm: norm(params, &format!("{p}.self_attn.q_norm.weight"), c.head_dim)?,
+                k_norm: norm(params, &format!("{p}.self_attn.k_norm.weight"), c.head_dim)?,
+                post_attention_norm: norm(
+                    params,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    h,
+                )?,
+                pre_feedforward_norm: norm(
+                    params,
+                    &format!("{p}.pre_feedforward_layernorm.weight"),
+                    h,
+                )?,
+                post_feedforward_norm: norm(
+                    params,
+                    &format!("{p}.post_feedforward_layernorm.weight"),
+                    h,
+                )?,
+                gate: params.linear(
+                    &format!("{p}.mlp.gate_proj"),
+                    h,
+                    c.intermediate_size,
+                    false,
+                )?,
+                up: params.linear(&format!("{p}.mlp.up_proj"), h, c.intermediate_size, false)?,
+                down: params.linear(
+                    &format!("{p}.mlp.down_proj"),
+                    c.intermediate_size,
+                    h,
+                    false,
+                )?,
+            });
+        }
+        let norm = norm(params, "model.norm.weight", h)?;
+        Ok(Gemma3 {
+            rope_global: Rope::new(c.head_dim, c.rope_theta_global),
+            rope_local: Rope::new(c.head_dim, c.rope_theta_local),
+            config,
+            embed,
+            layers,
+            norm,
+        })
+    }
+
+    /// Final hidden states of the new tokens; see [`super::llama::Llama::forward`].
+    pub fn forward(&self, ids: &Tensor, mask: &[Vec<u32>], cache: &mut KvCache) -> Result<Tensor> {
+        let c = &self.config;
+        let device = ids.device();
+        let (_, t) = ids.dims2()?;
+        let full_mask = cache.extend_mask(mask).to_vec();
+        let positions: Vec<Vec<u32>> = nn::positions_from_mask(&full_mask)
+            .into_iter()
+            .map(|row| row[row.len() - t..].to_vec())
+            .collect();
+        let positions = Tensor::new(positions, device)?;
+        let global_tables = self.rope_global.tables(&positions)?;
+        let local_tables = self.rope_local.tables(&positions)?;
+        let global_mask = nn::additive_mask(&full_mask, t, true, None, device)?;
+        let local_mask = nn::additive_mask(&full_mask, t, true, Some(c.sliding_window), device)?;
+        let scale = 1.0 / c.query_pre_attn_scalar.sqrt();
+        let embed_scale = (c.hidden_size as f32).sqrt() as f64;
+        let mut x = (nn::embed(&self.embed, ids)? * embed_scale)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let ((cos, sin), attn_mask) = if c.sliding[i] {
+                (&local_tables, &local_mask)
+            } else {
+                (&global_tables, &global_mask)
+            };
+            let n = layer.input_norm.forward(&x)?;
+            let q = layer.q_norm.forward(&nn::split_heads(
+                &layer.q.forward(&n)?,
+                c.num_heads,
+                c.head_dim,
+            )?)?;
+            let k = layer.k_norm.forward(&nn::split_heads(
+                &layer.k.forward(&n)?,
+                c.num_kv_heads,
+                c.head_dim,
+            )?)?;
+            let v = nn::split_heads(&layer.v.forward(&n)?, c.num_kv_heads, c.head_dim)?;
+            let q = nn::apply_rope(&q, cos, sin)?;
+            let k = nn::apply_rope(&k, cos, sin)?;
+            let (k, v) = cache.update(i, &k, &v)?;
+            let groups = c.num_heads / c.num_kv_heads;
+            let (k, v) = (nn::repeat_kv(&k, groups)?, nn::repeat_kv(&v, groups)?);
+            let attn = nn::attention(&q, &k, &v, attn_mask, scale)?;
+            x = (x + layer
+                .post_attention_norm
+                .forward(&layer.o.forward(&attn)?)?)?;
+            let n = layer.pre_feedforward_norm.forward(&x)?;
+            let mlp = (layer.gate.forward(&n)?.gelu()? * layer.up.forward(&n)?)?;
+            x = (x + layer
+                .post_feedforward_norm
+                .forward(&layer.down.forward(&mlp)?)?)?;
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let logits = hidden.broadcast_matmul(&self.embed.t()?)?;
+        Ok(match self.config.final_logit_softcapping {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        })
+    }
+}

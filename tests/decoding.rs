@@ -1,0 +1,175 @@
+//! Greedy and beam search against the full forward pass, batching against single prompts, and
+//! teacher-forced scoring against the decoder's own per-token log-probabilities.
+
+use candle_core::{Device, Tensor, D};
+use std::path::Path;
+use ws2s::models::decode::{continuation_logprobs, generate, DecodeOptions};
+use ws2s::models::params::Trainable;
+use ws2s::models::Model;
+
+fn tiny(name: &str) -> Model {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name);
+    Model::load(&dir, Trainable::Frozen, 0, &Device::Cpu).unwrap()
+}
+
+/// Greedy continuation computed the slow way: a full forward pass per step, no cache.
+fn greedy_without_cache(model: &Model, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let mut seq = prompt.to_vec();
+    for _ in 0..steps {
+        let ids = Tensor::new(seq.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let hidden = model
+            .network
+            .hidden(&ids, &[vec![1; seq.len()]], &mut model.network.new_cache())
+            .unwrap();
+        let logits = model.network.logits(&hidden).unwrap();
+        let last = logits
+            .narrow(1, seq.len() - 1, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        seq.push(last.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap());
+    }
+    seq[prompt.len()..].to_vec()
+}
+
+#[test]
+fn greedy_matches_stepwise_argmax_and_batching_changes_nothing() {
+    for name in ["llama", "qwen2", "gpt2", "gemma3"] {
+        let model = tiny(name);
+        let prompts = vec![vec![5u32, 9, 17, 33, 2, 8], vec![40u32, 41]];
+        let options = DecodeOptions {
+            max_new_tokens: 6,
+            ..Default::default()
+        };
+        let batched = generate(&model.network, &prompts, &options, &Device::Cpu).unwrap();
+        for (prompt, hyps) in prompts.iter().zip(&batched) {
+            assert_eq!(hyps.len(), 1);
+            assert_eq!(
+                hyps[0].tokens,
+                greedy_without_cache(&model, prompt, 6),
+                "{name}"
+            );
+            let alone = generate(
+                &model.network,
+                std::slice::from_ref(prompt),
+                &options,
+                &Device::Cpu,
+            )
+            .unwrap();
+            assert_eq!(
+                alone[0][0].tokens, hyps[0].tokens,
+                "{name}: batched vs alone"
+            );
+            for (a, b) in alone[0][0].logprobs.iter().zip(&hyps[0].logprobs) {
+                assert!((a - b).abs() < 1e-4, "{name}: {a} vs {b}");
+            }
+        }
+    }
+}
+
+#[test]
+fn beam_search_returns_sorted_n_best_with_consistent_logprobs() {
+    let model = tiny("qwen2");
+    let prompts = vec![vec![3u32, 14, 15, 92], vec![65u32, 35]];
+    let options = DecodeOptions {
+        max_new_tokens: 5,
+        beams: 4,
+        n_best: 4,
+        eos_ids: vec![2],
+        length_penalty: 1.0,
+    };
+    let results = generate(&model.network, &prompts, &options, &Device::Cpu).unwrap();
+    for (prompt, hyps) in prompts.iter().zip(&results) {
+        assert_eq!(hyps.len(), 4);
+        assert!(hyps.windows(2).all(|w| w[0].score >= w[1].score));
+        let distinct: std::collections::HashSet<_> =
+            hyps.iter().map(|h| h.tokens.clone()).collect();
+        assert_eq!(distinct.len(), 4, "hypotheses must differ");
+        // The log-probabilities reported by cached beam search equal teacher forcing.
+        let prompts_rep = vec![prompt.clone(); hyps.len()];
+        let conts: Vec<Vec<u32>> = hyps.iter().map(|h| h.tokens.clone()).collect();
+        let forced =
+            continuation_logprobs(&model.network, &prompts_rep, &conts, &Device::Cpu).unwrap();
+        for (h, f) in hyps.iter().zip(&forced) {
+            for (a, b) in h.logprobs.iter().zip(f) {
+                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
+            let expected = h.sum_logprob() / h.tokens.len() as f32;
+            assert!((h.score - expected).abs() < 1e-5);
+        }
+    }
+    // A beam of one is greedy.
+    let greedy = generate(
+        &model.network,
+        &prompts,
+        &DecodeOptions {
+            max_new_tokens: 5,
+            ..Default::default()
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
+    let one = generate(
+        &model.network,
+        &prompts,
+        &DecodeOptions {
+            max_new_tokens: 5,
+            beams: 1,
+            n_best: 1,
+            eos_ids: vec![],
+            length_penalty: 1.0,
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(greedy, one);
+}
+
+#[test]
+fn eos_ends_a_hypothesis() {
+    let model = tiny("llama");
+    let prompt = vec![vec![7u32, 8, 9]];
+    let free = generate(
+        &model.network,
+        &prompt,
+        &DecodeOptions {
+            max_new_tokens: 4,
+            ..Default::default()
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
+    let first = free[0][0].tokens[0];
+    let stopped = generate(
+        &model.network,
+        &prompt,
+        &DecodeOptions {
+            max_new_tokens: 4,
+            eos_ids: vec![first],
+            ..Default::default()
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(stopped[0][0].tokens, vec![first]);
+}
+
+#[test]
+fn encoders_cannot_generate() {
+    let model = tiny("bert");
+    let err = generate(
+        &model.network,
+        &[vec![1, 2]],
+        &DecodeOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("decoder"));
+}
