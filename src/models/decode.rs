@@ -45,6 +45,14 @@ impl Default for DecodeOptions {
     }
 }
 
+/// A live beam: tokens so far, their log-probabilities, and their sum.
+#[derive(Debug, Clone)]
+struct Beam {
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    sum: f32,
+}
+
 /// Left-pads prompts into a [B, T] id tensor and its 0/1 mask rows.
 fn left_pad(prompts: &[Vec<u32>], device: &Device) -> Result<(Tensor, Vec<Vec<u32>>)> {
     let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -100,8 +108,14 @@ pub fn generate(
     let mut logprobs = last_logprobs(network, &hidden)?;
     // Live beams per prompt: (tokens, logprobs, cumulative score). Only beam 0 starts alive so that
     // the k copies of the prompt do not produce k identical hypotheses.
-    let mut live: Vec<Vec<(Vec<u32>, Vec<f32>, f32)>> =
-        vec![vec![(Vec::new(), Vec::new(), 0.0)]; n_prompts];
+    let mut live: Vec<Vec<Beam>> = vec![
+        vec![Beam {
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            sum: 0.0
+        }];
+        n_prompts
+    ];
     let mut finished: Vec<Vec<Hypothesis>> = vec![Vec::new(); n_prompts];
     let normalised = |sum: f32, len: usize| sum / (len.max(1) as f32).powf(options.length_penalty);
     for step in 0..options.max_new_tokens {
@@ -132,7 +146,7 @@ pub fn generate(
                     let keep = (2 * k).min(top.len());
                     top.select_nth_unstable_by(keep - 1, |a, b| b.1.total_cmp(&a.1));
                     top.truncate(keep);
-                    candidates.extend(top.into_iter().map(|(v, lp)| (beam.2 + lp, j, v, lp)));
+                    candidates.extend(top.into_iter().map(|(v, lp)| (beam.sum + lp, j, v, lp)));
                 }
             }
             candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
