@@ -129,7 +129,7 @@ pub fn generate(
                     .fold(f32::INFINITY, f32::min);
                 let best_live = live[p]
                     .iter()
-                    .map(|b| normalised(b.2, b.0.len()))
+                    .map(|b| normalised(b.sum, b.tokens.len()))
                     .fold(f32::NEG_INFINITY, f32::max);
                 live[p].is_empty() || worst >= best_live
             };
@@ -155,18 +155,18 @@ pub fn generate(
                 if new_live.len() >= k {
                     break;
                 }
-                let (mut tokens, mut lps, _) = live[p][j].clone();
-                tokens.push(token);
-                lps.push(lp);
+                let mut beam = live[p][j].clone();
+                beam.tokens.push(token);
+                beam.logprobs.push(lp);
+                beam.sum = score;
                 if options.eos_ids.contains(&token) {
-                    let len = tokens.len();
                     finished[p].push(Hypothesis {
-                        tokens,
-                        logprobs: lps,
-                        score: normalised(score, len),
+                        score: normalised(beam.sum, beam.tokens.len()),
+                        tokens: beam.tokens,
+                        logprobs: beam.logprobs,
                     });
                 } else {
-                    new_live.push((tokens, lps, score));
+                    new_live.push(beam);
                     next_rows.push(p * k + j);
                     next_tokens.push(token);
                 }
@@ -191,12 +191,11 @@ pub fn generate(
         .into_iter()
         .zip(live)
         .map(|(mut done, alive)| {
-            for (tokens, lps, score) in alive {
-                let len = tokens.len();
+            for beam in alive {
                 done.push(Hypothesis {
-                    tokens,
-                    logprobs: lps,
-                    score: normalised(score, len),
+                    score: normalised(beam.sum, beam.tokens.len()),
+                    tokens: beam.tokens,
+                    logprobs: beam.logprobs,
                 });
             }
             done.sort_by(|a, b| b.score.total_cmp(&a.score));
