@@ -1,12 +1,16 @@
 //! The `ws2s` command line: a thin layer over the library.
 
 use anyhow::{Context, Result};
+use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use ws2s::data::{self, stats, ChoiceOptions, SplitName, SplitSizes, TaskSpec};
 use ws2s::eval;
 use ws2s::experiment::config::ExperimentConfig;
+use ws2s::models::decode::{generate, DecodeOptions};
+use ws2s::models::params::Trainable;
+use ws2s::models::{self, Model};
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +38,67 @@ enum Command {
     /// Check experiment configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Inspect models (an HF folder, a .gguf file, or the name of a fetched model).
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Continue a prompt with a decoder model (greedy or beam search).
+    Generate(GenerateArgs),
+    /// Measure speed.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Architecture, size, tokenizer and stored types of a model.
+    Info {
+        /// An HF folder, a .gguf file, or a fetched model's name (see scripts/fetch-models --list).
+        model: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// An HF folder, a .gguf file, or a fetched model's name.
+    #[arg(long)]
+    model: String,
+    /// The text to continue.
+    #[arg(long)]
+    prompt: String,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Beam width (1: greedy).
+    #[arg(long, default_value_t = 1)]
+    beams: usize,
+    /// How many hypotheses to print (at most the beam width).
+    #[arg(long, default_value_t = 1)]
+    n_best: usize,
+    /// Print each token with its log-probability.
+    #[arg(long)]
+    logprobs: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Frozen forward throughput (tokens/s) on random token ids.
+    Forward {
+        /// An HF folder, a .gguf file, or a fetched model's name.
+        #[arg(long)]
+        model: String,
+        /// Sequences per batch.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 24)]
+        seq_len: usize,
+        /// Timed repetitions (after one warm-up).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -221,6 +286,120 @@ fn show(dataset: &data::Dataset, split: SplitName, n: usize, json: bool) -> Resu
     Ok(())
 }
 
+fn load_model(name: &str) -> Result<Model> {
+    let path = models::resolve_model(name)?;
+    Model::load(&path, Trainable::Frozen, 0, &Device::Cpu)
+}
+
+fn model_info(name: &str, json: bool) -> Result<()> {
+    let model = load_model(name)?;
+    let info = serde_json::json!({
+        "source": model.source.display().to_string(),
+        "architecture": model.network.architecture(),
+        "parameters": model.parameters,
+        "layers": model.network.num_layers(),
+        "hidden_size": model.network.hidden_size(),
+        "vocab_size": model.network.vocab_size(),
+        "decoder": model.network.is_decoder(),
+        "tokenizer": model.tokenizer.as_ref().map(|t| t.description.clone()),
+        "stored_dtypes": model.stored_dtypes,
+        "compute_dtype": "f32",
+        "config": model.config,
+    });
+    if json {
+        return print_json(&info);
+    }
+    println!("source        {}", model.source.display());
+    println!("architecture  {}", model.network.architecture());
+    println!(
+        "parameters    {} ({:.1}M)",
+        model.parameters,
+        model.parameters as f64 / 1e6
+    );
+    println!("layers        {}", model.network.num_layers());
+    println!("hidden size   {}", model.network.hidden_size());
+    println!("vocabulary    {}", model.network.vocab_size());
+    println!(
+        "tokenizer     {}",
+        info["tokenizer"]
+            .as_str()
+            .unwrap_or("none (no tokenizer.json)")
+    );
+    let stored: Vec<String> = model
+        .stored_dtypes
+        .iter()
+        .map(|(k, v)| format!("{k} x{v}"))
+        .collect();
+    println!("stored as     {}", stored.join(", "));
+    println!("computes in   f32");
+    Ok(())
+}
+
+fn generate_text(args: &GenerateArgs) -> Result<()> {
+    let model = load_model(&args.model)?;
+    let tokenizer = model.tokenizer()?;
+    let prompt = tokenizer.encode(&args.prompt)?;
+    let options = DecodeOptions {
+        max_new_tokens: args.max_new_tokens,
+        eos_ids: tokenizer.eos_ids.clone(),
+        beams: args.beams,
+        n_best: args.n_best,
+        length_penalty: 1.0,
+    };
+    let results = generate(&model.network, &[prompt], &options, &Device::Cpu)?;
+    for (rank, hypothesis) in results[0].iter().enumerate() {
+        let text = tokenizer.decode(&hypothesis.tokens)?;
+        if results[0].len() > 1 {
+            println!("#{} (score {:.4})", rank + 1, hypothesis.score);
+        }
+        println!("{}{}", args.prompt, text);
+        if args.logprobs {
+            for (token, logprob) in hypothesis.tokens.iter().zip(&hypothesis.logprobs) {
+                println!(
+                    "  {:>8} {:>10.4}  {:?}",
+                    token,
+                    logprob,
+                    tokenizer.decode(&[*token])?
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn bench_forward(name: &str, batch: usize, seq_len: usize, repeats: usize) -> Result<()> {
+    let model = load_model(name)?;
+    let vocab = model.network.vocab_size() as u64;
+    let mut rng = ws2s::rng::Rng::new(0);
+    let ids: Vec<u32> = (0..batch * seq_len)
+        .map(|_| (rng.next_u64() % vocab) as u32)
+        .collect();
+    let ids = candle_core::Tensor::from_vec(ids, (batch, seq_len), &Device::Cpu)?;
+    let mask = vec![vec![1u32; seq_len]; batch];
+    let run = || -> Result<f64> {
+        let start = std::time::Instant::now();
+        let hidden = model
+            .network
+            .hidden(&ids, &mask, &mut model.network.new_cache())?;
+        hidden.sum_all()?.to_scalar::<f32>()?;
+        Ok(start.elapsed().as_secs_f64())
+    };
+    run()?;
+    let mut times: Vec<f64> = (0..repeats.max(1)).map(|_| run()).collect::<Result<_>>()?;
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let tokens = (batch * seq_len) as f64;
+    println!(
+        "{}: batch {batch} x {seq_len} tokens, median {:.3} s over {} runs, {:.0} tokens/s ({} threads)",
+        model.network.architecture(),
+        median,
+        times.len(),
+        tokens / median,
+        rayon::current_num_threads()
+    );
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Eval(EvalCommand::Classify { pred }) => eval_classify(&pred),
@@ -244,6 +423,14 @@ fn run(cli: Cli) -> Result<()> {
             let config = ExperimentConfig::load(&file)?;
             print_json(&config)
         }
+        Command::Model(ModelCommand::Info { model, json }) => model_info(&model, json),
+        Command::Generate(args) => generate_text(&args),
+        Command::Bench(BenchCommand::Forward {
+            model,
+            batch,
+            seq_len,
+            repeats,
+        }) => bench_forward(&model, batch, seq_len, repeats),
     }
 }
 

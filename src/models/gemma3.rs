@@ -264,7 +264,7 @@ impl Gemma3 {
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let logits = hidden.broadcast_matmul(&self.embed.t()?)?;
+        let logits = nn::matmul_t(hidden, &self.embed)?;
         Ok(match self.config.final_logit_softcapping {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
             None => logits,

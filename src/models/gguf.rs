@@ -69,6 +69,15 @@ impl GgufFile {
             .map(|info| info.shape.dims().to_vec())
     }
 
+    /// Quantisation types of the tensors and how many tensors have each.
+    pub fn dtype_counts(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for info in self.content.tensor_infos.values() {
+            *counts.entry(format!("{:?}", info.ggml_dtype)).or_insert(0) += 1;
+        }
+        counts
+    }
+
     /// The equivalent of an HF config.json, built from the metadata.
     pub fn config_json(&self) -> Result<serde_json::Value> {
         let arch = self.architecture()?;

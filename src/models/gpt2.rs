@@ -141,6 +141,6 @@ impl Gpt2 {
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.broadcast_matmul(&self.wte.t()?)?)
+        Ok(nn::matmul_t(hidden, &self.wte)?)
     }
 }

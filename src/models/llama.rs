@@ -169,6 +169,6 @@ impl Llama {
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.broadcast_matmul(&self.lm_head.t()?)?)
+        Ok(nn::matmul_t(hidden, &self.lm_head)?)
     }
 }

@@ -5,9 +5,11 @@ pub mod bert;
 pub mod cache;
 pub mod config;
 pub mod decode;
+pub mod features;
 pub mod gemma3;
 pub mod gguf;
 pub mod gpt2;
+pub mod heads;
 pub mod llama;
 pub mod nn;
 pub mod params;
@@ -196,6 +198,10 @@ pub struct Model {
     pub source: PathBuf,
     /// The config.json (or its equivalent built from GGUF metadata).
     pub config: serde_json::Value,
+    /// Checkpoint parameters used by the network (tied weights once).
+    pub parameters: usize,
+    /// Stored tensor types and how many tensors have each (GGUF: quantisation types).
+    pub stored_dtypes: BTreeMap<String, usize>,
 }
 
 impl Model {
@@ -235,12 +241,15 @@ impl Model {
         } else {
             None
         };
+        let (parameters, stored_dtypes) = params.checkpoint_summary();
         Ok(Model {
             network,
             vars: params.into_vars(),
             tokenizer,
             source: dir.to_path_buf(),
             config,
+            parameters,
+            stored_dtypes,
         })
     }
 
@@ -263,12 +272,15 @@ impl Model {
         );
         let network = network_from_config(&config, path, &mut params)?;
         let tokenizer = Some(tokenizer::Tokenizer::from_gguf(&file)?);
+        let (parameters, _) = params.checkpoint_summary();
         Ok(Model {
             network,
             vars: params.into_vars(),
             tokenizer,
             source: path.to_path_buf(),
             config,
+            parameters,
+            stored_dtypes: file.dtype_counts(),
         })
     }
 
@@ -336,4 +348,72 @@ pub fn resolve_model(name_or_path: &str) -> Result<PathBuf> {
         "{name_or_path}: no such file or folder, and not a known model name ({})",
         names.join(", ")
     )
+}
+
+/// A content hash of a model: the sha256 of a GGUF file, or of the config, weights and tokenizer
+/// files of an HF folder. File hashes are remembered in `$WS2S_HOME/file-hashes.json` by path,
+/// size and modification time, so large files are hashed once.
+pub fn model_hash(path: &Path) -> Result<String> {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut files = safetensors_files(path)?;
+        for name in ["config.json", "tokenizer.json"] {
+            if path.join(name).exists() {
+                files.push(path.join(name));
+            }
+        }
+        files.sort();
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let memo_path = ws2s_home().join("file-hashes.json");
+    let mut memo: BTreeMap<String, String> = std::fs::read_to_string(&memo_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let mut combined = String::new();
+    let mut changed = false;
+    for file in &files {
+        let meta =
+            std::fs::metadata(file).with_context(|| format!("reading {}", file.display()))?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        let key = format!(
+            "{}|{}|{}",
+            file.canonicalize()?.display(),
+            meta.len(),
+            mtime.map_or(0, |d| d.as_nanos())
+        );
+        let hash = match memo.get(&key) {
+            Some(hash) => hash.clone(),
+            None => {
+                let hash = crate::hash::sha256_file(file)
+                    .with_context(|| format!("hashing {}", file.display()))?;
+                memo.insert(key, hash.clone());
+                changed = true;
+                hash
+            }
+        };
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        combined.push_str(&format!("{name}:{hash}\n"));
+    }
+    if changed {
+        // The memo is an optimisation: failing to write it is not an error.
+        let _ = serde_json::to_vec_pretty(&memo)
+            .map(|bytes| crate::io::write_atomic(&memo_path, &bytes));
+    }
+    Ok(if files.len() == 1 && !path.is_dir() {
+        combined
+            .split(':')
+            .nth(1)
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default()
+    } else {
+        crate::hash::sha256_hex(combined.as_bytes())
+    })
 }

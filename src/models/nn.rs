@@ -43,9 +43,21 @@ fn is_training() -> bool {
     TRAINING.with(|t| t.get())
 }
 
+/// x W^T for x of any rank: the leading dimensions are flattened so that the product is one
+/// large matrix multiplication rather than a batch of small ones.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let last = dims[dims.len() - 1];
+    let rows = x.elem_count() / last;
+    let y = x.reshape((rows, last))?.matmul(&w.t()?)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("rank >= 1") = w.dim(0)?;
+    y.reshape(out_dims)
+}
+
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = x.broadcast_matmul(&self.weight.t()?)?;
+        let mut y = matmul_t(x, &self.weight)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
@@ -55,9 +67,7 @@ impl Linear {
             } else {
                 x.clone()
             };
-            let delta = input
-                .broadcast_matmul(&lora.a.t()?)?
-                .broadcast_matmul(&lora.b.t()?)?;
+            let delta = matmul_t(&matmul_t(&input, &lora.a)?, &lora.b)?;
             y = (y + (delta * lora.scale)?)?;
         }
         Ok(y)

@@ -37,6 +37,8 @@ pub struct Params {
     device: Device,
     /// Where the tensors came from, for error messages.
     source: String,
+    /// Checkpoint tensors used so far: name -> (element count, stored dtype).
+    used: BTreeMap<String, (usize, DType)>,
 }
 
 impl Params {
@@ -54,6 +56,7 @@ impl Params {
             rng: Rng::derived(seed, "params"),
             device: device.clone(),
             source: source.to_string(),
+            used: BTreeMap::new(),
         }
     }
 
@@ -81,7 +84,22 @@ impl Params {
                 shape
             )));
         }
+        self.used
+            .insert(name.to_string(), (tensor.elem_count(), tensor.dtype()));
         tensor.to_dtype(DType::F32)?.to_device(&self.device)
+    }
+
+    /// Number of checkpoint parameters the network uses (tied weights counted once) and the
+    /// stored dtypes with their tensor counts.
+    pub fn checkpoint_summary(&self) -> (usize, BTreeMap<String, usize>) {
+        let total = self.used.values().map(|(n, _)| n).sum();
+        let mut dtypes = BTreeMap::new();
+        for (_, dtype) in self.used.values() {
+            *dtypes
+                .entry(format!("{dtype:?}").to_lowercase())
+                .or_insert(0) += 1;
+        }
+        (total, dtypes)
     }
 
     /// A checkpoint weight: a trainable variable under full fine-tuning, else a frozen tensor.

@@ -39,6 +39,9 @@ pub struct Tokenizer {
     pub pad_id: Option<u32>,
     /// Whether the model expects a BOS token before the text.
     pub add_bos: bool,
+    /// Whether `tokenizer.json`'s post-processor adds the special tokens ([CLS]/[SEP], BOS) itself;
+    /// otherwise (GGUF) we add BOS.
+    pub post_processor_adds_specials: bool,
     pub description: String,
 }
 
@@ -110,6 +113,7 @@ impl Tokenizer {
             eos_ids: id_of("eos").into_iter().collect(),
             pad_id: id_of("pad"),
             add_bos,
+            post_processor_adds_specials: true,
             description: format!("tokenizer.json ({} tokens)", inner.get_vocab_size(true)),
             inner,
         })
@@ -158,6 +162,7 @@ impl Tokenizer {
             eos_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
             pad_id: id("tokenizer.ggml.padding_token_id"),
             add_bos,
+            post_processor_adds_specials: false,
             description: format!(
                 "GGUF {model} tokenizer (pre: {pre}, {} tokens)",
                 tokens.len()

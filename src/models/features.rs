@@ -1,0 +1,161 @@
+//! Frozen-feature extraction: pooled hidden states of a frozen backbone over a list of texts,
+//! computed once with length-bucketed batches (little padding) and cached on disk (safetensors)
+//! under a key of model hash + data hash + pooling + maximum length.
+
+use super::heads::{pool, Pooling};
+use super::Model;
+use crate::hash::sha256_hex;
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct FeatureOptions {
+    pub pooling: Pooling,
+    /// Examples per forward pass.
+    pub batch_size: usize,
+    /// Inputs longer than this many tokens keep their last `max_tokens` tokens (the answer of an
+    /// "is this answer correct" item sits at the end).
+    pub max_tokens: usize,
+    pub progress: bool,
+}
+
+impl Default for FeatureOptions {
+    fn default() -> Self {
+        FeatureOptions {
+            pooling: Pooling::LastToken,
+            batch_size: 32,
+            max_tokens: 256,
+            progress: false,
+        }
+    }
+}
+
+/// Pooled features [N, H] of `texts`, in order.
+pub fn extract(
+    model: &Model,
+    texts: &[&str],
+    options: &FeatureOptions,
+    device: &Device,
+) -> Result<Tensor> {
+    let tokenizer = model.tokenizer()?;
+    let mut encoded: Vec<Vec<u32>> = Vec::with_capacity(texts.len());
+    for text in texts {
+        let mut ids = tokenizer.encode(text)?;
+        if ids.len() > options.max_tokens {
+            ids.drain(..ids.len() - options.max_tokens);
+        }
+        encoded.push(ids);
+    }
+    // Length buckets: sort by length so that each batch pads to a similar length.
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| encoded[i].len());
+    let hidden_size = model.network.hidden_size();
+    let mut rows: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
+    let bar = progress_bar(options.progress, texts.len() as u64, "features");
+    for batch in order.chunks(options.batch_size.max(1)) {
+        let t = batch
+            .iter()
+            .map(|&i| encoded[i].len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut ids = vec![0u32; batch.len() * t];
+        let mut mask = vec![vec![0u32; t]; batch.len()];
+        for (row, &i) in batch.iter().enumerate() {
+            for (j, &token) in encoded[i].iter().enumerate() {
+                ids[row * t + j] = token;
+                mask[row][j] = 1;
+            }
+        }
+        let ids = Tensor::from_vec(ids, (batch.len(), t), device)?;
+        let hidden = model
+            .network
+            .hidden(&ids, &mask, &mut model.network.new_cache())?;
+        let pooled = pool(&hidden, &mask, options.pooling)?.to_vec2::<f32>()?;
+        for (&i, values) in batch.iter().zip(pooled) {
+            rows[i] = Some(values);
+        }
+        bar.inc(batch.len() as u64);
+    }
+    bar.finish_and_clear();
+    let flat: Vec<f32> = rows
+        .into_iter()
+        .flat_map(|r| r.expect("every row computed"))
+        .collect();
+    Ok(Tensor::from_vec(flat, (texts.len(), hidden_size), device)?)
+}
+
+pub fn progress_bar(visible: bool, len: u64, what: &str) -> indicatif::ProgressBar {
+    if !visible {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    let style = indicatif::ProgressStyle::with_template(
+        "{msg:>12} [{bar:30}] {pos}/{len} ({per_sec}, ETA {eta})",
+    )
+    .expect("valid template")
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// The cache key of a feature matrix.
+pub fn feature_key(
+    model_hash: &str,
+    ids: &[&str],
+    texts: &[&str],
+    options: &FeatureOptions,
+) -> String {
+    let mut data = String::new();
+    for (id, text) in ids.iter().zip(texts) {
+        data.push_str(id);
+        data.push('\u{1f}');
+        data.push_str(text);
+        data.push('\u{1e}');
+    }
+    let data_hash = sha256_hex(data.as_bytes());
+    let key = format!(
+        "{model_hash}\n{data_hash}\n{}\n{}",
+        options.pooling.as_str(),
+        options.max_tokens
+    );
+    sha256_hex(key.as_bytes())
+}
+
+/// Features of `texts` from the cache folder when present, else extracted and written there
+/// (atomically). Returns the features and whether they came from the cache.
+pub fn cached_features(
+    model: &Model,
+    model_hash: &str,
+    ids: &[&str],
+    texts: &[&str],
+    options: &FeatureOptions,
+    cache_dir: &Path,
+    device: &Device,
+) -> Result<(Tensor, bool)> {
+    let key = feature_key(model_hash, ids, texts, options);
+    let path = cache_dir.join(format!("{key}.safetensors"));
+    if path.exists() {
+        if let Ok(mut tensors) = candle_core::safetensors::load(&path, device) {
+            if let Some(features) = tensors
+                .remove("features")
+                .filter(|f| f.dim(0).ok() == Some(texts.len()))
+            {
+                return Ok((features, true));
+            }
+        }
+    }
+    let features = extract(model, texts, options, device)?;
+    std::fs::create_dir_all(cache_dir)
+        .with_context(|| format!("creating {}", cache_dir.display()))?;
+    let tmp: PathBuf = cache_dir.join(format!(".{key}.tmp-{}", std::process::id()));
+    let tensors: HashMap<String, Tensor> =
+        HashMap::from([("features".to_string(), features.clone())]);
+    candle_core::safetensors::save(&tensors, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok((features, false))
+}

@@ -1,0 +1,110 @@
+//! Frozen-feature extraction: pooled features equal the pooled full forward, batching and
+//! length bucketing change nothing, and the on-disk cache is reused under the right key only.
+
+use candle_core::{Device, Tensor};
+use std::path::Path;
+use ws2s::models::features::{cached_features, extract, feature_key, FeatureOptions};
+use ws2s::models::heads::{pool, Pooling};
+use ws2s::models::params::Trainable;
+use ws2s::models::{model_hash, Model};
+
+fn gguf_model() -> (Model, std::path::PathBuf) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models/llama_gguf/tiny-llama.gguf");
+    (
+        Model::load(&path, Trainable::Frozen, 0, &Device::Cpu).unwrap(),
+        path,
+    )
+}
+
+const TEXTS: [&str; 5] = [
+    "the weather is mild",
+    "hello",
+    "a much longer sentence with many words in it",
+    "x",
+    "Hello world",
+];
+
+#[test]
+fn features_equal_single_example_forward_whatever_the_batching() {
+    let (model, _) = gguf_model();
+    let options = FeatureOptions {
+        batch_size: 2,
+        ..Default::default()
+    };
+    let batched = extract(&model, &TEXTS, &options, &Device::Cpu).unwrap();
+    assert_eq!(batched.dims(), &[5, 64]);
+    let tokenizer = model.tokenizer().unwrap();
+    for (i, text) in TEXTS.iter().enumerate() {
+        let ids = tokenizer.encode(text).unwrap();
+        let mask = vec![vec![1u32; ids.len()]];
+        let ids = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let hidden = model
+            .network
+            .hidden(&ids, &mask, &mut model.network.new_cache())
+            .unwrap();
+        let alone = pool(&hidden, &mask, Pooling::LastToken)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let diff = (batched.get(i).unwrap() - alone)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "{text}: {diff}");
+    }
+}
+
+#[test]
+fn the_cache_is_reused_and_keyed_by_everything_that_matters() {
+    let (model, path) = gguf_model();
+    let dir = tempfile::tempdir().unwrap();
+    std::env::set_var("WS2S_HOME", dir.path());
+    let hash = model_hash(&path).unwrap();
+    assert_eq!(hash, ws2s::hash::sha256_file(&path).unwrap());
+    assert_eq!(model_hash(&path).unwrap(), hash, "memoised hash");
+    let ids = ["a", "b", "c", "d", "e"];
+    let options = FeatureOptions::default();
+    let cache = dir.path().join("features");
+    let (first, hit) =
+        cached_features(&model, &hash, &ids, &TEXTS, &options, &cache, &Device::Cpu).unwrap();
+    assert!(!hit);
+    let (second, hit) =
+        cached_features(&model, &hash, &ids, &TEXTS, &options, &cache, &Device::Cpu).unwrap();
+    assert!(hit);
+    let diff = (first - second)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+    let key = feature_key(&hash, &ids, &TEXTS, &options);
+    assert_ne!(
+        key,
+        feature_key(
+            &hash,
+            &ids,
+            &TEXTS,
+            &FeatureOptions {
+                pooling: Pooling::Mean,
+                ..Default::default()
+            }
+        )
+    );
+    assert_ne!(key, feature_key("other-model", &ids, &TEXTS, &options));
+    let mut texts = TEXTS;
+    texts[0] = "changed";
+    assert_ne!(key, feature_key(&hash, &ids, &texts, &options));
+    // Only one file written, no temporary left behind.
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
+}
