@@ -58,6 +58,15 @@ enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Download a model folder from the Hugging Face hub into $WS2S_HOME/hub (needs a build with
+    /// `--features hub`; the only command that uses the network).
+    Download {
+        /// Repository id, e.g. openai-community/gpt2.
+        repo: String,
+        /// Branch, tag or commit.
+        #[arg(long, default_value = "main")]
+        revision: String,
+    },
 }
 
 #[derive(Args)]
@@ -400,6 +409,21 @@ fn bench_forward(name: &str, batch: usize, seq_len: usize, repeats: usize) -> Re
     Ok(())
 }
 
+#[cfg(feature = "hub")]
+fn download(repo: &str, revision: &str) -> Result<()> {
+    let dir = models::hub::download(repo, revision)?;
+    println!("{}", dir.display());
+    Ok(())
+}
+
+#[cfg(not(feature = "hub"))]
+fn download(_repo: &str, _revision: &str) -> Result<()> {
+    anyhow::bail!(
+        "this ws2s was built without hub access; rebuild with `cargo build --release --features hub`, \
+         or pass a local HF folder or .gguf file"
+    )
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Eval(EvalCommand::Classify { pred }) => eval_classify(&pred),
@@ -424,6 +448,7 @@ fn run(cli: Cli) -> Result<()> {
             print_json(&config)
         }
         Command::Model(ModelCommand::Info { model, json }) => model_info(&model, json),
+        Command::Model(ModelCommand::Download { repo, revision }) => download(&repo, &revision),
         Command::Generate(args) => generate_text(&args),
         Command::Bench(BenchCommand::Forward {
             model,

@@ -280,3 +280,58 @@ fn real_decoders_continue_with_berlin() {
         );
     }
 }
+
+#[test]
+fn sharded_safetensors_load_like_a_single_file() {
+    let source = fixtures().join("models/qwen2");
+    let tensors =
+        candle_core::safetensors::load(source.join("model.safetensors"), &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(source.join("config.json"), dir.path().join("config.json")).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (shard, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let subset: HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), tensors[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&subset, dir.path().join(shard)).unwrap();
+        for name in part {
+            weight_map.insert((*name).clone(), serde_json::json!(shard));
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let sharded = Model::load(dir.path(), Trainable::Frozen, 0, &Device::Cpu).unwrap();
+    let single = Model::load(&source, Trainable::Frozen, 0, &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[5u32, 6, 7, 8]], &Device::Cpu).unwrap();
+    let mask = vec![vec![1u32; 4]];
+    let a = sharded
+        .network
+        .logits(
+            &sharded
+                .network
+                .hidden(&ids, &mask, &mut sharded.network.new_cache())
+                .unwrap(),
+        )
+        .unwrap();
+    let b = single
+        .network
+        .logits(
+            &single
+                .network
+                .hidden(&ids, &mask, &mut single.network.new_cache())
+                .unwrap(),
+        )
+        .unwrap();
+    assert_eq!(max_diff_on_mask(&a, &b, &mask), 0.0);
+}

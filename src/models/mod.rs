@@ -10,6 +10,8 @@ pub mod gemma3;
 pub mod gguf;
 pub mod gpt2;
 pub mod heads;
+#[cfg(feature = "hub")]
+pub mod hub;
 pub mod llama;
 pub mod nn;
 pub mod params;
