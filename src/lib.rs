@@ -9,6 +9,7 @@ pub mod eval;
 pub mod experiment;
 pub mod hash;
 pub mod io;
+pub mod losses;
 pub mod models;
 pub mod rng;
 
