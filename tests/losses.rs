@@ -589,11 +589,18 @@ fn huge_logits_and_large_vocabularies_stay_finite() {
             ("product", losses::product(&zt, &yt).unwrap()),
             (
                 "edl",
-                losses::edl(&zt, &[yt.clone()], &[1.0], 0.01, evidence).unwrap(),
+                losses::edl(&zt, std::slice::from_ref(&yt), &[1.0], 0.01, evidence).unwrap(),
             ),
             (
                 "edl softplus",
-                losses::edl(&zt, &[yt.clone()], &[1.0], 0.01, Evidence::Softplus).unwrap(),
+                losses::edl(
+                    &zt,
+                    std::slice::from_ref(&yt),
+                    &[1.0],
+                    0.01,
+                    Evidence::Softplus,
+                )
+                .unwrap(),
             ),
         ] {
             assert!(
@@ -603,10 +610,16 @@ fn huge_logits_and_large_vocabularies_stay_finite() {
             );
         }
         let var = Var::from_tensor(&zt).unwrap();
-        let grads = losses::edl(var.as_tensor(), &[yt.clone()], &[1.0], 0.01, evidence)
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = losses::edl(
+            var.as_tensor(),
+            std::slice::from_ref(&yt),
+            &[1.0],
+            0.01,
+            evidence,
+        )
+        .unwrap()
+        .backward()
+        .unwrap();
         let g = grads.get(var.as_tensor()).unwrap();
         assert!(
             scalar(&g.abs().unwrap().sum_all().unwrap()).is_finite(),
