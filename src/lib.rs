@@ -12,5 +12,6 @@ pub mod io;
 pub mod losses;
 pub mod models;
 pub mod rng;
+pub mod train;
 
 pub use error::InputError;

@@ -28,19 +28,42 @@ pub struct Linear {
 }
 
 thread_local! {
-    static TRAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// While training: the generator of dropout masks (seeded by the trainer for each step, so a
+    /// run is reproducible); `None` outside training, where dropout is off.
+    static DROPOUT_RNG: std::cell::RefCell<Option<crate::rng::Rng>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Dropout (LoRA's) is active only inside [`with_training`].
-pub fn with_training<T>(f: impl FnOnce() -> T) -> T {
-    TRAINING.with(|t| t.set(true));
+/// Runs `f` in training mode: dropout is active, its masks drawn from `seed`.
+pub fn with_training<T>(seed: u64, f: impl FnOnce() -> T) -> T {
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = Some(crate::rng::Rng::derived(seed, "dropout")));
     let out = f();
-    TRAINING.with(|t| t.set(false));
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = None);
     out
 }
 
-fn is_training() -> bool {
-    TRAINING.with(|t| t.get())
+/// Inverted dropout with a seeded mask; the identity outside [`with_training`].
+pub fn dropout(x: &Tensor, p: f32) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let mask = DROPOUT_RNG.with(|r| {
+        r.borrow_mut().as_mut().map(|rng| {
+            let keep = 1.0 / (1.0 - p);
+            (0..x.elem_count())
+                .map(|_| {
+                    if rng.next_f64() < p as f64 {
+                        0f32
+                    } else {
+                        keep
+                    }
+                })
+                .collect::<Vec<f32>>()
+        })
+    });
+    match mask {
+        None => Ok(x.clone()),
+        Some(mask) => x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?,
+    }
 }
 
 /// x W^T for x of any rank: the leading dimensions are flattened so that the product is one
@@ -62,11 +85,7 @@ impl Linear {
             y = y.broadcast_add(bias)?;
         }
         if let Some(lora) = &self.lora {
-            let input = if is_training() && lora.dropout > 0.0 {
-                candle_nn::ops::dropout(x, lora.dropout)?
-            } else {
-                x.clone()
-            };
+            let input = dropout(x, lora.dropout)?;
             let delta = matmul_t(&matmul_t(&input, &lora.a)?, &lora.b)?;
             y = (y + (delta * lora.scale)?)?;
         }

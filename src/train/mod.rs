@@ -1,0 +1,9 @@
+//! The training engine: AdamW, learning-rate schedules, the training loop with length-bucketed
+//! batches, gradient accumulation and clipping, evaluation, early stopping, atomic checkpoints
+//! with resume, and NaN/Inf detection.
+
+pub mod checkpoint;
+pub mod optimizer;
+pub mod probe;
+pub mod schedule;
+pub mod trainer;
