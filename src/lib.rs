@@ -12,6 +12,7 @@ pub mod io;
 pub mod losses;
 pub mod models;
 pub mod rng;
+pub mod supervision;
 pub mod train;
 
 pub use error::InputError;

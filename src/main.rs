@@ -38,6 +38,20 @@ enum Command {
     /// Check experiment configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Run a weak-to-strong experiment from a TOML config (classification, linear probes).
+    #[command(long_about = "Run a weak-to-strong experiment from a TOML config.\n\n\
+Weak models are trained on weak_train (ground truth), label strong_train, and the strong model is trained \
+on those labels alone with each method; the strong ceiling is trained on the ground truth of strong_train. \
+All models are linear probes on frozen features, extracted once and cached in $WS2S_HOME/features. \
+Writes results.json, results.md and weak_labels.jsonl into --out; prints the results table, then \
+`results: DIR/results.md` last.")]
+    Run {
+        /// The experiment config (see configs/).
+        config: PathBuf,
+        /// The run folder.
+        #[arg(long, default_value = "runs/latest")]
+        out: PathBuf,
+    },
     /// Inspect models (an HF folder, a .gguf file, or the name of a fetched model).
     #[command(subcommand)]
     Model(ModelCommand),
@@ -446,6 +460,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Config(ConfigCommand::Check { file }) => {
             let config = ExperimentConfig::load(&file)?;
             print_json(&config)
+        }
+        Command::Run { config, out } => {
+            let parsed = ExperimentConfig::load(&config)?;
+            let results = ws2s::experiment::pipeline::run(&parsed, &config, &out, true)?;
+            println!("{}", ws2s::experiment::pipeline::markdown(&results));
+            println!("results: {}", out.join("results.md").display());
+            Ok(())
         }
         Command::Model(ModelCommand::Info { model, json }) => model_info(&model, json),
         Command::Model(ModelCommand::Download { repo, revision }) => download(&repo, &revision),

@@ -19,6 +19,8 @@
 //! ```
 
 use crate::data::{ChoiceOptions, SplitSizes, TaskSpec};
+use crate::models::heads::Pooling;
+use crate::train::trainer::TrainConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -47,6 +49,148 @@ pub struct ExperimentConfig {
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
     pub task: TaskConfig,
+    /// The weak models (J >= 1; the method needs J >= 2 for the multi-weak methods).
+    #[serde(default)]
+    pub weak: Vec<ModelSpec>,
+    #[serde(default)]
+    pub strong: Option<ModelSpec>,
+    /// Training of the linear probes (weak models, ceiling, students).
+    #[serde(default = "default_probe")]
+    pub probe: TrainConfig,
+    #[serde(default)]
+    pub methods: MethodsConfig,
+}
+
+/// A model of the experiment, trained as a linear probe on its frozen features.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// A short name for tables (default: the model argument).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// An HF folder, a .gguf file, or a fetched model's name.
+    pub model: String,
+    /// Default: the last token for decoders, the mean for encoders.
+    #[serde(default)]
+    pub pooling: Option<Pooling>,
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+}
+
+impl ModelSpec {
+    pub fn label(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.model.clone())
+    }
+}
+
+fn default_max_tokens() -> usize {
+    256
+}
+
+fn default_probe() -> TrainConfig {
+    TrainConfig {
+        epochs: 30,
+        batch_size: 64,
+        lr: 1e-2,
+        warmup_ratio: 0.0,
+        ..TrainConfig::default()
+    }
+}
+
+/// The methods compared, and their settings (METHOD.md section 3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MethodsConfig {
+    pub list: Vec<Method>,
+    /// Weights of the weak models: "uniform", "dawid_skene" (learned from agreement), or a list.
+    pub weights: WeightsSpec,
+    pub logconf_a_max: f64,
+    pub logconf_warmup: f64,
+    /// c of the KL annealing lambda_t = c min(1, t).
+    pub edl_c: f64,
+    pub edl_step_a_max: f64,
+    pub edl_step_warmup: f64,
+    /// "exp" (clamped) or "softplus".
+    pub evidence: String,
+    pub evidence_clamp: f64,
+}
+
+impl Default for MethodsConfig {
+    fn default() -> Self {
+        MethodsConfig {
+            list: Method::ALL.to_vec(),
+            weights: WeightsSpec::Named("uniform".into()),
+            logconf_a_max: 0.5,
+            logconf_warmup: 0.2,
+            edl_c: 1e-2,
+            edl_step_a_max: 0.2,
+            edl_step_warmup: 0.25,
+            evidence: "exp".into(),
+            evidence_clamp: 10.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum WeightsSpec {
+    Named(String),
+    Given(Vec<f64>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Single weak, soft-label cross-entropy (one run per weak model).
+    Xent,
+    /// Single weak, auxiliary confidence loss (one run per weak model).
+    Logconf,
+    /// Single weak, product loss (one run per weak model).
+    Product,
+    /// Naive multi-weak: sum_j w_j CE(y_j, p).
+    Naive,
+    /// Joint label: weighted average of the soft labels.
+    JointAverage,
+    /// Joint label: weighted majority vote.
+    JointVote,
+    /// Joint label: Dawid-Skene posterior.
+    JointDawidSkene,
+    /// Bayesian multi-weak (EDL).
+    Edl,
+    /// EDL with the student's own predictions mixed in.
+    EdlStep,
+    /// Dirichlet-multinomial on the weak hard-label counts.
+    DirichletMultinomial,
+}
+
+impl Method {
+    pub const ALL: [Method; 10] = [
+        Method::Xent,
+        Method::Logconf,
+        Method::Product,
+        Method::Naive,
+        Method::JointAverage,
+        Method::JointVote,
+        Method::JointDawidSkene,
+        Method::Edl,
+        Method::EdlStep,
+        Method::DirichletMultinomial,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Xent => "xent",
+            Method::Logconf => "logconf",
+            Method::Product => "product",
+            Method::Naive => "naive",
+            Method::JointAverage => "joint_average",
+            Method::JointVote => "joint_vote",
+            Method::JointDawidSkene => "joint_dawid_skene",
+            Method::Edl => "edl",
+            Method::EdlStep => "edl_step",
+            Method::DirichletMultinomial => "dirichlet_multinomial",
+        }
+    }
 }
 
 fn default_seeds() -> Vec<u64> {

@@ -1,3 +1,4 @@
 //! Experiments: their configuration (and, as the pipeline grows, its stages and their cache).
 
 pub mod config;
+pub mod pipeline;

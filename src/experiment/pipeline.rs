@@ -1,0 +1,578 @@
+//! `ws2s run` for classification with linear probes on cached frozen features (METHOD.md 1-3):
+//! weak models trained on weak_train (ground truth) -> their soft labels on strong_train and test
+//! -> the strong ceiling (ground truth of strong_train) -> the strong model trained per method on
+//! the weak labels alone -> test metrics -> PGR against the mean and the best weak model ->
+//! summary over seeds (mean, std, 95% bootstrap interval).
+
+use super::config::{ExperimentConfig, Method, ModelSpec, WeightsSpec};
+use crate::data::{self, Dataset, Example};
+use crate::eval::classify::{classify_metrics, ClassifyMetrics, Prediction};
+use crate::eval::summary::{pgr, summarize, Summary};
+use crate::losses::{self, Evidence};
+use crate::models::features::{cached_features, FeatureOptions};
+use crate::models::heads::Pooling;
+use crate::models::params::Trainable;
+use crate::models::{model_hash, resolve_model, ws2s_home, Model};
+use crate::supervision::{dawid_skene, majority_vote, weighted_average};
+use crate::train::probe;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+type Rows = Vec<Vec<f64>>;
+
+/// Frozen features of every example of every seed's splits, for one model.
+struct FeatureTable {
+    features: Tensor,
+    row_of: HashMap<String, usize>,
+    model_hash: String,
+}
+
+impl FeatureTable {
+    fn rows(&self, examples: &[Example]) -> Result<Tensor> {
+        let index: Vec<u32> = examples.iter().map(|e| self.row_of[&e.id] as u32).collect();
+        Ok(self.features.index_select(
+            &Tensor::from_vec(index, examples.len(), self.features.device())?,
+            0,
+        )?)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodResult {
+    pub method: String,
+    pub test: ClassifyMetrics,
+    pub pgr_vs_mean_weak: Option<f64>,
+    pub pgr_vs_best_weak: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SeedResult {
+    pub seed: u64,
+    pub data_hash: String,
+    pub sizes: [usize; 4],
+    pub weak: Vec<ClassifyMetrics>,
+    /// Dawid-Skene accuracies estimated on strong_train without ground truth, per weak model.
+    pub learned_reliability: Vec<f64>,
+    /// The weights used by the multi-weak methods.
+    pub weights: Vec<f64>,
+    pub ceiling: ClassifyMetrics,
+    pub methods: Vec<MethodResult>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResults {
+    pub config: ExperimentConfig,
+    pub provenance: String,
+    pub models: Vec<(String, String)>,
+    pub seeds: Vec<SeedResult>,
+    pub summary: BTreeMap<String, BTreeMap<String, Option<Summary>>>,
+}
+
+fn one_hot_rows(examples: &[Example], k: usize) -> Rows {
+    examples
+        .iter()
+        .map(|e| {
+            let class = e.label.class().unwrap_or(0);
+            (0..k).map(|c| if c == class { 1.0 } else { 0.0 }).collect()
+        })
+        .collect()
+}
+
+fn to_tensor(rows: &Rows, device: &Device) -> Result<Tensor> {
+    let k = rows.first().map_or(0, Vec::len);
+    let flat: Vec<f32> = rows.iter().flatten().map(|&v| v as f32).collect();
+    Ok(Tensor::from_vec(flat, (rows.len(), k), device)?)
+}
+
+fn batch_of(tensor: &Tensor, batch: &[usize]) -> Result<Tensor> {
+    let index: Vec<u32> = batch.iter().map(|&i| i as u32).collect();
+    Ok(tensor.index_select(&Tensor::from_vec(index, batch.len(), tensor.device())?, 0)?)
+}
+
+fn metrics_of(probs: &Tensor, examples: &[Example]) -> Result<(ClassifyMetrics, Rows)> {
+    let rows: Rows = probs.to_dtype(candle_core::DType::F64)?.to_vec2::<f64>()?;
+    let predictions: Vec<Prediction> = rows
+        .iter()
+        .zip(examples)
+        .map(|(p, e)| Prediction {
+            label: e.label.class().unwrap_or(0),
+            probs: p.clone(),
+        })
+        .collect();
+    Ok((classify_metrics(&predictions)?, rows))
+}
+
+/// Extracts (or reads from the cache) the features of every example for one model.
+fn features_for(
+    spec: &ModelSpec,
+    examples: &BTreeMap<String, String>,
+    progress: bool,
+    device: &Device,
+) -> Result<FeatureTable> {
+    let path = resolve_model(&spec.model)?;
+    let hash = model_hash(&path)?;
+    let model = Model::load(&path, Trainable::Frozen, 0, device)
+        .with_context(|| format!("loading {}", spec.label()))?;
+    let pooling = spec.pooling.unwrap_or(if model.network.is_decoder() {
+        Pooling::LastToken
+    } else {
+        Pooling::Mean
+    });
+    let options = FeatureOptions {
+        pooling,
+        max_tokens: spec.max_tokens,
+        progress,
+        ..Default::default()
+    };
+    let ids: Vec<&str> = examples.keys().map(String::as_str).collect();
+    let texts: Vec<&str> = examples.values().map(String::as_str).collect();
+    let start = std::time::Instant::now();
+    let (features, hit) = cached_features(
+        &model,
+        &hash,
+        &ids,
+        &texts,
+        &options,
+        &ws2s_home().join("features"),
+        device,
+    )?;
+    eprintln!(
+        "features: {} ({} examples, {})",
+        spec.label(),
+        ids.len(),
+        if hit {
+            "cached".to_string()
+        } else {
+            format!("{:.0} s", start.elapsed().as_secs_f64())
+        }
+    );
+    let row_of = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.to_string(), i))
+        .collect();
+    Ok(FeatureTable {
+        features,
+        row_of,
+        model_hash: hash,
+    })
+}
+
+/// Runs the experiment and writes `results.json`, `results.md` and `weak_labels.jsonl` into `out`.
+pub fn run(
+    config: &ExperimentConfig,
+    config_path: &Path,
+    out: &Path,
+    progress: bool,
+) -> Result<RunResults> {
+    let device = Device::Cpu;
+    let strong_spec = config
+        .strong
+        .as_ref()
+        .context("the config has no [strong] model")?;
+    if config.weak.is_empty() {
+        bail!("the config has no [[weak]] model");
+    }
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    let spec = config.task.spec(base)?;
+    let data_dir = config
+        .data_dir
+        .clone()
+        .unwrap_or_else(data::default_data_dir);
+    let datasets: Vec<Dataset> = config
+        .seeds
+        .iter()
+        .map(|&seed| data::load(&data_dir, &spec, &config.task.sizes, seed))
+        .collect::<Result<_>>()?;
+    let classes = datasets[0]
+        .num_classes
+        .context("`ws2s run` supports classification tasks so far")?;
+    let mut examples: BTreeMap<String, String> = BTreeMap::new();
+    for dataset in &datasets {
+        for split in [&dataset.weak_train, &dataset.strong_train, &dataset.test] {
+            for e in split {
+                examples.insert(e.id.clone(), e.input.clone());
+            }
+        }
+    }
+    let s = &datasets[0];
+    eprintln!(
+        "task {}: weak_train {} / strong_train {} / test {}; seeds {:?}; {} distinct examples",
+        s.task,
+        s.weak_train.len(),
+        s.strong_train.len(),
+        s.test.len(),
+        config.seeds,
+        examples.len()
+    );
+    let weak_tables: Vec<FeatureTable> = config
+        .weak
+        .iter()
+        .map(|m| features_for(m, &examples, progress, &device))
+        .collect::<Result<_>>()?;
+    let strong_table = features_for(strong_spec, &examples, progress, &device)?;
+    let evidence = if config.methods.evidence == "softplus" {
+        Evidence::Softplus
+    } else {
+        Evidence::Exp {
+            clamp: config.methods.evidence_clamp,
+        }
+    };
+    let mut seed_results = Vec::new();
+    let mut label_rows: Vec<serde_json::Value> = Vec::new();
+    for dataset in &datasets {
+        let probe_config = crate::train::trainer::TrainConfig {
+            seed: dataset.seed,
+            ..config.probe.clone()
+        };
+        let fit_gold = |table: &FeatureTable, train: &[Example]| -> Result<probe::LinearProbe> {
+            let targets = to_tensor(&one_hot_rows(train, classes), &device)?;
+            let loss = |logits: &Tensor, batch: &[usize], _: f64| -> Result<Tensor> {
+                Ok(losses::xent(logits, &batch_of(&targets, batch)?)?)
+            };
+            Ok(probe::fit(&table.rows(train)?, classes, &loss, &probe_config)?.0)
+        };
+        // Weak models: trained on weak_train, labelling strong_train and test.
+        let mut weak_metrics = Vec::new();
+        let mut weak_labels: Vec<Rows> = Vec::new();
+        for table in &weak_tables {
+            let fitted = fit_gold(table, &dataset.weak_train)?;
+            let (metrics, _) =
+                metrics_of(&fitted.probs(&table.rows(&dataset.test)?)?, &dataset.test)?;
+            let labels = fitted
+                .probs(&table.rows(&dataset.strong_train)?)?
+                .to_dtype(candle_core::DType::F64)?
+                .to_vec2::<f64>()?;
+            weak_metrics.push(metrics);
+            weak_labels.push(labels);
+        }
+        let strong_features = strong_table.rows(&dataset.strong_train)?;
+        let strong_test = strong_table.rows(&dataset.test)?;
+        let ceiling_probe = fit_gold(&strong_table, &dataset.strong_train)?;
+        let (ceiling, _) = metrics_of(&ceiling_probe.probs(&strong_test)?, &dataset.test)?;
+        // Reliability learned from agreement (no ground truth).
+        let hard: Vec<Vec<usize>> = weak_labels
+            .iter()
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| crate::eval::classify::argmax(r))
+                    .collect()
+            })
+            .collect();
+        let ds = dawid_skene::fit(&hard, classes, 200);
+        let weights: Vec<f64> = match &config.methods.weights {
+            WeightsSpec::Given(w) => w.clone(),
+            WeightsSpec::Named(name) if name == "dawid_skene" => {
+                let total: f64 = ds.accuracy.iter().sum();
+                ds.accuracy.iter().map(|a| a / total).collect()
+            }
+            WeightsSpec::Named(_) => vec![1.0 / weak_tables.len() as f64; weak_tables.len()],
+        };
+        let mean_weak =
+            weak_metrics.iter().map(|m| m.accuracy).sum::<f64>() / weak_metrics.len() as f64;
+        let best_weak = weak_metrics
+            .iter()
+            .map(|m| m.accuracy)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let weak_tensors: Vec<Tensor> = weak_labels
+            .iter()
+            .map(|r| to_tensor(r, &device))
+            .collect::<Result<_>>()?;
+        let joint_average = to_tensor(&weighted_average(&weak_labels, &weights), &device)?;
+        let joint_vote = to_tensor(&majority_vote(&weak_labels, &weights), &device)?;
+        let joint_ds = to_tensor(&ds.posteriors, &device)?;
+        let counts: Rows = (0..dataset.strong_train.len())
+            .map(|i| {
+                let mut c = vec![0.0; classes];
+                for model in &hard {
+                    c[model[i]] += 1.0;
+                }
+                c
+            })
+            .collect();
+        let counts = to_tensor(&counts, &device)?;
+        let m = &config.methods;
+        let mut results = Vec::new();
+        let mut bayesian_confidence: Option<Rows> = None;
+        let mut train_student =
+            |name: String, loss: &probe::ProbeLoss| -> Result<probe::LinearProbe> {
+                let (student, _) = probe::fit(&strong_features, classes, loss, &probe_config)?;
+                let (test, _) = metrics_of(&student.probs(&strong_test)?, &dataset.test)?;
+                results.push(MethodResult {
+                    method: name,
+                    pgr_vs_mean_weak: pgr(test.accuracy, mean_weak, ceiling.accuracy),
+                    pgr_vs_best_weak: pgr(test.accuracy, best_weak, ceiling.accuracy),
+                    test,
+                });
+                Ok(student)
+            };
+        for &method in &m.list {
+            match method {
+                Method::Xent | Method::Logconf | Method::Product => {
+                    for (j, y) in weak_tensors.iter().enumerate() {
+                        let name = format!("{}[{}]", method.as_str(), config.weak[j].label());
+                        let loss = |logits: &Tensor,
+                                    batch: &[usize],
+                                    progress: f64|
+                         -> Result<Tensor> {
+                            let target = batch_of(y, batch)?;
+                            Ok(match method {
+                                Method::Xent => losses::xent(logits, &target)?,
+                                Method::Logconf => {
+                                    let a =
+                                        losses::ramp(progress, m.logconf_a_max, m.logconf_warmup);
+                                    losses::logconf(logits, &target, a)?
+                                }
+                                _ => losses::product(logits, &target)?,
+                            })
+                        };
+                        train_student(name, &loss)?;
+                    }
+                }
+                Method::Naive => {
+                    let loss = |logits: &Tensor, batch: &[usize], _: f64| -> Result<Tensor> {
+                        let targets: Vec<Tensor> = weak_tensors
+                            .iter()
+                            .map(|y| batch_of(y, batch))
+                            .collect::<Result<_>>()?;
+                        Ok(losses::naive_multi(logits, &targets, &weights)?)
+                    };
+                    train_student(method.as_str().into(), &loss)?;
+                }
+                Method::JointAverage | Method::JointVote | Method::JointDawidSkene => {
+                    let joint = match method {
+                        Method::JointAverage => &joint_average,
+                        Method::JointVote => &joint_vote,
+                        _ => &joint_ds,
+                    };
+                    let loss = |logits: &Tensor, batch: &[usize], _: f64| -> Result<Tensor> {
+                        Ok(losses::xent(logits, &batch_of(joint, batch)?)?)
+                    };
+                    train_student(method.as_str().into(), &loss)?;
+                }
+                Method::Edl | Method::EdlStep => {
+                    let loss =
+                        |logits: &Tensor, batch: &[usize], progress: f64| -> Result<Tensor> {
+                            let targets: Vec<Tensor> = weak_tensors
+                                .iter()
+                                .map(|y| batch_of(y, batch))
+                                .collect::<Result<_>>()?;
+                            let lambda = losses::ramp(progress, m.edl_c, 1.0);
+                            Ok(if method == Method::Edl {
+                                losses::edl(logits, &targets, &weights, lambda, evidence)?
+                            } else {
+                                let a = losses::ramp(progress, m.edl_step_a_max, m.edl_step_warmup);
+                                losses::edl_step(logits, &targets, &weights, lambda, a, evidence)?
+                            })
+                        };
+                    let student = train_student(method.as_str().into(), &loss)?;
+                    if method == Method::Edl {
+                        let alpha =
+                            losses::dirichlet_alpha(&student.logits(&strong_features)?, evidence)?;
+                        let s = alpha.sum_keepdim(1)?;
+                        let confidence = alpha
+                            .broadcast_div(&s)?
+                            .to_dtype(candle_core::DType::F64)?
+                            .to_vec2::<f64>()?;
+                        bayesian_confidence = Some(confidence);
+                    }
+                }
+                Method::DirichletMultinomial => {
+                    let loss = |logits: &Tensor, batch: &[usize], _: f64| -> Result<Tensor> {
+                        Ok(losses::dirichlet_multinomial(
+                            logits,
+                            &batch_of(&counts, batch)?,
+                            evidence,
+                        )?)
+                    };
+                    train_student(method.as_str().into(), &loss)?;
+                }
+            }
+        }
+        let joint_rows = weighted_average(&weak_labels, &weights);
+        for (i, example) in dataset.strong_train.iter().enumerate() {
+            let weak: BTreeMap<String, &Vec<f64>> = config
+                .weak
+                .iter()
+                .zip(&weak_labels)
+                .map(|(spec, rows)| (spec.label(), &rows[i]))
+                .collect();
+            label_rows.push(serde_json::json!({
+                "seed": dataset.seed,
+                "id": example.id,
+                "text": example.input,
+                "label": example.label.class(),
+                "weak": weak,
+                "joint": joint_rows[i],
+                "dawid_skene": ds.posteriors[i],
+                "bayesian_confidence": bayesian_confidence.as_ref().map(|c| c[i].clone()),
+            }));
+        }
+        seed_results.push(SeedResult {
+            seed: dataset.seed,
+            data_hash: dataset.data_hash(),
+            sizes: [
+                dataset.weak_train.len(),
+                dataset.strong_train.len(),
+                dataset.test.len(),
+                dataset.valid.len(),
+            ],
+            weak: weak_metrics,
+            learned_reliability: ds.accuracy.clone(),
+            weights,
+            ceiling,
+            methods: results,
+        });
+    }
+    let summary = summarise(config, &seed_results);
+    let models = config
+        .weak
+        .iter()
+        .zip(&weak_tables)
+        .map(|(spec, t)| (spec.label(), t.model_hash.clone()))
+        .chain(std::iter::once((
+            strong_spec.label(),
+            strong_table.model_hash.clone(),
+        )))
+        .collect();
+    let results = RunResults {
+        config: config.clone(),
+        provenance: datasets[0].provenance.clone(),
+        models,
+        seeds: seed_results,
+        summary,
+    };
+    write_outputs(out, &results, &label_rows)?;
+    Ok(results)
+}
+
+fn summarise(
+    config: &ExperimentConfig,
+    seeds: &[SeedResult],
+) -> BTreeMap<String, BTreeMap<String, Option<Summary>>> {
+    let mut summary = BTreeMap::new();
+    let bootstrap_seed = config.seeds.first().copied().unwrap_or(0);
+    let mut add = |name: String, metric: &str, values: Vec<f64>| {
+        summary
+            .entry(name)
+            .or_insert_with(BTreeMap::new)
+            .insert(metric.to_string(), summarize(&values, bootstrap_seed));
+    };
+    for (j, spec) in config.weak.iter().enumerate() {
+        let name = format!("weak[{}]", spec.label());
+        add(
+            name.clone(),
+            "accuracy",
+            seeds.iter().map(|s| s.weak[j].accuracy).collect(),
+        );
+        add(
+            name,
+            "learned_reliability",
+            seeds.iter().map(|s| s.learned_reliability[j]).collect(),
+        );
+    }
+    add(
+        "ceiling".into(),
+        "accuracy",
+        seeds.iter().map(|s| s.ceiling.accuracy).collect(),
+    );
+    if let Some(first) = seeds.first() {
+        for (k, method) in first.methods.iter().enumerate() {
+            let column = |f: &dyn Fn(&MethodResult) -> Option<f64>| -> Vec<f64> {
+                seeds.iter().filter_map(|s| f(&s.methods[k])).collect()
+            };
+            add(
+                method.method.clone(),
+                "accuracy",
+                column(&|m| Some(m.test.accuracy)),
+            );
+            add(method.method.clone(), "auroc", column(&|m| m.test.auroc));
+            add(method.method.clone(), "ece", column(&|m| Some(m.test.ece)));
+            add(
+                method.method.clone(),
+                "pgr_vs_mean_weak",
+                column(&|m| m.pgr_vs_mean_weak),
+            );
+            add(
+                method.method.clone(),
+                "pgr_vs_best_weak",
+                column(&|m| m.pgr_vs_best_weak),
+            );
+        }
+    }
+    summary
+}
+
+fn cell(summary: Option<&Option<Summary>>) -> String {
+    match summary.and_then(Option::as_ref) {
+        None => "undefined".into(),
+        Some(s) => match (s.std, s.ci95) {
+            (Some(std), Some((lo, hi))) => {
+                format!("{:.3} ± {:.3} [{:.3}, {:.3}]", s.mean, std, lo, hi)
+            }
+            _ => format!("{:.3}", s.mean),
+        },
+    }
+}
+
+/// The table a paper would print.
+pub fn markdown(results: &RunResults) -> String {
+    let c = &results.config;
+    let sizes = results.seeds.first().map(|s| s.sizes).unwrap_or_default();
+    let mut out = format!(
+        "# {}\n\nTask `{}`: weak_train {}, strong_train {}, test {}; seeds {:?}.\n{}.\n\n\
+         Linear probes on frozen features. Cells: mean ± std over seeds [95% bootstrap interval of the mean].\n\
+         PGR = (student - weak) / (ceiling - weak), against the mean of the weak models' test accuracies and against the best one.\n\n",
+        c.name, c.task.name, sizes[0], sizes[1], sizes[2], c.seeds, results.provenance
+    );
+    out.push_str("| model | test accuracy | learned reliability (Dawid-Skene) |\n|---|---|---|\n");
+    for spec in &c.weak {
+        let row = &results.summary[&format!("weak[{}]", spec.label())];
+        out.push_str(&format!(
+            "| weak: {} | {} | {} |\n",
+            spec.label(),
+            cell(row.get("accuracy")),
+            cell(row.get("learned_reliability"))
+        ));
+    }
+    let strong = c.strong.as_ref().map(ModelSpec::label).unwrap_or_default();
+    out.push_str(&format!(
+        "| ceiling: {strong} on ground truth | {} | |\n\n",
+        cell(results.summary["ceiling"].get("accuracy"))
+    ));
+    out.push_str("| method | test accuracy | AUROC | ECE | PGR vs mean weak | PGR vs best weak |\n|---|---|---|---|---|---|\n");
+    if let Some(first) = results.seeds.first() {
+        for method in &first.methods {
+            let row = &results.summary[&method.method];
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                method.method,
+                cell(row.get("accuracy")),
+                cell(row.get("auroc")),
+                cell(row.get("ece")),
+                cell(row.get("pgr_vs_mean_weak")),
+                cell(row.get("pgr_vs_best_weak"))
+            ));
+        }
+    }
+    out
+}
+
+fn write_outputs(out: &Path, results: &RunResults, label_rows: &[serde_json::Value]) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    crate::io::write_atomic(
+        &out.join("results.json"),
+        serde_json::to_string_pretty(results)?.as_bytes(),
+    )?;
+    crate::io::write_atomic(&out.join("results.md"), markdown(results).as_bytes())?;
+    let mut jsonl = String::new();
+    for row in label_rows {
+        jsonl.push_str(&serde_json::to_string(row)?);
+        jsonl.push('\n');
+    }
+    crate::io::write_atomic(&out.join("weak_labels.jsonl"), jsonl.as_bytes())?;
+    Ok(())
+}

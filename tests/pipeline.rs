@@ -1,0 +1,146 @@
+//! `ws2s run` end to end on tiny models in seconds: every method, every output, PGR and summaries.
+
+use std::path::Path;
+use std::process::Command;
+
+fn write_task(dir: &Path) -> std::path::PathBuf {
+    // ASCII texts (the tiny GGUF tokenizer knows ASCII only), two classes, learnable from words.
+    let mut lines = Vec::new();
+    for i in 0..160 {
+        let label = i % 2;
+        let word = if label == 1 { "good" } else { "bad" };
+        lines.push(format!(
+            "{{\"text\": \"item {i} is {word} {}\", \"label\": {label}}}",
+            "x".repeat(i % 5)
+        ));
+    }
+    let path = dir.join("task.jsonl");
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    path
+}
+
+#[test]
+fn ws2s_run_writes_every_output_with_every_method() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = write_task(dir.path());
+    let model = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models/llama_gguf/tiny-llama.gguf");
+    let config = format!(
+        r#"
+name = "tiny"
+seeds = [0, 1]
+[task]
+name = "classify:{task}"
+[task.sizes]
+weak_train = 60
+strong_train = 60
+test = 40
+[[weak]]
+name = "w1"
+model = "{model}"
+[[weak]]
+name = "w2"
+model = "{model}"
+pooling = "mean"
+[strong]
+name = "s"
+model = "{model}"
+[probe]
+epochs = 5
+batch_size = 16
+lr = 0.01
+[methods]
+weights = "dawid_skene"
+"#,
+        task = task.display(),
+        model = model.display()
+    );
+    let config_path = dir.path().join("tiny.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let out = dir.path().join("run");
+    let output = Command::new(env!("CARGO_BIN_EXE_ws2s"))
+        .args([
+            "run",
+            config_path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .env("WS2S_HOME", dir.path().join("home"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        stdout,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let last = stdout.lines().last().unwrap();
+    assert_eq!(
+        last,
+        format!("results: {}", out.join("results.md").display())
+    );
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let seeds = results["seeds"].as_array().unwrap();
+    assert_eq!(seeds.len(), 2);
+    let methods: Vec<&str> = seeds[0]["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["method"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "xent[w1]",
+        "xent[w2]",
+        "logconf[w1]",
+        "product[w2]",
+        "naive",
+        "joint_average",
+        "joint_vote",
+        "joint_dawid_skene",
+        "edl",
+        "edl_step",
+        "dirichlet_multinomial",
+    ] {
+        assert!(
+            methods.contains(&expected),
+            "{expected} missing from {methods:?}"
+        );
+    }
+    for seed in seeds {
+        let weights: Vec<f64> = seed["weights"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_f64().unwrap())
+            .collect();
+        assert!((weights.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        for m in seed["methods"].as_array().unwrap() {
+            let acc = m["test"]["accuracy"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&acc));
+        }
+    }
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(
+        md.contains("| edl |") && md.contains("PGR vs best weak") && md.contains("ceiling"),
+        "{md}"
+    );
+    let labels = std::fs::read_to_string(out.join("weak_labels.jsonl")).unwrap();
+    assert_eq!(
+        labels.lines().count(),
+        120,
+        "strong_train rows of both seeds"
+    );
+    let row: serde_json::Value = serde_json::from_str(labels.lines().next().unwrap()).unwrap();
+    assert!(
+        row["weak"]["w1"].is_array()
+            && row["bayesian_confidence"].is_array()
+            && row["joint"].is_array()
+    );
+    // Features were extracted once per (model, pooling) and cached: a second run reuses them.
+    let features = std::fs::read_dir(dir.path().join("home/features"))
+        .unwrap()
+        .count();
+    assert_eq!(features, 2);
+}
