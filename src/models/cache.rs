@@ -39,6 +39,17 @@ impl KvCache {
         &self.mask
     }
 
+    /// Appends the mask rows of `t` new positions; returns the full mask and the position ids of
+    /// the new positions (see [`super::nn::positions_from_mask`]).
+    pub fn extend(&mut self, new: &[Vec<u32>], t: usize) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+        let full = self.extend_mask(new).to_vec();
+        let positions = super::nn::positions_from_mask(&full)
+            .into_iter()
+            .map(|row| row[row.len() - t..].to_vec())
+            .collect();
+        (full, positions)
+    }
+
     /// Appends new keys and values of one layer; returns all of them.
     pub fn update(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (k, v) = match &self.layers[layer] {

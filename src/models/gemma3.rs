@@ -214,11 +214,7 @@ impl Gemma3 {
         let c = &self.config;
         let device = ids.device();
         let (_, t) = ids.dims2()?;
-        let full_mask = cache.extend_mask(mask).to_vec();
-        let positions: Vec<Vec<u32>> = nn::positions_from_mask(&full_mask)
-            .into_iter()
-            .map(|row| row[row.len() - t..].to_vec())
-            .collect();
+        let (full_mask, positions) = cache.extend(mask, t);
         let positions = Tensor::new(positions, device)?;
         let global_tables = self.rope_global.tables(&positions)?;
         let local_tables = self.rope_local.tables(&positions)?;
@@ -245,12 +241,8 @@ impl Gemma3 {
                 c.head_dim,
             )?)?;
             let v = nn::split_heads(&layer.v.forward(&n)?, c.num_kv_heads, c.head_dim)?;
-            let q = nn::apply_rope(&q, cos, sin)?;
-            let k = nn::apply_rope(&k, cos, sin)?;
-            let (k, v) = cache.update(i, &k, &v)?;
-            let groups = c.num_heads / c.num_kv_heads;
-            let (k, v) = (nn::repeat_kv(&k, groups)?, nn::repeat_kv(&v, groups)?);
-            let attn = nn::attention(&q, &k, &v, attn_mask, scale)?;
+            let attn =
+                nn::rotary_gqa_attention(&q, &k, &v, (cos, sin), cache, i, attn_mask, scale)?;
             x = (x + layer
                 .post_attention_norm
                 .forward(&layer.o.forward(&attn)?)?)?;

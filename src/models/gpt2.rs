@@ -101,11 +101,8 @@ impl Gpt2 {
         let c = &self.config;
         let device = ids.device();
         let (b, t) = ids.dims2()?;
-        let full_mask = cache.extend_mask(mask).to_vec();
-        let positions: Vec<u32> = nn::positions_from_mask(&full_mask)
-            .into_iter()
-            .flat_map(|row| row[row.len() - t..].to_vec())
-            .collect();
+        let (full_mask, positions) = cache.extend(mask, t);
+        let positions: Vec<u32> = positions.into_iter().flatten().collect();
         if let Some(&p) = positions
             .iter()
             .max()

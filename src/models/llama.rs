@@ -139,11 +139,7 @@ impl Llama {
         let c = &self.config;
         let device = ids.device();
         let (_, t) = ids.dims2()?;
-        let full_mask = cache.extend_mask(mask).to_vec();
-        let positions: Vec<Vec<u32>> = nn::positions_from_mask(&full_mask)
-            .into_iter()
-            .map(|row| row[row.len() - t..].to_vec())
-            .collect();
+        let (full_mask, positions) = cache.extend(mask, t);
         let positions = Tensor::new(positions, device)?;
         let (cos, sin) = self.rope.tables(&positions)?;
         let attn_mask = nn::additive_mask(&full_mask, t, true, None, device)?;
@@ -154,12 +150,8 @@ impl Llama {
             let q = nn::split_heads(&layer.q.forward(&n)?, c.num_heads, c.head_dim)?;
             let k = nn::split_heads(&layer.k.forward(&n)?, c.num_kv_heads, c.head_dim)?;
             let v = nn::split_heads(&layer.v.forward(&n)?, c.num_kv_heads, c.head_dim)?;
-            let q = nn::apply_rope(&q, &cos, &sin)?;
-            let k = nn::apply_rope(&k, &cos, &sin)?;
-            let (k, v) = cache.update(i, &k, &v)?;
-            let groups = c.num_heads / c.num_kv_heads;
-            let (k, v) = (nn::repeat_kv(&k, groups)?, nn::repeat_kv(&v, groups)?);
-            let attn = nn::attention(&q, &k, &v, &attn_mask, scale)?;
+            let attn =
+                nn::rotary_gqa_attention(&q, &k, &v, (&cos, &sin), cache, i, &attn_mask, scale)?;
             x = (x + layer.o.forward(&attn)?)?;
             let n = layer.post_norm.forward(&x)?;
             let mlp = (candle_nn::ops::silu(&layer.gate.forward(&n)?)? * layer.up.forward(&n)?)?;

@@ -215,6 +215,33 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
     out.transpose(1, 2)?.contiguous()?.reshape((b, tq, h * d))
 }
 
+/// Attention of one decoder layer with grouped-query heads: RoPE on q [B, H, T, D] and k
+/// [B, KVH, T, D], keys and values appended to the layer's cache, kv heads repeated, then
+/// [`attention`]. Returns [B, T, H * D].
+#[allow(clippy::too_many_arguments)]
+pub fn rotary_gqa_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    cache: &mut super::cache::KvCache,
+    layer: usize,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let q = apply_rope(q, cos, sin)?;
+    let k = apply_rope(k, cos, sin)?;
+    let (k, v) = cache.update(layer, &k, v)?;
+    let groups = q.dim(1)? / k.dim(1)?;
+    attention(
+        &q,
+        &repeat_kv(&k, groups)?,
+        &repeat_kv(&v, groups)?,
+        mask,
+        scale,
+    )
+}
+
 /// Splits [B, T, H * D] into heads [B, H, T, D].
 pub fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
     let (b, t, _) = x.dims3()?;
