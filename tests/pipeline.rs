@@ -144,3 +144,72 @@ weights = "dawid_skene"
         .count();
     assert_eq!(features, 2);
 }
+
+fn stage_files(home: &Path, prefix: &str) -> usize {
+    std::fs::read_dir(home.join("stages"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(prefix)
+        })
+        .count()
+}
+
+#[test]
+fn reruns_reuse_stages_and_a_changed_setting_reruns_only_what_depends_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = write_task(dir.path());
+    let model = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models/llama_gguf/tiny-llama.gguf");
+    let config = |a_max: f64| {
+        format!(
+            "name = \"t\"\n[task]\nname = \"classify:{}\"\n[task.sizes]\nweak_train = 40\nstrong_train = 40\ntest = 40\n\
+             [[weak]]\nmodel = \"{m}\"\n[[weak]]\nmodel = \"{m}\"\npooling = \"mean\"\n[strong]\nmodel = \"{m}\"\n\
+             [probe]\nepochs = 2\n[methods]\nlist = [\"logconf\", \"edl\"]\nlogconf_a_max = {a_max}\n",
+            task.display(),
+            m = model.display()
+        )
+    };
+    let home = dir.path().join("home");
+    let run = |text: String| {
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_ws2s"))
+            .args([
+                "run",
+                path.to_str().unwrap(),
+                "--out",
+                dir.path().join("out").to_str().unwrap(),
+            ])
+            .env("WS2S_HOME", &home)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read_to_string(dir.path().join("out/results.json")).unwrap()
+    };
+    let first = run(config(0.5));
+    let counts = |h: &Path| {
+        (
+            stage_files(h, "weak"),
+            stage_files(h, "ceiling"),
+            stage_files(h, "student"),
+        )
+    };
+    assert_eq!(counts(&home), (2, 1, 3));
+    let second = run(config(0.5));
+    assert_eq!(counts(&home), (2, 1, 3), "a rerun computes nothing new");
+    assert_eq!(first, second);
+    run(config(0.3));
+    assert_eq!(
+        counts(&home),
+        (2, 1, 6),
+        "only the students depend on the methods section"
+    );
+}

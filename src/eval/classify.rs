@@ -18,7 +18,7 @@ pub struct Prediction {
     pub probs: Vec<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassifyMetrics {
     pub accuracy: f64,
     /// `None` where undefined: a class of the task is absent from the labels.

@@ -236,6 +236,22 @@ impl TaskConfig {
 }
 
 impl ExperimentConfig {
+    /// Names of the weak models for tables, made unique (`name#2`, ...) where two coincide.
+    pub fn weak_labels(&self) -> Vec<String> {
+        let labels: Vec<String> = self.weak.iter().map(ModelSpec::label).collect();
+        labels
+            .iter()
+            .enumerate()
+            .map(|(j, label)| {
+                if labels.iter().filter(|l| *l == label).count() > 1 {
+                    format!("{label}#{}", j + 1)
+                } else {
+                    label.clone()
+                }
+            })
+            .collect()
+    }
+
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let config: ExperimentConfig = toml::from_str(text)
             .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;

@@ -5,6 +5,7 @@
 //! summary over seeds (mean, std, 95% bootstrap interval).
 
 use super::config::{ExperimentConfig, Method, ModelSpec, WeightsSpec};
+use super::stages::{stage_key, StageCache};
 use crate::data::{self, Dataset, Example};
 use crate::eval::classify::{classify_metrics, ClassifyMetrics, Prediction};
 use crate::eval::summary::{pgr, summarize, Summary};
@@ -23,11 +24,27 @@ use std::path::Path;
 
 type Rows = Vec<Vec<f64>>;
 
+/// A weak model's stage: its test metrics and its soft labels on strong_train.
+#[derive(Serialize, serde::Deserialize)]
+struct WeakStage {
+    test: ClassifyMetrics,
+    strong_train_labels: Rows,
+}
+
+/// A student's stage: its result and, for EDL, its Dirichlet confidence alpha / S on strong_train.
+#[derive(Serialize, serde::Deserialize)]
+struct StudentStage {
+    result: MethodResult,
+    confidence: Option<Rows>,
+}
+
 /// Frozen features of every example of every seed's splits, for one model.
 struct FeatureTable {
     features: Tensor,
     row_of: HashMap<String, usize>,
     model_hash: String,
+    /// What determines these features: model hash, pooling, maximum length.
+    key: String,
 }
 
 impl FeatureTable {
@@ -40,7 +57,7 @@ impl FeatureTable {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct MethodResult {
     pub method: String,
     pub test: ClassifyMetrics,
@@ -154,10 +171,12 @@ fn features_for(
         .enumerate()
         .map(|(i, id)| (id.to_string(), i))
         .collect();
+    let key = format!("{hash}|{}|{}", pooling.as_str(), spec.max_tokens);
     Ok(FeatureTable {
         features,
         row_of,
         model_hash: hash,
+        key,
     })
 }
 
@@ -221,6 +240,8 @@ pub fn run(
             clamp: config.methods.evidence_clamp,
         }
     };
+    let stages = StageCache::new(&ws2s_home().join("stages"));
+    let weak_names = config.weak_labels();
     let mut seed_results = Vec::new();
     let mut label_rows: Vec<serde_json::Value> = Vec::new();
     for dataset in &datasets {
@@ -236,23 +257,36 @@ pub fn run(
             Ok(probe::fit(&table.rows(train)?, classes, &loss, &probe_config)?.0)
         };
         // Weak models: trained on weak_train, labelling strong_train and test.
+        let data_hash = dataset.data_hash();
+        let probe_json = serde_json::to_string(&probe_config)?;
         let mut weak_metrics = Vec::new();
         let mut weak_labels: Vec<Rows> = Vec::new();
+        let mut weak_keys = Vec::new();
         for table in &weak_tables {
-            let fitted = fit_gold(table, &dataset.weak_train)?;
-            let (metrics, _) =
-                metrics_of(&fitted.probs(&table.rows(&dataset.test)?)?, &dataset.test)?;
-            let labels = fitted
-                .probs(&table.rows(&dataset.strong_train)?)?
-                .to_dtype(candle_core::DType::F64)?
-                .to_vec2::<f64>()?;
-            weak_metrics.push(metrics);
-            weak_labels.push(labels);
+            let key = stage_key(&["weak", &table.key, &data_hash, &probe_json]);
+            let (stage, _) = stages.get_or_compute("weak", &key, || {
+                let fitted = fit_gold(table, &dataset.weak_train)?;
+                let (test, _) =
+                    metrics_of(&fitted.probs(&table.rows(&dataset.test)?)?, &dataset.test)?;
+                let labels = fitted.probs(&table.rows(&dataset.strong_train)?)?;
+                let strong_train_labels =
+                    labels.to_dtype(candle_core::DType::F64)?.to_vec2::<f64>()?;
+                Ok(WeakStage {
+                    test,
+                    strong_train_labels,
+                })
+            })?;
+            weak_metrics.push(stage.test);
+            weak_labels.push(stage.strong_train_labels);
+            weak_keys.push(key);
         }
         let strong_features = strong_table.rows(&dataset.strong_train)?;
         let strong_test = strong_table.rows(&dataset.test)?;
-        let ceiling_probe = fit_gold(&strong_table, &dataset.strong_train)?;
-        let (ceiling, _) = metrics_of(&ceiling_probe.probs(&strong_test)?, &dataset.test)?;
+        let ceiling_key = stage_key(&["ceiling", &strong_table.key, &data_hash, &probe_json]);
+        let (ceiling, _) = stages.get_or_compute("ceiling", &ceiling_key, || {
+            let ceiling_probe = fit_gold(&strong_table, &dataset.strong_train)?;
+            Ok(metrics_of(&ceiling_probe.probs(&strong_test)?, &dataset.test)?.0)
+        })?;
         // Reliability learned from agreement (no ground truth).
         let hard: Vec<Vec<usize>> = weak_labels
             .iter()
@@ -297,23 +331,54 @@ pub fn run(
         let m = &config.methods;
         let mut results = Vec::new();
         let mut bayesian_confidence: Option<Rows> = None;
+        let methods_json = serde_json::to_string(&(&config.methods, &weights))?;
+        let weak_keys = weak_keys.join(",");
         let mut train_student =
-            |name: String, loss: &probe::ProbeLoss| -> Result<probe::LinearProbe> {
-                let (student, _) = probe::fit(&strong_features, classes, loss, &probe_config)?;
-                let (test, _) = metrics_of(&student.probs(&strong_test)?, &dataset.test)?;
-                results.push(MethodResult {
-                    method: name,
-                    pgr_vs_mean_weak: pgr(test.accuracy, mean_weak, ceiling.accuracy),
-                    pgr_vs_best_weak: pgr(test.accuracy, best_weak, ceiling.accuracy),
-                    test,
-                });
-                Ok(student)
+            |name: String, loss: &probe::ProbeLoss, keep_confidence: bool| -> Result<()> {
+                let key = stage_key(&[
+                    "student",
+                    &name,
+                    &weak_keys,
+                    &strong_table.key,
+                    &data_hash,
+                    &probe_json,
+                    &methods_json,
+                ]);
+                let (stage, _) = stages.get_or_compute("student", &key, || {
+                    let (student, _) = probe::fit(&strong_features, classes, loss, &probe_config)?;
+                    let (test, _) = metrics_of(&student.probs(&strong_test)?, &dataset.test)?;
+                    let confidence = if keep_confidence {
+                        let alpha =
+                            losses::dirichlet_alpha(&student.logits(&strong_features)?, evidence)?;
+                        let s = alpha.sum_keepdim(1)?;
+                        Some(
+                            alpha
+                                .broadcast_div(&s)?
+                                .to_dtype(candle_core::DType::F64)?
+                                .to_vec2::<f64>()?,
+                        )
+                    } else {
+                        None
+                    };
+                    let result = MethodResult {
+                        method: name.clone(),
+                        pgr_vs_mean_weak: pgr(test.accuracy, mean_weak, ceiling.accuracy),
+                        pgr_vs_best_weak: pgr(test.accuracy, best_weak, ceiling.accuracy),
+                        test,
+                    };
+                    Ok(StudentStage { result, confidence })
+                })?;
+                if stage.confidence.is_some() {
+                    bayesian_confidence = stage.confidence;
+                }
+                results.push(stage.result);
+                Ok(())
             };
         for &method in &m.list {
             match method {
                 Method::Xent | Method::Logconf | Method::Product => {
                     for (j, y) in weak_tensors.iter().enumerate() {
-                        let name = format!("{}[{}]", method.as_str(), config.weak[j].label());
+                        let name = format!("{}[{}]", method.as_str(), weak_names[j]);
                         let loss = |logits: &Tensor,
                                     batch: &[usize],
                                     progress: f64|
@@ -329,7 +394,7 @@ pub fn run(
                                 _ => losses::product(logits, &target)?,
                             })
                         };
-                        train_student(name, &loss)?;
+                        train_student(name, &loss, false)?;
                     }
                 }
                 Method::Naive => {
@@ -340,7 +405,7 @@ pub fn run(
                             .collect::<Result<_>>()?;
                         Ok(losses::naive_multi(logits, &targets, &weights)?)
                     };
-                    train_student(method.as_str().into(), &loss)?;
+                    train_student(method.as_str().into(), &loss, false)?;
                 }
                 Method::JointAverage | Method::JointVote | Method::JointDawidSkene => {
                     let joint = match method {
@@ -351,7 +416,7 @@ pub fn run(
                     let loss = |logits: &Tensor, batch: &[usize], _: f64| -> Result<Tensor> {
                         Ok(losses::xent(logits, &batch_of(joint, batch)?)?)
                     };
-                    train_student(method.as_str().into(), &loss)?;
+                    train_student(method.as_str().into(), &loss, false)?;
                 }
                 Method::Edl | Method::EdlStep => {
                     let loss =
@@ -368,17 +433,7 @@ pub fn run(
                                 losses::edl_step(logits, &targets, &weights, lambda, a, evidence)?
                             })
                         };
-                    let student = train_student(method.as_str().into(), &loss)?;
-                    if method == Method::Edl {
-                        let alpha =
-                            losses::dirichlet_alpha(&student.logits(&strong_features)?, evidence)?;
-                        let s = alpha.sum_keepdim(1)?;
-                        let confidence = alpha
-                            .broadcast_div(&s)?
-                            .to_dtype(candle_core::DType::F64)?
-                            .to_vec2::<f64>()?;
-                        bayesian_confidence = Some(confidence);
-                    }
+                    train_student(method.as_str().into(), &loss, method == Method::Edl)?;
                 }
                 Method::DirichletMultinomial => {
                     let loss = |logits: &Tensor, batch: &[usize], _: f64| -> Result<Tensor> {
@@ -388,17 +443,16 @@ pub fn run(
                             evidence,
                         )?)
                     };
-                    train_student(method.as_str().into(), &loss)?;
+                    train_student(method.as_str().into(), &loss, false)?;
                 }
             }
         }
         let joint_rows = weighted_average(&weak_labels, &weights);
         for (i, example) in dataset.strong_train.iter().enumerate() {
-            let weak: BTreeMap<String, &Vec<f64>> = config
-                .weak
+            let weak: BTreeMap<&String, &Vec<f64>> = weak_names
                 .iter()
                 .zip(&weak_labels)
-                .map(|(spec, rows)| (spec.label(), &rows[i]))
+                .map(|(name, rows)| (name, &rows[i]))
                 .collect();
             label_rows.push(serde_json::json!({
                 "seed": dataset.seed,
@@ -428,11 +482,10 @@ pub fn run(
         });
     }
     let summary = summarise(config, &seed_results);
-    let models = config
-        .weak
+    let models = weak_names
         .iter()
         .zip(&weak_tables)
-        .map(|(spec, t)| (spec.label(), t.model_hash.clone()))
+        .map(|(name, t)| (name.clone(), t.model_hash.clone()))
         .chain(std::iter::once((
             strong_spec.label(),
             strong_table.model_hash.clone(),
@@ -461,8 +514,8 @@ fn summarise(
             .or_insert_with(BTreeMap::new)
             .insert(metric.to_string(), summarize(&values, bootstrap_seed));
     };
-    for (j, spec) in config.weak.iter().enumerate() {
-        let name = format!("weak[{}]", spec.label());
+    for (j, label) in config.weak_labels().iter().enumerate() {
+        let name = format!("weak[{label}]");
         add(
             name.clone(),
             "accuracy",
@@ -529,11 +582,11 @@ pub fn markdown(results: &RunResults) -> String {
         c.name, c.task.name, sizes[0], sizes[1], sizes[2], c.seeds, results.provenance
     );
     out.push_str("| model | test accuracy | learned reliability (Dawid-Skene) |\n|---|---|---|\n");
-    for spec in &c.weak {
-        let row = &results.summary[&format!("weak[{}]", spec.label())];
+    for label in c.weak_labels() {
+        let row = &results.summary[&format!("weak[{label}]")];
         out.push_str(&format!(
             "| weak: {} | {} | {} |\n",
-            spec.label(),
+            label,
             cell(row.get("accuracy")),
             cell(row.get("learned_reliability"))
         ));
