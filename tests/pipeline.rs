@@ -126,6 +126,12 @@ weights = "dawid_skene"
         md.contains("| edl |") && md.contains("PGR vs best weak") && md.contains("ceiling"),
         "{md}"
     );
+    for plot in ["accuracy.svg", "accuracy.png", "pgr.svg", "pgr.png"] {
+        assert!(
+            std::fs::metadata(out.join(plot)).unwrap().len() > 100,
+            "{plot}"
+        );
+    }
     let labels = std::fs::read_to_string(out.join("weak_labels.jsonl")).unwrap();
     assert_eq!(
         labels.lines().count(),

@@ -220,6 +220,33 @@ impl Dataset {
         }
     }
 
+    /// The same examples with weak_train and strong_train re-split between each other with
+    /// `seed` (test and valid unchanged): several seeds then share one pool of examples, so that
+    /// their features are computed once.
+    pub fn resplit(&self, seed: u64) -> Dataset {
+        let mut pool: Vec<Example> = self
+            .weak_train
+            .iter()
+            .chain(&self.strong_train)
+            .cloned()
+            .collect();
+        Rng::derived(seed, "resplit").shuffle(&mut pool);
+        let strong_train = pool.split_off(self.weak_train.len());
+        Dataset {
+            task: self.task.clone(),
+            num_classes: self.num_classes,
+            seed,
+            weak_train: pool,
+            strong_train,
+            test: self.test.clone(),
+            valid: self.valid.clone(),
+            provenance: format!(
+                "{}; weak_train / strong_train re-split with seed {seed} from that pool",
+                self.provenance
+            ),
+        }
+    }
+
     /// A hash of every example id of every split, in order: two datasets with the same hash hold
     /// the same examples in the same splits.
     pub fn data_hash(&self) -> String {

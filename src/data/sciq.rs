@@ -218,6 +218,36 @@ mod tests {
     }
 
     #[test]
+    fn resplit_keeps_the_pool_and_the_test_set() {
+        let spec = TaskSpec::parse("sciq", ChoiceOptions::default()).unwrap();
+        let sizes = SplitSizes {
+            weak_train: Some(100),
+            strong_train: Some(60),
+            test: Some(50),
+            valid: None,
+        };
+        let pool = load_task(&default_data_dir(), &spec, &sizes, 0).unwrap();
+        let a = pool.resplit(1);
+        let b = pool.resplit(2);
+        assert_eq!((a.weak_train.len(), a.strong_train.len()), (100, 60));
+        assert_eq!(a.test, pool.test);
+        let ids = |d: &crate::data::Dataset| {
+            let mut v: Vec<String> = d
+                .weak_train
+                .iter()
+                .chain(&d.strong_train)
+                .map(|e| e.id.clone())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ids(&a), ids(&pool));
+        assert_eq!(ids(&b), ids(&pool));
+        assert_ne!(a.data_hash(), b.data_hash());
+        assert_eq!(a.data_hash(), pool.resplit(1).data_hash());
+    }
+
+    #[test]
     fn too_large_a_split_is_a_clear_error() {
         let spec = TaskSpec::parse("sciq", ChoiceOptions::default()).unwrap();
         let sizes = SplitSizes {

@@ -37,6 +37,10 @@ pub struct TaskConfig {
     pub test_path: Option<PathBuf>,
     #[serde(default)]
     pub sizes: SplitSizes,
+    /// Draw the examples once with this seed; each run seed then only re-splits weak_train and
+    /// strong_train between each other (test fixed), so all seeds share the same features.
+    #[serde(default)]
+    pub pool_seed: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -201,11 +201,21 @@ pub fn run(
         .data_dir
         .clone()
         .unwrap_or_else(data::default_data_dir);
-    let datasets: Vec<Dataset> = config
-        .seeds
-        .iter()
-        .map(|&seed| data::load(&data_dir, &spec, &config.task.sizes, seed))
-        .collect::<Result<_>>()?;
+    let datasets: Vec<Dataset> = match config.task.pool_seed {
+        Some(pool_seed) => {
+            let pool = data::load(&data_dir, &spec, &config.task.sizes, pool_seed)?;
+            config
+                .seeds
+                .iter()
+                .map(|&seed| pool.resplit(seed))
+                .collect()
+        }
+        None => config
+            .seeds
+            .iter()
+            .map(|&seed| data::load(&data_dir, &spec, &config.task.sizes, seed))
+            .collect::<Result<_>>()?,
+    };
     let classes = datasets[0]
         .num_classes
         .context("`ws2s run` supports classification tasks so far")?;
@@ -614,6 +624,96 @@ pub fn markdown(results: &RunResults) -> String {
     out
 }
 
+/// Accuracy per method (with the weak models and the ceiling as reference lines) and PGR per
+/// method, error bars the 95% bootstrap intervals over seeds.
+fn plots(results: &RunResults) -> Vec<(&'static str, String)> {
+    use crate::report::plot::{bar_chart, Bar, Reference};
+    let mean_of = |name: &str, metric: &str| {
+        results
+            .summary
+            .get(name)
+            .and_then(|m| m.get(metric))
+            .and_then(Option::as_ref)
+            .map(|s| (s.mean, s.ci95))
+    };
+    let methods: Vec<String> = results
+        .seeds
+        .first()
+        .map(|s| s.methods.iter().map(|m| m.method.clone()).collect())
+        .unwrap_or_default();
+    let bars = |metric: &str| -> Vec<Bar> {
+        methods
+            .iter()
+            .filter_map(|m| {
+                mean_of(m, metric).map(|(value, interval)| Bar {
+                    label: m.clone(),
+                    value,
+                    interval,
+                })
+            })
+            .collect()
+    };
+    let weak: Vec<f64> = results
+        .config
+        .weak_labels()
+        .iter()
+        .filter_map(|l| mean_of(&format!("weak[{l}]"), "accuracy").map(|v| v.0))
+        .collect();
+    let mut references = Vec::new();
+    if let Some((ceiling, _)) = mean_of("ceiling", "accuracy") {
+        references.push(Reference {
+            label: "strong ceiling".into(),
+            value: ceiling,
+            color: "#d62728",
+        });
+    }
+    if !weak.is_empty() {
+        let best = weak.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let mean = weak.iter().sum::<f64>() / weak.len() as f64;
+        references.push(Reference {
+            label: "best weak".into(),
+            value: best,
+            color: "#2ca02c",
+        });
+        references.push(Reference {
+            label: "mean weak".into(),
+            value: mean,
+            color: "#ff7f0e",
+        });
+    }
+    vec![
+        (
+            "accuracy",
+            bar_chart(
+                "Test accuracy per method",
+                "test accuracy",
+                &bars("accuracy"),
+                &references,
+            ),
+        ),
+        (
+            "pgr",
+            bar_chart(
+                "Performance gap recovered (vs best weak)",
+                "PGR vs best weak",
+                &bars("pgr_vs_best_weak"),
+                &[
+                    Reference {
+                        label: "weak".into(),
+                        value: 0.0,
+                        color: "#2ca02c",
+                    },
+                    Reference {
+                        label: "ceiling".into(),
+                        value: 1.0,
+                        color: "#d62728",
+                    },
+                ],
+            ),
+        ),
+    ]
+}
+
 fn write_outputs(out: &Path, results: &RunResults, label_rows: &[serde_json::Value]) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     crate::io::write_atomic(
@@ -627,5 +727,12 @@ fn write_outputs(out: &Path, results: &RunResults, label_rows: &[serde_json::Val
         jsonl.push('\n');
     }
     crate::io::write_atomic(&out.join("weak_labels.jsonl"), jsonl.as_bytes())?;
+    for (name, svg) in plots(results) {
+        crate::io::write_atomic(&out.join(format!("{name}.svg")), svg.as_bytes())?;
+        crate::io::write_atomic(
+            &out.join(format!("{name}.png")),
+            &crate::report::plot::svg_to_png(&svg)?,
+        )?;
+    }
     Ok(())
 }

@@ -1,0 +1,3 @@
+//! Reports: plots of a run as SVG (written directly) and PNG (the same SVG rasterised).
+
+pub mod plot;
