@@ -126,7 +126,13 @@ weights = "dawid_skene"
         md.contains("| edl |") && md.contains("PGR vs best weak") && md.contains("ceiling"),
         "{md}"
     );
-    for plot in ["accuracy.svg", "accuracy.png", "pgr.svg", "pgr.png"] {
+    for plot in [
+        "accuracy.svg",
+        "accuracy.png",
+        "pgr.svg",
+        "pgr.png",
+        "weak_labels.parquet",
+    ] {
         assert!(
             std::fs::metadata(out.join(plot)).unwrap().len() > 100,
             "{plot}"

@@ -14,6 +14,7 @@ use crate::models::features::{cached_features, FeatureOptions};
 use crate::models::heads::Pooling;
 use crate::models::params::Trainable;
 use crate::models::{model_hash, resolve_model, ws2s_home, Model};
+use crate::report::parquet::ColumnData;
 use crate::supervision::{dawid_skene, majority_vote, weighted_average};
 use crate::train::probe;
 use anyhow::{bail, Context, Result};
@@ -714,6 +715,73 @@ fn plots(results: &RunResults) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// The weak labels as flat columns: seed, id, text, label, then one probability column per
+/// weak model and class (`weak:{name}:p{k}`), the joint label, the Dawid-Skene posterior and the
+/// Bayesian (EDL) confidence.
+fn label_columns(results: &RunResults, rows: &[serde_json::Value]) -> Vec<(String, ColumnData)> {
+    let classes = rows
+        .first()
+        .and_then(|r| r["joint"].as_array())
+        .map_or(0, Vec::len);
+    let int = |r: &serde_json::Value, key: &str| r[key].as_i64();
+    let prob = |v: &serde_json::Value, k: usize| v.get(k).and_then(serde_json::Value::as_f64);
+    let mut columns = vec![
+        (
+            "seed".to_string(),
+            ColumnData::Int64(rows.iter().map(|r| int(r, "seed").unwrap_or(0)).collect()),
+        ),
+        (
+            "id".to_string(),
+            ColumnData::Utf8(
+                rows.iter()
+                    .map(|r| r["id"].as_str().unwrap_or("").to_string())
+                    .collect(),
+            ),
+        ),
+        (
+            "text".to_string(),
+            ColumnData::Utf8(
+                rows.iter()
+                    .map(|r| r["text"].as_str().unwrap_or("").to_string())
+                    .collect(),
+            ),
+        ),
+        (
+            "label".to_string(),
+            ColumnData::OptionalInt64(rows.iter().map(|r| int(r, "label")).collect()),
+        ),
+    ];
+    for name in results.config.weak_labels() {
+        for k in 0..classes {
+            let values = rows
+                .iter()
+                .map(|r| prob(&r["weak"][&name], k).unwrap_or(f64::NAN))
+                .collect();
+            columns.push((format!("weak:{name}:p{k}"), ColumnData::Double(values)));
+        }
+    }
+    for field in ["joint", "dawid_skene"] {
+        for k in 0..classes {
+            let values = rows
+                .iter()
+                .map(|r| prob(&r[field], k).unwrap_or(f64::NAN))
+                .collect();
+            columns.push((format!("{field}:p{k}"), ColumnData::Double(values)));
+        }
+    }
+    for k in 0..classes {
+        let values = rows
+            .iter()
+            .map(|r| prob(&r["bayesian_confidence"], k))
+            .collect();
+        columns.push((
+            format!("bayesian_confidence:p{k}"),
+            ColumnData::OptionalDouble(values),
+        ));
+    }
+    columns
+}
+
 fn write_outputs(out: &Path, results: &RunResults, label_rows: &[serde_json::Value]) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     crate::io::write_atomic(
@@ -727,6 +795,10 @@ fn write_outputs(out: &Path, results: &RunResults, label_rows: &[serde_json::Val
         jsonl.push('\n');
     }
     crate::io::write_atomic(&out.join("weak_labels.jsonl"), jsonl.as_bytes())?;
+    crate::report::parquet::write(
+        &out.join("weak_labels.parquet"),
+        &label_columns(results, label_rows),
+    )?;
     for (name, svg) in plots(results) {
         crate::io::write_atomic(&out.join(format!("{name}.svg")), svg.as_bytes())?;
         crate::io::write_atomic(

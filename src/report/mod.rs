@@ -1,3 +1,4 @@
 //! Reports: plots of a run as SVG (written directly) and PNG (the same SVG rasterised).
 
+pub mod parquet;
 pub mod plot;
