@@ -225,3 +225,76 @@ fn reruns_reuse_stages_and_a_changed_setting_reruns_only_what_depends_on_it() {
         "only the students depend on the methods section"
     );
 }
+
+#[test]
+fn lora_and_full_fine_tuning_modes_run_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = write_task(dir.path());
+    let model = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models/llama_gguf/tiny-llama.gguf");
+    let config = format!(
+        r#"
+name = "modes"
+[task]
+name = "classify:{task}"
+[task.sizes]
+weak_train = 24
+strong_train = 24
+test = 16
+[[weak]]
+name = "probe"
+model = "{m}"
+[[weak]]
+name = "lora"
+model = "{m}"
+mode = "lora"
+lora = {{ rank = 2, alpha = 4.0, dropout = 0.1, targets = ["q_proj", "v_proj"] }}
+[strong]
+name = "full"
+model = "{m}"
+mode = "full"
+train = {{ epochs = 1, batch_size = 8, lr = 0.001 }}
+[probe]
+epochs = 2
+batch_size = 8
+[methods]
+list = ["xent", "edl"]
+"#,
+        task = task.display(),
+        m = model.display()
+    );
+    let path = dir.path().join("modes.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = dir.path().join("out");
+    let output = Command::new(env!("CARGO_BIN_EXE_ws2s"))
+        .args([
+            "run",
+            path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .env("WS2S_HOME", dir.path().join("home"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let methods: Vec<&str> = results["seeds"][0]["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(methods, vec!["xent[probe]", "xent[lora]", "edl"]);
+    // Only the probe model needed features.
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("home/features"))
+            .unwrap()
+            .count(),
+        1
+    );
+}

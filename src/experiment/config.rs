@@ -20,6 +20,7 @@
 
 use crate::data::{ChoiceOptions, SplitSizes, TaskSpec};
 use crate::models::heads::Pooling;
+use crate::models::params::LoraConfig;
 use crate::train::trainer::TrainConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -79,6 +80,34 @@ pub struct ModelSpec {
     pub pooling: Option<Pooling>,
     #[serde(default = "default_max_tokens")]
     pub max_tokens: usize,
+    /// How the model learns: a linear probe on frozen features (default), LoRA, or full fine-tuning.
+    #[serde(default)]
+    pub mode: TrainingMode,
+    /// LoRA settings (mode "lora"); default r 8, alpha 32, dropout 0.1 on q_proj, k_proj, o_proj
+    /// (the original's settings; BERT names its modules query/key/value, GPT-2 c_attn/c_proj).
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
+    /// Training settings of this model when fine-tuned (default: the experiment's [probe] section).
+    #[serde(default)]
+    pub train: Option<TrainConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainingMode {
+    #[default]
+    Probe,
+    Lora,
+    Full,
+}
+
+pub fn default_lora() -> LoraConfig {
+    LoraConfig {
+        rank: 8,
+        alpha: 32.0,
+        dropout: 0.1,
+        targets: vec!["q_proj".into(), "k_proj".into(), "o_proj".into()],
+    }
 }
 
 impl ModelSpec {

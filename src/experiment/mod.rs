@@ -1,5 +1,6 @@
 //! Experiments: their configuration (and, as the pipeline grows, its stages and their cache).
 
 pub mod config;
+pub mod learner;
 pub mod pipeline;
 pub mod stages;

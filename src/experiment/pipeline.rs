@@ -4,7 +4,8 @@
 //! the weak labels alone -> test metrics -> PGR against the mean and the best weak model ->
 //! summary over seeds (mean, std, 95% bootstrap interval).
 
-use super::config::{ExperimentConfig, Method, ModelSpec, WeightsSpec};
+use super::config::{default_lora, ExperimentConfig, Method, ModelSpec, TrainingMode, WeightsSpec};
+use super::learner::{FeatureTable, FinetuneLearner, Learner, Predictor, ProbeLearner};
 use super::stages::{stage_key, StageCache};
 use crate::data::{self, Dataset, Example};
 use crate::eval::classify::{classify_metrics, ClassifyMetrics, Prediction};
@@ -20,7 +21,7 @@ use crate::train::probe;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 type Rows = Vec<Vec<f64>>;
@@ -37,25 +38,6 @@ struct WeakStage {
 struct StudentStage {
     result: MethodResult,
     confidence: Option<Rows>,
-}
-
-/// Frozen features of every example of every seed's splits, for one model.
-struct FeatureTable {
-    features: Tensor,
-    row_of: HashMap<String, usize>,
-    model_hash: String,
-    /// What determines these features: model hash, pooling, maximum length.
-    key: String,
-}
-
-impl FeatureTable {
-    fn rows(&self, examples: &[Example]) -> Result<Tensor> {
-        let index: Vec<u32> = examples.iter().map(|e| self.row_of[&e.id] as u32).collect();
-        Ok(self.features.index_select(
-            &Tensor::from_vec(index, examples.len(), self.features.device())?,
-            0,
-        )?)
-    }
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -121,6 +103,19 @@ fn metrics_of(probs: &Tensor, examples: &[Example]) -> Result<(ClassifyMetrics, 
         })
         .collect();
     Ok((classify_metrics(&predictions)?, rows))
+}
+
+/// Trains a learner on ground truth (one-hot targets, cross-entropy).
+fn fit_on_ground_truth<'l>(
+    learner: &'l dyn Learner,
+    train: &[Example],
+    targets: &Tensor,
+    config: &crate::train::trainer::TrainConfig,
+) -> Result<Box<dyn Predictor + 'l>> {
+    let loss = |logits: &Tensor, batch: &[usize], _: f64| -> Result<Tensor> {
+        Ok(losses::xent(logits, &batch_of(targets, batch)?)?)
+    };
+    learner.fit(train, &loss, config)
 }
 
 /// Extracts (or reads from the cache) the features of every example for one model.
@@ -238,12 +233,35 @@ pub fn run(
         config.seeds,
         examples.len()
     );
-    let weak_tables: Vec<FeatureTable> = config
+    let learner_for = |spec: &ModelSpec| -> Result<(Box<dyn Learner>, String)> {
+        if spec.mode == TrainingMode::Probe {
+            let table = features_for(spec, &examples, progress, &device)?;
+            let hash = table.model_hash.clone();
+            return Ok((Box::new(ProbeLearner { table, classes }), hash));
+        }
+        let path = resolve_model(&spec.model)?;
+        let hash = model_hash(&path)?;
+        let lora = (spec.mode == TrainingMode::Lora)
+            .then(|| spec.lora.clone().unwrap_or_else(default_lora));
+        let learner = FinetuneLearner {
+            path,
+            model_hash: hash.clone(),
+            lora,
+            pooling: spec.pooling,
+            max_tokens: spec.max_tokens,
+            classes,
+            train: spec.train.clone(),
+        };
+        Ok((Box::new(learner), hash))
+    };
+    let (weak_learners, weak_hashes): (Vec<Box<dyn Learner>>, Vec<String>) = config
         .weak
         .iter()
-        .map(|m| features_for(m, &examples, progress, &device))
-        .collect::<Result<_>>()?;
-    let strong_table = features_for(strong_spec, &examples, progress, &device)?;
+        .map(learner_for)
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
+    let (strong_learner, strong_hash) = learner_for(strong_spec)?;
     let evidence = if config.methods.evidence == "softplus" {
         Evidence::Softplus
     } else {
@@ -260,26 +278,25 @@ pub fn run(
             seed: dataset.seed,
             ..config.probe.clone()
         };
-        let fit_gold = |table: &FeatureTable, train: &[Example]| -> Result<probe::LinearProbe> {
-            let targets = to_tensor(&one_hot_rows(train, classes), &device)?;
-            let loss = |logits: &Tensor, batch: &[usize], _: f64| -> Result<Tensor> {
-                Ok(losses::xent(logits, &batch_of(&targets, batch)?)?)
-            };
-            Ok(probe::fit(&table.rows(train)?, classes, &loss, &probe_config)?.0)
-        };
+        let gold_targets = |train: &[Example]| to_tensor(&one_hot_rows(train, classes), &device);
         // Weak models: trained on weak_train, labelling strong_train and test.
         let data_hash = dataset.data_hash();
         let probe_json = serde_json::to_string(&probe_config)?;
         let mut weak_metrics = Vec::new();
         let mut weak_labels: Vec<Rows> = Vec::new();
         let mut weak_keys = Vec::new();
-        for table in &weak_tables {
-            let key = stage_key(&["weak", &table.key, &data_hash, &probe_json]);
+        let weak_targets = gold_targets(&dataset.weak_train)?;
+        for learner in &weak_learners {
+            let key = stage_key(&["weak", &learner.key(), &data_hash, &probe_json]);
             let (stage, _) = stages.get_or_compute("weak", &key, || {
-                let fitted = fit_gold(table, &dataset.weak_train)?;
-                let (test, _) =
-                    metrics_of(&fitted.probs(&table.rows(&dataset.test)?)?, &dataset.test)?;
-                let labels = fitted.probs(&table.rows(&dataset.strong_train)?)?;
+                let fitted = fit_on_ground_truth(
+                    learner.as_ref(),
+                    &dataset.weak_train,
+                    &weak_targets,
+                    &probe_config,
+                )?;
+                let (test, _) = metrics_of(&fitted.probs(&dataset.test)?, &dataset.test)?;
+                let labels = fitted.probs(&dataset.strong_train)?;
                 let strong_train_labels =
                     labels.to_dtype(candle_core::DType::F64)?.to_vec2::<f64>()?;
                 Ok(WeakStage {
@@ -291,12 +308,17 @@ pub fn run(
             weak_labels.push(stage.strong_train_labels);
             weak_keys.push(key);
         }
-        let strong_features = strong_table.rows(&dataset.strong_train)?;
-        let strong_test = strong_table.rows(&dataset.test)?;
-        let ceiling_key = stage_key(&["ceiling", &strong_table.key, &data_hash, &probe_json]);
+        let strong_key = strong_learner.key();
+        let ceiling_key = stage_key(&["ceiling", &strong_key, &data_hash, &probe_json]);
         let (ceiling, _) = stages.get_or_compute("ceiling", &ceiling_key, || {
-            let ceiling_probe = fit_gold(&strong_table, &dataset.strong_train)?;
-            Ok(metrics_of(&ceiling_probe.probs(&strong_test)?, &dataset.test)?.0)
+            let targets = gold_targets(&dataset.strong_train)?;
+            let fitted = fit_on_ground_truth(
+                strong_learner.as_ref(),
+                &dataset.strong_train,
+                &targets,
+                &probe_config,
+            )?;
+            Ok(metrics_of(&fitted.probs(&dataset.test)?, &dataset.test)?.0)
         })?;
         // Reliability learned from agreement (no ground truth).
         let hard: Vec<Vec<usize>> = weak_labels
@@ -314,7 +336,7 @@ pub fn run(
                 let total: f64 = ds.accuracy.iter().sum();
                 ds.accuracy.iter().map(|a| a / total).collect()
             }
-            WeightsSpec::Named(_) => vec![1.0 / weak_tables.len() as f64; weak_tables.len()],
+            WeightsSpec::Named(_) => vec![1.0 / weak_learners.len() as f64; weak_learners.len()],
         };
         let mean_weak =
             weak_metrics.iter().map(|m| m.accuracy).sum::<f64>() / weak_metrics.len() as f64;
@@ -344,47 +366,49 @@ pub fn run(
         let mut bayesian_confidence: Option<Rows> = None;
         let methods_json = serde_json::to_string(&(&config.methods, &weights))?;
         let weak_keys = weak_keys.join(",");
-        let mut train_student =
-            |name: String, loss: &probe::ProbeLoss, keep_confidence: bool| -> Result<()> {
-                let key = stage_key(&[
-                    "student",
-                    &name,
-                    &weak_keys,
-                    &strong_table.key,
-                    &data_hash,
-                    &probe_json,
-                    &methods_json,
-                ]);
-                let (stage, _) = stages.get_or_compute("student", &key, || {
-                    let (student, _) = probe::fit(&strong_features, classes, loss, &probe_config)?;
-                    let (test, _) = metrics_of(&student.probs(&strong_test)?, &dataset.test)?;
-                    let confidence = if keep_confidence {
-                        let alpha =
-                            losses::dirichlet_alpha(&student.logits(&strong_features)?, evidence)?;
-                        let s = alpha.sum_keepdim(1)?;
-                        Some(
-                            alpha
-                                .broadcast_div(&s)?
-                                .to_dtype(candle_core::DType::F64)?
-                                .to_vec2::<f64>()?,
-                        )
-                    } else {
-                        None
-                    };
-                    let result = MethodResult {
-                        method: name.clone(),
-                        pgr_vs_mean_weak: pgr(test.accuracy, mean_weak, ceiling.accuracy),
-                        pgr_vs_best_weak: pgr(test.accuracy, best_weak, ceiling.accuracy),
-                        test,
-                    };
-                    Ok(StudentStage { result, confidence })
-                })?;
-                if stage.confidence.is_some() {
-                    bayesian_confidence = stage.confidence;
-                }
-                results.push(stage.result);
-                Ok(())
-            };
+        let mut train_student = |name: String,
+                                 loss: &probe::ProbeLoss,
+                                 keep_confidence: bool|
+         -> Result<()> {
+            let key = stage_key(&[
+                "student",
+                &name,
+                &weak_keys,
+                &strong_key,
+                &data_hash,
+                &probe_json,
+                &methods_json,
+            ]);
+            let (stage, _) = stages.get_or_compute("student", &key, || {
+                let student = strong_learner.fit(&dataset.strong_train, loss, &probe_config)?;
+                let (test, _) = metrics_of(&student.probs(&dataset.test)?, &dataset.test)?;
+                let confidence = if keep_confidence {
+                    let alpha =
+                        losses::dirichlet_alpha(&student.logits(&dataset.strong_train)?, evidence)?;
+                    let s = alpha.sum_keepdim(1)?;
+                    Some(
+                        alpha
+                            .broadcast_div(&s)?
+                            .to_dtype(candle_core::DType::F64)?
+                            .to_vec2::<f64>()?,
+                    )
+                } else {
+                    None
+                };
+                let result = MethodResult {
+                    method: name.clone(),
+                    pgr_vs_mean_weak: pgr(test.accuracy, mean_weak, ceiling.accuracy),
+                    pgr_vs_best_weak: pgr(test.accuracy, best_weak, ceiling.accuracy),
+                    test,
+                };
+                Ok(StudentStage { result, confidence })
+            })?;
+            if stage.confidence.is_some() {
+                bayesian_confidence = stage.confidence;
+            }
+            results.push(stage.result);
+            Ok(())
+        };
         for &method in &m.list {
             match method {
                 Method::Xent | Method::Logconf | Method::Product => {
@@ -495,12 +519,9 @@ pub fn run(
     let summary = summarise(config, &seed_results);
     let models = weak_names
         .iter()
-        .zip(&weak_tables)
-        .map(|(name, t)| (name.clone(), t.model_hash.clone()))
-        .chain(std::iter::once((
-            strong_spec.label(),
-            strong_table.model_hash.clone(),
-        )))
+        .cloned()
+        .zip(weak_hashes)
+        .chain(std::iter::once((strong_spec.label(), strong_hash)))
         .collect();
     let results = RunResults {
         config: config.clone(),

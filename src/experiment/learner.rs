@@ -1,0 +1,242 @@
+//! How a model of an experiment learns: a linear probe on its cached frozen features, or
+//! fine-tuning (LoRA adapters or all weights) of the backbone with a classification head.
+//! Both train on a batch loss over example indices (any loss of METHOD.md section 3).
+
+use crate::data::Example;
+use crate::models::heads::{pool, ClassificationHead, Pooling};
+use crate::models::params::{LoraConfig, Params, Trainable};
+use crate::models::Model;
+use crate::train::probe::{self, LinearProbe, ProbeLoss};
+use crate::train::trainer::{train, TrainConfig, TrainTask};
+use anyhow::Result;
+use candle_core::{Device, Tensor, D};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// Produces class logits for examples.
+pub trait Predictor {
+    fn logits(&self, examples: &[Example]) -> Result<Tensor>;
+
+    fn probs(&self, examples: &[Example]) -> Result<Tensor> {
+        Ok(candle_nn::ops::softmax(&self.logits(examples)?, D::Minus1)?)
+    }
+}
+
+/// Trains a predictor on `train` with a batch loss.
+pub trait Learner {
+    /// What determines this learner's results (for the stage cache).
+    fn key(&self) -> String;
+    fn fit(
+        &self,
+        train: &[Example],
+        loss: &ProbeLoss,
+        config: &TrainConfig,
+    ) -> Result<Box<dyn Predictor + '_>>;
+}
+
+/// Frozen features of a set of examples, by id.
+pub struct FeatureTable {
+    pub features: Tensor,
+    pub row_of: HashMap<String, usize>,
+    pub model_hash: String,
+    /// Model hash, pooling and maximum length.
+    pub key: String,
+}
+
+impl FeatureTable {
+    pub fn rows(&self, examples: &[Example]) -> Result<Tensor> {
+        let index: Vec<u32> = examples.iter().map(|e| self.row_of[&e.id] as u32).collect();
+        Ok(self.features.index_select(
+            &Tensor::from_vec(index, examples.len(), self.features.device())?,
+            0,
+        )?)
+    }
+}
+
+pub struct ProbeLearner {
+    pub table: FeatureTable,
+    pub classes: usize,
+}
+
+struct ProbePredictor<'a> {
+    probe: LinearProbe,
+    table: &'a FeatureTable,
+}
+
+impl Predictor for ProbePredictor<'_> {
+    fn logits(&self, examples: &[Example]) -> Result<Tensor> {
+        self.probe.logits(&self.table.rows(examples)?)
+    }
+}
+
+impl Learner for ProbeLearner {
+    fn key(&self) -> String {
+        format!("probe|{}", self.table.key)
+    }
+
+    fn fit(
+        &self,
+        train: &[Example],
+        loss: &ProbeLoss,
+        config: &TrainConfig,
+    ) -> Result<Box<dyn Predictor + '_>> {
+        let (probe, _) = probe::fit(&self.table.rows(train)?, self.classes, loss, config)?;
+        Ok(Box::new(ProbePredictor {
+            probe,
+            table: self.table_ref(),
+        }))
+    }
+}
+
+impl ProbeLearner {
+    fn table_ref(&self) -> &FeatureTable {
+        &self.table
+    }
+}
+
+/// Fine-tuning of a backbone (LoRA or full) with a classification head on pooled hidden states.
+pub struct FinetuneLearner {
+    pub path: PathBuf,
+    pub model_hash: String,
+    /// `None`: full fine-tuning.
+    pub lora: Option<LoraConfig>,
+    pub pooling: Option<Pooling>,
+    pub max_tokens: usize,
+    pub classes: usize,
+    /// Overrides the experiment's training settings for this model.
+    pub train: Option<TrainConfig>,
+}
+
+struct Finetuned {
+    model: Model,
+    head: ClassificationHead,
+    pooling: Pooling,
+    max_tokens: usize,
+}
+
+impl Finetuned {
+    fn encode(&self, examples: &[Example]) -> Result<Vec<Vec<u32>>> {
+        let tokenizer = self.model.tokenizer()?;
+        examples
+            .iter()
+            .map(|e| {
+                let mut ids = tokenizer.encode(&e.input)?;
+                if ids.len() > self.max_tokens {
+                    ids.drain(..ids.len() - self.max_tokens);
+                }
+                Ok(ids)
+            })
+            .collect()
+    }
+
+    fn logits_of(&self, encoded: &[&Vec<u32>]) -> Result<Tensor> {
+        let t = encoded.iter().map(|e| e.len()).max().unwrap_or(1).max(1);
+        let mut ids = vec![0u32; encoded.len() * t];
+        let mut mask = vec![vec![0u32; t]; encoded.len()];
+        for (r, tokens) in encoded.iter().enumerate() {
+            for (j, &token) in tokens.iter().enumerate() {
+                ids[r * t + j] = token;
+                mask[r][j] = 1;
+            }
+        }
+        let ids = Tensor::from_vec(ids, (encoded.len(), t), &Device::Cpu)?;
+        let hidden = self
+            .model
+            .network
+            .hidden(&ids, &mask, &mut self.model.network.new_cache())?;
+        self.head.forward(&pool(&hidden, &mask, self.pooling)?)
+    }
+}
+
+impl Predictor for Finetuned {
+    fn logits(&self, examples: &[Example]) -> Result<Tensor> {
+        let encoded = self.encode(examples)?;
+        let mut parts = Vec::new();
+        for chunk in encoded.chunks(32) {
+            let refs: Vec<&Vec<u32>> = chunk.iter().collect();
+            parts.push(self.logits_of(&refs)?.detach());
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+struct FinetuneTask<'a> {
+    finetuned: &'a Finetuned,
+    encoded: Vec<Vec<u32>>,
+    loss: &'a ProbeLoss<'a>,
+}
+
+impl TrainTask for FinetuneTask<'_> {
+    fn num_examples(&self) -> usize {
+        self.encoded.len()
+    }
+
+    fn length(&self, i: usize) -> usize {
+        self.encoded[i].len()
+    }
+
+    fn loss(&self, batch: &[usize], progress: f64) -> Result<Tensor> {
+        let refs: Vec<&Vec<u32>> = batch.iter().map(|&i| &self.encoded[i]).collect();
+        (self.loss)(&self.finetuned.logits_of(&refs)?, batch, progress)
+    }
+}
+
+impl Learner for FinetuneLearner {
+    fn key(&self) -> String {
+        let settings =
+            serde_json::to_string(&(&self.lora, &self.pooling, self.max_tokens, &self.train))
+                .unwrap_or_default();
+        format!("finetune|{}|{settings}", self.model_hash)
+    }
+
+    fn fit(
+        &self,
+        train_set: &[Example],
+        loss: &ProbeLoss,
+        config: &TrainConfig,
+    ) -> Result<Box<dyn Predictor + '_>> {
+        let config = match &self.train {
+            Some(own) => TrainConfig {
+                seed: config.seed,
+                progress: config.progress,
+                ..own.clone()
+            },
+            None => config.clone(),
+        };
+        let trainable = match &self.lora {
+            Some(lora) => Trainable::Lora(lora.clone()),
+            None => Trainable::All,
+        };
+        let model = Model::load(&self.path, trainable, config.seed, &Device::Cpu)?;
+        let pooling = self.pooling.unwrap_or(if model.network.is_decoder() {
+            Pooling::LastToken
+        } else {
+            Pooling::Mean
+        });
+        let mut head_params = Params::new(
+            HashMap::new(),
+            Trainable::Frozen,
+            config.seed,
+            &Device::Cpu,
+            "head",
+        );
+        let head =
+            ClassificationHead::new(&mut head_params, model.network.hidden_size(), self.classes)?;
+        let mut vars = model.vars.clone();
+        vars.extend(head_params.into_vars());
+        let finetuned = Finetuned {
+            model,
+            head,
+            pooling,
+            max_tokens: self.max_tokens,
+        };
+        let encoded = finetuned.encode(train_set)?;
+        let task = FinetuneTask {
+            finetuned: &finetuned,
+            encoded,
+            loss,
+        };
+        train(&task, &vars, &config, None)?;
+        Ok(Box::new(finetuned))
+    }
+}
