@@ -228,3 +228,23 @@ fn demo_without_models_says_exactly_what_to_run() {
     let checked = ws2s(&["config", "check", config.to_str().unwrap()]);
     assert!(checked.status.success(), "{}", stderr(&checked));
 }
+
+#[test]
+fn every_bundled_config_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let output = ws2s(&["config", "check", path.to_str().unwrap()]);
+            assert!(
+                output.status.success(),
+                "{}: {}",
+                path.display(),
+                stderr(&output)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4);
+}
