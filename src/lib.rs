@@ -3,6 +3,7 @@
 //! The library is organised by job: `data` loads and splits tasks, `eval` holds the metrics,
 //! `experiment` the configuration of a run. The `ws2s` binary is a thin CLI over these modules.
 
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod eval;

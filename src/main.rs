@@ -121,6 +121,22 @@ struct GenerateArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Time per training step (forward, backward, AdamW) of the four benchmark workloads:
+    /// minilm-full, minilm-lora (batch 16 x 128), qwen-full, qwen-lora (Qwen2.5-0.5B shape, 2 x 128).
+    Train {
+        /// One workload, or all four.
+        #[arg(long, default_value = "all")]
+        workload: String,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed steps (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// One JSON object per workload.
+        #[arg(long)]
+        json: bool,
+    },
     /// Frozen forward throughput (tokens/s) on random token ids.
     Forward {
         /// An HF folder, a .gguf file, or a fetched model's name.
@@ -530,6 +546,31 @@ fn run(cli: Cli) -> Result<()> {
         Command::Model(ModelCommand::Info { model, json }) => model_info(&model, json),
         Command::Model(ModelCommand::Download { repo, revision }) => download(&repo, &revision),
         Command::Generate(args) => generate_text(&args),
+        Command::Bench(BenchCommand::Train {
+            workload,
+            warmup,
+            steps,
+            json,
+        }) => {
+            let names: Vec<&str> = if workload == "all" {
+                ws2s::bench::WORKLOADS.to_vec()
+            } else {
+                vec![workload.as_str()]
+            };
+            for name in names {
+                let times = ws2s::bench::bench_train(name, warmup, steps)?;
+                if json {
+                    println!("{}", serde_json::to_string(&times)?);
+                } else {
+                    println!(
+                        "{:<12} batch {}x{}  forward {:>8.1} ms  backward {:>8.1} ms  optimizer {:>7.1} ms  step {:>8.1} ms  ({} trainable, {} threads)",
+                        times.workload, times.batch, times.seq_len, times.forward_ms, times.backward_ms,
+                        times.optimizer_ms, times.step_ms, times.trainable_parameters, times.threads
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Bench(BenchCommand::Forward {
             model,
             batch,

@@ -39,6 +39,9 @@ pub struct Params {
     source: String,
     /// Checkpoint tensors used so far: name -> (element count, stored dtype).
     used: BTreeMap<String, (usize, DType)>,
+    /// When set, missing checkpoint tensors are created: norm scales 1, biases 0, other weights
+    /// normal with this standard deviation (for benchmarks of model shapes without checkpoints).
+    random_init: Option<f64>,
 }
 
 impl Params {
@@ -57,7 +60,43 @@ impl Params {
             device: device.clone(),
             source: source.to_string(),
             used: BTreeMap::new(),
+            random_init: None,
         }
+    }
+
+    /// Parameters for a model of a given shape with random weights (no checkpoint).
+    pub fn random(trainable: Trainable, seed: u64, std: f64, device: &Device) -> Self {
+        let mut params = Params::new(
+            HashMap::new(),
+            trainable,
+            seed,
+            device,
+            "random initialisation",
+        );
+        params.random_init = Some(std);
+        params
+    }
+
+    fn random_tensor(&mut self, name: &str, shape: &[usize], std: f64) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let is_norm = name.contains("norm") || name.contains("LayerNorm") || name.contains(".ln_");
+        let values: Vec<f32> = if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else if is_norm {
+            vec![1.0; n]
+        } else {
+            (0..n)
+                .map(|_| {
+                    // Box-Muller
+                    let u1 = self.rng.next_f64().max(1e-12);
+                    let u2 = self.rng.next_f64();
+                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+                })
+                .collect()
+        };
+        let tensor = Tensor::from_vec(values, Shape::from(shape), &self.device)?;
+        self.tensors.insert(name.to_string(), tensor.clone());
+        Ok(tensor)
     }
 
     pub fn device(&self) -> &Device {
@@ -70,6 +109,9 @@ impl Params {
 
     /// A checkpoint tensor, checked against the expected shape, as f32.
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if let (Some(std), false) = (self.random_init, self.tensors.contains_key(name)) {
+            self.random_tensor(name, shape, std)?;
+        }
         let tensor = self.tensors.get(name).ok_or_else(|| {
             Error::Msg(format!(
                 "{}: tensor `{name}` is missing from the checkpoint",

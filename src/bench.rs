@@ -1,0 +1,174 @@
+//! `ws2s bench train`: time per training step (forward, backward, optimiser) of four workloads,
+//! to compare with PyTorch on the same machine (`bench/compare.sh`):
+//! (a) all-MiniLM-L6-v2 full fine-tuning and (b) LoRA r = 8 on query/value, batch 16 x 128;
+//! (c) a Qwen2.5-0.5B-shaped decoder (random weights) full fine-tuning and (d) LoRA r = 8 on
+//! q_proj/v_proj, batch 2 x 128. Each step: forward, a classification head on the pooled hidden
+//! states, cross-entropy, backward, AdamW.
+
+use crate::losses;
+use crate::models::heads::{pool, ClassificationHead, Pooling};
+use crate::models::params::{LoraConfig, Params, Trainable};
+use crate::models::{network_from_config, resolve_model, Model, Network};
+use crate::rng::Rng;
+use crate::train::optimizer::{AdamW, AdamWConfig};
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor, Var};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Instant;
+
+/// The four workloads, by name.
+pub const WORKLOADS: [&str; 4] = ["minilm-full", "minilm-lora", "qwen-full", "qwen-lora"];
+
+const MINILM_CONFIG: &str = r#"{"model_type": "bert", "hidden_size": 384, "num_hidden_layers": 6,
+ "num_attention_heads": 12, "intermediate_size": 1536, "max_position_embeddings": 512,
+ "type_vocab_size": 2, "vocab_size": 30522, "layer_norm_eps": 1e-12, "hidden_act": "gelu"}"#;
+
+const QWEN_05B_CONFIG: &str = r#"{"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+ "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+ "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": true}"#;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepTimes {
+    pub workload: String,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub trainable_parameters: usize,
+    /// Medians over the timed steps, in milliseconds.
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub optimizer_ms: f64,
+    pub step_ms: f64,
+    pub steps: usize,
+    pub threads: usize,
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+struct Workload {
+    network: Network,
+    vars: BTreeMap<String, Var>,
+    head: ClassificationHead,
+    pooling: Pooling,
+    batch: usize,
+    seq_len: usize,
+}
+
+fn build(name: &str) -> Result<Workload> {
+    let device = Device::Cpu;
+    let (is_minilm, lora) = match name {
+        "minilm-full" => (true, false),
+        "minilm-lora" => (true, true),
+        "qwen-full" => (false, false),
+        "qwen-lora" => (false, true),
+        other => bail!(
+            "unknown workload `{other}`; expected one of {}",
+            WORKLOADS.join(", ")
+        ),
+    };
+    let targets: Vec<String> = if is_minilm {
+        vec!["query".into(), "value".into()]
+    } else {
+        vec!["q_proj".into(), "v_proj".into()]
+    };
+    let trainable = if lora {
+        Trainable::Lora(LoraConfig {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets,
+        })
+    } else {
+        Trainable::All
+    };
+    // MiniLM: the real checkpoint when installed, else random weights of its shape.
+    let (network, mut vars) = match (is_minilm, resolve_model("all-minilm-l6-v2")) {
+        (true, Ok(path)) => {
+            let model = Model::load(&path, trainable, 0, &device)?;
+            (model.network, model.vars)
+        }
+        _ => {
+            let config: serde_json::Value = serde_json::from_str(if is_minilm {
+                MINILM_CONFIG
+            } else {
+                QWEN_05B_CONFIG
+            })?;
+            let mut params = Params::random(trainable, 0, 0.02, &device);
+            let network = network_from_config(&config, Path::new(name), &mut params)?;
+            (network, params.into_vars())
+        }
+    };
+    let mut head_params = Params::new(HashMap::new(), Trainable::Frozen, 1, &device, "head");
+    let head = ClassificationHead::new(&mut head_params, network.hidden_size(), 2)?;
+    vars.extend(head_params.into_vars());
+    let (batch, pooling) = if is_minilm {
+        (16, Pooling::Mean)
+    } else {
+        (2, Pooling::LastToken)
+    };
+    Ok(Workload {
+        network,
+        vars,
+        head,
+        pooling,
+        batch,
+        seq_len: 128,
+    })
+}
+
+/// Runs `warmup` untimed and `steps` timed training steps of a workload.
+pub fn bench_train(name: &str, warmup: usize, steps: usize) -> Result<StepTimes> {
+    let w = build(name)?;
+    let device = Device::Cpu;
+    let mut rng = Rng::new(0);
+    let vocab = w.network.vocab_size();
+    let ids: Vec<u32> = (0..w.batch * w.seq_len)
+        .map(|_| rng.below(vocab) as u32)
+        .collect();
+    let ids = Tensor::from_vec(ids, (w.batch, w.seq_len), &device)?;
+    let mask = vec![vec![1u32; w.seq_len]; w.batch];
+    let labels: Vec<f32> = (0..w.batch)
+        .flat_map(|i| if i % 2 == 0 { [1.0, 0.0] } else { [0.0, 1.0] })
+        .collect();
+    let labels = Tensor::from_vec(labels, (w.batch, 2), &device)?;
+    let mut optimizer = AdamW::new(&w.vars, AdamWConfig::default());
+    let (mut forward, mut backward, mut update) = (Vec::new(), Vec::new(), Vec::new());
+    for step in 0..warmup + steps {
+        let t0 = Instant::now();
+        let hidden = w.network.hidden(&ids, &mask, &mut w.network.new_cache())?;
+        let logits = w.head.forward(&pool(&hidden, &mask, w.pooling)?)?;
+        let loss = losses::xent(&logits, &labels)?;
+        loss.to_scalar::<f32>()?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let t2 = Instant::now();
+        let mut sum = optimizer.new_grad_sum();
+        optimizer.accumulate(&mut sum, &grads)?;
+        optimizer.update(&sum, 1e-5, Some(1.0))?;
+        let t3 = Instant::now();
+        if step >= warmup {
+            forward.push((t1 - t0).as_secs_f64() * 1e3);
+            backward.push((t2 - t1).as_secs_f64() * 1e3);
+            update.push((t3 - t2).as_secs_f64() * 1e3);
+        }
+    }
+    let mut totals: Vec<f64> = (0..forward.len())
+        .map(|i| forward[i] + backward[i] + update[i])
+        .collect();
+    Ok(StepTimes {
+        workload: name.to_string(),
+        batch: w.batch,
+        seq_len: w.seq_len,
+        trainable_parameters: w.vars.values().map(|v| v.as_tensor().elem_count()).sum(),
+        forward_ms: median(&mut forward),
+        backward_ms: median(&mut backward),
+        optimizer_ms: median(&mut update),
+        step_ms: median(&mut totals),
+        steps,
+        threads: rayon::current_num_threads(),
+    })
+}
