@@ -12,6 +12,7 @@ pub mod hash;
 pub mod io;
 pub mod losses;
 pub mod models;
+pub mod ops;
 pub mod report;
 pub mod rng;
 pub mod supervision;

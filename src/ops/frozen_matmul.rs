@@ -1,0 +1,153 @@
+//! x W^T for a frozen W: candle's matmul backward computes the gradient of both operands, so a
+//! frozen weight (LoRA, frozen backbones) costs a second matmul per layer for a gradient nobody
+//! uses (STACK.md trap 4). This op's backward returns only dL/dx = dL/dy W.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+
+struct FrozenMatmul {
+    /// [out, in]
+    weight: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("frozen-matmul needs a contiguous input".into())
+        })?;
+        let (rows, cols) = layout.shape().dims2()?;
+        let x = match storage {
+            CpuStorage::F32(values) => {
+                Tensor::from_slice(&values[start..end], (rows, cols), &candle_core::Device::Cpu)?
+            }
+            CpuStorage::F64(values) => {
+                Tensor::from_slice(&values[start..end], (rows, cols), &candle_core::Device::Cpu)?
+            }
+            _ => candle_core::bail!("frozen-matmul supports f32 and f64"),
+        };
+        let y = x.matmul(&self.weight.t()?)?.contiguous()?;
+        let shape = y.shape().clone();
+        let (guard, y_layout) = y.storage_and_layout();
+        let (y_start, y_end) = y_layout.contiguous_offsets().expect("contiguous");
+        let out = match &*guard {
+            Storage::Cpu(CpuStorage::F32(v)) => CpuStorage::F32(v[y_start..y_end].to_vec()),
+            Storage::Cpu(CpuStorage::F64(v)) => CpuStorage::F64(v[y_start..y_end].to_vec()),
+            _ => candle_core::bail!("frozen-matmul: unexpected output storage"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.weight)?))
+    }
+}
+
+/// x W^T (any leading dimensions) with no gradient for W, which must not be trained. On devices
+/// other than the CPU, and when W is trained, it falls back to a plain matmul.
+pub fn frozen_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let last = dims[dims.len() - 1];
+    let rows = x.elem_count() / last;
+    let flat = x.reshape((rows, last))?;
+    let y = if weight.track_op() || !x.device().is_cpu() {
+        flat.matmul(&weight.t()?)?
+    } else {
+        flat.contiguous()?.apply_op1(FrozenMatmul {
+            weight: weight.to_dtype(x.dtype())?,
+        })?
+    };
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("rank >= 1") = weight.dim(0)?;
+    y.reshape(out_dims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use candle_core::{Device, Var};
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.next_f64() * 2.0 - 1.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn values_and_input_gradient_match_the_plain_matmul() {
+        for (shape, out) in [
+            (vec![3usize, 5], 4usize),
+            (vec![2, 7, 6], 3),
+            (vec![1, 1, 9], 2),
+        ] {
+            let weight = random(&[out, *shape.last().unwrap()], 1);
+            let x = Var::from_tensor(&random(&shape, 2)).unwrap();
+            let probe = random(
+                &[shape.iter().product::<usize>() / shape.last().unwrap() * out],
+                3,
+            );
+            let loss = |y: Tensor| {
+                (y.flatten_all().unwrap() * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            };
+            let ours = frozen_matmul_t(x.as_tensor(), &weight).unwrap();
+            let plain = x
+                .as_tensor()
+                .broadcast_matmul(&weight.t().unwrap())
+                .unwrap();
+            let diff = (&ours - &plain)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(diff < 1e-12, "{shape:?}: {diff}");
+            let g_ours = loss(ours)
+                .backward()
+                .unwrap()
+                .get(x.as_tensor())
+                .unwrap()
+                .clone();
+            let g_plain = loss(plain)
+                .backward()
+                .unwrap()
+                .get(x.as_tensor())
+                .unwrap()
+                .clone();
+            let diff = (g_ours - g_plain)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(diff < 1e-12, "{shape:?} gradient: {diff}");
+        }
+    }
+
+    #[test]
+    fn a_trained_weight_still_gets_its_gradient() {
+        let w = Var::from_tensor(&random(&[3, 4], 4)).unwrap();
+        let x = random(&[2, 4], 5);
+        let grads = frozen_matmul_t(&x, w.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(grads.get(w.as_tensor()).is_some());
+    }
+}
