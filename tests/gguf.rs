@@ -335,3 +335,16 @@ fn sharded_safetensors_load_like_a_single_file() {
         .unwrap();
     assert_eq!(max_diff_on_mask(&a, &b, &mask), 0.0);
 }
+
+#[test]
+fn hf_tokenizers_do_not_pad_and_add_bert_specials() {
+    let Some(path) = installed("all-minilm-l6-v2") else {
+        return;
+    };
+    let model = Model::load(&path, Trainable::Frozen, 0, &Device::Cpu).unwrap();
+    let tokenizer = model.tokenizer().unwrap();
+    let ids = tokenizer.encode("Q: what is water? A: h2o").unwrap();
+    // [CLS] ... [SEP], no padding to the 128 tokens of the file's padding setting
+    assert!(ids.len() < 20, "{ids:?}");
+    assert_eq!((ids[0], *ids.last().unwrap()), (101, 102));
+}

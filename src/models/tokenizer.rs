@@ -46,8 +46,16 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
-    /// Token ids of `text`, with BOS first when the model expects it.
+    /// Token ids of `text` as the model expects its input: with BOS (decoders that want one) or
+    /// [CLS] ... [SEP] (BERT), as tokenizer.json's post-processor or the GGUF metadata say.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        if self.post_processor_adds_specials {
+            let encoding = self
+                .inner
+                .encode(text, true)
+                .map_err(|e| anyhow!("tokenizing: {e}"))?;
+            return Ok(encoding.get_ids().to_vec());
+        }
         let encoding = self
             .inner
             .encode(text, false)
@@ -82,8 +90,11 @@ impl Tokenizer {
     /// A `tokenizer.json` file; special ids from the `config.json` / `tokenizer_config.json` beside it.
     pub fn from_hf_folder(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let mut inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
+        // Some tokenizer.json files pad every text to a fixed length (all-MiniLM-L6-v2: 128 [PAD]
+        // tokens). We pad batches ourselves, with a mask; padded ids would count as real tokens.
+        inner.with_padding(None);
         let read_json = |name: &str| -> Option<serde_json::Value> {
             std::fs::read_to_string(dir.join(name))
                 .ok()
