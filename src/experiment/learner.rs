@@ -83,14 +83,8 @@ impl Learner for ProbeLearner {
         let (probe, _) = probe::fit(&self.table.rows(train)?, self.classes, loss, config)?;
         Ok(Box::new(ProbePredictor {
             probe,
-            table: self.table_ref(),
+            table: &self.table,
         }))
-    }
-}
-
-impl ProbeLearner {
-    fn table_ref(&self) -> &FeatureTable {
-        &self.table
     }
 }
 

@@ -77,6 +77,11 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+        d.max(0).unwrap().to_scalar::<f64>().unwrap()
+    }
+
     #[test]
     fn values_and_input_gradient_match_the_plain_matmul() {
         for (shape, out) in [
@@ -101,16 +106,7 @@ mod tests {
                 .as_tensor()
                 .broadcast_matmul(&weight.t().unwrap())
                 .unwrap();
-            let diff = (&ours - &plain)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let diff = max_abs_diff(&ours, &plain);
             assert!(diff < 1e-12, "{shape:?}: {diff}");
             let g_ours = loss(ours)
                 .backward()
@@ -124,16 +120,7 @@ mod tests {
                 .get(x.as_tensor())
                 .unwrap()
                 .clone();
-            let diff = (g_ours - g_plain)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let diff = max_abs_diff(&g_ours, &g_plain);
             assert!(diff < 1e-12, "{shape:?} gradient: {diff}");
         }
     }
