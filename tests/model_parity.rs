@@ -161,25 +161,34 @@ fn output_of(model: &Model, name: &str) -> Tensor {
     }
 }
 
+/// Every trainable variable of the model received a non-zero gradient.
+fn assert_every_var_has_a_gradient(
+    name: &str,
+    model: &Model,
+    grads: &candle_core::backprop::GradStore,
+) {
+    for (param, var) in &model.vars {
+        let grad = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient for {param}"));
+        let norm = grad
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0, "{name}: zero gradient for {param}");
+    }
+}
+
 #[test]
 fn every_weight_gets_a_gradient_in_full_fine_tuning() {
     for name in ["bert", "llama", "qwen2", "qwen2_untied", "gpt2", "gemma3"] {
         let model = load(name, Trainable::All);
         assert!(!model.vars.is_empty());
         let grads = probe_loss(&output_of(&model, name)).backward().unwrap();
-        for (param, var) in &model.vars {
-            let grad = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient for {param}"));
-            let norm = grad
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(norm > 0.0, "{name}: zero gradient for {param}");
-        }
+        assert_every_var_has_a_gradient(name, &model, &grads);
     }
 }
 
@@ -219,19 +228,7 @@ fn with_lora_only_the_adapters_are_trained_and_all_get_gradients() {
                 .unwrap();
         }
         let grads = probe_loss(&output_of(&model, name)).backward().unwrap();
-        for (param, var) in &model.vars {
-            let grad = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient for {param}"));
-            let norm = grad
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(norm > 0.0, "{name}: zero gradient for {param}");
-        }
+        assert_every_var_has_a_gradient(name, &model, &grads);
         // LoRA at initialisation changes nothing.
         let base = load(name, Trainable::Frozen);
         let fresh = load(
