@@ -8,6 +8,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod experiment;
+pub mod generation;
 pub mod hash;
 pub mod io;
 pub mod losses;

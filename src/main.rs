@@ -537,8 +537,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Run { config, out } => {
             let parsed = ExperimentConfig::load(&config)?;
-            let results = ws2s::experiment::pipeline::run(&parsed, &config, &out, true)?;
-            println!("{}", ws2s::experiment::pipeline::markdown(&results));
+            let datasets = ws2s::experiment::pipeline::load_datasets(&parsed, &config)?;
+            if datasets[0].num_classes.is_none() {
+                let results = ws2s::experiment::generation::run(&parsed, &datasets, &out, true)?;
+                println!("{}", ws2s::experiment::generation::markdown(&results));
+            } else {
+                let results = ws2s::experiment::pipeline::run(&parsed, &config, &out, true)?;
+                println!("{}", ws2s::experiment::pipeline::markdown(&results));
+            }
             println!("results: {}", out.join("results.md").display());
             Ok(())
         }

@@ -203,7 +203,7 @@ fn same_multiset(a: &[Entity], b: &[Entity]) -> bool {
     a == b
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SlurpMetrics {
     pub span_precision: f64,
     pub span_recall: f64,

@@ -1,6 +1,7 @@
 //! Experiments: their configuration (and, as the pipeline grows, its stages and their cache).
 
 pub mod config;
+pub mod generation;
 pub mod learner;
 pub mod pipeline;
 pub mod stages;

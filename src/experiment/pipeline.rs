@@ -11,7 +11,7 @@ use crate::data::{self, Dataset, Example};
 use crate::eval::classify::{classify_metrics, ClassifyMetrics, Prediction};
 use crate::eval::summary::{pgr, summarize, Summary};
 use crate::losses::{self, Evidence};
-use crate::models::features::{cached_features, FeatureOptions};
+use crate::models::features::{extract, feature_key, load_cached, store_cached, FeatureOptions};
 use crate::models::heads::Pooling;
 use crate::models::params::Trainable;
 use crate::models::{model_hash, resolve_model, ws2s_home, Model};
@@ -127,13 +127,13 @@ fn features_for(
 ) -> Result<FeatureTable> {
     let path = resolve_model(&spec.model)?;
     let hash = model_hash(&path)?;
-    let model = Model::load(&path, Trainable::Frozen, 0, device)
-        .with_context(|| format!("loading {}", spec.label()))?;
-    let pooling = spec.pooling.unwrap_or(if model.network.is_decoder() {
-        Pooling::LastToken
-    } else {
-        Pooling::Mean
-    });
+    // The pooling default depends on the architecture, known from the model's config without
+    // loading its weights; the cache is checked before the (slow) load.
+    let pooling = match spec.pooling {
+        Some(p) => p,
+        None if crate::models::model_type(&path)? == "bert" => Pooling::Mean,
+        None => Pooling::LastToken,
+    };
     let options = FeatureOptions {
         pooling,
         max_tokens: spec.max_tokens,
@@ -143,15 +143,18 @@ fn features_for(
     let ids: Vec<&str> = examples.keys().map(String::as_str).collect();
     let texts: Vec<&str> = examples.values().map(String::as_str).collect();
     let start = std::time::Instant::now();
-    let (features, hit) = cached_features(
-        &model,
-        &hash,
-        &ids,
-        &texts,
-        &options,
-        &ws2s_home().join("features"),
-        device,
-    )?;
+    let cache_dir = ws2s_home().join("features");
+    let key = feature_key(&hash, &ids, &texts, &options);
+    let (features, hit) = match load_cached(&key, texts.len(), &cache_dir, device) {
+        Some(features) => (features, true),
+        None => {
+            let model = Model::load(&path, Trainable::Frozen, 0, device)
+                .with_context(|| format!("loading {}", spec.label()))?;
+            let features = extract(&model, &texts, &options, device)?;
+            store_cached(&key, &features, &cache_dir)?;
+            (features, false)
+        }
+    };
     eprintln!(
         "features: {} ({} examples, {})",
         spec.label(),
@@ -176,21 +179,8 @@ fn features_for(
     })
 }
 
-/// Runs the experiment and writes `results.json`, `results.md` and `weak_labels.jsonl` into `out`.
-pub fn run(
-    config: &ExperimentConfig,
-    config_path: &Path,
-    out: &Path,
-    progress: bool,
-) -> Result<RunResults> {
-    let device = Device::Cpu;
-    let strong_spec = config
-        .strong
-        .as_ref()
-        .context("the config has no [strong] model")?;
-    if config.weak.is_empty() {
-        bail!("the config has no [[weak]] model");
-    }
+/// The datasets of a run, one per seed (re-splits of one pool when `task.pool_seed` is set).
+pub fn load_datasets(config: &ExperimentConfig, config_path: &Path) -> Result<Vec<Dataset>> {
     let base = config_path.parent().unwrap_or(Path::new("."));
     let spec = config.task.spec(base)?;
     let data_dir = config
@@ -212,6 +202,25 @@ pub fn run(
             .map(|&seed| data::load(&data_dir, &spec, &config.task.sizes, seed))
             .collect::<Result<_>>()?,
     };
+    Ok(datasets)
+}
+
+/// Runs the experiment and writes `results.json`, `results.md` and `weak_labels.jsonl` into `out`.
+pub fn run(
+    config: &ExperimentConfig,
+    config_path: &Path,
+    out: &Path,
+    progress: bool,
+) -> Result<RunResults> {
+    let device = Device::Cpu;
+    let strong_spec = config
+        .strong
+        .as_ref()
+        .context("the config has no [strong] model")?;
+    if config.weak.is_empty() {
+        bail!("the config has no [[weak]] model");
+    }
+    let datasets = load_datasets(config, config_path)?;
     let classes = datasets[0]
         .num_classes
         .context("`ws2s run` supports classification tasks so far")?;
@@ -591,7 +600,7 @@ fn summarise(
     summary
 }
 
-fn cell(summary: Option<&Option<Summary>>) -> String {
+pub(crate) fn cell(summary: Option<&Option<Summary>>) -> String {
     match summary.and_then(Option::as_ref) {
         None => "undefined".into(),
         Some(s) => match (s.std, s.ci95) {

@@ -164,7 +164,8 @@ pub fn edl_step(
     edl(logits, &mixed, weights, lambda, evidence)
 }
 
-fn one_hot(indices: &Tensor, k: usize, like: &Tensor) -> Result<Tensor> {
+/// One-hot rows [.., K] of `indices`, in the dtype and device of `like`.
+pub fn one_hot(indices: &Tensor, k: usize, like: &Tensor) -> Result<Tensor> {
     let shape = indices.dims().to_vec();
     let idx = indices
         .to_dtype(DType::U32)?

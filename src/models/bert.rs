@@ -161,7 +161,7 @@ impl Bert {
             let a = layer
                 .attn_norm
                 .forward(&(layer.attn_out.forward(&attn)? + &x)?)?;
-            let inter = layer.intermediate.forward(&a)?.gelu_erf()?;
+            let inter = crate::ops::fused::gelu_erf(&layer.intermediate.forward(&a)?)?;
             x = layer
                 .output_norm
                 .forward(&(layer.output.forward(&inter)? + &a)?)?;

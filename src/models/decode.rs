@@ -205,14 +205,14 @@ pub fn generate(
         .collect())
 }
 
-/// Teacher-forced log-probabilities [B, Tc] of each continuation token given its prompt, as a
-/// differentiable tensor (padding positions hold 0), together with the 0/1 mask of real tokens.
-pub fn continuation_logprobs_tensor(
+/// Teacher-forced logits [B, Tc, V] at the positions that predict each continuation token, the
+/// continuation tokens [B, Tc, 1] (0 in padding) and the 0/1 mask [B, Tc] of real tokens.
+pub fn continuation_logits(
     network: &Network,
     prompts: &[Vec<u32>],
     continuations: &[Vec<u32>],
     device: &Device,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor, Tensor)> {
     if prompts.len() != continuations.len() {
         bail!(
             "{} prompts but {} continuations",
@@ -255,10 +255,24 @@ pub fn continuation_logprobs_tensor(
         .broadcast_as((b, tc, h))?
         .contiguous()?;
     let picked = hidden.gather(&positions, 1)?;
-    let logprobs = candle_nn::ops::log_softmax(&network.logits(&picked)?, D::Minus1)?;
+    let logits = network.logits(&picked)?;
     let targets = Tensor::from_vec(targets, (b, tc, 1), device)?;
-    let token_logprobs = logprobs.gather(&targets, 2)?.squeeze(2)?;
     let target_mask = Tensor::from_vec(target_mask, (b, tc), device)?;
+    Ok((logits, targets, target_mask))
+}
+
+/// Teacher-forced log-probabilities [B, Tc] of each continuation token given its prompt, as a
+/// differentiable tensor (padding positions hold 0), together with the 0/1 mask of real tokens.
+pub fn continuation_logprobs_tensor(
+    network: &Network,
+    prompts: &[Vec<u32>],
+    continuations: &[Vec<u32>],
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let (logits, targets, target_mask) =
+        continuation_logits(network, prompts, continuations, device)?;
+    let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let token_logprobs = logprobs.gather(&targets, 2)?.squeeze(2)?;
     Ok(((token_logprobs * &target_mask)?, target_mask))
 }
 

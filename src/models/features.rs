@@ -102,6 +102,10 @@ pub fn progress_bar(visible: bool, len: u64, what: &str) -> indicatif::ProgressB
     bar
 }
 
+/// Bumped whenever tokenization or pooling code changes what a cached feature matrix holds, so
+/// that stale caches are never read.
+pub const FEATURE_FORMAT: &str = "ws2s-features-2";
+
 /// The cache key of a feature matrix.
 pub fn feature_key(
     model_hash: &str,
@@ -118,11 +122,37 @@ pub fn feature_key(
     }
     let data_hash = sha256_hex(data.as_bytes());
     let key = format!(
-        "{model_hash}\n{data_hash}\n{}\n{}",
+        "{FEATURE_FORMAT}\n{model_hash}\n{data_hash}\n{}\n{}",
         options.pooling.as_str(),
         options.max_tokens
     );
     sha256_hex(key.as_bytes())
+}
+
+/// The feature matrix stored under `key` in `cache_dir`, if present and of `rows` rows.
+pub fn load_cached(key: &str, rows: usize, cache_dir: &Path, device: &Device) -> Option<Tensor> {
+    let path = cache_dir.join(format!("{key}.safetensors"));
+    if !path.exists() {
+        return None;
+    }
+    let mut tensors = candle_core::safetensors::load(&path, device).ok()?;
+    tensors
+        .remove("features")
+        .filter(|f| f.dim(0).ok() == Some(rows))
+}
+
+/// Writes a feature matrix under `key` in `cache_dir` (atomically: temporary file, then rename).
+pub fn store_cached(key: &str, features: &Tensor, cache_dir: &Path) -> Result<()> {
+    let path = cache_dir.join(format!("{key}.safetensors"));
+    std::fs::create_dir_all(cache_dir)
+        .with_context(|| format!("creating {}", cache_dir.display()))?;
+    let tmp: PathBuf = cache_dir.join(format!(".{key}.tmp-{}", std::process::id()));
+    let tensors: HashMap<String, Tensor> =
+        HashMap::from([("features".to_string(), features.clone())]);
+    candle_core::safetensors::save(&tensors, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 /// Features of `texts` from the cache folder when present, else extracted and written there
@@ -137,25 +167,10 @@ pub fn cached_features(
     device: &Device,
 ) -> Result<(Tensor, bool)> {
     let key = feature_key(model_hash, ids, texts, options);
-    let path = cache_dir.join(format!("{key}.safetensors"));
-    if path.exists() {
-        if let Ok(mut tensors) = candle_core::safetensors::load(&path, device) {
-            if let Some(features) = tensors
-                .remove("features")
-                .filter(|f| f.dim(0).ok() == Some(texts.len()))
-            {
-                return Ok((features, true));
-            }
-        }
+    if let Some(features) = load_cached(&key, texts.len(), cache_dir, device) {
+        return Ok((features, true));
     }
     let features = extract(model, texts, options, device)?;
-    std::fs::create_dir_all(cache_dir)
-        .with_context(|| format!("creating {}", cache_dir.display()))?;
-    let tmp: PathBuf = cache_dir.join(format!(".{key}.tmp-{}", std::process::id()));
-    let tensors: HashMap<String, Tensor> =
-        HashMap::from([("features".to_string(), features.clone())]);
-    candle_core::safetensors::save(&tensors, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    store_cached(&key, &features, cache_dir)?;
     Ok((features, false))
 }

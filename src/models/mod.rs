@@ -101,6 +101,37 @@ impl Network {
     }
 }
 
+/// The tokenizer of a model folder (tokenizer.json) or GGUF file, without loading the weights.
+pub fn load_tokenizer(path: &Path) -> Result<tokenizer::Tokenizer> {
+    if path.is_dir() {
+        if !path.join("tokenizer.json").exists() {
+            bail!("{}: no tokenizer.json in the model folder", path.display());
+        }
+        tokenizer::Tokenizer::from_hf_folder(path)
+    } else {
+        tokenizer::Tokenizer::from_gguf(&gguf::GgufFile::open(path)?)
+    }
+}
+
+/// The `model_type` of a model folder or GGUF file, read from its config or metadata only (no
+/// weights are loaded).
+pub fn model_type(path: &Path) -> Result<String> {
+    let config = if path.is_dir() {
+        let config_path = path.join("config.json");
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("{}: cannot read config.json", path.display()))?;
+        serde_json::from_str::<serde_json::Value>(&text)
+            .with_context(|| format!("{}: not valid JSON", config_path.display()))?
+    } else {
+        gguf::GgufFile::open(path)?.config_json()?
+    };
+    config
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("{}: `model_type` is missing", path.display()))
+}
+
 /// Builds the network that `config.json` describes from checkpoint tensors.
 pub fn network_from_config(
     config: &serde_json::Value,

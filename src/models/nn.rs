@@ -118,13 +118,7 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        crate::ops::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -139,13 +133,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
-        if self.add_unit_offset {
-            normed.broadcast_mul(&(&self.weight + 1.0)?)
-        } else {
-            normed.broadcast_mul(&self.weight)
-        }
+        crate::ops::fused::rms_norm(x, &self.weight, self.eps, self.add_unit_offset)
     }
 }
 
@@ -185,11 +173,7 @@ impl Rope {
 /// Applies RoPE in the half-split layout of HF transformers: x cos + rotate_half(x) sin, with
 /// rotate_half([x1, x2]) = [-x2, x1]. `x` is [B, H, T, D].
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    crate::ops::fused::rope(x, cos, sin)
 }
 
 /// Repeats key/value heads for grouped-query attention: [B, KVH, T, D] -> [B, KVH * n, T, D].
@@ -210,7 +194,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
     let (b, h, tq, d) = q.dims4()?;
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
     let scores = scores.broadcast_add(mask)?;
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let probs = crate::ops::fused::softmax_last_dim(&scores)?;
     let out = probs.matmul(&v.contiguous()?)?;
     out.transpose(1, 2)?.contiguous()?.reshape((b, tq, h * d))
 }

@@ -19,29 +19,95 @@ impl CustomOp1 for FrozenMatmul {
             candle_core::Error::Msg("frozen-matmul needs a contiguous input".into())
         })?;
         let (rows, cols) = layout.shape().dims2()?;
-        let x = match storage {
-            CpuStorage::F32(values) => {
-                Tensor::from_slice(&values[start..end], (rows, cols), &candle_core::Device::Cpu)?
-            }
-            CpuStorage::F64(values) => {
-                Tensor::from_slice(&values[start..end], (rows, cols), &candle_core::Device::Cpu)?
-            }
-            _ => candle_core::bail!("frozen-matmul supports f32 and f64"),
+        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let (w_start, w_end) = w_layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("frozen-matmul needs a contiguous weight".into())
+        })?;
+        let out_dim = self.weight.dim(0)?;
+        // y [rows, out] = x [rows, in] W^T, straight from the storages (no copies in or out).
+        let out = match (storage, &*w_storage) {
+            (CpuStorage::F32(x), Storage::Cpu(CpuStorage::F32(w))) => CpuStorage::F32(
+                matmul_t_slices(&x[start..end], &w[w_start..w_end], rows, cols, out_dim),
+            ),
+            (CpuStorage::F64(x), Storage::Cpu(CpuStorage::F64(w))) => CpuStorage::F64(
+                matmul_t_slices(&x[start..end], &w[w_start..w_end], rows, cols, out_dim),
+            ),
+            _ => candle_core::bail!("frozen-matmul supports f32 and f64 (input and weight alike)"),
         };
-        let y = x.matmul(&self.weight.t()?)?.contiguous()?;
-        let shape = y.shape().clone();
-        let (guard, y_layout) = y.storage_and_layout();
-        let (y_start, y_end) = y_layout.contiguous_offsets().expect("contiguous");
-        let out = match &*guard {
-            Storage::Cpu(CpuStorage::F32(v)) => CpuStorage::F32(v[y_start..y_end].to_vec()),
-            Storage::Cpu(CpuStorage::F64(v)) => CpuStorage::F64(v[y_start..y_end].to_vec()),
-            _ => candle_core::bail!("frozen-matmul: unexpected output storage"),
-        };
-        Ok((out, shape))
+        Ok((out, Shape::from((rows, out_dim))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad_res.matmul(&self.weight)?))
+    }
+}
+
+/// y = x W^T for row-major x [rows, k] and W [n, k], with gemm.
+fn matmul_t_slices<T: Copy + Default + 'static + num_one::One>(
+    x: &[T],
+    w: &[T],
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Vec<T> {
+    let mut y = vec![T::default(); rows * n];
+    if rows == 0 || n == 0 {
+        return y;
+    }
+    let parallelism = if rows * n * k > 4096 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the pointers cover rows*n (dst), rows*k (lhs) and n*k (rhs) elements, as the
+    // strides below address them; dst does not alias the inputs.
+    unsafe {
+        gemm::gemm(
+            rows,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            T::zero(),
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    y
+}
+
+mod num_one {
+    /// 0 and 1 of the float types gemm multiplies here.
+    pub trait One {
+        fn zero() -> Self;
+        fn one() -> Self;
+    }
+    impl One for f32 {
+        fn zero() -> Self {
+            0.0
+        }
+        fn one() -> Self {
+            1.0
+        }
+    }
+    impl One for f64 {
+        fn zero() -> Self {
+            0.0
+        }
+        fn one() -> Self {
+            1.0
+        }
     }
 }
 
@@ -56,7 +122,7 @@ pub fn frozen_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         flat.matmul(&weight.t()?)?
     } else {
         flat.contiguous()?.apply_op1(FrozenMatmul {
-            weight: weight.to_dtype(x.dtype())?,
+            weight: weight.to_dtype(x.dtype())?.contiguous()?,
         })?
     };
     let mut out_dims = dims;

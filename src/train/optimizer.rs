@@ -4,10 +4,13 @@
 //! parallel with rayon; candle's own AdamW is much slower (STACK.md trap 3).
 
 use anyhow::{bail, Result};
-use candle_core::{backprop::GradStore, DType, Tensor, Var};
+use candle_core::{
+    backprop::GradStore, CpuStorage, DType, InplaceOp1, Layout, Storage, Tensor, Var,
+};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +49,14 @@ pub struct GradSum {
     pub micro_batches: usize,
 }
 
+impl GradSum {
+    /// Zeroes the sums for the next update (keeps the buffers).
+    pub fn reset(&mut self) {
+        self.sums.par_iter_mut().for_each(|buffer| buffer.fill(0.0));
+        self.micro_batches = 0;
+    }
+}
+
 impl AdamW {
     pub fn new(vars: &BTreeMap<String, Var>, config: AdamWConfig) -> Self {
         let names: Vec<String> = vars.keys().cloned().collect();
@@ -81,11 +92,17 @@ impl AdamW {
     pub fn accumulate(&self, sum: &mut GradSum, grads: &GradStore) -> Result<()> {
         for (buffer, var) in sum.sums.iter_mut().zip(&self.vars) {
             if let Some(grad) = grads.get(var.as_tensor()) {
+                // Read an f32 CPU gradient where it lies; anything else is converted first.
+                let (storage, layout) = grad.storage_and_layout();
+                if let (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) =
+                    (&*storage, layout.contiguous_offsets())
+                {
+                    add_into(buffer, &values[start..end]);
+                    continue;
+                }
+                drop(storage);
                 let values = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                buffer
-                    .par_iter_mut()
-                    .zip(values.par_iter())
-                    .for_each(|(b, g)| *b += g);
+                add_into(buffer, &values);
             }
         }
         sum.micro_batches += 1;
@@ -128,29 +145,102 @@ impl AdamW {
         let bias2_sqrt = bias2.sqrt() as f32;
         let decay = (1.0 - lr * c.weight_decay) as f32;
         let eps = c.eps as f32;
+        let step = StepConstants {
+            grad_scale,
+            b1,
+            b2,
+            step_size,
+            bias2_sqrt,
+            decay,
+            eps,
+        };
         for (i, var) in self.vars.iter().enumerate() {
             let tensor = var.as_tensor();
+            let (m, v, g) = (&mut self.m[i], &mut self.v[i], &sum.sums[i]);
+            if tensor.device().is_cpu() && tensor.dtype() == DType::F32 {
+                // In place on the parameter's own storage: no copy out, no copy back.
+                tensor.inplace_op1(&AdamWStep {
+                    moments: Mutex::new((m.as_mut_slice(), v.as_mut_slice())),
+                    g,
+                    c: step,
+                })?;
+                continue;
+            }
             let mut theta = tensor
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            let (m, v, g) = (&mut self.m[i], &mut self.v[i], &sum.sums[i]);
-            theta
-                .par_iter_mut()
-                .zip(m.par_iter_mut())
-                .zip(v.par_iter_mut())
-                .zip(g.par_iter())
-                .for_each(|(((p, m), v), &g)| {
-                    let g = g * grad_scale;
-                    *m = b1 * *m + (1.0 - b1) * g;
-                    *v = b2 * *v + (1.0 - b2) * g * g;
-                    *p = *p * decay - step_size * *m / ((*v).sqrt() / bias2_sqrt + eps);
-                });
+            step.apply(&mut theta, m, v, g);
             let updated = Tensor::from_vec(theta, tensor.shape(), tensor.device())?
                 .to_dtype(tensor.dtype())?;
             var.set(&updated)?;
         }
         Ok(norm)
+    }
+}
+
+fn add_into(buffer: &mut [f32], values: &[f32]) {
+    buffer
+        .par_iter_mut()
+        .zip(values.par_iter())
+        .for_each(|(b, g)| *b += g);
+}
+
+/// The scalars of one AdamW update.
+#[derive(Clone, Copy)]
+struct StepConstants {
+    grad_scale: f32,
+    b1: f32,
+    b2: f32,
+    step_size: f32,
+    bias2_sqrt: f32,
+    decay: f32,
+    eps: f32,
+}
+
+impl StepConstants {
+    fn apply(&self, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        let c = *self;
+        theta
+            .par_iter_mut()
+            .zip(m.par_iter_mut())
+            .zip(v.par_iter_mut())
+            .zip(g.par_iter())
+            .for_each(|(((p, m), v), &g)| {
+                let g = g * c.grad_scale;
+                *m = c.b1 * *m + (1.0 - c.b1) * g;
+                *v = c.b2 * *v + (1.0 - c.b2) * g * g;
+                *p = *p * c.decay - c.step_size * *m / ((*v).sqrt() / c.bias2_sqrt + c.eps);
+            });
+    }
+}
+
+/// One AdamW update applied to a parameter's storage in place.
+struct AdamWStep<'a> {
+    moments: Mutex<(&'a mut [f32], &'a mut [f32])>,
+    g: &'a [f32],
+    c: StepConstants,
+}
+
+impl InplaceOp1 for AdamWStep<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-step"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("adamw-step: non-contiguous parameter".into())
+        })?;
+        let CpuStorage::F32(theta) = storage else {
+            candle_core::bail!("adamw-step: f32 parameters only");
+        };
+        let mut moments = self
+            .moments
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("adamw-step: poisoned".into()))?;
+        let (m, v) = &mut *moments;
+        self.c.apply(&mut theta[start..end], m, v, self.g);
+        Ok(())
     }
 }
 

@@ -205,7 +205,7 @@ pub fn train(
             if sum.micro_batches == config.grad_accum.max(1) || b + 1 == batches.len() {
                 lr = schedule.lr(optimizer.step);
                 optimizer.update(&sum, lr, config.max_grad_norm)?;
-                sum = optimizer.new_grad_sum();
+                sum.reset();
             }
             bar.inc(batch.len() as u64);
             bar.set_message(format!(

@@ -1,0 +1,1286 @@
+//! `ws2s run` for generation tasks (SLURP slot filling; METHOD.md sections 4 and 5):
+//! weak decoders fine-tuned on weak_train -> their n-best hypotheses (with per-token
+//! log-probabilities) on strong_train and their test scores -> joint rescoring of the pooled
+//! n-best lists by every weak model -> weights (by hand, uniform, or learned from agreement) ->
+//! the strong ceiling and the strong model trained per method -> the preference stage
+//! (conservative DPO) after the Bayesian student -> SLU-F1 and the other SLURP metrics on test,
+//! PGR against the mean and the best weak model -> summary over seeds.
+//!
+//! Stages are cached like the classification pipeline's; trained adapters (or weights) are
+//! kept beside the stage files so that later stages can reload a trained model.
+
+use super::config::{
+    default_lora, ExperimentConfig, GenMethod, GenerationConfig, ModelSpec, TrainingMode,
+    WeightsSpec,
+};
+use super::stages::{stage_key, StageCache};
+use crate::data::slurp::json_to_slots;
+use crate::data::{Dataset, Example, Label};
+use crate::eval::slurp::{slurp_metrics, SlotRecord, SlurpMetrics};
+use crate::eval::summary::{pgr, summarize, Summary};
+use crate::generation::bridge::{bridge, BridgedTarget};
+use crate::generation::joint::{self, AgreementInput};
+use crate::generation::seq2seq::Seq2Seq;
+use crate::generation::tasks::{
+    sequence_logprobs, CeTask, DpoEpochLog, DpoTask, Pair, SoftItem, SoftLoss, SoftTask,
+};
+use crate::losses::Evidence;
+use crate::models::params::Trainable;
+use crate::models::tokenizer::Tokenizer;
+use crate::models::{load_tokenizer, model_hash, resolve_model, ws2s_home};
+use crate::report::parquet::ColumnData;
+use crate::train::trainer::{train, TrainConfig, TrainTask};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A generated hypothesis as stored in a stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hyp {
+    pub tokens: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub text: String,
+}
+
+/// Test results of one model: the SLURP metrics, the unparsable outputs, the predictions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenEval {
+    pub metrics: SlurpMetrics,
+    /// Outputs that were not a JSON object of strings (scored as no slots).
+    pub unparsable: usize,
+    pub predictions: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WeakStage {
+    test: GenEval,
+    /// Per strong_train example, the n-best list, best first.
+    nbest: Vec<Vec<Hyp>>,
+}
+
+/// Joint rescoring: per strong_train example, the pooled candidates and each weak model's
+/// length-normalised log-likelihood of each.
+#[derive(Serialize, Deserialize)]
+struct JointStage {
+    candidates: Vec<Vec<String>>,
+    scores: Vec<Vec<Vec<f64>>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenMethodResult {
+    pub method: String,
+    pub test: GenEval,
+    pub pgr_vs_mean_weak: Option<f64>,
+    pub pgr_vs_best_weak: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DpoReport {
+    pub after: String,
+    pub pairs: usize,
+    /// Prompts skipped because the best and worst candidates scored the same.
+    pub skipped_ties: usize,
+    pub epochs: Vec<DpoEpochLog>,
+    pub before: GenMethodResult,
+    pub after_dpo: GenMethodResult,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenSeedResult {
+    pub seed: u64,
+    pub data_hash: String,
+    pub sizes: [usize; 4],
+    pub weak: Vec<GenEval>,
+    pub weights: Vec<f64>,
+    pub ceiling: GenEval,
+    pub methods: Vec<GenMethodResult>,
+    pub dpo: Option<DpoReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenRunResults {
+    pub config: ExperimentConfig,
+    pub provenance: String,
+    pub models: Vec<(String, String)>,
+    pub seeds: Vec<GenSeedResult>,
+    pub summary: BTreeMap<String, BTreeMap<String, Option<Summary>>>,
+}
+
+fn trainable_of(spec: &ModelSpec) -> Result<Trainable> {
+    Ok(match spec.mode {
+        TrainingMode::Lora => Trainable::Lora(spec.lora.clone().unwrap_or_else(default_lora)),
+        TrainingMode::Full => Trainable::All,
+        TrainingMode::Probe => bail!(
+            "model `{}`: generation needs mode = \"lora\" or \"full\" (a linear probe cannot generate)",
+            spec.label()
+        ),
+    })
+}
+
+/// Training settings of a generation model: its own `train` section, else small LoRA defaults.
+fn train_config(spec: &ModelSpec, seed: u64, progress: bool) -> TrainConfig {
+    let own = spec.train.clone().unwrap_or(TrainConfig {
+        epochs: 2,
+        batch_size: 8,
+        lr: 1e-3,
+        ..TrainConfig::default()
+    });
+    TrainConfig {
+        seed,
+        progress,
+        ..own
+    }
+}
+
+/// A model of the run: where it is, its hash, its tokenizer.
+struct ModelRef {
+    spec: ModelSpec,
+    path: PathBuf,
+    hash: String,
+    tokenizer: Tokenizer,
+}
+
+impl ModelRef {
+    fn new(spec: &ModelSpec) -> Result<ModelRef> {
+        let path = resolve_model(&spec.model)?;
+        let hash = model_hash(&path)?;
+        let tokenizer = load_tokenizer(&path)?;
+        trainable_of(spec)?;
+        Ok(ModelRef {
+            spec: spec.clone(),
+            path,
+            hash,
+            tokenizer,
+        })
+    }
+
+    fn key(&self) -> String {
+        let settings = serde_json::to_string(&(&self.spec.mode, &self.spec.lora, &self.spec.train))
+            .unwrap_or_default();
+        format!("{}|{settings}", self.hash)
+    }
+
+    fn load(&self, seed: u64, template: &str) -> Result<Seq2Seq> {
+        Seq2Seq::load(&self.path, trainable_of(&self.spec)?, seed, template)
+            .with_context(|| format!("loading {}", self.spec.label()))
+    }
+}
+
+fn adapters_path(key: &str) -> PathBuf {
+    ws2s_home()
+        .join("stages")
+        .join("trained")
+        .join(format!("{key}.safetensors"))
+}
+
+/// The model trained under `key`: its saved trainable weights when present, else trained by
+/// `make_task` now (and saved).
+fn trained(
+    model: &ModelRef,
+    key: &str,
+    seed: u64,
+    template: &str,
+    progress: bool,
+    what: &str,
+    make_task: &dyn Fn(&Seq2Seq) -> Result<Box<dyn TrainTask + '_>>,
+) -> Result<Seq2Seq> {
+    let s2s = model.load(seed, template)?;
+    let path = adapters_path(key);
+    if path.exists() && s2s.load_trainable(&path).is_ok() {
+        return Ok(s2s);
+    }
+    let start = std::time::Instant::now();
+    let config = train_config(&model.spec, seed, progress);
+    {
+        let task = make_task(&s2s)?;
+        train(task.as_ref(), &s2s.model.vars, &config, None)
+            .with_context(|| format!("training {what}"))?;
+    }
+    s2s.save_trainable(&path)?;
+    eprintln!("trained {what} ({:.0} s)", start.elapsed().as_secs_f64());
+    Ok(s2s)
+}
+
+fn gold_records(test: &[Example]) -> Vec<SlotRecord> {
+    test.iter()
+        .map(|e| match &e.label {
+            Label::Slots { entities, .. } => SlotRecord {
+                id: e.id.clone(),
+                entities: entities.clone(),
+                scenario: None,
+                action: None,
+                intent: None,
+            },
+            other => SlotRecord {
+                id: e.id.clone(),
+                entities: other.target().and_then(json_to_slots).unwrap_or_default(),
+                scenario: None,
+                action: None,
+                intent: None,
+            },
+        })
+        .collect()
+}
+
+/// Scores generated texts against the test gold.
+pub fn score_predictions(test: &[Example], predictions: Vec<String>) -> GenEval {
+    let mut unparsable = 0;
+    let records: Vec<SlotRecord> = test
+        .iter()
+        .zip(&predictions)
+        .map(|(e, text)| {
+            let entities = json_to_slots(text).unwrap_or_else(|| {
+                unparsable += 1;
+                Vec::new()
+            });
+            SlotRecord {
+                id: e.id.clone(),
+                entities,
+                scenario: None,
+                action: None,
+                intent: None,
+            }
+        })
+        .collect();
+    let (metrics, _) = slurp_metrics(&gold_records(test), &records);
+    GenEval {
+        metrics,
+        unparsable,
+        predictions,
+    }
+}
+
+fn evaluate(
+    model: &Seq2Seq,
+    test: &[Example],
+    g: &GenerationConfig,
+    label: &str,
+    progress: bool,
+) -> Result<GenEval> {
+    let inputs: Vec<&str> = test.iter().map(|e| e.input.as_str()).collect();
+    let results = model.generate_all(
+        &inputs,
+        g.test_beams,
+        1,
+        g.max_new_tokens,
+        g.decode_batch,
+        label,
+        progress,
+    )?;
+    let predictions = results
+        .iter()
+        .map(|h| match h.first() {
+            Some(h) => model.text_of(&h.tokens),
+            None => Ok(String::new()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(score_predictions(test, predictions))
+}
+
+fn target_of(e: &Example) -> Result<&str> {
+    e.label
+        .target()
+        .with_context(|| format!("example {}: a generation task needs a target text", e.id))
+}
+
+fn evidence_of(g: &GenerationConfig) -> Evidence {
+    if g.evidence == "exp" {
+        Evidence::Exp {
+            clamp: g.evidence_clamp,
+        }
+    } else {
+        Evidence::Softplus
+    }
+}
+
+fn ce_task<'a>(
+    model: &'a Seq2Seq,
+    inputs: &[&str],
+    targets: &[&str],
+    weights: Vec<f32>,
+) -> Result<Box<dyn TrainTask + 'a>> {
+    let prompts = inputs
+        .iter()
+        .map(|i| model.prompt_ids(i))
+        .collect::<Result<_>>()?;
+    let targets = targets
+        .iter()
+        .map(|t| model.target_ids(t))
+        .collect::<Result<_>>()?;
+    Ok(Box::new(CeTask {
+        model,
+        prompts,
+        targets,
+        weights,
+    }))
+}
+
+/// Runs a generation experiment and writes its outputs into `out`.
+pub fn run(
+    config: &ExperimentConfig,
+    datasets: &[Dataset],
+    out: &Path,
+    progress: bool,
+) -> Result<GenRunResults> {
+    let g = &config.generation;
+    let strong_spec = config
+        .strong
+        .as_ref()
+        .context("the config has no [strong] model")?;
+    if config.weak.is_empty() {
+        bail!("the config has no [[weak]] model");
+    }
+    if !["softplus", "exp"].contains(&g.evidence.as_str()) {
+        bail!(
+            "generation.evidence must be \"softplus\" or \"exp\", not {:?}",
+            g.evidence
+        );
+    }
+    let weak_models: Vec<ModelRef> = config
+        .weak
+        .iter()
+        .map(ModelRef::new)
+        .collect::<Result<_>>()?;
+    let strong = ModelRef::new(strong_spec)?;
+    let weak_names = config.weak_labels();
+    let stages = StageCache::new(&ws2s_home().join("stages"));
+    let decode_json =
+        serde_json::to_string(&(&g.prompt, g.weak_beams, g.test_beams, g.max_new_tokens))?;
+    let mut seed_results = Vec::new();
+    let mut label_rows: Vec<serde_json::Value> = Vec::new();
+    let mut pair_rows: Vec<serde_json::Value> = Vec::new();
+    for dataset in datasets {
+        let seed = dataset.seed;
+        let data_hash = dataset.data_hash();
+        let weak_train_inputs: Vec<&str> = dataset
+            .weak_train
+            .iter()
+            .map(|e| e.input.as_str())
+            .collect();
+        let weak_train_targets: Vec<&str> = dataset
+            .weak_train
+            .iter()
+            .map(target_of)
+            .collect::<Result<_>>()?;
+        let strong_inputs: Vec<&str> = dataset
+            .strong_train
+            .iter()
+            .map(|e| e.input.as_str())
+            .collect();
+        // 1. Weak models: trained on weak_train, n-best on strong_train, scored on test.
+        let mut weak_keys = Vec::new();
+        let mut weak_stages: Vec<WeakStage> = Vec::new();
+        for (j, model) in weak_models.iter().enumerate() {
+            let train_key = stage_key(&["gen-weak-train", &model.key(), &data_hash, &g.prompt]);
+            let key = stage_key(&["gen-weak", &train_key, &decode_json]);
+            let name = &weak_names[j];
+            let load_trained = || {
+                trained(
+                    model,
+                    &train_key,
+                    seed,
+                    &g.prompt,
+                    progress,
+                    &format!("weak {name}"),
+                    &|s2s| {
+                        ce_task(
+                            s2s,
+                            &weak_train_inputs,
+                            &weak_train_targets,
+                            vec![1.0; weak_train_inputs.len()],
+                        )
+                    },
+                )
+            };
+            let (stage, _) = stages.get_or_compute("gen-weak", &key, || {
+                let s2s = load_trained()?;
+                let results = s2s.generate_all(
+                    &strong_inputs,
+                    g.weak_beams,
+                    g.weak_beams,
+                    g.max_new_tokens,
+                    g.decode_batch,
+                    &format!("{name} n-best"),
+                    progress,
+                )?;
+                let nbest = results
+                    .into_iter()
+                    .map(|hyps| {
+                        hyps.into_iter()
+                            .map(|h| {
+                                Ok(Hyp {
+                                    text: s2s.text_of(&h.tokens)?,
+                                    tokens: h.tokens,
+                                    logprobs: h.logprobs,
+                                })
+                            })
+                            .collect::<Result<Vec<_>>>()
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let test = evaluate(&s2s, &dataset.test, g, &format!("{name} test"), progress)?;
+                Ok(WeakStage { test, nbest })
+            })?;
+            eprintln!(
+                "weak {name}: SLU-F1 {:.4} on test ({} unparsable)",
+                stage.test.metrics.slu_f1, stage.test.unparsable
+            );
+            weak_stages.push(stage);
+            weak_keys.push((train_key, key));
+        }
+        let weak_stage_keys: Vec<&str> = weak_keys.iter().map(|(_, k)| k.as_str()).collect();
+        // 2. Joint rescoring of the pooled n-best lists by every weak model.
+        let joint_key = stage_key(&["gen-joint", &weak_stage_keys.join(",")]);
+        let (joint_stage, _) = stages.get_or_compute("gen-joint", &joint_key, || {
+            let candidates: Vec<Vec<String>> = (0..strong_inputs.len())
+                .map(|i| {
+                    let lists: Vec<Vec<String>> = weak_stages
+                        .iter()
+                        .map(|s| s.nbest[i].iter().map(|h| h.text.clone()).collect())
+                        .collect();
+                    let refs: Vec<&[String]> = lists.iter().map(Vec::as_slice).collect();
+                    joint::pool_candidates(&refs)
+                })
+                .collect();
+            let mut scores: Vec<Vec<Vec<f64>>> = candidates
+                .iter()
+                .map(|c| vec![vec![0.0; weak_models.len()]; c.len()])
+                .collect();
+            for (j, model) in weak_models.iter().enumerate() {
+                let s2s = trained(
+                    model,
+                    &weak_keys[j].0,
+                    seed,
+                    &g.prompt,
+                    progress,
+                    &format!("weak {}", weak_names[j]),
+                    &|s2s| {
+                        ce_task(
+                            s2s,
+                            &weak_train_inputs,
+                            &weak_train_targets,
+                            vec![1.0; weak_train_inputs.len()],
+                        )
+                    },
+                )?;
+                let mut prompts = Vec::new();
+                let mut conts = Vec::new();
+                let mut index = Vec::new();
+                for (i, cands) in candidates.iter().enumerate() {
+                    let prompt = s2s.prompt_ids(strong_inputs[i])?;
+                    for (c, text) in cands.iter().enumerate() {
+                        prompts.push(prompt.clone());
+                        conts.push(s2s.target_ids(text)?);
+                        index.push((i, c));
+                    }
+                }
+                let start = std::time::Instant::now();
+                let s = s2s.scores(&prompts, &conts, 16)?;
+                for ((i, c), v) in index.into_iter().zip(s) {
+                    scores[i][c][j] = v;
+                }
+                eprintln!(
+                    "joint rescoring by {}: {} candidates ({:.0} s)",
+                    weak_names[j],
+                    prompts.len(),
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            Ok(JointStage { candidates, scores })
+        })?;
+        // 3. Weights.
+        let agreement_inputs: Vec<AgreementInput> = (0..strong_inputs.len())
+            .map(|i| AgreementInput {
+                candidates: joint_stage.candidates[i].clone(),
+                scores: joint_stage.scores[i].clone(),
+                own_top: weak_stages
+                    .iter()
+                    .map(|s| {
+                        s.nbest[i]
+                            .first()
+                            .and_then(|h| {
+                                joint_stage.candidates[i].iter().position(|c| *c == h.text)
+                            })
+                            .unwrap_or(0)
+                    })
+                    .collect(),
+            })
+            .filter(|a| !a.candidates.is_empty())
+            .collect();
+        let learned = joint::agreement_weights(&agreement_inputs, weak_models.len(), 20);
+        let weights: Vec<f64> = match &g.weights {
+            WeightsSpec::Given(w) => {
+                if w.len() != weak_models.len() {
+                    bail!(
+                        "generation.weights has {} values for {} weak models",
+                        w.len(),
+                        weak_models.len()
+                    );
+                }
+                w.clone()
+            }
+            WeightsSpec::Named(n) if n == "agreement" => learned.clone(),
+            WeightsSpec::Named(n) if n == "uniform" => {
+                vec![1.0 / weak_models.len() as f64; weak_models.len()]
+            }
+            WeightsSpec::Named(n) => {
+                bail!("generation.weights must be \"agreement\", \"uniform\" or a list, not {n:?}")
+            }
+        };
+        eprintln!(
+            "weights: {}",
+            weak_names
+                .iter()
+                .zip(&weights)
+                .map(|(n, w)| format!("{n} {w:.3}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let joint_targets: Vec<String> = (0..strong_inputs.len())
+            .map(|i| {
+                joint::pick(&joint_stage.scores[i], &weights)
+                    .map(|c| joint_stage.candidates[i][c].clone())
+                    .unwrap_or_else(|| "{}".to_string())
+            })
+            .collect();
+        // Bridged weak hypotheses (top of each list) for the strong tokenizer.
+        let strong_eos = strong.tokenizer.eos_ids.first().copied();
+        let bridged: Vec<Vec<BridgedTarget>> = weak_models
+            .iter()
+            .zip(&weak_stages)
+            .map(|(model, stage)| {
+                stage
+                    .nbest
+                    .iter()
+                    .map(|list| match list.first() {
+                        Some(h) => bridge(
+                            &model.tokenizer,
+                            &h.tokens,
+                            &h.logprobs,
+                            &model.tokenizer.eos_ids,
+                            &strong.tokenizer,
+                            strong_eos,
+                        ),
+                        None => Ok(BridgedTarget {
+                            text: String::new(),
+                            tokens: strong_eos.into_iter().collect(),
+                            unit_of: vec![0],
+                            unit_scores: vec![0.0],
+                        }),
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?;
+        // 4. The strong ceiling and the students.
+        let strong_json = serde_json::to_string(&(g, &weights))?;
+        let weak_all = weak_stage_keys.join(",");
+        let student_key = |name: &str| {
+            stage_key(&[
+                "gen-student",
+                name,
+                &strong.key(),
+                &data_hash,
+                &weak_all,
+                &joint_key,
+                &strong_json,
+            ])
+        };
+        let train_student = |name: &str,
+                             make_task: &dyn Fn(&Seq2Seq) -> Result<Box<dyn TrainTask + '_>>|
+         -> Result<GenEval> {
+            let key = student_key(name);
+            let (stage, _) = stages.get_or_compute("gen-student", &key, || {
+                let s2s = trained(
+                    &strong,
+                    &key,
+                    seed,
+                    &g.prompt,
+                    progress,
+                    &format!("student {name}"),
+                    make_task,
+                )?;
+                evaluate(&s2s, &dataset.test, g, &format!("{name} test"), progress)
+            })?;
+            eprintln!(
+                "{name}: SLU-F1 {:.4} on test ({} unparsable)",
+                stage.metrics.slu_f1, stage.unparsable
+            );
+            Ok(stage)
+        };
+        let gold_targets: Vec<&str> = dataset
+            .strong_train
+            .iter()
+            .map(target_of)
+            .collect::<Result<_>>()?;
+        let ceiling = train_student("ceiling", &|s2s| {
+            ce_task(
+                s2s,
+                &strong_inputs,
+                &gold_targets,
+                vec![1.0; strong_inputs.len()],
+            )
+        })?;
+        let weak_f1: Vec<f64> = weak_stages.iter().map(|s| s.test.metrics.slu_f1).collect();
+        let mean_weak = weak_f1.iter().sum::<f64>() / weak_f1.len() as f64;
+        let best_weak = weak_f1.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let result_of = |method: String, test: GenEval| GenMethodResult {
+            method,
+            pgr_vs_mean_weak: pgr(test.metrics.slu_f1, mean_weak, ceiling.metrics.slu_f1),
+            pgr_vs_best_weak: pgr(test.metrics.slu_f1, best_weak, ceiling.metrics.slu_f1),
+            test,
+        };
+        let soft_items =
+            |s2s: &Seq2Seq, models: &[usize], weights: &[f64]| -> Result<Vec<SoftItem>> {
+                let mut items = Vec::new();
+                for (i, input) in strong_inputs.iter().enumerate() {
+                    let prompt = s2s.prompt_ids(input)?;
+                    for (&j, &w) in models.iter().zip(weights) {
+                        items.push(SoftItem {
+                            prompt: prompt.clone(),
+                            target: bridged[j][i].clone(),
+                            weight: w as f32,
+                        });
+                    }
+                }
+                Ok(items)
+            };
+        let all_models: Vec<usize> = (0..weak_models.len()).collect();
+        let evidence = evidence_of(g);
+        let soft_loss = |method: GenMethod| match method {
+            GenMethod::Edl => SoftLoss::Edl {
+                c: g.edl_c,
+                evidence,
+            },
+            GenMethod::EdlStep => SoftLoss::EdlStep {
+                c: g.edl_c,
+                evidence,
+                a_max: g.edl_step_a_max,
+                warmup: g.edl_step_warmup,
+            },
+            _ => SoftLoss::Kl,
+        };
+        let mut results = Vec::new();
+        for &method in &g.methods {
+            match method {
+                GenMethod::Hard => {
+                    for (j, stage) in weak_stages.iter().enumerate() {
+                        let name = format!("hard[{}]", weak_names[j]);
+                        let targets: Vec<&str> = stage
+                            .nbest
+                            .iter()
+                            .map(|l| l.first().map_or("{}", |h| h.text.as_str()))
+                            .collect();
+                        let test = train_student(&name, &|s2s| {
+                            ce_task(s2s, &strong_inputs, &targets, vec![1.0; targets.len()])
+                        })?;
+                        results.push(result_of(name, test));
+                    }
+                }
+                GenMethod::Soft => {
+                    for (j, weak_name) in weak_names.iter().enumerate() {
+                        let name = format!("soft[{weak_name}]");
+                        let test = train_student(&name, &|s2s| {
+                            Ok(Box::new(SoftTask {
+                                model: s2s,
+                                items: soft_items(s2s, &[j], &[1.0])?,
+                                loss: SoftLoss::Kl,
+                                share: g.share,
+                                spread: g.spread,
+                            }))
+                        })?;
+                        results.push(result_of(name, test));
+                    }
+                }
+                GenMethod::Joint => {
+                    let targets: Vec<&str> = joint_targets.iter().map(String::as_str).collect();
+                    let test = train_student("joint", &|s2s| {
+                        ce_task(s2s, &strong_inputs, &targets, vec![1.0; targets.len()])
+                    })?;
+                    results.push(result_of("joint".into(), test));
+                }
+                GenMethod::Naive | GenMethod::Edl | GenMethod::EdlStep => {
+                    let name = method.as_str();
+                    let test = train_student(name, &|s2s| {
+                        Ok(Box::new(SoftTask {
+                            model: s2s,
+                            items: soft_items(s2s, &all_models, &weights)?,
+                            loss: soft_loss(method),
+                            share: g.share,
+                            spread: g.spread,
+                        }))
+                    })?;
+                    results.push(result_of(name.into(), test));
+                }
+            }
+        }
+        // 5. The preference stage.
+        let dpo = match &g.dpo {
+            None => None,
+            Some(d) => {
+                let after = d.after.as_str();
+                let Some(before) = results.iter().find(|r| r.method == after).cloned() else {
+                    bail!("generation.dpo.after = {after:?} is not among generation.methods");
+                };
+                let student_key_after = student_key(after);
+                let dpo_key = stage_key(&[
+                    "gen-dpo",
+                    &student_key_after,
+                    &serde_json::to_string(d)?,
+                    &weak_all,
+                ]);
+                let (stage, _) = stages.get_or_compute("gen-dpo", &dpo_key, || {
+                    let policy = strong.load(seed, &g.prompt)?;
+                    policy
+                        .load_trainable(&adapters_path(&student_key_after))
+                        .context("the student before the preference stage")?;
+                    // Pairs: the student's n-best, ranked by the weak ensemble.
+                    let nbest = policy.generate_all(
+                        &strong_inputs,
+                        d.beams,
+                        d.beams,
+                        g.max_new_tokens,
+                        g.decode_batch.div_ceil(2).max(1),
+                        "student n-best",
+                        progress,
+                    )?;
+                    let candidates: Vec<Vec<(Vec<u32>, String)>> = nbest
+                        .iter()
+                        .map(|list| {
+                            let mut seen: Vec<(Vec<u32>, String)> = Vec::new();
+                            for h in list {
+                                let text = policy.text_of(&h.tokens)?;
+                                if !seen.iter().any(|(_, t)| *t == text) {
+                                    seen.push((h.tokens.clone(), text));
+                                }
+                            }
+                            Ok(seen)
+                        })
+                        .collect::<Result<_>>()?;
+                    let mut ensemble: Vec<Vec<f64>> =
+                        candidates.iter().map(|c| vec![0.0; c.len()]).collect();
+                    for (j, model) in weak_models.iter().enumerate() {
+                        let s2s = model.load(seed, &g.prompt)?;
+                        s2s.load_trainable(&adapters_path(&weak_keys[j].0))?;
+                        let mut prompts = Vec::new();
+                        let mut conts = Vec::new();
+                        let mut index = Vec::new();
+                        for (i, cands) in candidates.iter().enumerate() {
+                            let prompt = s2s.prompt_ids(strong_inputs[i])?;
+                            for (c, (_, text)) in cands.iter().enumerate() {
+                                prompts.push(prompt.clone());
+                                conts.push(s2s.target_ids(text)?);
+                                index.push((i, c));
+                            }
+                        }
+                        for ((i, c), v) in index.into_iter().zip(s2s.scores(&prompts, &conts, 16)?)
+                        {
+                            ensemble[i][c] += weights[j] * v;
+                        }
+                    }
+                    let mut pairs = Vec::new();
+                    let mut rows = Vec::new();
+                    let mut skipped = 0usize;
+                    for (i, cands) in candidates.iter().enumerate() {
+                        match joint::preference_pair(&ensemble[i]) {
+                            None => skipped += 1,
+                            Some((c, r)) => {
+                                rows.push(serde_json::json!({
+                                    "seed": seed,
+                                    "id": dataset.strong_train[i].id,
+                                    "prompt": strong_inputs[i],
+                                    "chosen": cands[c].1,
+                                    "rejected": cands[r].1,
+                                    "chosen_score": ensemble[i][c],
+                                    "rejected_score": ensemble[i][r],
+                                }));
+                                pairs.push((
+                                    policy.prompt_ids(strong_inputs[i])?,
+                                    cands[c].0.clone(),
+                                    cands[r].0.clone(),
+                                ));
+                            }
+                        }
+                    }
+                    // Reference log-probabilities: a forward pass of the student as it is now.
+                    let mut with_refs = Vec::new();
+                    for chunk in pairs.chunks(8) {
+                        let p: Vec<Vec<u32>> = chunk.iter().map(|x| x.0.clone()).collect();
+                        let c: Vec<Vec<u32>> = chunk.iter().map(|x| x.1.clone()).collect();
+                        let r: Vec<Vec<u32>> = chunk.iter().map(|x| x.2.clone()).collect();
+                        let rc = sequence_logprobs(&policy, &p, &c)?.to_vec1::<f32>()?;
+                        let rr = sequence_logprobs(&policy, &p, &r)?.to_vec1::<f32>()?;
+                        for (k, (prompt, chosen, rejected)) in chunk.iter().enumerate() {
+                            with_refs.push(Pair {
+                                prompt: prompt.clone(),
+                                chosen: chosen.clone(),
+                                rejected: rejected.clone(),
+                                reference_chosen: rc[k],
+                                reference_rejected: rr[k],
+                            });
+                        }
+                    }
+                    eprintln!(
+                        "preference pairs: {} ({} prompts skipped: best and worst tie)",
+                        with_refs.len(),
+                        skipped
+                    );
+                    let task = DpoTask {
+                        model: &policy,
+                        pairs: with_refs,
+                        beta: d.beta,
+                        eps: d.eps,
+                        batch: d.train.batch_size.max(1),
+                        log: RefCell::new(Vec::new()),
+                    };
+                    let mut epochs = Vec::new();
+                    if !task.pairs.is_empty() {
+                        epochs.push(task.measure(0)?);
+                        let config = TrainConfig {
+                            seed,
+                            progress,
+                            ..d.train.clone()
+                        };
+                        train(&task, &policy.model.vars, &config, None)
+                            .context("training the preference stage")?;
+                        epochs.extend(task.log.borrow().iter().cloned());
+                    }
+                    let test = evaluate(&policy, &dataset.test, g, "dpo test", progress)?;
+                    Ok((rows, skipped, epochs, test))
+                })?;
+                let (rows, skipped, epochs, test) = stage;
+                let pairs = rows.len();
+                pair_rows.extend(rows);
+                let after_dpo = result_of(format!("{after}+dpo"), test);
+                eprintln!(
+                    "{after}+dpo: SLU-F1 {:.4} on test (before {:.4})",
+                    after_dpo.test.metrics.slu_f1, before.test.metrics.slu_f1
+                );
+                Some(DpoReport {
+                    after: after.to_string(),
+                    pairs,
+                    skipped_ties: skipped,
+                    epochs,
+                    before,
+                    after_dpo,
+                })
+            }
+        };
+        if let Some(d) = &dpo {
+            results.push(d.after_dpo.clone());
+        }
+        for (i, example) in dataset.strong_train.iter().enumerate() {
+            let weak: BTreeMap<&String, &str> = weak_names
+                .iter()
+                .zip(&weak_stages)
+                .map(|(name, s)| (name, s.nbest[i].first().map_or("", |h| h.text.as_str())))
+                .collect();
+            label_rows.push(serde_json::json!({
+                "seed": seed,
+                "id": example.id,
+                "text": example.input,
+                "label": example.label.target(),
+                "weak": weak,
+                "joint": joint_targets[i],
+            }));
+        }
+        seed_results.push(GenSeedResult {
+            seed,
+            data_hash,
+            sizes: [
+                dataset.weak_train.len(),
+                dataset.strong_train.len(),
+                dataset.test.len(),
+                dataset.valid.len(),
+            ],
+            weak: weak_stages.into_iter().map(|s| s.test).collect(),
+            weights,
+            ceiling,
+            methods: results,
+            dpo,
+        });
+    }
+    let summary = summarise(config, &seed_results);
+    let models = weak_names
+        .iter()
+        .cloned()
+        .zip(weak_models.iter().map(|m| m.hash.clone()))
+        .chain(std::iter::once((strong_spec.label(), strong.hash.clone())))
+        .collect();
+    let results = GenRunResults {
+        config: config.clone(),
+        provenance: datasets[0].provenance.clone(),
+        models,
+        seeds: seed_results,
+        summary,
+    };
+    write_outputs(out, &results, &label_rows, &pair_rows)?;
+    Ok(results)
+}
+
+const METRICS: [&str; 4] = ["slu_f1", "span_f1", "exact_match", "unparsable"];
+
+fn metric(e: &GenEval, name: &str) -> f64 {
+    match name {
+        "slu_f1" => e.metrics.slu_f1,
+        "span_f1" => e.metrics.span_f1,
+        "exact_match" => e.metrics.exact_match,
+        _ => e.unparsable as f64,
+    }
+}
+
+fn summarise(
+    config: &ExperimentConfig,
+    seeds: &[GenSeedResult],
+) -> BTreeMap<String, BTreeMap<String, Option<Summary>>> {
+    let mut summary = BTreeMap::new();
+    let bootstrap_seed = config.seeds.first().copied().unwrap_or(0);
+    let mut add = |name: String, metric_name: &str, values: Vec<f64>| {
+        summary
+            .entry(name)
+            .or_insert_with(BTreeMap::new)
+            .insert(metric_name.to_string(), summarize(&values, bootstrap_seed));
+    };
+    for (j, label) in config.weak_labels().iter().enumerate() {
+        for m in METRICS {
+            add(
+                format!("weak[{label}]"),
+                m,
+                seeds.iter().map(|s| metric(&s.weak[j], m)).collect(),
+            );
+        }
+        add(
+            format!("weak[{label}]"),
+            "weight",
+            seeds.iter().map(|s| s.weights[j]).collect(),
+        );
+    }
+    for m in METRICS {
+        add(
+            "ceiling".into(),
+            m,
+            seeds.iter().map(|s| metric(&s.ceiling, m)).collect(),
+        );
+    }
+    if let Some(first) = seeds.first() {
+        for (k, method) in first.methods.iter().enumerate() {
+            for m in METRICS {
+                add(
+                    method.method.clone(),
+                    m,
+                    seeds
+                        .iter()
+                        .map(|s| metric(&s.methods[k].test, m))
+                        .collect(),
+                );
+            }
+            add(
+                method.method.clone(),
+                "pgr_vs_mean_weak",
+                seeds
+                    .iter()
+                    .filter_map(|s| s.methods[k].pgr_vs_mean_weak)
+                    .collect(),
+            );
+            add(
+                method.method.clone(),
+                "pgr_vs_best_weak",
+                seeds
+                    .iter()
+                    .filter_map(|s| s.methods[k].pgr_vs_best_weak)
+                    .collect(),
+            );
+        }
+    }
+    summary
+}
+
+fn cell(summary: Option<&Option<Summary>>) -> String {
+    super::pipeline::cell(summary)
+}
+
+/// The table a paper would print.
+pub fn markdown(results: &GenRunResults) -> String {
+    let c = &results.config;
+    let sizes = results.seeds.first().map(|s| s.sizes).unwrap_or_default();
+    let mut out = format!(
+        "# {}\n\nTask `{}`: weak_train {}, strong_train {}, test {}; seeds {:?}.\n{}.\n\n\
+         Test decoding: beam {}; weak labels: {}-best lists. SLU-F1 as the official SLURP scorer \
+         defines it; an unparsable output counts as no slots. Cells: mean ± std over seeds [95% \
+         bootstrap interval of the mean]. PGR = (student - weak) / (ceiling - weak) on SLU-F1, \
+         against the mean of the weak models and against the best one.\n\n",
+        c.name,
+        c.task.name,
+        sizes[0],
+        sizes[1],
+        sizes[2],
+        c.seeds,
+        results.provenance,
+        c.generation.test_beams,
+        c.generation.weak_beams
+    );
+    let row = |name: &str| results.summary.get(name);
+    out.push_str("| model | SLU-F1 | span F1 | exact match | unparsable | weight |\n|---|---|---|---|---|---|\n");
+    for label in c.weak_labels() {
+        let r = row(&format!("weak[{label}]"));
+        out.push_str(&format!(
+            "| weak: {label} | {} | {} | {} | {} | {} |\n",
+            cell(r.and_then(|r| r.get("slu_f1"))),
+            cell(r.and_then(|r| r.get("span_f1"))),
+            cell(r.and_then(|r| r.get("exact_match"))),
+            cell(r.and_then(|r| r.get("unparsable"))),
+            cell(r.and_then(|r| r.get("weight"))),
+        ));
+    }
+    let strong = c.strong.as_ref().map(ModelSpec::label).unwrap_or_default();
+    let r = row("ceiling");
+    out.push_str(&format!(
+        "| ceiling: {strong} on ground truth | {} | {} | {} | {} | |\n\n",
+        cell(r.and_then(|r| r.get("slu_f1"))),
+        cell(r.and_then(|r| r.get("span_f1"))),
+        cell(r.and_then(|r| r.get("exact_match"))),
+        cell(r.and_then(|r| r.get("unparsable"))),
+    ));
+    out.push_str("| method | SLU-F1 | span F1 | exact match | unparsable | PGR vs mean weak | PGR vs best weak |\n|---|---|---|---|---|---|---|\n");
+    if let Some(first) = results.seeds.first() {
+        for method in &first.methods {
+            let r = row(&method.method);
+            let get = |m: &str| cell(r.and_then(|r| r.get(m)));
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                method.method,
+                get("slu_f1"),
+                get("span_f1"),
+                get("exact_match"),
+                get("unparsable"),
+                get("pgr_vs_mean_weak"),
+                get("pgr_vs_best_weak"),
+            ));
+        }
+    }
+    for s in &results.seeds {
+        if let Some(d) = &s.dpo {
+            out.push_str(&format!(
+                "\n## Preference stage (seed {})\n\nConservative DPO after `{}`: {} pairs, {} prompts skipped (tie).\n\
+                 SLU-F1 before {:.4}, after {:.4}.\n\n| epoch | reward margin | chosen log-prob | rejected log-prob | pairs ordered |\n|---|---|---|---|---|\n",
+                s.seed,
+                d.after,
+                d.pairs,
+                d.skipped_ties,
+                d.before.test.metrics.slu_f1,
+                d.after_dpo.test.metrics.slu_f1
+            ));
+            for e in &d.epochs {
+                out.push_str(&format!(
+                    "| {} | {:.4} | {:.3} | {:.3} | {:.3} |\n",
+                    e.epoch, e.reward_margin, e.chosen_logprob, e.rejected_logprob, e.accuracy
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn plots(results: &GenRunResults) -> Vec<(&'static str, String)> {
+    use crate::report::plot::{bar_chart, Bar, Reference};
+    let mean_of = |name: &str, m: &str| {
+        results
+            .summary
+            .get(name)
+            .and_then(|r| r.get(m))
+            .and_then(Option::as_ref)
+            .map(|s| (s.mean, s.ci95))
+    };
+    let methods: Vec<String> = results
+        .seeds
+        .first()
+        .map(|s| s.methods.iter().map(|m| m.method.clone()).collect())
+        .unwrap_or_default();
+    let bars = |m: &str| -> Vec<Bar> {
+        methods
+            .iter()
+            .filter_map(|name| {
+                mean_of(name, m).map(|(value, interval)| Bar {
+                    label: name.clone(),
+                    value,
+                    interval,
+                })
+            })
+            .collect()
+    };
+    let weak: Vec<f64> = results
+        .config
+        .weak_labels()
+        .iter()
+        .filter_map(|l| mean_of(&format!("weak[{l}]"), "slu_f1").map(|v| v.0))
+        .collect();
+    let mut references = Vec::new();
+    if let Some((ceiling, _)) = mean_of("ceiling", "slu_f1") {
+        references.push(Reference {
+            label: "strong ceiling".into(),
+            value: ceiling,
+            color: "#d62728",
+        });
+    }
+    if !weak.is_empty() {
+        references.push(Reference {
+            label: "best weak".into(),
+            value: weak.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+            color: "#2ca02c",
+        });
+        references.push(Reference {
+            label: "mean weak".into(),
+            value: weak.iter().sum::<f64>() / weak.len() as f64,
+            color: "#ff7f0e",
+        });
+    }
+    vec![
+        (
+            "slu_f1",
+            bar_chart(
+                "Test SLU-F1 per method",
+                "SLU-F1",
+                &bars("slu_f1"),
+                &references,
+            ),
+        ),
+        (
+            "pgr",
+            bar_chart(
+                "Performance gap recovered on SLU-F1 (vs best weak)",
+                "PGR vs best weak",
+                &bars("pgr_vs_best_weak"),
+                &[
+                    Reference {
+                        label: "weak".into(),
+                        value: 0.0,
+                        color: "#2ca02c",
+                    },
+                    Reference {
+                        label: "ceiling".into(),
+                        value: 1.0,
+                        color: "#d62728",
+                    },
+                ],
+            ),
+        ),
+    ]
+}
+
+fn text_column(
+    rows: &[serde_json::Value],
+    get: &dyn Fn(&serde_json::Value) -> String,
+) -> ColumnData {
+    ColumnData::Utf8(rows.iter().map(get).collect())
+}
+
+fn str_of(v: &serde_json::Value) -> String {
+    v.as_str().unwrap_or("").to_string()
+}
+
+fn write_jsonl(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
+    let mut text = String::new();
+    for row in rows {
+        text.push_str(&serde_json::to_string(row)?);
+        text.push('\n');
+    }
+    crate::io::write_atomic(path, text.as_bytes())
+}
+
+fn write_outputs(
+    out: &Path,
+    results: &GenRunResults,
+    label_rows: &[serde_json::Value],
+    pair_rows: &[serde_json::Value],
+) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    crate::io::write_atomic(
+        &out.join("results.json"),
+        serde_json::to_string_pretty(results)?.as_bytes(),
+    )?;
+    crate::io::write_atomic(&out.join("results.md"), markdown(results).as_bytes())?;
+    write_jsonl(&out.join("weak_labels.jsonl"), label_rows)?;
+    let mut columns = vec![
+        (
+            "seed".to_string(),
+            ColumnData::Int64(
+                label_rows
+                    .iter()
+                    .map(|r| r["seed"].as_i64().unwrap_or(0))
+                    .collect(),
+            ),
+        ),
+        (
+            "id".to_string(),
+            text_column(label_rows, &|r| str_of(&r["id"])),
+        ),
+        (
+            "text".to_string(),
+            text_column(label_rows, &|r| str_of(&r["text"])),
+        ),
+        (
+            "label".to_string(),
+            text_column(label_rows, &|r| str_of(&r["label"])),
+        ),
+    ];
+    for name in results.config.weak_labels() {
+        columns.push((
+            format!("weak:{name}"),
+            text_column(label_rows, &|r| str_of(&r["weak"][&name])),
+        ));
+    }
+    columns.push((
+        "joint".to_string(),
+        text_column(label_rows, &|r| str_of(&r["joint"])),
+    ));
+    crate::report::parquet::write(&out.join("weak_labels.parquet"), &columns)?;
+    if !pair_rows.is_empty() {
+        write_jsonl(&out.join("preference_pairs.jsonl"), pair_rows)?;
+        let num = |key: &'static str| {
+            ColumnData::Double(
+                pair_rows
+                    .iter()
+                    .map(|r| r[key].as_f64().unwrap_or(f64::NAN))
+                    .collect(),
+            )
+        };
+        let columns = vec![
+            (
+                "seed".to_string(),
+                ColumnData::Int64(
+                    pair_rows
+                        .iter()
+                        .map(|r| r["seed"].as_i64().unwrap_or(0))
+                        .collect(),
+                ),
+            ),
+            (
+                "id".to_string(),
+                text_column(pair_rows, &|r| str_of(&r["id"])),
+            ),
+            (
+                "prompt".to_string(),
+                text_column(pair_rows, &|r| str_of(&r["prompt"])),
+            ),
+            (
+                "chosen".to_string(),
+                text_column(pair_rows, &|r| str_of(&r["chosen"])),
+            ),
+            (
+                "rejected".to_string(),
+                text_column(pair_rows, &|r| str_of(&r["rejected"])),
+            ),
+            ("chosen_score".to_string(), num("chosen_score")),
+            ("rejected_score".to_string(), num("rejected_score")),
+        ];
+        crate::report::parquet::write(&out.join("preference_pairs.parquet"), &columns)?;
+    }
+    for (name, svg) in plots(results) {
+        crate::io::write_atomic(&out.join(format!("{name}.svg")), svg.as_bytes())?;
+        crate::io::write_atomic(
+            &out.join(format!("{name}.png")),
+            &crate::report::plot::svg_to_png(&svg)?,
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,912 @@
+//! Fused CPU kernels with their own backward: softmax over the last dimension, LayerNorm and
+//! RMSNorm. The decomposed versions (max, sub, exp, sum, div; mean, sub, sqr, mean, add, sqrt, div,
+//! mul, add) allocate a tensor per step and record a graph node per step; these make one pass
+//! forward and one or two passes backward. candle-nn's own fused norms and softmax have no backward
+//! (STACK.md), which is why these exist.
+//!
+//! Rows are the last dimension; inputs are made contiguous. Accumulation is in f64 for f32 and f64
+//! data. On other devices (and dtypes) the functions fall back to the decomposed forms.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
+
+trait Real: Copy {
+    fn to(self) -> f64;
+    fn from(v: f64) -> Self;
+}
+
+impl Real for f32 {
+    fn to(self) -> f64 {
+        self as f64
+    }
+    fn from(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Real for f64 {
+    fn to(self) -> f64 {
+        self
+    }
+    fn from(v: f64) -> Self {
+        v
+    }
+}
+
+fn slice<'a, T>(values: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what} needs a contiguous input")))?;
+    Ok(&values[start..end])
+}
+
+fn last_dim(layout: &Layout) -> usize {
+    layout.shape().dims().last().copied().unwrap_or(1).max(1)
+}
+
+/// Applies `f` to the f32 or f64 slices of one storage.
+macro_rules! dispatch1 {
+    ($storage:expr, $layout:expr, $what:expr, |$x:ident| $body:expr) => {
+        match $storage {
+            CpuStorage::F32(v) => {
+                let $x = slice(v, $layout, $what)?;
+                CpuStorage::F32($body)
+            }
+            CpuStorage::F64(v) => {
+                let $x = slice(v, $layout, $what)?;
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("{} supports f32 and f64", $what),
+        }
+    };
+}
+
+// ---------------------------------------------------------------- softmax
+
+fn softmax_rows<T: Real>(x: &[T], cols: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks(cols) {
+        let max = row.iter().map(|v| v.to()).fold(f64::NEG_INFINITY, f64::max);
+        let start = out.len();
+        let mut sum = 0.0;
+        for v in row {
+            let e = (v.to() - max).exp();
+            sum += e;
+            out.push(T::from(e));
+        }
+        let inv = 1.0 / sum;
+        for o in &mut out[start..] {
+            *o = T::from(o.to() * inv);
+        }
+    }
+    out
+}
+
+/// dx = y * (g - sum(g * y)) per row.
+fn softmax_grad_rows<T: Real>(y: &[T], g: &[T], cols: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(y.len());
+    for (yr, gr) in y.chunks(cols).zip(g.chunks(cols)) {
+        let dot: f64 = yr.iter().zip(gr).map(|(a, b)| a.to() * b.to()).sum();
+        out.extend(
+            yr.iter()
+                .zip(gr)
+                .map(|(a, b)| T::from(a.to() * (b.to() - dot))),
+        );
+    }
+    out
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(layout);
+        let out = dispatch1!(storage, layout, "fused-softmax", |x| softmax_rows(x, cols));
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            res.contiguous()?
+                .apply_op2_no_bwd(&grad_res.contiguous()?, &SoftmaxGrad)?,
+        ))
+    }
+}
+
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "fused-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(l1);
+        let out = match (s1, s2) {
+            (CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(softmax_grad_rows(
+                slice(y, l1, self.name())?,
+                slice(g, l2, self.name())?,
+                cols,
+            )),
+            (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(softmax_grad_rows(
+                slice(y, l1, self.name())?,
+                slice(g, l2, self.name())?,
+                cols,
+            )),
+            _ => candle_core::bail!("fused-softmax-grad: f32 or f64, both the same"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+fn fusable(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// Softmax over the last dimension (fused on the CPU, with backward).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !fusable(x) {
+        return candle_nn::ops::softmax(x, D::Minus1);
+    }
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+// ---------------------------------------------------------------- GELU (erf)
+
+fn gelu_rows<T: Real>(x: &[T]) -> Vec<T> {
+    x.iter()
+        .map(|v| {
+            let x = v.to();
+            T::from(0.5 * x * (1.0 + candle_core::cpu::erf::erf_f64(x / std::f64::consts::SQRT_2)))
+        })
+        .collect()
+}
+
+/// d/dx [x Phi(x)] = Phi(x) + x phi(x).
+fn gelu_grad_rows<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
+    let inv_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
+    x.iter()
+        .zip(g)
+        .map(|(v, g)| {
+            let x = v.to();
+            let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x / std::f64::consts::SQRT_2));
+            let pdf = inv_sqrt_2pi * (-0.5 * x * x).exp();
+            T::from(g.to() * (cdf + x * pdf))
+        })
+        .collect()
+}
+
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = dispatch1!(storage, layout, "fused-gelu-erf", |x| gelu_rows(x));
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            arg.contiguous()?
+                .apply_op2_no_bwd(&grad_res.contiguous()?, &GeluGrad)?,
+        ))
+    }
+}
+
+struct GeluGrad;
+
+impl CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(gelu_grad_rows(
+                slice(x, l1, self.name())?,
+                slice(g, l2, self.name())?,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(gelu_grad_rows(
+                slice(x, l1, self.name())?,
+                slice(g, l2, self.name())?,
+            )),
+            _ => candle_core::bail!("fused-gelu-erf-grad: f32 or f64, both the same"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// GELU with the exact erf form, x Phi(x) (fused on the CPU, with backward).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if !fusable(x) {
+        return x.gelu_erf();
+    }
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+// ---------------------------------------------------------------- RoPE
+
+/// Rotary embedding in the half-split layout: with x = [x1, x2] and the angle's cos c and sin s
+/// (the tables repeat their first half), y = [x1 c - x2 s, x2 c + x1 s]. Its backward is the
+/// inverse rotation: dx = [g1 c + g2 s, g2 c - g1 s]. `inverse` applies that one.
+struct Rope {
+    /// [B, 1, T, D] each, contiguous, the same dtype as x.
+    cos: Tensor,
+    sin: Tensor,
+    inverse: bool,
+}
+
+fn rope_rows<T: Real>(
+    x: &[T],
+    cos: &[T],
+    sin: &[T],
+    dims: (usize, usize, usize, usize),
+    inverse: bool,
+) -> Vec<T> {
+    let (b, h, t, d) = dims;
+    let half = d / 2;
+    let sign = if inverse { -1.0 } else { 1.0 };
+    let mut out = vec![T::from(0.0); x.len()];
+    for bi in 0..b {
+        for hi in 0..h {
+            for ti in 0..t {
+                let row = ((bi * h + hi) * t + ti) * d;
+                let table = (bi * t + ti) * d;
+                for k in 0..half {
+                    let c = cos[table + k].to();
+                    let s = sin[table + k].to() * sign;
+                    let x1 = x[row + k].to();
+                    let x2 = x[row + half + k].to();
+                    out[row + k] = T::from(x1 * c - x2 * s);
+                    out[row + half + k] = T::from(x2 * c + x1 * s);
+                }
+                if d % 2 == 1 {
+                    out[row + d - 1] = x[row + d - 1];
+                }
+            }
+        }
+    }
+    out
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.shape().dims4()?;
+        let (cos_s, cos_l) = self.cos.storage_and_layout();
+        let (sin_s, sin_l) = self.sin.storage_and_layout();
+        let name = self.name();
+        let out = match (storage, &*cos_s, &*sin_s) {
+            (
+                CpuStorage::F32(x),
+                candle_core::Storage::Cpu(CpuStorage::F32(c)),
+                candle_core::Storage::Cpu(CpuStorage::F32(s)),
+            ) => CpuStorage::F32(rope_rows(
+                slice(x, layout, name)?,
+                slice(c, cos_l, name)?,
+                slice(s, sin_l, name)?,
+                dims,
+                self.inverse,
+            )),
+            (
+                CpuStorage::F64(x),
+                candle_core::Storage::Cpu(CpuStorage::F64(c)),
+                candle_core::Storage::Cpu(CpuStorage::F64(s)),
+            ) => CpuStorage::F64(rope_rows(
+                slice(x, layout, name)?,
+                slice(c, cos_l, name)?,
+                slice(s, sin_l, name)?,
+                dims,
+                self.inverse,
+            )),
+            _ => candle_core::bail!("fused-rope supports f32 and f64 (x and tables alike)"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let inverse = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            inverse: !self.inverse,
+        };
+        Ok(Some(grad_res.contiguous()?.apply_op1(inverse)?))
+    }
+}
+
+/// RoPE for x [B, H, T, D] with tables cos, sin [B, 1, T, D] (fused on the CPU, with backward);
+/// elsewhere x cos + rotate_half(x) sin.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, _, t, d) = x.dims4()?;
+    let fits = cos.dims4().ok() == Some((b, 1, t, d)) && sin.dims4().ok() == Some((b, 1, t, d));
+    if !fusable(x) || !fits {
+        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+        let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        return x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?;
+    }
+    x.contiguous()?.apply_op1(Rope {
+        cos: cos.to_dtype(x.dtype())?.contiguous()?,
+        sin: sin.to_dtype(x.dtype())?.contiguous()?,
+        inverse: false,
+    })
+}
+
+// ---------------------------------------------------------------- norms
+
+/// Per row: mean (0 for RMSNorm) and 1 / sqrt(var + eps) (mean of squares for RMSNorm).
+fn row_stats<T: Real>(row: &[T], eps: f64, centre: bool) -> (f64, f64) {
+    let n = row.len() as f64;
+    let mean = if centre {
+        row.iter().map(|v| v.to()).sum::<f64>() / n
+    } else {
+        0.0
+    };
+    let var = row.iter().map(|v| (v.to() - mean).powi(2)).sum::<f64>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// y = (x - mean) * rstd * scale + shift, with scale = w (+ 1 when `unit_offset`).
+fn norm_rows<T: Real>(
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+    eps: f64,
+    centre: bool,
+    unit_offset: bool,
+) -> Vec<T> {
+    let cols = w.len();
+    let offset = if unit_offset { 1.0 } else { 0.0 };
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks(cols) {
+        let (mean, rstd) = row_stats(row, eps, centre);
+        for (k, v) in row.iter().enumerate() {
+            let shift = b.map_or(0.0, |b| b[k].to());
+            out.push(T::from(
+                (v.to() - mean) * rstd * (w[k].to() + offset) + shift,
+            ));
+        }
+    }
+    out
+}
+
+/// Gradients of a norm: packed as [dx (rows * cols), dw (cols), db (cols)].
+/// With x^ = (x - mean) rstd and gh = g * scale: dx = rstd (gh - mean(gh) - x^ mean(gh x^))
+/// (RMSNorm: dx = rstd (gh - x^ mean(gh x^))), dw = sum_rows g x^, db = sum_rows g.
+fn norm_grad_rows<T: Real>(
+    x: &[T],
+    w: &[T],
+    g: &[T],
+    eps: f64,
+    centre: bool,
+    unit_offset: bool,
+) -> Vec<T> {
+    let cols = w.len();
+    let offset = if unit_offset { 1.0 } else { 0.0 };
+    let mut dx = Vec::with_capacity(x.len() + 2 * cols);
+    let mut dw = vec![0f64; cols];
+    let mut db = vec![0f64; cols];
+    let mut xhat = vec![0f64; cols];
+    let mut gh = vec![0f64; cols];
+    for (row, grow) in x.chunks(cols).zip(g.chunks(cols)) {
+        let (mean, rstd) = row_stats(row, eps, centre);
+        let mut mean_gh = 0.0;
+        let mut mean_ghx = 0.0;
+        for k in 0..cols {
+            xhat[k] = (row[k].to() - mean) * rstd;
+            let gk = grow[k].to();
+            gh[k] = gk * (w[k].to() + offset);
+            mean_gh += gh[k];
+            mean_ghx += gh[k] * xhat[k];
+            dw[k] += gk * xhat[k];
+            db[k] += gk;
+        }
+        let n = cols as f64;
+        mean_gh /= n;
+        mean_ghx /= n;
+        if !centre {
+            mean_gh = 0.0;
+        }
+        for k in 0..cols {
+            dx.push(T::from(rstd * (gh[k] - mean_gh - xhat[k] * mean_ghx)));
+        }
+    }
+    dx.extend(dw.into_iter().map(T::from));
+    dx.extend(db.into_iter().map(T::from));
+    dx
+}
+
+#[derive(Clone, Copy)]
+struct Norm {
+    eps: f64,
+    centre: bool,
+    unit_offset: bool,
+}
+
+impl Norm {
+    fn name(&self) -> &'static str {
+        if self.centre {
+            "fused-layer-norm"
+        } else {
+            "fused-rms-norm"
+        }
+    }
+
+    fn forward(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let out = match (x.0, w.0, b.map(|b| b.0)) {
+            (CpuStorage::F32(xv), CpuStorage::F32(wv), bias) => {
+                let bias = match bias {
+                    Some(CpuStorage::F32(bv)) => Some(slice(bv, b.expect("bias").1, name)?),
+                    Some(_) => candle_core::bail!("{name}: mixed dtypes"),
+                    None => None,
+                };
+                CpuStorage::F32(norm_rows(
+                    slice(xv, x.1, name)?,
+                    slice(wv, w.1, name)?,
+                    bias,
+                    self.eps,
+                    self.centre,
+                    self.unit_offset,
+                ))
+            }
+            (CpuStorage::F64(xv), CpuStorage::F64(wv), bias) => {
+                let bias = match bias {
+                    Some(CpuStorage::F64(bv)) => Some(slice(bv, b.expect("bias").1, name)?),
+                    Some(_) => candle_core::bail!("{name}: mixed dtypes"),
+                    None => None,
+                };
+                CpuStorage::F64(norm_rows(
+                    slice(xv, x.1, name)?,
+                    slice(wv, w.1, name)?,
+                    bias,
+                    self.eps,
+                    self.centre,
+                    self.unit_offset,
+                ))
+            }
+            _ => candle_core::bail!("{name} supports f32 and f64, all the same"),
+        };
+        Ok((out, x.1.shape().clone()))
+    }
+
+    /// (dx, dw, db) from the packed gradient op.
+    fn grads(&self, x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let packed = x.contiguous()?.apply_op3_no_bwd(
+            &w.contiguous()?,
+            &g.contiguous()?,
+            &NormGrad(*self),
+        )?;
+        let n = x.elem_count();
+        let cols = w.elem_count();
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, cols)?.reshape(w.shape())?;
+        let db = packed.narrow(0, n + cols, cols)?.reshape(w.shape())?;
+        Ok((dx, dw, db))
+    }
+}
+
+struct NormGrad(Norm);
+
+impl CustomOp3 for NormGrad {
+    fn name(&self) -> &'static str {
+        "fused-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = self.0;
+        let name = self.name();
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
+                CpuStorage::F32(norm_grad_rows(
+                    slice(x, l1, name)?,
+                    slice(w, l2, name)?,
+                    slice(g, l3, name)?,
+                    n.eps,
+                    n.centre,
+                    n.unit_offset,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
+                CpuStorage::F64(norm_grad_rows(
+                    slice(x, l1, name)?,
+                    slice(w, l2, name)?,
+                    slice(g, l3, name)?,
+                    n.eps,
+                    n.centre,
+                    n.unit_offset,
+                ))
+            }
+            _ => candle_core::bail!("{name} supports f32 and f64, all the same"),
+        };
+        let len = match &out {
+            CpuStorage::F32(v) => v.len(),
+            CpuStorage::F64(v) => v.len(),
+            _ => 0,
+        };
+        Ok((out, Shape::from(len)))
+    }
+}
+
+struct LayerNormOp(Norm);
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.0.forward((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.0.grads(x, w, grad)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+struct RmsNormOp(Norm);
+
+impl CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.0.forward((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.0.grads(x, w, grad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * w + b.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fusable(x) {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+        return normed.broadcast_mul(w)?.broadcast_add(b);
+    }
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        LayerNormOp(Norm {
+            eps,
+            centre: true,
+            unit_offset: false,
+        }),
+    )
+}
+
+/// RMSNorm over the last dimension: x / sqrt(mean(x^2) + eps) * s, with s = w, or 1 + w when
+/// `unit_offset` (Gemma).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, unit_offset: bool) -> Result<Tensor> {
+    if !fusable(x) {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+        let scale = if unit_offset { (w + 1.0)? } else { w.clone() };
+        return normed.broadcast_mul(&scale);
+    }
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        RmsNormOp(Norm {
+            eps,
+            centre: false,
+            unit_offset,
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use candle_core::{Device, Var};
+
+    fn random(shape: &[usize], seed: u64, scale: f64) -> Tensor {
+        let mut rng = Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n)
+            .map(|_| (rng.next_f64() * 2.0 - 1.0) * scale)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// A scalar loss that weights every output element differently.
+    fn probe_loss(y: &Tensor, seed: u64) -> Tensor {
+        let p = random(y.dims(), seed, 1.0);
+        (y * p).unwrap().sum_all().unwrap()
+    }
+
+    fn decomposed_norm(
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        eps: f64,
+        centre: bool,
+        offset: bool,
+    ) -> Tensor {
+        let centered = if centre {
+            x.broadcast_sub(&x.mean_keepdim(D::Minus1).unwrap())
+                .unwrap()
+        } else {
+            x.clone()
+        };
+        let var = centered.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let normed = centered
+            .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+            .unwrap();
+        let scale = if offset {
+            (w + 1.0).unwrap()
+        } else {
+            w.clone()
+        };
+        let y = normed.broadcast_mul(&scale).unwrap();
+        match b {
+            Some(b) => y.broadcast_add(b).unwrap(),
+            None => y,
+        }
+    }
+
+    #[test]
+    fn fused_softmax_matches_the_decomposed_one_in_values_and_gradients() {
+        for (i, shape) in [vec![3usize, 5], vec![2, 3, 4, 7], vec![1, 1], vec![4, 33]]
+            .iter()
+            .enumerate()
+        {
+            let x = Var::from_tensor(&random(shape, 10 + i as u64, 30.0)).unwrap();
+            let ours = softmax_last_dim(x.as_tensor()).unwrap();
+            let plain = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap();
+            assert!(max_diff(&ours, &plain) < 1e-12, "{shape:?}");
+            let g1 = probe_loss(&ours, 99).backward().unwrap();
+            let g2 = probe_loss(&plain, 99).backward().unwrap();
+            let d = max_diff(
+                g1.get(x.as_tensor()).unwrap(),
+                g2.get(x.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-12, "{shape:?}: gradient {d}");
+        }
+        // f32, and huge logits stay finite
+        let x = Tensor::new(&[[1e4f32, 0.0, -1e4], [3.0, 3.0, 3.0]], &Device::Cpu).unwrap();
+        let y = softmax_last_dim(&x).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(y[0], vec![1.0, 0.0, 0.0]);
+        assert!((y[1][0] - 1.0 / 3.0).abs() < 1e-7);
+    }
+
+    #[test]
+    fn fused_norms_match_the_decomposed_ones_in_values_and_gradients() {
+        for (i, (shape, centre, offset)) in [
+            (vec![4usize, 6], true, false),
+            (vec![2, 3, 8], true, false),
+            (vec![5, 7], false, false),
+            (vec![2, 2, 9], false, true),
+            (vec![1, 1], true, false),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let seed = 20 + i as u64 * 3;
+            let cols = *shape.last().unwrap();
+            let x = Var::from_tensor(&(random(&shape, seed, 3.0) + 0.5).unwrap()).unwrap();
+            let w = Var::from_tensor(&random(&[cols], seed + 1, 1.0)).unwrap();
+            let b = Var::from_tensor(&random(&[cols], seed + 2, 1.0)).unwrap();
+            let eps = 1e-5;
+            let (ours, plain) = if centre {
+                (
+                    layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), eps).unwrap(),
+                    decomposed_norm(
+                        x.as_tensor(),
+                        w.as_tensor(),
+                        Some(b.as_tensor()),
+                        eps,
+                        true,
+                        false,
+                    ),
+                )
+            } else {
+                (
+                    rms_norm(x.as_tensor(), w.as_tensor(), eps, offset).unwrap(),
+                    decomposed_norm(x.as_tensor(), w.as_tensor(), None, eps, false, offset),
+                )
+            };
+            assert!(max_diff(&ours, &plain) < 1e-10, "{shape:?} centre {centre}");
+            let g1 = probe_loss(&ours, 7).backward().unwrap();
+            let g2 = probe_loss(&plain, 7).backward().unwrap();
+            let mut vars = vec![("x", &x), ("w", &w)];
+            if centre {
+                vars.push(("b", &b));
+            }
+            for (name, v) in vars {
+                let d = max_diff(
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
+                assert!(
+                    d < 1e-9,
+                    "{shape:?} centre {centre} offset {offset}: d{name} {d}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fused_gelu_matches_candle_in_values_and_gradients() {
+        let x = Var::from_tensor(&random(&[3, 11], 41, 4.0)).unwrap();
+        let ours = gelu_erf(x.as_tensor()).unwrap();
+        let plain = x.as_tensor().gelu_erf().unwrap();
+        assert!(max_diff(&ours, &plain) < 1e-12);
+        let g1 = probe_loss(&ours, 5).backward().unwrap();
+        let g2 = probe_loss(&plain, 5).backward().unwrap();
+        // candle's backward rounds 1/sqrt(2 pi) to 0.398942
+        let d = max_diff(
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
+        assert!(d < 1e-5, "{d}");
+        // against finite differences
+        let h = 1e-6;
+        let xs = x
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let p = random(&[3, 11], 5, 1.0)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let grad = g1
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        for i in [0usize, 7, 20, 32] {
+            let f = |v: f64| {
+                let t = Tensor::new(&[v], &Device::Cpu).unwrap();
+                gelu_erf(&t).unwrap().to_vec1::<f64>().unwrap()[0]
+            };
+            let numeric = (f(xs[i] + h) - f(xs[i] - h)) / (2.0 * h) * p[i];
+            assert!(
+                (numeric - grad[i]).abs() < 1e-6,
+                "{i}: {numeric} vs {}",
+                grad[i]
+            );
+        }
+    }
+
+    #[test]
+    fn fused_rope_matches_the_decomposed_one_in_values_and_gradients() {
+        let (b, h, t, d) = (2, 3, 5, 8);
+        let positions = Tensor::from_vec(
+            (0..(b * t) as u32).map(|i| i % 7 + 2).collect::<Vec<_>>(),
+            (b, t),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (cos, sin) = crate::models::nn::Rope::new(d, 10000.0)
+            .tables(&positions)
+            .unwrap();
+        let (cos, sin) = (
+            cos.to_dtype(DType::F64).unwrap(),
+            sin.to_dtype(DType::F64).unwrap(),
+        );
+        // a non-contiguous input, as attention produces it
+        let base = Var::from_tensor(&random(&[b, t, h, d], 61, 2.0)).unwrap();
+        let x = base.as_tensor().transpose(1, 2).unwrap();
+        let ours = rope(&x, &cos, &sin).unwrap();
+        let x1 = x.narrow(D::Minus1, 0, d / 2).unwrap();
+        let x2 = x.narrow(D::Minus1, d / 2, d / 2).unwrap();
+        let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+        let plain =
+            (x.broadcast_mul(&cos).unwrap() + rotated.broadcast_mul(&sin).unwrap()).unwrap();
+        assert!(max_diff(&ours, &plain) < 1e-12);
+        let g1 = probe_loss(&ours, 62).backward().unwrap();
+        let g2 = probe_loss(&plain, 62).backward().unwrap();
+        let diff = max_diff(
+            g1.get(base.as_tensor()).unwrap(),
+            g2.get(base.as_tensor()).unwrap(),
+        );
+        assert!(diff < 1e-12, "{diff}");
+    }
+
+    #[test]
+    fn f32_norms_agree_with_f64() {
+        let x = random(&[3, 16], 5, 2.0);
+        let w = random(&[16], 6, 1.0);
+        let b = random(&[16], 7, 1.0);
+        let f64_out = layer_norm(&x, &w, &b, 1e-6).unwrap();
+        let f32_out = layer_norm(
+            &x.to_dtype(DType::F32).unwrap(),
+            &w.to_dtype(DType::F32).unwrap(),
+            &b.to_dtype(DType::F32).unwrap(),
+            1e-6,
+        )
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+        assert!(max_diff(&f64_out, &f32_out) < 1e-5);
+    }
+}
