@@ -396,6 +396,7 @@ pub fn run(
             };
             let (stage, _) = stages.get_or_compute("gen-weak", &key, || {
                 let s2s = load_trained()?;
+                let start = std::time::Instant::now();
                 let results = s2s.generate_all(
                     &strong_inputs,
                     g.weak_beams,
@@ -419,7 +420,14 @@ pub fn run(
                             .collect::<Result<Vec<_>>>()
                     })
                     .collect::<Result<Vec<_>>>()?;
+                let nbest_seconds = start.elapsed().as_secs_f64();
+                let start = std::time::Instant::now();
                 let test = evaluate(&s2s, &dataset.test, g, &format!("{name} test"), progress)?;
+                eprintln!(
+                    "weak {name}: {}-best lists {nbest_seconds:.0} s, test {:.0} s",
+                    g.weak_beams,
+                    start.elapsed().as_secs_f64()
+                );
                 Ok(WeakStage { test, nbest })
             })?;
             eprintln!(
@@ -600,7 +608,10 @@ pub fn run(
                     &format!("student {name}"),
                     make_task,
                 )?;
-                evaluate(&s2s, &dataset.test, g, &format!("{name} test"), progress)
+                let start = std::time::Instant::now();
+                let eval = evaluate(&s2s, &dataset.test, g, &format!("{name} test"), progress)?;
+                eprintln!("{name}: test {:.0} s", start.elapsed().as_secs_f64());
+                Ok(eval)
             })?;
             eprintln!(
                 "{name}: SLU-F1 {:.4} on test ({} unparsable)",

@@ -8,6 +8,9 @@ use candle_core::{Result, Tensor};
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     mask: Vec<Vec<u32>>,
+    /// Keep keys and values detached from the autograd graph. Decoding sets it: with trainable
+    /// weights (LoRA), every cached tensor would otherwise hold the graph of every earlier step.
+    pub detached: bool,
 }
 
 impl KvCache {
@@ -15,6 +18,7 @@ impl KvCache {
         KvCache {
             layers: vec![None; layers],
             mask: Vec::new(),
+            detached: false,
         }
     }
 
@@ -52,9 +56,14 @@ impl KvCache {
 
     /// Appends new keys and values of one layer; returns all of them.
     pub fn update(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = if self.detached {
+            (k.detach(), v.detach())
+        } else {
+            (k.clone(), v.clone())
+        };
         let (k, v) = match &self.layers[layer] {
             None => (k.contiguous()?, v.contiguous()?),
-            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
         };
         self.layers[layer] = Some((k.clone(), v.clone()));
         Ok((k, v))

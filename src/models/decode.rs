@@ -3,7 +3,7 @@
 
 use super::Network;
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 
 /// One generated continuation.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,12 +73,42 @@ fn left_pad(prompts: &[Vec<u32>], device: &Device) -> Result<(Tensor, Vec<Vec<u3
     Ok((Tensor::from_vec(ids, (prompts.len(), t), device)?, mask))
 }
 
-/// Log-softmax of the last position's logits, one row per batch element.
-fn last_logprobs(network: &Network, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
+/// The `keep` most likely next tokens with their log-probabilities, best first, for each batch
+/// row of the last position: one pass per row for the log-normaliser and one for the selection
+/// (no log-softmax tensor, no sort of the vocabulary).
+fn last_top_logprobs(
+    network: &Network,
+    hidden: &Tensor,
+    keep: usize,
+) -> Result<Vec<Vec<(u32, f32)>>> {
     let t = hidden.dim(1)?;
     let last = hidden.narrow(1, t - 1, 1)?;
-    let logits = network.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?;
-    Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?)
+    let logits = network.logits(&last)?.squeeze(1)?.detach();
+    Ok(logits
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec2::<f32>()?
+        .iter()
+        .map(|row| top_logprobs(row, keep))
+        .collect())
+}
+
+/// The `keep` largest entries of a logit row as (token, log-probability), best first.
+pub fn top_logprobs(row: &[f32], keep: usize) -> Vec<(u32, f32)> {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let log_norm = max as f64 + sum.ln();
+    let keep = keep.min(row.len()).max(1);
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(keep + 1);
+    for (v, &x) in row.iter().enumerate() {
+        if top.len() < keep || x > top[top.len() - 1].1 {
+            let at = top.partition_point(|&(_, y)| y >= x);
+            top.insert(at, (v as u32, x));
+            top.truncate(keep);
+        }
+    }
+    top.into_iter()
+        .map(|(v, x)| (v, (x as f64 - log_norm) as f32))
+        .collect()
 }
 
 /// Beam search (greedy when `beams` is 1) for a batch of prompts; returns, per prompt, up to
@@ -104,8 +134,9 @@ pub fn generate(
         .collect();
     let (ids, mask) = left_pad(&expanded, device)?;
     let mut cache = network.new_cache();
+    cache.detached = true;
     let hidden = network.hidden(&ids, &mask, &mut cache)?;
-    let mut logprobs = last_logprobs(network, &hidden)?;
+    let mut logprobs = last_top_logprobs(network, &hidden, 2 * k)?;
     // Live beams per prompt: (tokens, logprobs, cumulative score). Only beam 0 starts alive so that
     // the k copies of the prompt do not produce k identical hypotheses.
     let mut live: Vec<Vec<Beam>> = vec![
@@ -137,16 +168,11 @@ pub fn generate(
             let mut candidates: Vec<(f32, usize, u32, f32)> = Vec::new();
             if !done {
                 for (j, beam) in live[p].iter().enumerate() {
-                    let row = &logprobs[p * k + j];
-                    let mut top: Vec<(u32, f32)> = row
-                        .iter()
-                        .enumerate()
-                        .map(|(v, &lp)| (v as u32, lp))
-                        .collect();
-                    let keep = (2 * k).min(top.len());
-                    top.select_nth_unstable_by(keep - 1, |a, b| b.1.total_cmp(&a.1));
-                    top.truncate(keep);
-                    candidates.extend(top.into_iter().map(|(v, lp)| (beam.sum + lp, j, v, lp)));
+                    candidates.extend(
+                        logprobs[p * k + j]
+                            .iter()
+                            .map(|&(v, lp)| (beam.sum + lp, j, v, lp)),
+                    );
                 }
             }
             candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
@@ -184,7 +210,7 @@ pub fn generate(
         cache.select(&next_rows)?;
         let ids = Tensor::from_vec(next_tokens, (n_prompts * k, 1), device)?;
         let hidden = network.hidden(&ids, &vec![vec![1u32]; n_prompts * k], &mut cache)?;
-        logprobs = last_logprobs(network, &hidden)?;
+        logprobs = last_top_logprobs(network, &hidden, 2 * k)?;
     }
     let n_best = options.n_best.clamp(1, k);
     Ok(finished
