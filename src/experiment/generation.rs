@@ -1093,89 +1093,17 @@ pub fn markdown(results: &GenRunResults) -> String {
 }
 
 fn plots(results: &GenRunResults) -> Vec<(&'static str, String)> {
-    use crate::report::plot::{bar_chart, Bar, Reference};
-    let mean_of = |name: &str, m: &str| {
-        results
-            .summary
-            .get(name)
-            .and_then(|r| r.get(m))
-            .and_then(Option::as_ref)
-            .map(|s| (s.mean, s.ci95))
-    };
     let methods: Vec<String> = results
         .seeds
         .first()
         .map(|s| s.methods.iter().map(|m| m.method.clone()).collect())
         .unwrap_or_default();
-    let bars = |m: &str| -> Vec<Bar> {
-        methods
-            .iter()
-            .filter_map(|name| {
-                mean_of(name, m).map(|(value, interval)| Bar {
-                    label: name.clone(),
-                    value,
-                    interval,
-                })
-            })
-            .collect()
-    };
-    let weak: Vec<f64> = results
-        .config
-        .weak_labels()
-        .iter()
-        .filter_map(|l| mean_of(&format!("weak[{l}]"), "slu_f1").map(|v| v.0))
-        .collect();
-    let mut references = Vec::new();
-    if let Some((ceiling, _)) = mean_of("ceiling", "slu_f1") {
-        references.push(Reference {
-            label: "strong ceiling".into(),
-            value: ceiling,
-            color: "#d62728",
-        });
-    }
-    if !weak.is_empty() {
-        references.push(Reference {
-            label: "best weak".into(),
-            value: weak.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
-            color: "#2ca02c",
-        });
-        references.push(Reference {
-            label: "mean weak".into(),
-            value: weak.iter().sum::<f64>() / weak.len() as f64,
-            color: "#ff7f0e",
-        });
-    }
-    vec![
-        (
-            "slu_f1",
-            bar_chart(
-                "Test SLU-F1 per method",
-                "SLU-F1",
-                &bars("slu_f1"),
-                &references,
-            ),
-        ),
-        (
-            "pgr",
-            bar_chart(
-                "Performance gap recovered on SLU-F1 (vs best weak)",
-                "PGR vs best weak",
-                &bars("pgr_vs_best_weak"),
-                &[
-                    Reference {
-                        label: "weak".into(),
-                        value: 0.0,
-                        color: "#2ca02c",
-                    },
-                    Reference {
-                        label: "ceiling".into(),
-                        value: 1.0,
-                        color: "#d62728",
-                    },
-                ],
-            ),
-        ),
-    ]
+    super::pipeline::metric_plots(
+        &results.summary,
+        &results.config.weak_labels(),
+        &methods,
+        ("slu_f1", "Test SLU-F1 per method", "SLU-F1"),
+    )
 }
 
 fn text_column(

@@ -658,40 +658,54 @@ pub fn markdown(results: &RunResults) -> String {
 /// Accuracy per method (with the weak models and the ceiling as reference lines) and PGR per
 /// method, error bars the 95% bootstrap intervals over seeds.
 fn plots(results: &RunResults) -> Vec<(&'static str, String)> {
-    use crate::report::plot::{bar_chart, Bar, Reference};
-    let mean_of = |name: &str, metric: &str| {
-        results
-            .summary
-            .get(name)
-            .and_then(|m| m.get(metric))
-            .and_then(Option::as_ref)
-            .map(|s| (s.mean, s.ci95))
-    };
     let methods: Vec<String> = results
         .seeds
         .first()
         .map(|s| s.methods.iter().map(|m| m.method.clone()).collect())
         .unwrap_or_default();
-    let bars = |metric: &str| -> Vec<Bar> {
+    metric_plots(
+        &results.summary,
+        &results.config.weak_labels(),
+        &methods,
+        ("accuracy", "Test accuracy per method", "test accuracy"),
+    )
+}
+
+/// Two plots of a run: `metric` per method with the strong ceiling, the best and the mean weak
+/// model as reference lines (file name = the metric), and PGR against the best weak model per
+/// method (`pgr`); error bars are the 95% bootstrap intervals over seeds.
+pub(crate) fn metric_plots(
+    summary: &BTreeMap<String, BTreeMap<String, Option<Summary>>>,
+    weak_labels: &[String],
+    methods: &[String],
+    (metric, title, y_label): (&'static str, &str, &str),
+) -> Vec<(&'static str, String)> {
+    use crate::report::plot::{bar_chart, Bar, Reference};
+    let mean_of = |name: &str, m: &str| {
+        summary
+            .get(name)
+            .and_then(|r| r.get(m))
+            .and_then(Option::as_ref)
+            .map(|s| (s.mean, s.ci95))
+    };
+    let bars = |m: &str| -> Vec<Bar> {
         methods
             .iter()
-            .filter_map(|m| {
-                mean_of(m, metric).map(|(value, interval)| Bar {
-                    label: m.clone(),
+            .filter_map(|name| {
+                mean_of(name, m).map(|(value, interval)| Bar {
+                    label: name.clone(),
                     value,
                     interval,
                 })
             })
             .collect()
     };
-    let weak: Vec<f64> = results
-        .config
-        .weak_labels()
+    let weak: Vec<f64> = weak_labels
         .iter()
-        .filter_map(|l| mean_of(&format!("weak[{l}]"), "accuracy").map(|v| v.0))
+        .filter_map(|l| mean_of(&format!("weak[{l}]"), metric).map(|v| v.0))
         .collect();
     let mut references = Vec::new();
-    if let Some((ceiling, _)) = mean_of("ceiling", "accuracy") {
+    if let Some((ceiling, _)) = mean_of("ceiling", metric) {
         references.push(Reference {
             label: "strong ceiling".into(),
             value: ceiling,
@@ -699,28 +713,21 @@ fn plots(results: &RunResults) -> Vec<(&'static str, String)> {
         });
     }
     if !weak.is_empty() {
-        let best = weak.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let mean = weak.iter().sum::<f64>() / weak.len() as f64;
         references.push(Reference {
             label: "best weak".into(),
-            value: best,
+            value: weak.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
             color: "#2ca02c",
         });
         references.push(Reference {
             label: "mean weak".into(),
-            value: mean,
+            value: weak.iter().sum::<f64>() / weak.len() as f64,
             color: "#ff7f0e",
         });
     }
     vec![
         (
-            "accuracy",
-            bar_chart(
-                "Test accuracy per method",
-                "test accuracy",
-                &bars("accuracy"),
-                &references,
-            ),
+            metric,
+            bar_chart(title, y_label, &bars(metric), &references),
         ),
         (
             "pgr",

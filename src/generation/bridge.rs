@@ -46,27 +46,40 @@ pub enum Spread {
     OneHot,
 }
 
-/// Non-whitespace characters of `text` (lower-cased), each with the index of its word.
-fn word_chars(text: &str) -> (Vec<char>, Vec<usize>, usize) {
-    let mut chars = Vec::new();
-    let mut words = Vec::new();
-    let mut word = 0usize;
+/// The word (index in the whitespace split) of each character of `text`; `None` for whitespace.
+/// Also returns the number of words.
+fn char_words(text: &str) -> (Vec<Option<usize>>, usize) {
+    let mut out = Vec::new();
+    let mut words = 0usize;
     let mut in_word = false;
     for c in text.chars() {
         if c.is_whitespace() {
-            if in_word {
-                word += 1;
-            }
             in_word = false;
-            continue;
-        }
-        in_word = true;
-        for lower in c.to_lowercase() {
-            chars.push(lower);
-            words.push(word);
+            out.push(None);
+        } else {
+            if !in_word {
+                words += 1;
+            }
+            in_word = true;
+            out.push(Some(words - 1));
         }
     }
-    let count = if in_word { word + 1 } else { word };
+    (out, words)
+}
+
+/// Non-whitespace characters of `text` (lower-cased), each with the index of its word.
+fn word_chars(text: &str) -> (Vec<char>, Vec<usize>, usize) {
+    let (of_char, count) = char_words(text);
+    let mut chars = Vec::new();
+    let mut words = Vec::new();
+    for (c, word) in text.chars().zip(of_char) {
+        if let Some(word) = word {
+            for lower in c.to_lowercase() {
+                chars.push(lower);
+                words.push(word);
+            }
+        }
+    }
     (chars, words, count)
 }
 
@@ -112,21 +125,7 @@ pub fn encode_with_words(
         .inner
         .encode_char_offsets(text, false)
         .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-    let mut word_of_char: Vec<Option<usize>> = Vec::new();
-    let mut word = 0usize;
-    let mut in_word = false;
-    for c in text.chars() {
-        if c.is_whitespace() {
-            if in_word {
-                word += 1;
-            }
-            in_word = false;
-            word_of_char.push(None);
-        } else {
-            in_word = true;
-            word_of_char.push(Some(word));
-        }
-    }
+    let (word_of_char, _) = char_words(text);
     let words = encoding
         .get_offsets()
         .iter()

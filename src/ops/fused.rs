@@ -111,18 +111,23 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            res.contiguous()?
-                .apply_op2_no_bwd(&grad_res.contiguous()?, &SoftmaxGrad)?,
-        ))
+        Ok(Some(res.contiguous()?.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &SOFTMAX_GRAD,
+        )?))
     }
 }
 
-struct SoftmaxGrad;
+/// A gradient computed from two same-shaped tensors row by row (no backward of its own).
+struct RowGrad {
+    name: &'static str,
+    f32: fn(&[f32], &[f32], usize) -> Vec<f32>,
+    f64: fn(&[f64], &[f64], usize) -> Vec<f64>,
+}
 
-impl CustomOp2 for SoftmaxGrad {
+impl CustomOp2 for RowGrad {
     fn name(&self) -> &'static str {
-        "fused-softmax-grad"
+        self.name
     }
 
     fn cpu_fwd(
@@ -134,21 +139,27 @@ impl CustomOp2 for SoftmaxGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let cols = last_dim(l1);
         let out = match (s1, s2) {
-            (CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(softmax_grad_rows(
-                slice(y, l1, self.name())?,
-                slice(g, l2, self.name())?,
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32((self.f32)(
+                slice(a, l1, self.name)?,
+                slice(b, l2, self.name)?,
                 cols,
             )),
-            (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(softmax_grad_rows(
-                slice(y, l1, self.name())?,
-                slice(g, l2, self.name())?,
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64((self.f64)(
+                slice(a, l1, self.name)?,
+                slice(b, l2, self.name)?,
                 cols,
             )),
-            _ => candle_core::bail!("fused-softmax-grad: f32 or f64, both the same"),
+            _ => candle_core::bail!("{}: f32 or f64, both the same", self.name),
         };
         Ok((out, l1.shape().clone()))
     }
 }
+
+const SOFTMAX_GRAD: RowGrad = RowGrad {
+    name: "fused-softmax-grad",
+    f32: softmax_grad_rows::<f32>,
+    f64: softmax_grad_rows::<f64>,
+};
 
 fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
@@ -174,7 +185,7 @@ fn gelu_rows<T: Real>(x: &[T]) -> Vec<T> {
 }
 
 /// d/dx [x Phi(x)] = Phi(x) + x phi(x).
-fn gelu_grad_rows<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
+fn gelu_grad_rows<T: Real>(x: &[T], g: &[T], _cols: usize) -> Vec<T> {
     let inv_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
     x.iter()
         .zip(g)
@@ -202,39 +213,16 @@ impl CustomOp1 for Gelu {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(
             arg.contiguous()?
-                .apply_op2_no_bwd(&grad_res.contiguous()?, &GeluGrad)?,
+                .apply_op2_no_bwd(&grad_res.contiguous()?, &GELU_GRAD)?,
         ))
     }
 }
 
-struct GeluGrad;
-
-impl CustomOp2 for GeluGrad {
-    fn name(&self) -> &'static str {
-        "fused-gelu-erf-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(gelu_grad_rows(
-                slice(x, l1, self.name())?,
-                slice(g, l2, self.name())?,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(gelu_grad_rows(
-                slice(x, l1, self.name())?,
-                slice(g, l2, self.name())?,
-            )),
-            _ => candle_core::bail!("fused-gelu-erf-grad: f32 or f64, both the same"),
-        };
-        Ok((out, l1.shape().clone()))
-    }
-}
+const GELU_GRAD: RowGrad = RowGrad {
+    name: "fused-gelu-erf-grad",
+    f32: gelu_grad_rows::<f32>,
+    f64: gelu_grad_rows::<f64>,
+};
 
 /// GELU with the exact erf form, x Phi(x) (fused on the CPU, with backward).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
