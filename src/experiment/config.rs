@@ -129,7 +129,9 @@ pub struct GenerationConfig {
     pub spread: crate::generation::bridge::Spread,
     /// c of the token-EDL KL annealing (the original: 1e-4).
     pub edl_c: f64,
-    /// "softplus" (default for generation: no clamp on LM logits) or "exp" (clamped).
+    /// "exp" (clamped, METHOD.md's default) or "softplus". Softplus evidence over a whole
+    /// vocabulary collapsed the students in the CPU run: with alpha = e + 1 the label's share
+    /// alpha / S only grows by pushing its logit towards the vocabulary size.
     pub evidence: String,
     pub evidence_clamp: f64,
     pub edl_step_a_max: f64,
@@ -151,7 +153,7 @@ impl Default for GenerationConfig {
             share: Default::default(),
             spread: Default::default(),
             edl_c: 1e-4,
-            evidence: "softplus".into(),
+            evidence: "exp".into(),
             evidence_clamp: 10.0,
             edl_step_a_max: 0.2,
             edl_step_warmup: 0.25,
