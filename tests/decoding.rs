@@ -84,6 +84,7 @@ fn beam_search_returns_sorted_n_best_with_consistent_logprobs() {
         n_best: 4,
         eos_ids: vec![2],
         length_penalty: 1.0,
+        json_stop: None,
     };
     let results = generate(&model.network, &prompts, &options, &Device::Cpu).unwrap();
     for (prompt, hyps) in prompts.iter().zip(&results) {
@@ -125,6 +126,7 @@ fn beam_search_returns_sorted_n_best_with_consistent_logprobs() {
             n_best: 1,
             eos_ids: vec![],
             length_penalty: 1.0,
+            json_stop: None,
         },
         &Device::Cpu,
     )
@@ -172,4 +174,75 @@ fn encoders_cannot_generate() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("decoder"));
+}
+
+#[test]
+fn a_closed_json_object_ends_a_hypothesis() {
+    use std::sync::Arc;
+    use ws2s::models::decode::BraceTable;
+    let model = tiny("qwen2");
+    let prompt = vec![vec![11u32, 12, 13]];
+    let free = generate(
+        &model.network,
+        &prompt,
+        &DecodeOptions {
+            max_new_tokens: 6,
+            ..Default::default()
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
+    let t = &free[0][0].tokens;
+    assert_eq!(t.len(), 6);
+    // Pretend the first generated token opens an object.
+    let vocab = 1 + *t.iter().max().unwrap() as usize;
+    let mut pieces: Vec<Option<String>> = vec![Some("x".into()); vocab];
+    pieces[t[0] as usize] = Some("▁{\"".into());
+    // The first later token that differs from the opening one closes every object opened.
+    let at = (1..t.len())
+        .find(|&i| t[i] != t[0])
+        .expect("a random model that repeats one token six times");
+    pieces[t[at] as usize] = Some(format!("\"{}", "}".repeat(at)));
+    let table = BraceTable::from_pieces(pieces.iter().map(Option::as_deref));
+    let stopped = generate(
+        &model.network,
+        &prompt,
+        &DecodeOptions {
+            max_new_tokens: 6,
+            json_stop: Some(Arc::new(table)),
+            ..Default::default()
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(stopped[0][0].tokens, t[..=at].to_vec());
+}
+
+#[test]
+fn beam_search_in_a_batch_equals_beam_search_alone() {
+    // Prompts of different lengths finish at different steps and leave the batch.
+    let model = tiny("llama");
+    let prompts = vec![vec![3u32, 4, 5, 6, 7], vec![9u32], vec![20u32, 21, 22]];
+    let options = DecodeOptions {
+        max_new_tokens: 7,
+        beams: 3,
+        n_best: 3,
+        eos_ids: vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+        ..Default::default()
+    };
+    let batched = generate(&model.network, &prompts, &options, &Device::Cpu).unwrap();
+    for (prompt, hyps) in prompts.iter().zip(&batched) {
+        let alone = generate(
+            &model.network,
+            std::slice::from_ref(prompt),
+            &options,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(alone[0].len(), hyps.len());
+        for (a, b) in alone[0].iter().zip(hyps) {
+            assert_eq!(a.tokens, b.tokens);
+            assert!((a.score - b.score).abs() < 1e-4);
+        }
+    }
 }

@@ -125,6 +125,10 @@ pub struct GenerationConfig {
     pub max_new_tokens: usize,
     /// Prompts per beam-search batch.
     pub decode_batch: usize,
+    /// Test and preference-stage decoding end a hypothesis when the JSON object it opened
+    /// closes (as if end-of-sequence followed). The weak n-best lists always run to
+    /// end-of-sequence, whose log-probability the word bridge carries to the student.
+    pub stop_at_json: bool,
     pub share: crate::generation::bridge::Share,
     pub spread: crate::generation::bridge::Spread,
     /// c of the token-EDL KL annealing (the original: 1e-4).
@@ -150,6 +154,7 @@ impl Default for GenerationConfig {
             test_beams: 3,
             max_new_tokens: 64,
             decode_batch: 8,
+            stop_at_json: true,
             share: Default::default(),
             spread: Default::default(),
             edl_c: 1e-4,

@@ -266,6 +266,7 @@ fn evaluate(
         1,
         g.max_new_tokens,
         g.decode_batch,
+        g.stop_at_json,
         label,
         progress,
     )?;
@@ -346,8 +347,13 @@ pub fn run(
     let strong = ModelRef::new(strong_spec)?;
     let weak_names = config.weak_labels();
     let stages = StageCache::new(&ws2s_home().join("stages"));
-    let decode_json =
-        serde_json::to_string(&(&g.prompt, g.weak_beams, g.test_beams, g.max_new_tokens))?;
+    let decode_json = serde_json::to_string(&(
+        &g.prompt,
+        g.weak_beams,
+        g.test_beams,
+        g.max_new_tokens,
+        g.stop_at_json,
+    ))?;
     let mut seed_results = Vec::new();
     let mut label_rows: Vec<serde_json::Value> = Vec::new();
     let mut pair_rows: Vec<serde_json::Value> = Vec::new();
@@ -403,6 +409,7 @@ pub fn run(
                     g.weak_beams,
                     g.max_new_tokens,
                     g.decode_batch,
+                    false,
                     &format!("{name} n-best"),
                     progress,
                 )?;
@@ -752,6 +759,7 @@ pub fn run(
                         d.beams,
                         g.max_new_tokens,
                         g.decode_batch.div_ceil(2).max(1),
+                        g.stop_at_json,
                         "student n-best",
                         progress,
                     )?;

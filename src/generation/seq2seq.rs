@@ -2,7 +2,9 @@
 //! (the target text + end-of-sequence), teacher-forced losses, beam-search generation in batches,
 //! length-normalised scores, and LoRA adapters saved to / loaded from safetensors.
 
-use crate::models::decode::{continuation_logprobs_tensor, generate, DecodeOptions, Hypothesis};
+use crate::models::decode::{
+    continuation_logprobs_tensor, generate, BraceTable, DecodeOptions, Hypothesis,
+};
 use crate::models::features::progress_bar;
 use crate::models::params::{LoraConfig, Trainable};
 use crate::models::Model;
@@ -128,7 +130,17 @@ impl Seq2Seq {
         Ok(out)
     }
 
-    /// Beam search for every input, in batches, with a progress bar.
+    /// The braces of every token of the vocabulary (for stopping when a JSON object closes).
+    pub fn brace_table(&self) -> Result<BraceTable> {
+        let tokenizer = self.model.tokenizer()?;
+        let n = tokenizer.vocab_size() as u32;
+        let pieces: Vec<Option<String>> =
+            (0..n).map(|id| tokenizer.inner.id_to_token(id)).collect();
+        Ok(BraceTable::from_pieces(pieces.iter().map(Option::as_deref)))
+    }
+
+    /// Beam search for every input, in batches, with a progress bar. With `json_stop`, a
+    /// hypothesis ends when the JSON object it opened closes (or at end-of-sequence).
     #[allow(clippy::too_many_arguments)]
     pub fn generate_all(
         &self,
@@ -137,6 +149,7 @@ impl Seq2Seq {
         n_best: usize,
         max_new_tokens: usize,
         batch: usize,
+        json_stop: bool,
         label: &str,
         progress: bool,
     ) -> Result<Vec<Vec<Hypothesis>>> {
@@ -146,6 +159,11 @@ impl Seq2Seq {
             beams,
             n_best,
             length_penalty: 1.0,
+            json_stop: if json_stop {
+                Some(std::sync::Arc::new(self.brace_table()?))
+            } else {
+                None
+            },
         };
         let prompts: Vec<Vec<u32>> = inputs
             .iter()

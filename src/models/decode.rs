@@ -4,6 +4,7 @@
 use super::Network;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, D};
+use std::sync::Arc;
 
 /// One generated continuation.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +32,9 @@ pub struct DecodeOptions {
     /// How many hypotheses to return per prompt (at most `beams`).
     pub n_best: usize,
     pub length_penalty: f32,
+    /// When set, a hypothesis also ends as soon as the first JSON object it opened is closed
+    /// again (the braces each token holds, see [`BraceTable`]), like an end-of-sequence token.
+    pub json_stop: Option<Arc<BraceTable>>,
 }
 
 impl Default for DecodeOptions {
@@ -41,16 +45,79 @@ impl Default for DecodeOptions {
             beams: 1,
             n_best: 1,
             length_penalty: 1.0,
+            json_stop: None,
         }
     }
 }
 
-/// A live beam: tokens so far, their log-probabilities, and their sum.
+/// For every token id, how many `{` and `}` its text holds (ids past the table hold none).
+#[derive(Debug, Clone, Default)]
+pub struct BraceTable {
+    counts: Vec<(u8, u8)>,
+}
+
+impl BraceTable {
+    /// From the text of every token id (byte-fallback tokens `<0x7B>` / `<0x7D>` count too).
+    pub fn from_pieces<'a>(pieces: impl IntoIterator<Item = Option<&'a str>>) -> Self {
+        let counts = pieces
+            .into_iter()
+            .map(|piece| match piece {
+                Some("<0x7B>") => (1, 0),
+                Some("<0x7D>") => (0, 1),
+                Some(text) => (
+                    text.matches('{').count().min(255) as u8,
+                    text.matches('}').count().min(255) as u8,
+                ),
+                None => (0, 0),
+            })
+            .collect();
+        BraceTable { counts }
+    }
+
+    fn of(&self, token: u32) -> (i32, i32) {
+        self.counts
+            .get(token as usize)
+            .map_or((0, 0), |&(o, c)| (o as i32, c as i32))
+    }
+}
+
+/// A live beam: tokens so far, their log-probabilities, their sum, and the JSON brace depth.
 #[derive(Debug, Clone)]
 struct Beam {
     tokens: Vec<u32>,
     logprobs: Vec<f32>,
     sum: f32,
+    depth: i32,
+    opened: bool,
+}
+
+impl Beam {
+    /// Appends a token; true when it ends the hypothesis.
+    fn push(&mut self, token: u32, logprob: f32, options: &DecodeOptions) -> bool {
+        self.tokens.push(token);
+        self.logprobs.push(logprob);
+        self.sum += logprob;
+        if options.eos_ids.contains(&token) {
+            return true;
+        }
+        match &options.json_stop {
+            Some(table) => {
+                let (opens, closes) = table.of(token);
+                self.depth += opens - closes;
+                self.opened |= opens > 0;
+                self.opened && closes > 0 && self.depth <= 0
+            }
+            None => false,
+        }
+    }
+
+    fn into_hypothesis(self, length_penalty: f32) -> Hypothesis {
+        Hypothesis {
+            score: self.sum / (self.tokens.len().max(1) as f32).powf(length_penalty),
+            tokens: self.tokens,
+            logprobs: self.logprobs,
+        }
+    }
 }
 
 /// Left-pads prompts into a [B, T] id tensor and its 0/1 mask rows.
@@ -112,7 +179,8 @@ pub fn top_logprobs(row: &[f32], keep: usize) -> Vec<(u32, f32)> {
 }
 
 /// Beam search (greedy when `beams` is 1) for a batch of prompts; returns, per prompt, up to
-/// `n_best` hypotheses, best first.
+/// `n_best` hypotheses, best first. The batch holds one row per live beam: prompts are encoded
+/// once, and beams (and prompts) that have finished leave the batch.
 pub fn generate(
     network: &Network,
     prompts: &[Vec<u32>],
@@ -127,32 +195,33 @@ pub fn generate(
     if n_prompts == 0 {
         return Ok(Vec::new());
     }
-    // Every prompt is repeated once per beam: row p * k + j is beam j of prompt p.
-    let expanded: Vec<Vec<u32>> = prompts
-        .iter()
-        .flat_map(|p| std::iter::repeat_n(p.clone(), k))
-        .collect();
-    let (ids, mask) = left_pad(&expanded, device)?;
+    let (ids, mask) = left_pad(prompts, device)?;
     let mut cache = network.new_cache();
     cache.detached = true;
     let hidden = network.hidden(&ids, &mask, &mut cache)?;
     let mut logprobs = last_top_logprobs(network, &hidden, 2 * k)?;
-    // Live beams per prompt: (tokens, logprobs, cumulative score). Only beam 0 starts alive so that
-    // the k copies of the prompt do not produce k identical hypotheses.
+    // Live beams per prompt; live[p][j] is batch row first_row[p] + j.
     let mut live: Vec<Vec<Beam>> = vec![
         vec![Beam {
             tokens: Vec::new(),
             logprobs: Vec::new(),
-            sum: 0.0
+            sum: 0.0,
+            depth: 0,
+            opened: false,
         }];
         n_prompts
     ];
+    let mut first_row: Vec<usize> = (0..n_prompts).collect();
     let mut finished: Vec<Vec<Hypothesis>> = vec![Vec::new(); n_prompts];
-    let normalised = |sum: f32, len: usize| sum / (len.max(1) as f32).powf(options.length_penalty);
+    let penalty = options.length_penalty;
+    let normalised = |sum: f32, len: usize| sum / (len.max(1) as f32).powf(penalty);
     for step in 0..options.max_new_tokens {
-        let mut next_rows = Vec::with_capacity(n_prompts * k);
-        let mut next_tokens = Vec::with_capacity(n_prompts * k);
+        let mut next_rows = Vec::new();
+        let mut next_tokens = Vec::new();
         for p in 0..n_prompts {
+            if live[p].is_empty() {
+                continue;
+            }
             let done = finished[p].len() >= k && {
                 let worst = finished[p]
                     .iter()
@@ -162,14 +231,14 @@ pub fn generate(
                     .iter()
                     .map(|b| normalised(b.sum, b.tokens.len()))
                     .fold(f32::NEG_INFINITY, f32::max);
-                live[p].is_empty() || worst >= best_live
+                worst >= best_live
             };
             // Candidates: (cumulative score, beam, token, token logprob).
             let mut candidates: Vec<(f32, usize, u32, f32)> = Vec::new();
             if !done {
                 for (j, beam) in live[p].iter().enumerate() {
                     candidates.extend(
-                        logprobs[p * k + j]
+                        logprobs[first_row[p] + j]
                             .iter()
                             .map(|&(v, lp)| (beam.sum + lp, j, v, lp)),
                     );
@@ -177,39 +246,30 @@ pub fn generate(
             }
             candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
             let mut new_live = Vec::with_capacity(k);
-            for (score, j, token, lp) in candidates {
+            let start = next_rows.len();
+            for (_, j, token, lp) in candidates {
                 if new_live.len() >= k {
                     break;
                 }
                 let mut beam = live[p][j].clone();
-                beam.tokens.push(token);
-                beam.logprobs.push(lp);
-                beam.sum = score;
-                if options.eos_ids.contains(&token) {
-                    finished[p].push(Hypothesis {
-                        score: normalised(beam.sum, beam.tokens.len()),
-                        tokens: beam.tokens,
-                        logprobs: beam.logprobs,
-                    });
+                if beam.push(token, lp, options) {
+                    finished[p].push(beam.into_hypothesis(penalty));
                 } else {
                     new_live.push(beam);
-                    next_rows.push(p * k + j);
+                    next_rows.push(first_row[p] + j);
                     next_tokens.push(token);
                 }
             }
-            // Keep the batch rectangular: rows of dead beams repeat beam 0 of the prompt (ignored).
-            for _ in new_live.len()..k {
-                next_rows.push(p * k);
-                next_tokens.push(options.eos_ids.first().copied().unwrap_or(0));
-            }
+            first_row[p] = start;
             live[p] = new_live;
         }
-        if live.iter().all(Vec::is_empty) || step + 1 == options.max_new_tokens {
+        if next_rows.is_empty() || step + 1 == options.max_new_tokens {
             break;
         }
         cache.select(&next_rows)?;
-        let ids = Tensor::from_vec(next_tokens, (n_prompts * k, 1), device)?;
-        let hidden = network.hidden(&ids, &vec![vec![1u32]; n_prompts * k], &mut cache)?;
+        let rows = next_rows.len();
+        let ids = Tensor::from_vec(next_tokens, (rows, 1), device)?;
+        let hidden = network.hidden(&ids, &vec![vec![1u32]; rows], &mut cache)?;
         logprobs = last_top_logprobs(network, &hidden, 2 * k)?;
     }
     let n_best = options.n_best.clamp(1, k);
@@ -217,13 +277,7 @@ pub fn generate(
         .into_iter()
         .zip(live)
         .map(|(mut done, alive)| {
-            for beam in alive {
-                done.push(Hypothesis {
-                    score: normalised(beam.sum, beam.tokens.len()),
-                    tokens: beam.tokens,
-                    logprobs: beam.logprobs,
-                });
-            }
+            done.extend(alive.into_iter().map(|b| b.into_hypothesis(penalty)));
             done.sort_by(|a, b| b.score.total_cmp(&a.score));
             done.truncate(n_best);
             done
@@ -316,4 +370,49 @@ pub fn continuation_logprobs(
         .zip(continuations)
         .map(|(row, c)| row[..c.len()].to_vec())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_stop_waits_for_the_outermost_object() {
+        let table = BraceTable::from_pieces([
+            Some("▁{"),
+            Some("{\""),
+            Some("\"}"),
+            Some("<0x7D>"),
+            Some("x"),
+            Some("{}"),
+        ]);
+        let options = DecodeOptions {
+            json_stop: Some(Arc::new(table)),
+            eos_ids: vec![9],
+            ..Default::default()
+        };
+        let fresh = || Beam {
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            sum: 0.0,
+            depth: 0,
+            opened: false,
+        };
+        let mut beam = fresh();
+        // Text before the object, two opens, one close: still inside.
+        for token in [4, 0, 1, 2] {
+            assert!(!beam.push(token, -0.5, &options));
+        }
+        // The byte-fallback close ends it.
+        assert!(beam.push(3, -0.5, &options));
+        assert_eq!(beam.sum, -2.5);
+        // "{}" in one token opens and closes.
+        assert!(fresh().push(5, 0.0, &options));
+        // A stray close before any open does not end it; end-of-sequence does.
+        let mut beam = fresh();
+        assert!(!beam.push(2, 0.0, &options));
+        assert!(beam.push(9, 0.0, &options));
+        // Ids past the table hold no braces.
+        assert!(!fresh().push(1000, 0.0, &options));
+    }
 }
