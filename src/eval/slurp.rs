@@ -145,7 +145,9 @@ pub fn char_distance(reference: &str, hypothesis: &str) -> f64 {
     levenshtein(&a, &b) as f64 / longest as f64
 }
 
-fn span_counts(gold: &[Entity], predicted: &[Entity]) -> Counts {
+/// Exact (type, filler) matches between two entity multisets: true positives, false positives
+/// (predicted, unmatched), false negatives (gold, unmatched).
+pub fn span_counts(gold: &[Entity], predicted: &[Entity]) -> Counts {
     let mut remaining: Vec<&Entity> = gold.iter().collect();
     let mut counts = Counts::default();
     for entity in predicted {

@@ -94,6 +94,33 @@ pub fn summarize(values: &[f64], seed: u64) -> Option<Summary> {
     })
 }
 
+/// Summaries by row (a model or method) and column (a metric), as results tables print them.
+pub type SummaryTable =
+    std::collections::BTreeMap<String, std::collections::BTreeMap<String, Option<Summary>>>;
+
+/// Builds a [`SummaryTable`] cell by cell; every cell's bootstrap uses the same seed.
+pub struct SummaryBuilder {
+    pub table: SummaryTable,
+    bootstrap_seed: u64,
+}
+
+impl SummaryBuilder {
+    pub fn new(bootstrap_seed: u64) -> Self {
+        SummaryBuilder {
+            table: SummaryTable::new(),
+            bootstrap_seed,
+        }
+    }
+
+    /// Summarises `values` (one per seed) into row `name`, column `metric`.
+    pub fn add(&mut self, name: &str, metric: &str, values: Vec<f64>) {
+        self.table
+            .entry(name.to_string())
+            .or_default()
+            .insert(metric.to_string(), summarize(&values, self.bootstrap_seed));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

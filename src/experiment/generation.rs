@@ -17,7 +17,7 @@ use super::stages::{stage_key, StageCache};
 use crate::data::slurp::json_to_slots;
 use crate::data::{Dataset, Example, Label};
 use crate::eval::slurp::{slurp_metrics, SlotRecord, SlurpMetrics};
-use crate::eval::summary::{pgr, summarize, Summary};
+use crate::eval::summary::{pgr, Summary, SummaryBuilder, SummaryTable};
 use crate::generation::bridge::{bridge, BridgedTarget};
 use crate::generation::joint::{self, AgreementInput};
 use crate::generation::seq2seq::Seq2Seq;
@@ -105,7 +105,7 @@ pub struct GenRunResults {
     pub provenance: String,
     pub models: Vec<(String, String)>,
     pub seeds: Vec<GenSeedResult>,
-    pub summary: BTreeMap<String, BTreeMap<String, Option<Summary>>>,
+    pub summary: SummaryTable,
 }
 
 fn trainable_of(spec: &ModelSpec) -> Result<Trainable> {
@@ -222,6 +222,29 @@ fn gold_records(test: &[Example]) -> Vec<SlotRecord> {
             },
         })
         .collect()
+}
+
+/// Length-normalised log-likelihood of every candidate continuation of every input under one
+/// model: `result[i][c]` scores `candidates[i][c]` given `inputs[i]`.
+fn score_candidates(
+    s2s: &Seq2Seq,
+    inputs: &[&str],
+    candidates: &[Vec<String>],
+) -> Result<Vec<Vec<f64>>> {
+    let mut prompts = Vec::new();
+    let mut conts = Vec::new();
+    for (input, cands) in inputs.iter().zip(candidates) {
+        let prompt = s2s.prompt_ids(input)?;
+        for text in cands {
+            prompts.push(prompt.clone());
+            conts.push(s2s.target_ids(text)?);
+        }
+    }
+    let mut flat = s2s.scores(&prompts, &conts, 16)?.into_iter();
+    Ok(candidates
+        .iter()
+        .map(|cands| flat.by_ref().take(cands.len()).collect())
+        .collect())
 }
 
 /// Scores generated texts against the test gold.
@@ -376,32 +399,36 @@ pub fn run(
             .map(|e| e.input.as_str())
             .collect();
         // 1. Weak models: trained on weak_train, n-best on strong_train, scored on test.
+        let weak_train_keys: Vec<String> = weak_models
+            .iter()
+            .map(|m| stage_key(&["gen-weak-train", &m.key(), &data_hash, &g.prompt]))
+            .collect();
+        // Weak model j, fine-tuned on weak_train (its saved adapters when present).
+        let load_weak = |j: usize| {
+            trained(
+                &weak_models[j],
+                &weak_train_keys[j],
+                seed,
+                &g.prompt,
+                progress,
+                &format!("weak {}", weak_names[j]),
+                &|s2s| {
+                    ce_task(
+                        s2s,
+                        &weak_train_inputs,
+                        &weak_train_targets,
+                        vec![1.0; weak_train_inputs.len()],
+                    )
+                },
+            )
+        };
         let mut weak_keys = Vec::new();
         let mut weak_stages: Vec<WeakStage> = Vec::new();
-        for (j, model) in weak_models.iter().enumerate() {
-            let train_key = stage_key(&["gen-weak-train", &model.key(), &data_hash, &g.prompt]);
-            let key = stage_key(&["gen-weak", &train_key, &decode_json]);
+        for (j, train_key) in weak_train_keys.iter().enumerate() {
+            let key = stage_key(&["gen-weak", train_key, &decode_json]);
             let name = &weak_names[j];
-            let load_trained = || {
-                trained(
-                    model,
-                    &train_key,
-                    seed,
-                    &g.prompt,
-                    progress,
-                    &format!("weak {name}"),
-                    &|s2s| {
-                        ce_task(
-                            s2s,
-                            &weak_train_inputs,
-                            &weak_train_targets,
-                            vec![1.0; weak_train_inputs.len()],
-                        )
-                    },
-                )
-            };
             let (stage, _) = stages.get_or_compute("gen-weak", &key, || {
-                let s2s = load_trained()?;
+                let s2s = load_weak(j)?;
                 let start = std::time::Instant::now();
                 let results = s2s.generate_all(
                     &strong_inputs,
@@ -442,9 +469,9 @@ pub fn run(
                 stage.test.metrics.slu_f1, stage.test.unparsable
             );
             weak_stages.push(stage);
-            weak_keys.push((train_key, key));
+            weak_keys.push(key);
         }
-        let weak_stage_keys: Vec<&str> = weak_keys.iter().map(|(_, k)| k.as_str()).collect();
+        let weak_stage_keys: Vec<&str> = weak_keys.iter().map(String::as_str).collect();
         // 2. Joint rescoring of the pooled n-best lists by every weak model.
         let joint_key = stage_key(&["gen-joint", &weak_stage_keys.join(",")]);
         let (joint_stage, _) = stages.get_or_compute("gen-joint", &joint_key, || {
@@ -462,43 +489,18 @@ pub fn run(
                 .iter()
                 .map(|c| vec![vec![0.0; weak_models.len()]; c.len()])
                 .collect();
-            for (j, model) in weak_models.iter().enumerate() {
-                let s2s = trained(
-                    model,
-                    &weak_keys[j].0,
-                    seed,
-                    &g.prompt,
-                    progress,
-                    &format!("weak {}", weak_names[j]),
-                    &|s2s| {
-                        ce_task(
-                            s2s,
-                            &weak_train_inputs,
-                            &weak_train_targets,
-                            vec![1.0; weak_train_inputs.len()],
-                        )
-                    },
-                )?;
-                let mut prompts = Vec::new();
-                let mut conts = Vec::new();
-                let mut index = Vec::new();
-                for (i, cands) in candidates.iter().enumerate() {
-                    let prompt = s2s.prompt_ids(strong_inputs[i])?;
-                    for (c, text) in cands.iter().enumerate() {
-                        prompts.push(prompt.clone());
-                        conts.push(s2s.target_ids(text)?);
-                        index.push((i, c));
-                    }
-                }
+            for j in 0..weak_models.len() {
                 let start = std::time::Instant::now();
-                let s = s2s.scores(&prompts, &conts, 16)?;
-                for ((i, c), v) in index.into_iter().zip(s) {
-                    scores[i][c][j] = v;
+                let by_model = score_candidates(&load_weak(j)?, &strong_inputs, &candidates)?;
+                for (row, model_row) in scores.iter_mut().zip(by_model) {
+                    for (cell, v) in row.iter_mut().zip(model_row) {
+                        cell[j] = v;
+                    }
                 }
                 eprintln!(
                     "joint rescoring by {}: {} candidates ({:.0} s)",
                     weak_names[j],
-                    prompts.len(),
+                    candidates.iter().map(Vec::len).sum::<usize>(),
                     start.elapsed().as_secs_f64()
                 );
             }
@@ -778,23 +780,16 @@ pub fn run(
                         .collect::<Result<_>>()?;
                     let mut ensemble: Vec<Vec<f64>> =
                         candidates.iter().map(|c| vec![0.0; c.len()]).collect();
-                    for (j, model) in weak_models.iter().enumerate() {
-                        let s2s = model.load(seed, &g.prompt)?;
-                        s2s.load_trainable(&adapters_path(&weak_keys[j].0))?;
-                        let mut prompts = Vec::new();
-                        let mut conts = Vec::new();
-                        let mut index = Vec::new();
-                        for (i, cands) in candidates.iter().enumerate() {
-                            let prompt = s2s.prompt_ids(strong_inputs[i])?;
-                            for (c, (_, text)) in cands.iter().enumerate() {
-                                prompts.push(prompt.clone());
-                                conts.push(s2s.target_ids(text)?);
-                                index.push((i, c));
+                    let texts: Vec<Vec<String>> = candidates
+                        .iter()
+                        .map(|c| c.iter().map(|(_, t)| t.clone()).collect())
+                        .collect();
+                    for (j, weight) in weights.iter().enumerate() {
+                        let by_model = score_candidates(&load_weak(j)?, &strong_inputs, &texts)?;
+                        for (row, model_row) in ensemble.iter_mut().zip(by_model) {
+                            for (cell, v) in row.iter_mut().zip(model_row) {
+                                *cell += weight * v;
                             }
-                        }
-                        for ((i, c), v) in index.into_iter().zip(s2s.scores(&prompts, &conts, 16)?)
-                        {
-                            ensemble[i][c] += weights[j] * v;
                         }
                     }
                     let mut pairs = Vec::new();
@@ -948,70 +943,44 @@ fn metric(e: &GenEval, name: &str) -> f64 {
     }
 }
 
-fn summarise(
-    config: &ExperimentConfig,
-    seeds: &[GenSeedResult],
-) -> BTreeMap<String, BTreeMap<String, Option<Summary>>> {
-    let mut summary = BTreeMap::new();
-    let bootstrap_seed = config.seeds.first().copied().unwrap_or(0);
-    let mut add = |name: String, metric_name: &str, values: Vec<f64>| {
-        summary
-            .entry(name)
-            .or_insert_with(BTreeMap::new)
-            .insert(metric_name.to_string(), summarize(&values, bootstrap_seed));
-    };
+fn summarise(config: &ExperimentConfig, seeds: &[GenSeedResult]) -> SummaryTable {
+    let mut b = SummaryBuilder::new(config.seeds.first().copied().unwrap_or(0));
     for (j, label) in config.weak_labels().iter().enumerate() {
+        let name = format!("weak[{label}]");
         for m in METRICS {
-            add(
-                format!("weak[{label}]"),
+            b.add(
+                &name,
                 m,
                 seeds.iter().map(|s| metric(&s.weak[j], m)).collect(),
             );
         }
-        add(
-            format!("weak[{label}]"),
+        b.add(
+            &name,
             "weight",
             seeds.iter().map(|s| s.weights[j]).collect(),
         );
     }
     for m in METRICS {
-        add(
-            "ceiling".into(),
+        b.add(
+            "ceiling",
             m,
             seeds.iter().map(|s| metric(&s.ceiling, m)).collect(),
         );
     }
     if let Some(first) = seeds.first() {
         for (k, method) in first.methods.iter().enumerate() {
+            let column = |f: &dyn Fn(&GenMethodResult) -> Option<f64>| -> Vec<f64> {
+                seeds.iter().filter_map(|s| f(&s.methods[k])).collect()
+            };
+            let name = &method.method;
             for m in METRICS {
-                add(
-                    method.method.clone(),
-                    m,
-                    seeds
-                        .iter()
-                        .map(|s| metric(&s.methods[k].test, m))
-                        .collect(),
-                );
+                b.add(name, m, column(&|r| Some(metric(&r.test, m))));
             }
-            add(
-                method.method.clone(),
-                "pgr_vs_mean_weak",
-                seeds
-                    .iter()
-                    .filter_map(|s| s.methods[k].pgr_vs_mean_weak)
-                    .collect(),
-            );
-            add(
-                method.method.clone(),
-                "pgr_vs_best_weak",
-                seeds
-                    .iter()
-                    .filter_map(|s| s.methods[k].pgr_vs_best_weak)
-                    .collect(),
-            );
+            b.add(name, "pgr_vs_mean_weak", column(&|r| r.pgr_vs_mean_weak));
+            b.add(name, "pgr_vs_best_weak", column(&|r| r.pgr_vs_best_weak));
         }
     }
-    summary
+    b.table
 }
 
 fn cell(summary: Option<&Option<Summary>>) -> String {
@@ -1114,15 +1083,48 @@ fn plots(results: &GenRunResults) -> Vec<(&'static str, String)> {
     )
 }
 
-fn text_column(
-    rows: &[serde_json::Value],
-    get: &dyn Fn(&serde_json::Value) -> String,
-) -> ColumnData {
-    ColumnData::Utf8(rows.iter().map(get).collect())
+/// The type of a Parquet column taken from JSON rows.
+#[derive(Clone, Copy)]
+enum Col {
+    Int,
+    Text,
+    Num,
 }
 
-fn str_of(v: &serde_json::Value) -> String {
-    v.as_str().unwrap_or("").to_string()
+/// Parquet columns from JSON rows: (column name, type, JSON pointer of the value in a row).
+/// Missing values read as 0, "" and NaN.
+fn json_columns(
+    rows: &[serde_json::Value],
+    spec: &[(String, Col, String)],
+) -> Vec<(String, ColumnData)> {
+    spec.iter()
+        .map(|(name, col, pointer)| {
+            let values = rows.iter().map(|r| r.pointer(pointer));
+            let data = match col {
+                Col::Int => ColumnData::Int64(
+                    values
+                        .map(|v| v.and_then(|v| v.as_i64()).unwrap_or(0))
+                        .collect(),
+                ),
+                Col::Text => ColumnData::Utf8(
+                    values
+                        .map(|v| v.and_then(|v| v.as_str()).unwrap_or("").to_string())
+                        .collect(),
+                ),
+                Col::Num => ColumnData::Double(
+                    values
+                        .map(|v| v.and_then(|v| v.as_f64()).unwrap_or(f64::NAN))
+                        .collect(),
+                ),
+            };
+            (name.clone(), data)
+        })
+        .collect()
+}
+
+/// A top-level field as a column of the same name.
+fn field(name: &str, col: Col) -> (String, Col, String) {
+    (name.to_string(), col, format!("/{name}"))
 }
 
 fn write_jsonl(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
@@ -1147,80 +1149,40 @@ fn write_outputs(
     )?;
     crate::io::write_atomic(&out.join("results.md"), markdown(results).as_bytes())?;
     write_jsonl(&out.join("weak_labels.jsonl"), label_rows)?;
-    let mut columns = vec![
-        (
-            "seed".to_string(),
-            ColumnData::Int64(
-                label_rows
-                    .iter()
-                    .map(|r| r["seed"].as_i64().unwrap_or(0))
-                    .collect(),
-            ),
-        ),
-        (
-            "id".to_string(),
-            text_column(label_rows, &|r| str_of(&r["id"])),
-        ),
-        (
-            "text".to_string(),
-            text_column(label_rows, &|r| str_of(&r["text"])),
-        ),
-        (
-            "label".to_string(),
-            text_column(label_rows, &|r| str_of(&r["label"])),
-        ),
+    let mut spec = vec![
+        field("seed", Col::Int),
+        field("id", Col::Text),
+        field("text", Col::Text),
+        field("label", Col::Text),
     ];
     for name in results.config.weak_labels() {
-        columns.push((
+        let escaped = name.replace('~', "~0").replace('/', "~1");
+        spec.push((
             format!("weak:{name}"),
-            text_column(label_rows, &|r| str_of(&r["weak"][&name])),
+            Col::Text,
+            format!("/weak/{escaped}"),
         ));
     }
-    columns.push((
-        "joint".to_string(),
-        text_column(label_rows, &|r| str_of(&r["joint"])),
-    ));
-    crate::report::parquet::write(&out.join("weak_labels.parquet"), &columns)?;
+    spec.push(field("joint", Col::Text));
+    crate::report::parquet::write(
+        &out.join("weak_labels.parquet"),
+        &json_columns(label_rows, &spec),
+    )?;
     if !pair_rows.is_empty() {
         write_jsonl(&out.join("preference_pairs.jsonl"), pair_rows)?;
-        let num = |key: &'static str| {
-            ColumnData::Double(
-                pair_rows
-                    .iter()
-                    .map(|r| r[key].as_f64().unwrap_or(f64::NAN))
-                    .collect(),
-            )
-        };
-        let columns = vec![
-            (
-                "seed".to_string(),
-                ColumnData::Int64(
-                    pair_rows
-                        .iter()
-                        .map(|r| r["seed"].as_i64().unwrap_or(0))
-                        .collect(),
-                ),
-            ),
-            (
-                "id".to_string(),
-                text_column(pair_rows, &|r| str_of(&r["id"])),
-            ),
-            (
-                "prompt".to_string(),
-                text_column(pair_rows, &|r| str_of(&r["prompt"])),
-            ),
-            (
-                "chosen".to_string(),
-                text_column(pair_rows, &|r| str_of(&r["chosen"])),
-            ),
-            (
-                "rejected".to_string(),
-                text_column(pair_rows, &|r| str_of(&r["rejected"])),
-            ),
-            ("chosen_score".to_string(), num("chosen_score")),
-            ("rejected_score".to_string(), num("rejected_score")),
+        let spec = [
+            field("seed", Col::Int),
+            field("id", Col::Text),
+            field("prompt", Col::Text),
+            field("chosen", Col::Text),
+            field("rejected", Col::Text),
+            field("chosen_score", Col::Num),
+            field("rejected_score", Col::Num),
         ];
-        crate::report::parquet::write(&out.join("preference_pairs.parquet"), &columns)?;
+        crate::report::parquet::write(
+            &out.join("preference_pairs.parquet"),
+            &json_columns(pair_rows, &spec),
+        )?;
     }
     for (name, svg) in plots(results) {
         crate::io::write_atomic(&out.join(format!("{name}.svg")), svg.as_bytes())?;

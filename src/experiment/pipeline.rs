@@ -9,7 +9,7 @@ use super::learner::{FeatureTable, FinetuneLearner, Learner, Predictor, ProbeLea
 use super::stages::{stage_key, StageCache};
 use crate::data::{self, Dataset, Example};
 use crate::eval::classify::{classify_metrics, ClassifyMetrics, Prediction};
-use crate::eval::summary::{pgr, summarize, Summary};
+use crate::eval::summary::{pgr, Summary, SummaryBuilder, SummaryTable};
 use crate::losses::{self, Evidence};
 use crate::models::features::{extract, feature_key, load_cached, store_cached, FeatureOptions};
 use crate::models::heads::Pooling;
@@ -68,7 +68,7 @@ pub struct RunResults {
     pub provenance: String,
     pub models: Vec<(String, String)>,
     pub seeds: Vec<SeedResult>,
-    pub summary: BTreeMap<String, BTreeMap<String, Option<Summary>>>,
+    pub summary: SummaryTable,
 }
 
 fn one_hot_rows(examples: &[Example], k: usize) -> Rows {
@@ -543,33 +543,23 @@ pub fn run(
     Ok(results)
 }
 
-fn summarise(
-    config: &ExperimentConfig,
-    seeds: &[SeedResult],
-) -> BTreeMap<String, BTreeMap<String, Option<Summary>>> {
-    let mut summary = BTreeMap::new();
-    let bootstrap_seed = config.seeds.first().copied().unwrap_or(0);
-    let mut add = |name: String, metric: &str, values: Vec<f64>| {
-        summary
-            .entry(name)
-            .or_insert_with(BTreeMap::new)
-            .insert(metric.to_string(), summarize(&values, bootstrap_seed));
-    };
+fn summarise(config: &ExperimentConfig, seeds: &[SeedResult]) -> SummaryTable {
+    let mut b = SummaryBuilder::new(config.seeds.first().copied().unwrap_or(0));
     for (j, label) in config.weak_labels().iter().enumerate() {
         let name = format!("weak[{label}]");
-        add(
-            name.clone(),
+        b.add(
+            &name,
             "accuracy",
             seeds.iter().map(|s| s.weak[j].accuracy).collect(),
         );
-        add(
-            name,
+        b.add(
+            &name,
             "learned_reliability",
             seeds.iter().map(|s| s.learned_reliability[j]).collect(),
         );
     }
-    add(
-        "ceiling".into(),
+    b.add(
+        "ceiling",
         "accuracy",
         seeds.iter().map(|s| s.ceiling.accuracy).collect(),
     );
@@ -578,26 +568,15 @@ fn summarise(
             let column = |f: &dyn Fn(&MethodResult) -> Option<f64>| -> Vec<f64> {
                 seeds.iter().filter_map(|s| f(&s.methods[k])).collect()
             };
-            add(
-                method.method.clone(),
-                "accuracy",
-                column(&|m| Some(m.test.accuracy)),
-            );
-            add(method.method.clone(), "auroc", column(&|m| m.test.auroc));
-            add(method.method.clone(), "ece", column(&|m| Some(m.test.ece)));
-            add(
-                method.method.clone(),
-                "pgr_vs_mean_weak",
-                column(&|m| m.pgr_vs_mean_weak),
-            );
-            add(
-                method.method.clone(),
-                "pgr_vs_best_weak",
-                column(&|m| m.pgr_vs_best_weak),
-            );
+            let name = &method.method;
+            b.add(name, "accuracy", column(&|m| Some(m.test.accuracy)));
+            b.add(name, "auroc", column(&|m| m.test.auroc));
+            b.add(name, "ece", column(&|m| Some(m.test.ece)));
+            b.add(name, "pgr_vs_mean_weak", column(&|m| m.pgr_vs_mean_weak));
+            b.add(name, "pgr_vs_best_weak", column(&|m| m.pgr_vs_best_weak));
         }
     }
-    summary
+    b.table
 }
 
 pub(crate) fn cell(summary: Option<&Option<Summary>>) -> String {
@@ -675,7 +654,7 @@ fn plots(results: &RunResults) -> Vec<(&'static str, String)> {
 /// model as reference lines (file name = the metric), and PGR against the best weak model per
 /// method (`pgr`); error bars are the 95% bootstrap intervals over seeds.
 pub(crate) fn metric_plots(
-    summary: &BTreeMap<String, BTreeMap<String, Option<Summary>>>,
+    summary: &SummaryTable,
     weak_labels: &[String],
     methods: &[String],
     (metric, title, y_label): (&'static str, &str, &str),

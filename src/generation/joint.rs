@@ -12,6 +12,7 @@
 
 use crate::data::slurp::json_to_slots;
 use crate::data::Entity;
+use crate::eval::slurp::span_counts;
 
 /// The pooled candidates of one input: texts in order of first appearance over the models' lists.
 pub fn pool_candidates(nbest: &[&[String]]) -> Vec<String> {
@@ -77,15 +78,9 @@ pub fn slot_agreement(a: &[Entity], b: &[Entity]) -> f64 {
     if a.is_empty() && b.is_empty() {
         return 1.0;
     }
-    let mut rest: Vec<&Entity> = b.iter().collect();
-    let mut common = 0usize;
-    for e in a {
-        if let Some(i) = rest.iter().position(|r| *r == e) {
-            rest.swap_remove(i);
-            common += 1;
-        }
-    }
-    2.0 * common as f64 / (a.len() + b.len()) as f64
+    // tp + fp = |A| and tp + fn = |B|: the span F1 of A against B.
+    let c = span_counts(b, a);
+    2.0 * c.tp / (2.0 * c.tp + c.fp + c.fn_)
 }
 
 /// One input for the agreement estimate: the pooled candidates, each model's score of each

@@ -7,13 +7,17 @@
 //! Rows are the last dimension; inputs are made contiguous. Accumulation is in f64 for f32 and f64
 //! data. On other devices (and dtypes) the functions fall back to the decomposed forms.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
 
-trait Real: Copy {
+trait Real: Copy + 'static {
     fn to(self) -> f64;
     fn from(v: f64) -> Self;
+    /// The values of a storage of this type.
+    fn borrow(storage: &CpuStorage) -> Option<&[Self]>;
+    fn wrap(values: Vec<Self>) -> CpuStorage;
 }
 
 impl Real for f32 {
@@ -22,6 +26,15 @@ impl Real for f32 {
     }
     fn from(v: f64) -> Self {
         v as f32
+    }
+    fn borrow(storage: &CpuStorage) -> Option<&[Self]> {
+        match storage {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn wrap(values: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(values)
     }
 }
 
@@ -32,30 +45,52 @@ impl Real for f64 {
     fn from(v: f64) -> Self {
         v
     }
+    fn borrow(storage: &CpuStorage) -> Option<&[Self]> {
+        match storage {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn wrap(values: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(values)
+    }
 }
 
-fn slice<'a, T>(values: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+/// The contiguous values of an input of type `T`; an error when the input is of another type or
+/// not contiguous.
+fn typed<'a, T: Real>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [T]> {
+    let values = T::borrow(storage).ok_or_else(|| {
+        candle_core::Error::Msg(format!("{what} supports f32 and f64, every input the same"))
+    })?;
     let (start, end) = layout
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg(format!("{what} needs a contiguous input")))?;
     Ok(&values[start..end])
 }
 
+/// The CPU storage behind a tensor's storage.
+fn cpu<'a>(storage: &'a candle_core::Storage, what: &str) -> Result<&'a CpuStorage> {
+    match storage {
+        candle_core::Storage::Cpu(s) => Ok(s),
+        _ => candle_core::bail!("{what}: CPU tensors only"),
+    }
+}
+
 fn last_dim(layout: &Layout) -> usize {
     layout.shape().dims().last().copied().unwrap_or(1).max(1)
 }
 
-/// Applies `f` to the f32 or f64 slices of one storage.
-macro_rules! dispatch1 {
-    ($storage:expr, $layout:expr, $what:expr, |$x:ident| $body:expr) => {
-        match $storage {
-            CpuStorage::F32(v) => {
-                let $x = slice(v, $layout, $what)?;
-                CpuStorage::F32($body)
+/// Runs `$body` with the type alias `$t` bound to f32 or f64, as `$dtype` says.
+macro_rules! by_dtype {
+    ($dtype:expr, $what:expr, |$t:ident| $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
             }
-            CpuStorage::F64(v) => {
-                let $x = slice(v, $layout, $what)?;
-                CpuStorage::F64($body)
+            DType::F64 => {
+                type $t = f64;
+                $body
             }
             _ => candle_core::bail!("{} supports f32 and f64", $what),
         }
@@ -106,7 +141,11 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let cols = last_dim(layout);
-        let out = dispatch1!(storage, layout, "fused-softmax", |x| softmax_rows(x, cols));
+        let name = self.name();
+        let out = by_dtype!(storage.dtype(), name, |T| T::wrap(softmax_rows::<T>(
+            typed(storage, layout, name)?,
+            cols
+        )));
         Ok((out, layout.shape().clone()))
     }
 
@@ -118,16 +157,31 @@ impl CustomOp1 for Softmax {
     }
 }
 
+/// Which gradient a [`RowGrad`] computes.
+#[derive(Clone, Copy)]
+enum RowGradKind {
+    Softmax,
+    Gelu,
+}
+
 /// A gradient computed from two same-shaped tensors row by row (no backward of its own).
-struct RowGrad {
-    name: &'static str,
-    f32: fn(&[f32], &[f32], usize) -> Vec<f32>,
-    f64: fn(&[f64], &[f64], usize) -> Vec<f64>,
+struct RowGrad(RowGradKind);
+
+impl RowGrad {
+    fn rows<T: Real>(&self, a: &[T], b: &[T], cols: usize) -> Vec<T> {
+        match self.0 {
+            RowGradKind::Softmax => softmax_grad_rows(a, b, cols),
+            RowGradKind::Gelu => gelu_grad_rows(a, b, cols),
+        }
+    }
 }
 
 impl CustomOp2 for RowGrad {
     fn name(&self) -> &'static str {
-        self.name
+        match self.0 {
+            RowGradKind::Softmax => "fused-softmax-grad",
+            RowGradKind::Gelu => "fused-gelu-erf-grad",
+        }
     }
 
     fn cpu_fwd(
@@ -138,28 +192,17 @@ impl CustomOp2 for RowGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let cols = last_dim(l1);
-        let out = match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32((self.f32)(
-                slice(a, l1, self.name)?,
-                slice(b, l2, self.name)?,
-                cols,
-            )),
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64((self.f64)(
-                slice(a, l1, self.name)?,
-                slice(b, l2, self.name)?,
-                cols,
-            )),
-            _ => candle_core::bail!("{}: f32 or f64, both the same", self.name),
-        };
+        let name = self.name();
+        let out = by_dtype!(s1.dtype(), name, |T| T::wrap(self.rows::<T>(
+            typed(s1, l1, name)?,
+            typed(s2, l2, name)?,
+            cols
+        )));
         Ok((out, l1.shape().clone()))
     }
 }
 
-const SOFTMAX_GRAD: RowGrad = RowGrad {
-    name: "fused-softmax-grad",
-    f32: softmax_grad_rows::<f32>,
-    f64: softmax_grad_rows::<f64>,
-};
+const SOFTMAX_GRAD: RowGrad = RowGrad(RowGradKind::Softmax);
 
 fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
@@ -206,7 +249,10 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = dispatch1!(storage, layout, "fused-gelu-erf", |x| gelu_rows(x));
+        let name = self.name();
+        let out = by_dtype!(storage.dtype(), name, |T| T::wrap(gelu_rows::<T>(typed(
+            storage, layout, name
+        )?)));
         Ok((out, layout.shape().clone()))
     }
 
@@ -218,11 +264,7 @@ impl CustomOp1 for Gelu {
     }
 }
 
-const GELU_GRAD: RowGrad = RowGrad {
-    name: "fused-gelu-erf-grad",
-    f32: gelu_grad_rows::<f32>,
-    f64: gelu_grad_rows::<f64>,
-};
+const GELU_GRAD: RowGrad = RowGrad(RowGradKind::Gelu);
 
 /// GELU with the exact erf form, x Phi(x) (fused on the CPU, with backward).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
@@ -287,31 +329,14 @@ impl CustomOp1 for Rope {
         let (cos_s, cos_l) = self.cos.storage_and_layout();
         let (sin_s, sin_l) = self.sin.storage_and_layout();
         let name = self.name();
-        let out = match (storage, &*cos_s, &*sin_s) {
-            (
-                CpuStorage::F32(x),
-                candle_core::Storage::Cpu(CpuStorage::F32(c)),
-                candle_core::Storage::Cpu(CpuStorage::F32(s)),
-            ) => CpuStorage::F32(rope_rows(
-                slice(x, layout, name)?,
-                slice(c, cos_l, name)?,
-                slice(s, sin_l, name)?,
-                dims,
-                self.inverse,
-            )),
-            (
-                CpuStorage::F64(x),
-                candle_core::Storage::Cpu(CpuStorage::F64(c)),
-                candle_core::Storage::Cpu(CpuStorage::F64(s)),
-            ) => CpuStorage::F64(rope_rows(
-                slice(x, layout, name)?,
-                slice(c, cos_l, name)?,
-                slice(s, sin_l, name)?,
-                dims,
-                self.inverse,
-            )),
-            _ => candle_core::bail!("fused-rope supports f32 and f64 (x and tables alike)"),
-        };
+        let (cos_s, sin_s) = (cpu(&cos_s, name)?, cpu(&sin_s, name)?);
+        let out = by_dtype!(storage.dtype(), name, |T| T::wrap(rope_rows::<T>(
+            typed(storage, layout, name)?,
+            typed(cos_s, cos_l, name)?,
+            typed(sin_s, sin_l, name)?,
+            dims,
+            self.inverse,
+        )));
         Ok((out, layout.shape().clone()))
     }
 
@@ -450,39 +475,20 @@ impl Norm {
         b: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let out = match (x.0, w.0, b.map(|b| b.0)) {
-            (CpuStorage::F32(xv), CpuStorage::F32(wv), bias) => {
-                let bias = match bias {
-                    Some(CpuStorage::F32(bv)) => Some(slice(bv, b.expect("bias").1, name)?),
-                    Some(_) => candle_core::bail!("{name}: mixed dtypes"),
-                    None => None,
-                };
-                CpuStorage::F32(norm_rows(
-                    slice(xv, x.1, name)?,
-                    slice(wv, w.1, name)?,
-                    bias,
-                    self.eps,
-                    self.centre,
-                    self.unit_offset,
-                ))
-            }
-            (CpuStorage::F64(xv), CpuStorage::F64(wv), bias) => {
-                let bias = match bias {
-                    Some(CpuStorage::F64(bv)) => Some(slice(bv, b.expect("bias").1, name)?),
-                    Some(_) => candle_core::bail!("{name}: mixed dtypes"),
-                    None => None,
-                };
-                CpuStorage::F64(norm_rows(
-                    slice(xv, x.1, name)?,
-                    slice(wv, w.1, name)?,
-                    bias,
-                    self.eps,
-                    self.centre,
-                    self.unit_offset,
-                ))
-            }
-            _ => candle_core::bail!("{name} supports f32 and f64, all the same"),
-        };
+        let out = by_dtype!(x.0.dtype(), name, |T| {
+            let bias = match b {
+                Some((s, l)) => Some(typed::<T>(s, l, name)?),
+                None => None,
+            };
+            T::wrap(norm_rows::<T>(
+                typed(x.0, x.1, name)?,
+                typed(w.0, w.1, name)?,
+                bias,
+                self.eps,
+                self.centre,
+                self.unit_offset,
+            ))
+        });
         Ok((out, x.1.shape().clone()))
     }
 
@@ -520,34 +526,18 @@ impl CustomOp3 for NormGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let n = self.0;
         let name = self.name();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                CpuStorage::F32(norm_grad_rows(
-                    slice(x, l1, name)?,
-                    slice(w, l2, name)?,
-                    slice(g, l3, name)?,
-                    n.eps,
-                    n.centre,
-                    n.unit_offset,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
-                CpuStorage::F64(norm_grad_rows(
-                    slice(x, l1, name)?,
-                    slice(w, l2, name)?,
-                    slice(g, l3, name)?,
-                    n.eps,
-                    n.centre,
-                    n.unit_offset,
-                ))
-            }
-            _ => candle_core::bail!("{name} supports f32 and f64, all the same"),
-        };
-        let len = match &out {
-            CpuStorage::F32(v) => v.len(),
-            CpuStorage::F64(v) => v.len(),
-            _ => 0,
-        };
+        let (out, len) = by_dtype!(s1.dtype(), name, |T| {
+            let packed = norm_grad_rows::<T>(
+                typed(s1, l1, name)?,
+                typed(s2, l2, name)?,
+                typed(s3, l3, name)?,
+                n.eps,
+                n.centre,
+                n.unit_offset,
+            );
+            let len = packed.len();
+            (T::wrap(packed), len)
+        });
         Ok((out, Shape::from(len)))
     }
 }
