@@ -106,6 +106,8 @@ pub struct GenRunResults {
     pub models: Vec<(String, String)>,
     pub seeds: Vec<GenSeedResult>,
     pub summary: SummaryTable,
+    /// Wall-clock seconds of the whole run (cached stages take almost none).
+    pub wall_seconds: f64,
 }
 
 fn trainable_of(spec: &ModelSpec) -> Result<Trainable> {
@@ -348,6 +350,7 @@ pub fn run(
     out: &Path,
     progress: bool,
 ) -> Result<GenRunResults> {
+    let started = std::time::Instant::now();
     let g = &config.generation;
     let strong_spec = config
         .strong
@@ -927,6 +930,7 @@ pub fn run(
         models,
         seeds: seed_results,
         summary,
+        wall_seconds: started.elapsed().as_secs_f64(),
     };
     write_outputs(out, &results, &label_rows, &pair_rows)?;
     Ok(results)
@@ -987,6 +991,16 @@ fn cell(summary: Option<&Option<Summary>>) -> String {
     super::pipeline::cell(summary)
 }
 
+/// A count over seeds: an integer when it is one (one seed, or every seed the same).
+fn count_cell(summary: Option<&Option<Summary>>) -> String {
+    match summary.and_then(Option::as_ref) {
+        Some(s) if s.values.iter().all(|v| *v == s.mean && v.fract() == 0.0) => {
+            format!("{}", s.mean as i64)
+        }
+        _ => cell(summary),
+    }
+}
+
 /// The table a paper would print.
 pub fn markdown(results: &GenRunResults) -> String {
     let c = &results.config;
@@ -996,7 +1010,8 @@ pub fn markdown(results: &GenRunResults) -> String {
          Test decoding: beam {}; weak labels: {}-best lists. SLU-F1 as the official SLURP scorer \
          defines it; an unparsable output counts as no slots. Cells: mean ± std over seeds [95% \
          bootstrap interval of the mean]. PGR = (student - weak) / (ceiling - weak) on SLU-F1, \
-         against the mean of the weak models and against the best one.\n\n",
+         against the mean of the weak models and against the best one. Unparsable: outputs (of \
+         {}) that are not a JSON object of strings. Wall time of the run: {:.0} s.\n\n",
         c.name,
         c.task.name,
         sizes[0],
@@ -1005,7 +1020,9 @@ pub fn markdown(results: &GenRunResults) -> String {
         c.seeds,
         results.provenance,
         c.generation.test_beams,
-        c.generation.weak_beams
+        c.generation.weak_beams,
+        sizes[2],
+        results.wall_seconds
     );
     let row = |name: &str| results.summary.get(name);
     out.push_str("| model | SLU-F1 | span F1 | exact match | unparsable | weight |\n|---|---|---|---|---|---|\n");
@@ -1016,7 +1033,7 @@ pub fn markdown(results: &GenRunResults) -> String {
             cell(r.and_then(|r| r.get("slu_f1"))),
             cell(r.and_then(|r| r.get("span_f1"))),
             cell(r.and_then(|r| r.get("exact_match"))),
-            cell(r.and_then(|r| r.get("unparsable"))),
+            count_cell(r.and_then(|r| r.get("unparsable"))),
             cell(r.and_then(|r| r.get("weight"))),
         ));
     }
@@ -1027,7 +1044,7 @@ pub fn markdown(results: &GenRunResults) -> String {
         cell(r.and_then(|r| r.get("slu_f1"))),
         cell(r.and_then(|r| r.get("span_f1"))),
         cell(r.and_then(|r| r.get("exact_match"))),
-        cell(r.and_then(|r| r.get("unparsable"))),
+        count_cell(r.and_then(|r| r.get("unparsable"))),
     ));
     out.push_str("| method | SLU-F1 | span F1 | exact match | unparsable | PGR vs mean weak | PGR vs best weak |\n|---|---|---|---|---|---|---|\n");
     if let Some(first) = results.seeds.first() {
@@ -1040,7 +1057,7 @@ pub fn markdown(results: &GenRunResults) -> String {
                 get("slu_f1"),
                 get("span_f1"),
                 get("exact_match"),
-                get("unparsable"),
+                count_cell(r.and_then(|r| r.get("unparsable"))),
                 get("pgr_vs_mean_weak"),
                 get("pgr_vs_best_weak"),
             ));
@@ -1049,15 +1066,20 @@ pub fn markdown(results: &GenRunResults) -> String {
     for s in &results.seeds {
         if let Some(d) = &s.dpo {
             out.push_str(&format!(
-                "\n## Preference stage (seed {})\n\nConservative DPO after `{}`: {} pairs, {} prompts skipped (tie).\n\
-                 SLU-F1 before {:.4}, after {:.4}.\n\n| epoch | reward margin | chosen log-prob | rejected log-prob | pairs ordered |\n|---|---|---|---|---|\n",
-                s.seed,
-                d.after,
-                d.pairs,
-                d.skipped_ties,
-                d.before.test.metrics.slu_f1,
-                d.after_dpo.test.metrics.slu_f1
+                "\n## Preference stage (seed {})\n\nConservative DPO after `{}`: {} pairs, {} prompts skipped (tie).\n\n\
+                 | student | SLU-F1 | span F1 | exact match | unparsable |\n|---|---|---|---|---|\n",
+                s.seed, d.after, d.pairs, d.skipped_ties,
             ));
+            for (label, r) in [("before", &d.before), ("after", &d.after_dpo)] {
+                let m = &r.test.metrics;
+                out.push_str(&format!(
+                    "| {label} ({}) | {:.4} | {:.4} | {:.4} | {} |\n",
+                    r.method, m.slu_f1, m.span_f1, m.exact_match, r.test.unparsable
+                ));
+            }
+            out.push_str(
+                "\n| epoch | reward margin | chosen log-prob | rejected log-prob | pairs ordered |\n|---|---|---|---|---|\n",
+            );
             for e in &d.epochs {
                 out.push_str(&format!(
                     "| {} | {:.4} | {:.3} | {:.3} | {:.3} |\n",
