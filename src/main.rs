@@ -398,6 +398,7 @@ fn generate_text(args: &GenerateArgs) -> Result<()> {
         beams: args.beams,
         n_best: args.n_best,
         length_penalty: 1.0,
+        early_stopping: false,
         json_stop: None,
     };
     let results = generate(&model.network, &[prompt], &options, &Device::Cpu)?;

@@ -84,6 +84,7 @@ fn beam_search_returns_sorted_n_best_with_consistent_logprobs() {
         n_best: 4,
         eos_ids: vec![2],
         length_penalty: 1.0,
+        early_stopping: false,
         json_stop: None,
     };
     let results = generate(&model.network, &prompts, &options, &Device::Cpu).unwrap();
@@ -126,6 +127,7 @@ fn beam_search_returns_sorted_n_best_with_consistent_logprobs() {
             n_best: 1,
             eos_ids: vec![],
             length_penalty: 1.0,
+            early_stopping: false,
             json_stop: None,
         },
         &Device::Cpu,
@@ -223,19 +225,53 @@ fn beam_search_in_a_batch_equals_beam_search_alone() {
     // Prompts of different lengths finish at different steps and leave the batch.
     let model = tiny("llama");
     let prompts = vec![vec![3u32, 4, 5, 6, 7], vec![9u32], vec![20u32, 21, 22]];
+    for early_stopping in [false, true] {
+        let options = DecodeOptions {
+            max_new_tokens: 7,
+            beams: 3,
+            n_best: 3,
+            eos_ids: vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+            early_stopping,
+            ..Default::default()
+        };
+        batched_equals_alone(&model, &prompts, &options);
+    }
+}
+
+#[test]
+fn early_stopping_returns_the_first_finished_beams() {
+    let model = tiny("llama");
+    let eos: Vec<u32> = (1..=12).collect();
     let options = DecodeOptions {
-        max_new_tokens: 7,
+        max_new_tokens: 60,
         beams: 3,
         n_best: 3,
-        eos_ids: vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+        eos_ids: eos.clone(),
+        early_stopping: true,
         ..Default::default()
     };
-    let batched = generate(&model.network, &prompts, &options, &Device::Cpu).unwrap();
+    let results = generate(
+        &model.network,
+        &[vec![3u32, 4, 5], vec![40u32]],
+        &options,
+        &Device::Cpu,
+    )
+    .unwrap();
+    for hyps in &results {
+        assert_eq!(hyps.len(), 3);
+        for h in hyps {
+            assert!(eos.contains(h.tokens.last().unwrap()), "{:?}", h.tokens);
+        }
+    }
+}
+
+fn batched_equals_alone(model: &Model, prompts: &[Vec<u32>], options: &DecodeOptions) {
+    let batched = generate(&model.network, prompts, options, &Device::Cpu).unwrap();
     for (prompt, hyps) in prompts.iter().zip(&batched) {
         let alone = generate(
             &model.network,
             std::slice::from_ref(prompt),
-            &options,
+            options,
             &Device::Cpu,
         )
         .unwrap();

@@ -159,6 +159,7 @@ impl Seq2Seq {
             beams,
             n_best,
             length_penalty: 1.0,
+            early_stopping: true,
             json_stop: if json_stop {
                 Some(std::sync::Arc::new(self.brace_table()?))
             } else {

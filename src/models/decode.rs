@@ -32,6 +32,9 @@ pub struct DecodeOptions {
     /// How many hypotheses to return per prompt (at most `beams`).
     pub n_best: usize,
     pub length_penalty: f32,
+    /// Stop a prompt as soon as it has `beams` finished hypotheses (as transformers'
+    /// `early_stopping=True`); otherwise only once no live beam can beat the worst finished one.
+    pub early_stopping: bool,
     /// When set, a hypothesis also ends as soon as the first JSON object it opened is closed
     /// again (the braces each token holds, see [`BraceTable`]), like an end-of-sequence token.
     pub json_stop: Option<Arc<BraceTable>>,
@@ -45,6 +48,7 @@ impl Default for DecodeOptions {
             beams: 1,
             n_best: 1,
             length_penalty: 1.0,
+            early_stopping: false,
             json_stop: None,
         }
     }
@@ -222,17 +226,18 @@ pub fn generate(
             if live[p].is_empty() {
                 continue;
             }
-            let done = finished[p].len() >= k && {
-                let worst = finished[p]
-                    .iter()
-                    .map(|h| h.score)
-                    .fold(f32::INFINITY, f32::min);
-                let best_live = live[p]
-                    .iter()
-                    .map(|b| normalised(b.sum, b.tokens.len()))
-                    .fold(f32::NEG_INFINITY, f32::max);
-                worst >= best_live
-            };
+            let done = finished[p].len() >= k
+                && (options.early_stopping || {
+                    let worst = finished[p]
+                        .iter()
+                        .map(|h| h.score)
+                        .fold(f32::INFINITY, f32::min);
+                    let best_live = live[p]
+                        .iter()
+                        .map(|b| normalised(b.sum, b.tokens.len()))
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    worst >= best_live
+                });
             // Candidates: (cumulative score, beam, token, token logprob).
             let mut candidates: Vec<(f32, usize, u32, f32)> = Vec::new();
             if !done {
