@@ -2,13 +2,73 @@
 //! nor burn has them (STACK.md trap 6). For x > 0: shift to z = x + 6 with the recurrences
 //! lgamma(x) = lgamma(x + 6) - log(x (x+1) ... (x+5)) and psi(x) = psi(x + 6) - sum_k 1/(x + k),
 //! then the Stirling / asymptotic series, whose first omitted terms are below 1e-9 at z >= 6.
+//!
+//! On the CPU in f32 / f64, [`lgamma`] and [`digamma`] run as one fused elementwise pass each
+//! (the same formulas on scalars, accumulated in f64) whose backward uses the exact derivative
+//! (digamma, trigamma); elsewhere they are the decomposed tensor forms, which autograd
+//! differentiates.
 
+use crate::ops::fused::{special, Special};
 use candle_core::{Result, Tensor};
 
 const SHIFT: usize = 6;
 
-/// log Gamma(x) for x > 0, any float dtype; the gradient is (numerically) digamma.
+/// log Gamma(x) for x > 0, any float dtype; the gradient is digamma.
 pub fn lgamma(x: &Tensor) -> Result<Tensor> {
+    match special(x, Special::Lgamma)? {
+        Some(y) => Ok(y),
+        None => lgamma_decomposed(x),
+    }
+}
+
+/// The digamma function psi(x) = d/dx log Gamma(x) for x > 0; the gradient is trigamma.
+pub fn digamma(x: &Tensor) -> Result<Tensor> {
+    match special(x, Special::Digamma)? {
+        Some(y) => Ok(y),
+        None => digamma_decomposed(x),
+    }
+}
+
+/// log Gamma(x) of one number, x > 0.
+pub fn lgamma_scalar(x: f64) -> f64 {
+    let product: f64 = (0..SHIFT).map(|k| x + k as f64).product();
+    let z = x + SHIFT as f64;
+    let inv2 = 1.0 / (z * z);
+    let series =
+        ((((-1.0 / 1680.0) * inv2 + 1.0 / 1260.0) * inv2 - 1.0 / 360.0) * inv2 + 1.0 / 12.0) / z;
+    (z - 0.5) * z.ln() - z + 0.5 * (2.0 * std::f64::consts::PI).ln() + series - product.ln()
+}
+
+/// psi(x) of one number, x > 0.
+pub fn digamma_scalar(x: f64) -> f64 {
+    let correction: f64 = (0..SHIFT).map(|k| 1.0 / (x + k as f64)).sum();
+    let z = x + SHIFT as f64;
+    let inv2 = 1.0 / (z * z);
+    let series = (((((-1.0 / 132.0) * inv2 + 1.0 / 240.0) * inv2 - 1.0 / 252.0) * inv2
+        + 1.0 / 120.0)
+        * inv2
+        - 1.0 / 12.0)
+        * inv2;
+    z.ln() - 0.5 / z + series - correction
+}
+
+/// psi'(x) (trigamma) of one number, x > 0: sum_k 1/(x+k)^2 for the shift, then
+/// 1/z + 1/(2z^2) + 1/(6z^3) - 1/(30z^5) + 1/(42z^7) - 1/(30z^9) + 5/(66z^11).
+pub fn trigamma_scalar(x: f64) -> f64 {
+    let correction: f64 = (0..SHIFT).map(|k| 1.0 / (x + k as f64).powi(2)).sum();
+    let z = x + SHIFT as f64;
+    let inv = 1.0 / z;
+    let inv2 = inv * inv;
+    let series = ((((5.0 / 66.0 * inv2 - 1.0 / 30.0) * inv2 + 1.0 / 42.0) * inv2 - 1.0 / 30.0)
+        * inv2
+        + 1.0 / 6.0)
+        * inv2
+        * inv;
+    correction + inv + 0.5 * inv2 + series
+}
+
+/// [`lgamma`] from basic tensor operations (any device and float dtype).
+pub fn lgamma_decomposed(x: &Tensor) -> Result<Tensor> {
     let mut product = x.clone();
     for k in 1..SHIFT {
         product = (product * (x + k as f64)?)?;
@@ -26,8 +86,8 @@ pub fn lgamma(x: &Tensor) -> Result<Tensor> {
     (stirling + series)? - product.log()?
 }
 
-/// The digamma function psi(x) = d/dx log Gamma(x) for x > 0.
-pub fn digamma(x: &Tensor) -> Result<Tensor> {
+/// [`digamma`] from basic tensor operations (any device and float dtype).
+pub fn digamma_decomposed(x: &Tensor) -> Result<Tensor> {
     let mut correction = x.recip()?;
     for k in 1..SHIFT {
         correction = (correction + (x + k as f64)?.recip()?)?;
@@ -96,6 +156,62 @@ mod tests {
                 (g - expected).abs() < 1e-6,
                 "digamma({x}) = {g}, expected {expected}"
             );
+        }
+    }
+
+    #[test]
+    fn fused_and_decomposed_agree_in_values_and_gradients() {
+        let xs: Vec<f64> = (0..200)
+            .map(|i| 10f64.powf(-3.0 + 8.0 * i as f64 / 199.0))
+            .collect();
+        for (fused, decomposed) in [
+            (
+                lgamma as fn(&Tensor) -> Result<Tensor>,
+                lgamma_decomposed as fn(&Tensor) -> Result<Tensor>,
+            ),
+            (digamma, digamma_decomposed),
+        ] {
+            let x = candle_core::Var::new(xs.as_slice(), &Device::Cpu).unwrap();
+            let a = fused(x.as_tensor()).unwrap();
+            let b = decomposed(x.as_tensor()).unwrap();
+            let grad = |y: &Tensor| {
+                let g = y.sum_all().unwrap().backward().unwrap();
+                g.get(x.as_tensor()).unwrap().to_vec1::<f64>().unwrap()
+            };
+            let (ga, gb) = (grad(&a), grad(&b));
+            let (a, b) = (a.to_vec1::<f64>().unwrap(), b.to_vec1::<f64>().unwrap());
+            for i in 0..xs.len() {
+                let scale = 1.0 + b[i].abs();
+                assert!(
+                    (a[i] - b[i]).abs() < 1e-12 * scale,
+                    "{}: {} vs {}",
+                    xs[i],
+                    a[i],
+                    b[i]
+                );
+                let gscale = 1.0 + gb[i].abs();
+                assert!(
+                    (ga[i] - gb[i]).abs() < 1e-7 * gscale,
+                    "grad at {}: {} vs {}",
+                    xs[i],
+                    ga[i],
+                    gb[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn trigamma_known_values_and_finite_differences() {
+        let pi2 = std::f64::consts::PI.powi(2);
+        // psi'(1) = pi^2 / 6, psi'(1/2) = pi^2 / 2, psi'(2) = pi^2 / 6 - 1, psi'(x) ~ 1/x^2 near 0
+        assert!((trigamma_scalar(1.0) - pi2 / 6.0).abs() < 1e-9);
+        assert!((trigamma_scalar(0.5) - pi2 / 2.0).abs() < 1e-9);
+        assert!((trigamma_scalar(2.0) - (pi2 / 6.0 - 1.0)).abs() < 1e-9);
+        for x in [1e-3, 0.2, 1.3, 7.0, 55.0, 1e4] {
+            let h = 1e-5 * x;
+            let fd = (digamma_scalar(x + h) - digamma_scalar(x - h)) / (2.0 * h);
+            assert!((trigamma_scalar(x) - fd).abs() < 1e-5 * fd.abs(), "{x}");
         }
     }
 
