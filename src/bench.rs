@@ -172,3 +172,37 @@ pub fn bench_train(name: &str, warmup: usize, steps: usize) -> Result<StepTimes>
         threads: rayon::current_num_threads(),
     })
 }
+
+/// Milliseconds (median over `repeats`, after one warm-up) of lgamma + digamma, forward and
+/// backward, on `elements` values of Dirichlet parameters (1 + exp(z)), fused and decomposed:
+/// what token EDL computes over a batch of vocabulary rows.
+pub fn bench_special(elements: usize, repeats: usize) -> Result<Vec<(String, f64)>> {
+    use crate::losses::special::{digamma, digamma_decomposed, lgamma, lgamma_decomposed};
+    type F = fn(&Tensor) -> candle_core::Result<Tensor>;
+    let mut rng = Rng::new(0);
+    let values: Vec<f32> = (0..elements)
+        .map(|_| 1.0 + ((rng.next_f64() * 8.0 - 4.0) as f32).exp())
+        .collect();
+    let x = Var::from_tensor(&Tensor::from_vec(values, elements, &Device::Cpu)?)?;
+    let mut out = Vec::new();
+    for (name, lg, dg) in [
+        ("fused", lgamma as F, digamma as F),
+        (
+            "decomposed",
+            lgamma_decomposed as F,
+            digamma_decomposed as F,
+        ),
+    ] {
+        let mut times = Vec::new();
+        for i in 0..=repeats {
+            let start = Instant::now();
+            let y = (lg(x.as_tensor())?.sum_all()? + dg(x.as_tensor())?.sum_all()?)?;
+            y.backward()?;
+            if i > 0 {
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        out.push((name.to_string(), median(&mut times)));
+    }
+    Ok(out)
+}

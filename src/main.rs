@@ -137,6 +137,15 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// lgamma + digamma, forward and backward, fused against decomposed (token EDL's cost).
+    Special {
+        /// Number of values (default: 4 x 20 positions x a 151,936-token vocabulary).
+        #[arg(long, default_value_t = 4 * 20 * 151_936)]
+        elements: usize,
+        /// Timed repetitions (the median is reported, after one warm-up).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
     /// Frozen forward throughput (tokens/s) on random token ids.
     Forward {
         /// An HF folder, a .gguf file, or a fetched model's name.
@@ -576,6 +585,12 @@ fn run(cli: Cli) -> Result<()> {
                         times.optimizer_ms, times.step_ms, times.trainable_parameters, times.threads
                     );
                 }
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Special { elements, repeats }) => {
+            for (name, ms) in ws2s::bench::bench_special(elements, repeats)? {
+                println!("{name:<11} lgamma + digamma, forward + backward, {elements} values: {ms:>8.1} ms");
             }
             Ok(())
         }
