@@ -239,29 +239,33 @@ fn beam_search_in_a_batch_equals_beam_search_alone() {
 }
 
 #[test]
-fn early_stopping_returns_the_first_finished_beams() {
+fn early_stopping_returns_finished_hypotheses_and_changes_nothing_for_a_full_list() {
     let model = tiny("llama");
+    let prompts = vec![vec![3u32, 4, 5], vec![40u32], vec![7u32, 8, 9, 10]];
     let eos: Vec<u32> = (1..=12).collect();
-    let options = DecodeOptions {
-        max_new_tokens: 60,
+    let full = DecodeOptions {
+        max_new_tokens: 40,
         beams: 3,
         n_best: 3,
         eos_ids: eos.clone(),
-        early_stopping: true,
         ..Default::default()
     };
-    let results = generate(
-        &model.network,
-        &[vec![3u32, 4, 5], vec![40u32]],
-        &options,
-        &Device::Cpu,
-    )
-    .unwrap();
-    for hyps in &results {
-        assert_eq!(hyps.len(), 3);
-        for h in hyps {
-            assert!(eos.contains(h.tokens.last().unwrap()), "{:?}", h.tokens);
-        }
+    // Asking for every beam: the same stopping rule, the same lists.
+    let early = DecodeOptions {
+        early_stopping: true,
+        ..full.clone()
+    };
+    let a = generate(&model.network, &prompts, &full, &Device::Cpu).unwrap();
+    let b = generate(&model.network, &prompts, &early, &Device::Cpu).unwrap();
+    assert_eq!(a, b);
+    // One hypothesis: it is a finished one (the search stopped before the length limit).
+    let one = DecodeOptions { n_best: 1, ..early };
+    for hyps in generate(&model.network, &prompts, &one, &Device::Cpu).unwrap() {
+        assert!(
+            eos.contains(hyps[0].tokens.last().unwrap()),
+            "{:?}",
+            hyps[0].tokens
+        );
     }
 }
 

@@ -12,6 +12,8 @@ use crate::ops::fused::{special, Special};
 use candle_core::{Result, Tensor};
 
 const SHIFT: usize = 6;
+/// From here on the scalar forms use the series directly (z = x >= 6 is where it is accurate).
+const LARGE: f64 = 64.0;
 
 /// log Gamma(x) for x > 0, any float dtype; the gradient is digamma.
 pub fn lgamma(x: &Tensor) -> Result<Tensor> {
@@ -31,8 +33,13 @@ pub fn digamma(x: &Tensor) -> Result<Tensor> {
 
 /// log Gamma(x) of one number, x > 0.
 pub fn lgamma_scalar(x: f64) -> f64 {
-    let product: f64 = (0..SHIFT).map(|k| x + k as f64).product();
-    let z = x + SHIFT as f64;
+    // The shift only matters for small x; past it the series alone is as accurate (and
+    // x (x+1) ... (x+5) would overflow for x near 1e51).
+    let (z, product) = if x < LARGE {
+        (x + SHIFT as f64, (0..SHIFT).map(|k| x + k as f64).product())
+    } else {
+        (x, 1.0)
+    };
     let inv2 = 1.0 / (z * z);
     let series =
         ((((-1.0 / 1680.0) * inv2 + 1.0 / 1260.0) * inv2 - 1.0 / 360.0) * inv2 + 1.0 / 12.0) / z;
@@ -41,8 +48,14 @@ pub fn lgamma_scalar(x: f64) -> f64 {
 
 /// psi(x) of one number, x > 0.
 pub fn digamma_scalar(x: f64) -> f64 {
-    let correction: f64 = (0..SHIFT).map(|k| 1.0 / (x + k as f64)).sum();
-    let z = x + SHIFT as f64;
+    let (z, correction) = if x < LARGE {
+        (
+            x + SHIFT as f64,
+            (0..SHIFT).map(|k| 1.0 / (x + k as f64)).sum(),
+        )
+    } else {
+        (x, 0.0)
+    };
     let inv2 = 1.0 / (z * z);
     let series = (((((-1.0 / 132.0) * inv2 + 1.0 / 240.0) * inv2 - 1.0 / 252.0) * inv2
         + 1.0 / 120.0)
@@ -55,8 +68,14 @@ pub fn digamma_scalar(x: f64) -> f64 {
 /// psi'(x) (trigamma) of one number, x > 0: sum_k 1/(x+k)^2 for the shift, then
 /// 1/z + 1/(2z^2) + 1/(6z^3) - 1/(30z^5) + 1/(42z^7) - 1/(30z^9) + 5/(66z^11).
 pub fn trigamma_scalar(x: f64) -> f64 {
-    let correction: f64 = (0..SHIFT).map(|k| 1.0 / (x + k as f64).powi(2)).sum();
-    let z = x + SHIFT as f64;
+    let (z, correction) = if x < LARGE {
+        (
+            x + SHIFT as f64,
+            (0..SHIFT).map(|k| 1.0 / (x + k as f64).powi(2)).sum(),
+        )
+    } else {
+        (x, 0.0)
+    };
     let inv = 1.0 / z;
     let inv2 = inv * inv;
     let series = ((((5.0 / 66.0 * inv2 - 1.0 / 30.0) * inv2 + 1.0 / 42.0) * inv2 - 1.0 / 30.0)
@@ -69,9 +88,10 @@ pub fn trigamma_scalar(x: f64) -> f64 {
 
 /// [`lgamma`] from basic tensor operations (any device and float dtype).
 pub fn lgamma_decomposed(x: &Tensor) -> Result<Tensor> {
-    let mut product = x.clone();
+    // log(x (x+1) ... (x+5)) as a sum of logs: the product overflows f32 near x = 3e6.
+    let mut log_product = x.log()?;
     for k in 1..SHIFT {
-        product = (product * (x + k as f64)?)?;
+        log_product = (log_product + (x + k as f64)?.log()?)?;
     }
     let z = (x + SHIFT as f64)?;
     let z2 = z.sqr()?;
@@ -83,7 +103,7 @@ pub fn lgamma_decomposed(x: &Tensor) -> Result<Tensor> {
     let series = ((series + 1.0 / 12.0)? * inv)?;
     let half_log_two_pi = 0.5 * (2.0 * std::f64::consts::PI).ln();
     let stirling = ((((&z - 0.5)? * z.log()?)? - &z)? + half_log_two_pi)?;
-    (stirling + series)? - product.log()?
+    (stirling + series)? - log_product
 }
 
 /// [`digamma`] from basic tensor operations (any device and float dtype).
@@ -199,6 +219,25 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn huge_arguments_stay_finite_in_f32() {
+        // A Dirichlet total over a vocabulary: 151,936 parameters up to e^10 + 1 each.
+        let s: f64 = 151_936.0 * 22_027.0;
+        let fs: [fn(&Tensor) -> Result<Tensor>; 4] =
+            [lgamma, lgamma_decomposed, digamma, digamma_decomposed];
+        for f in fs {
+            let y = f(&Tensor::new(&[s as f32, 1e30f32], &Device::Cpu).unwrap())
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert!(y.iter().all(|v| v.is_finite()), "{y:?}");
+        }
+        // Stirling: lgamma(s) = (s - 1/2) ln s - s + ln(2 pi)/2 + 1/(12 s) + ...
+        let expected = (s - 0.5) * s.ln() - s + 0.5 * (2.0 * std::f64::consts::PI).ln();
+        assert!((lgamma_scalar(s) - expected).abs() < 1e-9 * expected);
+        assert!((digamma_scalar(s) - (s.ln() - 0.5 / s)).abs() < 1e-9);
     }
 
     #[test]

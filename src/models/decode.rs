@@ -32,8 +32,8 @@ pub struct DecodeOptions {
     /// How many hypotheses to return per prompt (at most `beams`).
     pub n_best: usize,
     pub length_penalty: f32,
-    /// Stop a prompt as soon as it has `beams` finished hypotheses (as transformers'
-    /// `early_stopping=True`); otherwise only once no live beam can beat the worst finished one.
+    /// Stop a prompt once its `n_best` best finished hypotheses are at least as good as every
+    /// live beam's current score; otherwise once all `beams` best finished ones are.
     pub early_stopping: bool,
     /// When set, a hypothesis also ends as soon as the first JSON object it opened is closed
     /// again (the braces each token holds, see [`BraceTable`]), like an end-of-sequence token.
@@ -226,18 +226,24 @@ pub fn generate(
             if live[p].is_empty() {
                 continue;
             }
-            let done = finished[p].len() >= k
-                && (options.early_stopping || {
-                    let worst = finished[p]
-                        .iter()
-                        .map(|h| h.score)
-                        .fold(f32::INFINITY, f32::min);
-                    let best_live = live[p]
-                        .iter()
-                        .map(|b| normalised(b.sum, b.tokens.len()))
-                        .fold(f32::NEG_INFINITY, f32::max);
-                    worst >= best_live
-                });
+            // Done when the hypotheses to return are finished and no live beam's current score
+            // beats the last of them: all `beams` of them, or with `early_stopping` only the
+            // `n_best` that are returned.
+            let needed = if options.early_stopping {
+                options.n_best.clamp(1, k)
+            } else {
+                k
+            };
+            let done = finished[p].len() >= needed && {
+                let mut scores: Vec<f32> = finished[p].iter().map(|h| h.score).collect();
+                scores.sort_by(|a, b| b.total_cmp(a));
+                let last_returned = scores[needed - 1];
+                let best_live = live[p]
+                    .iter()
+                    .map(|b| normalised(b.sum, b.tokens.len()))
+                    .fold(f32::NEG_INFINITY, f32::max);
+                last_returned >= best_live
+            };
             // Candidates: (cumulative score, beam, token, token logprob).
             let mut candidates: Vec<(f32, usize, u32, f32)> = Vec::new();
             if !done {
