@@ -425,6 +425,30 @@ pub fn run(
                 },
             )
         };
+        // Every weak model's length-normalised log-likelihood of each candidate continuation of
+        // each strong_train input: result[i][c][j] for input i, candidate c, model j.
+        let rescore = |candidates: &[Vec<String>], what: &str| -> Result<Vec<Vec<Vec<f64>>>> {
+            let mut scores: Vec<Vec<Vec<f64>>> = candidates
+                .iter()
+                .map(|c| vec![vec![0.0; weak_models.len()]; c.len()])
+                .collect();
+            for j in 0..weak_models.len() {
+                let start = std::time::Instant::now();
+                let by_model = score_candidates(&load_weak(j)?, &strong_inputs, candidates)?;
+                for (row, model_row) in scores.iter_mut().zip(by_model) {
+                    for (cell, v) in row.iter_mut().zip(model_row) {
+                        cell[j] = v;
+                    }
+                }
+                eprintln!(
+                    "{what} by {}: {} candidates ({:.0} s)",
+                    weak_names[j],
+                    candidates.iter().map(Vec::len).sum::<usize>(),
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            Ok(scores)
+        };
         let mut weak_keys = Vec::new();
         let mut weak_stages: Vec<WeakStage> = Vec::new();
         for (j, train_key) in weak_train_keys.iter().enumerate() {
@@ -488,25 +512,7 @@ pub fn run(
                     joint::pool_candidates(&refs)
                 })
                 .collect();
-            let mut scores: Vec<Vec<Vec<f64>>> = candidates
-                .iter()
-                .map(|c| vec![vec![0.0; weak_models.len()]; c.len()])
-                .collect();
-            for j in 0..weak_models.len() {
-                let start = std::time::Instant::now();
-                let by_model = score_candidates(&load_weak(j)?, &strong_inputs, &candidates)?;
-                for (row, model_row) in scores.iter_mut().zip(by_model) {
-                    for (cell, v) in row.iter_mut().zip(model_row) {
-                        cell[j] = v;
-                    }
-                }
-                eprintln!(
-                    "joint rescoring by {}: {} candidates ({:.0} s)",
-                    weak_names[j],
-                    candidates.iter().map(Vec::len).sum::<usize>(),
-                    start.elapsed().as_secs_f64()
-                );
-            }
+            let scores = rescore(&candidates, "joint rescoring")?;
             Ok(JointStage { candidates, scores })
         })?;
         // 3. Weights.
@@ -781,20 +787,14 @@ pub fn run(
                             Ok(seen)
                         })
                         .collect::<Result<_>>()?;
-                    let mut ensemble: Vec<Vec<f64>> =
-                        candidates.iter().map(|c| vec![0.0; c.len()]).collect();
                     let texts: Vec<Vec<String>> = candidates
                         .iter()
                         .map(|c| c.iter().map(|(_, t)| t.clone()).collect())
                         .collect();
-                    for (j, weight) in weights.iter().enumerate() {
-                        let by_model = score_candidates(&load_weak(j)?, &strong_inputs, &texts)?;
-                        for (row, model_row) in ensemble.iter_mut().zip(by_model) {
-                            for (cell, v) in row.iter_mut().zip(model_row) {
-                                *cell += weight * v;
-                            }
-                        }
-                    }
+                    let ensemble: Vec<Vec<f64>> = rescore(&texts, "preference scoring")?
+                        .iter()
+                        .map(|by_model| joint::combined(by_model, &weights))
+                        .collect();
                     let mut pairs = Vec::new();
                     let mut rows = Vec::new();
                     let mut skipped = 0usize;

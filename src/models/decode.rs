@@ -115,9 +115,14 @@ impl Beam {
         }
     }
 
+    /// Ranking score: sum of log-probabilities / length^length_penalty.
+    fn score(&self, length_penalty: f32) -> f32 {
+        self.sum / (self.tokens.len().max(1) as f32).powf(length_penalty)
+    }
+
     fn into_hypothesis(self, length_penalty: f32) -> Hypothesis {
         Hypothesis {
-            score: self.sum / (self.tokens.len().max(1) as f32).powf(length_penalty),
+            score: self.score(length_penalty),
             tokens: self.tokens,
             logprobs: self.logprobs,
         }
@@ -218,7 +223,11 @@ pub fn generate(
     let mut first_row: Vec<usize> = (0..n_prompts).collect();
     let mut finished: Vec<Vec<Hypothesis>> = vec![Vec::new(); n_prompts];
     let penalty = options.length_penalty;
-    let normalised = |sum: f32, len: usize| sum / (len.max(1) as f32).powf(penalty);
+    let n_best = options.n_best.clamp(1, k);
+    // A prompt is done when the hypotheses to return are finished and no live beam's current
+    // score beats the last of them: all `beams` of them, or with `early_stopping` only the
+    // `n_best` that are returned.
+    let needed = if options.early_stopping { n_best } else { k };
     for step in 0..options.max_new_tokens {
         let mut next_rows = Vec::new();
         let mut next_tokens = Vec::new();
@@ -226,21 +235,13 @@ pub fn generate(
             if live[p].is_empty() {
                 continue;
             }
-            // Done when the hypotheses to return are finished and no live beam's current score
-            // beats the last of them: all `beams` of them, or with `early_stopping` only the
-            // `n_best` that are returned.
-            let needed = if options.early_stopping {
-                options.n_best.clamp(1, k)
-            } else {
-                k
-            };
             let done = finished[p].len() >= needed && {
                 let mut scores: Vec<f32> = finished[p].iter().map(|h| h.score).collect();
                 scores.sort_by(|a, b| b.total_cmp(a));
                 let last_returned = scores[needed - 1];
                 let best_live = live[p]
                     .iter()
-                    .map(|b| normalised(b.sum, b.tokens.len()))
+                    .map(|b| b.score(penalty))
                     .fold(f32::NEG_INFINITY, f32::max);
                 last_returned >= best_live
             };
@@ -283,7 +284,6 @@ pub fn generate(
         let hidden = network.hidden(&ids, &vec![vec![1u32]; rows], &mut cache)?;
         logprobs = last_top_logprobs(network, &hidden, 2 * k)?;
     }
-    let n_best = options.n_best.clamp(1, k);
     Ok(finished
         .into_iter()
         .zip(live)
