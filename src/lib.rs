@@ -16,6 +16,7 @@ pub mod models;
 pub mod ops;
 pub mod report;
 pub mod rng;
+pub mod runtime;
 pub mod supervision;
 pub mod train;
 

@@ -151,13 +151,16 @@ impl Bert {
             .broadcast_add(&token_type)?;
         let mut x = self.embed_norm.forward(&x)?;
         let attn_mask = nn::additive_mask(mask, t, false, None, device)?;
-        let head_dim = c.hidden_size / c.num_heads;
-        let scale = 1.0 / (head_dim as f64).sqrt();
+        let scale = 1.0 / ((c.hidden_size / c.num_heads) as f64).sqrt();
         for layer in &self.layers {
-            let q = nn::split_heads(&layer.query.forward(&x)?, c.num_heads, head_dim)?;
-            let k = nn::split_heads(&layer.key.forward(&x)?, c.num_heads, head_dim)?;
-            let v = nn::split_heads(&layer.value.forward(&x)?, c.num_heads, head_dim)?;
-            let attn = nn::attention(&q, &k, &v, &attn_mask, scale)?;
+            let attn = crate::ops::attention::attention(
+                &layer.query.forward(&x)?,
+                &layer.key.forward(&x)?,
+                &layer.value.forward(&x)?,
+                &attn_mask,
+                (c.num_heads, c.num_heads),
+                scale,
+            )?;
             let a = layer
                 .attn_norm
                 .forward(&(layer.attn_out.forward(&attn)? + &x)?)?;

@@ -230,19 +230,26 @@ impl Gemma3 {
                 (&global_tables, &global_mask)
             };
             let n = layer.input_norm.forward(&x)?;
-            let q = layer.q_norm.forward(&nn::split_heads(
-                &layer.q.forward(&n)?,
-                c.num_heads,
-                c.head_dim,
-            )?)?;
-            let k = layer.k_norm.forward(&nn::split_heads(
-                &layer.k.forward(&n)?,
-                c.num_kv_heads,
-                c.head_dim,
-            )?)?;
-            let v = nn::split_heads(&layer.v.forward(&n)?, c.num_kv_heads, c.head_dim)?;
-            let attn =
-                nn::rotary_gqa_attention(&q, &k, &v, (cos, sin), cache, i, attn_mask, scale)?;
+            // q and k are normed per head: RMSNorm over each head's D values, heads side by side.
+            let (b, t, _) = n.dims3()?;
+            let per_head = |norm: &nn::RmsNorm, x: Tensor, heads: usize| -> Result<Tensor> {
+                Ok(norm
+                    .forward(&x.reshape((b, t, heads, c.head_dim))?)?
+                    .reshape((b, t, heads * c.head_dim))?)
+            };
+            let q = per_head(&layer.q_norm, layer.q.forward(&n)?, c.num_heads)?;
+            let k = per_head(&layer.k_norm, layer.k.forward(&n)?, c.num_kv_heads)?;
+            let attn = nn::rotary_gqa_attention(
+                &q,
+                &k,
+                &layer.v.forward(&n)?,
+                (c.num_heads, c.num_kv_heads),
+                (cos, sin),
+                cache,
+                i,
+                attn_mask,
+                scale,
+            )?;
             x = (x + layer
                 .post_attention_norm
                 .forward(&layer.o.forward(&attn)?)?)?;

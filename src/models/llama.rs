@@ -147,11 +147,17 @@ impl Llama {
         let mut x = nn::embed(&self.embed, ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let n = layer.input_norm.forward(&x)?;
-            let q = nn::split_heads(&layer.q.forward(&n)?, c.num_heads, c.head_dim)?;
-            let k = nn::split_heads(&layer.k.forward(&n)?, c.num_kv_heads, c.head_dim)?;
-            let v = nn::split_heads(&layer.v.forward(&n)?, c.num_kv_heads, c.head_dim)?;
-            let attn =
-                nn::rotary_gqa_attention(&q, &k, &v, (&cos, &sin), cache, i, &attn_mask, scale)?;
+            let attn = nn::rotary_gqa_attention(
+                &layer.q.forward(&n)?,
+                &layer.k.forward(&n)?,
+                &layer.v.forward(&n)?,
+                (c.num_heads, c.num_kv_heads),
+                (&cos, &sin),
+                cache,
+                i,
+                &attn_mask,
+                scale,
+            )?;
             x = (x + layer.o.forward(&attn)?)?;
             let n = layer.post_norm.forward(&x)?;
             let mlp = (candle_nn::ops::silu(&layer.gate.forward(&n)?)? * layer.up.forward(&n)?)?;

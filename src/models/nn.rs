@@ -41,6 +41,11 @@ pub fn with_training<T>(seed: u64, f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// Whether [`dropout`] with probability `p` changes its input (p > 0 inside [`with_training`]).
+pub fn dropout_active(p: f32) -> bool {
+    p > 0.0 && DROPOUT_RNG.with(|r| r.borrow().is_some())
+}
+
 /// Inverted dropout with a seeded mask; the identity outside [`with_training`].
 pub fn dropout(x: &Tensor, p: f32) -> Result<Tensor> {
     if p <= 0.0 {
@@ -80,10 +85,15 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = crate::ops::frozen_matmul::frozen_matmul_t(x, &self.weight)?;
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
+        if let Some(lora) = self.lora.as_ref().filter(|l| !dropout_active(l.dropout)) {
+            return crate::ops::linear::lora_linear(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                (&lora.a, &lora.b, lora.scale),
+            );
         }
+        let mut y = crate::ops::linear::linear(x, &self.weight, self.bias.as_ref())?;
         if let Some(lora) = &self.lora {
             let input = dropout(x, lora.dropout)?;
             let delta = matmul_t(&matmul_t(&input, &lora.a)?, &lora.b)?;
@@ -199,31 +209,38 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
     out.transpose(1, 2)?.contiguous()?.reshape((b, tq, h * d))
 }
 
-/// Attention of one decoder layer with grouped-query heads: RoPE on q [B, H, T, D] and k
-/// [B, KVH, T, D], keys and values appended to the layer's cache, kv heads repeated, then
-/// [`attention`]. Returns [B, T, H * D].
+/// Attention of one decoder layer from its projections q [B, T, H * D], k and v [B, T, KVH * D]:
+/// RoPE on q and k, keys and values appended to the layer's cache, then grouped-query
+/// [`crate::ops::attention::attention`] (one fused op on the CPU). Returns [B, T, H * D].
 #[allow(clippy::too_many_arguments)]
 pub fn rotary_gqa_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    (heads, kv_heads): (usize, usize),
     (cos, sin): (&Tensor, &Tensor),
     cache: &mut super::cache::KvCache,
     layer: usize,
     mask: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    let q = apply_rope(q, cos, sin)?;
-    let k = apply_rope(k, cos, sin)?;
-    let (k, v) = cache.update(layer, &k, v)?;
-    let groups = q.dim(1)? / k.dim(1)?;
-    attention(
-        &q,
-        &repeat_kv(&k, groups)?,
-        &repeat_kv(&v, groups)?,
-        mask,
-        scale,
-    )
+    let (b, t, width) = k.dims3()?;
+    let d = width / kv_heads;
+    let q = crate::ops::fused::rope_bthd(q, cos, sin, heads)?;
+    let k = crate::ops::fused::rope_bthd(k, cos, sin, kv_heads)?;
+    let (k_all, v_all) = cache.update(
+        layer,
+        &split_heads(&k, kv_heads, d)?,
+        &split_heads(v, kv_heads, d)?,
+    )?;
+    let tk = k_all.dim(2)?;
+    let (k, v) = if tk == t {
+        (k, v.clone())
+    } else {
+        let merge = |x: &Tensor| x.transpose(1, 2)?.contiguous()?.reshape((b, tk, width));
+        (merge(&k_all)?, merge(&v_all)?)
+    };
+    crate::ops::attention::attention(&q, &k, &v, mask, (heads, kv_heads), scale)
 }
 
 /// Splits [B, T, H * D] into heads [B, H, T, D].

@@ -12,12 +12,20 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
 
-trait Real: Copy + Send + Sync + 'static {
+pub(crate) trait Real: Copy + Send + Sync + 'static {
     fn to(self) -> f64;
     fn from(v: f64) -> Self;
     /// The values of a storage of this type.
     fn borrow(storage: &CpuStorage) -> Option<&[Self]>;
     fn wrap(values: Vec<Self>) -> CpuStorage;
+    /// Softmax of every row of `cols` values, in place.
+    fn softmax_rows_in_place(data: &mut [Self], cols: usize);
+    /// Per row: out = y * (g - sum(g * y)) * scale.
+    fn softmax_grad_rows_into(y: &[Self], g: &[Self], out: &mut [Self], cols: usize, scale: f64);
+    /// out = x Phi(x) (GELU, erf form).
+    fn gelu_into(x: &[Self], out: &mut [Self]);
+    /// out = g (Phi(x) + x phi(x)).
+    fn gelu_grad_into(x: &[Self], g: &[Self], out: &mut [Self]);
 }
 
 impl Real for f32 {
@@ -35,6 +43,18 @@ impl Real for f32 {
     }
     fn wrap(values: Vec<Self>) -> CpuStorage {
         CpuStorage::F32(values)
+    }
+    fn softmax_rows_in_place(data: &mut [Self], cols: usize) {
+        super::simd::softmax_rows(data, cols)
+    }
+    fn softmax_grad_rows_into(y: &[Self], g: &[Self], out: &mut [Self], cols: usize, scale: f64) {
+        super::simd::softmax_grad_rows(y, g, out, cols, scale as f32)
+    }
+    fn gelu_into(x: &[Self], out: &mut [Self]) {
+        super::simd::gelu(x, out)
+    }
+    fn gelu_grad_into(x: &[Self], g: &[Self], out: &mut [Self]) {
+        super::simd::gelu_grad(x, g, out)
     }
 }
 
@@ -54,11 +74,85 @@ impl Real for f64 {
     fn wrap(values: Vec<Self>) -> CpuStorage {
         CpuStorage::F64(values)
     }
+    fn softmax_rows_in_place(data: &mut [Self], cols: usize) {
+        for row in data.chunks_mut(cols) {
+            let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let mut sum = 0.0;
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            for v in row.iter_mut() {
+                *v /= sum;
+            }
+        }
+    }
+    fn softmax_grad_rows_into(y: &[Self], g: &[Self], out: &mut [Self], cols: usize, scale: f64) {
+        for ((yr, gr), or) in y.chunks(cols).zip(g.chunks(cols)).zip(out.chunks_mut(cols)) {
+            let dot: f64 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for ((o, a), b) in or.iter_mut().zip(yr).zip(gr) {
+                *o = a * (b - dot) * scale;
+            }
+        }
+    }
+    fn gelu_into(x: &[Self], out: &mut [Self]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = v * normal_cdf(v);
+        }
+    }
+    fn gelu_grad_into(x: &[Self], g: &[Self], out: &mut [Self]) {
+        let inv_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
+        for ((o, &v), g) in out.iter_mut().zip(x).zip(g) {
+            *o = g * (normal_cdf(v) + v * inv_sqrt_2pi * (-0.5 * v * v).exp());
+        }
+    }
+}
+
+/// The standard normal CDF Phi(x) = (1 + erf(x / sqrt 2)) / 2, with candle's f64 erf.
+fn normal_cdf(x: f64) -> f64 {
+    0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x * std::f64::consts::FRAC_1_SQRT_2))
+}
+
+/// Rows per parallel task: about 32k values, so that small tensors stay on one thread.
+fn rows_per_task(cols: usize) -> usize {
+    (32_768 / cols.max(1)).max(1)
+}
+
+/// `out` (same length as `x`) filled in parallel, blocks of whole rows of `cols` values each:
+/// `f(x_rows, out_rows)`.
+fn par_rows<T: Real>(x: &[T], cols: usize, f: impl Fn(&[T], &mut [T]) + Sync) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out = vec![T::from(0.0); x.len()];
+    let block = rows_per_task(cols) * cols;
+    out.par_chunks_mut(block)
+        .zip(x.par_chunks(block))
+        .for_each(|(o, x)| f(x, o));
+    out
+}
+
+/// As [`par_rows`] with a second input of the same shape: `f(a_rows, b_rows, out_rows)`.
+fn par_rows2<T: Real>(
+    a: &[T],
+    b: &[T],
+    cols: usize,
+    f: impl Fn(&[T], &[T], &mut [T]) + Sync,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out = vec![T::from(0.0); a.len()];
+    let block = rows_per_task(cols) * cols;
+    out.par_chunks_mut(block)
+        .zip(a.par_chunks(block).zip(b.par_chunks(block)))
+        .for_each(|(o, (a, b))| f(a, b, o));
+    out
 }
 
 /// The contiguous values of an input of type `T`; an error when the input is of another type or
 /// not contiguous.
-fn typed<'a, T: Real>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [T]> {
+pub(crate) fn typed<'a, T: Real>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
     let values = T::borrow(storage).ok_or_else(|| {
         candle_core::Error::Msg(format!("{what} supports f32 and f64, every input the same"))
     })?;
@@ -69,7 +163,7 @@ fn typed<'a, T: Real>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> R
 }
 
 /// The CPU storage behind a tensor's storage.
-fn cpu<'a>(storage: &'a candle_core::Storage, what: &str) -> Result<&'a CpuStorage> {
+pub(crate) fn cpu<'a>(storage: &'a candle_core::Storage, what: &str) -> Result<&'a CpuStorage> {
     match storage {
         candle_core::Storage::Cpu(s) => Ok(s),
         _ => candle_core::bail!("{what}: CPU tensors only"),
@@ -96,40 +190,22 @@ macro_rules! by_dtype {
         }
     };
 }
+pub(crate) use by_dtype;
 
 // ---------------------------------------------------------------- softmax
 
 fn softmax_rows<T: Real>(x: &[T], cols: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(x.len());
-    for row in x.chunks(cols) {
-        let max = row.iter().map(|v| v.to()).fold(f64::NEG_INFINITY, f64::max);
-        let start = out.len();
-        let mut sum = 0.0;
-        for v in row {
-            let e = (v.to() - max).exp();
-            sum += e;
-            out.push(T::from(e));
-        }
-        let inv = 1.0 / sum;
-        for o in &mut out[start..] {
-            *o = T::from(o.to() * inv);
-        }
-    }
-    out
+    par_rows(x, cols, |x, out| {
+        out.copy_from_slice(x);
+        T::softmax_rows_in_place(out, cols);
+    })
 }
 
 /// dx = y * (g - sum(g * y)) per row.
 fn softmax_grad_rows<T: Real>(y: &[T], g: &[T], cols: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(y.len());
-    for (yr, gr) in y.chunks(cols).zip(g.chunks(cols)) {
-        let dot: f64 = yr.iter().zip(gr).map(|(a, b)| a.to() * b.to()).sum();
-        out.extend(
-            yr.iter()
-                .zip(gr)
-                .map(|(a, b)| T::from(a.to() * (b.to() - dot))),
-        );
-    }
-    out
+    par_rows2(y, g, cols, |y, g, out| {
+        T::softmax_grad_rows_into(y, g, out, cols, 1.0)
+    })
 }
 
 struct Softmax;
@@ -219,26 +295,12 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 // ---------------------------------------------------------------- GELU (erf)
 
 fn gelu_rows<T: Real>(x: &[T]) -> Vec<T> {
-    x.iter()
-        .map(|v| {
-            let x = v.to();
-            T::from(0.5 * x * (1.0 + candle_core::cpu::erf::erf_f64(x / std::f64::consts::SQRT_2)))
-        })
-        .collect()
+    par_rows(x, 1, |x, out| T::gelu_into(x, out))
 }
 
 /// d/dx [x Phi(x)] = Phi(x) + x phi(x).
 fn gelu_grad_rows<T: Real>(x: &[T], g: &[T], _cols: usize) -> Vec<T> {
-    let inv_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
-    x.iter()
-        .zip(g)
-        .map(|(v, g)| {
-            let x = v.to();
-            let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x / std::f64::consts::SQRT_2));
-            let pdf = inv_sqrt_2pi * (-0.5 * x * x).exp();
-            T::from(g.to() * (cdf + x * pdf))
-        })
-        .collect()
+    par_rows2(x, g, 1, |x, g, out| T::gelu_grad_into(x, g, out))
 }
 
 struct Gelu;
@@ -284,38 +346,44 @@ struct Rope {
     cos: Tensor,
     sin: Tensor,
     inverse: bool,
+    /// `None`: x is [B, H, T, D]; `Some(h)`: x is [B, T, h * D] (heads side by side).
+    heads: Option<usize>,
 }
 
+/// Rotates every row of D values of `x`; `table_of(row)` is the row of the cos/sin tables (its
+/// batch and position) that row `row` uses.
 fn rope_rows<T: Real>(
     x: &[T],
     cos: &[T],
     sin: &[T],
-    dims: (usize, usize, usize, usize),
+    d: usize,
+    table_of: impl Fn(usize) -> usize + Sync,
     inverse: bool,
 ) -> Vec<T> {
-    let (b, h, t, d) = dims;
+    use rayon::prelude::*;
     let half = d / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
     let mut out = vec![T::from(0.0); x.len()];
-    for bi in 0..b {
-        for hi in 0..h {
-            for ti in 0..t {
-                let row = ((bi * h + hi) * t + ti) * d;
-                let table = (bi * t + ti) * d;
+    let rows = rows_per_task(d);
+    out.par_chunks_mut(rows * d)
+        .zip(x.par_chunks(rows * d))
+        .enumerate()
+        .for_each(|(block, (out, x))| {
+            for (i, (out, x)) in out.chunks_mut(d).zip(x.chunks(d)).enumerate() {
+                let table = table_of(block * rows + i) * d;
                 for k in 0..half {
                     let c = cos[table + k].to();
                     let s = sin[table + k].to() * sign;
-                    let x1 = x[row + k].to();
-                    let x2 = x[row + half + k].to();
-                    out[row + k] = T::from(x1 * c - x2 * s);
-                    out[row + half + k] = T::from(x2 * c + x1 * s);
+                    let x1 = x[k].to();
+                    let x2 = x[half + k].to();
+                    out[k] = T::from(x1 * c - x2 * s);
+                    out[half + k] = T::from(x2 * c + x1 * s);
                 }
                 if d % 2 == 1 {
-                    out[row + d - 1] = x[row + d - 1];
+                    out[d - 1] = x[d - 1];
                 }
             }
-        }
-    }
+        });
     out
 }
 
@@ -325,7 +393,20 @@ impl CustomOp1 for Rope {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dims = layout.shape().dims4()?;
+        let (_, _, t, d) = self.cos.dims4()?;
+        let (heads, heads_first) = match self.heads {
+            None => (layout.shape().dims4()?.1, true),
+            Some(h) => (h, false),
+        };
+        // Row r of D values: [B, H, T] order -> table (b, t) = (r / (H T), r % T); [B, T, H]
+        // order -> table r / H.
+        let table_of = move |r: usize| {
+            if heads_first {
+                r / (heads * t) * t + r % t
+            } else {
+                r / heads
+            }
+        };
         let (cos_s, cos_l) = self.cos.storage_and_layout();
         let (sin_s, sin_l) = self.sin.storage_and_layout();
         let name = self.name();
@@ -334,7 +415,8 @@ impl CustomOp1 for Rope {
             typed(storage, layout, name)?,
             typed(cos_s, cos_l, name)?,
             typed(sin_s, sin_l, name)?,
-            dims,
+            d,
+            table_of,
             self.inverse,
         )));
         Ok((out, layout.shape().clone()))
@@ -345,6 +427,7 @@ impl CustomOp1 for Rope {
             cos: self.cos.clone(),
             sin: self.sin.clone(),
             inverse: !self.inverse,
+            heads: self.heads,
         };
         Ok(Some(grad_res.contiguous()?.apply_op1(inverse)?))
     }
@@ -365,6 +448,28 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         cos: cos.to_dtype(x.dtype())?.contiguous()?,
         sin: sin.to_dtype(x.dtype())?.contiguous()?,
         inverse: false,
+        heads: None,
+    })
+}
+
+/// RoPE for x [B, T, H * D] (the projection's layout, heads side by side) with tables cos, sin
+/// [B, 1, T, D]: the same rotation as [`rope`] on the split heads, without the transposes.
+pub fn rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, width) = x.dims3()?;
+    let d = width / heads.max(1);
+    let fits = heads * d == width
+        && cos.dims4().ok() == Some((b, 1, t, d))
+        && sin.dims4().ok() == Some((b, 1, t, d));
+    if !fusable(x) || !fits {
+        let split = x.reshape((b, t, heads, d))?.transpose(1, 2)?;
+        let rotated = rope(&split, cos, sin)?;
+        return rotated.transpose(1, 2)?.reshape((b, t, width));
+    }
+    x.contiguous()?.apply_op1(Rope {
+        cos: cos.to_dtype(x.dtype())?.contiguous()?,
+        sin: sin.to_dtype(x.dtype())?.contiguous()?,
+        inverse: false,
+        heads: Some(heads),
     })
 }
 
@@ -393,22 +498,22 @@ fn norm_rows<T: Real>(
 ) -> Vec<T> {
     let cols = w.len();
     let offset = if unit_offset { 1.0 } else { 0.0 };
-    let mut out = Vec::with_capacity(x.len());
-    for row in x.chunks(cols) {
-        let (mean, rstd) = row_stats(row, eps, centre);
-        for (k, v) in row.iter().enumerate() {
-            let shift = b.map_or(0.0, |b| b[k].to());
-            out.push(T::from(
-                (v.to() - mean) * rstd * (w[k].to() + offset) + shift,
-            ));
+    par_rows(x, cols, |x, out| {
+        for (row, out) in x.chunks(cols).zip(out.chunks_mut(cols)) {
+            let (mean, rstd) = row_stats(row, eps, centre);
+            for (k, (o, v)) in out.iter_mut().zip(row).enumerate() {
+                let shift = b.map_or(0.0, |b| b[k].to());
+                *o = T::from((v.to() - mean) * rstd * (w[k].to() + offset) + shift);
+            }
         }
-    }
-    out
+    })
 }
 
 /// Gradients of a norm: packed as [dx (rows * cols), dw (cols), db (cols)].
 /// With x^ = (x - mean) rstd and gh = g * scale: dx = rstd (gh - mean(gh) - x^ mean(gh x^))
 /// (RMSNorm: dx = rstd (gh - x^ mean(gh x^))), dw = sum_rows g x^, db = sum_rows g.
+/// Blocks of rows run in parallel; their partial dw, db are summed in block order, so the
+/// result does not depend on the number of threads.
 fn norm_grad_rows<T: Real>(
     x: &[T],
     w: &[T],
@@ -417,38 +522,50 @@ fn norm_grad_rows<T: Real>(
     centre: bool,
     unit_offset: bool,
 ) -> Vec<T> {
+    use rayon::prelude::*;
     let cols = w.len();
     let offset = if unit_offset { 1.0 } else { 0.0 };
-    let mut dx = Vec::with_capacity(x.len() + 2 * cols);
-    let mut dw = vec![0f64; cols];
-    let mut db = vec![0f64; cols];
-    let mut xhat = vec![0f64; cols];
-    let mut gh = vec![0f64; cols];
-    for (row, grow) in x.chunks(cols).zip(g.chunks(cols)) {
-        let (mean, rstd) = row_stats(row, eps, centre);
-        let mut mean_gh = 0.0;
-        let mut mean_ghx = 0.0;
-        for k in 0..cols {
-            xhat[k] = (row[k].to() - mean) * rstd;
-            let gk = grow[k].to();
-            gh[k] = gk * (w[k].to() + offset);
-            mean_gh += gh[k];
-            mean_ghx += gh[k] * xhat[k];
-            dw[k] += gk * xhat[k];
-            db[k] += gk;
-        }
-        let n = cols as f64;
-        mean_gh /= n;
-        mean_ghx /= n;
-        if !centre {
-            mean_gh = 0.0;
-        }
-        for k in 0..cols {
-            dx.push(T::from(rstd * (gh[k] - mean_gh - xhat[k] * mean_ghx)));
-        }
+    let mut dx = vec![T::from(0.0); x.len() + 2 * cols];
+    let block = rows_per_task(cols) * cols;
+    let partials: Vec<(Vec<f64>, Vec<f64>)> = dx[..x.len()]
+        .par_chunks_mut(block)
+        .zip(x.par_chunks(block).zip(g.par_chunks(block)))
+        .map(|(dx, (x, g))| {
+            let mut dw = vec![0f64; cols];
+            let mut db = vec![0f64; cols];
+            let mut xhat = vec![0f64; cols];
+            let mut gh = vec![0f64; cols];
+            for ((row, grow), dx) in x.chunks(cols).zip(g.chunks(cols)).zip(dx.chunks_mut(cols)) {
+                let (mean, rstd) = row_stats(row, eps, centre);
+                let mut mean_gh = 0.0;
+                let mut mean_ghx = 0.0;
+                for k in 0..cols {
+                    xhat[k] = (row[k].to() - mean) * rstd;
+                    let gk = grow[k].to();
+                    gh[k] = gk * (w[k].to() + offset);
+                    mean_gh += gh[k];
+                    mean_ghx += gh[k] * xhat[k];
+                    dw[k] += gk * xhat[k];
+                    db[k] += gk;
+                }
+                let n = cols as f64;
+                mean_gh /= n;
+                mean_ghx /= n;
+                if !centre {
+                    mean_gh = 0.0;
+                }
+                for (k, d) in dx.iter_mut().enumerate() {
+                    *d = T::from(rstd * (gh[k] - mean_gh - xhat[k] * mean_ghx));
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let (dw, db) = dx[x.len()..].split_at_mut(cols);
+    for k in 0..cols {
+        dw[k] = T::from(partials.iter().map(|p| p.0[k]).sum());
+        db[k] = T::from(partials.iter().map(|p| p.1[k]).sum());
     }
-    dx.extend(dw.into_iter().map(T::from));
-    dx.extend(db.into_iter().map(T::from));
     dx
 }
 

@@ -1,4 +1,6 @@
 //! Custom operations with their own backward pass.
 
-pub mod frozen_matmul;
+pub mod attention;
 pub mod fused;
+pub mod linear;
+pub mod simd;

@@ -1,0 +1,570 @@
+//! Scaled dot-product attention as one CPU op with its own backward.
+//!
+//! The decomposed form (split heads, copy to contiguous, Q K^T, scale, add the mask, softmax,
+//! P V, merge heads) records eight graph nodes per layer, each with a [B, H, Tq, Tk] or
+//! [B, H, T, D] output and, in the backward, a gradient that candle zero-fills and adds. Here the
+//! projections stay in their [B, T, heads * D] layout (heads are column stripes, addressed by
+//! strides), grouped-query heads read their shared key/value stripe directly (no repetition),
+//! and every (batch, head) runs its three products with gemm on one thread, the pairs in
+//! parallel. The forward keeps the probabilities P for the backward:
+//!
+//!   S = scale Q K^T + mask, P = softmax(S), O = P V;
+//!   dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)), dQ = scale dS K, dK = scale dS^T Q.
+
+use super::fused::{by_dtype, cpu, typed, Real};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// A raw pointer that may cross threads: each task writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+/// A strided matrix: base pointer, row stride, column stride (in elements).
+#[derive(Clone, Copy)]
+struct Mat<T> {
+    ptr: *const T,
+    rs: isize,
+    cs: isize,
+}
+
+/// dst [m, n] = (dst if `accumulate`) + beta * lhs [m, k] rhs [k, n], single-threaded gemm.
+///
+/// # Safety
+/// Every pointer must address the elements its strides reach for the given sizes, and `dst`
+/// must not alias `lhs` or `rhs` or be written by another thread at the same time.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: isize,
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    beta: T,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs,
+        accumulate,
+        lhs.ptr,
+        lhs.cs,
+        lhs.rs,
+        rhs.ptr,
+        rhs.cs,
+        rhs.rs,
+        T::from(1.0),
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// The sizes of one attention call.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    b: usize,
+    tq: usize,
+    tk: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn q_row(&self) -> usize {
+        self.heads * self.d
+    }
+    fn kv_row(&self) -> usize {
+        self.kv_heads * self.d
+    }
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}
+
+struct Attention {
+    dims: Dims,
+    scale: f64,
+    /// The additive mask [B, Tq, Tk], contiguous, in the inputs' dtype.
+    mask: Tensor,
+    /// P [B, H, Tq, Tk], kept by the forward for the backward.
+    probs: Mutex<Option<Tensor>>,
+}
+
+/// Forward of every (batch, head): returns (O [B, Tq, H D], P [B, H, Tq, Tk]).
+fn forward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    mask: &[T],
+    dm: Dims,
+    scale: f64,
+) -> (Vec<T>, Vec<T>) {
+    let Dims { tq, tk, d, .. } = dm;
+    let (qr, kr) = (dm.q_row() as isize, dm.kv_row() as isize);
+    let mut out = vec![T::from(0.0); dm.b * tq * dm.heads * d];
+    let mut probs = vec![T::from(0.0); dm.b * dm.heads * tq * tk];
+    let out_ptr = Shared(out.as_mut_ptr());
+    probs
+        .par_chunks_mut(tq * tk)
+        .enumerate()
+        .for_each(|(bh, p)| {
+            let (bi, h) = (bh / dm.heads, bh % dm.heads);
+            let g = h / dm.group();
+            let q0 = bi * tq * dm.q_row() + h * d;
+            let kv0 = bi * tk * dm.kv_row() + g * d;
+            // SAFETY: Q_bh, K_bg, V_bg lie inside q, k, v; p is this task's own chunk; the output
+            // stripe (batch bi, columns h D..(h + 1) D) is written by this task only.
+            unsafe {
+                let qm = Mat {
+                    ptr: q.as_ptr().add(q0),
+                    rs: qr,
+                    cs: 1,
+                };
+                let kt = Mat {
+                    ptr: k.as_ptr().add(kv0),
+                    rs: 1,
+                    cs: kr,
+                };
+                product(
+                    (tq, tk, d),
+                    p.as_mut_ptr(),
+                    tk as isize,
+                    false,
+                    qm,
+                    kt,
+                    T::from(scale),
+                );
+            }
+            let mrow = &mask[bi * tq * tk..(bi + 1) * tq * tk];
+            for (s, m) in p.iter_mut().zip(mrow) {
+                *s = T::from(s.to() + m.to());
+            }
+            T::softmax_rows_in_place(p, tk);
+            unsafe {
+                let pm = Mat {
+                    ptr: p.as_ptr(),
+                    rs: tk as isize,
+                    cs: 1,
+                };
+                let vm = Mat {
+                    ptr: v.as_ptr().add(kv0),
+                    rs: kr,
+                    cs: 1,
+                };
+                let dst = { out_ptr }.0.add(bi * tq * dm.q_row() + h * d);
+                product((tq, d, tk), dst, qr, false, pm, vm, T::from(1.0));
+            }
+        });
+    (out, probs)
+}
+
+/// Backward: (dQ [B, Tq, H D], dK, dV [B, Tk, KVH D]). One task per (batch, kv head), which
+/// loops over the query heads of its group, so that dK and dV are summed without races.
+#[allow(clippy::too_many_arguments)]
+fn backward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    probs: &[T],
+    grad: &[T],
+    dm: Dims,
+    scale: f64,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let Dims { tq, tk, d, .. } = dm;
+    let (qr, kr) = (dm.q_row() as isize, dm.kv_row() as isize);
+    let mut dq = vec![T::from(0.0); q.len()];
+    let mut dk = vec![T::from(0.0); k.len()];
+    let mut dv = vec![T::from(0.0); v.len()];
+    let (dq_ptr, dk_ptr, dv_ptr) = (
+        Shared(dq.as_mut_ptr()),
+        Shared(dk.as_mut_ptr()),
+        Shared(dv.as_mut_ptr()),
+    );
+    (0..dm.b * dm.kv_heads).into_par_iter().for_each(|bg| {
+        let (bi, g) = (bg / dm.kv_heads, bg % dm.kv_heads);
+        let kv0 = bi * tk * dm.kv_row() + g * d;
+        let mut dp = vec![T::from(0.0); tq * tk];
+        let mut ds = vec![T::from(0.0); tq * tk];
+        for j in 0..dm.group() {
+            let h = g * dm.group() + j;
+            let q0 = bi * tq * dm.q_row() + h * d;
+            let p = &probs[(bi * dm.heads + h) * tq * tk..][..tq * tk];
+            // SAFETY: all reads lie inside the inputs; dQ's stripe (bi, h) and dK/dV's stripe
+            // (bi, g) belong to this task alone; dp and ds are local.
+            unsafe {
+                let go = Mat {
+                    ptr: grad.as_ptr().add(q0),
+                    rs: qr,
+                    cs: 1,
+                };
+                let pt = Mat {
+                    ptr: p.as_ptr(),
+                    rs: 1,
+                    cs: tk as isize,
+                };
+                let dv_dst = { dv_ptr }.0.add(kv0);
+                product((tk, d, tq), dv_dst, kr, j > 0, pt, go, T::from(1.0));
+                let vt = Mat {
+                    ptr: v.as_ptr().add(kv0),
+                    rs: 1,
+                    cs: kr,
+                };
+                product(
+                    (tq, tk, d),
+                    dp.as_mut_ptr(),
+                    tk as isize,
+                    false,
+                    go,
+                    vt,
+                    T::from(1.0),
+                );
+            }
+            // dS = scale * P * (dP - rowsum(dP * P)).
+            T::softmax_grad_rows_into(p, &dp, &mut ds, tk, scale);
+            unsafe {
+                let dsm = Mat {
+                    ptr: ds.as_ptr(),
+                    rs: tk as isize,
+                    cs: 1,
+                };
+                let km = Mat {
+                    ptr: k.as_ptr().add(kv0),
+                    rs: kr,
+                    cs: 1,
+                };
+                let dq_dst = { dq_ptr }.0.add(q0);
+                product((tq, d, tk), dq_dst, qr, false, dsm, km, T::from(1.0));
+                let dst = Mat {
+                    ptr: ds.as_ptr(),
+                    rs: 1,
+                    cs: tk as isize,
+                };
+                let qm = Mat {
+                    ptr: q.as_ptr().add(q0),
+                    rs: qr,
+                    cs: 1,
+                };
+                let dk_dst = { dk_ptr }.0.add(kv0);
+                product((tk, d, tq), dk_dst, kr, j > 0, dst, qm, T::from(1.0));
+            }
+        }
+    });
+    (dq, dk, dv)
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let dm = self.dims;
+        let (mask_s, mask_l) = self.mask.storage_and_layout();
+        let mask_s = cpu(&mask_s, name)?;
+        let device = self.mask.device().clone();
+        let out = by_dtype!(s1.dtype(), name, |T| {
+            let (out, probs) = forward::<T>(
+                typed(s1, l1, name)?,
+                typed(s2, l2, name)?,
+                typed(s3, l3, name)?,
+                typed(mask_s, mask_l, name)?,
+                dm,
+                self.scale,
+            );
+            let probs = Tensor::from_vec(probs, (dm.b, dm.heads, dm.tq, dm.tk), &device)?;
+            *self.probs.lock().expect("attention probabilities") = Some(probs);
+            T::wrap(out)
+        });
+        Ok((out, Shape::from((dm.b, dm.tq, dm.q_row()))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let name = self.name();
+        let probs = self
+            .probs
+            .lock()
+            .expect("attention probabilities")
+            .clone()
+            .ok_or_else(|| {
+                candle_core::Error::Msg("fused-attention: backward before forward".into())
+            })?;
+        let grad = grad.contiguous()?;
+        let (dm, device) = (self.dims, q.device().clone());
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (ps, pl) = probs.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (qs, ks, vs, ps, gs) = (
+            cpu(&qs, name)?,
+            cpu(&ks, name)?,
+            cpu(&vs, name)?,
+            cpu(&ps, name)?,
+            cpu(&gs, name)?,
+        );
+        let (dq, dk, dv) = by_dtype!(q.dtype(), name, |T| {
+            let (dq, dk, dv) = backward::<T>(
+                typed(qs, ql, name)?,
+                typed(ks, kl, name)?,
+                typed(vs, vl, name)?,
+                typed(ps, pl, name)?,
+                typed(gs, gl, name)?,
+                dm,
+                self.scale,
+            );
+            (
+                Tensor::from_vec(dq, q.shape(), &device)?,
+                Tensor::from_vec(dk, k.shape(), &device)?,
+                Tensor::from_vec(dv, v.shape(), &device)?,
+            )
+        });
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Attention from the projections: q [B, Tq, H * D], k and v [B, Tk, KVH * D] (H a multiple of
+/// KVH; query head h reads key/value head h / (H / KVH)), an additive mask [B, 1, Tq, Tk]
+/// (0 or a large negative number) and the score scale. Returns [B, Tq, H * D].
+///
+/// One fused op on the CPU in f32 and f64; elsewhere the decomposed form
+/// ([`crate::models::nn::attention`] after splitting and repeating heads).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    (heads, kv_heads): (usize, usize),
+    scale: f64,
+) -> Result<Tensor> {
+    use crate::models::nn;
+    let (b, tq, qw) = q.dims3()?;
+    let (_, tk, kw) = k.dims3()?;
+    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || qw % heads != 0 {
+        candle_core::bail!("attention: {heads} query heads and {kv_heads} key/value heads do not fit widths {qw} and {kw}");
+    }
+    let d = qw / heads;
+    if kw != kv_heads * d || v.dims3()? != (b, tk, kw) || mask.dims4()? != (b, 1, tq, tk) {
+        candle_core::bail!(
+            "attention: shapes q {:?}, k {:?}, v {:?}, mask {:?} do not agree",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            mask.dims()
+        );
+    }
+    let fusable = q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64);
+    if !fusable {
+        let groups = heads / kv_heads;
+        let q = nn::split_heads(q, heads, d)?;
+        let k = nn::repeat_kv(&nn::split_heads(k, kv_heads, d)?, groups)?;
+        let v = nn::repeat_kv(&nn::split_heads(v, kv_heads, d)?, groups)?;
+        return nn::attention(&q, &k, &v, mask, scale);
+    }
+    let op = Attention {
+        dims: Dims {
+            b,
+            tq,
+            tk,
+            heads,
+            kv_heads,
+            d,
+        },
+        scale,
+        mask: mask
+            .to_dtype(q.dtype())?
+            .reshape((b, tq, tk))?
+            .contiguous()?,
+        probs: Mutex::new(None),
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::nn;
+    use crate::rng::Rng;
+    use candle_core::{Device, Var};
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.next_f64() * 2.0 - 1.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// The decomposed reference: heads split, key/value heads repeated, candle ops only.
+    fn decomposed(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        h: usize,
+        kvh: usize,
+        scale: f64,
+    ) -> Tensor {
+        let d = q.dim(2).unwrap() / h;
+        let q = nn::split_heads(q, h, d).unwrap();
+        let k = nn::repeat_kv(&nn::split_heads(k, kvh, d).unwrap(), h / kvh).unwrap();
+        let v = nn::repeat_kv(&nn::split_heads(v, kvh, d).unwrap(), h / kvh).unwrap();
+        let scores = (q
+            .contiguous()
+            .unwrap()
+            .matmul(&k.t().unwrap().contiguous().unwrap())
+            .unwrap()
+            * scale)
+            .unwrap()
+            .broadcast_add(mask)
+            .unwrap();
+        let probs = candle_nn::ops::softmax(&scores, candle_core::D::Minus1).unwrap();
+        let (b, _, tq, _) = q.dims4().unwrap();
+        probs
+            .matmul(&v.contiguous().unwrap())
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((b, tq, h * d))
+            .unwrap()
+    }
+
+    #[test]
+    fn values_and_gradients_match_the_decomposed_attention() {
+        // (batch, tq, tk, heads, kv heads, head dim, causal): plain, grouped-query, cross-length
+        // (queries at the last tq of tk positions), odd sizes.
+        for (case, &(b, tq, tk, h, kvh, d, causal)) in [
+            (2, 5, 5, 3, 3, 4, false),
+            (2, 6, 6, 4, 2, 3, true),
+            (1, 3, 7, 6, 1, 5, true),
+            (3, 1, 4, 2, 2, 2, false),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = case as u64 * 10;
+            let q = Var::from_tensor(&random(&[b, tq, h * d], seed)).unwrap();
+            let k = Var::from_tensor(&random(&[b, tk, kvh * d], seed + 1)).unwrap();
+            let v = Var::from_tensor(&random(&[b, tk, kvh * d], seed + 2)).unwrap();
+            // Padding: the first key of batch row 0 is masked out.
+            let key_mask: Vec<Vec<u32>> = (0..b)
+                .map(|i| {
+                    (0..tk)
+                        .map(|j| u32::from(!(i == 0 && j == 0 && tk > 1)))
+                        .collect()
+                })
+                .collect();
+            let mask = nn::additive_mask(&key_mask, tq, causal, None, &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let probe = random(&[b, tq, h * d], seed + 3);
+            let ours = attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                &mask,
+                (h, kvh),
+                scale,
+            )
+            .unwrap();
+            let reference = decomposed(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                &mask,
+                h,
+                kvh,
+                scale,
+            );
+            let diff = max_diff(&ours, &reference);
+            assert!(diff < 1e-12, "case {case}: values differ by {diff}");
+            let g_ours = (ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g_ref = (reference * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+                let a = g_ours.get(var.as_tensor()).unwrap();
+                let r = g_ref.get(var.as_tensor()).unwrap();
+                let diff = max_diff(a, r);
+                assert!(diff < 1e-12, "case {case}: d{name} differs by {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn f32_agrees_with_f64() {
+        let (b, t, h, kvh, d) = (2, 9, 4, 2, 8);
+        let q = random(&[b, t, h * d], 1);
+        let k = random(&[b, t, kvh * d], 2);
+        let v = random(&[b, t, kvh * d], 3);
+        let mask = nn::additive_mask(&vec![vec![1; t]; b], t, true, None, &Device::Cpu).unwrap();
+        let f64_out = attention(&q, &k, &v, &mask, (h, kvh), 0.3).unwrap();
+        let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+        let f32_out = attention(&f32(&q), &f32(&k), &f32(&v), &mask, (h, kvh), 0.3)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        assert!(max_diff(&f64_out, &f32_out) < 1e-5);
+    }
+
+    #[test]
+    fn mismatched_shapes_are_an_error() {
+        let q = random(&[1, 3, 8], 1);
+        let k = random(&[1, 3, 4], 2);
+        let mask = nn::additive_mask(&[vec![1; 3]], 3, false, None, &Device::Cpu).unwrap();
+        assert!(attention(&q, &k, &k, &mask, (2, 2), 1.0).is_err());
+        assert!(attention(&q, &k, &k, &mask, (3, 1), 1.0).is_err());
+        assert!(attention(&q, &k, &k, &mask, (2, 1), 1.0).is_ok());
+    }
+}

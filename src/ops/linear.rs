@@ -1,0 +1,715 @@
+//! y = x W^T + b as one CPU op with its own backward, for a frozen or a trained W.
+//!
+//! candle's matmul backward computes the gradient of both operands, so a frozen weight (LoRA,
+//! frozen backbones) costs a second matmul per layer for a gradient nobody uses (STACK.md trap 4);
+//! its broadcast bias add then costs, in the backward, a zero-filled [rows, out] gradient for the
+//! bias view plus an add, and for a trained bias a single-threaded strided sum. Here:
+//!
+//!   forward   y = x W^T + b      (one gemm into rows pre-filled with b)
+//!   backward  dx = dy W           (only when x needs a gradient)
+//!             dW = dy^T x         (only when W is trained)
+//!             db = sum_rows dy    (only when W is trained; blocks of rows in parallel)
+//!
+//! straight from the storages, with gemm's own threads. Other devices and dtypes use the
+//! decomposed form.
+
+use super::fused::{by_dtype, cpu, typed, Real};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+
+fn parallelism(work: usize) -> gemm::Parallelism {
+    if work > 1 << 15 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// dst [m, n] (row-major, fully overwritten unless `accumulate`) = lhs [m, k] rhs [k, n], with
+/// the operands given as (slice, row stride, column stride).
+fn gemm_into<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    accumulate: bool,
+    (lhs, lhs_rs, lhs_cs): (&[T], usize, usize),
+    (rhs, rhs_rs, rhs_cs): (&[T], usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() >= m * n, "gemm_into: destination too small");
+    if k > 0 {
+        assert!(
+            lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs,
+            "gemm_into: lhs too small"
+        );
+        assert!(
+            rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs,
+            "gemm_into: rhs too small"
+        );
+    }
+    // SAFETY: the asserts above bound every element the strides address; dst is a distinct
+    // mutable slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::from(1.0),
+            T::from(1.0),
+            false,
+            false,
+            false,
+            parallelism(m * n * k),
+        );
+    }
+}
+
+/// y [rows, n] = x [rows, k] W^T (W [n, k]) + b.
+fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, rows: usize, k: usize, n: usize) -> Vec<T> {
+    let mut y = match b {
+        Some(b) => b.iter().copied().cycle().take(rows * n).collect(),
+        None => vec![T::from(0.0); rows * n],
+    };
+    gemm_into((rows, n, k), &mut y, b.is_some(), (x, k, 1), (w, 1, k));
+    y
+}
+
+/// dx [rows, k] = dy [rows, n] W [n, k].
+fn input_grad<T: Real>(g: &[T], w: &[T], rows: usize, k: usize, n: usize) -> Vec<T> {
+    let mut dx = vec![T::from(0.0); rows * k];
+    gemm_into((rows, k, n), &mut dx, false, (g, n, 1), (w, k, 1));
+    dx
+}
+
+/// dW [n, k] = dy^T x.
+fn weight_grad<T: Real>(g: &[T], x: &[T], rows: usize, k: usize, n: usize) -> Vec<T> {
+    let mut dw = vec![T::from(0.0); n * k];
+    gemm_into((n, k, rows), &mut dw, false, (g, 1, n), (x, k, 1));
+    dw
+}
+
+/// db [n] = sum over rows of dy, summed in f64 by blocks of rows (in parallel), then the blocks
+/// in order: the result does not depend on the number of threads.
+fn bias_grad<T: Real>(g: &[T], n: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    let block = (4096 / n.max(1)).max(1) * n;
+    let partials: Vec<Vec<f64>> = g
+        .par_chunks(block)
+        .map(|rows| {
+            let mut acc = vec![0f64; n];
+            for row in rows.chunks(n) {
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += v.to();
+                }
+            }
+            acc
+        })
+        .collect();
+    (0..n)
+        .map(|j| T::from(partials.iter().map(|p| p[j]).sum()))
+        .collect()
+}
+
+/// x W^T + b with W and b constants (no gradient for them).
+struct FrozenLinear {
+    /// [n, k], contiguous, the input's dtype.
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (rows, k) = layout.shape().dims2()?;
+        let n = self.weight.dim(0)?;
+        let (ws, wl) = self.weight.storage_and_layout();
+        let bias = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let out = by_dtype!(storage.dtype(), name, |T| {
+            let b = match &bias {
+                Some((s, l)) => Some(typed::<T>(cpu(s, name)?, l, name)?),
+                None => None,
+            };
+            T::wrap(forward::<T>(
+                typed(storage, layout, name)?,
+                typed(cpu(&ws, name)?, wl, name)?,
+                b,
+                rows,
+                k,
+                n,
+            ))
+        });
+        Ok((out, Shape::from((rows, n))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if !x.track_op() {
+            return Ok(None);
+        }
+        Ok(Some(input_gradient(x, &self.weight, &grad.contiguous()?)?))
+    }
+}
+
+/// dx = dy W as a tensor of x's shape ([rows, k]; dy contiguous [rows, n]).
+fn input_gradient(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let name = "linear-input-grad";
+    let (rows, k) = x.dims2()?;
+    let n = w.dim(0)?;
+    let (ws, wl) = w.storage_and_layout();
+    let (gs, gl) = g.storage_and_layout();
+    by_dtype!(x.dtype(), name, |T| {
+        let w = typed::<T>(cpu(&ws, name)?, wl, name)?;
+        let g = typed::<T>(cpu(&gs, name)?, gl, name)?;
+        Tensor::from_vec(input_grad(g, w, rows, k, n), (rows, k), x.device())
+    })
+}
+
+/// x W^T (+ b) with W (and b) trained.
+struct TrainedLinear;
+
+impl TrainedLinear {
+    fn fwd(
+        &self,
+        (xs, xl): (&CpuStorage, &Layout),
+        (ws, wl): (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = "trained-linear";
+        let (rows, k) = xl.shape().dims2()?;
+        let n = wl.shape().dims2()?.0;
+        let out = by_dtype!(xs.dtype(), name, |T| {
+            let b = match bias {
+                Some((s, l)) => Some(typed::<T>(s, l, name)?),
+                None => None,
+            };
+            T::wrap(forward::<T>(
+                typed(xs, xl, name)?,
+                typed(ws, wl, name)?,
+                b,
+                rows,
+                k,
+                n,
+            ))
+        });
+        Ok((out, Shape::from((rows, n))))
+    }
+
+    /// (dx if x needs it, dW, db).
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+        let name = "trained-linear-grad";
+        let g = g.contiguous()?;
+        let (rows, k) = x.dims2()?;
+        let n = w.dim(0)?;
+        let dx = if x.track_op() {
+            Some(input_gradient(x, w, &g)?)
+        } else {
+            None
+        };
+        let (xs, xl) = x.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let (dw, db) = by_dtype!(x.dtype(), name, |T| {
+            let xv = typed::<T>(cpu(&xs, name)?, xl, name)?;
+            let gv = typed::<T>(cpu(&gs, name)?, gl, name)?;
+            (
+                Tensor::from_vec(weight_grad(gv, xv, rows, k, n), (n, k), x.device())?,
+                Tensor::from_vec(bias_grad(gv, n), n, x.device())?,
+            )
+        });
+        Ok((dx, dw, db))
+    }
+}
+
+impl CustomOp2 for TrainedLinear {
+    fn name(&self) -> &'static str {
+        "trained-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.grads(x, w, grad)?;
+        Ok((dx, Some(dw)))
+    }
+}
+
+impl CustomOp3 for TrainedLinear {
+    fn name(&self) -> &'static str {
+        "trained-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.grads(x, w, grad)?;
+        Ok((dx, Some(dw), b.track_op().then_some(db)))
+    }
+}
+
+/// y = x W^T + b for x of any rank (leading dimensions flattened into rows), W [out, in] as in
+/// PyTorch's nn.Linear. One fused op on the CPU in f32 and f64 (W frozen or trained; a trained
+/// bias with a frozen W uses the decomposed form); elsewhere matmul and broadcast add.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let last = *dims
+        .last()
+        .ok_or_else(|| candle_core::Error::Msg("linear: scalar input".into()))?;
+    let rows = x.elem_count() / last.max(1);
+    let n = weight.dim(0)?;
+    if weight.dims2()? != (n, last) || bias.is_some_and(|b| b.dims() != [n]) {
+        candle_core::bail!(
+            "linear: input {:?}, weight {:?} and bias {:?} do not fit",
+            x.dims(),
+            weight.dims(),
+            bias.map(|b| b.dims().to_vec())
+        );
+    }
+    let flat = x.reshape((rows, last))?;
+    let fusable = x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && (weight.dtype() == x.dtype() || !weight.track_op())
+        && bias.is_none_or(|b| b.dtype() == x.dtype() || !b.track_op());
+    let frozen_bias = bias.is_none_or(|b| !b.track_op());
+    let y = if !fusable || (!weight.track_op() && !frozen_bias) {
+        let y = flat.matmul(&weight.t()?)?;
+        match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        }
+    } else if !weight.track_op() {
+        let dtype = x.dtype();
+        flat.contiguous()?.apply_op1(FrozenLinear {
+            weight: weight.to_dtype(dtype)?.contiguous()?,
+            bias: bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()?,
+        })?
+    } else {
+        let (x, w) = (flat.contiguous()?, weight.contiguous()?);
+        match bias {
+            Some(b) => x.apply_op3(&w, &b.contiguous()?, TrainedLinear)?,
+            None => x.apply_op2(&w, TrainedLinear)?,
+        }
+    };
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("rank >= 1") = n;
+    y.reshape(out_dims)
+}
+
+/// y = x W^T + b + scale (x A^T) B^T: a frozen linear layer with a LoRA adapter (A [r, in],
+/// B [out, r] trained), as one op. The adapter's low-rank product u = x A^T is recomputed in the
+/// backward (rows x r x in: small) rather than kept. With gB = dy B:
+///   dx = dy W + scale gB A,  dA = scale gB^T x,  dB = scale dy^T u.
+struct LoraLinear {
+    /// [n, k] and [n], frozen, contiguous, the input's dtype.
+    weight: Tensor,
+    bias: Option<Tensor>,
+    scale: f64,
+}
+
+/// dst [m, n] = (dst +) beta * lhs rhs, as [`gemm_into`] with a factor.
+fn gemm_scaled<T: Real>(
+    dims: (usize, usize, usize),
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: (&[T], usize, usize),
+    rhs: (&[T], usize, usize),
+    beta: f64,
+) {
+    if beta == 1.0 {
+        return gemm_into(dims, dst, accumulate, lhs, rhs);
+    }
+    // Scale a copy of the (smaller) right operand: gemm's beta multiplies the product.
+    let (rhs_v, rhs_rs, rhs_cs) = rhs;
+    let scaled: Vec<T> = rhs_v.iter().map(|v| T::from(v.to() * beta)).collect();
+    gemm_into(dims, dst, accumulate, lhs, (&scaled, rhs_rs, rhs_cs));
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (rows, k) = xl.shape().dims2()?;
+        let n = self.weight.dim(0)?;
+        let r = al.shape().dims2()?.0;
+        let (ws, wl) = self.weight.storage_and_layout();
+        let bias = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let out = by_dtype!(xs.dtype(), name, |T| {
+            let x = typed::<T>(xs, xl, name)?;
+            let bias = match &bias {
+                Some((s, l)) => Some(typed::<T>(cpu(s, name)?, l, name)?),
+                None => None,
+            };
+            let w = typed::<T>(cpu(&ws, name)?, wl, name)?;
+            let mut y = forward::<T>(x, w, bias, rows, k, n);
+            let mut u = vec![<T as Real>::from(0.0); rows * r];
+            gemm_into(
+                (rows, r, k),
+                &mut u,
+                false,
+                (x, k, 1),
+                (typed::<T>(as_, al, name)?, 1, k),
+            );
+            let b = typed::<T>(bs, bl, name)?;
+            gemm_scaled(
+                (rows, n, r),
+                &mut y,
+                true,
+                (&u, r, 1),
+                (b, 1, r),
+                self.scale,
+            );
+            T::wrap(y)
+        });
+        Ok((out, Shape::from((rows, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let name = "lora-linear-grad";
+        let g = grad.contiguous()?;
+        let (rows, k) = x.dims2()?;
+        let (n, r) = b.dims2()?;
+        let (ws, wl) = self.weight.storage_and_layout();
+        let (xs, xl) = x.storage_and_layout();
+        let (a_s, al) = a.storage_and_layout();
+        let (b_s, bl) = b.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let device = x.device();
+        let s = self.scale;
+        let (dx, da, db) = by_dtype!(x.dtype(), name, |T| {
+            let xv = typed::<T>(cpu(&xs, name)?, xl, name)?;
+            let av = typed::<T>(cpu(&a_s, name)?, al, name)?;
+            let bv = typed::<T>(cpu(&b_s, name)?, bl, name)?;
+            let gv = typed::<T>(cpu(&gs, name)?, gl, name)?;
+            // gB = dy B [rows, r]; u = x A^T [rows, r].
+            let mut gb = vec![<T as Real>::from(0.0); rows * r];
+            gemm_into((rows, r, n), &mut gb, false, (gv, n, 1), (bv, r, 1));
+            let mut u = vec![<T as Real>::from(0.0); rows * r];
+            gemm_into((rows, r, k), &mut u, false, (xv, k, 1), (av, 1, k));
+            let dx = if x.track_op() {
+                let w = typed::<T>(cpu(&ws, name)?, wl, name)?;
+                let mut dx = input_grad(gv, w, rows, k, n);
+                gemm_scaled((rows, k, r), &mut dx, true, (&gb, r, 1), (av, k, 1), s);
+                Some(Tensor::from_vec(dx, (rows, k), device)?)
+            } else {
+                None
+            };
+            let mut da = vec![<T as Real>::from(0.0); r * k];
+            gemm_scaled((r, k, rows), &mut da, false, (&gb, 1, r), (xv, k, 1), s);
+            let mut db = vec![<T as Real>::from(0.0); n * r];
+            gemm_scaled((n, r, rows), &mut db, false, (gv, 1, n), (&u, r, 1), s);
+            (
+                dx,
+                Tensor::from_vec(da, (r, k), device)?,
+                Tensor::from_vec(db, (n, r), device)?,
+            )
+        });
+        Ok((dx, Some(da), Some(db)))
+    }
+}
+
+/// y = x W^T + b + scale (x A^T) B^T for x of any rank: a linear layer with a LoRA adapter
+/// (A [r, in], B [out, r]). One fused op on the CPU in f32 and f64 when W and b are frozen;
+/// otherwise [`linear`] plus the adapter's two matmuls.
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    (a, b, scale): (&Tensor, &Tensor, f64),
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let last = *dims
+        .last()
+        .ok_or_else(|| candle_core::Error::Msg("linear: scalar input".into()))?;
+    let (n, r) = b.dims2()?;
+    if a.dims2()? != (r, last) || weight.dims2()? != (n, last) {
+        candle_core::bail!(
+            "lora linear: input {:?}, weight {:?}, A {:?} and B {:?} do not fit",
+            x.dims(),
+            weight.dims(),
+            a.dims(),
+            b.dims()
+        );
+    }
+    let dtype = x.dtype();
+    let fusable = x.device().is_cpu()
+        && matches!(dtype, DType::F32 | DType::F64)
+        && a.dtype() == dtype
+        && b.dtype() == dtype
+        && !weight.track_op()
+        && bias.is_none_or(|b| !b.track_op());
+    if !fusable {
+        let base = linear(x, weight, bias)?;
+        let rows = x.elem_count() / last.max(1);
+        let flat = x.reshape((rows, last))?;
+        let delta = flat.matmul(&a.t()?)?.matmul(&b.t()?)?;
+        let delta = (delta * scale)?.reshape(base.shape())?;
+        return base + delta;
+    }
+    let rows = x.elem_count() / last.max(1);
+    let y = x.reshape((rows, last))?.contiguous()?.apply_op3(
+        &a.contiguous()?,
+        &b.contiguous()?,
+        LoraLinear {
+            weight: weight.to_dtype(dtype)?.contiguous()?,
+            bias: bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()?,
+            scale,
+        },
+    )?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("rank >= 1") = n;
+    y.reshape(out_dims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use candle_core::{Device, Var};
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.next_f64() * 2.0 - 1.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+        d.max(0).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    fn plain(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+        let y = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+        match b {
+            Some(b) => y.broadcast_add(b).unwrap(),
+            None => y,
+        }
+    }
+
+    /// Values and the gradients of x, W, b (those that are variables) against matmul +
+    /// broadcast add, for frozen and trained weights, with and without bias, several shapes.
+    #[test]
+    fn values_and_gradients_match_the_decomposed_linear() {
+        for (case, (shape, out)) in [
+            (vec![3usize, 5], 4usize),
+            (vec![2, 7, 6], 3),
+            (vec![1, 1, 9], 2),
+            (vec![40, 33], 17),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let inp = *shape.last().unwrap();
+            let seed = case as u64 * 7;
+            for trained in [false, true] {
+                for with_bias in [false, true] {
+                    let x = Var::from_tensor(&random(&shape, seed)).unwrap();
+                    let w_t = random(&[out, inp], seed + 1);
+                    let b_t = random(&[out], seed + 2);
+                    let (w_var, b_var) = (
+                        Var::from_tensor(&w_t).unwrap(),
+                        Var::from_tensor(&b_t).unwrap(),
+                    );
+                    let w = if trained {
+                        w_var.as_tensor().clone()
+                    } else {
+                        w_t.clone()
+                    };
+                    let b = if trained {
+                        b_var.as_tensor().clone()
+                    } else {
+                        b_t.clone()
+                    };
+                    let b = with_bias.then_some(&b);
+                    let rows: usize = shape.iter().product::<usize>() / inp;
+                    let probe = random(&[rows * out], seed + 3);
+                    let loss = |y: &Tensor| {
+                        (y.flatten_all().unwrap() * &probe)
+                            .unwrap()
+                            .sum_all()
+                            .unwrap()
+                    };
+                    let ours = linear(x.as_tensor(), &w, b).unwrap();
+                    let reference = plain(x.as_tensor(), &w, b);
+                    let label = format!("case {case} trained {trained} bias {with_bias}");
+                    assert!(max_abs_diff(&ours, &reference) < 1e-12, "{label}: values");
+                    let g_ours = loss(&ours).backward().unwrap();
+                    let g_ref = loss(&reference).backward().unwrap();
+                    let mut checked = vec![x.as_tensor()];
+                    if trained {
+                        checked.push(w_var.as_tensor());
+                        if with_bias {
+                            checked.push(b_var.as_tensor());
+                        }
+                    }
+                    for t in checked {
+                        let diff = max_abs_diff(g_ours.get(t).unwrap(), g_ref.get(t).unwrap());
+                        assert!(diff < 1e-12, "{label}: gradient differs by {diff}");
+                    }
+                    if !trained {
+                        assert!(g_ours.get(w_var.as_tensor()).is_none());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_constant_input_gets_no_gradient_but_the_weight_does() {
+        let w = Var::from_tensor(&random(&[3, 4], 4)).unwrap();
+        let x = random(&[2, 4], 5);
+        let grads = linear(&x, w.as_tensor(), None)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(grads.get(w.as_tensor()).is_some());
+        assert!(grads.get(&x).is_none());
+    }
+
+    #[test]
+    fn mismatched_shapes_are_an_error() {
+        let x = random(&[2, 4], 1);
+        assert!(linear(&x, &random(&[3, 5], 2), None).is_err());
+        assert!(linear(&x, &random(&[3, 4], 2), Some(&random(&[4], 3))).is_err());
+    }
+
+    /// The LoRA layer against linear + (x A^T) B^T * scale: values and the gradients of x, A, B;
+    /// the frozen W gets none.
+    #[test]
+    fn lora_linear_matches_the_decomposed_adapter() {
+        for (case, (shape, out, rank)) in [
+            (vec![3usize, 5], 4usize, 2usize),
+            (vec![2, 7, 6], 3, 1),
+            (vec![40, 33], 17, 8),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let inp = *shape.last().unwrap();
+            let seed = 100 + case as u64 * 7;
+            for with_bias in [false, true] {
+                let x = Var::from_tensor(&random(&shape, seed)).unwrap();
+                let w = Var::from_tensor(&random(&[out, inp], seed + 1)).unwrap();
+                let w = w.as_tensor().detach();
+                let bias = random(&[out], seed + 2);
+                let a = Var::from_tensor(&random(&[rank, inp], seed + 3)).unwrap();
+                let b = Var::from_tensor(&random(&[out, rank], seed + 4)).unwrap();
+                let scale = 2.5;
+                let bias = with_bias.then_some(&bias);
+                let ours = lora_linear(
+                    x.as_tensor(),
+                    &w,
+                    bias,
+                    (a.as_tensor(), b.as_tensor(), scale),
+                )
+                .unwrap();
+                let delta = x
+                    .as_tensor()
+                    .broadcast_matmul(&a.as_tensor().t().unwrap())
+                    .unwrap()
+                    .broadcast_matmul(&b.as_tensor().t().unwrap())
+                    .unwrap();
+                let reference =
+                    (plain(x.as_tensor(), &w, bias) + (delta * scale).unwrap()).unwrap();
+                let label = format!("case {case} bias {with_bias}");
+                assert!(max_abs_diff(&ours, &reference) < 1e-12, "{label}: values");
+                let rows: usize = shape.iter().product::<usize>() / inp;
+                let probe = random(&[rows * out], seed + 5);
+                let loss = |y: &Tensor| {
+                    (y.flatten_all().unwrap() * &probe)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                };
+                let g_ours = loss(&ours).backward().unwrap();
+                let g_ref = loss(&reference).backward().unwrap();
+                for t in [x.as_tensor(), a.as_tensor(), b.as_tensor()] {
+                    let diff = max_abs_diff(g_ours.get(t).unwrap(), g_ref.get(t).unwrap());
+                    assert!(diff < 1e-12, "{label}: gradient differs by {diff}");
+                }
+                assert!(g_ours.get(&w).is_none());
+            }
+        }
+    }
+
+    #[test]
+    fn f32_agrees_with_f64() {
+        let x = random(&[9, 16], 1);
+        let w = random(&[5, 16], 2);
+        let b = random(&[5], 3);
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let y64 = linear(&x, &w, Some(&b)).unwrap();
+        let y32 = linear(&f32(&x), &f32(&w), Some(&f32(&b))).unwrap();
+        assert!(max_abs_diff(&y64, &y32.to_dtype(DType::F64).unwrap()) < 1e-5);
+    }
+}
