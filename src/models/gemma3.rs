@@ -254,7 +254,11 @@ impl Gemma3 {
                 .post_attention_norm
                 .forward(&layer.o.forward(&attn)?)?)?;
             let n = layer.pre_feedforward_norm.forward(&x)?;
-            let mlp = (layer.gate.forward(&n)?.gelu()? * layer.up.forward(&n)?)?;
+            let mlp = crate::ops::fused::gated(
+                &layer.gate.forward(&n)?,
+                &layer.up.forward(&n)?,
+                crate::ops::fused::Gate::GeluTanh,
+            )?;
             x = (x + layer
                 .post_feedforward_norm
                 .forward(&layer.down.forward(&mlp)?)?)?;

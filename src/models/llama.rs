@@ -8,6 +8,7 @@ use super::cache::KvCache;
 use super::config::ConfigJson;
 use super::nn::{self, Linear, RmsNorm, Rope};
 use super::params::Params;
+use crate::ops::fused::{gated, Gate};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -160,7 +161,7 @@ impl Llama {
             )?;
             x = (x + layer.o.forward(&attn)?)?;
             let n = layer.post_norm.forward(&x)?;
-            let mlp = (candle_nn::ops::silu(&layer.gate.forward(&n)?)? * layer.up.forward(&n)?)?;
+            let mlp = gated(&layer.gate.forward(&n)?, &layer.up.forward(&n)?, Gate::Silu)?;
             x = (x + layer.down.forward(&mlp)?)?;
         }
         Ok(self.norm.forward(&x)?)

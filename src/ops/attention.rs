@@ -112,7 +112,9 @@ fn forward<T: Real>(
 ) -> (Vec<T>, Vec<T>) {
     let Dims { tq, tk, d, .. } = dm;
     let (qr, kr) = (dm.q_row() as isize, dm.kv_row() as isize);
-    let mut out = vec![T::from(0.0); dm.b * tq * dm.heads * d];
+    // Written in full by the tasks below (every (batch, head) stripe) before its length is set.
+    let out_len = dm.b * tq * dm.heads * d;
+    let mut out: Vec<T> = Vec::with_capacity(out_len);
     let mut probs = vec![T::from(0.0); dm.b * dm.heads * tq * tk];
     let out_ptr = Shared(out.as_mut_ptr());
     probs
@@ -166,6 +168,8 @@ fn forward<T: Real>(
                 product((tq, d, tk), dst, qr, false, pm, vm, T::from(1.0));
             }
         });
+    // SAFETY: every element was written by gemm above (the stripes tile the output).
+    unsafe { out.set_len(out_len) };
     (out, probs)
 }
 
@@ -183,9 +187,11 @@ fn backward<T: Real>(
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let Dims { tq, tk, d, .. } = dm;
     let (qr, kr) = (dm.q_row() as isize, dm.kv_row() as isize);
-    let mut dq = vec![T::from(0.0); q.len()];
-    let mut dk = vec![T::from(0.0); k.len()];
-    let mut dv = vec![T::from(0.0); v.len()];
+    // Written in full by the tasks below (dQ per (batch, head); dK, dV by the first head of each
+    // group, which does not read them) before their lengths are set.
+    let mut dq: Vec<T> = Vec::with_capacity(q.len());
+    let mut dk: Vec<T> = Vec::with_capacity(k.len());
+    let mut dv: Vec<T> = Vec::with_capacity(v.len());
     let (dq_ptr, dk_ptr, dv_ptr) = (
         Shared(dq.as_mut_ptr()),
         Shared(dk.as_mut_ptr()),
@@ -260,6 +266,12 @@ fn backward<T: Real>(
             }
         }
     });
+    // SAFETY: see above; the stripes tile each gradient.
+    unsafe {
+        dq.set_len(q.len());
+        dk.set_len(k.len());
+        dv.set_len(v.len());
+    }
     (dq, dk, dv)
 }
 
@@ -379,7 +391,8 @@ pub fn attention(
             mask.dims()
         );
     }
-    let fusable = q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64);
+    let fusable =
+        q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) && b * tq * tk * d > 0;
     if !fusable {
         let groups = heads / kv_heads;
         let q = nn::split_heads(q, heads, d)?;

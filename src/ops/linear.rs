@@ -27,78 +27,123 @@ fn parallelism(work: usize) -> gemm::Parallelism {
     }
 }
 
-/// dst [m, n] (row-major, fully overwritten unless `accumulate`) = lhs [m, k] rhs [k, n], with
-/// the operands given as (slice, row stride, column stride).
-fn gemm_into<T: Real>(
+/// Checks that strided operands cover what a product of sizes (m, n, k) reads.
+fn check_operands<T>(
     (m, n, k): (usize, usize, usize),
-    dst: &mut [T],
-    accumulate: bool,
     (lhs, lhs_rs, lhs_cs): (&[T], usize, usize),
     (rhs, rhs_rs, rhs_cs): (&[T], usize, usize),
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(dst.len() >= m * n, "gemm_into: destination too small");
-    if k > 0 {
+    if m > 0 && n > 0 && k > 0 {
         assert!(
             lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs,
-            "gemm_into: lhs too small"
+            "gemm: lhs too small"
         );
         assert!(
             rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs,
-            "gemm_into: rhs too small"
-        );
-    }
-    // SAFETY: the asserts above bound every element the strides address; dst is a distinct
-    // mutable slice.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            T::from(1.0),
-            T::from(1.0),
-            false,
-            false,
-            false,
-            parallelism(m * n * k),
+            "gemm: rhs too small"
         );
     }
 }
 
+/// dst [m, n] (row-major) = (dst if `accumulate`) + beta lhs [m, k] rhs [k, n], with the
+/// operands given as (slice, row stride, column stride).
+fn gemm_into<T: Real>(
+    dims: (usize, usize, usize),
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: (&[T], usize, usize),
+    rhs: (&[T], usize, usize),
+    beta: f64,
+) {
+    let (m, n, _) = dims;
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() >= m * n, "gemm: destination too small");
+    check_operands(dims, lhs, rhs);
+    // SAFETY: check_operands bounds every element the strides address; dst is a distinct
+    // mutable slice of at least m * n elements.
+    unsafe { gemm_raw(dims, dst.as_mut_ptr(), accumulate, lhs, rhs, beta) }
+}
+
+/// A new [m, n] matrix beta lhs rhs. Its memory is written by gemm directly, without being
+/// zero-filled first (gemm does not read the destination when not accumulating).
+fn gemm_new<T: Real>(
+    dims: (usize, usize, usize),
+    lhs: (&[T], usize, usize),
+    rhs: (&[T], usize, usize),
+    beta: f64,
+) -> Vec<T> {
+    let (m, n, k) = dims;
+    if k == 0 {
+        return vec![T::from(0.0); m * n];
+    }
+    check_operands(dims, lhs, rhs);
+    let mut out = Vec::with_capacity(m * n);
+    // SAFETY: the operands are bounded by check_operands; gemm writes all m * n elements of the
+    // allocation (read_dst = false) through the raw pointer before the length is set.
+    unsafe {
+        gemm_raw(dims, out.as_mut_ptr(), false, lhs, rhs, beta);
+        out.set_len(m * n);
+    }
+    out
+}
+
+/// # Safety
+/// `dst` must be valid for m * n writes (and reads when `accumulate`); the operands must cover
+/// their strided reads.
+unsafe fn gemm_raw<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    accumulate: bool,
+    (lhs, lhs_rs, lhs_cs): (&[T], usize, usize),
+    (rhs, rhs_rs, rhs_cs): (&[T], usize, usize),
+    beta: f64,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        accumulate,
+        lhs.as_ptr(),
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs.as_ptr(),
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::from(1.0),
+        T::from(beta),
+        false,
+        false,
+        false,
+        parallelism(m * n * k),
+    );
+}
+
 /// y [rows, n] = x [rows, k] W^T (W [n, k]) + b.
 fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, rows: usize, k: usize, n: usize) -> Vec<T> {
-    let mut y = match b {
-        Some(b) => b.iter().copied().cycle().take(rows * n).collect(),
-        None => vec![T::from(0.0); rows * n],
+    let Some(b) = b else {
+        return gemm_new((rows, n, k), (x, k, 1), (w, 1, k), 1.0);
     };
-    gemm_into((rows, n, k), &mut y, b.is_some(), (x, k, 1), (w, 1, k));
+    let mut y = Vec::with_capacity(rows * n);
+    for _ in 0..rows {
+        y.extend_from_slice(b);
+    }
+    gemm_into((rows, n, k), &mut y, true, (x, k, 1), (w, 1, k), 1.0);
     y
 }
 
 /// dx [rows, k] = dy [rows, n] W [n, k].
 fn input_grad<T: Real>(g: &[T], w: &[T], rows: usize, k: usize, n: usize) -> Vec<T> {
-    let mut dx = vec![T::from(0.0); rows * k];
-    gemm_into((rows, k, n), &mut dx, false, (g, n, 1), (w, k, 1));
-    dx
+    gemm_new((rows, k, n), (g, n, 1), (w, k, 1), 1.0)
 }
 
 /// dW [n, k] = dy^T x.
 fn weight_grad<T: Real>(g: &[T], x: &[T], rows: usize, k: usize, n: usize) -> Vec<T> {
-    let mut dw = vec![T::from(0.0); n * k];
-    gemm_into((n, k, rows), &mut dw, false, (g, 1, n), (x, k, 1));
-    dw
+    gemm_new((n, k, rows), (g, 1, n), (x, k, 1), 1.0)
 }
 
 /// db [n] = sum over rows of dy, summed in f64 by blocks of rows (in parallel), then the blocks
@@ -356,24 +401,6 @@ struct LoraLinear {
     scale: f64,
 }
 
-/// dst [m, n] = (dst +) beta * lhs rhs, as [`gemm_into`] with a factor.
-fn gemm_scaled<T: Real>(
-    dims: (usize, usize, usize),
-    dst: &mut [T],
-    accumulate: bool,
-    lhs: (&[T], usize, usize),
-    rhs: (&[T], usize, usize),
-    beta: f64,
-) {
-    if beta == 1.0 {
-        return gemm_into(dims, dst, accumulate, lhs, rhs);
-    }
-    // Scale a copy of the (smaller) right operand: gemm's beta multiplies the product.
-    let (rhs_v, rhs_rs, rhs_cs) = rhs;
-    let scaled: Vec<T> = rhs_v.iter().map(|v| T::from(v.to() * beta)).collect();
-    gemm_into(dims, dst, accumulate, lhs, (&scaled, rhs_rs, rhs_cs));
-}
-
 impl CustomOp3 for LoraLinear {
     fn name(&self) -> &'static str {
         "lora-linear"
@@ -402,16 +429,10 @@ impl CustomOp3 for LoraLinear {
             };
             let w = typed::<T>(cpu(&ws, name)?, wl, name)?;
             let mut y = forward::<T>(x, w, bias, rows, k, n);
-            let mut u = vec![<T as Real>::from(0.0); rows * r];
-            gemm_into(
-                (rows, r, k),
-                &mut u,
-                false,
-                (x, k, 1),
-                (typed::<T>(as_, al, name)?, 1, k),
-            );
+            let a = typed::<T>(as_, al, name)?;
+            let u = gemm_new((rows, r, k), (x, k, 1), (a, 1, k), 1.0);
             let b = typed::<T>(bs, bl, name)?;
-            gemm_scaled(
+            gemm_into(
                 (rows, n, r),
                 &mut y,
                 true,
@@ -449,22 +470,18 @@ impl CustomOp3 for LoraLinear {
             let bv = typed::<T>(cpu(&b_s, name)?, bl, name)?;
             let gv = typed::<T>(cpu(&gs, name)?, gl, name)?;
             // gB = dy B [rows, r]; u = x A^T [rows, r].
-            let mut gb = vec![<T as Real>::from(0.0); rows * r];
-            gemm_into((rows, r, n), &mut gb, false, (gv, n, 1), (bv, r, 1));
-            let mut u = vec![<T as Real>::from(0.0); rows * r];
-            gemm_into((rows, r, k), &mut u, false, (xv, k, 1), (av, 1, k));
+            let gb = gemm_new((rows, r, n), (gv, n, 1), (bv, r, 1), 1.0);
+            let u = gemm_new((rows, r, k), (xv, k, 1), (av, 1, k), 1.0);
             let dx = if x.track_op() {
                 let w = typed::<T>(cpu(&ws, name)?, wl, name)?;
                 let mut dx = input_grad(gv, w, rows, k, n);
-                gemm_scaled((rows, k, r), &mut dx, true, (&gb, r, 1), (av, k, 1), s);
+                gemm_into((rows, k, r), &mut dx, true, (&gb, r, 1), (av, k, 1), s);
                 Some(Tensor::from_vec(dx, (rows, k), device)?)
             } else {
                 None
             };
-            let mut da = vec![<T as Real>::from(0.0); r * k];
-            gemm_scaled((r, k, rows), &mut da, false, (&gb, 1, r), (xv, k, 1), s);
-            let mut db = vec![<T as Real>::from(0.0); n * r];
-            gemm_scaled((n, r, rows), &mut db, false, (gv, 1, n), (&u, r, 1), s);
+            let da = gemm_new((r, k, rows), (&gb, 1, r), (xv, k, 1), s);
+            let db = gemm_new((n, r, rows), (gv, 1, n), (&u, r, 1), s);
             (
                 dx,
                 Tensor::from_vec(da, (r, k), device)?,

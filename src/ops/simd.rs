@@ -20,7 +20,8 @@ pub fn exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     let input = x;
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
@@ -28,7 +29,9 @@ pub fn exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from the bits of `shifted` = 1.5 * 2^23 + n, whose integer part sits in the low
+    // mantissa bits: no float-to-int conversion (which would not vectorize).
+    let scale = f32::from_bits(shifted.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
     // Below the smallest normal scale: 0 (subnormal results are flushed, as a select).
     if input < -87.3 {
         0.0
@@ -179,6 +182,96 @@ multiversion! {
     }
 }
 
+/// The activation of a gated MLP: out = act(a) * b.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    /// silu(a) = a sigmoid(a) (Llama, Qwen2).
+    Silu,
+    /// GELU with the tanh approximation, 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3))) (Gemma).
+    GeluTanh,
+}
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const GELU_CUBIC: f64 = 0.044_715;
+
+impl Gate {
+    /// (act(a), act'(a)) in f64.
+    pub fn eval_f64(self, a: f64) -> (f64, f64) {
+        match self {
+            Gate::Silu => {
+                let s = 1.0 / (1.0 + (-a).exp());
+                (a * s, s * (1.0 + a * (1.0 - s)))
+            }
+            Gate::GeluTanh => {
+                let u = SQRT_2_OVER_PI * (a + GELU_CUBIC * a * a * a);
+                let t = u.tanh();
+                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * a * a);
+                (
+                    0.5 * a * (1.0 + t),
+                    0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * du,
+                )
+            }
+        }
+    }
+
+    /// (act(a), act'(a)) in f32, vectorizable.
+    #[inline(always)]
+    fn eval(self, a: f32) -> (f32, f32) {
+        match self {
+            Gate::Silu => {
+                let s = 1.0 / (1.0 + exp(-a));
+                (a * s, s * (1.0 + a * (1.0 - s)))
+            }
+            Gate::GeluTanh => {
+                let (c, k) = (SQRT_2_OVER_PI as f32, GELU_CUBIC as f32);
+                let u = c * (a + k * a * a * a);
+                // tanh(u) = 1 - 2 / (e^{2u} + 1), exact at both ends (exp clamps, 0 below).
+                let t = 1.0 - 2.0 / (exp(2.0 * u) + 1.0);
+                let du = c * (1.0 + 3.0 * k * a * a);
+                (
+                    0.5 * a * (1.0 + t),
+                    0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * du,
+                )
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// out = act(a) * b.
+    pub fn gated(gate: Gate, a: &[f32], b: &[f32], out: &mut [f32]) {
+        match gate {
+            Gate::Silu => {
+                for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+                    *o = Gate::Silu.eval(x).0 * y;
+                }
+            }
+            Gate::GeluTanh => {
+                for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+                    *o = Gate::GeluTanh.eval(x).0 * y;
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// da = g b act'(a), db = g act(a).
+    pub fn gated_grad(gate: Gate, a: &[f32], b: &[f32], g: &[f32], da: &mut [f32], db: &mut [f32]) {
+        let body = |gate: Gate, da: &mut [f32], db: &mut [f32]| {
+            for i in 0..da.len().min(a.len()) {
+                let (act, d) = gate.eval(a[i]);
+                da[i] = g[i] * b[i] * d;
+                db[i] = g[i] * act;
+            }
+        };
+        match gate {
+            Gate::Silu => body(Gate::Silu, da, db),
+            Gate::GeluTanh => body(Gate::GeluTanh, da, db),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +306,41 @@ mod tests {
             // Relative accuracy in both tails (about 1e-7 absolute near the centre).
             let tol = 3e-5 * exact + 2e-7 * exact.min(1.0 - exact) + 1e-37;
             assert!((ours - exact).abs() <= tol, "x = {x}: {ours} vs {exact}");
+        }
+    }
+
+    #[test]
+    fn gated_kernels_match_f64_and_finite_differences() {
+        let a: Vec<f32> = (0..203).map(|i| (i as f32 - 101.0) * 0.09).collect();
+        let b: Vec<f32> = (0..203).map(|i| (i as f32 * 0.37).cos()).collect();
+        let g: Vec<f32> = (0..203).map(|i| (i as f32 * 0.11).sin()).collect();
+        for gate in [Gate::Silu, Gate::GeluTanh] {
+            let mut out = vec![0f32; a.len()];
+            let (mut da, mut db) = (vec![0f32; a.len()], vec![0f32; a.len()]);
+            gated(gate, &a, &b, &mut out);
+            gated_grad(gate, &a, &b, &g, &mut da, &mut db);
+            for i in 0..a.len() {
+                let x = a[i] as f64;
+                let (act, d) = gate.eval_f64(x);
+                // The f64 derivative against a central difference of the f64 activation.
+                let h = 1e-5;
+                let fd = (gate.eval_f64(x + h).0 - gate.eval_f64(x - h).0) / (2.0 * h);
+                assert!((fd - d).abs() < 1e-8, "{gate:?} at {x}: {d} vs {fd}");
+                if gate == Gate::Silu {
+                    assert!((act - x / (1.0 + (-x).exp())).abs() < 1e-12);
+                }
+                let tol = 1e-6 * (1.0 + x.abs());
+                assert!(
+                    (out[i] as f64 - act * b[i] as f64).abs() < tol,
+                    "{gate:?} value at {x}"
+                );
+                let exact_da = g[i] as f64 * b[i] as f64 * d;
+                assert!((da[i] as f64 - exact_da).abs() < tol, "{gate:?} da at {x}");
+                assert!(
+                    (db[i] as f64 - g[i] as f64 * act).abs() < tol,
+                    "{gate:?} db at {x}"
+                );
+            }
         }
     }
 
