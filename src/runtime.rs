@@ -6,17 +6,23 @@
 //! a quarter of a MiniLM training step on this machine (measured with `perf`, `ws2s bench train`).
 //! [`tune_allocator`] keeps freed memory in the process for reuse instead.
 
-/// Raises glibc's mmap threshold to its maximum (32 MiB on 64-bit) and keeps freed memory in the
-/// heap (no trimming; 256 MiB of padding per heap extension). Peak memory is unchanged; memory
+/// Serves every allocation from the heap (no `mmap`), keeps freed memory there (no trimming;
+/// 256 MiB of padding per heap extension). Peak memory is unchanged; memory
 /// is returned to the system at exit rather than between steps. A no-op on other platforms.
+/// Setting the environment variable `WS2S_DEFAULT_ALLOCATOR` (to anything) keeps glibc's
+/// defaults, and its `MALLOC_*_` variables then apply.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
+    if std::env::var_os("WS2S_DEFAULT_ALLOCATOR").is_none() {
         const MIB: libc::c_int = 1 << 20;
         // SAFETY: mallopt only changes allocator parameters; called before any threads start.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * MIB);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+            // No mmap at all: buffers above the threshold (a 0.5B model's embedding gradient,
+            // 544 MB) would otherwise be mapped fresh and faulted in page by page each step.
+            libc::mallopt(libc::M_MMAP_MAX, 0);
+            // -1 is SIZE_MAX once glibc converts it: never trim.
+            libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
             libc::mallopt(libc::M_TOP_PAD, 256 * MIB);
         }
     }
