@@ -164,10 +164,8 @@ impl Bert {
             let a = layer
                 .attn_norm
                 .forward(&(layer.attn_out.forward(&attn)? + &x)?)?;
-            let inter = crate::ops::fused::gelu_erf(&layer.intermediate.forward(&a)?)?;
-            x = layer
-                .output_norm
-                .forward(&(layer.output.forward(&inter)? + &a)?)?;
+            let mlp = nn::gelu_mlp(&a, &layer.intermediate, &layer.output)?;
+            x = layer.output_norm.forward(&(mlp + &a)?)?;
         }
         Ok(x)
     }

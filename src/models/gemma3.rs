@@ -254,14 +254,12 @@ impl Gemma3 {
                 .post_attention_norm
                 .forward(&layer.o.forward(&attn)?)?)?;
             let n = layer.pre_feedforward_norm.forward(&x)?;
-            let mlp = crate::ops::fused::gated(
-                &layer.gate.forward(&n)?,
-                &layer.up.forward(&n)?,
+            let mlp = nn::gated_mlp(
+                &n,
+                (&layer.gate, &layer.up, &layer.down),
                 crate::ops::fused::Gate::GeluTanh,
             )?;
-            x = (x + layer
-                .post_feedforward_norm
-                .forward(&layer.down.forward(&mlp)?)?)?;
+            x = (x + layer.post_feedforward_norm.forward(&mlp)?)?;
         }
         Ok(self.norm.forward(&x)?)
     }

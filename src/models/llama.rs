@@ -8,7 +8,7 @@ use super::cache::KvCache;
 use super::config::ConfigJson;
 use super::nn::{self, Linear, RmsNorm, Rope};
 use super::params::Params;
-use crate::ops::fused::{gated, Gate};
+use crate::ops::fused::Gate;
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -161,8 +161,8 @@ impl Llama {
             )?;
             x = (x + layer.o.forward(&attn)?)?;
             let n = layer.post_norm.forward(&x)?;
-            let mlp = gated(&layer.gate.forward(&n)?, &layer.up.forward(&n)?, Gate::Silu)?;
-            x = (x + layer.down.forward(&mlp)?)?;
+            let mlp = nn::gated_mlp(&n, (&layer.gate, &layer.up, &layer.down), Gate::Silu)?;
+            x = (x + mlp)?;
         }
         Ok(self.norm.forward(&x)?)
     }

@@ -103,6 +103,62 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// Whether nothing of this layer is trained: no adapter, frozen weight and bias.
+    pub fn is_frozen(&self) -> bool {
+        self.lora.is_none()
+            && !self.weight.track_op()
+            && self.bias.as_ref().is_none_or(|b| !b.track_op())
+    }
+}
+
+/// down(act(gate x) * up x) (Llama, Qwen2, Gemma): one fused op when the three layers are frozen
+/// and have no bias ([`crate::ops::linear::frozen_mlp`]), else layer by layer.
+pub fn gated_mlp(
+    x: &Tensor,
+    (gate, up, down): (&Linear, &Linear, &Linear),
+    act: crate::ops::fused::Gate,
+) -> Result<Tensor> {
+    use crate::ops::linear::{frozen_mlp, MlpKind};
+    let layers = [gate, up, down];
+    if layers.iter().all(|l| l.is_frozen() && l.bias.is_none()) {
+        let fused = frozen_mlp(
+            x,
+            MlpKind::Gated(act),
+            (&gate.weight, None),
+            Some(&up.weight),
+            (&down.weight, None),
+        )?;
+        if let Some(y) = fused {
+            return Ok(y);
+        }
+    }
+    down.forward(&crate::ops::fused::gated(
+        &gate.forward(x)?,
+        &up.forward(x)?,
+        act,
+    )?)
+}
+
+/// down(gelu_erf(up x)) (BERT's feed-forward block): one fused op when both layers are frozen,
+/// else layer by layer.
+pub fn gelu_mlp(x: &Tensor, up: &Linear, down: &Linear) -> Result<Tensor> {
+    use crate::ops::linear::{frozen_mlp, MlpKind};
+    if up.is_frozen() && down.is_frozen() {
+        let fused = frozen_mlp(
+            x,
+            MlpKind::GeluErf,
+            (&up.weight, up.bias.as_ref()),
+            None,
+            (&down.weight, down.bias.as_ref()),
+        )?;
+        if let Some(y) = fused {
+            return Ok(y);
+        }
+    }
+    down.forward(&crate::ops::fused::gelu_erf(&up.forward(x)?)?)
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Linear::forward(self, x)

@@ -158,13 +158,13 @@ fn normal_cdf(x: f64) -> f64 {
 }
 
 /// Rows per parallel task: about 32k values, so that small tensors stay on one thread.
-fn rows_per_task(cols: usize) -> usize {
+pub(crate) fn rows_per_task(cols: usize) -> usize {
     (32_768 / cols.max(1)).max(1)
 }
 
 /// `out` (same length as `x`) filled in parallel, blocks of whole rows of `cols` values each:
 /// `f(x_rows, out_rows)`.
-fn par_rows<T: Real>(x: &[T], cols: usize, f: impl Fn(&[T], &mut [T]) + Sync) -> Vec<T> {
+pub(crate) fn par_rows<T: Real>(x: &[T], cols: usize, f: impl Fn(&[T], &mut [T]) + Sync) -> Vec<T> {
     use rayon::prelude::*;
     let mut out = vec![T::from(0.0); x.len()];
     let block = rows_per_task(cols) * cols;
@@ -175,7 +175,7 @@ fn par_rows<T: Real>(x: &[T], cols: usize, f: impl Fn(&[T], &mut [T]) + Sync) ->
 }
 
 /// As [`par_rows`] with a second input of the same shape: `f(a_rows, b_rows, out_rows)`.
-fn par_rows2<T: Real>(
+pub(crate) fn par_rows2<T: Real>(
     a: &[T],
     b: &[T],
     cols: usize,

@@ -545,6 +545,222 @@ pub fn lora_linear(
     y.reshape(out_dims)
 }
 
+/// The activation between the two halves of a frozen MLP.
+#[derive(Clone, Copy, Debug)]
+pub enum MlpKind {
+    /// down(act(gate x) * up x), no biases (Llama, Qwen2: silu; Gemma: tanh GELU).
+    Gated(super::fused::Gate),
+    /// down(gelu_erf(up x + b_up)) + b_down (BERT).
+    GeluErf,
+}
+
+/// A whole MLP block with frozen weights as one op: one graph node and one gradient (dx)
+/// instead of five, and the [rows, intermediate] activations never become graph tensors. The
+/// forward keeps a = gate x (+ b) and, gated, b = up x for the backward:
+///   gated:  gh = dy Wd; da = gh b act'(a); db = gh act(a); dx = da Wg + db Wu
+///   GELU:   gh = dy W2; da = gh gelu'(a);                   dx = da W1
+struct FrozenMlp {
+    kind: MlpKind,
+    /// [inter, k] (gate or up), [inter, k] (up, gated only), [n, inter]; biases (GELU only).
+    first: Tensor,
+    up: Option<Tensor>,
+    down: Tensor,
+    first_bias: Option<Tensor>,
+    down_bias: Option<Tensor>,
+    /// (a, b) from the forward.
+    saved: std::sync::Mutex<Option<(Tensor, Option<Tensor>)>>,
+}
+
+/// The values (contiguous, of type T) behind a (storage guard, layout) pair.
+fn frozen_values<'a, T: Real, G: std::ops::Deref<Target = candle_core::Storage>>(
+    (guard, layout): &'a (G, &'a Layout),
+    name: &str,
+) -> Result<&'a [T]> {
+    typed::<T>(cpu(guard, name)?, layout, name)
+}
+
+impl CustomOp1 for FrozenMlp {
+    fn name(&self) -> &'static str {
+        "frozen-mlp"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (rows, k) = layout.shape().dims2()?;
+        let inter = self.first.dim(0)?;
+        let n = self.down.dim(0)?;
+        let device = self.first.device().clone();
+        let (fs, fl) = self.first.storage_and_layout();
+        let (ds, dl) = self.down.storage_and_layout();
+        let up = self.up.as_ref().map(|t| t.storage_and_layout());
+        let fb = self.first_bias.as_ref().map(|t| t.storage_and_layout());
+        let db = self.down_bias.as_ref().map(|t| t.storage_and_layout());
+        let out = by_dtype!(storage.dtype(), name, |T| {
+            let x = typed::<T>(storage, layout, name)?;
+            let first = typed::<T>(cpu(&fs, name)?, fl, name)?;
+            let down = typed::<T>(cpu(&ds, name)?, dl, name)?;
+            let first_bias = match &fb {
+                Some((s, l)) => Some(typed::<T>(cpu(s, name)?, l, name)?),
+                None => None,
+            };
+            let down_bias = match &db {
+                Some((s, l)) => Some(typed::<T>(cpu(s, name)?, l, name)?),
+                None => None,
+            };
+            let a = forward::<T>(x, first, first_bias, rows, k, inter);
+            let (h, b) = match (self.kind, &up) {
+                (MlpKind::Gated(gate), Some((us, ul))) => {
+                    let up = typed::<T>(cpu(us, name)?, ul, name)?;
+                    let b = forward::<T>(x, up, None, rows, k, inter);
+                    let h = super::fused::par_rows2(&a, &b, 1, |a, b, out| {
+                        T::gated_into(gate, a, b, out)
+                    });
+                    (h, Some(b))
+                }
+                (MlpKind::GeluErf, None) => (super::fused::par_rows(&a, 1, T::gelu_into), None),
+                _ => candle_core::bail!("frozen-mlp: the up projection does not fit the kind"),
+            };
+            let y = forward::<T>(&h, down, down_bias, rows, inter, n);
+            let a = Tensor::from_vec(a, (rows, inter), &device)?;
+            let b = b
+                .map(|b| Tensor::from_vec(b, (rows, inter), &device))
+                .transpose()?;
+            *self.saved.lock().expect("frozen-mlp activations") = Some((a, b));
+            T::wrap(y)
+        });
+        Ok((out, Shape::from((rows, n))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        if !x.track_op() {
+            return Ok(None);
+        }
+        let name = "frozen-mlp-grad";
+        let (a, b) = self
+            .saved
+            .lock()
+            .expect("frozen-mlp activations")
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-mlp: backward before forward".into()))?;
+        let g = grad.contiguous()?;
+        let (rows, k) = x.dims2()?;
+        let (inter, n) = (self.first.dim(0)?, self.down.dim(0)?);
+        let fs = self.first.storage_and_layout();
+        let ds = self.down.storage_and_layout();
+        let us = self.up.as_ref().map(|t| t.storage_and_layout());
+        let as_ = a.storage_and_layout();
+        let bs = b.as_ref().map(|t| t.storage_and_layout());
+        let gs = g.storage_and_layout();
+        let dx = by_dtype!(x.dtype(), name, |T| {
+            let gv = frozen_values::<T, _>(&gs, name)?;
+            let av = frozen_values::<T, _>(&as_, name)?;
+            let gh = input_grad(gv, frozen_values::<T, _>(&ds, name)?, rows, inter, n);
+            let first = frozen_values::<T, _>(&fs, name)?;
+            let dx = match (self.kind, &bs, &us) {
+                (MlpKind::Gated(gate), Some(bs), Some(us)) => {
+                    let bv = frozen_values::<T, _>(bs, name)?;
+                    let mut da = vec![<T as Real>::from(0.0); av.len()];
+                    let mut db = vec![<T as Real>::from(0.0); av.len()];
+                    let block = super::fused::rows_per_task(1);
+                    da.par_chunks_mut(block)
+                        .zip(db.par_chunks_mut(block))
+                        .enumerate()
+                        .for_each(|(i, (da, db))| {
+                            let r = i * block..i * block + da.len();
+                            T::gated_grad_into(
+                                gate,
+                                &av[r.clone()],
+                                &bv[r.clone()],
+                                &gh[r],
+                                da,
+                                db,
+                            );
+                        });
+                    let mut dx = input_grad(&da, first, rows, k, inter);
+                    let up = frozen_values::<T, _>(us, name)?;
+                    gemm_into(
+                        (rows, k, inter),
+                        &mut dx,
+                        true,
+                        (&db, inter, 1),
+                        (up, k, 1),
+                        1.0,
+                    );
+                    dx
+                }
+                (MlpKind::GeluErf, None, None) => {
+                    let da = super::fused::par_rows2(av, &gh, 1, |a, g, out| {
+                        T::gelu_grad_into(a, g, out)
+                    });
+                    input_grad(&da, first, rows, k, inter)
+                }
+                _ => candle_core::bail!("frozen-mlp: saved activations do not fit the kind"),
+            };
+            Tensor::from_vec(dx, (rows, k), x.device())?
+        });
+        Ok(Some(dx))
+    }
+}
+
+/// An MLP block with frozen weights (see [`MlpKind`]) for x of any rank: weights are [out, in]
+/// as in nn.Linear (`first` is the gate projection of a gated MLP, the up projection of a GELU
+/// one; `up` is given for gated MLPs only; biases for GELU ones only). One fused op on the CPU
+/// in f32 and f64; `None` where it does not apply (other devices or dtypes, a trained weight):
+/// use the layers one by one.
+pub fn frozen_mlp(
+    x: &Tensor,
+    kind: MlpKind,
+    (first, first_bias): (&Tensor, Option<&Tensor>),
+    up: Option<&Tensor>,
+    (down, down_bias): (&Tensor, Option<&Tensor>),
+) -> Result<Option<Tensor>> {
+    let dtype = x.dtype();
+    let params = [Some(first), first_bias, up, Some(down), down_bias];
+    let fusable = x.device().is_cpu()
+        && matches!(dtype, DType::F32 | DType::F64)
+        && params
+            .iter()
+            .flatten()
+            .all(|p| !p.track_op() && p.device().is_cpu());
+    if !fusable {
+        return Ok(None);
+    }
+    let dims = x.dims().to_vec();
+    let k = *dims
+        .last()
+        .ok_or_else(|| candle_core::Error::Msg("mlp: scalar input".into()))?;
+    let (inter, n) = (first.dim(0)?, down.dim(0)?);
+    let gated = matches!(kind, MlpKind::Gated(_));
+    if first.dims2()? != (inter, k)
+        || down.dims2()? != (n, inter)
+        || up.map(|u| u.dims().to_vec()) != gated.then(|| vec![inter, k])
+    {
+        candle_core::bail!(
+            "mlp: input {:?} and weights {:?} / {:?} / {:?} do not fit",
+            x.dims(),
+            first.dims(),
+            up.map(|u| u.dims().to_vec()),
+            down.dims()
+        );
+    }
+    let prepare = |t: &Tensor| t.to_dtype(dtype)?.contiguous();
+    let op = FrozenMlp {
+        kind,
+        first: prepare(first)?,
+        up: up.map(prepare).transpose()?,
+        down: prepare(down)?,
+        first_bias: first_bias.map(prepare).transpose()?,
+        down_bias: down_bias.map(prepare).transpose()?,
+        saved: std::sync::Mutex::new(None),
+    };
+    let rows = x.elem_count() / k.max(1);
+    let y = x.reshape((rows, k))?.contiguous()?.apply_op1(op)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("rank >= 1") = n;
+    Ok(Some(y.reshape(out_dims)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -717,6 +933,79 @@ mod tests {
                 assert!(g_ours.get(&w).is_none());
             }
         }
+    }
+
+    /// The fused frozen MLP against its layers one by one: values and the input gradient, both
+    /// kinds, with and without leading dimensions.
+    #[test]
+    fn frozen_mlp_matches_the_layers_one_by_one() {
+        use super::super::fused::{gated, gelu_erf, Gate};
+        for (case, shape) in [vec![3usize, 5], vec![2, 7, 6], vec![1, 1, 4]]
+            .into_iter()
+            .enumerate()
+        {
+            let k = *shape.last().unwrap();
+            let (inter, n) = (9, 4);
+            let seed = 200 + case as u64 * 11;
+            let x = Var::from_tensor(&random(&shape, seed)).unwrap();
+            let first = random(&[inter, k], seed + 1);
+            let up = random(&[inter, k], seed + 2);
+            let down = random(&[n, inter], seed + 3);
+            let (b1, b2) = (random(&[inter], seed + 4), random(&[n], seed + 5));
+            let rows: usize = shape.iter().product::<usize>() / k;
+            let probe = random(&[rows * n], seed + 6);
+            let loss = |y: &Tensor| {
+                (y.flatten_all().unwrap() * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            };
+            for kind in [
+                MlpKind::Gated(Gate::Silu),
+                MlpKind::Gated(Gate::GeluTanh),
+                MlpKind::GeluErf,
+            ] {
+                let xt = x.as_tensor();
+                let (ours, reference) = match kind {
+                    MlpKind::Gated(gate) => (
+                        frozen_mlp(xt, kind, (&first, None), Some(&up), (&down, None))
+                            .unwrap()
+                            .unwrap(),
+                        plain(
+                            &gated(&plain(xt, &first, None), &plain(xt, &up, None), gate).unwrap(),
+                            &down,
+                            None,
+                        ),
+                    ),
+                    MlpKind::GeluErf => (
+                        frozen_mlp(xt, kind, (&first, Some(&b1)), None, (&down, Some(&b2)))
+                            .unwrap()
+                            .unwrap(),
+                        plain(
+                            &gelu_erf(&plain(xt, &first, Some(&b1))).unwrap(),
+                            &down,
+                            Some(&b2),
+                        ),
+                    ),
+                };
+                let label = format!("case {case} {kind:?}");
+                assert!(max_abs_diff(&ours, &reference) < 1e-12, "{label}: values");
+                let g1 = loss(&ours).backward().unwrap();
+                let g2 = loss(&reference).backward().unwrap();
+                let d = max_abs_diff(g1.get(xt).unwrap(), g2.get(xt).unwrap());
+                assert!(d < 1e-11, "{label}: input gradient differs by {d}");
+            }
+        }
+        // A trained weight: not fused.
+        let w = Var::from_tensor(&random(&[3, 2], 1)).unwrap();
+        let x = random(&[4, 2], 2);
+        let down = random(&[2, 3], 3);
+        let kind = MlpKind::GeluErf;
+        assert!(
+            frozen_mlp(&x, kind, (w.as_tensor(), None), None, (&down, None))
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
