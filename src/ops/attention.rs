@@ -31,6 +31,26 @@ struct Mat<T> {
     cs: isize,
 }
 
+impl<T> Mat<T> {
+    /// Rows `stride` apart, columns adjacent.
+    fn rows(ptr: *const T, stride: usize) -> Self {
+        Mat {
+            ptr,
+            rs: stride as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of [`Mat::rows`]: the matrix whose columns are rows `stride` apart.
+    fn transposed(ptr: *const T, stride: usize) -> Self {
+        Mat {
+            ptr,
+            rs: 1,
+            cs: stride as isize,
+        }
+    }
+}
+
 /// dst [m, n] = (dst if `accumulate`) + beta * lhs [m, k] rhs [k, n], single-threaded gemm.
 ///
 /// # Safety
@@ -40,7 +60,7 @@ struct Mat<T> {
 unsafe fn product<T: Real>(
     (m, n, k): (usize, usize, usize),
     dst: *mut T,
-    dst_rs: isize,
+    dst_rs: usize,
     accumulate: bool,
     lhs: Mat<T>,
     rhs: Mat<T>,
@@ -52,7 +72,7 @@ unsafe fn product<T: Real>(
         k,
         dst,
         1,
-        dst_rs,
+        dst_rs as isize,
         accumulate,
         lhs.ptr,
         lhs.cs,
@@ -111,7 +131,7 @@ fn forward<T: Real>(
     scale: f64,
 ) -> (Vec<T>, Vec<T>) {
     let Dims { tq, tk, d, .. } = dm;
-    let (qr, kr) = (dm.q_row() as isize, dm.kv_row() as isize);
+    let (qr, kr) = (dm.q_row(), dm.kv_row());
     // Written in full by the tasks below (every (batch, head) stripe) before its length is set.
     let out_len = dm.b * tq * dm.heads * d;
     let mut out: Vec<T> = Vec::with_capacity(out_len);
@@ -128,20 +148,12 @@ fn forward<T: Real>(
             // SAFETY: Q_bh, K_bg, V_bg lie inside q, k, v; p is this task's own chunk; the output
             // stripe (batch bi, columns h D..(h + 1) D) is written by this task only.
             unsafe {
-                let qm = Mat {
-                    ptr: q.as_ptr().add(q0),
-                    rs: qr,
-                    cs: 1,
-                };
-                let kt = Mat {
-                    ptr: k.as_ptr().add(kv0),
-                    rs: 1,
-                    cs: kr,
-                };
+                let qm = Mat::rows(q.as_ptr().add(q0), qr);
+                let kt = Mat::transposed(k.as_ptr().add(kv0), kr);
                 product(
                     (tq, tk, d),
                     p.as_mut_ptr(),
-                    tk as isize,
+                    tk,
                     false,
                     qm,
                     kt,
@@ -154,16 +166,8 @@ fn forward<T: Real>(
             }
             T::softmax_rows_in_place(p, tk);
             unsafe {
-                let pm = Mat {
-                    ptr: p.as_ptr(),
-                    rs: tk as isize,
-                    cs: 1,
-                };
-                let vm = Mat {
-                    ptr: v.as_ptr().add(kv0),
-                    rs: kr,
-                    cs: 1,
-                };
+                let pm = Mat::rows(p.as_ptr(), tk);
+                let vm = Mat::rows(v.as_ptr().add(kv0), kr);
                 let dst = { out_ptr }.0.add(bi * tq * dm.q_row() + h * d);
                 product((tq, d, tk), dst, qr, false, pm, vm, T::from(1.0));
             }
@@ -186,7 +190,7 @@ fn backward<T: Real>(
     scale: f64,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let Dims { tq, tk, d, .. } = dm;
-    let (qr, kr) = (dm.q_row() as isize, dm.kv_row() as isize);
+    let (qr, kr) = (dm.q_row(), dm.kv_row());
     // Written in full by the tasks below (dQ per (batch, head); dK, dV by the first head of each
     // group, which does not read them) before their lengths are set.
     let mut dq: Vec<T> = Vec::with_capacity(q.len());
@@ -209,27 +213,15 @@ fn backward<T: Real>(
             // SAFETY: all reads lie inside the inputs; dQ's stripe (bi, h) and dK/dV's stripe
             // (bi, g) belong to this task alone; dp and ds are local.
             unsafe {
-                let go = Mat {
-                    ptr: grad.as_ptr().add(q0),
-                    rs: qr,
-                    cs: 1,
-                };
-                let pt = Mat {
-                    ptr: p.as_ptr(),
-                    rs: 1,
-                    cs: tk as isize,
-                };
+                let go = Mat::rows(grad.as_ptr().add(q0), qr);
+                let pt = Mat::transposed(p.as_ptr(), tk);
                 let dv_dst = { dv_ptr }.0.add(kv0);
                 product((tk, d, tq), dv_dst, kr, j > 0, pt, go, T::from(1.0));
-                let vt = Mat {
-                    ptr: v.as_ptr().add(kv0),
-                    rs: 1,
-                    cs: kr,
-                };
+                let vt = Mat::transposed(v.as_ptr().add(kv0), kr);
                 product(
                     (tq, tk, d),
                     dp.as_mut_ptr(),
-                    tk as isize,
+                    tk,
                     false,
                     go,
                     vt,
@@ -239,28 +231,12 @@ fn backward<T: Real>(
             // dS = scale * P * (dP - rowsum(dP * P)).
             T::softmax_grad_rows_into(p, &dp, &mut ds, tk, scale);
             unsafe {
-                let dsm = Mat {
-                    ptr: ds.as_ptr(),
-                    rs: tk as isize,
-                    cs: 1,
-                };
-                let km = Mat {
-                    ptr: k.as_ptr().add(kv0),
-                    rs: kr,
-                    cs: 1,
-                };
+                let dsm = Mat::rows(ds.as_ptr(), tk);
+                let km = Mat::rows(k.as_ptr().add(kv0), kr);
                 let dq_dst = { dq_ptr }.0.add(q0);
                 product((tq, d, tk), dq_dst, qr, false, dsm, km, T::from(1.0));
-                let dst = Mat {
-                    ptr: ds.as_ptr(),
-                    rs: 1,
-                    cs: tk as isize,
-                };
-                let qm = Mat {
-                    ptr: q.as_ptr().add(q0),
-                    rs: qr,
-                    cs: 1,
-                };
+                let dst = Mat::transposed(ds.as_ptr(), tk);
+                let qm = Mat::rows(q.as_ptr().add(q0), qr);
                 let dk_dst = { dk_ptr }.0.add(kv0);
                 product((tk, d, tq), dk_dst, kr, j > 0, dst, qm, T::from(1.0));
             }
@@ -424,27 +400,11 @@ pub fn attention(
 mod tests {
     use super::*;
     use crate::models::nn;
-    use crate::rng::Rng;
+    use crate::ops::testing::max_diff;
     use candle_core::{Device, Var};
 
     fn random(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = Rng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| rng.next_f64() * 2.0 - 1.0).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+        crate::ops::testing::random(shape, seed, 1.0)
     }
 
     /// The decomposed reference: heads split, key/value heads repeated, candle ops only.

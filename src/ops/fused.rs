@@ -415,7 +415,6 @@ impl CustomOp2 for Gated {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        use rayon::prelude::*;
         let name = self.name();
         let gate = self.0;
         let g = grad.contiguous()?;
@@ -429,23 +428,7 @@ impl CustomOp2 for Gated {
                 typed::<T>(bs, bl, name)?,
                 typed::<T>(gs, gl, name)?,
             );
-            let mut da = vec![<T as Real>::from(0.0); av.len()];
-            let mut db = vec![<T as Real>::from(0.0); av.len()];
-            let block = rows_per_task(1);
-            da.par_chunks_mut(block)
-                .zip(db.par_chunks_mut(block))
-                .enumerate()
-                .for_each(|(i, (da, db))| {
-                    let range = i * block..i * block + da.len();
-                    T::gated_grad_into(
-                        gate,
-                        &av[range.clone()],
-                        &bv[range.clone()],
-                        &gv[range],
-                        da,
-                        db,
-                    );
-                });
+            let (da, db) = gated_grads(gate, av, bv, gv);
             (
                 Tensor::from_vec(da, a.shape(), a.device())?,
                 Tensor::from_vec(db, b.shape(), b.device())?,
@@ -453,6 +436,22 @@ impl CustomOp2 for Gated {
         });
         Ok((Some(da), Some(db)))
     }
+}
+
+/// (da, db) = (g b act'(a), g act(a)), in parallel blocks.
+pub(crate) fn gated_grads<T: Real>(gate: Gate, a: &[T], b: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
+    use rayon::prelude::*;
+    let mut da = vec![T::from(0.0); a.len()];
+    let mut db = vec![T::from(0.0); a.len()];
+    let block = rows_per_task(1);
+    da.par_chunks_mut(block)
+        .zip(db.par_chunks_mut(block))
+        .enumerate()
+        .for_each(|(i, (da, db))| {
+            let r = i * block..i * block + da.len();
+            T::gated_grad_into(gate, &a[r.clone()], &b[r.clone()], &g[r], da, db);
+        });
+    (da, db)
 }
 
 /// act(a) * b for same-shaped a, b (the gated MLP of Llama/Qwen2 with [`Gate::Silu`], Gemma
@@ -967,30 +966,8 @@ pub fn special(x: &Tensor, f: Special) -> Result<Option<Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
+    use crate::ops::testing::{max_diff, random};
     use candle_core::{Device, Var};
-
-    fn random(shape: &[usize], seed: u64, scale: f64) -> Tensor {
-        let mut rng = Rng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n)
-            .map(|_| (rng.next_f64() * 2.0 - 1.0) * scale)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     /// A scalar loss that weights every output element differently.
     fn probe_loss(y: &Tensor, seed: u64) -> Tensor {

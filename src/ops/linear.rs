@@ -632,7 +632,6 @@ impl CustomOp1 for FrozenMlp {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        use rayon::prelude::*;
         if !x.track_op() {
             return Ok(None);
         }
@@ -660,23 +659,7 @@ impl CustomOp1 for FrozenMlp {
             let dx = match (self.kind, &bs, &us) {
                 (MlpKind::Gated(gate), Some(bs), Some(us)) => {
                     let bv = frozen_values::<T, _>(bs, name)?;
-                    let mut da = vec![<T as Real>::from(0.0); av.len()];
-                    let mut db = vec![<T as Real>::from(0.0); av.len()];
-                    let block = super::fused::rows_per_task(1);
-                    da.par_chunks_mut(block)
-                        .zip(db.par_chunks_mut(block))
-                        .enumerate()
-                        .for_each(|(i, (da, db))| {
-                            let r = i * block..i * block + da.len();
-                            T::gated_grad_into(
-                                gate,
-                                &av[r.clone()],
-                                &bv[r.clone()],
-                                &gh[r],
-                                da,
-                                db,
-                            );
-                        });
+                    let (da, db) = super::fused::gated_grads(gate, av, bv, &gh);
                     let mut dx = input_grad(&da, first, rows, k, inter);
                     let up = frozen_values::<T, _>(us, name)?;
                     gemm_into(
@@ -764,19 +747,11 @@ pub fn frozen_mlp(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
-    use candle_core::{Device, Var};
+    use crate::ops::testing::max_diff;
+    use candle_core::Var;
 
     fn random(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = Rng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| rng.next_f64() * 2.0 - 1.0).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
-        d.max(0).unwrap().to_scalar::<f64>().unwrap()
+        crate::ops::testing::random(shape, seed, 1.0)
     }
 
     fn plain(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
@@ -833,7 +808,7 @@ mod tests {
                     let ours = linear(x.as_tensor(), &w, b).unwrap();
                     let reference = plain(x.as_tensor(), &w, b);
                     let label = format!("case {case} trained {trained} bias {with_bias}");
-                    assert!(max_abs_diff(&ours, &reference) < 1e-12, "{label}: values");
+                    assert!(max_diff(&ours, &reference) < 1e-12, "{label}: values");
                     let g_ours = loss(&ours).backward().unwrap();
                     let g_ref = loss(&reference).backward().unwrap();
                     let mut checked = vec![x.as_tensor()];
@@ -844,7 +819,7 @@ mod tests {
                         }
                     }
                     for t in checked {
-                        let diff = max_abs_diff(g_ours.get(t).unwrap(), g_ref.get(t).unwrap());
+                        let diff = max_diff(g_ours.get(t).unwrap(), g_ref.get(t).unwrap());
                         assert!(diff < 1e-12, "{label}: gradient differs by {diff}");
                     }
                     if !trained {
@@ -915,7 +890,7 @@ mod tests {
                 let reference =
                     (plain(x.as_tensor(), &w, bias) + (delta * scale).unwrap()).unwrap();
                 let label = format!("case {case} bias {with_bias}");
-                assert!(max_abs_diff(&ours, &reference) < 1e-12, "{label}: values");
+                assert!(max_diff(&ours, &reference) < 1e-12, "{label}: values");
                 let rows: usize = shape.iter().product::<usize>() / inp;
                 let probe = random(&[rows * out], seed + 5);
                 let loss = |y: &Tensor| {
@@ -927,7 +902,7 @@ mod tests {
                 let g_ours = loss(&ours).backward().unwrap();
                 let g_ref = loss(&reference).backward().unwrap();
                 for t in [x.as_tensor(), a.as_tensor(), b.as_tensor()] {
-                    let diff = max_abs_diff(g_ours.get(t).unwrap(), g_ref.get(t).unwrap());
+                    let diff = max_diff(g_ours.get(t).unwrap(), g_ref.get(t).unwrap());
                     assert!(diff < 1e-12, "{label}: gradient differs by {diff}");
                 }
                 assert!(g_ours.get(&w).is_none());
@@ -989,10 +964,10 @@ mod tests {
                     ),
                 };
                 let label = format!("case {case} {kind:?}");
-                assert!(max_abs_diff(&ours, &reference) < 1e-12, "{label}: values");
+                assert!(max_diff(&ours, &reference) < 1e-12, "{label}: values");
                 let g1 = loss(&ours).backward().unwrap();
                 let g2 = loss(&reference).backward().unwrap();
-                let d = max_abs_diff(g1.get(xt).unwrap(), g2.get(xt).unwrap());
+                let d = max_diff(g1.get(xt).unwrap(), g2.get(xt).unwrap());
                 assert!(d < 1e-11, "{label}: input gradient differs by {d}");
             }
         }
@@ -1016,6 +991,6 @@ mod tests {
         let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
         let y64 = linear(&x, &w, Some(&b)).unwrap();
         let y32 = linear(&f32(&x), &f32(&w), Some(&f32(&b))).unwrap();
-        assert!(max_abs_diff(&y64, &y32.to_dtype(DType::F64).unwrap()) < 1e-5);
+        assert!(max_diff(&y64, &y32.to_dtype(DType::F64).unwrap()) < 1e-5);
     }
 }
