@@ -163,9 +163,9 @@ impl Bert {
             )?;
             let a = layer
                 .attn_norm
-                .forward(&(layer.attn_out.forward(&attn)? + &x)?)?;
+                .forward_residual(&layer.attn_out.forward(&attn)?, &x)?;
             let mlp = nn::gelu_mlp(&a, &layer.intermediate, &layer.output)?;
-            x = layer.output_norm.forward(&(mlp + &a)?)?;
+            x = layer.output_norm.forward_residual(&mlp, &a)?;
         }
         Ok(x)
     }

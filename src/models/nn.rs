@@ -140,8 +140,9 @@ pub fn gated_mlp(
     )?)
 }
 
-/// down(gelu_erf(up x)) (BERT's feed-forward block): one fused op when both layers are frozen,
-/// else layer by layer.
+/// down(gelu_erf(up x)) (BERT's feed-forward block): one fused op when both layers are frozen;
+/// else the up projection, then the GELU and the down projection as one op
+/// ([`crate::ops::linear::gelu_linear`]) when the down projection has a bias and no adapter.
 pub fn gelu_mlp(x: &Tensor, up: &Linear, down: &Linear) -> Result<Tensor> {
     use crate::ops::linear::{frozen_mlp, MlpKind};
     if up.is_frozen() && down.is_frozen() {
@@ -156,7 +157,13 @@ pub fn gelu_mlp(x: &Tensor, up: &Linear, down: &Linear) -> Result<Tensor> {
             return Ok(y);
         }
     }
-    down.forward(&crate::ops::fused::gelu_erf(&up.forward(x)?)?)
+    let h = up.forward(x)?;
+    if let (None, Some(bias)) = (&down.lora, &down.bias) {
+        if let Some(y) = crate::ops::linear::gelu_linear(&h, &down.weight, bias)? {
+            return Ok(y);
+        }
+    }
+    down.forward(&crate::ops::fused::gelu_erf(&h)?)
 }
 
 impl Module for Linear {
@@ -185,6 +192,11 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::ops::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+
+    /// LN(x + residual), the sum formed inside one op (post-norm blocks).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        crate::ops::fused::layer_norm_residual(x, residual, &self.weight, &self.bias, self.eps)
     }
 }
 

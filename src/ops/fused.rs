@@ -13,7 +13,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
 
-pub(crate) trait Real: Copy + Send + Sync + 'static {
+pub(crate) trait Real: Copy + Send + Sync + 'static + std::ops::Add<Output = Self> {
     fn to(self) -> f64;
     fn from(v: f64) -> Self;
     /// The values of a storage of this type.
@@ -27,6 +27,19 @@ pub(crate) trait Real: Copy + Send + Sync + 'static {
     fn gelu_into(x: &[Self], out: &mut [Self]);
     /// out = g (Phi(x) + x phi(x)).
     fn gelu_grad_into(x: &[Self], g: &[Self], out: &mut [Self]);
+    /// g = g (Phi(x) + x phi(x)), in place.
+    fn gelu_grad_in_place(x: &[Self], g: &mut [Self]);
+    /// Norm of every row of `w.len()` values: out = (x - mean) rstd (w + offset) + b.
+    fn norm_rows_into(x: &[Self], w: &[Self], b: Option<&[Self]>, out: &mut [Self], n: Norm);
+    /// The norm's backward for a block of rows: dx written, the block's dw, db added to `sums`.
+    fn norm_grad_block(
+        x: &[Self],
+        g: &[Self],
+        w: &[Self],
+        dx: &mut [Self],
+        sums: (&mut [f64], &mut [f64]),
+        n: Norm,
+    );
     /// out = act(a) * b.
     fn gated_into(gate: Gate, a: &[Self], b: &[Self], out: &mut [Self]);
     /// da = g b act'(a), db = g act(a).
@@ -67,6 +80,30 @@ impl Real for f32 {
     }
     fn gelu_grad_into(x: &[Self], g: &[Self], out: &mut [Self]) {
         super::simd::gelu_grad(x, g, out)
+    }
+    fn gelu_grad_in_place(x: &[Self], g: &mut [Self]) {
+        super::simd::gelu_grad_in_place(x, g)
+    }
+    fn norm_rows_into(x: &[Self], w: &[Self], b: Option<&[Self]>, out: &mut [Self], n: Norm) {
+        super::simd::norm_rows(x, w, b, out, n.simd())
+    }
+    fn norm_grad_block(
+        x: &[Self],
+        g: &[Self],
+        w: &[Self],
+        dx: &mut [Self],
+        (dw, db): (&mut [f64], &mut [f64]),
+        n: Norm,
+    ) {
+        let mut block_dw = vec![0f32; w.len()];
+        let mut block_db = vec![0f32; w.len()];
+        super::simd::norm_grad_rows(x, g, w, dx, (&mut block_dw, &mut block_db), n.simd());
+        for (s, v) in dw.iter_mut().zip(&block_dw) {
+            *s += *v as f64;
+        }
+        for (s, v) in db.iter_mut().zip(&block_db) {
+            *s += *v as f64;
+        }
     }
     fn gated_into(gate: Gate, a: &[Self], b: &[Self], out: &mut [Self]) {
         super::simd::gated(gate, a, b, out)
@@ -131,6 +168,57 @@ impl Real for f64 {
             *o = g * (normal_cdf(v) + v * inv_sqrt_2pi * (-0.5 * v * v).exp());
         }
     }
+    fn norm_rows_into(x: &[Self], w: &[Self], b: Option<&[Self]>, out: &mut [Self], n: Norm) {
+        let cols = w.len();
+        let offset = n.offset();
+        for (row, out) in x.chunks(cols).zip(out.chunks_mut(cols)) {
+            let (mean, rstd) = row_stats(row, n.eps, n.centre);
+            for (k, (o, v)) in out.iter_mut().zip(row).enumerate() {
+                let shift = b.map_or(0.0, |b| b[k]);
+                *o = (v - mean) * rstd * (w[k] + offset) + shift;
+            }
+        }
+    }
+    fn norm_grad_block(
+        x: &[Self],
+        g: &[Self],
+        w: &[Self],
+        dx: &mut [Self],
+        (dw, db): (&mut [f64], &mut [f64]),
+        n: Norm,
+    ) {
+        let cols = w.len();
+        let offset = n.offset();
+        let mut xhat = vec![0f64; cols];
+        let mut gh = vec![0f64; cols];
+        for ((row, grow), dx) in x.chunks(cols).zip(g.chunks(cols)).zip(dx.chunks_mut(cols)) {
+            let (mean, rstd) = row_stats(row, n.eps, n.centre);
+            let mut mean_gh = 0.0;
+            let mut mean_ghx = 0.0;
+            for k in 0..cols {
+                xhat[k] = (row[k] - mean) * rstd;
+                gh[k] = grow[k] * (w[k] + offset);
+                mean_gh += gh[k];
+                mean_ghx += gh[k] * xhat[k];
+                dw[k] += grow[k] * xhat[k];
+                db[k] += grow[k];
+            }
+            mean_gh /= cols as f64;
+            mean_ghx /= cols as f64;
+            if !n.centre {
+                mean_gh = 0.0;
+            }
+            for (k, d) in dx.iter_mut().enumerate() {
+                *d = rstd * (gh[k] - mean_gh - xhat[k] * mean_ghx);
+            }
+        }
+    }
+    fn gelu_grad_in_place(x: &[Self], g: &mut [Self]) {
+        let inv_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
+        for (gv, &v) in g.iter_mut().zip(x) {
+            *gv *= normal_cdf(v) + v * inv_sqrt_2pi * (-0.5 * v * v).exp();
+        }
+    }
     fn gated_into(gate: Gate, a: &[Self], b: &[Self], out: &mut [Self]) {
         for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
             *o = gate.eval_f64(x).0 * y;
@@ -172,6 +260,21 @@ pub(crate) fn par_rows<T: Real>(x: &[T], cols: usize, f: impl Fn(&[T], &mut [T])
         .zip(x.par_chunks(block))
         .for_each(|(o, x)| f(x, o));
     out
+}
+
+/// `f(x_block, y_block)` over blocks of whole rows of `cols` values, in parallel, with `y` (the
+/// same length as `x`) updated in place.
+pub(crate) fn par_rows_in_place<T: Real>(
+    x: &[T],
+    y: &mut [T],
+    cols: usize,
+    f: impl Fn(&[T], &mut [T]) + Sync,
+) {
+    use rayon::prelude::*;
+    let block = rows_per_task(cols) * cols;
+    y.par_chunks_mut(block)
+        .zip(x.par_chunks(block))
+        .for_each(|(y, x)| f(x, y));
 }
 
 /// As [`par_rows`] with a second input of the same shape: `f(a_rows, b_rows, out_rows)`.
@@ -608,37 +711,21 @@ pub fn rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result
 // ---------------------------------------------------------------- norms
 
 /// Per row: mean (0 for RMSNorm) and 1 / sqrt(var + eps) (mean of squares for RMSNorm).
-fn row_stats<T: Real>(row: &[T], eps: f64, centre: bool) -> (f64, f64) {
+fn row_stats(row: &[f64], eps: f64, centre: bool) -> (f64, f64) {
     let n = row.len() as f64;
     let mean = if centre {
-        row.iter().map(|v| v.to()).sum::<f64>() / n
+        row.iter().sum::<f64>() / n
     } else {
         0.0
     };
-    let var = row.iter().map(|v| (v.to() - mean).powi(2)).sum::<f64>() / n;
+    let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-/// y = (x - mean) * rstd * scale + shift, with scale = w (+ 1 when `unit_offset`).
-fn norm_rows<T: Real>(
-    x: &[T],
-    w: &[T],
-    b: Option<&[T]>,
-    eps: f64,
-    centre: bool,
-    unit_offset: bool,
-) -> Vec<T> {
-    let cols = w.len();
-    let offset = if unit_offset { 1.0 } else { 0.0 };
-    par_rows(x, cols, |x, out| {
-        for (row, out) in x.chunks(cols).zip(out.chunks_mut(cols)) {
-            let (mean, rstd) = row_stats(row, eps, centre);
-            for (k, (o, v)) in out.iter_mut().zip(row).enumerate() {
-                let shift = b.map_or(0.0, |b| b[k].to());
-                *o = T::from((v.to() - mean) * rstd * (w[k].to() + offset) + shift);
-            }
-        }
-    })
+/// y = (x - mean) * rstd * scale + shift, with scale = w (+ 1 when `unit_offset`); blocks of
+/// rows in parallel.
+fn norm_rows<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, n: Norm) -> Vec<T> {
+    par_rows(x, w.len(), |x, out| T::norm_rows_into(x, w, b, out, n))
 }
 
 /// Gradients of a norm: packed as [dx (rows * cols), dw (cols), db (cols)].
@@ -646,17 +733,9 @@ fn norm_rows<T: Real>(
 /// (RMSNorm: dx = rstd (gh - x^ mean(gh x^))), dw = sum_rows g x^, db = sum_rows g.
 /// Blocks of rows run in parallel; their partial dw, db are summed in block order, so the
 /// result does not depend on the number of threads.
-fn norm_grad_rows<T: Real>(
-    x: &[T],
-    w: &[T],
-    g: &[T],
-    eps: f64,
-    centre: bool,
-    unit_offset: bool,
-) -> Vec<T> {
+fn norm_grad_rows<T: Real>(x: &[T], w: &[T], g: &[T], n: Norm) -> Vec<T> {
     use rayon::prelude::*;
     let cols = w.len();
-    let offset = if unit_offset { 1.0 } else { 0.0 };
     let mut dx = vec![T::from(0.0); x.len() + 2 * cols];
     let block = rows_per_task(cols) * cols;
     let partials: Vec<(Vec<f64>, Vec<f64>)> = dx[..x.len()]
@@ -665,31 +744,7 @@ fn norm_grad_rows<T: Real>(
         .map(|(dx, (x, g))| {
             let mut dw = vec![0f64; cols];
             let mut db = vec![0f64; cols];
-            let mut xhat = vec![0f64; cols];
-            let mut gh = vec![0f64; cols];
-            for ((row, grow), dx) in x.chunks(cols).zip(g.chunks(cols)).zip(dx.chunks_mut(cols)) {
-                let (mean, rstd) = row_stats(row, eps, centre);
-                let mut mean_gh = 0.0;
-                let mut mean_ghx = 0.0;
-                for k in 0..cols {
-                    xhat[k] = (row[k].to() - mean) * rstd;
-                    let gk = grow[k].to();
-                    gh[k] = gk * (w[k].to() + offset);
-                    mean_gh += gh[k];
-                    mean_ghx += gh[k] * xhat[k];
-                    dw[k] += gk * xhat[k];
-                    db[k] += gk;
-                }
-                let n = cols as f64;
-                mean_gh /= n;
-                mean_ghx /= n;
-                if !centre {
-                    mean_gh = 0.0;
-                }
-                for (k, d) in dx.iter_mut().enumerate() {
-                    *d = T::from(rstd * (gh[k] - mean_gh - xhat[k] * mean_ghx));
-                }
-            }
+            T::norm_grad_block(x, g, w, dx, (&mut dw, &mut db), n);
             (dw, db)
         })
         .collect();
@@ -702,13 +757,29 @@ fn norm_grad_rows<T: Real>(
 }
 
 #[derive(Clone, Copy)]
-struct Norm {
+pub(crate) struct Norm {
     eps: f64,
     centre: bool,
     unit_offset: bool,
 }
 
 impl Norm {
+    fn offset(&self) -> f64 {
+        if self.unit_offset {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
+    fn simd(&self) -> super::simd::NormParams {
+        super::simd::NormParams {
+            eps: self.eps as f32,
+            centre: self.centre,
+            offset: self.offset() as f32,
+        }
+    }
+
     fn name(&self) -> &'static str {
         if self.centre {
             "fused-layer-norm"
@@ -733,9 +804,7 @@ impl Norm {
                 typed(x.0, x.1, name)?,
                 typed(w.0, w.1, name)?,
                 bias,
-                self.eps,
-                self.centre,
-                self.unit_offset,
+                *self,
             ))
         });
         Ok((out, x.1.shape().clone()))
@@ -780,9 +849,7 @@ impl CustomOp3 for NormGrad {
                 typed(s1, l1, name)?,
                 typed(s2, l2, name)?,
                 typed(s3, l3, name)?,
-                n.eps,
-                n.centre,
-                n.unit_offset,
+                n,
             );
             let len = packed.len();
             (T::wrap(packed), len)
@@ -869,6 +936,117 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
             centre: true,
             unit_offset: false,
         }),
+    )
+}
+
+/// LN(x + r) with w, b packed as one [2, cols] input: the residual sum is formed inside the op
+/// and kept for the backward, so it is not a graph tensor (no gradient edge of its own); x and
+/// r receive the same gradient.
+struct ResidualLayerNorm {
+    norm: Norm,
+    /// x + r from the forward.
+    sum: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for ResidualLayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-residual-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let shape = l1.shape().clone();
+        let (sum, out) = by_dtype!(s1.dtype(), name, |T| {
+            let wb = typed::<T>(s3, l3, name)?;
+            let cols = wb.len() / 2;
+            let (w, b) = wb.split_at(cols);
+            let x = typed::<T>(s1, l1, name)?;
+            let r = typed::<T>(s2, l2, name)?;
+            let sum = par_rows2(x, r, cols, |x, r, out| {
+                for ((o, &a), &c) in out.iter_mut().zip(x).zip(r) {
+                    *o = a + c;
+                }
+            });
+            let out = T::wrap(norm_rows::<T>(&sum, w, Some(b), self.norm));
+            (
+                Tensor::from_vec(sum, shape.clone(), &candle_core::Device::Cpu)?,
+                out,
+            )
+        });
+        *self.sum.lock().expect("residual layer norm sum") = Some(sum);
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        wb: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let sum = self
+            .sum
+            .lock()
+            .expect("residual layer norm sum")
+            .clone()
+            .ok_or_else(|| {
+                candle_core::Error::Msg("residual layer norm: backward before forward".into())
+            })?;
+        let cols = wb.elem_count() / 2;
+        let w = wb.narrow(0, 0, 1)?.reshape(cols)?;
+        let (dx, dw, db) = self.norm.grads(&sum, &w, grad)?;
+        let dwb = wb
+            .track_op()
+            .then(|| Tensor::stack(&[&dw, &db], 0))
+            .transpose()?;
+        Ok((
+            x.track_op().then(|| dx.clone()),
+            r.track_op().then_some(dx),
+            dwb,
+        ))
+    }
+}
+
+/// LayerNorm of the residual sum, LN(x + r) (post-norm blocks): one op on the CPU, whose sum is
+/// not a graph tensor; elsewhere the add and [`layer_norm`].
+pub fn layer_norm_residual(
+    x: &Tensor,
+    r: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let fits = fusable(x)
+        && x.shape() == r.shape()
+        && r.dtype() == dtype
+        && w.dtype() == dtype
+        && b.dtype() == dtype
+        && w.dims1().ok() == x.dims().last().copied()
+        && w.shape() == b.shape();
+    if !fits {
+        return layer_norm(&(x + r)?, w, b, eps);
+    }
+    x.contiguous()?.apply_op3(
+        &r.contiguous()?,
+        &Tensor::stack(&[w, b], 0)?,
+        ResidualLayerNorm {
+            norm: Norm {
+                eps,
+                centre: true,
+                unit_offset: false,
+            },
+            sum: std::sync::Mutex::new(None),
+        },
     )
 }
 
@@ -1200,6 +1378,85 @@ mod tests {
             g2.get(base.as_tensor()).unwrap(),
         );
         assert!(diff < 1e-12, "{diff}");
+    }
+
+    #[test]
+    fn residual_layer_norm_matches_add_then_norm() {
+        for (case, shape) in [vec![4usize, 6], vec![2, 3, 40], vec![1, 1]]
+            .into_iter()
+            .enumerate()
+        {
+            let seed = 300 + case as u64 * 5;
+            let cols = *shape.last().unwrap();
+            let x = Var::from_tensor(&random(&shape, seed, 2.0)).unwrap();
+            let r = Var::from_tensor(&random(&shape, seed + 1, 2.0)).unwrap();
+            let w = Var::from_tensor(&random(&[cols], seed + 2, 1.0)).unwrap();
+            let b = Var::from_tensor(&random(&[cols], seed + 3, 1.0)).unwrap();
+            let (xt, rt, wt, bt) = (x.as_tensor(), r.as_tensor(), w.as_tensor(), b.as_tensor());
+            let ours = layer_norm_residual(xt, rt, wt, bt, 1e-5).unwrap();
+            let plain = decomposed_norm(&(xt + rt).unwrap(), wt, Some(bt), 1e-5, true, false);
+            assert!(max_diff(&ours, &plain) < 1e-10, "{shape:?}: values");
+            let g1 = probe_loss(&ours, 9).backward().unwrap();
+            let g2 = probe_loss(&plain, 9).backward().unwrap();
+            for (name, v) in [("x", xt), ("r", rt), ("w", wt), ("b", bt)] {
+                let d = max_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
+                assert!(d < 1e-9, "{shape:?}: d{name} {d}");
+            }
+            // A constant residual and frozen weights get no gradient; x gets the same one.
+            let rc = r.as_tensor().detach();
+            let (wc, bc) = (wt.detach(), bt.detach());
+            let ours = layer_norm_residual(xt, &rc, &wc, &bc, 1e-5).unwrap();
+            let g3 = probe_loss(&ours, 9).backward().unwrap();
+            assert!(g3.get(&rc).is_none() && g3.get(&wc).is_none() && g3.get(&bc).is_none());
+            let d = max_diff(g3.get(xt).unwrap(), g1.get(xt).unwrap());
+            assert!(d < 1e-12, "{shape:?}: dx with a constant residual {d}");
+        }
+    }
+
+    #[test]
+    fn f32_norm_values_and_gradients_agree_with_f64() {
+        let to32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        for (cols, kind) in [(16usize, 0), (37, 0), (37, 1), (64, 2), (37, 3)] {
+            let x = random(&[5, cols], 5 + cols as u64, 2.0);
+            let r = random(&[5, cols], 8 + cols as u64, 2.0);
+            let w = random(&[cols], 6, 1.0);
+            let b = random(&[cols], 7, 1.0);
+            let run = |x: &Tensor, r: &Tensor, w: &Tensor, b: &Tensor| {
+                let (xv, wv, bv) = (
+                    Var::from_tensor(x).unwrap(),
+                    Var::from_tensor(w).unwrap(),
+                    Var::from_tensor(b).unwrap(),
+                );
+                let (xt, wt, bt) = (xv.as_tensor(), wv.as_tensor(), bv.as_tensor());
+                let y = match kind {
+                    0 => layer_norm(xt, wt, bt, 1e-6),
+                    1 => rms_norm(xt, wt, 1e-6, false),
+                    2 => rms_norm(xt, wt, 1e-6, true),
+                    _ => layer_norm_residual(xt, r, wt, bt, 1e-6),
+                }
+                .unwrap();
+                let g = probe_loss(&to64(&y), 3).backward().unwrap();
+                let grads = [xt, wt, bt].map(|t| g.get(t).map(to64));
+                (to64(&y), grads)
+            };
+            let (y64, g64) = run(&x, &r, &w, &b);
+            let (y32, g32) = run(&to32(&x), &to32(&r), &to32(&w), &to32(&b));
+            assert!(
+                max_diff(&y64, &y32) < 2e-5,
+                "cols {cols} kind {kind}: values"
+            );
+            for (a, b) in g64.iter().zip(&g32) {
+                match (a, b) {
+                    (Some(a), Some(b)) => {
+                        let d = max_diff(a, b);
+                        assert!(d < 1e-4, "cols {cols} kind {kind}: gradient {d}");
+                    }
+                    (None, None) => {}
+                    _ => panic!("cols {cols} kind {kind}: a gradient in one dtype only"),
+                }
+            }
+        }
     }
 
     #[test]

@@ -545,6 +545,143 @@ pub fn lora_linear(
     y.reshape(out_dims)
 }
 
+/// down(gelu_erf(h)) with its own backward (BERT's feed-forward output with trainable weights):
+///   g = gelu(h);  y = g W^T + b
+///   dh = (dy W) gelu'(h) (in place);  dW = dy^T g;  db = sum_rows dy
+/// g is kept by the op for dW rather than being a graph tensor, so its gradient is never a
+/// zero-filled edge of its own, and dh overwrites the buffer of dy W.
+struct GeluLinear {
+    /// gelu(h) from the forward.
+    saved: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for GeluLinear {
+    fn name(&self) -> &'static str {
+        "gelu-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        hs: &CpuStorage,
+        hl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (rows, k) = hl.shape().dims2()?;
+        let n = wl.shape().dims2()?.0;
+        let (g, out) = by_dtype!(hs.dtype(), name, |T| {
+            let g = super::fused::par_rows(typed::<T>(hs, hl, name)?, 1, T::gelu_into);
+            let y = forward::<T>(
+                &g,
+                typed(ws, wl, name)?,
+                Some(typed(bs, bl, name)?),
+                rows,
+                k,
+                n,
+            );
+            (
+                Tensor::from_vec(g, (rows, k), &candle_core::Device::Cpu)?,
+                T::wrap(y),
+            )
+        });
+        *self.saved.lock().expect("gelu-linear activations") = Some(g);
+        Ok((out, Shape::from((rows, n))))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let name = "gelu-linear-grad";
+        let g = self
+            .saved
+            .lock()
+            .expect("gelu-linear activations")
+            .clone()
+            .ok_or_else(|| {
+                candle_core::Error::Msg("gelu-linear: backward before forward".into())
+            })?;
+        let dy = grad.contiguous()?;
+        let (rows, k) = h.dims2()?;
+        let n = w.dim(0)?;
+        let device = h.device();
+        let hs = h.storage_and_layout();
+        let ws = w.storage_and_layout();
+        let gs = g.storage_and_layout();
+        let dys = dy.storage_and_layout();
+        by_dtype!(h.dtype(), name, |T| {
+            let dyv = frozen_values::<T, _>(&dys, name)?;
+            let dh = if h.track_op() {
+                let mut d = input_grad(dyv, frozen_values::<T, _>(&ws, name)?, rows, k, n);
+                super::fused::par_rows_in_place(
+                    frozen_values::<T, _>(&hs, name)?,
+                    &mut d,
+                    1,
+                    T::gelu_grad_in_place,
+                );
+                Some(Tensor::from_vec(d, (rows, k), device)?)
+            } else {
+                None
+            };
+            let dw = if w.track_op() {
+                let gv = frozen_values::<T, _>(&gs, name)?;
+                Some(Tensor::from_vec(
+                    weight_grad(dyv, gv, rows, k, n),
+                    (n, k),
+                    device,
+                )?)
+            } else {
+                None
+            };
+            let db = if b.track_op() {
+                Some(Tensor::from_vec(bias_grad(dyv, n), n, device)?)
+            } else {
+                None
+            };
+            Ok((dh, dw, db))
+        })
+    }
+}
+
+/// down(gelu_erf(h)) = gelu(h) W^T + b for h of any rank (W [n, k] as in nn.Linear) as one op
+/// with its own backward, on the CPU in f32 and f64 with W, b of h's dtype; `None` elsewhere (use
+/// the GELU and the layer one by one).
+pub fn gelu_linear(h: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
+    let dtype = h.dtype();
+    let dims = h.dims().to_vec();
+    let Some(&k) = dims.last() else {
+        return Ok(None);
+    };
+    let n = weight.dim(0)?;
+    let fits = h.device().is_cpu()
+        && matches!(dtype, DType::F32 | DType::F64)
+        && weight.dtype() == dtype
+        && bias.dtype() == dtype
+        && weight.dims2()? == (n, k)
+        && bias.dims() == [n];
+    if !fits {
+        return Ok(None);
+    }
+    let rows = h.elem_count() / k.max(1);
+    let y = h.reshape((rows, k))?.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        GeluLinear {
+            saved: std::sync::Mutex::new(None),
+        },
+    )?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("rank >= 1") = n;
+    Ok(Some(y.reshape(out_dims)?))
+}
+
 /// The activation between the two halves of a frozen MLP.
 #[derive(Clone, Copy, Debug)]
 pub enum MlpKind {
@@ -673,9 +810,8 @@ impl CustomOp1 for FrozenMlp {
                     dx
                 }
                 (MlpKind::GeluErf, None, None) => {
-                    let da = super::fused::par_rows2(av, &gh, 1, |a, g, out| {
-                        T::gelu_grad_into(a, g, out)
-                    });
+                    let mut da = gh;
+                    super::fused::par_rows_in_place(av, &mut da, 1, T::gelu_grad_in_place);
                     input_grad(&da, first, rows, k, inter)
                 }
                 _ => candle_core::bail!("frozen-mlp: saved activations do not fit the kind"),
@@ -760,6 +896,58 @@ mod tests {
             Some(b) => y.broadcast_add(b).unwrap(),
             None => y,
         }
+    }
+
+    /// gelu_linear against the GELU and the linear layer one by one: values and the gradients
+    /// of h, W, b, trained and frozen weights, several shapes.
+    #[test]
+    fn gelu_linear_matches_gelu_then_linear() {
+        use super::super::fused::gelu_erf;
+        for (case, (shape, n)) in [
+            (vec![3usize, 5], 4usize),
+            (vec![2, 7, 6], 3),
+            (vec![1, 1, 9], 1),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let k = *shape.last().unwrap();
+            let seed = 400 + case as u64 * 7;
+            let h = Var::from_tensor(&(random(&shape, seed) * 3.0).unwrap()).unwrap();
+            let w = Var::from_tensor(&random(&[n, k], seed + 1)).unwrap();
+            let b = Var::from_tensor(&random(&[n], seed + 2)).unwrap();
+            let (ht, wt, bt) = (h.as_tensor(), w.as_tensor(), b.as_tensor());
+            let rows: usize = shape.iter().product::<usize>() / k;
+            let probe = random(&[rows * n], seed + 3);
+            let loss = |y: &Tensor| {
+                (y.flatten_all().unwrap() * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            };
+            let ours = gelu_linear(ht, wt, bt).unwrap().unwrap();
+            let reference = plain(&gelu_erf(ht).unwrap(), wt, Some(bt));
+            assert_eq!(ours.dims(), reference.dims());
+            assert!(max_diff(&ours, &reference) < 1e-12, "case {case}: values");
+            let g1 = loss(&ours).backward().unwrap();
+            let g2 = loss(&reference).backward().unwrap();
+            for (name, t) in [("h", ht), ("W", wt), ("b", bt)] {
+                let d = max_diff(g1.get(t).unwrap(), g2.get(t).unwrap());
+                assert!(d < 1e-11, "case {case}: d{name} differs by {d}");
+            }
+            // Frozen weight and bias: only h gets a gradient, the same one.
+            let (wf, bf) = (wt.detach(), bt.detach());
+            let g3 = loss(&gelu_linear(ht, &wf, &bf).unwrap().unwrap())
+                .backward()
+                .unwrap();
+            assert!(g3.get(&wf).is_none() && g3.get(&bf).is_none());
+            assert!(max_diff(g3.get(ht).unwrap(), g1.get(ht).unwrap()) < 1e-12);
+        }
+        // Mixed dtypes do not fuse.
+        let h = random(&[2, 3], 1).to_dtype(DType::F32).unwrap();
+        assert!(gelu_linear(&h, &random(&[2, 3], 2), &random(&[2], 3))
+            .unwrap()
+            .is_none());
     }
 
     /// Values and the gradients of x, W, b (those that are variables) against matmul +

@@ -162,6 +162,127 @@ multiversion! {
     }
 }
 
+/// A LayerNorm (`centre`) or RMSNorm: epsilon, and the offset added to the weight (1 for
+/// Gemma's RMSNorm, else 0).
+#[derive(Clone, Copy, Debug)]
+pub struct NormParams {
+    pub eps: f32,
+    pub centre: bool,
+    pub offset: f32,
+}
+
+/// Sum of (v - mean)^2 over a row, in `LANES` partial sums.
+#[inline(always)]
+fn squared_deviations(row: &[f32], mean: f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let rest: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|v| (v - mean) * (v - mean))
+        .sum();
+    for c in chunks {
+        for i in 0..LANES {
+            let d = c[i] - mean;
+            lanes[i] += d * d;
+        }
+    }
+    lanes.iter().sum::<f32>() + rest
+}
+
+/// (mean, 1 / sqrt(var + eps)) of a row; mean 0 and the mean of squares when not `centre`
+/// (RMSNorm).
+#[inline(always)]
+fn row_stats(row: &[f32], eps: f32, centre: bool) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = if centre { sum_of(row) / n } else { 0.0 };
+    let var = squared_deviations(row, mean) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+multiversion! {
+    /// Per row of `w.len()` values: out = (x - mean) rstd (w + offset) + b (LayerNorm; RMSNorm
+    /// when not `centre`: no mean, no b).
+    pub fn norm_rows(
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        out: &mut [f32],
+        p: NormParams,
+    ) {
+        let NormParams { eps, centre, offset } = p;
+        let cols = w.len();
+        for (row, o) in x.chunks(cols).zip(out.chunks_mut(cols)) {
+            let (mean, rstd) = row_stats(row, eps, centre);
+            match b {
+                Some(b) => {
+                    for k in 0..cols {
+                        o[k] = (row[k] - mean) * rstd * (w[k] + offset) + b[k];
+                    }
+                }
+                None => {
+                    for k in 0..cols {
+                        o[k] = (row[k] - mean) * rstd * (w[k] + offset);
+                    }
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// The backward of [`norm_rows`] for a block of rows: dx (written), and the block's sums
+    /// dw += g x^, db += g (added). With x^ = (x - mean) rstd and gh = g (w + offset):
+    /// dx = rstd (gh - mean(gh) - x^ mean(gh x^)) (without the mean(gh) term for RMSNorm).
+    pub fn norm_grad_rows(
+        x: &[f32],
+        g: &[f32],
+        w: &[f32],
+        dx: &mut [f32],
+        sums: (&mut [f32], &mut [f32]),
+        p: NormParams,
+    ) {
+        let NormParams { eps, centre, offset } = p;
+        let (dw, db) = sums;
+        let cols = w.len();
+        let n = cols as f32;
+        for ((row, gr), d) in x.chunks(cols).zip(g.chunks(cols)).zip(dx.chunks_mut(cols)) {
+            let (mean, rstd) = row_stats(row, eps, centre);
+            let mut s_gh = [0f32; LANES];
+            let mut s_ghx = [0f32; LANES];
+            let whole = cols / LANES * LANES;
+            for k0 in (0..whole).step_by(LANES) {
+                for i in 0..LANES {
+                    let k = k0 + i;
+                    let xh = (row[k] - mean) * rstd;
+                    let gh = gr[k] * (w[k] + offset);
+                    s_gh[i] += gh;
+                    s_ghx[i] += gh * xh;
+                    dw[k] += gr[k] * xh;
+                    db[k] += gr[k];
+                }
+            }
+            let (mut sum_gh, mut sum_ghx) = (0f32, 0f32);
+            for k in whole..cols {
+                let xh = (row[k] - mean) * rstd;
+                let gh = gr[k] * (w[k] + offset);
+                sum_gh += gh;
+                sum_ghx += gh * xh;
+                dw[k] += gr[k] * xh;
+                db[k] += gr[k];
+            }
+            sum_gh += s_gh.iter().sum::<f32>();
+            sum_ghx += s_ghx.iter().sum::<f32>();
+            let mean_gh = if centre { sum_gh / n } else { 0.0 };
+            let mean_ghx = sum_ghx / n;
+            for k in 0..cols {
+                let xh = (row[k] - mean) * rstd;
+                d[k] = rstd * (gr[k] * (w[k] + offset) - mean_gh - xh * mean_ghx);
+            }
+        }
+    }
+}
+
 multiversion! {
     /// out = x Phi(x).
     pub fn gelu(x: &[f32], out: &mut [f32]) {
@@ -178,6 +299,17 @@ multiversion! {
         for ((o, &v), &gv) in out.iter_mut().zip(x).zip(g) {
             let pdf = INV_SQRT_2PI * exp(-0.5 * v * v);
             *o = gv * (normal_cdf(v) + v * pdf);
+        }
+    }
+}
+
+multiversion! {
+    /// g = g (Phi(x) + x phi(x)), in place (the GELU backward into the incoming gradient).
+    pub fn gelu_grad_in_place(x: &[f32], g: &mut [f32]) {
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        for (gv, &v) in g.iter_mut().zip(x) {
+            let pdf = INV_SQRT_2PI * exp(-0.5 * v * v);
+            *gv *= normal_cdf(v) + v * pdf;
         }
     }
 }
@@ -384,6 +516,86 @@ mod tests {
             assert!((ge[i] as f64 - v * cdf).abs() < 1e-6 * (1.0 + v.abs()));
             let exact = g[i] as f64 * (cdf + v * pdf);
             assert!((gg[i] as f64 - exact).abs() < 1e-6 * (1.0 + v.abs()));
+        }
+        let mut in_place = g.clone();
+        gelu_grad_in_place(&x, &mut in_place);
+        assert_eq!(in_place, gg);
+    }
+
+    /// The f32 norm kernels against a plain f64 evaluation of the same formulas, row lengths
+    /// below, at and above the vector width, LayerNorm, RMSNorm and RMSNorm with unit offset.
+    #[test]
+    fn norm_kernels_match_f64_formulas() {
+        for (cols, centre, offset) in [
+            (5usize, true, 0.0f32),
+            (8, true, 0.0),
+            (37, false, 0.0),
+            (64, false, 1.0),
+        ] {
+            let rows = 3;
+            let x: Vec<f32> = (0..rows * cols)
+                .map(|i| (i as f32 * 0.71).sin() * 3.0 + 0.4)
+                .collect();
+            let g: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.37).cos()).collect();
+            let w: Vec<f32> = (0..cols).map(|i| 0.5 + (i as f32 * 0.13).sin()).collect();
+            let b: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.29).cos()).collect();
+            let p = NormParams {
+                eps: 1e-5,
+                centre,
+                offset,
+            };
+            let mut y = vec![0f32; x.len()];
+            norm_rows(&x, &w, centre.then_some(&b[..]), &mut y, p);
+            let mut dx = vec![0f32; x.len()];
+            let (mut dw, mut db) = (vec![0f32; cols], vec![0f32; cols]);
+            norm_grad_rows(&x, &g, &w, &mut dx, (&mut dw, &mut db), p);
+            let (mut dw64, mut db64) = (vec![0f64; cols], vec![0f64; cols]);
+            for r in 0..rows {
+                let row: Vec<f64> = x[r * cols..(r + 1) * cols]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect();
+                let gr: Vec<f64> = g[r * cols..(r + 1) * cols]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect();
+                let n = cols as f64;
+                let mean = if centre {
+                    row.iter().sum::<f64>() / n
+                } else {
+                    0.0
+                };
+                let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+                let rstd = 1.0 / (var + 1e-5).sqrt();
+                let xh: Vec<f64> = row.iter().map(|v| (v - mean) * rstd).collect();
+                let scale: Vec<f64> = w.iter().map(|&v| v as f64 + offset as f64).collect();
+                let gh: Vec<f64> = (0..cols).map(|k| gr[k] * scale[k]).collect();
+                let mean_gh = if centre {
+                    gh.iter().sum::<f64>() / n
+                } else {
+                    0.0
+                };
+                let mean_ghx = (0..cols).map(|k| gh[k] * xh[k]).sum::<f64>() / n;
+                for k in 0..cols {
+                    let shift = if centre { b[k] as f64 } else { 0.0 };
+                    let want = xh[k] * scale[k] + shift;
+                    assert!(
+                        (y[r * cols + k] as f64 - want).abs() < 1e-5,
+                        "y cols {cols}"
+                    );
+                    let want = rstd * (gh[k] - mean_gh - xh[k] * mean_ghx);
+                    assert!(
+                        (dx[r * cols + k] as f64 - want).abs() < 1e-5,
+                        "dx cols {cols}"
+                    );
+                    dw64[k] += gr[k] * xh[k];
+                    db64[k] += gr[k];
+                }
+            }
+            for k in 0..cols {
+                assert!((dw[k] as f64 - dw64[k]).abs() < 1e-5, "dw cols {cols}");
+                assert!((db[k] as f64 - db64[k]).abs() < 1e-5, "db cols {cols}");
+            }
         }
     }
 }
