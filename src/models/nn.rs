@@ -217,9 +217,7 @@ impl RmsNorm {
 
 /// Token embeddings by row lookup.
 pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    let (b, t) = ids.dims2()?;
-    let flat = table.index_select(&ids.flatten_all()?, 0)?;
-    flat.reshape((b, t, table.dim(1)?))
+    crate::ops::fused::embedding(table, ids)
 }
 
 /// Rotary position embedding tables for given positions.

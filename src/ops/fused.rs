@@ -29,6 +29,8 @@ pub(crate) trait Real: Copy + Send + Sync + 'static + std::ops::Add<Output = Sel
     fn gelu_grad_into(x: &[Self], g: &[Self], out: &mut [Self]);
     /// g = g (Phi(x) + x phi(x)), in place.
     fn gelu_grad_in_place(x: &[Self], g: &mut [Self]);
+    /// The sums over the rows (of `cols` values each) of a block, per column, as f64.
+    fn column_sums(rows: &[Self], cols: usize) -> Vec<f64>;
     /// Norm of every row of `w.len()` values: out = (x - mean) rstd (w + offset) + b.
     fn norm_rows_into(x: &[Self], w: &[Self], b: Option<&[Self]>, out: &mut [Self], n: Norm);
     /// The norm's backward for a block of rows: dx written, the block's dw, db added to `sums`.
@@ -83,6 +85,11 @@ impl Real for f32 {
     }
     fn gelu_grad_in_place(x: &[Self], g: &mut [Self]) {
         super::simd::gelu_grad_in_place(x, g)
+    }
+    fn column_sums(rows: &[Self], cols: usize) -> Vec<f64> {
+        let mut sums = vec![0f32; cols];
+        super::simd::column_sums(rows, &mut sums);
+        sums.into_iter().map(|v| v as f64).collect()
     }
     fn norm_rows_into(x: &[Self], w: &[Self], b: Option<&[Self]>, out: &mut [Self], n: Norm) {
         super::simd::norm_rows(x, w, b, out, n.simd())
@@ -167,6 +174,15 @@ impl Real for f64 {
         for ((o, &v), g) in out.iter_mut().zip(x).zip(g) {
             *o = g * (normal_cdf(v) + v * inv_sqrt_2pi * (-0.5 * v * v).exp());
         }
+    }
+    fn column_sums(rows: &[Self], cols: usize) -> Vec<f64> {
+        let mut sums = vec![0f64; cols];
+        for row in rows.chunks(cols) {
+            for (s, v) in sums.iter_mut().zip(row) {
+                *s += v;
+            }
+        }
+        sums
     }
     fn norm_rows_into(x: &[Self], w: &[Self], b: Option<&[Self]>, out: &mut [Self], n: Norm) {
         let cols = w.len();
@@ -706,6 +722,81 @@ pub fn rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result
         inverse: false,
         heads: Some(heads),
     })
+}
+
+// ---------------------------------------------------------------- embedding
+
+/// Rows of a table picked by ids, with a backward that scatters the rows' gradients into one
+/// zero-filled table gradient (filled in parallel). candle's index_select backward fills a zero
+/// table, copies it once more inside index_add, and adds; this writes the table once.
+struct Embedding {
+    ids: Vec<u32>,
+}
+
+impl CustomOp1 for Embedding {
+    fn name(&self) -> &'static str {
+        "embedding"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (vocab, dim) = layout.shape().dims2()?;
+        if let Some(&bad) = self.ids.iter().find(|&&i| i as usize >= vocab) {
+            candle_core::bail!("embedding: id {bad} is outside the table of {vocab} rows");
+        }
+        let out = by_dtype!(storage.dtype(), name, |T| {
+            let table = typed::<T>(storage, layout, name)?;
+            let mut out = Vec::with_capacity(self.ids.len() * dim);
+            for &id in &self.ids {
+                let id = id as usize;
+                out.extend_from_slice(&table[id * dim..(id + 1) * dim]);
+            }
+            T::wrap(out)
+        });
+        Ok((out, Shape::from((self.ids.len(), dim))))
+    }
+
+    fn bwd(&self, table: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let name = "embedding-grad";
+        let (vocab, dim) = table.dims2()?;
+        let grad = grad.contiguous()?;
+        let (gs, gl) = grad.storage_and_layout();
+        let dtable = by_dtype!(table.dtype(), name, |T| {
+            let g = typed::<T>(cpu(&gs, name)?, gl, name)?;
+            let mut d = Vec::new();
+            d.par_extend(
+                (0..vocab * dim)
+                    .into_par_iter()
+                    .map(|_| <T as Real>::from(0.0)),
+            );
+            for (row, &id) in g.chunks(dim.max(1)).zip(&self.ids) {
+                let id = id as usize;
+                for (t, v) in d[id * dim..(id + 1) * dim].iter_mut().zip(row) {
+                    *t += *v;
+                }
+            }
+            Tensor::from_vec(d, (vocab, dim), table.device())?
+        });
+        Ok(Some(dtable))
+    }
+}
+
+/// table[ids] for a table [V, H] and ids [B, T] -> [B, T, H] (fused on the CPU in f32 and f64,
+/// with the backward of [`Embedding`]); elsewhere index_select.
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let dim = table.dim(1)?;
+    if !fusable(table) || !ids.device().is_cpu() {
+        return table
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, dim));
+    }
+    let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    table
+        .contiguous()?
+        .apply_op1(Embedding { ids })?
+        .reshape((b, t, dim))
 }
 
 // ---------------------------------------------------------------- norms
@@ -1457,6 +1548,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn embedding_matches_index_select_in_values_and_gradients() {
+        let table = Var::from_tensor(&random(&[7, 5], 77, 1.0)).unwrap();
+        // Repeated ids: their gradients add up in the table's row.
+        let ids = Tensor::from_vec(vec![3u32, 0, 3, 6, 1, 3], (2, 3), &Device::Cpu).unwrap();
+        let ours = embedding(table.as_tensor(), &ids).unwrap();
+        let plain = table
+            .as_tensor()
+            .index_select(&ids.flatten_all().unwrap(), 0)
+            .unwrap()
+            .reshape((2, 3, 5))
+            .unwrap();
+        assert_eq!(ours.dims(), &[2, 3, 5]);
+        assert_eq!(max_diff(&ours, &plain), 0.0);
+        let g1 = probe_loss(&ours, 4).backward().unwrap();
+        let g2 = probe_loss(&plain, 4).backward().unwrap();
+        let d = max_diff(
+            g1.get(table.as_tensor()).unwrap(),
+            g2.get(table.as_tensor()).unwrap(),
+        );
+        assert!(d < 1e-15, "table gradient differs by {d}");
+        let f32_out = embedding(&table.as_tensor().to_dtype(DType::F32).unwrap(), &ids).unwrap();
+        assert_eq!(f32_out.dtype(), DType::F32);
+        let bad = Tensor::from_vec(vec![7u32], (1, 1), &Device::Cpu).unwrap();
+        let err = embedding(table.as_tensor(), &bad).unwrap_err().to_string();
+        assert!(err.contains("id 7") && err.contains("7 rows"), "{err}");
     }
 
     #[test]

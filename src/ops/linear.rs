@@ -146,26 +146,25 @@ fn weight_grad<T: Real>(g: &[T], x: &[T], rows: usize, k: usize, n: usize) -> Ve
     gemm_new((n, k, rows), (g, 1, n), (x, k, 1), 1.0)
 }
 
-/// db [n] = sum over rows of dy, summed in f64 by blocks of rows (in parallel), then the blocks
-/// in order: the result does not depend on the number of threads.
+/// Rows per block of the bias gradient's partial sums.
+const BIAS_BLOCK_ROWS: usize = 64;
+
+/// db [n] = sum over rows of dy: blocks of [`BIAS_BLOCK_ROWS`] rows summed in parallel, then the
+/// blocks' sums in order in f64: the result does not depend on the number of threads.
 fn bias_grad<T: Real>(g: &[T], n: usize) -> Vec<T> {
     use rayon::prelude::*;
-    let block = (4096 / n.max(1)).max(1) * n;
+    let block = BIAS_BLOCK_ROWS * n.max(1);
     let partials: Vec<Vec<f64>> = g
         .par_chunks(block)
-        .map(|rows| {
-            let mut acc = vec![0f64; n];
-            for row in rows.chunks(n) {
-                for (a, v) in acc.iter_mut().zip(row) {
-                    *a += v.to();
-                }
-            }
-            acc
-        })
+        .map(|rows| T::column_sums(rows, n))
         .collect();
-    (0..n)
-        .map(|j| T::from(partials.iter().map(|p| p[j]).sum()))
-        .collect()
+    let mut total = vec![0f64; n];
+    for p in &partials {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total.into_iter().map(T::from).collect()
 }
 
 /// x W^T + b with W and b constants (no gradient for them).
@@ -959,6 +958,7 @@ mod tests {
             (vec![2, 7, 6], 3),
             (vec![1, 1, 9], 2),
             (vec![40, 33], 17),
+            (vec![2, 70, 5], 3),
         ]
         .into_iter()
         .enumerate()

@@ -284,6 +284,18 @@ multiversion! {
 }
 
 multiversion! {
+    /// sums[j] += the sum over the rows of `x` (rows of `sums.len()` values) of column j.
+    pub fn column_sums(x: &[f32], sums: &mut [f32]) {
+        let cols = sums.len();
+        for row in x.chunks(cols) {
+            for (s, v) in sums.iter_mut().zip(row) {
+                *s += v;
+            }
+        }
+    }
+}
+
+multiversion! {
     /// out = x Phi(x).
     pub fn gelu(x: &[f32], out: &mut [f32]) {
         for (o, &v) in out.iter_mut().zip(x) {
