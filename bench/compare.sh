@@ -3,16 +3,21 @@
 # interleaved (ws2s, then PyTorch, per workload) with the same number of threads, then a table of
 # the ratios ws2s / PyTorch of the median step times. Installs PyTorch and transformers into a
 # throwaway venv (bench/.venv) when missing.
-#   bench/compare.sh [--steps N] [--warmup N]
+#   bench/compare.sh [--steps N] [--warmup N] [--rounds N]
+# With --rounds N (default 1) every workload is measured N times, ws2s and PyTorch taking turns
+# to go first, and each side's time is the median over the rounds: on a shared machine whose
+# speed drifts from minute to minute, this keeps the drift from favouring one side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=5
 warmup=2
+rounds=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --steps) steps="$2"; shift 2 ;;
     --warmup) warmup="$2"; shift 2 ;;
-    *) echo "usage: bench/compare.sh [--steps N] [--warmup N]" >&2; exit 2 ;;
+    --rounds) rounds="$2"; shift 2 ;;
+    *) echo "usage: bench/compare.sh [--steps N] [--warmup N] [--rounds N]" >&2; exit 2 ;;
   esac
 done
 threads="${BENCH_THREADS:-$(nproc)}"
@@ -25,26 +30,49 @@ fi
 cargo build --release --quiet
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-for workload in minilm-full minilm-lora qwen-full qwen-lora; do
-  echo "running $workload ..." >&2
-  RAYON_NUM_THREADS="$threads" ./target/release/ws2s bench train --workload "$workload" \
+run_ws2s() {
+  RAYON_NUM_THREADS="$threads" ./target/release/ws2s bench train --workload "$1" \
     --steps "$steps" --warmup "$warmup" --json >> "$out/ws2s.jsonl"
-  BENCH_THREADS="$threads" "$venv/bin/python" bench/pytorch_step.py --workload "$workload" \
+}
+run_torch() {
+  BENCH_THREADS="$threads" "$venv/bin/python" bench/pytorch_step.py --workload "$1" \
     --steps "$steps" --warmup "$warmup" >> "$out/torch.jsonl"
+}
+for workload in minilm-full minilm-lora qwen-full qwen-lora; do
+  for round in $(seq 1 "$rounds"); do
+    echo "running $workload (round $round of $rounds) ..." >&2
+    if [ $((round % 2)) -eq 1 ]; then
+      run_ws2s "$workload"; run_torch "$workload"
+    else
+      run_torch "$workload"; run_ws2s "$workload"
+    fi
+  done
 done
 python3 - "$out/ws2s.jsonl" "$out/torch.jsonl" <<'PY'
-import json, sys
-ours = [json.loads(l) for l in open(sys.argv[1])]
-theirs = {r["workload"]: r for r in (json.loads(l) for l in open(sys.argv[2]))}
+import json, statistics, sys
+
+def by_workload(path):
+    runs = {}
+    for line in open(path):
+        r = json.loads(line)
+        runs.setdefault(r["workload"], []).append(r)
+    return runs
+
+def median(runs, key):
+    return statistics.median(r[key] for r in runs)
+
+ours, theirs = by_workload(sys.argv[1]), by_workload(sys.argv[2])
 print(f"{'workload':<12} {'ws2s ms':>9} {'torch ms':>9} {'ratio':>6}   (forward / backward / optimizer, ms: ws2s | torch)")
 worst = 0.0
-for r in ours:
-    t = theirs[r["workload"]]
-    ratio = r["step_ms"] / t["step_ms"]
+for name, runs in ours.items():
+    t = theirs[name]
+    ratio = median(runs, "step_ms") / median(t, "step_ms")
     worst = max(worst, ratio)
-    print(f"{r['workload']:<12} {r['step_ms']:>9.0f} {t['step_ms']:>9.0f} {ratio:>6.2f}   "
-          f"{r['forward_ms']:.0f} / {r['backward_ms']:.0f} / {r['optimizer_ms']:.0f} | "
-          f"{t['forward_ms']:.0f} / {t['backward_ms']:.0f} / {t['optimizer_ms']:.0f}")
-print(f"threads {ours[0]['threads']}, torch {list(theirs.values())[0]['torch']}, median of {ours[0]['steps']} steps after warm-up")
+    parts = lambda rs: " / ".join(f"{median(rs, k):.0f}" for k in ("forward_ms", "backward_ms", "optimizer_ms"))
+    print(f"{name:<12} {median(runs, 'step_ms'):>9.0f} {median(t, 'step_ms'):>9.0f} {ratio:>6.2f}   {parts(runs)} | {parts(t)}")
+first = next(iter(ours.values()))
+rounds = len(first)
+print(f"threads {first[0]['threads']}, torch {next(iter(theirs.values()))[0]['torch']}, median of {first[0]['steps']} steps after warm-up"
+      + (f", median over {rounds} rounds" if rounds > 1 else ""))
 print(f"worst ratio: {worst:.2f}")
 PY
