@@ -1,11 +1,15 @@
-//! Fused CPU kernels with their own backward: softmax over the last dimension, LayerNorm and
-//! RMSNorm. The decomposed versions (max, sub, exp, sum, div; mean, sub, sqr, mean, add, sqrt, div,
-//! mul, add) allocate a tensor per step and record a graph node per step; these make one pass
-//! forward and one or two passes backward. candle-nn's own fused norms and softmax have no backward
-//! (STACK.md), which is why these exist.
+//! Fused CPU kernels with their own backward: softmax over the last dimension, LayerNorm (also of
+//! a residual sum) and RMSNorm, GELU, gated activations, RoPE, embedding lookup. The decomposed
+//! versions (max, sub, exp, sum, div; mean, sub, sqr, mean, add, sqrt, div, mul, add) allocate a
+//! tensor per step and record a graph node per step; these make one pass forward and one or two
+//! passes backward. candle-nn's own fused norms and softmax have no backward (STACK.md), which is
+//! why these exist.
 //!
-//! Rows are the last dimension; inputs are made contiguous. Accumulation is in f64 for f32 and f64
-//! data. On other devices (and dtypes) the functions fall back to the decomposed forms.
+//! Rows are the last dimension; inputs are made contiguous. f64 data is computed in f64. f32 data
+//! is computed in f32 by vectorized kernels ([`super::simd`]): row statistics with eight partial
+//! sums, as PyTorch's CPU kernels do; sums over rows (norm weight gradients) per block of rows in
+//! f32, the blocks added in f64 in a fixed order. On other devices (and dtypes) the functions
+//! fall back to the decomposed forms.
 
 pub use super::simd::Gate;
 use candle_core::backend::BackendStorage;
