@@ -11,7 +11,9 @@
 //!             db = sum_rows dy    (only when W is trained; blocks of rows in parallel)
 //!
 //! straight from the storages, with gemm's own threads. Other devices and dtypes use the
-//! decomposed form.
+//! decomposed form. Built on the same products: a frozen layer with a LoRA adapter
+//! ([`lora_linear`]), a whole frozen MLP block ([`frozen_mlp`]) and GELU followed by a trained
+//! layer ([`gelu_linear`]), each one op with its own backward.
 
 use super::fused::{by_dtype, cpu, typed, Real};
 use candle_core::backend::BackendStorage;
