@@ -29,8 +29,6 @@ pub(crate) trait Real: Copy + Send + Sync + 'static + std::ops::Add<Output = Sel
     fn softmax_grad_rows_into(y: &[Self], g: &[Self], out: &mut [Self], cols: usize, scale: f64);
     /// out = x Phi(x) (GELU, erf form).
     fn gelu_into(x: &[Self], out: &mut [Self]);
-    /// out = g (Phi(x) + x phi(x)).
-    fn gelu_grad_into(x: &[Self], g: &[Self], out: &mut [Self]);
     /// g = g (Phi(x) + x phi(x)), in place.
     fn gelu_grad_in_place(x: &[Self], g: &mut [Self]);
     /// The sums over the rows (of `cols` values each) of a block, per column, as f64.
@@ -83,9 +81,6 @@ impl Real for f32 {
     }
     fn gelu_into(x: &[Self], out: &mut [Self]) {
         super::simd::gelu(x, out)
-    }
-    fn gelu_grad_into(x: &[Self], g: &[Self], out: &mut [Self]) {
-        super::simd::gelu_grad(x, g, out)
     }
     fn gelu_grad_in_place(x: &[Self], g: &mut [Self]) {
         super::simd::gelu_grad_in_place(x, g)
@@ -171,12 +166,6 @@ impl Real for f64 {
     fn gelu_into(x: &[Self], out: &mut [Self]) {
         for (o, &v) in out.iter_mut().zip(x) {
             *o = v * normal_cdf(v);
-        }
-    }
-    fn gelu_grad_into(x: &[Self], g: &[Self], out: &mut [Self]) {
-        let inv_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
-        for ((o, &v), g) in out.iter_mut().zip(x).zip(g) {
-            *o = g * (normal_cdf(v) + v * inv_sqrt_2pi * (-0.5 * v * v).exp());
         }
     }
     fn column_sums(rows: &[Self], cols: usize) -> Vec<f64> {
@@ -465,9 +454,11 @@ fn gelu_rows<T: Real>(x: &[T]) -> Vec<T> {
     par_rows(x, 1, |x, out| T::gelu_into(x, out))
 }
 
-/// d/dx [x Phi(x)] = Phi(x) + x phi(x).
+/// d/dx [x Phi(x)] = Phi(x) + x phi(x), times g (on a copy of g).
 fn gelu_grad_rows<T: Real>(x: &[T], g: &[T], _cols: usize) -> Vec<T> {
-    par_rows2(x, g, 1, |x, g, out| T::gelu_grad_into(x, g, out))
+    let mut out = g.to_vec();
+    par_rows_in_place(x, &mut out, 1, T::gelu_grad_in_place);
+    out
 }
 
 struct Gelu;
