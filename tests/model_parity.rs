@@ -246,10 +246,12 @@ fn with_lora_only_the_adapters_are_trained_and_all_get_gradients() {
             .unwrap()
             .max_keepdim(D::Minus1)
             .unwrap();
-        assert_eq!(
-            diff.max_all().unwrap().to_scalar::<f32>().unwrap(),
-            0.0,
-            "{name}"
+        // Up to f32 rounding: a frozen BERT runs each layer as one fused op, summing in another
+        // order than the layer-by-layer path that the adapters take.
+        let diff = diff.max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(
+            diff <= 1e-5,
+            "{name}: LoRA at initialisation moved the output by {diff}"
         );
     }
 }

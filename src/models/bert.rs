@@ -63,6 +63,45 @@ struct Layer {
     output_norm: LayerNorm,
 }
 
+impl Layer {
+    /// The whole layer as one op ([`crate::ops::encoder::post_norm_layer`]) when no projection
+    /// has an adapter and the op supports the device and dtype; `None` otherwise.
+    fn fused(&self, x: &Tensor, mask: &Tensor, c: &BertConfig) -> Result<Option<Tensor>> {
+        let linears = [
+            &self.query,
+            &self.key,
+            &self.value,
+            &self.attn_out,
+            &self.intermediate,
+            &self.output,
+        ];
+        let biases: Option<Vec<&Tensor>> = linears
+            .iter()
+            .map(|l| l.bias.as_ref().filter(|_| l.lora.is_none()))
+            .collect();
+        let Some(b) = biases else {
+            return Ok(None);
+        };
+        let params = crate::ops::encoder::PostNormParams {
+            query: (&self.query.weight, b[0]),
+            key: (&self.key.weight, b[1]),
+            value: (&self.value.weight, b[2]),
+            attn_out: (&self.attn_out.weight, b[3]),
+            attn_norm: (&self.attn_norm.weight, &self.attn_norm.bias),
+            up: (&self.intermediate.weight, b[4]),
+            down: (&self.output.weight, b[5]),
+            out_norm: (&self.output_norm.weight, &self.output_norm.bias),
+        };
+        Ok(crate::ops::encoder::post_norm_layer(
+            x,
+            &params,
+            mask,
+            c.num_heads,
+            c.layer_norm_eps,
+        )?)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Bert {
     pub config: BertConfig,
@@ -153,6 +192,10 @@ impl Bert {
         let attn_mask = nn::additive_mask(mask, t, false, None, device)?;
         let scale = 1.0 / ((c.hidden_size / c.num_heads) as f64).sqrt();
         for layer in &self.layers {
+            if let Some(y) = layer.fused(&x, &attn_mask, c)? {
+                x = y;
+                continue;
+            }
             let attn = crate::ops::attention::attention(
                 &layer.query.forward(&x)?,
                 &layer.key.forward(&x)?,

@@ -91,17 +91,26 @@ unsafe fn product<T: Real>(
 
 /// The sizes of one attention call.
 #[derive(Clone, Copy, Debug)]
-struct Dims {
-    b: usize,
-    tq: usize,
-    tk: usize,
-    heads: usize,
-    kv_heads: usize,
-    d: usize,
+pub(crate) struct Dims {
+    pub b: usize,
+    pub tq: usize,
+    pub tk: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub d: usize,
+}
+
+/// Row strides (in elements) of the projections an attention call reads, and of their
+/// gradients it writes: Q and dQ rows `q` apart, K, V, dK and dV rows `kv` apart. The output O
+/// and its gradient dO are always [B, Tq, H D] (rows H D apart).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Strides {
+    pub q: usize,
+    pub kv: usize,
 }
 
 impl Dims {
-    fn q_row(&self) -> usize {
+    pub fn q_row(&self) -> usize {
         self.heads * self.d
     }
     fn kv_row(&self) -> usize {
@@ -130,26 +139,69 @@ fn forward<T: Real>(
     dm: Dims,
     scale: f64,
 ) -> (Vec<T>, Vec<T>) {
-    let Dims { tq, tk, d, .. } = dm;
-    let (qr, kr) = (dm.q_row(), dm.kv_row());
-    // Written in full by the tasks below (every (batch, head) stripe) before its length is set.
-    let out_len = dm.b * tq * dm.heads * d;
+    // Written in full by forward_into (every (batch, head) stripe) before its length is set.
+    let out_len = dm.b * dm.tq * dm.heads * dm.d;
     let mut out: Vec<T> = Vec::with_capacity(out_len);
-    let mut probs = vec![T::from(0.0); dm.b * dm.heads * tq * tk];
-    let out_ptr = Shared(out.as_mut_ptr());
+    let mut probs = vec![T::from(0.0); dm.b * dm.heads * dm.tq * dm.tk];
+    let strides = Strides {
+        q: dm.q_row(),
+        kv: dm.kv_row(),
+    };
+    assert!(q.len() >= out_len && k.len() >= dm.b * dm.tk * strides.kv && v.len() >= k.len());
+    // SAFETY: q, k, v are contiguous [B, T, heads D] buffers of at least the sizes checked
+    // above; out has room for out_len elements.
+    unsafe {
+        forward_into(
+            (q.as_ptr(), k.as_ptr(), v.as_ptr()),
+            strides,
+            mask,
+            dm,
+            scale,
+            out.as_mut_ptr(),
+            &mut probs,
+        );
+        out.set_len(out_len);
+    }
+    (out, probs)
+}
+
+/// O [B, Tq, H D] written to `out` and P [B, H, Tq, Tk] to `probs`, from projections addressed
+/// by base pointers and row strides.
+///
+/// # Safety
+/// q must address B Tq rows of `strides.q` elements, k and v B Tk rows of `strides.kv` (each
+/// head's D columns inside its row); out must be valid for B Tq H D writes and not alias the
+/// inputs; mask is [B, Tq, Tk] and probs [B, H, Tq, Tk].
+pub(crate) unsafe fn forward_into<T: Real>(
+    (q, k, v): (*const T, *const T, *const T),
+    strides: Strides,
+    mask: &[T],
+    dm: Dims,
+    scale: f64,
+    out: *mut T,
+    probs: &mut [T],
+) {
+    let Dims { tq, tk, d, .. } = dm;
+    let (qr, kr) = (strides.q, strides.kv);
+    let (q, k, v, out_ptr) = (
+        Shared(q as *mut T),
+        Shared(k as *mut T),
+        Shared(v as *mut T),
+        Shared(out),
+    );
     probs
         .par_chunks_mut(tq * tk)
         .enumerate()
         .for_each(|(bh, p)| {
             let (bi, h) = (bh / dm.heads, bh % dm.heads);
             let g = h / dm.group();
-            let q0 = bi * tq * dm.q_row() + h * d;
-            let kv0 = bi * tk * dm.kv_row() + g * d;
+            let q0 = bi * tq * qr + h * d;
+            let kv0 = bi * tk * kr + g * d;
             // SAFETY: Q_bh, K_bg, V_bg lie inside q, k, v; p is this task's own chunk; the output
             // stripe (batch bi, columns h D..(h + 1) D) is written by this task only.
             unsafe {
-                let qm = Mat::rows(q.as_ptr().add(q0), qr);
-                let kt = Mat::transposed(k.as_ptr().add(kv0), kr);
+                let qm = Mat::rows({ q }.0.add(q0) as *const T, qr);
+                let kt = Mat::transposed({ k }.0.add(kv0) as *const T, kr);
                 product(
                     (tq, tk, d),
                     p.as_mut_ptr(),
@@ -167,18 +219,14 @@ fn forward<T: Real>(
             T::softmax_rows_in_place(p, tk);
             unsafe {
                 let pm = Mat::rows(p.as_ptr(), tk);
-                let vm = Mat::rows(v.as_ptr().add(kv0), kr);
+                let vm = Mat::rows({ v }.0.add(kv0) as *const T, kr);
                 let dst = { out_ptr }.0.add(bi * tq * dm.q_row() + h * d);
-                product((tq, d, tk), dst, qr, false, pm, vm, T::from(1.0));
+                product((tq, d, tk), dst, dm.q_row(), false, pm, vm, T::from(1.0));
             }
         });
-    // SAFETY: every element was written by gemm above (the stripes tile the output).
-    unsafe { out.set_len(out_len) };
-    (out, probs)
 }
 
-/// Backward: (dQ [B, Tq, H D], dK, dV [B, Tk, KVH D]). One task per (batch, kv head), which
-/// loops over the query heads of its group, so that dK and dV are summed without races.
+/// Backward: (dQ [B, Tq, H D], dK, dV [B, Tk, KVH D]).
 #[allow(clippy::too_many_arguments)]
 fn backward<T: Real>(
     q: &[T],
@@ -189,35 +237,81 @@ fn backward<T: Real>(
     dm: Dims,
     scale: f64,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let Dims { tq, tk, d, .. } = dm;
-    let (qr, kr) = (dm.q_row(), dm.kv_row());
-    // Written in full by the tasks below (dQ per (batch, head); dK, dV by the first head of each
-    // group, which does not read them) before their lengths are set.
+    let strides = Strides {
+        q: dm.q_row(),
+        kv: dm.kv_row(),
+    };
+    assert!(q.len() >= dm.b * dm.tq * strides.q && grad.len() >= q.len());
+    assert!(k.len() >= dm.b * dm.tk * strides.kv && v.len() >= k.len());
+    assert!(probs.len() >= dm.b * dm.heads * dm.tq * dm.tk);
+    // Written in full by backward_into (the stripes tile each gradient) before the lengths are
+    // set.
     let mut dq: Vec<T> = Vec::with_capacity(q.len());
     let mut dk: Vec<T> = Vec::with_capacity(k.len());
     let mut dv: Vec<T> = Vec::with_capacity(v.len());
-    let (dq_ptr, dk_ptr, dv_ptr) = (
-        Shared(dq.as_mut_ptr()),
-        Shared(dk.as_mut_ptr()),
-        Shared(dv.as_mut_ptr()),
+    // SAFETY: the inputs are contiguous buffers of the sizes checked above; the gradients are
+    // fresh allocations of the same sizes.
+    unsafe {
+        backward_into(
+            (q.as_ptr(), k.as_ptr(), v.as_ptr()),
+            strides,
+            probs,
+            grad.as_ptr(),
+            dm,
+            scale,
+            (dq.as_mut_ptr(), dk.as_mut_ptr(), dv.as_mut_ptr()),
+        );
+        dq.set_len(q.len());
+        dk.set_len(k.len());
+        dv.set_len(v.len());
+    }
+    (dq, dk, dv)
+}
+
+/// dQ, dK, dV written through base pointers with the strides of Q, K, V. One task per (batch,
+/// kv head), which loops over the query heads of its group, so that dK and dV are summed
+/// without races. Every element of dQ's, dK's and dV's head columns is written.
+///
+/// # Safety
+/// As [`forward_into`] for q, k, v; grad addresses B Tq rows of H D elements and probs holds P
+/// from the forward; dq, dk, dv are valid for writes at the strided positions of q, k, v, do
+/// not alias any input, and no two of them address the same element.
+pub(crate) unsafe fn backward_into<T: Real>(
+    (q, k, v): (*const T, *const T, *const T),
+    strides: Strides,
+    probs: &[T],
+    grad: *const T,
+    dm: Dims,
+    scale: f64,
+    (dq, dk, dv): (*mut T, *mut T, *mut T),
+) {
+    let Dims { tq, tk, d, .. } = dm;
+    let (qr, kr, or) = (strides.q, strides.kv, dm.q_row());
+    let (q, k, v, grad) = (
+        Shared(q as *mut T),
+        Shared(k as *mut T),
+        Shared(v as *mut T),
+        Shared(grad as *mut T),
     );
+    let (dq_ptr, dk_ptr, dv_ptr) = (Shared(dq), Shared(dk), Shared(dv));
     (0..dm.b * dm.kv_heads).into_par_iter().for_each(|bg| {
         let (bi, g) = (bg / dm.kv_heads, bg % dm.kv_heads);
-        let kv0 = bi * tk * dm.kv_row() + g * d;
+        let kv0 = bi * tk * kr + g * d;
         let mut dp = vec![T::from(0.0); tq * tk];
         let mut ds = vec![T::from(0.0); tq * tk];
         for j in 0..dm.group() {
             let h = g * dm.group() + j;
-            let q0 = bi * tq * dm.q_row() + h * d;
+            let q0 = bi * tq * qr + h * d;
+            let o0 = bi * tq * or + h * d;
             let p = &probs[(bi * dm.heads + h) * tq * tk..][..tq * tk];
             // SAFETY: all reads lie inside the inputs; dQ's stripe (bi, h) and dK/dV's stripe
             // (bi, g) belong to this task alone; dp and ds are local.
             unsafe {
-                let go = Mat::rows(grad.as_ptr().add(q0), qr);
+                let go = Mat::rows({ grad }.0.add(o0) as *const T, or);
                 let pt = Mat::transposed(p.as_ptr(), tk);
                 let dv_dst = { dv_ptr }.0.add(kv0);
                 product((tk, d, tq), dv_dst, kr, j > 0, pt, go, T::from(1.0));
-                let vt = Mat::transposed(v.as_ptr().add(kv0), kr);
+                let vt = Mat::transposed({ v }.0.add(kv0) as *const T, kr);
                 product(
                     (tq, tk, d),
                     dp.as_mut_ptr(),
@@ -232,23 +326,16 @@ fn backward<T: Real>(
             T::softmax_grad_rows_into(p, &dp, &mut ds, tk, scale);
             unsafe {
                 let dsm = Mat::rows(ds.as_ptr(), tk);
-                let km = Mat::rows(k.as_ptr().add(kv0), kr);
+                let km = Mat::rows({ k }.0.add(kv0) as *const T, kr);
                 let dq_dst = { dq_ptr }.0.add(q0);
                 product((tq, d, tk), dq_dst, qr, false, dsm, km, T::from(1.0));
                 let dst = Mat::transposed(ds.as_ptr(), tk);
-                let qm = Mat::rows(q.as_ptr().add(q0), qr);
+                let qm = Mat::rows({ q }.0.add(q0) as *const T, qr);
                 let dk_dst = { dk_ptr }.0.add(kv0);
                 product((tk, d, tq), dk_dst, kr, j > 0, dst, qm, T::from(1.0));
             }
         }
     });
-    // SAFETY: see above; the stripes tile each gradient.
-    unsafe {
-        dq.set_len(q.len());
-        dk.set_len(k.len());
-        dv.set_len(v.len());
-    }
-    (dq, dk, dv)
 }
 
 impl CustomOp3 for Attention {

@@ -810,7 +810,7 @@ fn row_stats(row: &[f64], eps: f64, centre: bool) -> (f64, f64) {
 
 /// y = (x - mean) * rstd * scale + shift, with scale = w (+ 1 when `unit_offset`); blocks of
 /// rows in parallel.
-fn norm_rows<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, n: Norm) -> Vec<T> {
+pub(crate) fn norm_rows<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, n: Norm) -> Vec<T> {
     par_rows(x, w.len(), |x, out| T::norm_rows_into(x, w, b, out, n))
 }
 
@@ -819,7 +819,7 @@ fn norm_rows<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, n: Norm) -> Vec<T> {
 /// (RMSNorm: dx = rstd (gh - x^ mean(gh x^))), dw = sum_rows g x^, db = sum_rows g.
 /// Blocks of rows run in parallel; their partial dw, db are summed in block order, so the
 /// result does not depend on the number of threads.
-fn norm_grad_rows<T: Real>(x: &[T], w: &[T], g: &[T], n: Norm) -> Vec<T> {
+pub(crate) fn norm_grad_rows<T: Real>(x: &[T], w: &[T], g: &[T], n: Norm) -> Vec<T> {
     use rayon::prelude::*;
     let cols = w.len();
     let mut dx = vec![T::from(0.0); x.len() + 2 * cols];
@@ -850,6 +850,15 @@ pub(crate) struct Norm {
 }
 
 impl Norm {
+    /// LayerNorm (centred, no offset on the scale).
+    pub(crate) fn layer(eps: f64) -> Self {
+        Norm {
+            eps,
+            centre: true,
+            unit_offset: false,
+        }
+    }
+
     fn offset(&self) -> f64 {
         if self.unit_offset {
             1.0

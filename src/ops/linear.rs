@@ -49,7 +49,7 @@ fn check_operands<T>(
 
 /// dst [m, n] (row-major) = (dst if `accumulate`) + beta lhs [m, k] rhs [k, n], with the
 /// operands given as (slice, row stride, column stride).
-fn gemm_into<T: Real>(
+pub(crate) fn gemm_into<T: Real>(
     dims: (usize, usize, usize),
     dst: &mut [T],
     accumulate: bool,
@@ -126,7 +126,14 @@ unsafe fn gemm_raw<T: Real>(
 }
 
 /// y [rows, n] = x [rows, k] W^T (W [n, k]) + b.
-fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, rows: usize, k: usize, n: usize) -> Vec<T> {
+pub(crate) fn forward<T: Real>(
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Vec<T> {
     let Some(b) = b else {
         return gemm_new((rows, n, k), (x, k, 1), (w, 1, k), 1.0);
     };
@@ -139,13 +146,25 @@ fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, rows: usize, k: usize, n:
 }
 
 /// dx [rows, k] = dy [rows, n] W [n, k].
-fn input_grad<T: Real>(g: &[T], w: &[T], rows: usize, k: usize, n: usize) -> Vec<T> {
+pub(crate) fn input_grad<T: Real>(g: &[T], w: &[T], rows: usize, k: usize, n: usize) -> Vec<T> {
     gemm_new((rows, k, n), (g, n, 1), (w, k, 1), 1.0)
 }
 
 /// dW [n, k] = dy^T x.
-fn weight_grad<T: Real>(g: &[T], x: &[T], rows: usize, k: usize, n: usize) -> Vec<T> {
+pub(crate) fn weight_grad<T: Real>(g: &[T], x: &[T], rows: usize, k: usize, n: usize) -> Vec<T> {
     gemm_new((n, k, rows), (g, 1, n), (x, k, 1), 1.0)
+}
+
+/// dW [n, k] = dy^T x written into `dst`.
+pub(crate) fn weight_grad_into<T: Real>(
+    dst: &mut [T],
+    g: &[T],
+    x: &[T],
+    rows: usize,
+    k: usize,
+    n: usize,
+) {
+    gemm_into((n, k, rows), dst, false, (g, 1, n), (x, k, 1), 1.0);
 }
 
 /// Rows per block of the bias gradient's partial sums.
@@ -153,7 +172,7 @@ const BIAS_BLOCK_ROWS: usize = 64;
 
 /// db [n] = sum over rows of dy: blocks of [`BIAS_BLOCK_ROWS`] rows summed in parallel, then the
 /// blocks' sums in order in f64: the result does not depend on the number of threads.
-fn bias_grad<T: Real>(g: &[T], n: usize) -> Vec<T> {
+pub(crate) fn bias_grad<T: Real>(g: &[T], n: usize) -> Vec<T> {
     use rayon::prelude::*;
     let block = BIAS_BLOCK_ROWS * n.max(1);
     let partials: Vec<Vec<f64>> = g
