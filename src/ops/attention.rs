@@ -141,15 +141,16 @@ fn forward<T: Real>(
 ) -> (Vec<T>, Vec<T>) {
     // Written in full by forward_into (every (batch, head) stripe) before its length is set.
     let out_len = dm.b * dm.tq * dm.heads * dm.d;
+    let probs_len = dm.b * dm.heads * dm.tq * dm.tk;
     let mut out: Vec<T> = Vec::with_capacity(out_len);
-    let mut probs = vec![T::from(0.0); dm.b * dm.heads * dm.tq * dm.tk];
+    let mut probs: Vec<T> = Vec::with_capacity(probs_len);
     let strides = Strides {
         q: dm.q_row(),
         kv: dm.kv_row(),
     };
     assert!(q.len() >= out_len && k.len() >= dm.b * dm.tk * strides.kv && v.len() >= k.len());
     // SAFETY: q, k, v are contiguous [B, T, heads D] buffers of at least the sizes checked
-    // above; out has room for out_len elements.
+    // above; out and probs have room for the elements forward_into writes, all of them.
     unsafe {
         forward_into(
             (q.as_ptr(), k.as_ptr(), v.as_ptr()),
@@ -158,20 +159,22 @@ fn forward<T: Real>(
             dm,
             scale,
             out.as_mut_ptr(),
-            &mut probs,
+            probs.as_mut_ptr(),
         );
         out.set_len(out_len);
+        probs.set_len(probs_len);
     }
     (out, probs)
 }
 
 /// O [B, Tq, H D] written to `out` and P [B, H, Tq, Tk] to `probs`, from projections addressed
-/// by base pointers and row strides.
+/// by base pointers and row strides. Each head's scores start as a copy of its mask, onto which
+/// the product accumulates (no separate pass for the mask).
 ///
 /// # Safety
 /// q must address B Tq rows of `strides.q` elements, k and v B Tk rows of `strides.kv` (each
-/// head's D columns inside its row); out must be valid for B Tq H D writes and not alias the
-/// inputs; mask is [B, Tq, Tk] and probs [B, H, Tq, Tk].
+/// head's D columns inside its row); out must be valid for B Tq H D writes and probs for
+/// B H Tq Tk writes, neither aliasing the inputs or each other; mask is [B, Tq, Tk].
 pub(crate) unsafe fn forward_into<T: Real>(
     (q, k, v): (*const T, *const T, *const T),
     strides: Strides,
@@ -179,51 +182,42 @@ pub(crate) unsafe fn forward_into<T: Real>(
     dm: Dims,
     scale: f64,
     out: *mut T,
-    probs: &mut [T],
+    probs: *mut T,
 ) {
     let Dims { tq, tk, d, .. } = dm;
     let (qr, kr) = (strides.q, strides.kv);
-    let (q, k, v, out_ptr) = (
+    let (q, k, v, out_ptr, probs) = (
         Shared(q as *mut T),
         Shared(k as *mut T),
         Shared(v as *mut T),
         Shared(out),
+        Shared(probs),
     );
-    probs
-        .par_chunks_mut(tq * tk)
-        .enumerate()
-        .for_each(|(bh, p)| {
-            let (bi, h) = (bh / dm.heads, bh % dm.heads);
-            let g = h / dm.group();
-            let q0 = bi * tq * qr + h * d;
-            let kv0 = bi * tk * kr + g * d;
-            // SAFETY: Q_bh, K_bg, V_bg lie inside q, k, v; p is this task's own chunk; the output
-            // stripe (batch bi, columns h D..(h + 1) D) is written by this task only.
-            unsafe {
-                let qm = Mat::rows({ q }.0.add(q0) as *const T, qr);
-                let kt = Mat::transposed({ k }.0.add(kv0) as *const T, kr);
-                product(
-                    (tq, tk, d),
-                    p.as_mut_ptr(),
-                    tk,
-                    false,
-                    qm,
-                    kt,
-                    T::from(scale),
-                );
-            }
-            let mrow = &mask[bi * tq * tk..(bi + 1) * tq * tk];
-            for (s, m) in p.iter_mut().zip(mrow) {
-                *s = T::from(s.to() + m.to());
-            }
-            T::softmax_rows_in_place(p, tk);
-            unsafe {
-                let pm = Mat::rows(p.as_ptr(), tk);
-                let vm = Mat::rows({ v }.0.add(kv0) as *const T, kr);
-                let dst = { out_ptr }.0.add(bi * tq * dm.q_row() + h * d);
-                product((tq, d, tk), dst, dm.q_row(), false, pm, vm, T::from(1.0));
-            }
-        });
+    assert!(mask.len() >= dm.b * tq * tk, "attention: mask too small");
+    (0..dm.b * dm.heads).into_par_iter().for_each(|bh| {
+        let (bi, h) = (bh / dm.heads, bh % dm.heads);
+        let g = h / dm.group();
+        let q0 = bi * tq * qr + h * d;
+        let kv0 = bi * tk * kr + g * d;
+        // SAFETY: this task's chunk of probs (head bh) is written here in full (the mask
+        // copied into it) before the slice is formed; Q_bh, K_bg, V_bg lie inside q, k, v; the
+        // output stripe (batch bi, columns h D..(h + 1) D) is written by this task only.
+        let p = unsafe {
+            let p = { probs }.0.add(bh * tq * tk);
+            std::ptr::copy_nonoverlapping(mask.as_ptr().add(bi * tq * tk), p, tq * tk);
+            let qm = Mat::rows({ q }.0.add(q0) as *const T, qr);
+            let kt = Mat::transposed({ k }.0.add(kv0) as *const T, kr);
+            product((tq, tk, d), p, tk, true, qm, kt, T::from(scale));
+            std::slice::from_raw_parts_mut(p, tq * tk)
+        };
+        T::softmax_rows_in_place(p, tk);
+        unsafe {
+            let pm = Mat::rows(p.as_ptr(), tk);
+            let vm = Mat::rows({ v }.0.add(kv0) as *const T, kr);
+            let dst = { out_ptr }.0.add(bi * tq * dm.q_row() + h * d);
+            product((tq, d, tk), dst, dm.q_row(), false, pm, vm, T::from(1.0));
+        }
+    });
 }
 
 /// Backward: (dQ [B, Tq, H D], dK, dV [B, Tk, KVH D]).

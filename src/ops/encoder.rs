@@ -5,12 +5,12 @@
 //!   [q k v] = x Wqkv^T + bqkv                      (one product; Wqkv = [Wq; Wk; Wv])
 //!   c = attention(q, k, v, mask)                   (heads are column stripes of [q k v])
 //!   s1 = c Wo^T + bo + x,       a = LN1(s1)
-//!   u = a Wup^T + bup,          g = gelu(u)        (erf form)
+//!   u = a Wup^T + bup,          g = gelu(u)        (erf form; gelu'(u) kept for the backward)
 //!   s2 = g Wdown^T + bdown + a, y = LN2(s2)
 //!
 //! Backward, from dy:
 //!
-//!   ds2 = LN2'(dy);  dWdown = ds2^T g;  dbdown = sum_rows ds2;  du = (ds2 Wdown) gelu'(u)
+//!   ds2 = LN2'(dy);  dWdown = ds2^T g;  dbdown = sum_rows ds2;  du = (ds2 Wdown) * gelu'(u)
 //!   dWup = du^T a;   dbup = sum_rows du;  da = ds2 + du Wup
 //!   ds1 = LN1'(da);  dWo = ds1^T c;  dbo = sum_rows ds1;  dc = ds1 Wo
 //!   d[q k v] = attention'(dc);  dWqkv = d[q k v]^T x;  dbqkv = sum_rows d[q k v]
@@ -27,6 +27,7 @@ use super::fused::{self, by_dtype, cpu, typed, Norm, Real};
 use super::linear;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 use std::any::Any;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -154,7 +155,8 @@ struct Saved<T> {
     ctx: Vec<T>,
     s1: Vec<T>,
     a: Vec<T>,
-    u: Vec<T>,
+    /// gelu'(u) at the up projection's output u.
+    gd: Vec<T>,
     g: Vec<T>,
     s2: Vec<T>,
 }
@@ -215,9 +217,10 @@ impl PostNormLayer {
         );
         let dm = self.dims;
         let mut ctx = Vec::with_capacity(rows * h);
-        let mut probs = vec![T::from(0.0); dm.b * dm.heads * dm.tq * dm.tk];
+        let probs_len = dm.b * dm.heads * dm.tq * dm.tk;
+        let mut probs: Vec<T> = Vec::with_capacity(probs_len);
         // SAFETY: q, k and v are the column stripes 0, H, 2H of the [rows, 3H] buffer qkv (rows
-        // 3H apart); ctx has room for the rows * H values that forward_into writes, all of them.
+        // 3H apart); ctx and probs have room for the values forward_into writes, all of them.
         unsafe {
             let base = qkv.as_ptr();
             attention::forward_into(
@@ -227,9 +230,10 @@ impl PostNormLayer {
                 dm,
                 self.scale,
                 ctx.as_mut_ptr(),
-                &mut probs,
+                probs.as_mut_ptr(),
             );
             ctx.set_len(rows * h);
+            probs.set_len(probs_len);
         }
         let s1 = residual_linear(&ctx, (&p[sl.wo.clone()], &p[sl.bo.clone()]), x, rows, h, h);
         let a = fused::norm_rows(
@@ -238,8 +242,13 @@ impl PostNormLayer {
             Some(&p[sl.ln1b.clone()]),
             self.norm,
         );
-        let u = linear::forward(&a, &p[sl.wup.clone()], Some(&p[sl.bup.clone()]), rows, h, i);
-        let g = fused::par_rows(&u, 1, T::gelu_into);
+        // u = a Wup^T + bup, then g = gelu(u) with u overwritten by gelu'(u) (kept as `gd`).
+        let mut gd = linear::forward(&a, &p[sl.wup.clone()], Some(&p[sl.bup.clone()]), rows, h, i);
+        let mut g = vec![T::from(0.0); gd.len()];
+        let block = fused::rows_per_task(1);
+        g.par_chunks_mut(block)
+            .zip(gd.par_chunks_mut(block))
+            .for_each(|(g, u)| T::gelu_keeping_grad(u, g));
         let s2 = residual_linear(
             &g,
             (&p[sl.wdown.clone()], &p[sl.bdown.clone()]),
@@ -260,7 +269,7 @@ impl PostNormLayer {
             ctx,
             s1,
             a,
-            u,
+            gd,
             g,
             s2,
         };
@@ -294,7 +303,11 @@ impl PostNormLayer {
             linear::weight_grad_into(&mut dp[sl.wdown.clone()], &ds2, &sv.g, rows, i, h);
         }
         let mut du = linear::input_grad(&ds2, &p[sl.wdown.clone()], rows, i, h);
-        fused::par_rows_in_place(&sv.u, &mut du, 1, T::gelu_grad_in_place);
+        fused::par_rows_in_place(&sv.gd, &mut du, 1, |d, g| {
+            for (g, &d) in g.iter_mut().zip(d) {
+                *g = *g * d;
+            }
+        });
         if need_p {
             dp[sl.bup.clone()].copy_from_slice(&linear::bias_grad(&du, i));
             linear::weight_grad_into(&mut dp[sl.wup.clone()], &du, &sv.a, rows, h, i);

@@ -17,7 +17,9 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
 
-pub(crate) trait Real: Copy + Send + Sync + 'static + std::ops::Add<Output = Self> {
+pub(crate) trait Real:
+    Copy + Send + Sync + 'static + std::ops::Add<Output = Self> + std::ops::Mul<Output = Self>
+{
     fn to(self) -> f64;
     fn from(v: f64) -> Self;
     /// The values of a storage of this type.
@@ -31,6 +33,8 @@ pub(crate) trait Real: Copy + Send + Sync + 'static + std::ops::Add<Output = Sel
     fn gelu_into(x: &[Self], out: &mut [Self]);
     /// g = g (Phi(x) + x phi(x)), in place.
     fn gelu_grad_in_place(x: &[Self], g: &mut [Self]);
+    /// out = x Phi(x), and x overwritten with the derivative Phi(x) + x phi(x).
+    fn gelu_keeping_grad(x: &mut [Self], out: &mut [Self]);
     /// The sums over the rows (of `cols` values each) of a block, per column, as f64.
     fn column_sums(rows: &[Self], cols: usize) -> Vec<f64>;
     /// Norm of every row of `w.len()` values: out = (x - mean) rstd (w + offset) + b.
@@ -84,6 +88,9 @@ impl Real for f32 {
     }
     fn gelu_grad_in_place(x: &[Self], g: &mut [Self]) {
         super::simd::gelu_grad_in_place(x, g)
+    }
+    fn gelu_keeping_grad(x: &mut [Self], out: &mut [Self]) {
+        super::simd::gelu_keeping_grad(x, out)
     }
     fn column_sums(rows: &[Self], cols: usize) -> Vec<f64> {
         let mut sums = vec![0f32; cols];
@@ -223,9 +230,14 @@ impl Real for f64 {
         }
     }
     fn gelu_grad_in_place(x: &[Self], g: &mut [Self]) {
-        let inv_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
         for (gv, &v) in g.iter_mut().zip(x) {
-            *gv *= normal_cdf(v) + v * inv_sqrt_2pi * (-0.5 * v * v).exp();
+            *gv *= gelu_derivative(v);
+        }
+    }
+    fn gelu_keeping_grad(x: &mut [Self], out: &mut [Self]) {
+        for (o, v) in out.iter_mut().zip(x.iter_mut()) {
+            *o = *v * normal_cdf(*v);
+            *v = gelu_derivative(*v);
         }
     }
     fn gated_into(gate: Gate, a: &[Self], b: &[Self], out: &mut [Self]) {
@@ -247,6 +259,12 @@ impl Real for f64 {
             db[i] = g[i] * act;
         }
     }
+}
+
+/// d/dx x Phi(x) = Phi(x) + x phi(x), in f64.
+fn gelu_derivative(x: f64) -> f64 {
+    let inv_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
+    normal_cdf(x) + x * inv_sqrt_2pi * (-0.5 * x * x).exp()
 }
 
 /// The standard normal CDF Phi(x) = (1 + erf(x / sqrt 2)) / 2, with candle's f64 erf.

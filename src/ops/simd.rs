@@ -304,13 +304,30 @@ multiversion! {
     }
 }
 
+/// d/dx x Phi(x) = Phi(x) + x phi(x).
+#[inline(always)]
+fn gelu_derivative(x: f32) -> f32 {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    normal_cdf(x) + x * INV_SQRT_2PI * exp(-0.5 * x * x)
+}
+
 multiversion! {
     /// g = g (Phi(x) + x phi(x)), in place (the GELU backward into the incoming gradient).
     pub fn gelu_grad_in_place(x: &[f32], g: &mut [f32]) {
-        const INV_SQRT_2PI: f32 = 0.398_942_3;
         for (gv, &v) in g.iter_mut().zip(x) {
-            let pdf = INV_SQRT_2PI * exp(-0.5 * v * v);
-            *gv *= normal_cdf(v) + v * pdf;
+            *gv *= gelu_derivative(v);
+        }
+    }
+}
+
+multiversion! {
+    /// out = x Phi(x), and x overwritten with the derivative Phi(x) + x phi(x): a forward that
+    /// keeps what its backward multiplies by.
+    pub fn gelu_keeping_grad(x: &mut [f32], out: &mut [f32]) {
+        for (o, v) in out.iter_mut().zip(x.iter_mut()) {
+            let u = *v;
+            *o = u * normal_cdf(u);
+            *v = gelu_derivative(u);
         }
     }
 }
@@ -510,6 +527,9 @@ mod tests {
         let mut gg = g.clone();
         gelu(&x, &mut ge);
         gelu_grad_in_place(&x, &mut gg);
+        // The forward that keeps the derivative: x becomes gelu'(x), out gelu(x).
+        let (mut kept, mut ke) = (x.clone(), vec![0f32; x.len()]);
+        gelu_keeping_grad(&mut kept, &mut ke);
         for i in 0..x.len() {
             let v = x[i] as f64;
             let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(v / std::f64::consts::SQRT_2));
@@ -517,6 +537,8 @@ mod tests {
             assert!((ge[i] as f64 - v * cdf).abs() < 1e-6 * (1.0 + v.abs()));
             let exact = g[i] as f64 * (cdf + v * pdf);
             assert!((gg[i] as f64 - exact).abs() < 1e-6 * (1.0 + v.abs()));
+            assert!((ke[i] as f64 - v * cdf).abs() < 1e-6 * (1.0 + v.abs()));
+            assert!((kept[i] as f64 - (cdf + v * pdf)).abs() < 1e-6 * (1.0 + v.abs()));
         }
     }
 
