@@ -66,14 +66,17 @@ pub fn normal_cdf(x: f32) -> f32 {
 /// Runs the body as an AVX2 + FMA function when the CPU has them, else as plain code.
 macro_rules! multiversion {
     ($(#[$meta:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        multiversion! { $(#[$meta])* pub fn $name($($arg: $ty),*) -> () $body }
+    };
+    ($(#[$meta:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
         $(#[$meta])*
-        pub fn $name($($arg: $ty),*) {
+        pub fn $name($($arg: $ty),*) -> $ret {
             #[inline(always)]
-            fn inner($($arg: $ty),*) $body
+            fn inner($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
                     inner($($arg),*)
                 }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -329,6 +332,51 @@ multiversion! {
             *o = u * normal_cdf(u);
             *v = gelu_derivative(u);
         }
+    }
+}
+
+/// The scalars of one AdamW update (see `train::optimizer`).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamScalars {
+    pub grad_scale: f32,
+    pub b1: f32,
+    pub b2: f32,
+    pub step_size: f32,
+    pub bias2_sqrt: f32,
+    pub decay: f32,
+    pub eps: f32,
+}
+
+multiversion! {
+    /// One AdamW update of a block of parameters p with moments m, v and summed gradients g:
+    /// g' = g grad_scale, m = b1 m + (1 - b1) g', v = b2 v + (1 - b2) g'^2,
+    /// p = p decay - step_size m / (sqrt(v) / bias2_sqrt + eps).
+    pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: AdamScalars) {
+        let n = p.len().min(m.len()).min(v.len()).min(g.len());
+        let (p, m, v, g) = (&mut p[..n], &mut m[..n], &mut v[..n], &g[..n]);
+        for i in 0..n {
+            let gi = g[i] * c.grad_scale;
+            let mi = c.b1 * m[i] + (1.0 - c.b1) * gi;
+            let vi = c.b2 * v[i] + (1.0 - c.b2) * gi * gi;
+            m[i] = mi;
+            v[i] = vi;
+            p[i] = p[i] * c.decay - c.step_size * mi / (vi.sqrt() / c.bias2_sqrt + c.eps);
+        }
+    }
+}
+
+multiversion! {
+    /// The sum of squares of a block, in f64 lanes.
+    pub fn sum_of_squares(x: &[f32]) -> f64 {
+        let mut lanes = [0f64; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..LANES {
+                lanes[i] += (c[i] as f64) * (c[i] as f64);
+            }
+        }
+        lanes.iter().sum::<f64>() + rest.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()
     }
 }
 

@@ -1,7 +1,9 @@
 //! AdamW (Loshchilov & Hutter) in one pass over each parameter: decoupled weight decay
 //! theta <- theta (1 - lr wd), then m <- b1 m + (1 - b1) g, v <- b2 v + (1 - b2) g^2,
 //! theta <- theta - lr m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps). Parameters are updated in
-//! parallel with rayon; candle's own AdamW is much slower (STACK.md trap 3).
+//! parallel with rayon, blocks of 16k values each one vectorized loop (`ops::simd::adamw`); the
+//! gradient norm sums fixed blocks in order, so it does not depend on the number of threads.
+//! candle's own AdamW is much slower (STACK.md trap 3).
 
 use anyhow::{bail, Result};
 use candle_core::{
@@ -117,16 +119,19 @@ impl AdamW {
             bail!("no gradients accumulated");
         }
         let mean_scale = 1.0 / sum.micro_batches as f64;
+        // Sums of squares of fixed blocks, added in order: the same norm whatever the threads.
         let squared: f64 = sum
             .sums
-            .par_iter()
+            .iter()
             .map(|g| {
-                g.iter()
-                    .map(|&x| (x as f64 * mean_scale).powi(2))
-                    .sum::<f64>()
+                let blocks: Vec<f64> = g
+                    .par_chunks(BLOCK)
+                    .map(crate::ops::simd::sum_of_squares)
+                    .collect();
+                blocks.iter().sum::<f64>()
             })
             .sum();
-        let norm = squared.sqrt();
+        let norm = squared.sqrt() * mean_scale;
         if !norm.is_finite() {
             bail!("the gradient norm is {norm}");
         }
@@ -170,7 +175,7 @@ impl AdamW {
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            step.apply(&mut theta, m, v, g);
+            apply(step, &mut theta, m, v, g);
             let updated = Tensor::from_vec(theta, tensor.shape(), tensor.device())?
                 .to_dtype(tensor.dtype())?;
             var.set(&updated)?;
@@ -179,40 +184,31 @@ impl AdamW {
     }
 }
 
+/// Values per parallel task of the optimizer's passes (each a vectorized loop).
+const BLOCK: usize = 1 << 14;
+
 fn add_into(buffer: &mut [f32], values: &[f32]) {
     buffer
-        .par_iter_mut()
-        .zip(values.par_iter())
-        .for_each(|(b, g)| *b += g);
+        .par_chunks_mut(BLOCK)
+        .zip(values.par_chunks(BLOCK))
+        .for_each(|(b, g)| {
+            for (b, g) in b.iter_mut().zip(g) {
+                *b += g;
+            }
+        });
 }
 
 /// The scalars of one AdamW update.
-#[derive(Clone, Copy)]
-struct StepConstants {
-    grad_scale: f32,
-    b1: f32,
-    b2: f32,
-    step_size: f32,
-    bias2_sqrt: f32,
-    decay: f32,
-    eps: f32,
-}
+type StepConstants = crate::ops::simd::AdamScalars;
 
-impl StepConstants {
-    fn apply(&self, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
-        let c = *self;
-        theta
-            .par_iter_mut()
-            .zip(m.par_iter_mut())
-            .zip(v.par_iter_mut())
-            .zip(g.par_iter())
-            .for_each(|(((p, m), v), &g)| {
-                let g = g * c.grad_scale;
-                *m = c.b1 * *m + (1.0 - c.b1) * g;
-                *v = c.b2 * *v + (1.0 - c.b2) * g * g;
-                *p = *p * c.decay - c.step_size * *m / ((*v).sqrt() / c.bias2_sqrt + c.eps);
-            });
-    }
+/// One update of a parameter, blocks in parallel.
+fn apply(c: StepConstants, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+    theta
+        .par_chunks_mut(BLOCK)
+        .zip(m.par_chunks_mut(BLOCK))
+        .zip(v.par_chunks_mut(BLOCK))
+        .zip(g.par_chunks(BLOCK))
+        .for_each(|(((p, m), v), g)| crate::ops::simd::adamw(p, m, v, g, c));
 }
 
 /// One AdamW update applied to a parameter's storage in place.
@@ -239,7 +235,7 @@ impl InplaceOp1 for AdamWStep<'_> {
             .lock()
             .map_err(|_| candle_core::Error::Msg("adamw-step: poisoned".into()))?;
         let (m, v) = &mut *moments;
-        self.c.apply(&mut theta[start..end], m, v, self.g);
+        apply(self.c, &mut theta[start..end], m, v, self.g);
         Ok(())
     }
 }
@@ -317,5 +313,46 @@ mod tests {
         let before = var.as_tensor().to_vec1::<f32>().unwrap();
         assert!(opt.update(&bad, 1e-3, None).is_err());
         assert_eq!(var.as_tensor().to_vec1::<f32>().unwrap(), before);
+    }
+
+    /// A parameter longer than several blocks of the parallel, vectorized passes (and not a
+    /// multiple of the vector width): norm, clipping and update against an f64 evaluation.
+    #[test]
+    fn a_large_parameter_matches_the_formula_in_f64() {
+        let n = 2 * BLOCK + 1001;
+        let init: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin()).collect();
+        let grad: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.11).cos() * 0.01).collect();
+        let var = Var::new(init.as_slice(), &Device::Cpu).unwrap();
+        let vars = BTreeMap::from([("w".to_string(), var.clone())]);
+        let config = AdamWConfig::default();
+        let mut opt = AdamW::new(&vars, config.clone());
+        let mut sum = opt.new_grad_sum();
+        sum.sums[0].copy_from_slice(&grad);
+        sum.micro_batches = 2;
+        let (lr, max_norm) = (1e-2, 0.1);
+        let norm = opt.update(&sum, lr, Some(max_norm)).unwrap();
+        let mean: Vec<f64> = grad.iter().map(|&g| g as f64 / 2.0).collect();
+        let exact_norm = mean.iter().map(|g| g * g).sum::<f64>().sqrt();
+        assert!(
+            (norm - exact_norm).abs() < 1e-9 * exact_norm,
+            "{norm} vs {exact_norm}"
+        );
+        assert!(exact_norm > max_norm, "the test is meant to clip");
+        let clip = max_norm / (exact_norm + 1e-6);
+        let got = var.as_tensor().to_vec1::<f32>().unwrap();
+        let (b1, b2) = (config.beta1, config.beta2);
+        for i in 0..n {
+            let g = mean[i] * clip;
+            let (m, v) = ((1.0 - b1) * g, (1.0 - b2) * g * g);
+            let (m_hat, v_hat) = (m / (1.0 - b1), v / (1.0 - b2));
+            let theta = init[i] as f64 * (1.0 - lr * config.weight_decay)
+                - lr * m_hat / (v_hat.sqrt() + config.eps);
+            assert!(
+                (got[i] as f64 - theta).abs() < 1e-6,
+                "{i}: {} vs {theta}",
+                got[i]
+            );
+            assert!((opt.m[0][i] as f64 - m).abs() < 1e-9);
+        }
     }
 }
