@@ -456,16 +456,24 @@ multiversion! {
 multiversion! {
     /// da = g b act'(a), db = g act(a).
     pub fn gated_grad(gate: Gate, a: &[f32], b: &[f32], g: &[f32], da: &mut [f32], db: &mut [f32]) {
-        let body = |gate: Gate, da: &mut [f32], db: &mut [f32]| {
-            for i in 0..da.len().min(a.len()) {
-                let (act, d) = gate.eval(a[i]);
-                da[i] = g[i] * b[i] * d;
-                db[i] = g[i] * act;
-            }
-        };
+        // Zipped slices (no bounds checks) and the gate fixed per loop, so that each loop
+        // vectorizes inside this function's AVX2 build.
+        let lanes = da.iter_mut().zip(db.iter_mut()).zip(a.iter().zip(b).zip(g));
         match gate {
-            Gate::Silu => body(Gate::Silu, da, db),
-            Gate::GeluTanh => body(Gate::GeluTanh, da, db),
+            Gate::Silu => {
+                for ((da, db), ((&x, &y), &g)) in lanes {
+                    let (act, d) = Gate::Silu.eval(x);
+                    *da = g * y * d;
+                    *db = g * act;
+                }
+            }
+            Gate::GeluTanh => {
+                for ((da, db), ((&x, &y), &g)) in lanes {
+                    let (act, d) = Gate::GeluTanh.eval(x);
+                    *da = g * y * d;
+                    *db = g * act;
+                }
+            }
         }
     }
 }
