@@ -66,6 +66,70 @@ struct Layer {
     down: Linear,
 }
 
+impl Layer {
+    /// The whole layer as one op ([`crate::ops::decoder::pre_norm_layer`]) when its base is
+    /// frozen and adapters (without active dropout) sit on q and v only; `None` otherwise.
+    fn fused(
+        &self,
+        x: &Tensor,
+        rope: (&Tensor, &Tensor),
+        mask: &Tensor,
+        c: &LlamaConfig,
+        scale: f64,
+    ) -> Result<Option<crate::ops::decoder::PreNormOutput>> {
+        use crate::ops::decoder::{pre_norm_layer, Adapter, PreNormParams};
+        let others = [&self.k, &self.o, &self.gate, &self.up, &self.down];
+        let plain_norms = [&self.input_norm, &self.post_norm]
+            .iter()
+            .all(|n| !n.add_unit_offset && n.eps == self.input_norm.eps);
+        if !plain_norms || others.iter().any(|l| l.lora.is_some()) {
+            return Ok(None);
+        }
+        fn adapter(l: &Linear) -> Option<Option<Adapter<'_>>> {
+            match &l.lora {
+                None => Some(None),
+                Some(lora) if !nn::dropout_active(lora.dropout) => Some(Some(Adapter {
+                    a: &lora.a,
+                    b: &lora.b,
+                    scale: lora.scale,
+                })),
+                Some(_) => None,
+            }
+        }
+        let (Some(q_lora), Some(v_lora)) = (adapter(&self.q), adapter(&self.v)) else {
+            return Ok(None);
+        };
+        if [&self.gate, &self.up, &self.down]
+            .iter()
+            .any(|l| l.bias.is_some())
+        {
+            return Ok(None);
+        }
+        let params = PreNormParams {
+            input_norm: &self.input_norm.weight,
+            q: (&self.q.weight, self.q.bias.as_ref()),
+            k: (&self.k.weight, self.k.bias.as_ref()),
+            v: (&self.v.weight, self.v.bias.as_ref()),
+            o: (&self.o.weight, self.o.bias.as_ref()),
+            q_lora,
+            v_lora,
+            post_norm: &self.post_norm.weight,
+            gate: &self.gate.weight,
+            up: &self.up.weight,
+            down: &self.down.weight,
+        };
+        Ok(pre_norm_layer(
+            x,
+            &params,
+            rope,
+            mask,
+            (c.num_heads, c.num_kv_heads),
+            self.input_norm.eps,
+            scale,
+        )?)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Llama {
     pub config: LlamaConfig,
@@ -140,13 +204,28 @@ impl Llama {
         let c = &self.config;
         let device = ids.device();
         let (_, t) = ids.dims2()?;
+        // With nothing cached, a layer can run as one op (keys and values handed to the cache).
+        let fresh = cache.is_empty();
         let (full_mask, positions) = cache.extend(mask, t);
         let positions = Tensor::new(positions, device)?;
         let (cos, sin) = self.rope.tables(&positions)?;
         let attn_mask = nn::additive_mask(&full_mask, t, true, None, device)?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let mut x = nn::embed(&self.embed, ids)?;
+        let d = c.head_dim;
         for (i, layer) in self.layers.iter().enumerate() {
+            if fresh {
+                let fused = layer.fused(&x, (&cos, &sin), &attn_mask, c, scale)?;
+                if let Some(out) = fused {
+                    let (k, v) = (
+                        nn::split_heads(&out.k, c.num_kv_heads, d)?,
+                        nn::split_heads(&out.v, c.num_kv_heads, d)?,
+                    );
+                    cache.update(i, &k, &v)?;
+                    x = out.y;
+                    continue;
+                }
+            }
             let n = layer.input_norm.forward(&x)?;
             let attn = nn::rotary_gqa_attention(
                 &layer.q.forward(&n)?,

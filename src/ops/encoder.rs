@@ -172,18 +172,23 @@ struct PostNormLayer {
     saved: Mutex<Option<Arc<dyn Any + Send + Sync>>>,
 }
 
-/// r + x W^T + b: rows of r with b added, then the product accumulated onto them.
-fn residual_linear<T: Real>(
+/// r + x W^T (+ b): rows of r (with b added), then the product accumulated onto them.
+pub(crate) fn residual_linear<T: Real>(
     x: &[T],
-    (w, b): (&[T], &[T]),
+    (w, b): (&[T], Option<&[T]>),
     r: &[T],
     rows: usize,
     k: usize,
     n: usize,
 ) -> Vec<T> {
     let mut y = Vec::with_capacity(rows * n);
-    for row in r.chunks_exact(n) {
-        y.extend(row.iter().zip(b).map(|(&a, &c)| a + c));
+    match b {
+        Some(b) => {
+            for row in r.chunks_exact(n) {
+                y.extend(row.iter().zip(b).map(|(&a, &c)| a + c));
+            }
+        }
+        None => y.extend_from_slice(&r[..rows * n]),
     }
     linear::gemm_into((rows, n, k), &mut y, true, (x, k, 1), (w, 1, k), 1.0);
     y
@@ -235,7 +240,14 @@ impl PostNormLayer {
             ctx.set_len(rows * h);
             probs.set_len(probs_len);
         }
-        let s1 = residual_linear(&ctx, (&p[sl.wo.clone()], &p[sl.bo.clone()]), x, rows, h, h);
+        let s1 = residual_linear(
+            &ctx,
+            (&p[sl.wo.clone()], Some(&p[sl.bo.clone()])),
+            x,
+            rows,
+            h,
+            h,
+        );
         let a = fused::norm_rows(
             &s1,
             &p[sl.ln1w.clone()],
@@ -251,7 +263,7 @@ impl PostNormLayer {
             .for_each(|(g, u)| T::gelu_keeping_grad(u, g));
         let s2 = residual_linear(
             &g,
-            (&p[sl.wdown.clone()], &p[sl.bdown.clone()]),
+            (&p[sl.wdown.clone()], Some(&p[sl.bdown.clone()])),
             &a,
             rows,
             i,

@@ -616,7 +616,7 @@ struct Rope {
 
 /// Rotates every row of D values of `x`; `table_of(row)` is the row of the cos/sin tables (its
 /// batch and position) that row `row` uses.
-fn rope_rows<T: Real>(
+pub(crate) fn rope_rows<T: Real>(
     x: &[T],
     cos: &[T],
     sin: &[T],
@@ -873,6 +873,15 @@ impl Norm {
         Norm {
             eps,
             centre: true,
+            unit_offset: false,
+        }
+    }
+
+    /// RMSNorm without the unit offset on the scale.
+    pub(crate) fn rms(eps: f64) -> Self {
+        Norm {
+            eps,
+            centre: false,
             unit_offset: false,
         }
     }

@@ -70,7 +70,7 @@ pub(crate) fn gemm_into<T: Real>(
 
 /// A new [m, n] matrix beta lhs rhs. Its memory is written by gemm directly, without being
 /// zero-filled first (gemm does not read the destination when not accumulating).
-fn gemm_new<T: Real>(
+pub(crate) fn gemm_new<T: Real>(
     dims: (usize, usize, usize),
     lhs: (&[T], usize, usize),
     rhs: (&[T], usize, usize),
@@ -729,7 +729,7 @@ struct FrozenMlp {
 }
 
 /// The values (contiguous, of type T) behind a (storage guard, layout) pair.
-fn frozen_values<'a, T: Real, G: std::ops::Deref<Target = candle_core::Storage>>(
+pub(crate) fn frozen_values<'a, T: Real, G: std::ops::Deref<Target = candle_core::Storage>>(
     (guard, layout): &'a (G, &'a Layout),
     name: &str,
 ) -> Result<&'a [T]> {

@@ -1,6 +1,7 @@
 //! Custom operations with their own backward pass.
 
 pub mod attention;
+pub mod decoder;
 pub mod encoder;
 pub mod fused;
 pub mod linear;
