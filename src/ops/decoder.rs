@@ -21,9 +21,8 @@
 //! concatenation).
 
 use super::attention::{self, Dims, Strides};
-use super::encoder::residual_linear;
 use super::fused::{self, by_dtype, cpu, typed, Gate, Norm, Real};
-use super::linear::{self, frozen_values};
+use super::linear::{self, frozen_values, residual_linear};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use std::any::Any;

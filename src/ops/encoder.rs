@@ -24,7 +24,7 @@
 
 use super::attention::{self, Dims, Strides};
 use super::fused::{self, by_dtype, cpu, typed, Norm, Real};
-use super::linear;
+use super::linear::{self, residual_linear};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -170,28 +170,6 @@ struct PostNormLayer {
     /// The additive mask [B, T, T], contiguous, in the input's dtype.
     mask: Tensor,
     saved: Mutex<Option<Arc<dyn Any + Send + Sync>>>,
-}
-
-/// r + x W^T (+ b): rows of r (with b added), then the product accumulated onto them.
-pub(crate) fn residual_linear<T: Real>(
-    x: &[T],
-    (w, b): (&[T], Option<&[T]>),
-    r: &[T],
-    rows: usize,
-    k: usize,
-    n: usize,
-) -> Vec<T> {
-    let mut y = Vec::with_capacity(rows * n);
-    match b {
-        Some(b) => {
-            for row in r.chunks_exact(n) {
-                y.extend(row.iter().zip(b).map(|(&a, &c)| a + c));
-            }
-        }
-        None => y.extend_from_slice(&r[..rows * n]),
-    }
-    linear::gemm_into((rows, n, k), &mut y, true, (x, k, 1), (w, 1, k), 1.0);
-    y
 }
 
 impl PostNormLayer {

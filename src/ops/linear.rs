@@ -145,6 +145,28 @@ pub(crate) fn forward<T: Real>(
     y
 }
 
+/// r + x W^T (+ b): rows of r (with b added), then the product accumulated onto them.
+pub(crate) fn residual_linear<T: Real>(
+    x: &[T],
+    (w, b): (&[T], Option<&[T]>),
+    r: &[T],
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Vec<T> {
+    let mut y = Vec::with_capacity(rows * n);
+    match b {
+        Some(b) => {
+            for row in r.chunks_exact(n) {
+                y.extend(row.iter().zip(b).map(|(&a, &c)| a + c));
+            }
+        }
+        None => y.extend_from_slice(&r[..rows * n]),
+    }
+    gemm_into((rows, n, k), &mut y, true, (x, k, 1), (w, 1, k), 1.0);
+    y
+}
+
 /// dx [rows, k] = dy [rows, n] W [n, k].
 pub(crate) fn input_grad<T: Real>(g: &[T], w: &[T], rows: usize, k: usize, n: usize) -> Vec<T> {
     gemm_new((rows, k, n), (g, n, 1), (w, k, 1), 1.0)
