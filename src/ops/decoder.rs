@@ -21,13 +21,11 @@
 //! concatenation).
 
 use super::attention::{self, Dims, Strides};
-use super::fused::{self, by_dtype, cpu, typed, Gate, Norm, Real};
+use super::fused::{self, by_dtype, cpu, typed, Gate, Kept, Norm, Real};
 use super::linear::{self, frozen_values, residual_linear};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
-use std::any::Any;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
 
 /// A LoRA adapter: A [r, in], B [out, r], scale alpha / r.
 #[derive(Clone, Copy)]
@@ -109,7 +107,7 @@ struct PreNormLayer {
     sin: Tensor,
     /// [B, T, T], contiguous, x's dtype.
     mask: Tensor,
-    saved: Arc<Mutex<Option<Arc<dyn Any + Send + Sync>>>>,
+    saved: Kept,
 }
 
 impl PreNormLayer {
@@ -349,6 +347,22 @@ impl PreNormLayer {
     }
 }
 
+/// The values of the frozen tensors (absent slots stay `None`) behind their storage guards.
+#[allow(clippy::type_complexity)]
+fn frozen_slices<'a, T: Real, G: std::ops::Deref<Target = candle_core::Storage>>(
+    guards: &'a [Option<(G, &'a Layout)>],
+    name: &str,
+) -> Result<Vec<Option<&'a [T]>>> {
+    guards
+        .iter()
+        .map(|g| {
+            g.as_ref()
+                .map(|g| frozen_values::<T, _>(g, name))
+                .transpose()
+        })
+        .collect()
+}
+
 impl CustomOp2 for PreNormLayer {
     fn name(&self) -> &'static str {
         "pre-norm-layer"
@@ -371,15 +385,8 @@ impl CustomOp2 for PreNormLayer {
         let (cs, cl) = self.cos.storage_and_layout();
         let (ss, sl) = self.sin.storage_and_layout();
         let (ms, cs, ss) = (cpu(&ms, name)?, cpu(&cs, name)?, cpu(&ss, name)?);
-        let (out, saved) = by_dtype!(xs.dtype(), name, |T| {
-            let w: Vec<Option<&[T]>> = guards
-                .iter()
-                .map(|g| {
-                    g.as_ref()
-                        .map(|g| frozen_values::<T, _>(g, name))
-                        .transpose()
-                })
-                .collect::<Result<_>>()?;
+        let out = by_dtype!(xs.dtype(), name, |T| {
+            let w = frozen_slices::<T, _>(&guards, name)?;
             let (y, saved) = self.forward::<T>(
                 (typed(xs, xl, name)?, typed(ps, pl, name)?),
                 &w,
@@ -389,10 +396,9 @@ impl CustomOp2 for PreNormLayer {
                     typed(ss, sl, name)?,
                 ),
             );
-            let saved: Arc<dyn Any + Send + Sync> = Arc::new(saved);
-            (T::wrap(y), saved)
+            self.saved.keep(saved);
+            T::wrap(y)
         });
-        *self.saved.lock().expect("pre-norm layer activations") = Some(saved);
         Ok((out, xl.shape().clone()))
     }
 
@@ -404,14 +410,6 @@ impl CustomOp2 for PreNormLayer {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let name = "pre-norm-layer-grad";
-        let saved = self
-            .saved
-            .lock()
-            .expect("pre-norm layer activations")
-            .clone()
-            .ok_or_else(|| {
-                candle_core::Error::Msg("pre-norm layer: backward before forward".into())
-            })?;
         let grad = grad.contiguous()?;
         let device = x.device();
         let guards: Vec<_> = self
@@ -427,17 +425,8 @@ impl CustomOp2 for PreNormLayer {
         let (xs, ps, gs) = (cpu(&xs, name)?, cpu(&ps, name)?, cpu(&gs, name)?);
         let (cs, ss) = (cpu(&cs, name)?, cpu(&ss, name)?);
         by_dtype!(x.dtype(), name, |T| {
-            let sv = saved.downcast_ref::<Saved<T>>().ok_or_else(|| {
-                candle_core::Error::Msg("pre-norm layer: saved activations of another dtype".into())
-            })?;
-            let w: Vec<Option<&[T]>> = guards
-                .iter()
-                .map(|g| {
-                    g.as_ref()
-                        .map(|g| frozen_values::<T, _>(g, name))
-                        .transpose()
-                })
-                .collect::<Result<_>>()?;
+            let sv = self.saved.get::<Saved<T>>("pre-norm layer")?;
+            let w = frozen_slices::<T, _>(&guards, name)?;
             let (dx, dp) = self.backward::<T>(
                 (
                     typed(xs, xl, name)?,
@@ -446,7 +435,7 @@ impl CustomOp2 for PreNormLayer {
                 ),
                 &w,
                 (typed(cs, cl, name)?, typed(ss, sl, name)?),
-                sv,
+                &sv,
                 x.track_op(),
                 p.track_op(),
             );
@@ -593,7 +582,7 @@ pub fn pre_norm_layer(
     } else {
         Tensor::cat(&flat, 0)?
     };
-    let saved = Arc::new(Mutex::new(None));
+    let saved = Kept::default();
     let op = PreNormLayer {
         dims: Dims {
             b,
@@ -619,15 +608,8 @@ pub fn pre_norm_layer(
     };
     let y = x.contiguous()?.apply_op2(&flat, op)?;
     // The rotated keys and the values, for the caller's cache.
-    let kept = saved
-        .lock()
-        .expect("pre-norm layer activations")
-        .clone()
-        .ok_or_else(|| candle_core::Error::Msg("pre-norm layer: no activations".into()))?;
     let (k, v) = by_dtype!(dtype, "pre-norm layer", |T| {
-        let sv = kept.downcast_ref::<Saved<T>>().ok_or_else(|| {
-            candle_core::Error::Msg("pre-norm layer: saved activations of another dtype".into())
-        })?;
+        let sv = saved.get::<Saved<T>>("pre-norm layer")?;
         (
             Tensor::from_slice(&sv.k, (b, t, kw), x.device())?,
             Tensor::from_slice(&sv.v, (b, t, kw), x.device())?,

@@ -23,14 +23,12 @@
 //! hands each parameter its slice of the flat gradient), so that a layer has two inputs.
 
 use super::attention::{self, Dims, Strides};
-use super::fused::{self, by_dtype, cpu, typed, Norm, Real};
+use super::fused::{self, by_dtype, cpu, typed, Kept, Norm, Real};
 use super::linear::{self, residual_linear};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::any::Any;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
 
 /// The parameters of one post-norm layer: (weight, bias) of each projection, with the weight
 /// [out, in] as in `nn.Linear`, and (weight, bias) of each LayerNorm.
@@ -169,7 +167,7 @@ struct PostNormLayer {
     slots: Slots,
     /// The additive mask [B, T, T], contiguous, in the input's dtype.
     mask: Tensor,
-    saved: Mutex<Option<Arc<dyn Any + Send + Sync>>>,
+    saved: Kept,
 }
 
 impl PostNormLayer {
@@ -372,16 +370,15 @@ impl CustomOp2 for PostNormLayer {
         let name = self.name();
         let (mask_s, mask_l) = self.mask.storage_and_layout();
         let mask_s = cpu(&mask_s, name)?;
-        let (out, saved) = by_dtype!(xs.dtype(), name, |T| {
+        let out = by_dtype!(xs.dtype(), name, |T| {
             let (y, saved) = self.forward::<T>(
                 typed(xs, xl, name)?,
                 typed(ps, pl, name)?,
                 typed(mask_s, mask_l, name)?,
             );
-            let saved: Arc<dyn Any + Send + Sync> = Arc::new(saved);
-            (T::wrap(y), saved)
+            self.saved.keep(saved);
+            T::wrap(y)
         });
-        *self.saved.lock().expect("post-norm layer activations") = Some(saved);
         Ok((out, xl.shape().clone()))
     }
 
@@ -393,14 +390,6 @@ impl CustomOp2 for PostNormLayer {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let name = "post-norm-layer-grad";
-        let saved = self
-            .saved
-            .lock()
-            .expect("post-norm layer activations")
-            .clone()
-            .ok_or_else(|| {
-                candle_core::Error::Msg("post-norm layer: backward before forward".into())
-            })?;
         let grad = grad.contiguous()?;
         let device = x.device();
         let (xs, xl) = x.storage_and_layout();
@@ -408,18 +397,14 @@ impl CustomOp2 for PostNormLayer {
         let (gs, gl) = grad.storage_and_layout();
         let (xs, ps, gs) = (cpu(&xs, name)?, cpu(&ps, name)?, cpu(&gs, name)?);
         by_dtype!(x.dtype(), name, |T| {
-            let sv = saved.downcast_ref::<Saved<T>>().ok_or_else(|| {
-                candle_core::Error::Msg(
-                    "post-norm layer: saved activations of another dtype".into(),
-                )
-            })?;
+            let sv = self.saved.get::<Saved<T>>("post-norm layer")?;
             let (dx, dp) = self.backward::<T>(
                 (
                     typed(xs, xl, name)?,
                     typed(ps, pl, name)?,
                     typed(gs, gl, name)?,
                 ),
-                sv,
+                &sv,
                 x.track_op(),
                 p.track_op(),
             );
@@ -496,7 +481,7 @@ pub fn post_norm_layer(
         norm: Norm::layer(eps),
         slots: Slots::new(h, i),
         mask: mask.to_dtype(dtype)?.reshape((b, t, t))?.contiguous()?,
-        saved: Mutex::new(None),
+        saved: Kept::default(),
     };
     Ok(Some(x.contiguous()?.apply_op2(&flat, op)?))
 }

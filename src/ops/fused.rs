@@ -336,6 +336,35 @@ pub(crate) fn typed<'a, T: Real>(
     Ok(&values[start..end])
 }
 
+/// What a layer op's forward keeps for its backward (a per-dtype struct of buffers), shared by
+/// clones of the handle.
+#[derive(Clone, Default)]
+pub(crate) struct Kept(
+    std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>>>,
+);
+
+impl Kept {
+    pub(crate) fn keep<S: std::any::Any + Send + Sync>(&self, value: S) {
+        *self.0.lock().expect("kept activations") = Some(std::sync::Arc::new(value));
+    }
+
+    /// The kept value; an error before the forward or for a value of another type.
+    pub(crate) fn get<S: std::any::Any + Send + Sync>(
+        &self,
+        what: &str,
+    ) -> Result<std::sync::Arc<S>> {
+        let value = self
+            .0
+            .lock()
+            .expect("kept activations")
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{what}: backward before forward")))?;
+        value.downcast::<S>().map_err(|_| {
+            candle_core::Error::Msg(format!("{what}: kept activations of another dtype"))
+        })
+    }
+}
+
 /// The CPU storage behind a tensor's storage.
 pub(crate) fn cpu<'a>(storage: &'a candle_core::Storage, what: &str) -> Result<&'a CpuStorage> {
     match storage {
