@@ -41,28 +41,42 @@ fn one_hot(labels: &[u32]) -> Tensor {
 fn a_linear_probe_learns_a_separable_task() {
     let (x, y) = synthetic(200, 1);
     let targets = one_hot(&y);
-    let loss = |logits: &Tensor, batch: &[usize], _: f64| -> Result<Tensor> {
+    let loss = |logits: &Tensor, step: &probe::Step| -> Result<Tensor> {
         let idx = Tensor::from_vec(
-            batch.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-            batch.len(),
+            step.batch.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            step.batch.len(),
             &Device::Cpu,
         )?;
-        Ok(losses::xent(logits, &targets.index_select(&idx, 0)?)?)
+        let t = targets.index_select(&idx, 0)?.to_dtype(logits.dtype())?;
+        Ok(losses::xent(logits, &t)?)
     };
-    let config = TrainConfig {
-        epochs: 20,
-        batch_size: 32,
-        lr: 0.05,
-        ..Default::default()
+    let rows: Vec<Vec<f64>> = y
+        .iter()
+        .map(|&c| {
+            if c == 1 {
+                vec![0.0, 1.0]
+            } else {
+                vec![1.0, 0.0]
+            }
+        })
+        .collect();
+    let objective = probe::TensorObjective {
+        loss: &loss,
+        classes: 2,
+        staged: false,
     };
-    let (fitted, report) = probe::fit(&x, 2, &loss, &config).unwrap();
-    assert!(
-        report.history.last().unwrap().train_loss < report.history[0].train_loss * 0.5,
-        "{:?}",
-        report.history
-    );
+    let config = ws2s::train::convex::SolverConfig::default();
+    let (fitted, report) = probe::fit(&x, 2, &objective, &rows, &config, 0).unwrap();
+    assert!(report.refit.converged, "{report:?}");
+    // The held-out loss falls from the strongest regularisation to the chosen one.
+    let chosen = report
+        .grid
+        .iter()
+        .position(|&c| c == report.chosen_c)
+        .unwrap();
+    assert!(report.scores[chosen] < report.scores[0] * 0.5, "{report:?}");
     let (x_test, y_test) = synthetic(200, 2);
-    let probs = fitted.probs(&x_test).unwrap().to_vec2::<f32>().unwrap();
+    let probs = fitted.probs(&x_test).unwrap().to_vec2::<f64>().unwrap();
     let correct = probs
         .iter()
         .zip(&y_test)

@@ -21,6 +21,7 @@
 use crate::data::{ChoiceOptions, SplitSizes, TaskSpec};
 use crate::models::heads::Pooling;
 use crate::models::params::LoraConfig;
+use crate::train::convex::SolverConfig;
 use crate::train::trainer::TrainConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -59,9 +60,12 @@ pub struct ExperimentConfig {
     pub weak: Vec<ModelSpec>,
     #[serde(default)]
     pub strong: Option<ModelSpec>,
-    /// Training of the linear probes (weak models, ceiling, students).
+    /// Training settings of fine-tuned models (LoRA or full) without their own `train` table.
     #[serde(default = "default_probe")]
     pub probe: TrainConfig,
+    /// How linear probes are solved and their L2 strength chosen (cross-validation).
+    #[serde(default)]
+    pub solver: SolverConfig,
     #[serde(default)]
     pub methods: MethodsConfig,
     /// Generation tasks (SLURP, generate:PATH): the methods of METHOD.md section 4 and the
@@ -430,6 +434,10 @@ impl ExperimentConfig {
             .task
             .spec(base)
             .with_context(|| format!("{}: in [task]", path.display()))?;
+        config
+            .solver
+            .validate()
+            .with_context(|| format!("{}: in [solver]", path.display()))?;
         Ok(config)
     }
 

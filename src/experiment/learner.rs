@@ -6,7 +6,8 @@ use crate::data::Example;
 use crate::models::heads::{pool, ClassificationHead, Pooling};
 use crate::models::params::{LoraConfig, Params, Trainable};
 use crate::models::Model;
-use crate::train::probe::{self, LinearProbe, ProbeLoss};
+use crate::train::convex::{CvReport, Objective, SoftXent, SolverConfig};
+use crate::train::probe::{self, LinearProbe, ProbeLoss, Step, TensorObjective};
 use crate::train::trainer::{train, TrainConfig, TrainTask};
 use anyhow::Result;
 use candle_core::{Device, Tensor, D};
@@ -22,6 +23,28 @@ pub trait Predictor {
     }
 }
 
+/// What a learner learns from.
+pub struct Supervision<'a> {
+    /// The batch loss (any loss of METHOD.md section 3).
+    pub loss: &'a ProbeLoss<'a>,
+    /// Whether the loss changes with training progress or with the learner's own predictions.
+    pub staged: bool,
+    /// The distribution over classes that the loss pulls each training example towards (ground
+    /// truth one-hot, or the weak labels): what cross-validation scores held-out predictions
+    /// against when a learner chooses its regularisation.
+    pub targets: &'a [Vec<f64>],
+    /// Set when `loss` is exactly the soft cross-entropy -sum_k t_k log p_k against these rows
+    /// (which need not sum to 1): probes then evaluate it natively in f64 instead of through
+    /// candle (same value and gradient, much cheaper per solver step).
+    pub xent_targets: Option<&'a [Vec<f64>]>,
+}
+
+/// A trained predictor and, for probes, how its regularisation was chosen.
+pub struct Fitted<'a> {
+    pub predictor: Box<dyn Predictor + 'a>,
+    pub cv: Option<CvReport>,
+}
+
 /// Trains a predictor on `train` with a batch loss.
 pub trait Learner {
     /// What determines this learner's results (for the stage cache).
@@ -29,9 +52,9 @@ pub trait Learner {
     fn fit(
         &self,
         train: &[Example],
-        loss: &ProbeLoss,
+        supervision: &Supervision,
         config: &TrainConfig,
-    ) -> Result<Box<dyn Predictor + '_>>;
+    ) -> Result<Fitted<'_>>;
 }
 
 /// Frozen features of a set of examples, by id.
@@ -56,6 +79,7 @@ impl FeatureTable {
 pub struct ProbeLearner {
     pub table: FeatureTable,
     pub classes: usize,
+    pub solver: SolverConfig,
 }
 
 struct ProbePredictor<'a> {
@@ -71,20 +95,44 @@ impl Predictor for ProbePredictor<'_> {
 
 impl Learner for ProbeLearner {
     fn key(&self) -> String {
-        format!("probe|{}", self.table.key)
+        let solver = serde_json::to_string(&self.solver).unwrap_or_default();
+        format!("probe|{}|{solver}", self.table.key)
     }
 
     fn fit(
         &self,
         train: &[Example],
-        loss: &ProbeLoss,
+        supervision: &Supervision,
         config: &TrainConfig,
-    ) -> Result<Box<dyn Predictor + '_>> {
-        let (probe, _) = probe::fit(&self.table.rows(train)?, self.classes, loss, config)?;
-        Ok(Box::new(ProbePredictor {
-            probe,
-            table: &self.table,
-        }))
+    ) -> Result<Fitted<'_>> {
+        let tensor_objective = TensorObjective {
+            loss: supervision.loss,
+            classes: self.classes,
+            staged: supervision.staged,
+        };
+        let native;
+        let objective: &dyn Objective = match supervision.xent_targets {
+            Some(targets) => {
+                native = SoftXent { targets };
+                &native
+            }
+            None => &tensor_objective,
+        };
+        let (probe, cv) = probe::fit(
+            &self.table.rows(train)?,
+            self.classes,
+            objective,
+            supervision.targets,
+            &self.solver,
+            config.seed,
+        )?;
+        Ok(Fitted {
+            predictor: Box::new(ProbePredictor {
+                probe,
+                table: &self.table,
+            }),
+            cv: Some(cv),
+        })
     }
 }
 
@@ -171,7 +219,12 @@ impl TrainTask for FinetuneTask<'_> {
 
     fn loss(&self, batch: &[usize], progress: f64) -> Result<Tensor> {
         let refs: Vec<&Vec<u32>> = batch.iter().map(|&i| &self.encoded[i]).collect();
-        (self.loss)(&self.finetuned.logits_of(&refs)?, batch, progress)
+        let step = Step {
+            batch,
+            progress,
+            anchor: None,
+        };
+        (self.loss)(&self.finetuned.logits_of(&refs)?, &step)
     }
 }
 
@@ -186,9 +239,10 @@ impl Learner for FinetuneLearner {
     fn fit(
         &self,
         train_set: &[Example],
-        loss: &ProbeLoss,
+        supervision: &Supervision,
         config: &TrainConfig,
-    ) -> Result<Box<dyn Predictor + '_>> {
+    ) -> Result<Fitted<'_>> {
+        let loss = supervision.loss;
         let config = match &self.train {
             Some(own) => TrainConfig {
                 seed: config.seed,
@@ -231,6 +285,9 @@ impl Learner for FinetuneLearner {
             loss,
         };
         train(&task, &vars, &config, None)?;
-        Ok(Box::new(finetuned))
+        Ok(Fitted {
+            predictor: Box::new(finetuned),
+            cv: None,
+        })
     }
 }

@@ -5,10 +5,11 @@
 //! summary over seeds (mean, std, 95% bootstrap interval).
 
 use super::config::{default_lora, ExperimentConfig, Method, ModelSpec, TrainingMode, WeightsSpec};
-use super::learner::{FeatureTable, FinetuneLearner, Learner, Predictor, ProbeLearner};
+use super::learner::{FeatureTable, FinetuneLearner, Fitted, Learner, ProbeLearner, Supervision};
 use super::stages::{stage_key, StageCache};
 use crate::data::{self, Dataset, Example};
 use crate::eval::classify::{classify_metrics, ClassifyMetrics, Prediction};
+use crate::eval::paired::{average, Estimate, Outcomes, Resampler};
 use crate::eval::summary::{pgr, Summary, SummaryBuilder, SummaryTable};
 use crate::losses::{self, Evidence};
 use crate::models::features::{extract, feature_key, load_cached, store_cached, FeatureOptions};
@@ -17,7 +18,7 @@ use crate::models::params::Trainable;
 use crate::models::{model_hash, resolve_model, ws2s_home, Model};
 use crate::report::parquet::ColumnData;
 use crate::supervision::{dawid_skene, majority_vote, weighted_average};
-use crate::train::probe;
+use crate::train::probe::Step;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -26,17 +27,31 @@ use std::path::Path;
 
 type Rows = Vec<Vec<f64>>;
 
-/// A weak model's stage: its test metrics and its soft labels on strong_train.
+/// A weak model's stage: its test metrics and probabilities, and its soft labels on
+/// strong_train with their calibration against ground truth (for the report only).
 #[derive(Serialize, serde::Deserialize)]
 struct WeakStage {
     test: ClassifyMetrics,
+    test_probs: Rows,
+    strong_train: ClassifyMetrics,
     strong_train_labels: Rows,
+    chosen_c: Option<f64>,
 }
 
-/// A student's stage: its result and, for EDL, its Dirichlet confidence alpha / S on strong_train.
+/// The ceiling's stage.
+#[derive(Serialize, serde::Deserialize)]
+struct CeilingStage {
+    test: ClassifyMetrics,
+    test_probs: Rows,
+    chosen_c: Option<f64>,
+}
+
+/// A student's stage: its result, its test probabilities and, for EDL, its Dirichlet confidence
+/// alpha / S on strong_train.
 #[derive(Serialize, serde::Deserialize)]
 struct StudentStage {
     result: MethodResult,
+    test_probs: Rows,
     confidence: Option<Rows>,
 }
 
@@ -46,6 +61,20 @@ pub struct MethodResult {
     pub test: ClassifyMetrics,
     pub pgr_vs_mean_weak: Option<f64>,
     pub pgr_vs_best_weak: Option<f64>,
+    /// The probe's C, chosen by cross-validation on the weak labels it learns from.
+    pub chosen_c: Option<f64>,
+}
+
+/// Test-set probabilities of every model of one seed (written to `test_predictions.jsonl`).
+#[derive(Debug, Clone, Serialize)]
+pub struct SeedPredictions {
+    pub seed: u64,
+    pub test_ids: Vec<String>,
+    pub labels: Vec<usize>,
+    pub weak: Vec<Rows>,
+    pub ceiling: Rows,
+    /// In the order of the seed's `methods`.
+    pub methods: Vec<Rows>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -54,11 +83,17 @@ pub struct SeedResult {
     pub data_hash: String,
     pub sizes: [usize; 4],
     pub weak: Vec<ClassifyMetrics>,
+    /// The weak models' labels on strong_train scored against its ground truth (calibration:
+    /// ECE, Brier; ground truth used for this report only).
+    pub weak_on_strong_train: Vec<ClassifyMetrics>,
+    /// C of each weak model's probe, chosen by cross-validation on weak_train.
+    pub weak_chosen_c: Vec<Option<f64>>,
     /// Dawid-Skene accuracies estimated on strong_train without ground truth, per weak model.
     pub learned_reliability: Vec<f64>,
     /// The weights used by the multi-weak methods.
     pub weights: Vec<f64>,
     pub ceiling: ClassifyMetrics,
+    pub ceiling_chosen_c: Option<f64>,
     pub methods: Vec<MethodResult>,
 }
 
@@ -69,6 +104,7 @@ pub struct RunResults {
     pub models: Vec<(String, String)>,
     pub seeds: Vec<SeedResult>,
     pub summary: SummaryTable,
+    pub paired: PairedReport,
 }
 
 fn one_hot_rows(examples: &[Example], k: usize) -> Rows {
@@ -83,13 +119,16 @@ fn one_hot_rows(examples: &[Example], k: usize) -> Rows {
 
 fn to_tensor(rows: &Rows, device: &Device) -> Result<Tensor> {
     let k = rows.first().map_or(0, Vec::len);
-    let flat: Vec<f32> = rows.iter().flatten().map(|&v| v as f32).collect();
+    let flat: Vec<f64> = rows.iter().flatten().copied().collect();
     Ok(Tensor::from_vec(flat, (rows.len(), k), device)?)
 }
 
-fn batch_of(tensor: &Tensor, batch: &[usize]) -> Result<Tensor> {
+/// The rows `batch` of `tensor`, in the dtype of `like` (the logits).
+fn batch_like(tensor: &Tensor, batch: &[usize], like: &Tensor) -> Result<Tensor> {
     let index: Vec<u32> = batch.iter().map(|&i| i as u32).collect();
-    Ok(tensor.index_select(&Tensor::from_vec(index, batch.len(), tensor.device())?, 0)?)
+    Ok(tensor
+        .index_select(&Tensor::from_vec(index, batch.len(), tensor.device())?, 0)?
+        .to_dtype(like.dtype())?)
 }
 
 fn metrics_of(probs: &Tensor, examples: &[Example]) -> Result<(ClassifyMetrics, Rows)> {
@@ -105,17 +144,28 @@ fn metrics_of(probs: &Tensor, examples: &[Example]) -> Result<(ClassifyMetrics, 
     Ok((classify_metrics(&predictions)?, rows))
 }
 
-/// Trains a learner on ground truth (one-hot targets, cross-entropy).
+/// Trains a learner on ground truth (one-hot targets, cross-entropy; a probe's C chosen by
+/// cross-validation on these labels).
 fn fit_on_ground_truth<'l>(
     learner: &'l dyn Learner,
     train: &[Example],
-    targets: &Tensor,
+    targets: &Rows,
     config: &crate::train::trainer::TrainConfig,
-) -> Result<Box<dyn Predictor + 'l>> {
-    let loss = |logits: &Tensor, batch: &[usize], _: f64| -> Result<Tensor> {
-        Ok(losses::xent(logits, &batch_of(targets, batch)?)?)
+) -> Result<Fitted<'l>> {
+    let tensor = to_tensor(targets, &Device::Cpu)?;
+    let loss = |logits: &Tensor, step: &Step| -> Result<Tensor> {
+        Ok(losses::xent(
+            logits,
+            &batch_like(&tensor, step.batch, logits)?,
+        )?)
     };
-    learner.fit(train, &loss, config)
+    let supervision = Supervision {
+        loss: &loss,
+        staged: false,
+        targets,
+        xent_targets: Some(targets),
+    };
+    learner.fit(train, &supervision, config)
 }
 
 /// Extracts (or reads from the cache) the features of every example for one model.
@@ -246,7 +296,12 @@ pub fn run(
         if spec.mode == TrainingMode::Probe {
             let table = features_for(spec, &examples, progress, &device)?;
             let hash = table.model_hash.clone();
-            return Ok((Box::new(ProbeLearner { table, classes }), hash));
+            let learner = ProbeLearner {
+                table,
+                classes,
+                solver: config.solver.clone(),
+            };
+            return Ok((Box::new(learner), hash));
         }
         let path = resolve_model(&spec.model)?;
         let hash = model_hash(&path)?;
@@ -281,20 +336,24 @@ pub fn run(
     let stages = StageCache::new(&ws2s_home().join("stages"));
     let weak_names = config.weak_labels();
     let mut seed_results = Vec::new();
+    let mut predictions = Vec::new();
     let mut label_rows: Vec<serde_json::Value> = Vec::new();
+    let probes_started = std::time::Instant::now();
     for dataset in &datasets {
         let probe_config = crate::train::trainer::TrainConfig {
             seed: dataset.seed,
             ..config.probe.clone()
         };
-        let gold_targets = |train: &[Example]| to_tensor(&one_hot_rows(train, classes), &device);
         // Weak models: trained on weak_train, labelling strong_train and test.
         let data_hash = dataset.data_hash();
         let probe_json = serde_json::to_string(&probe_config)?;
         let mut weak_metrics = Vec::new();
+        let mut weak_calibration = Vec::new();
         let mut weak_labels: Vec<Rows> = Vec::new();
+        let mut weak_test: Vec<Rows> = Vec::new();
+        let mut weak_c = Vec::new();
         let mut weak_keys = Vec::new();
-        let weak_targets = gold_targets(&dataset.weak_train)?;
+        let weak_targets = one_hot_rows(&dataset.weak_train, classes);
         for learner in &weak_learners {
             let key = stage_key(&["weak", &learner.key(), &data_hash, &probe_json]);
             let (stage, _) = stages.get_or_compute("weak", &key, || {
@@ -304,30 +363,44 @@ pub fn run(
                     &weak_targets,
                     &probe_config,
                 )?;
-                let (test, _) = metrics_of(&fitted.probs(&dataset.test)?, &dataset.test)?;
-                let labels = fitted.probs(&dataset.strong_train)?;
-                let strong_train_labels =
-                    labels.to_dtype(candle_core::DType::F64)?.to_vec2::<f64>()?;
+                let (test, test_probs) =
+                    metrics_of(&fitted.predictor.probs(&dataset.test)?, &dataset.test)?;
+                let (strong_train, strong_train_labels) = metrics_of(
+                    &fitted.predictor.probs(&dataset.strong_train)?,
+                    &dataset.strong_train,
+                )?;
                 Ok(WeakStage {
                     test,
+                    test_probs,
+                    strong_train,
                     strong_train_labels,
+                    chosen_c: fitted.cv.map(|cv| cv.chosen_c),
                 })
             })?;
             weak_metrics.push(stage.test);
+            weak_calibration.push(stage.strong_train);
             weak_labels.push(stage.strong_train_labels);
+            weak_test.push(stage.test_probs);
+            weak_c.push(stage.chosen_c);
             weak_keys.push(key);
         }
         let strong_key = strong_learner.key();
         let ceiling_key = stage_key(&["ceiling", &strong_key, &data_hash, &probe_json]);
         let (ceiling, _) = stages.get_or_compute("ceiling", &ceiling_key, || {
-            let targets = gold_targets(&dataset.strong_train)?;
+            let targets = one_hot_rows(&dataset.strong_train, classes);
             let fitted = fit_on_ground_truth(
                 strong_learner.as_ref(),
                 &dataset.strong_train,
                 &targets,
                 &probe_config,
             )?;
-            Ok(metrics_of(&fitted.probs(&dataset.test)?, &dataset.test)?.0)
+            let (test, test_probs) =
+                metrics_of(&fitted.predictor.probs(&dataset.test)?, &dataset.test)?;
+            Ok(CeilingStage {
+                test,
+                test_probs,
+                chosen_c: fitted.cv.map(|cv| cv.chosen_c),
+            })
         })?;
         // Reliability learned from agreement (no ground truth).
         let hard: Vec<Vec<usize>> = weak_labels
@@ -357,10 +430,26 @@ pub fn run(
             .iter()
             .map(|r| to_tensor(r, &device))
             .collect::<Result<_>>()?;
-        let joint_average = to_tensor(&weighted_average(&weak_labels, &weights), &device)?;
-        let joint_vote = to_tensor(&majority_vote(&weak_labels, &weights), &device)?;
+        let average_rows = weighted_average(&weak_labels, &weights);
+        // sum_j w_j CE(y_j, p) = CE(sum_j w_j y_j, p): the naive loss as one (unnormalised) target.
+        let naive_rows: Rows = (0..dataset.strong_train.len())
+            .map(|i| {
+                (0..classes)
+                    .map(|c| {
+                        weak_labels
+                            .iter()
+                            .zip(&weights)
+                            .map(|(l, w)| w * l[i][c])
+                            .sum()
+                    })
+                    .collect()
+            })
+            .collect();
+        let vote_rows = majority_vote(&weak_labels, &weights);
+        let joint_average = to_tensor(&average_rows, &device)?;
+        let joint_vote = to_tensor(&vote_rows, &device)?;
         let joint_ds = to_tensor(&ds.posteriors, &device)?;
-        let counts: Rows = (0..dataset.strong_train.len())
+        let count_rows: Rows = (0..dataset.strong_train.len())
             .map(|i| {
                 let mut c = vec![0.0; classes];
                 for model in &hard {
@@ -369,129 +458,186 @@ pub fn run(
                 c
             })
             .collect();
-        let counts = to_tensor(&counts, &device)?;
+        let counts = to_tensor(&count_rows, &device)?;
+        let count_targets: Rows = count_rows
+            .iter()
+            .map(|c| {
+                let total: f64 = c.iter().sum();
+                c.iter().map(|v| v / total.max(1.0)).collect()
+            })
+            .collect();
         let m = &config.methods;
         let mut results = Vec::new();
+        let mut method_test = Vec::new();
         let mut bayesian_confidence: Option<Rows> = None;
         let methods_json = serde_json::to_string(&(&config.methods, &weights))?;
         let weak_keys = weak_keys.join(",");
-        let mut train_student = |name: String,
-                                 loss: &probe::ProbeLoss,
-                                 keep_confidence: bool|
-         -> Result<()> {
-            let key = stage_key(&[
-                "student",
-                &name,
-                &weak_keys,
-                &strong_key,
-                &data_hash,
-                &probe_json,
-                &methods_json,
-            ]);
-            let (stage, _) = stages.get_or_compute("student", &key, || {
-                let student = strong_learner.fit(&dataset.strong_train, loss, &probe_config)?;
-                let (test, _) = metrics_of(&student.probs(&dataset.test)?, &dataset.test)?;
-                let confidence = if keep_confidence {
-                    let alpha =
-                        losses::dirichlet_alpha(&student.logits(&dataset.strong_train)?, evidence)?;
-                    let s = alpha.sum_keepdim(1)?;
-                    Some(
-                        alpha
-                            .broadcast_div(&s)?
-                            .to_dtype(candle_core::DType::F64)?
-                            .to_vec2::<f64>()?,
-                    )
-                } else {
-                    None
-                };
-                let result = MethodResult {
-                    method: name.clone(),
-                    pgr_vs_mean_weak: pgr(test.accuracy, mean_weak, ceiling.accuracy),
-                    pgr_vs_best_weak: pgr(test.accuracy, best_weak, ceiling.accuracy),
-                    test,
-                };
-                Ok(StudentStage { result, confidence })
-            })?;
-            if stage.confidence.is_some() {
-                bayesian_confidence = stage.confidence;
-            }
-            results.push(stage.result);
-            Ok(())
-        };
+        let mut train_student =
+            |name: String, supervision: &Supervision, keep_confidence: bool| -> Result<()> {
+                let key = stage_key(&[
+                    "student",
+                    &name,
+                    &weak_keys,
+                    &strong_key,
+                    &data_hash,
+                    &probe_json,
+                    &methods_json,
+                ]);
+                let (stage, _) = stages.get_or_compute("student", &key, || {
+                    let student =
+                        strong_learner.fit(&dataset.strong_train, supervision, &probe_config)?;
+                    let (test, test_probs) =
+                        metrics_of(&student.predictor.probs(&dataset.test)?, &dataset.test)?;
+                    let confidence = if keep_confidence {
+                        let alpha = losses::dirichlet_alpha(
+                            &student.predictor.logits(&dataset.strong_train)?,
+                            evidence,
+                        )?;
+                        let s = alpha.sum_keepdim(1)?;
+                        Some(
+                            alpha
+                                .broadcast_div(&s)?
+                                .to_dtype(candle_core::DType::F64)?
+                                .to_vec2::<f64>()?,
+                        )
+                    } else {
+                        None
+                    };
+                    let result = MethodResult {
+                        method: name.clone(),
+                        pgr_vs_mean_weak: pgr(test.accuracy, mean_weak, ceiling.test.accuracy),
+                        pgr_vs_best_weak: pgr(test.accuracy, best_weak, ceiling.test.accuracy),
+                        test,
+                        chosen_c: student.cv.map(|cv| cv.chosen_c),
+                    };
+                    Ok(StudentStage {
+                        result,
+                        test_probs,
+                        confidence,
+                    })
+                })?;
+                if stage.confidence.is_some() {
+                    bayesian_confidence = stage.confidence;
+                }
+                results.push(stage.result);
+                method_test.push(stage.test_probs);
+                Ok(())
+            };
         for &method in &m.list {
             match method {
                 Method::Xent | Method::Logconf | Method::Product => {
                     for (j, y) in weak_tensors.iter().enumerate() {
                         let name = format!("{}[{}]", method.as_str(), weak_names[j]);
-                        let loss = |logits: &Tensor,
-                                    batch: &[usize],
-                                    progress: f64|
-                         -> Result<Tensor> {
-                            let target = batch_of(y, batch)?;
+                        let loss = |logits: &Tensor, step: &Step| -> Result<Tensor> {
+                            let target = batch_like(y, step.batch, logits)?;
+                            let anchor = step.anchor.unwrap_or(logits);
                             Ok(match method {
                                 Method::Xent => losses::xent(logits, &target)?,
                                 Method::Logconf => {
-                                    let a =
-                                        losses::ramp(progress, m.logconf_a_max, m.logconf_warmup);
-                                    losses::logconf(logits, &target, a)?
+                                    let a = losses::ramp(
+                                        step.progress,
+                                        m.logconf_a_max,
+                                        m.logconf_warmup,
+                                    );
+                                    losses::logconf_anchored(logits, anchor, &target, a)?
                                 }
-                                _ => losses::product(logits, &target)?,
+                                _ => losses::product_anchored(logits, anchor, &target)?,
                             })
                         };
-                        train_student(name, &loss, false)?;
+                        let supervision = Supervision {
+                            loss: &loss,
+                            staged: method != Method::Xent,
+                            targets: &weak_labels[j],
+                            xent_targets: (method == Method::Xent).then_some(&weak_labels[j][..]),
+                        };
+                        train_student(name, &supervision, false)?;
                     }
                 }
                 Method::Naive => {
-                    let loss = |logits: &Tensor, batch: &[usize], _: f64| -> Result<Tensor> {
+                    let loss = |logits: &Tensor, step: &Step| -> Result<Tensor> {
                         let targets: Vec<Tensor> = weak_tensors
                             .iter()
-                            .map(|y| batch_of(y, batch))
+                            .map(|y| batch_like(y, step.batch, logits))
                             .collect::<Result<_>>()?;
                         Ok(losses::naive_multi(logits, &targets, &weights)?)
                     };
-                    train_student(method.as_str().into(), &loss, false)?;
+                    let supervision = Supervision {
+                        loss: &loss,
+                        staged: false,
+                        targets: &average_rows,
+                        xent_targets: Some(&naive_rows),
+                    };
+                    train_student(method.as_str().into(), &supervision, false)?;
                 }
                 Method::JointAverage | Method::JointVote | Method::JointDawidSkene => {
-                    let joint = match method {
-                        Method::JointAverage => &joint_average,
-                        Method::JointVote => &joint_vote,
-                        _ => &joint_ds,
+                    let (joint, rows) = match method {
+                        Method::JointAverage => (&joint_average, &average_rows),
+                        Method::JointVote => (&joint_vote, &vote_rows),
+                        _ => (&joint_ds, &ds.posteriors),
                     };
-                    let loss = |logits: &Tensor, batch: &[usize], _: f64| -> Result<Tensor> {
-                        Ok(losses::xent(logits, &batch_of(joint, batch)?)?)
+                    let loss = |logits: &Tensor, step: &Step| -> Result<Tensor> {
+                        Ok(losses::xent(
+                            logits,
+                            &batch_like(joint, step.batch, logits)?,
+                        )?)
                     };
-                    train_student(method.as_str().into(), &loss, false)?;
+                    let supervision = Supervision {
+                        loss: &loss,
+                        staged: false,
+                        targets: rows,
+                        xent_targets: Some(rows),
+                    };
+                    train_student(method.as_str().into(), &supervision, false)?;
                 }
                 Method::Edl | Method::EdlStep => {
-                    let loss =
-                        |logits: &Tensor, batch: &[usize], progress: f64| -> Result<Tensor> {
-                            let targets: Vec<Tensor> = weak_tensors
-                                .iter()
-                                .map(|y| batch_of(y, batch))
-                                .collect::<Result<_>>()?;
-                            let lambda = losses::ramp(progress, m.edl_c, 1.0);
-                            Ok(if method == Method::Edl {
-                                losses::edl(logits, &targets, &weights, lambda, evidence)?
-                            } else {
-                                let a = losses::ramp(progress, m.edl_step_a_max, m.edl_step_warmup);
-                                losses::edl_step(logits, &targets, &weights, lambda, a, evidence)?
-                            })
-                        };
-                    train_student(method.as_str().into(), &loss, method == Method::Edl)?;
+                    let loss = |logits: &Tensor, step: &Step| -> Result<Tensor> {
+                        let targets: Vec<Tensor> = weak_tensors
+                            .iter()
+                            .map(|y| batch_like(y, step.batch, logits))
+                            .collect::<Result<_>>()?;
+                        let lambda = losses::ramp(step.progress, m.edl_c, 1.0);
+                        Ok(if method == Method::Edl {
+                            losses::edl(logits, &targets, &weights, lambda, evidence)?
+                        } else {
+                            let a =
+                                losses::ramp(step.progress, m.edl_step_a_max, m.edl_step_warmup);
+                            losses::edl_step_anchored(
+                                logits,
+                                step.anchor.unwrap_or(logits),
+                                &targets,
+                                &weights,
+                                lambda,
+                                a,
+                                evidence,
+                            )?
+                        })
+                    };
+                    let supervision = Supervision {
+                        loss: &loss,
+                        staged: true,
+                        targets: &average_rows,
+                        xent_targets: None,
+                    };
+                    train_student(method.as_str().into(), &supervision, method == Method::Edl)?;
                 }
                 Method::DirichletMultinomial => {
-                    let loss = |logits: &Tensor, batch: &[usize], _: f64| -> Result<Tensor> {
+                    let loss = |logits: &Tensor, step: &Step| -> Result<Tensor> {
                         Ok(losses::dirichlet_multinomial(
                             logits,
-                            &batch_of(&counts, batch)?,
+                            &batch_like(&counts, step.batch, logits)?,
                             evidence,
                         )?)
                     };
-                    train_student(method.as_str().into(), &loss, false)?;
+                    let supervision = Supervision {
+                        loss: &loss,
+                        staged: false,
+                        targets: &count_targets,
+                        xent_targets: None,
+                    };
+                    train_student(method.as_str().into(), &supervision, false)?;
                 }
             }
         }
-        let joint_rows = weighted_average(&weak_labels, &weights);
         for (i, example) in dataset.strong_train.iter().enumerate() {
             let weak: BTreeMap<&String, &Vec<f64>> = weak_names
                 .iter()
@@ -504,11 +650,23 @@ pub fn run(
                 "text": example.input,
                 "label": example.label.class(),
                 "weak": weak,
-                "joint": joint_rows[i],
+                "joint": average_rows[i],
                 "dawid_skene": ds.posteriors[i],
                 "bayesian_confidence": bayesian_confidence.as_ref().map(|c| c[i].clone()),
             }));
         }
+        predictions.push(SeedPredictions {
+            seed: dataset.seed,
+            test_ids: dataset.test.iter().map(|e| e.id.clone()).collect(),
+            labels: dataset
+                .test
+                .iter()
+                .map(|e| e.label.class().unwrap_or(0))
+                .collect(),
+            weak: weak_test,
+            ceiling: ceiling.test_probs,
+            methods: method_test,
+        });
         seed_results.push(SeedResult {
             seed: dataset.seed,
             data_hash: dataset.data_hash(),
@@ -519,13 +677,22 @@ pub fn run(
                 dataset.valid.len(),
             ],
             weak: weak_metrics,
+            weak_on_strong_train: weak_calibration,
+            weak_chosen_c: weak_c,
             learned_reliability: ds.accuracy.clone(),
             weights,
-            ceiling,
+            ceiling: ceiling.test,
+            ceiling_chosen_c: ceiling.chosen_c,
             methods: results,
         });
     }
+    eprintln!(
+        "probes: {} seeds in {:.0} s",
+        datasets.len(),
+        probes_started.elapsed().as_secs_f64()
+    );
     let summary = summarise(config, &seed_results);
+    let paired = paired_statistics(config, &seed_results, &predictions);
     let models = weak_names
         .iter()
         .cloned()
@@ -538,9 +705,199 @@ pub fn run(
         models,
         seeds: seed_results,
         summary,
+        paired,
     };
-    write_outputs(out, &results, &label_rows)?;
+    write_outputs(out, &results, &label_rows, &predictions)?;
     Ok(results)
+}
+
+/// One method's paired comparisons (differences of test accuracy, 95% two-way bootstrap
+/// intervals over test examples and seeds).
+#[derive(Debug, Clone, Serialize)]
+pub struct PairedRow {
+    pub method: String,
+    /// Its weak teacher (single-weak methods) or "mean weak" (multi-weak methods).
+    pub reference: String,
+    pub vs_reference: Option<Estimate>,
+    /// PGR against the reference: (student - reference) / (ceiling - reference).
+    pub pgr: Option<Estimate>,
+    pub vs_naive: Option<Estimate>,
+    pub vs_best_single: Option<Estimate>,
+}
+
+/// A claim of the paper with the measured difference it rests on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Claim {
+    pub claim: String,
+    /// "a - b" of the methods compared.
+    pub comparison: String,
+    pub estimate: Option<Estimate>,
+    /// holds / not resolved / contradicted (interval above / across / below zero).
+    pub verdict: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PairedReport {
+    pub resamples: usize,
+    /// "crossed" (one test set shared by all seeds) or "nested".
+    pub design: String,
+    /// The single-weak xent student with the highest mean test accuracy.
+    pub best_single: Option<String>,
+    pub rows: Vec<PairedRow>,
+    pub claims: Vec<Claim>,
+}
+
+const PAIRED_RESAMPLES: usize = 2000;
+
+fn correctness(probs: &Rows, labels: &[usize]) -> Vec<f64> {
+    probs
+        .iter()
+        .zip(labels)
+        .map(|(p, &y)| f64::from(crate::eval::classify::argmax(p) == y))
+        .collect()
+}
+
+/// The teacher of a single-weak method `name[weak]`.
+fn teacher_of(method: &str, weak_names: &[String]) -> Option<usize> {
+    let inner = method.split_once('[')?.1.strip_suffix(']')?;
+    weak_names.iter().position(|w| w == inner)
+}
+
+fn paired_statistics(
+    config: &ExperimentConfig,
+    seeds: &[SeedResult],
+    predictions: &[SeedPredictions],
+) -> PairedReport {
+    let Some(first) = predictions.first() else {
+        return PairedReport::default();
+    };
+    let weak_names = config.weak_labels();
+    let shared = predictions.iter().all(|p| p.test_ids == first.test_ids);
+    let sampler = Resampler::new(
+        predictions.iter().map(|p| p.labels.len()).collect(),
+        shared,
+        PAIRED_RESAMPLES,
+        config.seeds.first().copied().unwrap_or(0),
+    );
+    let outcomes = |pick: &dyn Fn(&SeedPredictions) -> &Rows| -> Outcomes {
+        predictions
+            .iter()
+            .map(|p| correctness(pick(p), &p.labels))
+            .collect()
+    };
+    let weak: Vec<Outcomes> = (0..weak_names.len())
+        .map(|j| outcomes(&|p| &p.weak[j]))
+        .collect();
+    let mean_weak = average(&weak.iter().collect::<Vec<_>>());
+    let ceiling = outcomes(&|p| &p.ceiling);
+    let names: Vec<String> = seeds[0].methods.iter().map(|m| m.method.clone()).collect();
+    let methods: Vec<Outcomes> = (0..names.len())
+        .map(|k| outcomes(&|p| &p.methods[k]))
+        .collect();
+    let find = |name: &str| names.iter().position(|n| n == name);
+    let best_single = names
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.starts_with("xent["))
+        .max_by(|a, b| Resampler::mean(&methods[a.0]).total_cmp(&Resampler::mean(&methods[b.0])))
+        .map(|(k, _)| k);
+    let naive = find("naive");
+    let rows = names
+        .iter()
+        .enumerate()
+        .map(|(k, name)| {
+            let teacher = teacher_of(name, &weak_names);
+            let (reference, reference_outcomes) = match teacher {
+                Some(j) => (weak_names[j].clone(), &weak[j]),
+                None => ("mean weak".to_string(), &mean_weak),
+            };
+            PairedRow {
+                method: name.clone(),
+                reference,
+                vs_reference: sampler.difference(&methods[k], reference_outcomes),
+                pgr: sampler.pgr(&methods[k], reference_outcomes, &ceiling),
+                vs_naive: naive
+                    .filter(|&n| n != k)
+                    .and_then(|n| sampler.difference(&methods[k], &methods[n])),
+                vs_best_single: best_single
+                    .filter(|&b| b != k)
+                    .and_then(|b| sampler.difference(&methods[k], &methods[b])),
+            }
+        })
+        .collect();
+    let mut claims = Vec::new();
+    let mut claim = |text: &str, a: Option<usize>, b: Option<usize>| {
+        if let (Some(a), Some(b)) = (a, b) {
+            let estimate = sampler.difference(&methods[a], &methods[b]);
+            claims.push(Claim {
+                claim: text.into(),
+                comparison: format!("{} - {}", names[a], names[b]),
+                verdict: estimate.map_or("undefined", |e| e.verdict()).into(),
+                estimate,
+            });
+        }
+    };
+    let edl = find("edl");
+    claim("Bayesian multi-weak beats naive multi-weak", edl, naive);
+    claim(
+        "Naive multi-weak beats the best single-weak student",
+        naive,
+        best_single,
+    );
+    claim(
+        "Bayesian multi-weak beats the best single-weak student",
+        edl,
+        best_single,
+    );
+    claim(
+        "Joint labels beat naive multi-weak (classification counterpart of joint decoding)",
+        find("joint_average"),
+        naive,
+    );
+    for (k, name) in names.iter().enumerate() {
+        let against_teacher = name.starts_with("xent[");
+        if against_teacher || name == "edl" {
+            let Some(row) = rows_ref(&names, k, &weak_names, &weak, &mean_weak) else {
+                continue;
+            };
+            let estimate = sampler.difference(&methods[k], row.1);
+            claims.push(Claim {
+                claim: format!("{name} recovers part of the gap (beats {})", row.0),
+                comparison: format!("{name} - {}", row.0),
+                verdict: estimate.map_or("undefined", |e| e.verdict()).into(),
+                estimate,
+            });
+        }
+    }
+    PairedReport {
+        resamples: PAIRED_RESAMPLES,
+        design: if shared { "crossed" } else { "nested" }.into(),
+        best_single: best_single.map(|k| names[k].clone()),
+        rows,
+        claims,
+    }
+}
+
+/// The reference (name, outcomes) of method k: its teacher or the mean weak model.
+fn rows_ref<'a>(
+    names: &[String],
+    k: usize,
+    weak_names: &[String],
+    weak: &'a [Outcomes],
+    mean_weak: &'a Outcomes,
+) -> Option<(String, &'a Outcomes)> {
+    match teacher_of(&names[k], weak_names) {
+        Some(j) => Some((weak_names[j].clone(), &weak[j])),
+        None if names[k] == "edl" => Some(("mean weak".into(), mean_weak)),
+        None => None,
+    }
+}
+
+fn estimate_cell(e: &Option<Estimate>) -> String {
+    match e {
+        Some(e) => format!("{:+.3} [{:+.3}, {:+.3}]", e.value, e.lo, e.hi),
+        None => "undefined".into(),
+    }
 }
 
 fn summarise(config: &ExperimentConfig, seeds: &[SeedResult]) -> SummaryTable {
@@ -551,6 +908,30 @@ fn summarise(config: &ExperimentConfig, seeds: &[SeedResult]) -> SummaryTable {
             &name,
             "accuracy",
             seeds.iter().map(|s| s.weak[j].accuracy).collect(),
+        );
+        b.add(
+            &name,
+            "strong_train_ece",
+            seeds
+                .iter()
+                .map(|s| s.weak_on_strong_train[j].ece)
+                .collect(),
+        );
+        b.add(
+            &name,
+            "strong_train_brier",
+            seeds
+                .iter()
+                .map(|s| s.weak_on_strong_train[j].brier)
+                .collect(),
+        );
+        b.add(
+            &name,
+            "strong_train_accuracy",
+            seeds
+                .iter()
+                .map(|s| s.weak_on_strong_train[j].accuracy)
+                .collect(),
         );
         b.add(
             &name,
@@ -601,33 +982,98 @@ pub fn markdown(results: &RunResults) -> String {
          PGR = (student - weak) / (ceiling - weak), against the mean of the weak models' test accuracies and against the best one.\n\n",
         c.name, c.task.name, sizes[0], sizes[1], sizes[2], c.seeds, results.provenance
     );
-    out.push_str("| model | test accuracy | learned reliability (Dawid-Skene) |\n|---|---|---|\n");
-    for label in c.weak_labels() {
+    let chosen = |pick: &dyn Fn(&SeedResult) -> Option<f64>| -> String {
+        let mut values: Vec<f64> = results.seeds.iter().filter_map(pick).collect();
+        if values.is_empty() {
+            return String::new();
+        }
+        values.sort_by(f64::total_cmp);
+        format!("{:.2e}", values[values.len() / 2])
+    };
+    out.push_str(
+        "Weak models: probes trained on weak_train (C chosen by 5-fold cross-validation on its ground truth; \
+         median over seeds). Their labels on strong_train are what the students learn from; their \
+         calibration there is measured against strong_train's ground truth (for this report only: \
+         no student sees it).\n\n\
+         | model | test accuracy | C | strong_train accuracy | strong_train ECE | strong_train Brier | learned reliability (Dawid-Skene) |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for (j, label) in c.weak_labels().iter().enumerate() {
         let row = &results.summary[&format!("weak[{label}]")];
         out.push_str(&format!(
-            "| weak: {} | {} | {} |\n",
+            "| weak: {} | {} | {} | {} | {} | {} | {} |\n",
             label,
             cell(row.get("accuracy")),
+            chosen(&|s| s.weak_chosen_c.get(j).copied().flatten()),
+            cell(row.get("strong_train_accuracy")),
+            cell(row.get("strong_train_ece")),
+            cell(row.get("strong_train_brier")),
             cell(row.get("learned_reliability"))
         ));
     }
     let strong = c.strong.as_ref().map(ModelSpec::label).unwrap_or_default();
     out.push_str(&format!(
-        "| ceiling: {strong} on ground truth | {} | |\n\n",
-        cell(results.summary["ceiling"].get("accuracy"))
+        "| ceiling: {strong} on ground truth | {} | {} | | | | |\n\n",
+        cell(results.summary["ceiling"].get("accuracy")),
+        chosen(&|s| s.ceiling_chosen_c)
     ));
-    out.push_str("| method | test accuracy | AUROC | ECE | PGR vs mean weak | PGR vs best weak |\n|---|---|---|---|---|---|\n");
+    out.push_str("Students: the strong model's probe trained on the weak labels alone, C chosen by cross-validation on those labels.\n\n");
+    out.push_str("| method | test accuracy | C | AUROC | ECE | PGR vs mean weak | PGR vs best weak |\n|---|---|---|---|---|---|---|\n");
     if let Some(first) = results.seeds.first() {
-        for method in &first.methods {
+        for (k, method) in first.methods.iter().enumerate() {
             let row = &results.summary[&method.method];
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} |\n",
                 method.method,
                 cell(row.get("accuracy")),
+                chosen(&|s| s.methods.get(k).and_then(|m| m.chosen_c)),
                 cell(row.get("auroc")),
                 cell(row.get("ece")),
                 cell(row.get("pgr_vs_mean_weak")),
                 cell(row.get("pgr_vs_best_weak"))
+            ));
+        }
+    }
+    let p = &results.paired;
+    if !p.rows.is_empty() {
+        out.push_str(&format!(
+            "\n## Paired differences\n\nDifferences of test accuracy, computed per test example and seed \
+             (the same examples for every model), with 95% percentile intervals of a two-way bootstrap \
+             ({} resamples; seeds and test examples drawn with replacement, design: {}). \
+             Reference: the student's weak teacher, or the mean of the weak models for multi-weak methods. \
+             Best single-weak student: {}.\n\n\
+             | method | reference | vs reference | PGR vs reference | vs naive | vs best single-weak |\n\
+             |---|---|---|---|---|---|\n",
+            p.resamples,
+            p.design,
+            p.best_single.as_deref().unwrap_or("none")
+        ));
+        for r in &p.rows {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                r.method,
+                r.reference,
+                estimate_cell(&r.vs_reference),
+                estimate_cell(&r.pgr),
+                estimate_cell(&r.vs_naive),
+                estimate_cell(&r.vs_best_single)
+            ));
+        }
+    }
+    if !p.claims.is_empty() {
+        out.push_str(
+            "\n## Claims\n\nEach claim of the paper as a paired difference of test accuracy \
+             (95% interval as above): holds when the interval is above zero, contradicted when it \
+             is below, not resolved when it contains zero.\n\n\
+             | claim | comparison | difference [95% interval] | verdict |\n|---|---|---|---|\n",
+        );
+        for claim in &p.claims {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                claim.claim,
+                claim.comparison,
+                estimate_cell(&claim.estimate),
+                claim.verdict
             ));
         }
     }
@@ -798,7 +1244,12 @@ fn label_columns(results: &RunResults, rows: &[serde_json::Value]) -> Vec<(Strin
     columns
 }
 
-fn write_outputs(out: &Path, results: &RunResults, label_rows: &[serde_json::Value]) -> Result<()> {
+fn write_outputs(
+    out: &Path,
+    results: &RunResults,
+    label_rows: &[serde_json::Value],
+    predictions: &[SeedPredictions],
+) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     crate::io::write_atomic(
         &out.join("results.json"),
@@ -811,6 +1262,12 @@ fn write_outputs(out: &Path, results: &RunResults, label_rows: &[serde_json::Val
         jsonl.push('\n');
     }
     crate::io::write_atomic(&out.join("weak_labels.jsonl"), jsonl.as_bytes())?;
+    let mut lines = String::new();
+    for seed in predictions {
+        lines.push_str(&serde_json::to_string(seed)?);
+        lines.push('\n');
+    }
+    crate::io::write_atomic(&out.join("test_predictions.jsonl"), lines.as_bytes())?;
     crate::report::parquet::write(
         &out.join("weak_labels.parquet"),
         &label_columns(results, label_rows),

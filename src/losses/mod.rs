@@ -54,7 +54,18 @@ pub fn balanced_hard_predictions(probs: &Tensor, weak: &Tensor) -> Result<Tensor
 /// the detached, class-balanced hardening of the student's predictions, a = `aux_weight` (ramp it
 /// with [`ramp`]: 0 -> a_max over the first w of training).
 pub fn logconf(logits: &Tensor, weak: &Tensor, aux_weight: f64) -> Result<Tensor> {
-    let probs = candle_nn::ops::softmax(&logits.detach(), D::Minus1)?;
+    logconf_anchored(logits, logits, weak, aux_weight)
+}
+
+/// [`logconf`] with the hardened predictions taken from `anchor` (detached logits of the same
+/// shape: a solver's frozen iterate) instead of the current logits.
+pub fn logconf_anchored(
+    logits: &Tensor,
+    anchor: &Tensor,
+    weak: &Tensor,
+    aux_weight: f64,
+) -> Result<Tensor> {
+    let probs = candle_nn::ops::softmax(&anchor.detach(), D::Minus1)?;
     let hard = balanced_hard_predictions(&probs, weak)?;
     let target = ((weak * (1.0 - aux_weight))? + (hard * aux_weight)?)?;
     xent(logits, &target)
@@ -62,7 +73,12 @@ pub fn logconf(logits: &Tensor, weak: &Tensor, aux_weight: f64) -> Result<Tensor
 
 /// Product loss: t proportional to p * y (detached, renormalised), loss CE(t, p).
 pub fn product(logits: &Tensor, weak: &Tensor) -> Result<Tensor> {
-    let probs = candle_nn::ops::softmax(&logits.detach(), D::Minus1)?;
+    product_anchored(logits, logits, weak)
+}
+
+/// [`product`] with p taken from `anchor` (detached logits of the same shape).
+pub fn product_anchored(logits: &Tensor, anchor: &Tensor, weak: &Tensor) -> Result<Tensor> {
+    let probs = candle_nn::ops::softmax(&anchor.detach(), D::Minus1)?;
     let joint = (probs * weak)?;
     let norm = joint.sum_keepdim(D::Minus1)?.clamp(1e-30, f64::MAX)?;
     xent(logits, &joint.broadcast_div(&norm)?)
@@ -154,8 +170,21 @@ pub fn edl_step(
     aux_weight: f64,
     evidence: Evidence,
 ) -> Result<Tensor> {
+    edl_step_anchored(logits, logits, weak, weights, lambda, aux_weight, evidence)
+}
+
+/// [`edl_step`] with the argmax taken from `anchor` (detached logits of the same shape).
+pub fn edl_step_anchored(
+    logits: &Tensor,
+    anchor: &Tensor,
+    weak: &[Tensor],
+    weights: &[f64],
+    lambda: f64,
+    aux_weight: f64,
+    evidence: Evidence,
+) -> Result<Tensor> {
     let k = logits.dim(D::Minus1)?;
-    let argmax = logits.detach().argmax(D::Minus1)?;
+    let argmax = anchor.detach().argmax(D::Minus1)?;
     let onehot = one_hot(&argmax, k, logits)?;
     let mixed: Vec<Tensor> = weak
         .iter()

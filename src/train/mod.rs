@@ -3,6 +3,7 @@
 //! with resume, and NaN/Inf detection.
 
 pub mod checkpoint;
+pub mod convex;
 pub mod optimizer;
 pub mod probe;
 pub mod schedule;

@@ -1,0 +1,876 @@
+//! Linear probes as optimisation problems solved to convergence in f64.
+//!
+//! A probe maps standardised features x (d values) to class logits. Binary problems use one
+//! weight vector (logits [0, w.x + b], the logistic model); K > 2 classes use K vectors (the
+//! symmetric multinomial model). The objective for a regularisation strength C is
+//!
+//!   F(W, b) = (1 / n) sum_i loss_i(z_i) + ||W||^2 / (2 C n)        (the bias is not penalised),
+//!
+//! the convention of scikit-learn's `LogisticRegression` divided by n. It is minimised with
+//! L-BFGS (memory 10, strong-Wolfe line search) until the largest absolute gradient entry is at
+//! most `tol`. The loss is any function of the logits with its gradient ([`Objective`]); losses
+//! whose target depends on the student itself or on the training progress (logconf, product,
+//! EDL's annealed KL, edl_step) are minimised by *continuation*: stages s = 0..=S with progress
+//! s / S, each solved to convergence from the previous stage's solution, the self-referential
+//! part of the target frozen at that stage's starting logits (the `anchor`).
+//!
+//! The strength is chosen by k-fold cross-validation ([`fit_cv`]) on the training rows' own
+//! targets: held-out cross-entropy between the target distribution and the predicted
+//! probabilities, averaged over folds; the grid is walked from the strongest regularisation to
+//! the weakest, each fit warm-started from the previous one (the optimum does not depend on the
+//! start for convex losses); ties go to the stronger regularisation. The chosen C is then refit
+//! on all rows.
+
+use crate::rng::Rng;
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// A row-major matrix of f64.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f64>,
+}
+
+impl Matrix {
+    pub fn new(rows: usize, cols: usize, data: Vec<f64>) -> Result<Self> {
+        if data.len() != rows * cols {
+            bail!(
+                "a {rows} x {cols} matrix needs {} values, got {}",
+                rows * cols,
+                data.len()
+            );
+        }
+        Ok(Matrix { rows, cols, data })
+    }
+
+    pub fn row(&self, i: usize) -> &[f64] {
+        &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+
+    pub fn select_rows(&self, rows: &[usize]) -> Matrix {
+        let mut data = Vec::with_capacity(rows.len() * self.cols);
+        for &i in rows {
+            data.extend_from_slice(self.row(i));
+        }
+        Matrix {
+            rows: rows.len(),
+            cols: self.cols,
+            data,
+        }
+    }
+}
+
+/// Per-feature standardisation x' = (x - mean) / sqrt(var + 1e-6), fitted on training rows
+/// (population variance; the 1e-6 keeps constant features at 0).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Standardizer {
+    pub mean: Vec<f64>,
+    pub scale: Vec<f64>,
+}
+
+impl Standardizer {
+    pub fn fit(x: &Matrix) -> Standardizer {
+        let n = x.rows.max(1) as f64;
+        let mut mean = vec![0.0; x.cols];
+        for i in 0..x.rows {
+            for (m, v) in mean.iter_mut().zip(x.row(i)) {
+                *m += v;
+            }
+        }
+        mean.iter_mut().for_each(|m| *m /= n);
+        let mut var = vec![0.0; x.cols];
+        for i in 0..x.rows {
+            for ((s, v), m) in var.iter_mut().zip(x.row(i)).zip(&mean) {
+                *s += (v - m) * (v - m);
+            }
+        }
+        let scale = var.iter().map(|s| (s / n + 1e-6).sqrt()).collect();
+        Standardizer { mean, scale }
+    }
+
+    pub fn apply(&self, x: &Matrix) -> Matrix {
+        let mut out = x.clone();
+        for row in out.data.chunks_mut(x.cols.max(1)) {
+            for ((v, m), s) in row.iter_mut().zip(&self.mean).zip(&self.scale) {
+                *v = (*v - m) / s;
+            }
+        }
+        out
+    }
+}
+
+/// Where a loss is evaluated: which training rows (indices into the learner's training set, in
+/// the order of the logits), how far along the continuation, and the frozen logits that a
+/// self-referential target is built from (same shape as the logits).
+pub struct EvalPoint<'a> {
+    pub rows: &'a [usize],
+    pub progress: f64,
+    pub anchor: &'a [f64],
+}
+
+/// A loss of the logits: the mean over the rows and its gradient with respect to the logits
+/// (row-major [rows, K]).
+pub trait Objective: Sync {
+    fn loss(&self, logits: &[f64], point: &EvalPoint) -> Result<(f64, Vec<f64>)>;
+    /// Whether the loss depends on `progress` or `anchor` (then it is solved by continuation).
+    fn staged(&self) -> bool;
+}
+
+/// Soft-label cross-entropy -sum_k y_k log softmax(z)_k, averaged over rows (targets by row).
+pub struct SoftXent<'a> {
+    pub targets: &'a [Vec<f64>],
+}
+
+impl Objective for SoftXent<'_> {
+    fn loss(&self, logits: &[f64], point: &EvalPoint) -> Result<(f64, Vec<f64>)> {
+        let k = logits.len() / point.rows.len().max(1);
+        let n = point.rows.len() as f64;
+        let mut grad = vec![0.0; logits.len()];
+        let mut total = 0.0;
+        for (r, &i) in point.rows.iter().enumerate() {
+            let z = &logits[r * k..(r + 1) * k];
+            let y = &self.targets[i];
+            let lse = log_sum_exp(z);
+            let mass: f64 = y.iter().sum();
+            for c in 0..k {
+                total -= y[c] * (z[c] - lse);
+                grad[r * k + c] = (mass * (z[c] - lse).exp() - y[c]) / n;
+            }
+        }
+        Ok((total / n, grad))
+    }
+
+    fn staged(&self) -> bool {
+        false
+    }
+}
+
+pub fn log_sum_exp(z: &[f64]) -> f64 {
+    let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    if !m.is_finite() {
+        return m;
+    }
+    m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln()
+}
+
+pub fn softmax(z: &[f64]) -> Vec<f64> {
+    let lse = log_sum_exp(z);
+    z.iter().map(|v| (v - lse).exp()).collect()
+}
+
+/// An orthonormal basis of the row space of `x` (r <= min(n, d) rows of length d, Gram-Schmidt
+/// with re-orthogonalisation) and the coordinates of every row of `x` in it ([n, r]). A model
+/// with an L2 penalty on its weights has its optimum in that row space (the loss gradient is a
+/// combination of the rows and the penalty removes any other component), so it can be solved on
+/// the coordinates and mapped back exactly: w = w_r Q.
+pub fn row_space(x: &Matrix) -> (Matrix, Matrix) {
+    let d = x.cols;
+    let mut basis: Vec<f64> = Vec::new();
+    let mut coords: Vec<Vec<f64>> = Vec::with_capacity(x.rows);
+    for i in 0..x.rows {
+        let row = x.row(i);
+        let norm0 = dot(row, row).sqrt();
+        let mut v = row.to_vec();
+        let r = basis.len() / d.max(1);
+        let mut c = vec![0.0; r];
+        for _ in 0..2 {
+            let proj: Vec<f64> = basis.par_chunks(d).map(|q| dot(q, &v)).collect();
+            for (j, q) in basis.chunks(d).enumerate() {
+                let a = proj[j];
+                c[j] += a;
+                v.iter_mut().zip(q).for_each(|(vi, qi)| *vi -= a * qi);
+            }
+        }
+        let norm = dot(&v, &v).sqrt();
+        if norm > 1e-9 * norm0.max(1e-300) {
+            v.iter_mut().for_each(|vi| *vi /= norm);
+            basis.extend_from_slice(&v);
+            c.push(norm);
+        }
+        coords.push(c);
+    }
+    let r = basis.len() / d.max(1);
+    let mut data = vec![0.0; x.rows * r];
+    for (i, c) in coords.iter().enumerate() {
+        data[i * r..i * r + c.len()].copy_from_slice(c);
+    }
+    (
+        Matrix {
+            rows: r,
+            cols: d,
+            data: basis,
+        },
+        Matrix {
+            rows: x.rows,
+            cols: r,
+            data,
+        },
+    )
+}
+
+impl LinearModel {
+    /// The model on the original features of a model fitted on row-space coordinates
+    /// ([`row_space`]): w = w_r Q.
+    pub fn lift(&self, basis: &Matrix) -> LinearModel {
+        let p = outputs(self.classes);
+        let d = basis.cols;
+        let mut weights = vec![0.0; p * d];
+        for o in 0..p {
+            let wr = &self.weights[o * self.dim..(o + 1) * self.dim];
+            let w = &mut weights[o * d..(o + 1) * d];
+            for (a, q) in wr.iter().zip(basis.data.chunks(d)) {
+                w.iter_mut().zip(q).for_each(|(wi, qi)| *wi += a * qi);
+            }
+        }
+        LinearModel {
+            classes: self.classes,
+            dim: d,
+            weights,
+            bias: self.bias.clone(),
+        }
+    }
+}
+
+/// A linear probe on standardised features.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinearModel {
+    pub classes: usize,
+    pub dim: usize,
+    /// [outputs, dim], outputs = 1 for two classes (the logit of class 1 against class 0).
+    pub weights: Vec<f64>,
+    pub bias: Vec<f64>,
+}
+
+impl LinearModel {
+    pub fn zeros(classes: usize, dim: usize) -> LinearModel {
+        let p = outputs(classes);
+        LinearModel {
+            classes,
+            dim,
+            weights: vec![0.0; p * dim],
+            bias: vec![0.0; p],
+        }
+    }
+
+    fn from_params(classes: usize, dim: usize, theta: &[f64]) -> LinearModel {
+        let p = outputs(classes);
+        LinearModel {
+            classes,
+            dim,
+            weights: theta[..p * dim].to_vec(),
+            bias: theta[p * dim..].to_vec(),
+        }
+    }
+
+    fn params(&self) -> Vec<f64> {
+        let mut theta = self.weights.clone();
+        theta.extend_from_slice(&self.bias);
+        theta
+    }
+
+    /// Logits [rows, classes] of standardised features.
+    pub fn logits(&self, x: &Matrix) -> Vec<f64> {
+        logits_of(&self.params(), x, self.classes)
+    }
+
+    /// Class probabilities, one row per example.
+    pub fn probs(&self, x: &Matrix) -> Vec<Vec<f64>> {
+        self.logits(x).chunks(self.classes).map(softmax).collect()
+    }
+}
+
+fn outputs(classes: usize) -> usize {
+    if classes == 2 {
+        1
+    } else {
+        classes
+    }
+}
+
+const ROW_BLOCK: usize = 64;
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    // Eight independent sums: lets the compiler vectorise the loop.
+    let mut acc = [0.0f64; 8];
+    let chunks = a.len() / 8;
+    for j in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[j * 8 + l] * b[j * 8 + l];
+        }
+    }
+    let mut total: f64 = acc.iter().sum();
+    for j in chunks * 8..a.len() {
+        total += a[j] * b[j];
+    }
+    total
+}
+
+fn logits_of(theta: &[f64], x: &Matrix, classes: usize) -> Vec<f64> {
+    let p = outputs(classes);
+    let d = x.cols;
+    let (w, b) = theta.split_at(p * d);
+    let mut z = vec![0.0; x.rows * classes];
+    z.par_chunks_mut(ROW_BLOCK * classes)
+        .enumerate()
+        .for_each(|(block, out)| {
+            for (r, zr) in out.chunks_mut(classes).enumerate() {
+                let xi = x.row(block * ROW_BLOCK + r);
+                if classes == 2 {
+                    zr[0] = 0.0;
+                    zr[1] = dot(&w[..d], xi) + b[0];
+                } else {
+                    for c in 0..classes {
+                        zr[c] = dot(&w[c * d..(c + 1) * d], xi) + b[c];
+                    }
+                }
+            }
+        });
+    z
+}
+
+/// Gradient of F with respect to theta from dLoss/dz [rows, classes].
+fn param_grad(theta: &[f64], x: &Matrix, classes: usize, dz: &[f64], penalty: f64) -> Vec<f64> {
+    let p = outputs(classes);
+    let d = x.cols;
+    // Per output: g_o[r] = dL/d(output o of row r); binary logits are [0, s].
+    let g: Vec<f64> = if classes == 2 {
+        dz.chunks(2).map(|r| r[1]).collect()
+    } else {
+        dz.to_vec()
+    };
+    let blocks: Vec<Vec<f64>> = (0..x.rows.div_ceil(ROW_BLOCK))
+        .into_par_iter()
+        .map(|block| {
+            let mut acc = vec![0.0; p * d + p];
+            let end = ((block + 1) * ROW_BLOCK).min(x.rows);
+            for r in block * ROW_BLOCK..end {
+                let xi = x.row(r);
+                for o in 0..p {
+                    let go = g[r * p + o];
+                    if go != 0.0 {
+                        for (a, v) in acc[o * d..(o + 1) * d].iter_mut().zip(xi) {
+                            *a += go * v;
+                        }
+                        acc[p * d + o] += go;
+                    }
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut grad = vec![0.0; p * d + p];
+    for block in &blocks {
+        for (a, v) in grad.iter_mut().zip(block) {
+            *a += v;
+        }
+    }
+    for j in 0..p * d {
+        grad[j] += penalty * theta[j];
+    }
+    grad
+}
+
+/// How a probe is solved and its strength chosen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SolverConfig {
+    /// Folds of the cross-validation that chooses C (>= 2).
+    pub folds: usize,
+    /// The grid of C (inverse regularisation strength): `c_steps` values log-spaced from `c_min`
+    /// to `c_max`.
+    pub c_min: f64,
+    pub c_max: f64,
+    pub c_steps: usize,
+    /// Convergence: the largest absolute gradient entry of F.
+    pub tol: f64,
+    /// L-BFGS iterations per solve.
+    pub max_iter: usize,
+    /// Continuation stages for losses that change with training progress or with the student's
+    /// own predictions (logconf, product, EDL, edl_step).
+    pub stages: usize,
+}
+
+impl Default for SolverConfig {
+    fn default() -> Self {
+        SolverConfig {
+            folds: 5,
+            c_min: 1e-4,
+            c_max: 1e2,
+            c_steps: 13,
+            tol: 1e-5,
+            max_iter: 500,
+            stages: 4,
+        }
+    }
+}
+
+impl SolverConfig {
+    /// The C grid, ascending (strongest regularisation first).
+    pub fn grid(&self) -> Vec<f64> {
+        if self.c_steps == 1 {
+            return vec![self.c_min];
+        }
+        let (lo, hi) = (self.c_min.log10(), self.c_max.log10());
+        (0..self.c_steps)
+            .map(|i| 10f64.powf(lo + (hi - lo) * i as f64 / (self.c_steps - 1) as f64))
+            .collect()
+    }
+
+    /// Errors naming the offending key.
+    pub fn validate(&self) -> Result<()> {
+        if self.folds < 2 {
+            bail!("solver.folds must be at least 2, got {}", self.folds);
+        }
+        if !(self.c_min > 0.0 && self.c_min.is_finite()) {
+            bail!("solver.c_min must be a positive number, got {}", self.c_min);
+        }
+        if !(self.c_max >= self.c_min && self.c_max.is_finite()) {
+            bail!(
+                "solver.c_max must be at least solver.c_min ({}), got {}",
+                self.c_min,
+                self.c_max
+            );
+        }
+        if self.c_steps == 0 {
+            bail!("solver.c_steps must be at least 1");
+        }
+        if self.tol.is_nan() || self.tol <= 0.0 {
+            bail!("solver.tol must be positive, got {}", self.tol);
+        }
+        if self.max_iter == 0 {
+            bail!("solver.max_iter must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// How one solve ended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SolveReport {
+    pub iterations: usize,
+    pub evaluations: usize,
+    /// Largest absolute gradient entry at the solution.
+    pub grad_max: f64,
+    pub converged: bool,
+    pub objective: f64,
+}
+
+/// Minimises F for one C on `x` (rows `rows` of the training set, same order), starting from
+/// `start`, by continuation when the objective is staged.
+pub fn solve(
+    x: &Matrix,
+    rows: &[usize],
+    classes: usize,
+    objective: &dyn Objective,
+    c: f64,
+    start: &LinearModel,
+    config: &SolverConfig,
+) -> Result<(LinearModel, SolveReport)> {
+    if x.rows != rows.len() {
+        bail!(
+            "internal: {} feature rows for {} examples",
+            x.rows,
+            rows.len()
+        );
+    }
+    if x.rows == 0 {
+        bail!("cannot fit a probe on no examples");
+    }
+    let penalty = 1.0 / (c * x.rows as f64);
+    let stages = if objective.staged() {
+        config.stages.max(1)
+    } else {
+        0
+    };
+    let mut theta = start.params();
+    let mut total = SolveReport::default();
+    for s in 0..=stages {
+        let progress = if stages == 0 {
+            1.0
+        } else {
+            s as f64 / stages as f64
+        };
+        let anchor = logits_of(&theta, x, classes);
+        let point = EvalPoint {
+            rows,
+            progress,
+            anchor: &anchor,
+        };
+        let f = |t: &[f64]| -> Result<(f64, Vec<f64>)> {
+            let z = logits_of(t, x, classes);
+            let (loss, dz) = objective.loss(&z, &point)?;
+            let p = outputs(classes) * x.cols;
+            let reg: f64 = t[..p].iter().map(|v| v * v).sum::<f64>() * penalty / 2.0;
+            Ok((loss + reg, param_grad(t, x, classes, &dz, penalty)))
+        };
+        let t0 = std::time::Instant::now();
+        let (next, report) = lbfgs(f, theta, config.tol, config.max_iter)?;
+        if std::env::var_os("WS2S_SOLVER_TRACE").is_some() {
+            eprintln!(
+                "solve n={} d={} c={c:.1e} stage={s} iters={} evals={} gmax={:.1e} {:.0} ms",
+                x.rows,
+                x.cols,
+                report.iterations,
+                report.evaluations,
+                report.grad_max,
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        theta = next;
+        total.iterations += report.iterations;
+        total.evaluations += report.evaluations;
+        total.grad_max = report.grad_max;
+        total.converged = report.converged;
+        total.objective = report.objective;
+    }
+    Ok((LinearModel::from_params(classes, x.cols, &theta), total))
+}
+
+/// Cross-validation of C and the refit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CvReport {
+    pub grid: Vec<f64>,
+    /// Mean held-out cross-entropy against the targets, per C (lower is better).
+    pub scores: Vec<f64>,
+    pub chosen_c: f64,
+    /// The refit on all rows.
+    pub refit: SolveReport,
+    /// Solves (all folds and C values) that hit `max_iter` before `tol`.
+    pub unconverged: usize,
+}
+
+/// Fold of each row: stratified by `strata` (e.g. the argmax of the target), seeded.
+pub fn stratified_folds(strata: &[usize], folds: usize, seed: u64) -> Vec<usize> {
+    let mut fold = vec![0; strata.len()];
+    let groups = strata.iter().max().map_or(0, |m| m + 1);
+    let mut rng = Rng::derived(seed, "cv-folds");
+    let mut next = 0;
+    for g in 0..groups {
+        let mut members: Vec<usize> = (0..strata.len()).filter(|&i| strata[i] == g).collect();
+        rng.shuffle(&mut members);
+        for i in members {
+            fold[i] = next % folds;
+            next += 1;
+        }
+    }
+    fold
+}
+
+/// Mean cross-entropy -sum_k y_k log p_k of held-out rows (probabilities clipped at 1e-15).
+pub fn held_out_log_loss(logits: &[f64], classes: usize, targets: &[&Vec<f64>]) -> f64 {
+    let n = targets.len().max(1) as f64;
+    logits
+        .chunks(classes)
+        .zip(targets)
+        .map(|(z, y)| {
+            let p = softmax(z);
+            -y.iter()
+                .zip(&p)
+                .map(|(t, q)| {
+                    if *t == 0.0 {
+                        0.0
+                    } else {
+                        t * q.max(1e-15).ln()
+                    }
+                })
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        / n
+}
+
+/// Chooses C by k-fold cross-validation (`fold[i]` the fold of row i) on the held-out
+/// cross-entropy against `targets`, then refits on all rows. `x` is standardised.
+pub fn fit_cv(
+    x: &Matrix,
+    classes: usize,
+    objective: &dyn Objective,
+    targets: &[Vec<f64>],
+    fold: &[usize],
+    config: &SolverConfig,
+) -> Result<(LinearModel, CvReport)> {
+    config.validate()?;
+    if targets.len() != x.rows || fold.len() != x.rows {
+        bail!(
+            "internal: {} feature rows, {} targets, {} fold ids",
+            x.rows,
+            targets.len(),
+            fold.len()
+        );
+    }
+    let grid = config.grid();
+    let folds = fold.iter().max().map_or(0, |m| m + 1);
+    let per_fold: Vec<(Vec<f64>, usize)> = (0..folds)
+        .into_par_iter()
+        .map(|f| -> Result<(Vec<f64>, usize)> {
+            let train: Vec<usize> = (0..x.rows).filter(|&i| fold[i] != f).collect();
+            let held: Vec<usize> = (0..x.rows).filter(|&i| fold[i] == f).collect();
+            if train.is_empty() || held.is_empty() {
+                bail!("cross-validation fold {f} is empty: too few examples for {folds} folds");
+            }
+            let xt = x.select_rows(&train);
+            let xh = x.select_rows(&held);
+            let held_targets: Vec<&Vec<f64>> = held.iter().map(|&i| &targets[i]).collect();
+            let mut model = LinearModel::zeros(classes, x.cols);
+            let mut scores = Vec::with_capacity(grid.len());
+            let mut unconverged = 0;
+            for &c in &grid {
+                let start = if objective.staged() {
+                    LinearModel::zeros(classes, x.cols)
+                } else {
+                    model.clone()
+                };
+                let (fitted, report) = solve(&xt, &train, classes, objective, c, &start, config)?;
+                unconverged += usize::from(!report.converged);
+                scores.push(held_out_log_loss(
+                    &fitted.logits(&xh),
+                    classes,
+                    &held_targets,
+                ));
+                model = fitted;
+            }
+            Ok((scores, unconverged))
+        })
+        .collect::<Result<_>>()?;
+    let scores: Vec<f64> = (0..grid.len())
+        .map(|j| per_fold.iter().map(|(s, _)| s[j]).sum::<f64>() / folds as f64)
+        .collect();
+    let mut best = 0;
+    for j in 1..grid.len() {
+        if scores[j] < scores[best] {
+            best = j;
+        }
+    }
+    let all: Vec<usize> = (0..x.rows).collect();
+    let (model, refit) = solve(
+        x,
+        &all,
+        classes,
+        objective,
+        grid[best],
+        &LinearModel::zeros(classes, x.cols),
+        config,
+    )?;
+    Ok((
+        model,
+        CvReport {
+            chosen_c: grid[best],
+            grid,
+            scores,
+            refit,
+            unconverged: per_fold.iter().map(|(_, u)| u).sum(),
+        },
+    ))
+}
+
+/// L-BFGS (memory 10) with a strong-Wolfe line search; stops when max |g| <= tol, or (also
+/// counted as converged, as scipy's L-BFGS-B does) when three steps in a row reduce f by no more
+/// than 64 machine epsilons relative to max(|f|, 1): the objective cannot be resolved further.
+pub fn lbfgs(
+    mut f: impl FnMut(&[f64]) -> Result<(f64, Vec<f64>)>,
+    x0: Vec<f64>,
+    tol: f64,
+    max_iter: usize,
+) -> Result<(Vec<f64>, SolveReport)> {
+    const MEMORY: usize = 10;
+    let mut x = x0;
+    let (mut fx, mut g) = f(&x)?;
+    let mut evaluations = 1;
+    let mut history: std::collections::VecDeque<(Vec<f64>, Vec<f64>, f64)> =
+        std::collections::VecDeque::new();
+    let gmax = |g: &[f64]| g.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let mut iterations = 0;
+    let mut stalled = 0;
+    let mut at_precision = false;
+    while gmax(&g) > tol && iterations < max_iter {
+        if !fx.is_finite() {
+            bail!("the probe objective is not finite ({fx})");
+        }
+        // Two-loop recursion: d = -H g.
+        let mut q = g.clone();
+        let mut alphas = Vec::with_capacity(history.len());
+        for (s, y, rho) in history.iter().rev() {
+            let a = rho * dot(s, &q);
+            q.iter_mut().zip(y).for_each(|(qi, yi)| *qi -= a * yi);
+            alphas.push(a);
+        }
+        let gamma = history
+            .back()
+            .map_or(1.0 / dot(&g, &g).sqrt().max(1e-12), |(s, y, _)| {
+                dot(s, y) / dot(y, y)
+            });
+        q.iter_mut().for_each(|v| *v *= gamma);
+        for ((s, y, rho), a) in history.iter().zip(alphas.iter().rev()) {
+            let b = rho * dot(y, &q);
+            q.iter_mut().zip(s).for_each(|(qi, si)| *qi += (a - b) * si);
+        }
+        let mut d: Vec<f64> = q.iter().map(|v| -v).collect();
+        let mut slope = dot(&g, &d);
+        if slope >= 0.0 {
+            // Not a descent direction (non-convex loss): restart from steepest descent.
+            history.clear();
+            let scale = 1.0 / dot(&g, &g).sqrt().max(1e-12);
+            d = g.iter().map(|v| -v * scale).collect();
+            slope = dot(&g, &d);
+        }
+        let (step, fnew, gnew, used) = wolfe(&mut f, &x, fx, slope, &d)?;
+        evaluations += used;
+        iterations += 1;
+        if step == 0.0 {
+            // No decrease found along d.
+            if history.is_empty() {
+                break;
+            }
+            history.clear();
+            continue;
+        }
+        let s: Vec<f64> = d.iter().map(|v| v * step).collect();
+        let xnew: Vec<f64> = x.iter().zip(&s).map(|(a, b)| a + b).collect();
+        let y: Vec<f64> = gnew.iter().zip(&g).map(|(a, b)| a - b).collect();
+        let sy = dot(&s, &y);
+        if sy > 1e-12 * dot(&y, &y).sqrt() * dot(&s, &s).sqrt() {
+            if history.len() == MEMORY {
+                history.pop_front();
+            }
+            history.push_back((s, y, 1.0 / sy));
+        }
+        let decrease = fx - fnew;
+        x = xnew;
+        g = gnew;
+        if decrease <= 64.0 * f64::EPSILON * fx.abs().max(1.0) {
+            stalled += 1;
+            if stalled >= 3 {
+                fx = fnew;
+                at_precision = true;
+                break;
+            }
+        } else {
+            stalled = 0;
+        }
+        fx = fnew;
+    }
+    let grad_max = gmax(&g);
+    Ok((
+        x,
+        SolveReport {
+            iterations,
+            evaluations,
+            grad_max,
+            converged: grad_max <= tol || at_precision,
+            objective: fx,
+        },
+    ))
+}
+
+/// Strong-Wolfe line search (Nocedal & Wright, algorithms 3.5 and 3.6; c1 = 1e-4, c2 = 0.9)
+/// from step 1 with bracketing and safeguarded cubic interpolation. Returns (step, f, g,
+/// evaluations); step 0 when no acceptable step was found.
+#[allow(clippy::type_complexity)]
+fn wolfe(
+    f: &mut impl FnMut(&[f64]) -> Result<(f64, Vec<f64>)>,
+    x: &[f64],
+    f0: f64,
+    d0: f64,
+    d: &[f64],
+) -> Result<(f64, f64, Vec<f64>, usize)> {
+    const C1: f64 = 1e-4;
+    const C2: f64 = 0.9;
+    let mut evaluations = 0;
+    let mut eval = |a: f64| -> Result<(f64, f64, Vec<f64>)> {
+        let point: Vec<f64> = x.iter().zip(d).map(|(xi, di)| xi + a * di).collect();
+        let (fa, ga) = f(&point)?;
+        let slope = dot(&ga, d);
+        Ok((fa, slope, ga))
+    };
+    let (mut a_lo, mut f_lo, mut d_lo) = (0.0, f0, d0);
+    let mut a = 1.0;
+    let mut best: Option<(f64, f64, Vec<f64>)> = None;
+    let mut hi: Option<(f64, f64, f64)> = None;
+    for _ in 0..20 {
+        let (fa, da, ga) = eval(a)?;
+        evaluations += 1;
+        if !fa.is_finite() || fa > f0 + C1 * a * d0 || fa >= f_lo && a_lo > 0.0 {
+            hi = Some((a, if fa.is_finite() { fa } else { f64::MAX }, da));
+            break;
+        }
+        if da.abs() <= -C2 * d0 {
+            return Ok((a, fa, ga, evaluations));
+        }
+        best = Some((a, fa, ga));
+        if da >= 0.0 {
+            hi = Some((a_lo, f_lo, d_lo));
+            a_lo = a;
+            f_lo = fa;
+            d_lo = da;
+            break;
+        }
+        a_lo = a;
+        f_lo = fa;
+        d_lo = da;
+        a *= 2.0;
+    }
+    let Some((mut a_hi, mut f_hi, mut d_hi)) = hi else {
+        // Kept extending: take the last point that decreased enough.
+        return Ok(match best {
+            Some((a, fa, ga)) => (a, fa, ga, evaluations),
+            None => (0.0, f0, vec![], evaluations),
+        });
+    };
+    for _ in 0..30 {
+        let a_j = interpolate(a_lo, f_lo, d_lo, a_hi, f_hi, d_hi);
+        let (fa, da, ga) = eval(a_j)?;
+        evaluations += 1;
+        if !fa.is_finite() || fa > f0 + C1 * a_j * d0 || fa >= f_lo {
+            a_hi = a_j;
+            f_hi = if fa.is_finite() { fa } else { f64::MAX };
+            d_hi = da;
+        } else {
+            if da.abs() <= -C2 * d0 {
+                return Ok((a_j, fa, ga, evaluations));
+            }
+            if da * (a_hi - a_lo) >= 0.0 {
+                a_hi = a_lo;
+                f_hi = f_lo;
+                d_hi = d_lo;
+            }
+            a_lo = a_j;
+            f_lo = fa;
+            d_lo = da;
+            best = Some((a_j, fa, ga));
+        }
+        if (a_hi - a_lo).abs() < 1e-16 * a_lo.abs().max(1e-16) {
+            break;
+        }
+    }
+    // The interval collapsed: accept the best sufficient-decrease point seen, if any.
+    Ok(match best {
+        Some((a, fa, ga)) if a == a_lo => (a, fa, ga, evaluations),
+        _ => (0.0, f0, vec![], evaluations),
+    })
+}
+
+/// Minimiser of the cubic through (a, fa, da) and (b, fb, db), kept within the middle 80% of the
+/// interval (bisection when the cubic has no usable minimiser).
+fn interpolate(a: f64, fa: f64, da: f64, b: f64, fb: f64, db: f64) -> f64 {
+    let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+    let margin = 0.1 * (hi - lo);
+    let mid = 0.5 * (a + b);
+    if !(fb.is_finite() && fb < f64::MAX) {
+        return mid;
+    }
+    let d1 = da + db - 3.0 * (fa - fb) / (a - b);
+    let disc = d1 * d1 - da * db;
+    if disc < 0.0 {
+        return mid;
+    }
+    let d2 = (b - a).signum() * disc.sqrt();
+    let t = b - (b - a) * (db + d2 - d1) / (db - da + 2.0 * d2);
+    if t.is_finite() {
+        t.clamp(lo + margin, hi - margin)
+    } else {
+        mid
+    }
+}
