@@ -69,11 +69,37 @@ finished stage."
     /// Inspect models (an HF folder, a .gguf file, or the name of a fetched model).
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Measurements that choose settings (on validation data only).
+    #[command(subcommand)]
+    Study(StudyCommand),
     /// Continue a prompt with a decoder model (greedy or beam search).
     Generate(GenerateArgs),
     /// Measure speed.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum StudyCommand {
+    /// SciQ text format (with or without "Is this answer correct?") and pooling (last token or
+    /// mean) per model, by cross-validated probe accuracy on the official valid split.
+    PromptPooling {
+        /// Models (fetched names or paths), comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "smollm2-135m,gemma3-270m,qwen2.5-coder-0.5b,all-minilm-l6-v2,qwen2.5-coder-1.5b"
+        )]
+        models: Vec<String>,
+        /// Valid questions used (at most 1000).
+        #[arg(long, default_value_t = 500)]
+        n: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Also write the rows as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -219,6 +245,9 @@ struct TaskArgs {
     /// SciQ: prepend the support paragraph.
     #[arg(long)]
     support: bool,
+    /// SciQ / CosmosQA: end each item by asking whether the answer is correct.
+    #[arg(long)]
+    ask: bool,
     /// Generic JSONL tasks: a separate test file.
     #[arg(long, value_name = "FILE")]
     test_file: Option<PathBuf>,
@@ -232,6 +261,7 @@ impl TaskArgs {
         let options = ChoiceOptions {
             pairs: self.pairs,
             support: self.support,
+            ask: self.ask,
         };
         let mut spec = TaskSpec::parse(&self.task, options)?;
         if let Some(test_file) = &self.test_file {
@@ -560,6 +590,20 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Demo { out } => demo(&out),
+        Command::Study(StudyCommand::PromptPooling {
+            models,
+            n,
+            seed,
+            json,
+        }) => {
+            let solver = ws2s::train::convex::SolverConfig::default();
+            let rows = ws2s::experiment::study::prompt_pooling(&models, n, seed, &solver, true)?;
+            if let Some(path) = json {
+                ws2s::io::write_atomic(&path, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+            }
+            print!("{}", ws2s::experiment::study::markdown(&rows));
+            Ok(())
+        }
         Command::Model(ModelCommand::Info { model, json }) => model_info(&model, json),
         Command::Model(ModelCommand::Download { repo, revision }) => download(&repo, &revision),
         Command::Generate(args) => generate_text(&args),

@@ -27,3 +27,39 @@ pub fn tune_allocator() {
         }
     }
 }
+
+/// The CPU's model name and its vector extensions that matter for ws2s's kernels, from
+/// /proc/cpuinfo (e.g. "Intel(R) Xeon(R) Processor; avx2 avx512f avx512_bf16 avx512_vnni; 2 threads").
+pub fn cpu_description() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let model = field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let flags = field("flags").unwrap_or_default();
+    let wanted = [
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512_bf16",
+        "avx512_vnni",
+        "amx_bf16",
+    ];
+    let present: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|w| flags.split_whitespace().any(|f| f == *w))
+        .collect();
+    format!(
+        "{model}; {}; {} threads",
+        if present.is_empty() {
+            "no AVX2".to_string()
+        } else {
+            present.join(" ")
+        },
+        rayon::current_num_threads()
+    )
+}

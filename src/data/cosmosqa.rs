@@ -23,7 +23,7 @@ pub const DEFAULT_SIZES: ResolvedSizes = ResolvedSizes {
     valid: 0,
 };
 
-fn read_questions(path: &Path) -> Result<Vec<ChoiceQuestion>> {
+fn read_questions(path: &Path, ask: bool) -> Result<Vec<ChoiceQuestion>> {
     let text = read_text(path)?;
     let mut reader = csv::Reader::from_reader(text.as_bytes());
     let expected = "columns id,context,question,answer0,answer1,answer2,answer3,label";
@@ -81,6 +81,11 @@ fn read_questions(path: &Path) -> Result<Vec<ChoiceQuestion>> {
                 .filter(|(i, t)| *i != correct && !t.is_empty())
                 .map(|(_, t)| t.clone())
                 .collect(),
+            suffix: if ask {
+                super::ASK_SUFFIX.into()
+            } else {
+                String::new()
+            },
         });
     }
     Ok(questions)
@@ -88,7 +93,7 @@ fn read_questions(path: &Path) -> Result<Vec<ChoiceQuestion>> {
 
 pub fn load(dir: &Path, options: ChoiceOptions, sizes: &SplitSizes, seed: u64) -> Result<Dataset> {
     let sizes = sizes.resolve(DEFAULT_SIZES);
-    let questions = read_questions(&dir.join("valid.csv"))?;
+    let questions = read_questions(&dir.join("valid.csv"), options.ask)?;
     let total = questions.len();
     let questions = dedup_by_key(questions, |q| q.prefix.clone());
     let mut pool = shuffled(questions, seed, "cosmosqa/pool");

@@ -133,7 +133,12 @@ pub struct ChoiceOptions {
     pub pairs: bool,
     /// SciQ: prepend the support paragraph (when the question has one).
     pub support: bool,
+    /// End the text by asking whether the answer is correct ([`ASK_SUFFIX`]).
+    pub ask: bool,
 }
+
+/// What the `ask` option appends to a multiple-choice item's text.
+pub const ASK_SUFFIX: &str = "\nIs this answer correct?";
 
 /// Which task, and with which options.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -337,6 +342,8 @@ pub(crate) struct ChoiceQuestion {
     pub prefix: String,
     pub correct: String,
     pub wrong: Vec<String>,
+    /// Text after the answer (empty, or [`ASK_SUFFIX`]).
+    pub suffix: String,
 }
 
 /// Turns questions into binary examples. Without `pairs`, a seeded half of the questions (rounded
@@ -349,7 +356,7 @@ pub(crate) fn choice_examples(
     rng: &mut Rng,
 ) -> Vec<Example> {
     let make = |question: &ChoiceQuestion, answer: &str, class: usize| {
-        let input = format!("{}{}", question.prefix, answer);
+        let input = format!("{}{}{}", question.prefix, answer, question.suffix);
         Example {
             id: example_id(&[task, &input, &class.to_string()]),
             input,

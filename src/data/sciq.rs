@@ -13,7 +13,7 @@
 
 use super::{
     choice_examples, dedup_by_key, shuffled, take, ChoiceOptions, ChoiceQuestion, Dataset,
-    ResolvedSizes, SplitSizes,
+    ResolvedSizes, SplitSizes, ASK_SUFFIX,
 };
 use crate::io::read_text;
 use crate::rng::Rng;
@@ -51,7 +51,7 @@ fn read_records(path: &Path) -> Result<Vec<Record>> {
     Ok(records)
 }
 
-fn to_question(record: &Record, support: bool) -> Option<ChoiceQuestion> {
+fn to_question(record: &Record, support: bool, ask: bool) -> Option<ChoiceQuestion> {
     let correct = record.correct_answer.trim().to_string();
     let wrong: Vec<String> = [
         &record.distractor1,
@@ -75,6 +75,11 @@ fn to_question(record: &Record, support: bool) -> Option<ChoiceQuestion> {
         prefix,
         correct,
         wrong,
+        suffix: if ask {
+            ASK_SUFFIX.into()
+        } else {
+            String::new()
+        },
     })
 }
 
@@ -122,7 +127,7 @@ pub fn load(dir: &Path, options: ChoiceOptions, sizes: &SplitSizes, seed: u64) -
     let build = |records: Vec<&Record>, purpose: &str| {
         let questions: Vec<ChoiceQuestion> = records
             .iter()
-            .filter_map(|r| to_question(r, options.support))
+            .filter_map(|r| to_question(r, options.support, options.ask))
             .collect();
         let mut rng = Rng::derived(seed, purpose);
         choice_examples("sciq", &questions, options.pairs, &mut rng)
@@ -196,6 +201,7 @@ mod tests {
         let options = ChoiceOptions {
             pairs: true,
             support: true,
+            ask: false,
         };
         let spec = TaskSpec::Sciq(options);
         let sizes = SplitSizes {

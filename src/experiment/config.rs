@@ -35,6 +35,9 @@ pub struct TaskConfig {
     pub pairs: bool,
     #[serde(default)]
     pub support: bool,
+    /// SciQ / CosmosQA: end each item by asking whether the answer is correct.
+    #[serde(default)]
+    pub ask: bool,
     #[serde(default)]
     pub test_path: Option<PathBuf>,
     #[serde(default)]
@@ -372,6 +375,7 @@ impl TaskConfig {
         let options = ChoiceOptions {
             pairs: self.pairs,
             support: self.support,
+            ask: self.ask,
         };
         let resolve = |p: &Path| {
             if p.is_relative() {

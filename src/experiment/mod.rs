@@ -5,3 +5,4 @@ pub mod generation;
 pub mod learner;
 pub mod pipeline;
 pub mod stages;
+pub mod study;

@@ -105,6 +105,18 @@ pub struct RunResults {
     pub seeds: Vec<SeedResult>,
     pub summary: SummaryTable,
     pub paired: PairedReport,
+    /// The CPU the run used (model name, vector extensions, threads).
+    pub cpu: String,
+    /// Wall time of each stage (feature extraction per model, the probes of all seeds).
+    pub timings: Vec<Timing>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Timing {
+    pub stage: String,
+    pub seconds: f64,
+    /// Read from the cache instead of computed.
+    pub cached: bool,
 }
 
 fn one_hot_rows(examples: &[Example], k: usize) -> Rows {
@@ -174,6 +186,7 @@ fn features_for(
     examples: &BTreeMap<String, String>,
     progress: bool,
     device: &Device,
+    timings: &std::cell::RefCell<Vec<Timing>>,
 ) -> Result<FeatureTable> {
     let path = resolve_model(&spec.model)?;
     let hash = model_hash(&path)?;
@@ -215,6 +228,11 @@ fn features_for(
             format!("{:.0} s", start.elapsed().as_secs_f64())
         }
     );
+    timings.borrow_mut().push(Timing {
+        stage: format!("features: {}", spec.label()),
+        seconds: start.elapsed().as_secs_f64(),
+        cached: hit,
+    });
     let row_of = ids
         .iter()
         .enumerate()
@@ -292,9 +310,10 @@ pub fn run(
         config.seeds,
         examples.len()
     );
+    let timings = std::cell::RefCell::new(Vec::new());
     let learner_for = |spec: &ModelSpec| -> Result<(Box<dyn Learner>, String)> {
         if spec.mode == TrainingMode::Probe {
-            let table = features_for(spec, &examples, progress, &device)?;
+            let table = features_for(spec, &examples, progress, &device, &timings)?;
             let hash = table.model_hash.clone();
             let learner = ProbeLearner {
                 table,
@@ -686,11 +705,14 @@ pub fn run(
             methods: results,
         });
     }
-    eprintln!(
-        "probes: {} seeds in {:.0} s",
-        datasets.len(),
-        probes_started.elapsed().as_secs_f64()
-    );
+    let probe_seconds = probes_started.elapsed().as_secs_f64();
+    eprintln!("probes: {} seeds in {probe_seconds:.0} s", datasets.len());
+    let mut timings = timings.into_inner();
+    timings.push(Timing {
+        stage: format!("probes: {} seeds, every method", datasets.len()),
+        seconds: probe_seconds,
+        cached: false,
+    });
     let summary = summarise(config, &seed_results);
     let paired = paired_statistics(config, &seed_results, &predictions);
     let models = weak_names
@@ -706,6 +728,8 @@ pub fn run(
         seeds: seed_results,
         summary,
         paired,
+        cpu: crate::runtime::cpu_description(),
+        timings,
     };
     write_outputs(out, &results, &label_rows, &predictions)?;
     Ok(results)
@@ -1017,6 +1041,35 @@ pub fn markdown(results: &RunResults) -> String {
         cell(results.summary["ceiling"].get("accuracy")),
         chosen(&|s| s.ceiling_chosen_c)
     ));
+    let grid = c.solver.grid();
+    let edge = |v: Option<f64>| {
+        v.is_some_and(|v| grid.len() > 1 && (v == grid[0] || v == grid[grid.len() - 1]))
+    };
+    let mut at_edge: Vec<String> = Vec::new();
+    for s in &results.seeds {
+        let weak = c.weak_labels();
+        for (j, v) in s.weak_chosen_c.iter().enumerate() {
+            if edge(*v) {
+                at_edge.push(format!("weak {} (seed {})", weak[j], s.seed));
+            }
+        }
+        if edge(s.ceiling_chosen_c) {
+            at_edge.push(format!("ceiling (seed {})", s.seed));
+        }
+        for m in &s.methods {
+            if edge(m.chosen_c) {
+                at_edge.push(format!("{} (seed {})", m.method, s.seed));
+            }
+        }
+    }
+    if !at_edge.is_empty() {
+        out.push_str(&format!(
+            "Note: C was chosen at the edge of the grid [{:.1e}, {:.1e}] for {}; widen `[solver]` c_min / c_max to see whether the optimum lies beyond it.\n\n",
+            grid[0],
+            grid[grid.len() - 1],
+            at_edge.join(", ")
+        ));
+    }
     out.push_str("Students: the strong model's probe trained on the weak labels alone, C chosen by cross-validation on those labels.\n\n");
     out.push_str("| method | test accuracy | C | AUROC | ECE | PGR vs mean weak | PGR vs best weak |\n|---|---|---|---|---|---|---|\n");
     if let Some(first) = results.seeds.first() {
@@ -1031,6 +1084,23 @@ pub fn markdown(results: &RunResults) -> String {
                 cell(row.get("ece")),
                 cell(row.get("pgr_vs_mean_weak")),
                 cell(row.get("pgr_vs_best_weak"))
+            ));
+        }
+    }
+    if !results.timings.is_empty() {
+        out.push_str(&format!(
+            "\nRan on: {}.\n\n| stage | wall time |\n|---|---|\n",
+            results.cpu
+        ));
+        for t in &results.timings {
+            out.push_str(&format!(
+                "| {} | {} |\n",
+                t.stage,
+                if t.cached {
+                    "cached".to_string()
+                } else {
+                    format!("{:.0} s", t.seconds)
+                }
             ));
         }
     }

@@ -39,6 +39,19 @@ pub fn extract(
     options: &FeatureOptions,
     device: &Device,
 ) -> Result<Tensor> {
+    let mut out = extract_pooled(model, texts, &[options.pooling], options, device)?;
+    Ok(out.remove(0))
+}
+
+/// Features [N, H] of `texts` under each of `poolings`, from one forward pass per batch
+/// (`options.pooling` is ignored).
+pub fn extract_pooled(
+    model: &Model,
+    texts: &[&str],
+    poolings: &[Pooling],
+    options: &FeatureOptions,
+    device: &Device,
+) -> Result<Vec<Tensor>> {
     let tokenizer = model.tokenizer()?;
     let mut encoded: Vec<Vec<u32>> = Vec::with_capacity(texts.len());
     for text in texts {
@@ -52,7 +65,7 @@ pub fn extract(
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.sort_by_key(|&i| encoded[i].len());
     let hidden_size = model.network.hidden_size();
-    let mut rows: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
+    let mut rows: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; texts.len()]; poolings.len()];
     let bar = progress_bar(options.progress, texts.len() as u64, "features");
     for batch in order.chunks(options.batch_size.max(1)) {
         let t = batch
@@ -73,18 +86,24 @@ pub fn extract(
         let hidden = model
             .network
             .hidden(&ids, &mask, &mut model.network.new_cache())?;
-        let pooled = pool(&hidden, &mask, options.pooling)?.to_vec2::<f32>()?;
-        for (&i, values) in batch.iter().zip(pooled) {
-            rows[i] = Some(values);
+        for (rows, &pooling) in rows.iter_mut().zip(poolings) {
+            let pooled = pool(&hidden, &mask, pooling)?.to_vec2::<f32>()?;
+            for (&i, values) in batch.iter().zip(pooled) {
+                rows[i] = Some(values);
+            }
         }
         bar.inc(batch.len() as u64);
     }
     bar.finish_and_clear();
-    let flat: Vec<f32> = rows
-        .into_iter()
-        .flat_map(|r| r.expect("every row computed"))
-        .collect();
-    Ok(Tensor::from_vec(flat, (texts.len(), hidden_size), device)?)
+    rows.into_iter()
+        .map(|rows| {
+            let flat: Vec<f32> = rows
+                .into_iter()
+                .flat_map(|r| r.expect("every row computed"))
+                .collect();
+            Ok(Tensor::from_vec(flat, (texts.len(), hidden_size), device)?)
+        })
+        .collect()
 }
 
 pub fn progress_bar(visible: bool, len: u64, what: &str) -> indicatif::ProgressBar {

@@ -397,9 +397,9 @@ impl Default for SolverConfig {
     fn default() -> Self {
         SolverConfig {
             folds: 5,
-            c_min: 1e-4,
-            c_max: 1e2,
-            c_steps: 13,
+            c_min: 1e-5,
+            c_max: 1.0,
+            c_steps: 11,
             tol: 1e-5,
             max_iter: 500,
             stages: 4,
