@@ -176,11 +176,11 @@ fn reruns_reuse_stages_and_a_changed_setting_reruns_only_what_depends_on_it() {
     let task = write_task(dir.path());
     let model = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/models/llama_gguf/tiny-llama.gguf");
-    let config = |a_max: f64| {
+    let config = |a_max: f64, c_steps: usize| {
         format!(
             "name = \"t\"\n[task]\nname = \"classify:{}\"\n[task.sizes]\nweak_train = 40\nstrong_train = 40\ntest = 40\n\
              [[weak]]\nmodel = \"{m}\"\n[[weak]]\nmodel = \"{m}\"\npooling = \"mean\"\n[strong]\nmodel = \"{m}\"\n\
-             [probe]\nepochs = 2\n[methods]\nlist = [\"logconf\", \"edl\"]\nlogconf_a_max = {a_max}\n",
+             [solver]\nc_steps = {c_steps}\n[methods]\nlist = [\"logconf\", \"edl\"]\nlogconf_a_max = {a_max}\n",
             task.display(),
             m = model.display()
         )
@@ -204,9 +204,24 @@ fn reruns_reuse_stages_and_a_changed_setting_reruns_only_what_depends_on_it() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        std::fs::read_to_string(dir.path().join("out/results.json")).unwrap()
+        let text = std::fs::read_to_string(dir.path().join("out/results.json")).unwrap();
+        // Everything but the wall times.
+        let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        json.as_object_mut().unwrap().remove("timings");
+        json
     };
-    let first = run(config(0.5));
+    let features = |h: &Path| -> Vec<(std::path::PathBuf, std::time::SystemTime)> {
+        let mut files: Vec<_> = std::fs::read_dir(h.join("features"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.path(), e.metadata().unwrap().modified().unwrap())
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let first = run(config(0.5, 11));
     let counts = |h: &Path| {
         (
             stage_files(h, "weak"),
@@ -215,15 +230,20 @@ fn reruns_reuse_stages_and_a_changed_setting_reruns_only_what_depends_on_it() {
         )
     };
     assert_eq!(counts(&home), (2, 1, 3));
-    let second = run(config(0.5));
+    let second = run(config(0.5, 11));
     assert_eq!(counts(&home), (2, 1, 3), "a rerun computes nothing new");
     assert_eq!(first, second);
-    run(config(0.3));
+    let cached = features(&home);
+    run(config(0.3, 11));
     assert_eq!(
         counts(&home),
         (2, 1, 6),
         "only the students depend on the methods section"
     );
+    // A changed probe setting refits every probe but reads the features from the cache.
+    run(config(0.3, 10));
+    assert_eq!(counts(&home), (4, 2, 9));
+    assert_eq!(features(&home), cached, "features are not recomputed");
 }
 
 #[test]

@@ -27,6 +27,10 @@ use std::path::Path;
 
 type Rows = Vec<Vec<f64>>;
 
+/// Part of every stage key: bumped when what a stage stores changes, so that entries written by
+/// an older build are recomputed rather than read with missing fields.
+const STAGE_FORMAT: &str = "classify-stages-2";
+
 /// A weak model's stage: its test metrics and probabilities, and its soft labels on
 /// strong_train with their calibration against ground truth (for the report only).
 #[derive(Serialize, serde::Deserialize)]
@@ -36,6 +40,8 @@ struct WeakStage {
     strong_train: ClassifyMetrics,
     strong_train_labels: Rows,
     chosen_c: Option<f64>,
+    /// The cross-validated log-loss on weak_train at the chosen C (no test data involved).
+    cv_log_loss: Option<f64>,
 }
 
 /// The ceiling's stage.
@@ -88,6 +94,8 @@ pub struct SeedResult {
     pub weak_on_strong_train: Vec<ClassifyMetrics>,
     /// C of each weak model's probe, chosen by cross-validation on weak_train.
     pub weak_chosen_c: Vec<Option<f64>>,
+    /// Each weak model's cross-validated log-loss on weak_train at that C.
+    pub weak_cv_log_loss: Vec<Option<f64>>,
     /// Dawid-Skene accuracies estimated on strong_train without ground truth, per weak model.
     pub learned_reliability: Vec<f64>,
     /// The weights used by the multi-weak methods.
@@ -371,10 +379,17 @@ pub fn run(
         let mut weak_labels: Vec<Rows> = Vec::new();
         let mut weak_test: Vec<Rows> = Vec::new();
         let mut weak_c = Vec::new();
+        let mut weak_cv = Vec::new();
         let mut weak_keys = Vec::new();
         let weak_targets = one_hot_rows(&dataset.weak_train, classes);
         for learner in &weak_learners {
-            let key = stage_key(&["weak", &learner.key(), &data_hash, &probe_json]);
+            let key = stage_key(&[
+                "weak",
+                STAGE_FORMAT,
+                &learner.key(),
+                &data_hash,
+                &probe_json,
+            ]);
             let (stage, _) = stages.get_or_compute("weak", &key, || {
                 let fitted = fit_on_ground_truth(
                     learner.as_ref(),
@@ -393,6 +408,9 @@ pub fn run(
                     test_probs,
                     strong_train,
                     strong_train_labels,
+                    cv_log_loss: fitted.cv.as_ref().map(|cv| {
+                        cv.scores[cv.grid.iter().position(|&c| c == cv.chosen_c).unwrap_or(0)]
+                    }),
                     chosen_c: fitted.cv.map(|cv| cv.chosen_c),
                 })
             })?;
@@ -401,10 +419,17 @@ pub fn run(
             weak_labels.push(stage.strong_train_labels);
             weak_test.push(stage.test_probs);
             weak_c.push(stage.chosen_c);
+            weak_cv.push(stage.cv_log_loss);
             weak_keys.push(key);
         }
         let strong_key = strong_learner.key();
-        let ceiling_key = stage_key(&["ceiling", &strong_key, &data_hash, &probe_json]);
+        let ceiling_key = stage_key(&[
+            "ceiling",
+            STAGE_FORMAT,
+            &strong_key,
+            &data_hash,
+            &probe_json,
+        ]);
         let (ceiling, _) = stages.get_or_compute("ceiling", &ceiling_key, || {
             let targets = one_hot_rows(&dataset.strong_train, classes);
             let fitted = fit_on_ground_truth(
@@ -698,6 +723,7 @@ pub fn run(
             weak: weak_metrics,
             weak_on_strong_train: weak_calibration,
             weak_chosen_c: weak_c,
+            weak_cv_log_loss: weak_cv,
             learned_reliability: ds.accuracy.clone(),
             weights,
             ceiling: ceiling.test,
@@ -765,7 +791,8 @@ pub struct PairedReport {
     pub resamples: usize,
     /// "crossed" (one test set shared by all seeds) or "nested".
     pub design: String,
-    /// The single-weak xent student with the highest mean test accuracy.
+    /// The single-weak xent student whose teacher has the lowest cross-validated log-loss on
+    /// weak_train (chosen without test data).
     pub best_single: Option<String>,
     pub rows: Vec<PairedRow>,
     pub claims: Vec<Claim>,
@@ -819,11 +846,29 @@ fn paired_statistics(
         .map(|k| outcomes(&|p| &p.methods[k]))
         .collect();
     let find = |name: &str| names.iter().position(|n| n == name);
+    // The best single-weak student is chosen without test data: the xent student of the weak
+    // model with the lowest cross-validated log-loss on weak_train (mean over seeds).
+    let cv_of = |j: usize| -> f64 {
+        let values: Vec<f64> = seeds
+            .iter()
+            .filter_map(|s| s.weak_cv_log_loss.get(j).copied().flatten())
+            .collect();
+        if values.is_empty() {
+            f64::INFINITY
+        } else {
+            values.iter().sum::<f64>() / values.len() as f64
+        }
+    };
     let best_single = names
         .iter()
         .enumerate()
-        .filter(|(_, n)| n.starts_with("xent["))
-        .max_by(|a, b| Resampler::mean(&methods[a.0]).total_cmp(&Resampler::mean(&methods[b.0])))
+        .filter_map(|(k, n)| {
+            n.starts_with("xent[")
+                .then(|| teacher_of(n, &weak_names))
+                .flatten()
+                .map(|j| (k, cv_of(j)))
+        })
+        .min_by(|a, b| a.1.total_cmp(&b.1))
         .map(|(k, _)| k);
     let naive = find("naive");
     let rows = names
@@ -873,9 +918,12 @@ fn paired_statistics(
         edl,
         best_single,
     );
+    // The classification counterpart of joint decoding. The weighted-average joint label is not
+    // used here: the cross-entropy is linear in its target, so with weights summing to 1 it is
+    // the naive loss exactly.
     claim(
-        "Joint labels beat naive multi-weak (classification counterpart of joint decoding)",
-        find("joint_average"),
+        "Joint labels (Dawid-Skene posterior) beat naive multi-weak (classification counterpart of joint decoding)",
+        find("joint_dawid_skene"),
         naive,
     );
     for (k, name) in names.iter().enumerate() {
@@ -1045,23 +1093,32 @@ pub fn markdown(results: &RunResults) -> String {
     let edge = |v: Option<f64>| {
         v.is_some_and(|v| grid.len() > 1 && (v == grid[0] || v == grid[grid.len() - 1]))
     };
-    let mut at_edge: Vec<String> = Vec::new();
+    // Probe name -> the seeds where its C landed on the grid's edge.
+    let mut edge_seeds: Vec<(String, Vec<u64>)> = Vec::new();
+    let mut mark = |name: String, seed: u64| match edge_seeds.iter_mut().find(|(n, _)| *n == name) {
+        Some((_, seeds)) => seeds.push(seed),
+        None => edge_seeds.push((name, vec![seed])),
+    };
     for s in &results.seeds {
         let weak = c.weak_labels();
         for (j, v) in s.weak_chosen_c.iter().enumerate() {
             if edge(*v) {
-                at_edge.push(format!("weak {} (seed {})", weak[j], s.seed));
+                mark(format!("weak {}", weak[j]), s.seed);
             }
         }
         if edge(s.ceiling_chosen_c) {
-            at_edge.push(format!("ceiling (seed {})", s.seed));
+            mark("ceiling".into(), s.seed);
         }
         for m in &s.methods {
             if edge(m.chosen_c) {
-                at_edge.push(format!("{} (seed {})", m.method, s.seed));
+                mark(m.method.clone(), s.seed);
             }
         }
     }
+    let at_edge: Vec<String> = edge_seeds
+        .iter()
+        .map(|(name, seeds)| format!("{name} (seeds {seeds:?})"))
+        .collect();
     if !at_edge.is_empty() {
         out.push_str(&format!(
             "Note: C was chosen at the edge of the grid [{:.1e}, {:.1e}] for {}; widen `[solver]` c_min / c_max to see whether the optimum lies beyond it.\n\n",
@@ -1111,7 +1168,8 @@ pub fn markdown(results: &RunResults) -> String {
              (the same examples for every model), with 95% percentile intervals of a two-way bootstrap \
              ({} resamples; seeds and test examples drawn with replacement, design: {}). \
              Reference: the student's weak teacher, or the mean of the weak models for multi-weak methods. \
-             Best single-weak student: {}.\n\n\
+             Best single-weak student: {}, the student of the weak model with the lowest cross-validated \
+             log-loss on weak_train (chosen without test data).\n\n\
              | method | reference | vs reference | PGR vs reference | vs naive | vs best single-weak |\n\
              |---|---|---|---|---|---|\n",
             p.resamples,
