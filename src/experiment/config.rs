@@ -16,6 +16,12 @@
 //! strong_train = 2000
 //! test = 1000
 //! valid = 0
+//!
+//! [solver]               # linear probes: k-fold CV over a log grid of C (train/convex.rs)
+//! folds = 5
+//! c_min = 1e-5
+//! c_max = 1.0
+//! c_steps = 11
 //! ```
 
 use crate::data::{ChoiceOptions, SplitSizes, TaskSpec};
@@ -252,6 +258,77 @@ impl ModelSpec {
     pub fn label(&self) -> String {
         self.name.clone().unwrap_or_else(|| self.model.clone())
     }
+
+    fn check(&self, key: &str) -> Result<()> {
+        if self.max_tokens == 0 {
+            bail!("{key}.max_tokens: must be at least 1");
+        }
+        if self.lora.is_some() && self.mode != TrainingMode::Lora {
+            bail!("{key}.lora: only used with mode = \"lora\" (this model's mode is {:?}); remove it or set the mode", self.mode);
+        }
+        if let Some(train) = &self.train {
+            if self.mode == TrainingMode::Probe {
+                bail!("{key}.train: only used with mode = \"lora\" or \"full\" (probes are solved to convergence; see [solver])");
+            }
+            check_train(train, &format!("{key}.train"))?;
+        }
+        Ok(())
+    }
+}
+
+fn check_fraction(value: f64, key: &str) -> Result<()> {
+    if !(0.0..=1.0).contains(&value) {
+        bail!("{key}: must be in [0, 1], got {value}");
+    }
+    Ok(())
+}
+
+fn check_train(t: &TrainConfig, key: &str) -> Result<()> {
+    if t.epochs == 0 {
+        bail!("{key}.epochs: must be at least 1");
+    }
+    if t.batch_size == 0 {
+        bail!("{key}.batch_size: must be at least 1");
+    }
+    if t.grad_accum == 0 {
+        bail!("{key}.grad_accum: must be at least 1");
+    }
+    if !(t.lr.is_finite() && t.lr > 0.0) {
+        bail!("{key}.lr: must be a finite number > 0, got {}", t.lr);
+    }
+    check_fraction(t.warmup_ratio, &format!("{key}.warmup_ratio"))?;
+    if let Some(norm) = t.max_grad_norm {
+        if !(norm.is_finite() && norm > 0.0) {
+            bail!("{key}.max_grad_norm: must be a finite number > 0, got {norm}");
+        }
+    }
+    Ok(())
+}
+
+fn check_weights(w: &[f64], weak: usize, key: &str) -> Result<()> {
+    if w.len() != weak {
+        bail!(
+            "{key}: {} weights for {weak} weak models; give one per weak model",
+            w.len()
+        );
+    }
+    if let Some(v) = w.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
+        bail!("{key}: every weight must be a finite number >= 0, got {v}");
+    }
+    if w.iter().sum::<f64>() <= 0.0 {
+        bail!("{key}: the weights sum to 0; at least one must be positive");
+    }
+    Ok(())
+}
+
+fn check_evidence(evidence: &str, clamp: f64, section: &str) -> Result<()> {
+    if evidence != "exp" && evidence != "softplus" {
+        bail!("{section}.evidence: `{evidence}` is not one of \"exp\", \"softplus\"");
+    }
+    if !(clamp.is_finite() && clamp > 0.0) {
+        bail!("{section}.evidence_clamp: must be a finite number > 0, got {clamp}");
+    }
+    Ok(())
 }
 
 fn default_max_tokens() -> usize {
@@ -442,7 +519,75 @@ impl ExperimentConfig {
             .solver
             .validate()
             .with_context(|| format!("{}: in [solver]", path.display()))?;
+        config
+            .check_values()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(config)
+    }
+
+    /// Range and choice checks of every setting that TOML's types do not catch; the error names
+    /// the key, the value and what is allowed.
+    fn check_values(&self) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for seed in &self.seeds {
+            if !seen.insert(seed) {
+                bail!("seeds: seed {seed} is given twice; seeds must be distinct (a repeated seed fakes the spread over seeds)");
+            }
+        }
+        if self.task.sizes.test == Some(0) {
+            bail!("task.sizes.test: must be at least 1");
+        }
+        check_train(&self.probe, "probe")?;
+        for (j, spec) in self.weak.iter().enumerate() {
+            spec.check(&format!("weak[{}]", j + 1))?;
+        }
+        if let Some(strong) = &self.strong {
+            strong.check("strong")?;
+        }
+        let m = &self.methods;
+        match &m.weights {
+            WeightsSpec::Named(name) if name == "uniform" || name == "dawid_skene" => {}
+            WeightsSpec::Named(name) => bail!(
+                "methods.weights: `{name}` is not one of \"uniform\", \"dawid_skene\" or a list of {} numbers",
+                self.weak.len()
+            ),
+            WeightsSpec::Given(w) => check_weights(w, self.weak.len(), "methods.weights")?,
+        }
+        check_evidence(&m.evidence, m.evidence_clamp, "methods")?;
+        for (key, value) in [
+            ("methods.logconf_a_max", m.logconf_a_max),
+            ("methods.logconf_warmup", m.logconf_warmup),
+            ("methods.edl_step_a_max", m.edl_step_a_max),
+            ("methods.edl_step_warmup", m.edl_step_warmup),
+        ] {
+            check_fraction(value, key)?;
+        }
+        if !(m.edl_c.is_finite() && m.edl_c >= 0.0) {
+            bail!(
+                "methods.edl_c: must be a finite number >= 0, got {}",
+                m.edl_c
+            );
+        }
+        let g = &self.generation;
+        for (key, value) in [
+            ("generation.weak_beams", g.weak_beams),
+            ("generation.test_beams", g.test_beams),
+            ("generation.max_new_tokens", g.max_new_tokens),
+            ("generation.decode_batch", g.decode_batch),
+        ] {
+            if value == 0 {
+                bail!("{key}: must be at least 1");
+            }
+        }
+        if let WeightsSpec::Named(name) = &g.weights {
+            if name != "agreement" && name != "uniform" {
+                bail!("generation.weights: `{name}` is not one of \"agreement\", \"uniform\" or a list of numbers");
+            }
+        } else if let WeightsSpec::Given(w) = &g.weights {
+            check_weights(w, self.weak.len(), "generation.weights")?;
+        }
+        check_evidence(&g.evidence, g.evidence_clamp, "generation")?;
+        Ok(())
     }
 
     pub fn load(path: &Path) -> Result<Self> {
@@ -493,6 +638,104 @@ weak_train = 10
             .unwrap_err()
             .to_string();
         assert!(err.contains("extra"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_and_misspelt_settings_are_errors_naming_the_key() {
+        let with_weak = format!(
+            "{GOOD}\n[[weak]]\nmodel = \"m\"\n[[weak]]\nmodel = \"m2\"\n[strong]\nmodel = \"s\"\n"
+        );
+        let cases: Vec<(String, &str)> = vec![
+            (
+                with_weak.replace("seeds = [0, 1]", "seeds = [0, 0]"),
+                "seeds",
+            ),
+            (
+                format!("{with_weak}[methods]\nweights = \"dawid-skene\"\n"),
+                "methods.weights",
+            ),
+            (
+                format!("{with_weak}[methods]\nweights = [1.0]\n"),
+                "methods.weights",
+            ),
+            (
+                format!("{with_weak}[methods]\nweights = [0.0, 0.0]\n"),
+                "methods.weights",
+            ),
+            (
+                format!("{with_weak}[methods]\nweights = [1.0, -1.0]\n"),
+                "methods.weights",
+            ),
+            (
+                format!("{with_weak}[methods]\nevidence = \"softplu\"\n"),
+                "methods.evidence",
+            ),
+            (
+                format!("{with_weak}[methods]\nevidence_clamp = 0.0\n"),
+                "methods.evidence_clamp",
+            ),
+            (
+                format!("{with_weak}[methods]\nlogconf_a_max = 1.5\n"),
+                "methods.logconf_a_max",
+            ),
+            (
+                format!("{with_weak}[methods]\nedl_c = -1.0\n"),
+                "methods.edl_c",
+            ),
+            (format!("{with_weak}[probe]\nlr = -0.5\n"), "probe.lr"),
+            (format!("{with_weak}[probe]\nepochs = 0\n"), "probe.epochs"),
+            (
+                format!("{with_weak}[probe]\nbatch_size = 0\n"),
+                "probe.batch_size",
+            ),
+            (
+                format!("{with_weak}[generation]\nweak_beams = 0\n"),
+                "generation.weak_beams",
+            ),
+            (
+                format!("{with_weak}[generation]\nmax_new_tokens = 0\n"),
+                "generation.max_new_tokens",
+            ),
+            (
+                format!("{with_weak}[generation]\nweights = \"agreemnt\"\n"),
+                "generation.weights",
+            ),
+            (format!("{with_weak}[solver]\nfolds = 1\n"), "solver.folds"),
+            (
+                format!("{with_weak}[solver]\nc_min = 0.0\n"),
+                "solver.c_min",
+            ),
+            (
+                with_weak.replace("weak_train = 10", "weak_train = 10\ntest = 0"),
+                "task.sizes.test",
+            ),
+            (
+                with_weak.replace("model = \"m\"", "model = \"m\"\nmax_tokens = 0"),
+                "weak[1].max_tokens",
+            ),
+            (
+                with_weak.replace(
+                    "model = \"m\"",
+                    "model = \"m\"\nlora = { rank = 4, alpha = 8.0, targets = [\"q_proj\"] }",
+                ),
+                "weak[1].lora",
+            ),
+            (
+                with_weak.replace("model = \"m\"", "model = \"m\"\ntrain = { epochs = 2 }"),
+                "weak[1].train",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = format!(
+                "{:#}",
+                ExperimentConfig::parse(&text, Path::new("e.toml")).unwrap_err()
+            );
+            assert!(err.starts_with("e.toml:"), "{key}: {err}");
+            assert!(err.contains(key), "expected `{key}` in: {err}");
+        }
+        // The same settings in range parse.
+        let ok = format!("{with_weak}[methods]\nweights = [0.5, 0.5]\nevidence = \"softplus\"\n[probe]\nlr = 0.1\n");
+        ExperimentConfig::parse(&ok, Path::new("e.toml")).unwrap();
     }
 
     #[test]
