@@ -511,6 +511,46 @@ fn download(_repo: &str, _revision: &str) -> Result<()> {
 
 const DEMO_CONFIG: &str = include_str!("../configs/demo.toml");
 
+/// What `ws2s run` checks before any work (the datasets are loaded just before): every model
+/// resolves and its configuration or header parses, and the output folder can be created.
+fn preflight(config: &ExperimentConfig, path: &Path, out: &Path) -> Result<()> {
+    let specs = config
+        .weak
+        .iter()
+        .enumerate()
+        .map(|(j, m)| (format!("weak[{}]", j + 1), m))
+        .chain(config.strong.iter().map(|m| ("strong".to_string(), m)));
+    for (key, spec) in specs {
+        models::resolve_model(&spec.model)
+            .and_then(|p| models::model_type(&p))
+            .with_context(|| format!("{}: {key}.model = \"{}\"", path.display(), spec.model))?;
+    }
+    // The nearest existing folder of `out` must be a writable folder.
+    let mut existing = out.to_path_buf();
+    while !existing.exists() {
+        match existing.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => existing = parent.to_path_buf(),
+            _ => {
+                existing = PathBuf::from(".");
+                break;
+            }
+        }
+    }
+    let writable = existing.is_dir() && {
+        let c = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()).unwrap_or_default();
+        // SAFETY: access() only reads the NUL-terminated path.
+        unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+    };
+    if !writable {
+        anyhow::bail!(
+            "--out {}: cannot create the run folder there ({} is not a writable folder)",
+            out.display(),
+            existing.display()
+        );
+    }
+    Ok(())
+}
+
 fn demo(out: &Path) -> Result<()> {
     let config = ExperimentConfig::parse(DEMO_CONFIG, Path::new("configs/demo.toml"))?;
     let missing: Vec<&str> = config
@@ -579,6 +619,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Run { config, out } => {
             let parsed = ExperimentConfig::load(&config)?;
             let datasets = ws2s::experiment::pipeline::load_datasets(&parsed, &config)?;
+            preflight(&parsed, &config, &out)?;
             if datasets[0].num_classes.is_none() {
                 let results = ws2s::experiment::generation::run(&parsed, &datasets, &out, true)?;
                 println!("{}", ws2s::experiment::generation::markdown(&results));

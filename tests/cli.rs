@@ -248,3 +248,49 @@ fn every_bundled_config_is_valid() {
     }
     assert!(checked >= 4);
 }
+
+#[test]
+fn run_checks_every_model_and_the_output_folder_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models/llama_gguf/tiny-llama.gguf");
+    let data = write(
+        dir.path(),
+        "task.jsonl",
+        &(0..40)
+            .map(|i| format!("{{\"text\": \"item {i}\", \"label\": {}}}", i % 2))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    let config = |strong: &str| {
+        write(
+            dir.path(),
+            "c.toml",
+            &format!(
+                "name = \"x\"\n[task]\nname = \"classify:{data}\"\n[[weak]]\nmodel = \"{}\"\n[strong]\nmodel = \"{strong}\"\n",
+                tiny.display()
+            ),
+        )
+    };
+    let out = dir.path().join("out");
+    // The strong model is missing: found before the weak model's features are extracted.
+    let missing = dir.path().join("no-such-model.gguf");
+    let output = ws2s(&[
+        "run",
+        &config(missing.to_str().unwrap()),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_bad_input(&output, &["c.toml", "strong.model", "no-such-model.gguf"]);
+    assert!(!out.exists(), "nothing written");
+    assert!(
+        !stderr(&output).contains("features:"),
+        "{}",
+        stderr(&output)
+    );
+    // An output folder under a file cannot be created.
+    let file = write(dir.path(), "a-file", "x");
+    let bad_out = format!("{file}/out");
+    let output = ws2s(&["run", &config(tiny.to_str().unwrap()), "--out", &bad_out]);
+    assert_bad_input(&output, &["--out", "a-file"]);
+}
