@@ -29,7 +29,7 @@ type Rows = Vec<Vec<f64>>;
 
 /// Part of every stage key: bumped when what a stage stores changes, so that entries written by
 /// an older build are recomputed rather than read with missing fields.
-const STAGE_FORMAT: &str = "classify-stages-2";
+const STAGE_FORMAT: &str = "classify-stages-3";
 
 /// A weak model's stage: its test metrics and probabilities, and its soft labels on
 /// strong_train with their calibration against ground truth (for the report only).
@@ -42,6 +42,28 @@ struct WeakStage {
     chosen_c: Option<f64>,
     /// The cross-validated log-loss on weak_train at the chosen C (no test data involved).
     cv_log_loss: Option<f64>,
+    solves: Convergence,
+}
+
+/// How many probe solves a stage ran, and how many stopped before the gradient tolerance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct Convergence {
+    pub solves: usize,
+    pub unconverged: usize,
+}
+
+impl Convergence {
+    fn of(cv: Option<&crate::train::convex::CvReport>) -> Self {
+        cv.map_or_else(Self::default, |cv| Convergence {
+            solves: cv.solves,
+            unconverged: cv.unconverged,
+        })
+    }
+
+    fn add(&mut self, other: Convergence) {
+        self.solves += other.solves;
+        self.unconverged += other.unconverged;
+    }
 }
 
 /// The ceiling's stage.
@@ -50,6 +72,7 @@ struct CeilingStage {
     test: ClassifyMetrics,
     test_probs: Rows,
     chosen_c: Option<f64>,
+    solves: Convergence,
 }
 
 /// A student's stage: its result, its test probabilities and, for EDL, its Dirichlet confidence
@@ -59,6 +82,7 @@ struct StudentStage {
     result: MethodResult,
     test_probs: Rows,
     confidence: Option<Rows>,
+    solves: Convergence,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -102,6 +126,9 @@ pub struct SeedResult {
     pub weights: Vec<f64>,
     pub ceiling: ClassifyMetrics,
     pub ceiling_chosen_c: Option<f64>,
+    /// Probe solves of this seed (all folds, grid values and refits) and how many stopped
+    /// before the gradient tolerance.
+    pub probe_solves: Convergence,
     pub methods: Vec<MethodResult>,
 }
 
@@ -379,6 +406,7 @@ pub fn run(
         let mut weak_labels: Vec<Rows> = Vec::new();
         let mut weak_test: Vec<Rows> = Vec::new();
         let mut weak_c = Vec::new();
+        let mut convergence = Convergence::default();
         let mut weak_cv = Vec::new();
         let mut weak_keys = Vec::new();
         let weak_targets = one_hot_rows(&dataset.weak_train, classes);
@@ -408,9 +436,8 @@ pub fn run(
                     test_probs,
                     strong_train,
                     strong_train_labels,
-                    cv_log_loss: fitted.cv.as_ref().map(|cv| {
-                        cv.scores[cv.grid.iter().position(|&c| c == cv.chosen_c).unwrap_or(0)]
-                    }),
+                    cv_log_loss: fitted.cv.as_ref().map(|cv| cv.chosen_score()),
+                    solves: Convergence::of(fitted.cv.as_ref()),
                     chosen_c: fitted.cv.map(|cv| cv.chosen_c),
                 })
             })?;
@@ -419,6 +446,7 @@ pub fn run(
             weak_labels.push(stage.strong_train_labels);
             weak_test.push(stage.test_probs);
             weak_c.push(stage.chosen_c);
+            convergence.add(stage.solves);
             weak_cv.push(stage.cv_log_loss);
             weak_keys.push(key);
         }
@@ -443,9 +471,11 @@ pub fn run(
             Ok(CeilingStage {
                 test,
                 test_probs,
+                solves: Convergence::of(fitted.cv.as_ref()),
                 chosen_c: fitted.cv.map(|cv| cv.chosen_c),
             })
         })?;
+        convergence.add(ceiling.solves);
         // Reliability learned from agreement (no ground truth).
         let hard: Vec<Vec<usize>> = weak_labels
             .iter()
@@ -547,6 +577,7 @@ pub fn run(
                     } else {
                         None
                     };
+                    let solves = Convergence::of(student.cv.as_ref());
                     let result = MethodResult {
                         method: name.clone(),
                         pgr_vs_mean_weak: pgr(test.accuracy, mean_weak, ceiling.test.accuracy),
@@ -558,6 +589,7 @@ pub fn run(
                         result,
                         test_probs,
                         confidence,
+                        solves,
                     })
                 })?;
                 if stage.confidence.is_some() {
@@ -565,6 +597,7 @@ pub fn run(
                 }
                 results.push(stage.result);
                 method_test.push(stage.test_probs);
+                convergence.add(stage.solves);
                 Ok(())
             };
         for &method in &m.list {
@@ -728,6 +761,7 @@ pub fn run(
             weights,
             ceiling: ceiling.test,
             ceiling_chosen_c: ceiling.chosen_c,
+            probe_solves: convergence,
             methods: results,
         });
     }
@@ -1125,6 +1159,17 @@ pub fn markdown(results: &RunResults) -> String {
             grid[0],
             grid[grid.len() - 1],
             at_edge.join(", ")
+        ));
+    }
+    let mut solves = Convergence::default();
+    for s in &results.seeds {
+        solves.add(s.probe_solves);
+    }
+    if solves.solves > 0 {
+        out.push_str(&format!(
+            "Solver: {} probe solves (every fold, grid value and refit), {} of them stopped before \
+             the gradient tolerance {:.0e} (at max_iter {} or a failed line search).\n\n",
+            solves.solves, solves.unconverged, c.solver.tol, c.solver.max_iter
         ));
     }
     out.push_str("Students: the strong model's probe trained on the weak labels alone, C chosen by cross-validation on those labels.\n\n");

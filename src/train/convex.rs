@@ -538,8 +538,22 @@ pub struct CvReport {
     pub chosen_c: f64,
     /// The refit on all rows.
     pub refit: SolveReport,
-    /// Solves (all folds and C values) that hit `max_iter` before `tol`.
+    /// Solves done (every fold and C, and the refit).
+    pub solves: usize,
+    /// Of these, the solves that stopped (at `max_iter` or a failed line search) before `tol`.
     pub unconverged: usize,
+}
+
+impl CvReport {
+    /// The mean held-out score at the chosen C.
+    pub fn chosen_score(&self) -> f64 {
+        let k = self
+            .grid
+            .iter()
+            .position(|&c| c == self.chosen_c)
+            .unwrap_or(0);
+        self.scores[k]
+    }
 }
 
 /// Fold of each row: stratified by `strata` (e.g. the argmax of the target), seeded.
@@ -654,14 +668,17 @@ pub fn fit_cv(
         &LinearModel::zeros(classes, x.cols),
         config,
     )?;
+    let n_grid = grid.len();
     Ok((
         model,
         CvReport {
             chosen_c: grid[best],
             grid,
             scores,
+            solves: folds * n_grid + 1,
+            unconverged: per_fold.iter().map(|(_, u)| u).sum::<usize>()
+                + usize::from(!refit.converged),
             refit,
-            unconverged: per_fold.iter().map(|(_, u)| u).sum(),
         },
     ))
 }
