@@ -359,12 +359,6 @@ pub fn run(
     if config.weak.is_empty() {
         bail!("the config has no [[weak]] model");
     }
-    if !["softplus", "exp"].contains(&g.evidence.as_str()) {
-        bail!(
-            "generation.evidence must be \"softplus\" or \"exp\", not {:?}",
-            g.evidence
-        );
-    }
     let weak_models: Vec<ModelRef> = config
         .weak
         .iter()

@@ -550,6 +550,7 @@ pub fn run(
             |name: String, supervision: &Supervision, keep_confidence: bool| -> Result<()> {
                 let key = stage_key(&[
                     "student",
+                    STAGE_FORMAT,
                     &name,
                     &weak_keys,
                     &strong_key,
@@ -905,7 +906,7 @@ fn paired_statistics(
         .min_by(|a, b| a.1.total_cmp(&b.1))
         .map(|(k, _)| k);
     let naive = find("naive");
-    let rows = names
+    let rows: Vec<PairedRow> = names
         .iter()
         .enumerate()
         .map(|(k, name)| {
@@ -928,52 +929,63 @@ fn paired_statistics(
             }
         })
         .collect();
-    let mut claims = Vec::new();
-    let mut claim = |text: &str, a: Option<usize>, b: Option<usize>| {
-        if let (Some(a), Some(b)) = (a, b) {
-            let estimate = sampler.difference(&methods[a], &methods[b]);
-            claims.push(Claim {
-                claim: text.into(),
-                comparison: format!("{} - {}", names[a], names[b]),
-                verdict: estimate.map_or("undefined", |e| e.verdict()).into(),
-                estimate,
-            });
-        }
+    // Every claim is one of the rows' comparisons (the same bootstrap, not drawn again).
+    let row = |name: &str| find(name).map(|k| &rows[k]);
+    let claim = |text: String, comparison: String, estimate: Option<Estimate>| Claim {
+        claim: text,
+        comparison,
+        verdict: estimate.map_or("undefined", |e| e.verdict()).into(),
+        estimate,
     };
-    let edl = find("edl");
-    claim("Bayesian multi-weak beats naive multi-weak", edl, naive);
-    claim(
-        "Naive multi-weak beats the best single-weak student",
-        naive,
-        best_single,
-    );
-    claim(
-        "Bayesian multi-weak beats the best single-weak student",
-        edl,
-        best_single,
-    );
-    // The classification counterpart of joint decoding. The weighted-average joint label is not
-    // used here: the cross-entropy is linear in its target, so with weights summing to 1 it is
-    // the naive loss exactly.
-    claim(
-        "Joint labels (Dawid-Skene posterior) beat naive multi-weak (classification counterpart of joint decoding)",
-        find("joint_dawid_skene"),
-        naive,
-    );
-    for (k, name) in names.iter().enumerate() {
-        let against_teacher = name.starts_with("xent[");
-        if against_teacher || name == "edl" {
-            let Some(row) = rows_ref(&names, k, &weak_names, &weak, &mean_weak) else {
-                continue;
-            };
-            let estimate = sampler.difference(&methods[k], row.1);
-            claims.push(Claim {
-                claim: format!("{name} recovers part of the gap (beats {})", row.0),
-                comparison: format!("{name} - {}", row.0),
-                verdict: estimate.map_or("undefined", |e| e.verdict()).into(),
-                estimate,
-            });
+    let best_name = best_single.map(|k| names[k].as_str());
+    let mut claims = Vec::new();
+    for (text, a, b, pick) in [
+        (
+            "Bayesian multi-weak beats naive multi-weak",
+            "edl",
+            Some("naive"),
+            (|r: &PairedRow| r.vs_naive) as fn(&PairedRow) -> Option<Estimate>,
+        ),
+        (
+            "Naive multi-weak beats the best single-weak student",
+            "naive",
+            best_name,
+            |r: &PairedRow| r.vs_best_single,
+        ),
+        (
+            "Bayesian multi-weak beats the best single-weak student",
+            "edl",
+            best_name,
+            |r: &PairedRow| r.vs_best_single,
+        ),
+        // The classification counterpart of joint decoding. The weighted-average joint label is
+        // not used here: the cross-entropy is linear in its target, so with weights summing to 1
+        // it is the naive loss exactly.
+        (
+            "Joint labels (Dawid-Skene posterior) beat naive multi-weak (classification counterpart of joint decoding)",
+            "joint_dawid_skene",
+            Some("naive"),
+            |r: &PairedRow| r.vs_naive,
+        ),
+    ] {
+        if let (Some(r), Some(b)) = (row(a), b) {
+            if find(b).is_some() {
+                claims.push(claim(text.into(), format!("{a} - {b}"), pick(r)));
+            }
         }
+    }
+    for r in rows
+        .iter()
+        .filter(|r| r.method.starts_with("xent[") || r.method == "edl")
+    {
+        claims.push(claim(
+            format!(
+                "{} recovers part of the gap (beats {})",
+                r.method, r.reference
+            ),
+            format!("{} - {}", r.method, r.reference),
+            r.vs_reference,
+        ));
     }
     PairedReport {
         resamples: PAIRED_RESAMPLES,
@@ -981,21 +993,6 @@ fn paired_statistics(
         best_single: best_single.map(|k| names[k].clone()),
         rows,
         claims,
-    }
-}
-
-/// The reference (name, outcomes) of method k: its teacher or the mean weak model.
-fn rows_ref<'a>(
-    names: &[String],
-    k: usize,
-    weak_names: &[String],
-    weak: &'a [Outcomes],
-    mean_weak: &'a Outcomes,
-) -> Option<(String, &'a Outcomes)> {
-    match teacher_of(&names[k], weak_names) {
-        Some(j) => Some((weak_names[j].clone(), &weak[j])),
-        None if names[k] == "edl" => Some(("mean weak".into(), mean_weak)),
-        None => None,
     }
 }
 
