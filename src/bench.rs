@@ -206,3 +206,153 @@ pub fn bench_special(elements: usize, repeats: usize) -> Result<Vec<(String, f64
     }
     Ok(out)
 }
+
+/// Process CPU time (user + system) in seconds, all threads.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return f64::NAN;
+    }
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+    t(usage.ru_utime) + t(usage.ru_stime)
+}
+
+/// One inference benchmark's result: median wall time of the timed runs, tokens per second,
+/// and how busy the threads were (CPU seconds / (wall seconds x threads), over the timed runs).
+#[derive(Debug, Clone, Serialize)]
+pub struct InferenceTimes {
+    pub model: String,
+    pub architecture: String,
+    pub precision: String,
+    pub kernel: String,
+    pub workload: String,
+    pub tokens: usize,
+    pub median_s: f64,
+    pub runs: Vec<f64>,
+    pub tokens_per_s: f64,
+    pub cpu_utilisation: f64,
+    pub threads: usize,
+    pub load_s: f64,
+}
+
+fn time_runs(repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<(Vec<f64>, f64, f64)> {
+    run()?;
+    let (cpu0, wall0) = (cpu_seconds(), Instant::now());
+    let mut times = Vec::new();
+    for _ in 0..repeats.max(1) {
+        let start = Instant::now();
+        run()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let busy = (cpu_seconds() - cpu0) / wall0.elapsed().as_secs_f64();
+    let med = median(&mut times.clone());
+    Ok((times, med, busy / rayon::current_num_threads() as f64))
+}
+
+fn load_for_inference(name: &str, precision: crate::ops::Precision) -> Result<(Model, f64)> {
+    let start = Instant::now();
+    let mut model = Model::load(&resolve_model(name)?, Trainable::Frozen, 0, &Device::Cpu)?;
+    model.network.set_precision(precision)?;
+    Ok((model, start.elapsed().as_secs_f64()))
+}
+
+fn kernel_name(precision: crate::ops::Precision) -> String {
+    match precision {
+        crate::ops::Precision::F32 => "gemm-f32".into(),
+        crate::ops::Precision::Int8 => crate::ops::int8::Kernel::detected().name().into(),
+    }
+}
+
+/// `ws2s bench forward`: final hidden states (no LM head) of `batch` sequences of `seq_len`
+/// random token ids, with nothing cached.
+pub fn bench_forward(
+    name: &str,
+    (batch, seq_len, repeats): (usize, usize, usize),
+    precision: crate::ops::Precision,
+) -> Result<InferenceTimes> {
+    let (model, load_s) = load_for_inference(name, precision)?;
+    let vocab = model.network.vocab_size() as u64;
+    let mut rng = Rng::new(0);
+    let ids: Vec<u32> = (0..batch * seq_len)
+        .map(|_| (rng.next_u64() % vocab) as u32)
+        .collect();
+    let ids = Tensor::from_vec(ids, (batch, seq_len), &Device::Cpu)?;
+    let mask = vec![vec![1u32; seq_len]; batch];
+    let (runs, median_s, cpu_utilisation) = time_runs(repeats, || {
+        let hidden = model
+            .network
+            .hidden(&ids, &mask, &mut model.network.new_cache())?;
+        hidden.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    let tokens = batch * seq_len;
+    Ok(InferenceTimes {
+        model: name.to_string(),
+        architecture: model.network.architecture().to_string(),
+        precision: precision.name().to_string(),
+        kernel: kernel_name(precision),
+        workload: format!("forward {batch}x{seq_len}"),
+        tokens,
+        median_s,
+        runs,
+        tokens_per_s: tokens as f64 / median_s,
+        cpu_utilisation,
+        threads: rayon::current_num_threads(),
+        load_s,
+    })
+}
+
+/// `ws2s bench decode`: beam search (KV cache) from `prompts` prompts of `prompt_len` random
+/// token ids, exactly `new_tokens` new tokens each (no end-of-sequence token).
+pub fn bench_decode(
+    name: &str,
+    (prompts, prompt_len, beams, new_tokens, repeats): (usize, usize, usize, usize, usize),
+    precision: crate::ops::Precision,
+) -> Result<InferenceTimes> {
+    use crate::models::decode::{generate, DecodeOptions};
+    let (model, load_s) = load_for_inference(name, precision)?;
+    if !model.network.is_decoder() {
+        bail!("{name}: decoding needs a decoder model");
+    }
+    let vocab = model.network.vocab_size() as u64;
+    let mut rng = Rng::new(1);
+    let ids: Vec<Vec<u32>> = (0..prompts)
+        .map(|_| {
+            (0..prompt_len)
+                .map(|_| (rng.next_u64() % vocab) as u32)
+                .collect()
+        })
+        .collect();
+    let options = DecodeOptions {
+        max_new_tokens: new_tokens,
+        beams,
+        n_best: 1,
+        ..DecodeOptions::default()
+    };
+    let (runs, median_s, cpu_utilisation) = time_runs(repeats, || {
+        let out = generate(&model.network, &ids, &options, &Device::Cpu)?;
+        if out
+            .iter()
+            .any(|h| h.first().is_none_or(|h| h.tokens.len() != new_tokens))
+        {
+            bail!("decode bench: a hypothesis of the wrong length");
+        }
+        Ok(())
+    })?;
+    let tokens = prompts * new_tokens;
+    Ok(InferenceTimes {
+        model: name.to_string(),
+        architecture: model.network.architecture().to_string(),
+        precision: precision.name().to_string(),
+        kernel: kernel_name(precision),
+        workload: format!("decode {prompts}x{prompt_len} beam {beams} +{new_tokens}"),
+        tokens,
+        median_s,
+        runs,
+        tokens_per_s: tokens as f64 / median_s,
+        cpu_utilisation,
+        threads: rayon::current_num_threads(),
+        load_s,
+    })
+}

@@ -11,6 +11,7 @@ use ws2s::experiment::config::ExperimentConfig;
 use ws2s::models::decode::{generate, DecodeOptions};
 use ws2s::models::params::Trainable;
 use ws2s::models::{self, Model};
+use ws2s::ops::Precision;
 
 #[derive(Parser)]
 #[command(
@@ -186,6 +187,38 @@ enum BenchCommand {
         /// Timed repetitions (after one warm-up).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// Number type of the products: f32, int8, or auto (the fastest that passes the
+        /// accuracy checks on this CPU).
+        #[arg(long, default_value = "auto", value_parser = parse_precision)]
+        precision: Precision,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Beam-search decoding throughput (new tokens/s, KV cache) from random prompts; every
+    /// hypothesis runs to exactly --new-tokens tokens.
+    Decode {
+        /// A decoder: an HF folder, a .gguf file, or a fetched model's name.
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value_t = 8)]
+        prompts: usize,
+        /// Tokens per prompt.
+        #[arg(long, default_value_t = 24)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 5)]
+        beams: usize,
+        #[arg(long, default_value_t = 40)]
+        new_tokens: usize,
+        /// Timed repetitions (after one warm-up).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Number type of the products: f32, int8, or auto.
+        #[arg(long, default_value = "auto", value_parser = parse_precision)]
+        precision: Precision,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -461,35 +494,27 @@ fn generate_text(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench_forward(name: &str, batch: usize, seq_len: usize, repeats: usize) -> Result<()> {
-    let model = load_model(name)?;
-    let vocab = model.network.vocab_size() as u64;
-    let mut rng = ws2s::rng::Rng::new(0);
-    let ids: Vec<u32> = (0..batch * seq_len)
-        .map(|_| (rng.next_u64() % vocab) as u32)
-        .collect();
-    let ids = candle_core::Tensor::from_vec(ids, (batch, seq_len), &Device::Cpu)?;
-    let mask = vec![vec![1u32; seq_len]; batch];
-    let run = || -> Result<f64> {
-        let start = std::time::Instant::now();
-        let hidden = model
-            .network
-            .hidden(&ids, &mask, &mut model.network.new_cache())?;
-        hidden.sum_all()?.to_scalar::<f32>()?;
-        Ok(start.elapsed().as_secs_f64())
-    };
-    run()?;
-    let mut times: Vec<f64> = (0..repeats.max(1)).map(|_| run()).collect::<Result<_>>()?;
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    let tokens = (batch * seq_len) as f64;
+fn parse_precision(name: &str) -> std::result::Result<Precision, String> {
+    Precision::parse(name).ok_or_else(|| format!("expected {}", Precision::NAMES))
+}
+
+fn print_inference(times: &ws2s::bench::InferenceTimes, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(times)?);
+        return Ok(());
+    }
     println!(
-        "{}: batch {batch} x {seq_len} tokens, median {:.3} s over {} runs, {:.0} tokens/s ({} threads)",
-        model.network.architecture(),
-        median,
-        times.len(),
-        tokens / median,
-        rayon::current_num_threads()
+        "{} {} ({}): {}, median {:.3} s over {} runs, {:.1} tokens/s, CPU busy {:.0}% of {} threads (load {:.1} s)",
+        times.architecture,
+        times.precision,
+        times.kernel,
+        times.workload,
+        times.median_s,
+        times.runs.len(),
+        times.tokens_per_s,
+        100.0 * times.cpu_utilisation,
+        times.threads,
+        times.load_s
     );
     Ok(())
 }
@@ -684,7 +709,29 @@ fn run(cli: Cli) -> Result<()> {
             batch,
             seq_len,
             repeats,
-        }) => bench_forward(&model, batch, seq_len, repeats),
+            precision,
+            json,
+        }) => print_inference(
+            &ws2s::bench::bench_forward(&model, (batch, seq_len, repeats), precision)?,
+            json,
+        ),
+        Command::Bench(BenchCommand::Decode {
+            model,
+            prompts,
+            prompt_len,
+            beams,
+            new_tokens,
+            repeats,
+            precision,
+            json,
+        }) => print_inference(
+            &ws2s::bench::bench_decode(
+                &model,
+                (prompts, prompt_len, beams, new_tokens, repeats),
+                precision,
+            )?,
+            json,
+        ),
     }
 }
 

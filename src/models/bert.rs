@@ -75,6 +75,9 @@ impl Layer {
             &self.intermediate,
             &self.output,
         ];
+        if self.query.packed.is_some() {
+            return Ok(None);
+        }
         let biases: Option<Vec<&Tensor>> = linears
             .iter()
             .map(|l| l.bias.as_ref().filter(|_| l.lora.is_none()))
@@ -196,10 +199,11 @@ impl Bert {
                 x = y;
                 continue;
             }
+            let [q, k, v] = nn::project_shared(&x, [&layer.query, &layer.key, &layer.value])?;
             let attn = crate::ops::attention::attention(
-                &layer.query.forward(&x)?,
-                &layer.key.forward(&x)?,
-                &layer.value.forward(&x)?,
+                &q,
+                &k,
+                &v,
                 &attn_mask,
                 (c.num_heads, c.num_heads),
                 scale,
@@ -211,5 +215,22 @@ impl Bert {
             x = layer.output_norm.forward_residual(&mlp, &a)?;
         }
         Ok(x)
+    }
+
+    /// Packs every projection for `precision` (or unpacks them: f32).
+    pub fn set_precision(&mut self, precision: crate::ops::Precision) -> Result<()> {
+        for l in &mut self.layers {
+            for linear in [
+                &mut l.query,
+                &mut l.key,
+                &mut l.value,
+                &mut l.attn_out,
+                &mut l.intermediate,
+                &mut l.output,
+            ] {
+                linear.set_precision(precision)?;
+            }
+        }
+        Ok(())
     }
 }

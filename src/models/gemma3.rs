@@ -135,6 +135,7 @@ struct Layer {
 pub struct Gemma3 {
     pub config: Gemma3Config,
     embed: Tensor,
+    head: nn::Head,
     layers: Vec<Layer>,
     norm: RmsNorm,
     rope_global: Rope,
@@ -203,6 +204,7 @@ impl Gemma3 {
             rope_global: Rope::new(c.head_dim, c.rope_theta_global),
             rope_local: Rope::new(c.head_dim, c.rope_theta_local),
             config,
+            head: nn::Head::new(embed.clone()),
             embed,
             layers,
             norm,
@@ -237,12 +239,13 @@ impl Gemma3 {
                     .forward(&x.reshape((b, t, heads, c.head_dim))?)?
                     .reshape((b, t, heads * c.head_dim))?)
             };
-            let q = per_head(&layer.q_norm, layer.q.forward(&n)?, c.num_heads)?;
-            let k = per_head(&layer.k_norm, layer.k.forward(&n)?, c.num_kv_heads)?;
+            let [q, k, v] = nn::project_shared(&n, [&layer.q, &layer.k, &layer.v])?;
+            let q = per_head(&layer.q_norm, q, c.num_heads)?;
+            let k = per_head(&layer.k_norm, k, c.num_kv_heads)?;
             let attn = nn::rotary_gqa_attention(
                 &q,
                 &k,
-                &layer.v.forward(&n)?,
+                &v,
                 (c.num_heads, c.num_kv_heads),
                 (cos, sin),
                 cache,
@@ -265,10 +268,28 @@ impl Gemma3 {
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let logits = nn::matmul_t(hidden, &self.embed)?;
+        let logits = self.head.logits(hidden)?;
         Ok(match self.config.final_logit_softcapping {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
             None => logits,
         })
+    }
+
+    /// Packs every projection and the (tied) head for `precision` (or unpacks them: f32).
+    pub fn set_precision(&mut self, precision: crate::ops::Precision) -> Result<()> {
+        for l in &mut self.layers {
+            for linear in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                linear.set_precision(precision)?;
+            }
+        }
+        Ok(self.head.set_precision(precision)?)
     }
 }

@@ -58,6 +58,7 @@ struct Block {
 pub struct Gpt2 {
     pub config: Gpt2Config,
     wte: Tensor,
+    head: nn::Head,
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
@@ -89,6 +90,7 @@ impl Gpt2 {
         let ln_f = LayerNorm::load(params, &format!("{root}ln_f"), h, c.layer_norm_eps)?;
         Ok(Gpt2 {
             config,
+            head: nn::Head::new(wte.clone()),
             wte,
             wpe,
             blocks,
@@ -138,6 +140,16 @@ impl Gpt2 {
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(nn::matmul_t(hidden, &self.wte)?)
+        Ok(self.head.logits(hidden)?)
+    }
+
+    /// Packs every projection and the (tied) head for `precision` (or unpacks them: f32).
+    pub fn set_precision(&mut self, precision: crate::ops::Precision) -> Result<()> {
+        for b in &mut self.blocks {
+            for linear in [&mut b.c_attn, &mut b.c_proj, &mut b.c_fc, &mut b.mlp_proj] {
+                linear.set_precision(precision)?;
+            }
+        }
+        Ok(self.head.set_precision(precision)?)
     }
 }

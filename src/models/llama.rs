@@ -78,6 +78,9 @@ impl Layer {
         scale: f64,
     ) -> Result<Option<crate::ops::decoder::PreNormOutput>> {
         use crate::ops::decoder::{pre_norm_layer, Adapter, PreNormParams};
+        if self.q.packed.is_some() {
+            return Ok(None);
+        }
         let others = [&self.k, &self.o, &self.gate, &self.up, &self.down];
         let plain_norms = [&self.input_norm, &self.post_norm]
             .iter()
@@ -136,7 +139,7 @@ pub struct Llama {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: Tensor,
+    lm_head: nn::Head,
     rope: Rope,
 }
 
@@ -187,6 +190,7 @@ impl Llama {
         } else {
             params.weight("lm_head.weight", &[c.vocab_size, h])?
         };
+        let lm_head = nn::Head::new(lm_head);
         let rope = Rope::new(c.head_dim, c.rope_theta);
         Ok(Llama {
             config,
@@ -227,10 +231,11 @@ impl Llama {
                 }
             }
             let n = layer.input_norm.forward(&x)?;
+            let [q, k, v] = nn::project_shared(&n, [&layer.q, &layer.k, &layer.v])?;
             let attn = nn::rotary_gqa_attention(
-                &layer.q.forward(&n)?,
-                &layer.k.forward(&n)?,
-                &layer.v.forward(&n)?,
+                &q,
+                &k,
+                &v,
                 (c.num_heads, c.num_kv_heads),
                 (&cos, &sin),
                 cache,
@@ -247,6 +252,24 @@ impl Llama {
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(nn::matmul_t(hidden, &self.lm_head)?)
+        Ok(self.lm_head.logits(hidden)?)
+    }
+
+    /// Packs every frozen projection and the head for `precision` (or unpacks them: f32).
+    pub fn set_precision(&mut self, precision: crate::ops::Precision) -> Result<()> {
+        for l in &mut self.layers {
+            for linear in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                linear.set_precision(precision)?;
+            }
+        }
+        Ok(self.lm_head.set_precision(precision)?)
     }
 }

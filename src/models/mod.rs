@@ -90,6 +90,17 @@ impl Network {
         }
     }
 
+    /// Packs the frozen projections (and the head) for inference in `precision`; f32 drops
+    /// the packed copies. Layers with adapters or trained weights stay in f32.
+    pub fn set_precision(&mut self, precision: crate::ops::Precision) -> Result<()> {
+        match self {
+            Network::Bert(m) => m.set_precision(precision),
+            Network::Llama(m) => m.set_precision(precision),
+            Network::Gpt2(m) => m.set_precision(precision),
+            Network::Gemma3(m) => m.set_precision(precision),
+        }
+    }
+
     /// Next-token logits [B, T, V] from hidden states (decoders only).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         match self {

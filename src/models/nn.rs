@@ -4,7 +4,10 @@
 //! candle-nn's fused norms, `softmax_last_dim` and RoPE kernels silently stop gradients).
 
 use super::params::Params;
+use crate::ops::int8::{self, Int8Weight, QuantizedInput};
+use crate::ops::Precision;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
+use std::sync::Arc;
 
 /// A large negative number used as an additive mask: finite, so that a fully masked row gives a
 /// uniform distribution instead of NaN.
@@ -25,6 +28,9 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
+    /// The weight in int8 for inference ([`Linear::set_precision`]); used instead of `weight`
+    /// when the layer has no adapter.
+    pub packed: Option<Arc<Int8Weight>>,
 }
 
 thread_local! {
@@ -71,6 +77,40 @@ pub fn dropout(x: &Tensor, p: f32) -> Result<Tensor> {
     }
 }
 
+/// A language-model head's weight [V, H], with its int8 copy for inference.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub weight: Tensor,
+    pub packed: Option<Arc<Int8Weight>>,
+}
+
+impl Head {
+    pub fn new(weight: Tensor) -> Head {
+        Head {
+            weight,
+            packed: None,
+        }
+    }
+
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.packed = match precision {
+            Precision::Int8 if !self.weight.track_op() => {
+                Some(Arc::new(int8::pack_tensor(&self.weight)?))
+            }
+            _ => None,
+        };
+        Ok(())
+    }
+
+    /// hidden W^T: logits [.., V].
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.packed {
+            Some(w) => int8::linear(hidden, w, None),
+            None => matmul_t(hidden, &self.weight),
+        }
+    }
+}
+
 /// x W^T for x of any rank: the leading dimensions are flattened so that the product is one
 /// large matrix multiplication rather than a batch of small ones.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -84,7 +124,35 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 impl Linear {
+    /// A layer without adapter and without a packed copy.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, lora: Option<Lora>) -> Linear {
+        Linear {
+            weight,
+            bias,
+            lora,
+            packed: None,
+        }
+    }
+
+    /// The int8 weight, when packed and used (no adapter).
+    fn int8(&self) -> Option<&Int8Weight> {
+        self.packed.as_deref().filter(|_| self.lora.is_none())
+    }
+
+    /// Packs the weight for `precision` (int8), or drops the packed copy (f32). Layers with an
+    /// adapter or a trained weight stay in f32.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.packed = match precision {
+            Precision::Int8 if self.is_frozen() => Some(Arc::new(int8::pack_tensor(&self.weight)?)),
+            _ => None,
+        };
+        Ok(())
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(w) = self.int8() {
+            return int8::linear(x, w, self.bias.as_ref());
+        }
         if let Some(lora) = self.lora.as_ref().filter(|l| !dropout_active(l.dropout)) {
             return crate::ops::linear::lora_linear(
                 x,
@@ -101,6 +169,24 @@ impl Linear {
         }
         Ok(y)
     }
+}
+
+/// Several layers applied to the same input: the input is quantized once when all of them
+/// are packed in int8.
+pub fn project_shared<const N: usize>(x: &Tensor, layers: [&Linear; N]) -> Result<[Tensor; N]> {
+    let packed: Option<Vec<&Int8Weight>> = layers.iter().map(|l| l.int8()).collect();
+    let outputs: Vec<Tensor> = match packed {
+        Some(weights) => {
+            let q = QuantizedInput::new(x)?;
+            weights
+                .iter()
+                .zip(&layers)
+                .map(|(w, l)| q.linear(w, l.bias.as_ref()))
+                .collect::<Result<_>>()?
+        }
+        None => layers.iter().map(|l| l.forward(x)).collect::<Result<_>>()?,
+    };
+    Ok(outputs.try_into().expect("N outputs"))
 }
 
 impl Linear {
@@ -121,6 +207,10 @@ pub fn gated_mlp(
 ) -> Result<Tensor> {
     use crate::ops::linear::{frozen_mlp, MlpKind};
     let layers = [gate, up, down];
+    if layers.iter().all(|l| l.int8().is_some()) {
+        let [a, b] = project_shared(x, [gate, up])?;
+        return down.forward(&crate::ops::fused::gated(&a, &b, act)?);
+    }
     if layers.iter().all(|l| l.is_frozen() && l.bias.is_none()) {
         let fused = frozen_mlp(
             x,
@@ -145,6 +235,9 @@ pub fn gated_mlp(
 /// ([`crate::ops::linear::gelu_linear`]) when the down projection has a bias and no adapter.
 pub fn gelu_mlp(x: &Tensor, up: &Linear, down: &Linear) -> Result<Tensor> {
     use crate::ops::linear::{frozen_mlp, MlpKind};
+    if up.int8().is_some() && down.int8().is_some() {
+        return down.forward(&crate::ops::fused::gelu_erf(&up.forward(x)?)?);
+    }
     if up.is_frozen() && down.is_frozen() {
         let fused = frozen_mlp(
             x,

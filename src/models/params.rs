@@ -187,7 +187,7 @@ impl Params {
             None
         };
         let lora = self.lora_for(prefix, in_dim, out_dim)?;
-        Ok(Linear { weight, bias, lora })
+        Ok(Linear::new(weight, bias, lora))
     }
 
     /// A linear layer stored transposed, [in, out] (GPT-2's Conv1D).
@@ -197,7 +197,7 @@ impl Params {
             .t()?;
         let bias = Some(self.weight(&format!("{prefix}.bias"), &[out_dim])?);
         let lora = self.lora_for(prefix, in_dim, out_dim)?;
-        Ok(Linear { weight, bias, lora })
+        Ok(Linear::new(weight, bias, lora))
     }
 
     fn lora_for(&mut self, prefix: &str, in_dim: usize, out_dim: usize) -> Result<Option<Lora>> {

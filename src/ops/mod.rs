@@ -4,8 +4,53 @@ pub mod attention;
 pub mod decoder;
 pub mod encoder;
 pub mod fused;
+pub mod int8;
 pub mod linear;
 pub mod simd;
+
+/// The number type of the frozen products of inference (feature extraction, scoring,
+/// decoding). Training always computes in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 weights and products: the reference.
+    F32,
+    /// int8 weights (a scale per output column) and activations (a scale per row and block of
+    /// 64 inputs), exact integer dot products ([`int8`]).
+    Int8,
+}
+
+impl Precision {
+    pub const NAMES: &'static str = "auto, f32 or int8";
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Int8 => "int8",
+        }
+    }
+
+    /// "f32", "int8", or "auto" (= [`Precision::fastest`]); `None` for anything else.
+    pub fn parse(name: &str) -> Option<Precision> {
+        match name {
+            "f32" => Some(Precision::F32),
+            "int8" => Some(Precision::Int8),
+            "auto" => Some(Precision::fastest()),
+            _ => None,
+        }
+    }
+
+    /// The fastest precision on this CPU that passes the accuracy checks
+    /// (docs/results/inference.md): int8 where the CPU has 8-bit dot products (AVX-512 VNNI),
+    /// else f32 (int8 by widening to 16 bits is slower there than f32's FMA).
+    pub fn fastest() -> Precision {
+        if int8::Kernel::Vnni512.available() {
+            Precision::Int8
+        } else {
+            Precision::F32
+        }
+    }
+}
 
 /// Helpers shared by the ops' tests.
 #[cfg(test)]

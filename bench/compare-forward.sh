@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# ws2s against PyTorch on this machine, inference: the frozen forward (final hidden states, no
+# LM head) of the five models of the demo at the demo's batch shape (32 texts of ~32 tokens:
+# SciQ's "Q: .. A: ..\nIs this answer correct?" texts have a median of ~125 characters), and beam
+# decoding (Qwen2.5-Coder-0.5B shape, 8 prompts of 24 tokens, beam 5, exactly 40 new tokens, KV
+# cache on both sides). PyTorch runs models of the same shapes with random weights (transformers,
+# from each model's config) in f32 and in bf16; the faster of the two is PyTorch's time. Sides
+# take turns, with the same number of threads; each side's time is the median of its runs.
+# Installs PyTorch and transformers into a throwaway venv (bench/.venv) when missing.
+#   bench/compare-forward.sh [--precision auto|f32|int8] [--repeats N] [--rounds N]
+#                            [--models "a b .."] [--no-decode]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+precision=auto
+repeats=3
+rounds=1
+models="all-minilm-l6-v2 smollm2-135m gemma3-270m qwen2.5-coder-0.5b qwen2.5-coder-1.5b"
+decode=1
+batch=32
+seq_len=32
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --precision) precision="$2"; shift 2 ;;
+    --repeats) repeats="$2"; shift 2 ;;
+    --rounds) rounds="$2"; shift 2 ;;
+    --models) models="$2"; shift 2 ;;
+    --no-decode) decode=0; shift ;;
+    *) echo "usage: bench/compare-forward.sh [--precision P] [--repeats N] [--rounds N] [--models \"a b\"] [--no-decode]" >&2; exit 2 ;;
+  esac
+done
+threads="${BENCH_THREADS:-$(nproc)}"
+venv=bench/.venv
+if ! "$venv/bin/python" -c "import torch, transformers" 2>/dev/null; then
+  echo "installing PyTorch and transformers into $venv (once)..." >&2
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check torch transformers
+fi
+cargo build --release --quiet
+ws2s=./target/release/ws2s
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+config_of() {
+  "$ws2s" model info "$1" --json | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["config"]))' > "$out/$1.json"
+}
+run_ws2s() { # model, bench args...
+  local model="$1"; shift
+  RAYON_NUM_THREADS="$threads" "$ws2s" bench "$@" --model "$model" --precision "$precision" \
+    --repeats "$repeats" --json | python3 -c "import json,sys; r=json.load(sys.stdin); r['side']='ws2s'; r['name']='$model'; print(json.dumps(r))" >> "$out/runs.jsonl"
+}
+run_torch() { # model, dtype, mode args...
+  local model="$1" dtype="$2"; shift 2
+  BENCH_THREADS="$threads" "$venv/bin/python" bench/pytorch_infer.py --config "$out/$model.json" \
+    --dtype "$dtype" --repeats "$repeats" "$@" | python3 -c "import json,sys; r=json.load(sys.stdin); r['name']='$model'; print(json.dumps(r))" >> "$out/runs.jsonl"
+}
+measure() { # model, ws2s args (quoted), torch args (quoted)
+  local model="$1" wargs="$2" targs="$3"
+  for round in $(seq 1 "$rounds"); do
+    echo "$model: $wargs (round $round of $rounds) ..." >&2
+    if [ $((round % 2)) -eq 1 ]; then
+      run_ws2s "$model" $wargs; run_torch "$model" f32 $targs; run_torch "$model" bf16 $targs
+    else
+      run_torch "$model" bf16 $targs; run_torch "$model" f32 $targs; run_ws2s "$model" $wargs
+    fi
+  done
+}
+for model in $models; do
+  config_of "$model"
+  measure "$model" "forward --batch $batch --seq-len $seq_len" "forward --batch $batch --seq-len $seq_len"
+done
+if [ "$decode" = 1 ]; then
+  model=qwen2.5-coder-0.5b
+  config_of "$model"
+  measure "$model" "decode --prompts 8 --prompt-len 24 --beams 5 --new-tokens 40" \
+    "decode --prompts 8 --prompt-len 24 --beams 5 --new-tokens 40"
+fi
+cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')
+flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|avx512f|avx512_bf16|avx512_vnni|avx_vnni|amx_bf16|amx_int8)$' | tr '\n' ' ')
+python3 - "$out/runs.jsonl" "$cpu" "$flags" "$threads" <<'PY'
+import json, statistics, sys
+path, cpu, flags, threads = sys.argv[1:]
+rows = [json.loads(l) for l in open(path)]
+def key(r):
+    return (r["name"], r["workload"])
+order = []
+for r in rows:
+    if key(r) not in order:
+        order.append(key(r))
+print(f"CPU: {cpu}; flags: {flags}; {threads} threads")
+torch_version = next((r["torch"] for r in rows if r.get("side") == "pytorch"), "?")
+print(f"PyTorch {torch_version}; times are medians over runs (and rounds); ratio = ws2s time / PyTorch's best time\n")
+print("| model | workload | ws2s (precision, kernel) tok/s | CPU busy | PyTorch f32 tok/s | PyTorch bf16 tok/s | ratio |")
+print("|---|---|---|---|---|---|---|")
+worst = {"forward": 0.0, "decode": 0.0}
+for k in order:
+    group = [r for r in rows if key(r) == k]
+    def side(pred):
+        sel = [r for r in group if pred(r)]
+        if not sel:
+            return None, None, None
+        t = statistics.median([x for r in sel for x in r["runs"]])
+        util = statistics.mean(r["cpu_utilisation"] for r in sel)
+        return t, sel[0], util
+    w, wr, wu = side(lambda r: r.get("side") == "ws2s")
+    f, _, fu = side(lambda r: r.get("side") == "pytorch" and r["dtype"] == "f32")
+    b, _, bu = side(lambda r: r.get("side") == "pytorch" and r["dtype"] == "bf16")
+    tokens = group[0]["tokens"]
+    best = min(t for t in (f, b) if t is not None)
+    ratio = w / best
+    kind = "decode" if k[1].startswith("decode") else "forward"
+    worst[kind] = max(worst[kind], ratio)
+    print(f"| {k[0]} | {k[1]} | {tokens / w:.0f} ({wr['precision']}, {wr['kernel']}) | {100 * wu:.0f}% (PyTorch {100 * min(fu, bu):.0f}-{100 * max(fu, bu):.0f}%) | {tokens / f:.0f} | {tokens / b:.0f} | {ratio:.2f} |")
+print()
+print(f"worst forward ratio: {worst['forward']:.2f}")
+print(f"worst decode ratio: {worst['decode']:.2f}")
+print(f"worst ratio: {max(worst.values()):.2f}")
+PY

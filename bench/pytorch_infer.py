@@ -1,0 +1,114 @@
+"""PyTorch side of bench/compare-forward.sh: the same inference workloads as `ws2s bench
+forward` and `ws2s bench decode`, on a model of the same shape with random weights (built from
+its config.json with transformers), in f32 or bf16. Prints one JSON object.
+
+  pytorch_infer.py --config CONFIG.json --dtype f32|bf16 forward --batch 32 --seq-len 24
+  pytorch_infer.py --config CONFIG.json --dtype f32|bf16 decode --prompts 8 --prompt-len 24 \
+      --beams 5 --new-tokens 40
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+
+import torch
+import transformers
+
+
+def cpu_seconds():
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+
+
+def timed(repeats, run):
+    run()
+    cpu0, wall0 = cpu_seconds(), time.perf_counter()
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    busy = (cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
+    return times, statistics.median(times), busy / torch.get_num_threads()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", required=True)
+    p.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+    p.add_argument("--repeats", type=int, default=3)
+    sub = p.add_subparsers(dest="mode", required=True)
+    f = sub.add_parser("forward")
+    f.add_argument("--batch", type=int, default=32)
+    f.add_argument("--seq-len", type=int, default=24)
+    d = sub.add_parser("decode")
+    d.add_argument("--prompts", type=int, default=8)
+    d.add_argument("--prompt-len", type=int, default=24)
+    d.add_argument("--beams", type=int, default=5)
+    d.add_argument("--new-tokens", type=int, default=40)
+    a = p.parse_args()
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count())))
+    torch.manual_seed(0)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    config = transformers.AutoConfig.for_model(**json.load(open(a.config)))
+    load0 = time.perf_counter()
+    cls = transformers.AutoModel if a.mode == "forward" else transformers.AutoModelForCausalLM
+    model = cls.from_config(config, torch_dtype=dtype).eval()
+    load_s = time.perf_counter() - load0
+    vocab = config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    if a.mode == "forward":
+        ids = torch.randint(0, vocab, (a.batch, a.seq_len), generator=g)
+        mask = torch.ones_like(ids)
+
+        def run():
+            with torch.inference_mode():
+                h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+                float(h.float().sum())
+
+        tokens = a.batch * a.seq_len
+        workload = f"forward {a.batch}x{a.seq_len}"
+    else:
+        ids = torch.randint(0, vocab, (a.prompts, a.prompt_len), generator=g)
+        mask = torch.ones_like(ids)
+
+        def run():
+            with torch.inference_mode():
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    num_beams=a.beams,
+                    num_return_sequences=1,
+                    do_sample=False,
+                    max_new_tokens=a.new_tokens,
+                    min_new_tokens=a.new_tokens,
+                    use_cache=True,
+                    early_stopping=False,
+                    pad_token_id=0,
+                )
+                assert out.shape[1] == a.prompt_len + a.new_tokens, out.shape
+
+        tokens = a.prompts * a.new_tokens
+        workload = f"decode {a.prompts}x{a.prompt_len} beam {a.beams} +{a.new_tokens}"
+    runs, med, util = timed(a.repeats, run)
+    print(json.dumps({
+        "side": "pytorch",
+        "dtype": a.dtype,
+        "workload": workload,
+        "tokens": tokens,
+        "median_s": med,
+        "runs": runs,
+        "tokens_per_s": tokens / med,
+        "cpu_utilisation": util,
+        "threads": torch.get_num_threads(),
+        "load_s": load_s,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,941 @@
+//! 8-bit products for inference: y = x W^T + b with W in int8 (one scale per output column)
+//! and x quantized on the fly to int8 with one scale per row and block of [`BLOCK`] inputs.
+//!
+//! Definition (every kernel computes exactly this, bit for bit):
+//!
+//!   wq[c, j] = round(W[c, j] / ws[c]),   ws[c] = max_j |W[c, j]| / 127
+//!   xq[r, j] = round(x[r, j] / xs[r, b]), xs[r, b] = max_{j in b} |x[r, j]| / 127
+//!   p[r, c, b] = sum_{j in b} xq[r, j] wq[c, j]            (exact, in i32)
+//!   acc = 0;  for b in blocks: acc = fma(f32(p[r, c, b]), xs[r, b], acc)
+//!   y[r, c] = fma(acc, ws[c], bias[c])
+//!
+//! (round = to nearest, ties to even.) Blocks of 64 keep one large activation (the outlier
+//! channels of Qwen2 and Llama models) from flattening the rest of its row to zero.
+//!
+//! Weights are packed once into panels of [`NR`] columns; within a panel, for each group of
+//! four inputs, the four bytes of each column lie together, stored as wq + 128 (unsigned), the
+//! layout of AVX-512 VNNI's `vpdpbusd` (unsigned x signed bytes, four products summed into each
+//! i32 lane). The offset is taken back exactly: each block's integer accumulator starts at
+//! -128 sum_{j in b} xq[r, j].
+//!
+//! Kernels, chosen at run time: AVX-512 VNNI (6 rows x 32 columns per step), AVX2 (bytes
+//! widened to i16 and `vpmaddwd`, 4 rows x 8 columns), and portable scalar code. The integer
+//! sums are exact and the float steps are the same sequence of fused multiply-adds, so all
+//! kernels agree bit for bit (tested). `WS2S_INT8_KERNEL=scalar|avx2|vnni512` forces one.
+
+use candle_core::{DType, Result, Storage, Tensor};
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Inputs per activation scale.
+pub const BLOCK: usize = 64;
+/// Columns per packed weight panel.
+pub const NR: usize = 32;
+
+/// A weight matrix [n, k] in int8, packed for [`matmul`].
+#[derive(Clone)]
+pub struct Int8Weight {
+    n: usize,
+    k: usize,
+    /// k rounded up to a multiple of [`BLOCK`].
+    kp: usize,
+    /// panels x kp x NR bytes, wq + 128.
+    data: Vec<u8>,
+    /// One scale per column, padded to whole panels (0 for the padding).
+    scales: Vec<f32>,
+}
+
+impl std::fmt::Debug for Int8Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Int8Weight[{}, {}]", self.n, self.k)
+    }
+}
+
+/// v clamped to [-127, 127] and rounded to the nearest integer, ties to even (NaN: 0).
+#[inline(always)]
+fn quantize_value(v: f32) -> i32 {
+    if v.is_nan() {
+        return 0;
+    }
+    v.clamp(-127.0, 127.0).round_ties_even() as i32
+}
+
+/// Quantizes `values` into `out` with the scale max |v| / 127: (scale, sum of the values), or
+/// (0, 0) with `out` left at zero when the block is all zero or not finite.
+#[inline(always)]
+fn quantize_block_plain(values: &[f32], out: &mut [i8]) -> (f32, i32) {
+    let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if amax == 0.0 || !amax.is_finite() {
+        return (0.0, 0);
+    }
+    let inv = 127.0 / amax;
+    let mut sum = 0i32;
+    for (o, &v) in out.iter_mut().zip(values) {
+        let q = quantize_value(v * inv);
+        sum += q;
+        *o = q as i8;
+    }
+    (amax / 127.0, sum)
+}
+
+/// [`quantize_block_plain`] with AVX-512 or AVX2 when the CPU has them (the conversion
+/// instruction rounds to nearest even, as `round_ties_even`; same values, tested).
+fn quantize_block(values: &[f32], out: &mut [i8]) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static LEVEL: OnceLock<u8> = OnceLock::new();
+        let level = *LEVEL.get_or_init(|| {
+            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
+            {
+                2
+            } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+            {
+                1
+            } else {
+                0
+            }
+        });
+        // SAFETY: the CPU has the features each function was compiled for.
+        match level {
+            2 => return unsafe { x86::quantize_avx512(values, out) },
+            1 => return unsafe { x86::quantize_avx2(values, out) },
+            _ => {}
+        }
+    }
+    quantize_block_plain(values, out)
+}
+
+fn round_up(x: usize, m: usize) -> usize {
+    x.div_ceil(m) * m
+}
+
+impl Int8Weight {
+    /// Quantizes and packs W [n, k] (row-major, as PyTorch's nn.Linear stores it).
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Int8Weight {
+        assert_eq!(
+            w.len(),
+            n * k,
+            "int8 pack: weight of {} values, not {n} x {k}",
+            w.len()
+        );
+        let kp = round_up(k.max(1), BLOCK);
+        let panels = n.div_ceil(NR);
+        let mut scales = vec![0f32; panels * NR];
+        let mut data = vec![128u8; panels * kp * NR];
+        data.par_chunks_mut(kp * NR)
+            .zip(scales.par_chunks_mut(NR))
+            .enumerate()
+            .for_each(|(p, (panel, scales))| {
+                for (c, scale) in scales.iter_mut().enumerate() {
+                    let col = p * NR + c;
+                    if col >= n {
+                        break;
+                    }
+                    let row = &w[col * k..(col + 1) * k];
+                    let mut q = vec![0i8; k];
+                    (*scale, _) = quantize_block(row, &mut q);
+                    for (j, &v) in q.iter().enumerate() {
+                        panel[((j / 4) * NR + c) * 4 + j % 4] = (v as i32 + 128) as u8;
+                    }
+                }
+            });
+        Int8Weight {
+            n,
+            k,
+            kp,
+            data,
+            scales,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes held (weights and scales).
+    pub fn bytes(&self) -> usize {
+        self.data.len() + 4 * self.scales.len()
+    }
+
+    fn panel(&self, p: usize) -> &[u8] {
+        &self.data[p * self.kp * NR..(p + 1) * self.kp * NR]
+    }
+
+    /// The quantized value wq[c, j] (for tests and the reference).
+    pub fn value(&self, c: usize, j: usize) -> i32 {
+        let panel = self.panel(c / NR);
+        panel[((j / 4) * NR + c % NR) * 4 + j % 4] as i32 - 128
+    }
+
+    pub fn scale(&self, c: usize) -> f32 {
+        self.scales[c]
+    }
+}
+
+/// One row's quantized values, scales and offset corrections, with its index.
+type RowParts<'a> = (usize, ((&'a mut [i8], &'a mut [f32]), &'a mut [i32]));
+
+/// Rows [m, k] quantized to int8 with one scale per row and block.
+pub struct Int8Rows {
+    m: usize,
+    kp: usize,
+    q: Vec<i8>,
+    scales: Vec<f32>,
+    /// -128 x the block's sum of q (the unsigned weights' offset, taken back).
+    corr: Vec<i32>,
+}
+
+impl Int8Rows {
+    pub fn quantize(x: &[f32], m: usize, k: usize) -> Int8Rows {
+        assert_eq!(
+            x.len(),
+            m * k,
+            "int8 rows: {} values, not {m} x {k}",
+            x.len()
+        );
+        let kp = round_up(k.max(1), BLOCK);
+        let nb = kp / BLOCK;
+        let mut q = vec![0i8; m * kp];
+        let mut scales = vec![0f32; m * nb];
+        let mut corr = vec![0i32; m * nb];
+        let quantize_row = |(r, ((q, scales), corr)): RowParts| {
+            let row = &x[r * k..(r + 1) * k];
+            for b in 0..nb {
+                let lo = b * BLOCK;
+                let hi = (lo + BLOCK).min(k);
+                if lo >= hi {
+                    continue;
+                }
+                let (scale, sum) = quantize_block(&row[lo..hi], &mut q[lo..hi]);
+                scales[b] = scale;
+                corr[b] = -128 * sum;
+            }
+        };
+        if m * k >= 1 << 15 {
+            q.par_chunks_mut(kp)
+                .zip(scales.par_chunks_mut(nb))
+                .zip(corr.par_chunks_mut(nb))
+                .enumerate()
+                .for_each(quantize_row);
+        } else {
+            q.chunks_mut(kp)
+                .zip(scales.chunks_mut(nb))
+                .zip(corr.chunks_mut(nb))
+                .enumerate()
+                .for_each(quantize_row);
+        }
+        Int8Rows {
+            m,
+            kp,
+            q,
+            scales,
+            corr,
+        }
+    }
+
+    fn blocks(&self) -> usize {
+        self.kp / BLOCK
+    }
+}
+
+/// Rows of a tensor [.., k] (f32, CPU), quantized; with the leading dimensions, for the output.
+pub struct QuantizedInput {
+    rows: Int8Rows,
+    lead: Vec<usize>,
+    device: candle_core::Device,
+}
+
+impl QuantizedInput {
+    pub fn new(x: &Tensor) -> Result<QuantizedInput> {
+        let dims = x.dims();
+        let Some((&k, lead)) = dims.split_last() else {
+            candle_core::bail!("int8 linear: a scalar input");
+        };
+        let m = lead.iter().product::<usize>();
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let rows = {
+            let (storage, layout) = x.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else {
+                candle_core::bail!("int8 linear: the input is not on the CPU");
+            };
+            let start = layout.start_offset();
+            Int8Rows::quantize(&cpu.as_slice::<f32>()?[start..start + m * k], m, k)
+        };
+        Ok(QuantizedInput {
+            rows,
+            lead: lead.to_vec(),
+            device: x.device().clone(),
+        })
+    }
+
+    /// x W^T + bias as a tensor [.., n].
+    pub fn linear(&self, w: &Int8Weight, bias: Option<&Tensor>) -> Result<Tensor> {
+        if self.rows.kp != w.kp {
+            candle_core::bail!(
+                "int8 linear: input of width {} for a weight [{}, {}]",
+                self.rows.kp,
+                w.n,
+                w.k
+            );
+        }
+        let bias = bias
+            .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+            .transpose()?;
+        let y = matmul(&self.rows, w, bias.as_deref());
+        let mut dims = self.lead.clone();
+        dims.push(w.n);
+        Tensor::from_vec(y, dims, &self.device)
+    }
+}
+
+/// x W^T + bias with W in int8, x [.., k] quantized on the fly (inference only: no gradient).
+pub fn linear(x: &Tensor, w: &Int8Weight, bias: Option<&Tensor>) -> Result<Tensor> {
+    QuantizedInput::new(x)?.linear(w, bias)
+}
+
+/// Packs a frozen weight tensor [n, k] (read in place when f32 and contiguous).
+pub fn pack_tensor(w: &Tensor) -> Result<Int8Weight> {
+    let (n, k) = w.dims2()?;
+    let w = w.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = w.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("int8 pack: the weight is not on the CPU");
+    };
+    let start = layout.start_offset();
+    Ok(Int8Weight::pack(
+        &cpu.as_slice::<f32>()?[start..start + n * k],
+        n,
+        k,
+    ))
+}
+
+/// The kernels, fastest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Vnni512,
+    Avx2,
+    Scalar,
+}
+
+impl Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Vnni512 => "vnni512",
+            Kernel::Avx2 => "avx2",
+            Kernel::Scalar => "scalar",
+        }
+    }
+
+    /// Whether this CPU can run the kernel.
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Kernel::Vnni512 => {
+                    std::is_x86_feature_detected!("avx512f")
+                        && std::is_x86_feature_detected!("avx512bw")
+                        && std::is_x86_feature_detected!("avx512vnni")
+                }
+                Kernel::Avx2 => {
+                    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+                }
+                Kernel::Scalar => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Kernel::Scalar
+        }
+    }
+
+    /// The kernel used: `WS2S_INT8_KERNEL` if set (and available), else the fastest available.
+    pub fn detected() -> Kernel {
+        static KERNEL: OnceLock<Kernel> = OnceLock::new();
+        *KERNEL.get_or_init(|| {
+            let all = [Kernel::Vnni512, Kernel::Avx2, Kernel::Scalar];
+            if let Ok(name) = std::env::var("WS2S_INT8_KERNEL") {
+                if let Some(k) = all.iter().find(|k| k.name() == name && k.available()) {
+                    return *k;
+                }
+            }
+            *all.iter().find(|k| k.available()).expect("scalar")
+        })
+    }
+}
+
+/// A raw output pointer shared by the threads, which write disjoint columns.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: the threads write disjoint elements (their own panels' columns).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// A method (not the field) so that closures capture the whole Sync wrapper.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// y [m, n] = x W^T + bias, per the module's definition, with the detected kernel.
+pub fn matmul(x: &Int8Rows, w: &Int8Weight, bias: Option<&[f32]>) -> Vec<f32> {
+    matmul_with(Kernel::detected(), x, w, bias)
+}
+
+/// [`matmul`] with a given kernel (panics if the CPU lacks it).
+pub fn matmul_with(kernel: Kernel, x: &Int8Rows, w: &Int8Weight, bias: Option<&[f32]>) -> Vec<f32> {
+    assert!(
+        kernel.available(),
+        "int8 kernel {} not available",
+        kernel.name()
+    );
+    assert_eq!(
+        x.kp, w.kp,
+        "int8 matmul: inputs of {} and {} values",
+        x.kp, w.kp
+    );
+    if let Some(b) = bias {
+        assert_eq!(
+            b.len(),
+            w.n,
+            "int8 matmul: bias of {} values for {} columns",
+            b.len(),
+            w.n
+        );
+    }
+    let (m, n) = (x.m, w.n);
+    let mut y = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return y;
+    }
+    let out = Out(y.as_mut_ptr());
+    let panels = n.div_ceil(NR);
+    let run = |p: usize| {
+        let cols = (n - p * NR).min(NR);
+        let mut bias_panel = [0f32; NR];
+        if let Some(b) = bias {
+            bias_panel[..cols].copy_from_slice(&b[p * NR..p * NR + cols]);
+        }
+        let tile = Tile {
+            panel: w.panel(p),
+            scales: &w.scales[p * NR..(p + 1) * NR],
+            bias: &bias_panel,
+            cols,
+            col0: p * NR,
+            n,
+        };
+        // SAFETY: the kernel is available (checked above); the panel's columns are this
+        // task's alone, and every row index is below m.
+        unsafe { tile.run(kernel, x, out.ptr()) };
+    };
+    // Work per panel: m x kp x NR multiply-adds; small products stay on this thread.
+    if m * w.kp * n >= 1 << 22 {
+        (0..panels).into_par_iter().for_each(run);
+    } else {
+        (0..panels).for_each(run);
+    }
+    y
+}
+
+/// One panel of NR columns against all rows.
+struct Tile<'a> {
+    panel: &'a [u8],
+    scales: &'a [f32],
+    bias: &'a [f32; NR],
+    /// Real columns in this panel (<= NR).
+    cols: usize,
+    col0: usize,
+    n: usize,
+}
+
+impl Tile<'_> {
+    unsafe fn run(&self, kernel: Kernel, x: &Int8Rows, y: *mut f32) {
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni512 => {
+                let mut r = 0;
+                while r + 6 <= x.m {
+                    x86::vnni512::<6>(self, x, r, y);
+                    r += 6;
+                }
+                match x.m - r {
+                    0 => {}
+                    1 => x86::vnni512::<1>(self, x, r, y),
+                    2 => x86::vnni512::<2>(self, x, r, y),
+                    3 => x86::vnni512::<3>(self, x, r, y),
+                    4 => x86::vnni512::<4>(self, x, r, y),
+                    _ => x86::vnni512::<5>(self, x, r, y),
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                for c8 in (0..self.cols).step_by(8) {
+                    let mut r = 0;
+                    while r + 4 <= x.m {
+                        x86::avx2::<4>(self, x, r, c8, y);
+                        r += 4;
+                    }
+                    match x.m - r {
+                        0 => {}
+                        1 => x86::avx2::<1>(self, x, r, c8, y),
+                        2 => x86::avx2::<2>(self, x, r, c8, y),
+                        _ => x86::avx2::<3>(self, x, r, c8, y),
+                    }
+                }
+            }
+            _ => self.scalar(x, y),
+        }
+    }
+
+    /// The definition, written plainly.
+    unsafe fn scalar(&self, x: &Int8Rows, y: *mut f32) {
+        let nb = x.blocks();
+        for r in 0..x.m {
+            let xq = &x.q[r * x.kp..(r + 1) * x.kp];
+            for c in 0..self.cols {
+                let mut acc = 0f32;
+                for b in 0..nb {
+                    let mut p = x.corr[r * nb + b];
+                    for (j, &xv) in xq.iter().enumerate().skip(b * BLOCK).take(BLOCK) {
+                        let w = self.panel[((j / 4) * NR + c) * 4 + j % 4] as i32;
+                        p += w * xv as i32;
+                    }
+                    acc = (p as f32).mul_add(x.scales[r * nb + b], acc);
+                }
+                *y.add(r * self.n + self.col0 + c) = acc.mul_add(self.scales[c], self.bias[c]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+// The kernels index several register arrays by the same row.
+#[allow(clippy::needless_range_loop)]
+mod x86 {
+    use super::{quantize_value, Int8Rows, Tile, BLOCK, NR};
+    use std::arch::x86_64::*;
+
+    /// [`super::quantize_block_plain`] with AVX-512: 16 values per step, masked tail.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn quantize_avx512(values: &[f32], out: &mut [i8]) -> (f32, i32) {
+        let n = values.len().min(out.len());
+        let mask = |i: usize| -> __mmask16 {
+            let left = n - i;
+            if left >= 16 {
+                0xffff
+            } else {
+                ((1u32 << left) - 1) as __mmask16
+            }
+        };
+        let mut m = _mm512_setzero_ps();
+        for i in (0..n).step_by(16) {
+            let v = _mm512_maskz_loadu_ps(mask(i), values.as_ptr().add(i));
+            // max(|v|, m) keeps m where v is NaN (as f32::max).
+            m = _mm512_max_ps(_mm512_abs_ps(v), m);
+        }
+        let amax = _mm512_reduce_max_ps(m);
+        if amax == 0.0 || !amax.is_finite() {
+            return (0.0, 0);
+        }
+        let inv = _mm512_set1_ps(127.0 / amax);
+        let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+        let mut sum = _mm512_setzero_si512();
+        for i in (0..n).step_by(16) {
+            let k = mask(i);
+            let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, values.as_ptr().add(i)), inv);
+            let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
+            let v = _mm512_maskz_mov_ps(ordered, _mm512_min_ps(_mm512_max_ps(v, lo), hi));
+            let q = _mm512_cvtps_epi32(v);
+            sum = _mm512_add_epi32(sum, q);
+            _mm512_mask_cvtepi32_storeu_epi8(out.as_mut_ptr().add(i) as *mut _, k, q);
+        }
+        (amax / 127.0, _mm512_reduce_add_epi32(sum))
+    }
+
+    /// [`super::quantize_block_plain`] with AVX2: 8 values per step, the tail value by value.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_avx2(values: &[f32], out: &mut [i8]) -> (f32, i32) {
+        let n = values.len().min(out.len());
+        let body = n - n % 8;
+        let sign = _mm256_set1_ps(-0.0);
+        let mut m = _mm256_setzero_ps();
+        for i in (0..body).step_by(8) {
+            let v = _mm256_andnot_ps(sign, _mm256_loadu_ps(values.as_ptr().add(i)));
+            m = _mm256_max_ps(v, m);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let amax = lanes
+            .iter()
+            .chain(&values[body..n])
+            .fold(0f32, |a, v| a.max(v.abs()));
+        if amax == 0.0 || !amax.is_finite() {
+            return (0.0, 0);
+        }
+        let inv_s = 127.0 / amax;
+        let inv = _mm256_set1_ps(inv_s);
+        let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        let mut total = 0i32;
+        let mut q32 = [0i32; 8];
+        for i in (0..body).step_by(8) {
+            let v = _mm256_mul_ps(_mm256_loadu_ps(values.as_ptr().add(i)), inv);
+            let ordered = _mm256_cmp_ps::<_CMP_ORD_Q>(v, v);
+            let v = _mm256_and_ps(ordered, _mm256_min_ps(_mm256_max_ps(v, lo), hi));
+            _mm256_storeu_si256(q32.as_mut_ptr() as *mut __m256i, _mm256_cvtps_epi32(v));
+            for (o, q) in out[i..i + 8].iter_mut().zip(q32) {
+                *o = q as i8;
+                total += q;
+            }
+        }
+        for (o, &v) in out[body..n].iter_mut().zip(&values[body..n]) {
+            let q = quantize_value(v * inv_s);
+            *o = q as i8;
+            total += q;
+        }
+        (amax / 127.0, total)
+    }
+
+    /// Rows r0..r0+R of the tile with AVX-512 VNNI: two 16-column halves, R rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
+    pub(super) unsafe fn vnni512<const R: usize>(t: &Tile, x: &Int8Rows, r0: usize, y: *mut f32) {
+        let nb = x.blocks();
+        let mut facc = [[_mm512_setzero_ps(); 2]; R];
+        let xrows: [*const u8; R] =
+            std::array::from_fn(|i| x.q.as_ptr().add((r0 + i) * x.kp) as *const u8);
+        let wp = t.panel.as_ptr();
+        for b in 0..nb {
+            let mut iacc = [[_mm512_setzero_si512(); 2]; R];
+            for i in 0..R {
+                let c = _mm512_set1_epi32(*x.corr.get_unchecked((r0 + i) * nb + b));
+                iacc[i] = [c, c];
+            }
+            let base = b * BLOCK;
+            for g in 0..BLOCK / 4 {
+                let w = wp.add((base / 4 + g) * NR * 4);
+                let w0 = _mm512_loadu_si512(w as *const _);
+                let w1 = _mm512_loadu_si512(w.add(64) as *const _);
+                for i in 0..R {
+                    let xv = _mm512_set1_epi32(
+                        (xrows[i].add(base + 4 * g) as *const i32).read_unaligned(),
+                    );
+                    iacc[i][0] = _mm512_dpbusd_epi32(iacc[i][0], w0, xv);
+                    iacc[i][1] = _mm512_dpbusd_epi32(iacc[i][1], w1, xv);
+                }
+            }
+            for i in 0..R {
+                let s = _mm512_set1_ps(*x.scales.get_unchecked((r0 + i) * nb + b));
+                for h in 0..2 {
+                    facc[i][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i][h]), s, facc[i][h]);
+                }
+            }
+        }
+        let ws = [
+            _mm512_loadu_ps(t.scales.as_ptr()),
+            _mm512_loadu_ps(t.scales.as_ptr().add(16)),
+        ];
+        let bias = [
+            _mm512_loadu_ps(t.bias.as_ptr()),
+            _mm512_loadu_ps(t.bias.as_ptr().add(16)),
+        ];
+        for (i, acc) in facc.iter().enumerate() {
+            let out = y.add((r0 + i) * t.n + t.col0);
+            for h in 0..2 {
+                let v = _mm512_fmadd_ps(acc[h], ws[h], bias[h]);
+                let lo = 16 * h;
+                if t.cols >= lo + 16 {
+                    _mm512_storeu_ps(out.add(lo), v);
+                } else if t.cols > lo {
+                    let mask: __mmask16 = ((1u32 << (t.cols - lo)) - 1) as __mmask16;
+                    _mm512_mask_storeu_ps(out.add(lo), mask, v);
+                }
+            }
+        }
+    }
+
+    /// Rows r0..r0+R, columns c8..c8+8 of the tile with AVX2: the unsigned weight bytes widened
+    /// to i16, the four activation bytes of a group broadcast and widened, `vpmaddwd` (two
+    /// products per i32 lane, exact), lane pairs added at the end of each block.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2<const R: usize>(
+        t: &Tile,
+        x: &Int8Rows,
+        r0: usize,
+        c8: usize,
+        y: *mut f32,
+    ) {
+        let nb = x.blocks();
+        let mut facc = [_mm256_setzero_ps(); R];
+        let xrows: [*const u8; R] =
+            std::array::from_fn(|i| x.q.as_ptr().add((r0 + i) * x.kp) as *const u8);
+        let wp = t.panel.as_ptr().add(c8 * 4);
+        for b in 0..nb {
+            let mut lo = [_mm256_setzero_si256(); R];
+            let mut hi = [_mm256_setzero_si256(); R];
+            let base = b * BLOCK;
+            for g in 0..BLOCK / 4 {
+                let w = wp.add((base / 4 + g) * NR * 4);
+                let w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(w as *const __m128i));
+                let w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(w.add(16) as *const __m128i));
+                for i in 0..R {
+                    let four = (xrows[i].add(base + 4 * g) as *const i32).read_unaligned();
+                    let xv = _mm256_cvtepi8_epi16(_mm_set1_epi32(four));
+                    lo[i] = _mm256_add_epi32(lo[i], _mm256_madd_epi16(w0, xv));
+                    hi[i] = _mm256_add_epi32(hi[i], _mm256_madd_epi16(w1, xv));
+                }
+            }
+            for i in 0..R {
+                // [c0 c1 c4 c5 | c2 c3 c6 c7] -> columns in order.
+                let sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo[i], hi[i]), 0b11_01_10_00);
+                let c = _mm256_set1_epi32(*x.corr.get_unchecked((r0 + i) * nb + b));
+                let p = _mm256_cvtepi32_ps(_mm256_add_epi32(sums, c));
+                let s = _mm256_set1_ps(*x.scales.get_unchecked((r0 + i) * nb + b));
+                facc[i] = _mm256_fmadd_ps(p, s, facc[i]);
+            }
+        }
+        let ws = _mm256_loadu_ps(t.scales.as_ptr().add(c8));
+        let bias = _mm256_loadu_ps(t.bias.as_ptr().add(c8));
+        let cols = (t.cols - c8).min(8);
+        for (i, acc) in facc.iter().enumerate() {
+            let v = _mm256_fmadd_ps(*acc, ws, bias);
+            let out = y.add((r0 + i) * t.n + t.col0 + c8);
+            if cols == 8 {
+                _mm256_storeu_ps(out, v);
+            } else {
+                let mut tmp = [0f32; 8];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), v);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), out, cols);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut rng = Rng::new(seed);
+        (0..n)
+            .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale)
+            .collect()
+    }
+
+    /// The definition in f64 where it is exact (integer sums) and f32 fma where it says so.
+    fn reference(
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Vec<f32> {
+        let q = |v: &[f32]| -> (Vec<i32>, f32) {
+            let amax = v.iter().fold(0f32, |a, b| a.max(b.abs()));
+            if amax == 0.0 {
+                return (vec![0; v.len()], 0.0);
+            }
+            let inv = 127.0 / amax;
+            let q = v
+                .iter()
+                .map(|x| (x * inv).round_ties_even().clamp(-127.0, 127.0) as i32);
+            (q.collect(), amax / 127.0)
+        };
+        let mut y = vec![0f32; m * n];
+        for c in 0..n {
+            let (wq, ws) = q(&w[c * k..(c + 1) * k]);
+            for r in 0..m {
+                let mut acc = 0f32;
+                for lo in (0..k).step_by(BLOCK) {
+                    let hi = (lo + BLOCK).min(k);
+                    let (xq, xs) = q(&x[r * k + lo..r * k + hi]);
+                    let p: i32 = xq.iter().zip(&wq[lo..hi]).map(|(a, b)| a * b).sum();
+                    acc = (p as f32).mul_add(xs, acc);
+                }
+                y[r * n + c] = acc.mul_add(ws, bias.map_or(0.0, |b| b[c]));
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn every_kernel_computes_the_definition_bit_for_bit() {
+        // Shapes with remainders in rows (not a multiple of 6 or 4), columns (not of 32 or 8)
+        // and inputs (not of 64 or 4), and one large enough for the threads.
+        for (i, &(m, k, n)) in [
+            (1, 3, 1),
+            (7, 70, 45),
+            (13, 128, 33),
+            (5, 64, 64),
+            (40, 200, 300),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut x = random(m * k, 10 + i as u64, 2.0);
+            x[0] = 90.0; // an outlier in the first block of row 0
+            let w = random(n * k, 20 + i as u64, 0.3);
+            let bias = random(n, 30 + i as u64, 1.0);
+            let packed = Int8Weight::pack(&w, n, k);
+            let rows = Int8Rows::quantize(&x, m, k);
+            let want = reference(&x, &w, Some(&bias), m, k, n);
+            for kernel in [Kernel::Scalar, Kernel::Avx2, Kernel::Vnni512] {
+                if !kernel.available() {
+                    eprintln!(
+                        "kernel {} not available on this CPU: not tested",
+                        kernel.name()
+                    );
+                    continue;
+                }
+                let got = matmul_with(kernel, &rows, &packed, Some(&bias));
+                for (j, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{} {m}x{k}x{n} at {j}: {a} vs {b}",
+                        kernel.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn close_to_the_f32_product() {
+        let (m, k, n) = (9, 256, 40);
+        let x = random(m * k, 1, 1.0);
+        let w = random(n * k, 2, 0.1);
+        let y = matmul(
+            &Int8Rows::quantize(&x, m, k),
+            &Int8Weight::pack(&w, n, k),
+            None,
+        );
+        let mut worst = 0f32;
+        for r in 0..m {
+            for c in 0..n {
+                let exact: f32 = (0..k).map(|j| x[r * k + j] * w[c * k + j]).sum();
+                // Each product's relative error is at most ~ 1/254 + 1/254; the sum of k terms
+                // of size |x||w| <= 0.1 has an error far below 0.05 for uniform values.
+                worst = worst.max((y[r * n + c] - exact).abs());
+            }
+        }
+        assert!(worst < 0.02, "largest error {worst}");
+    }
+
+    #[test]
+    fn zero_rows_and_columns_give_the_bias() {
+        let (m, k, n) = (3, 70, 5);
+        let mut x = random(m * k, 3, 1.0);
+        x[k..2 * k].iter_mut().for_each(|v| *v = 0.0);
+        let mut w = random(n * k, 4, 1.0);
+        w[..k].iter_mut().for_each(|v| *v = 0.0);
+        let bias = [1.0, 2.0, 3.0, 4.0, 5.0];
+        let y = matmul(
+            &Int8Rows::quantize(&x, m, k),
+            &Int8Weight::pack(&w, n, k),
+            Some(&bias),
+        );
+        assert_eq!(&y[n..2 * n], &bias);
+        assert_eq!(y[0], 1.0);
+        assert_eq!(y[2 * n], 1.0);
+    }
+
+    #[test]
+    fn rounding_is_ties_to_even() {
+        let mut rng = Rng::new(5);
+        let mut values: Vec<f32> = (0..10_000)
+            .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * 130.0)
+            .collect();
+        values.extend((-128..=128).map(|i| i as f32 + 0.5));
+        values.extend((-128..=128).map(|i| i as f32));
+        values[7] = f32::NAN;
+        let mut plain = vec![0i8; values.len()];
+        let a = quantize_block_plain(&values, &mut plain);
+        assert_eq!(plain[7], 0);
+        #[cfg(target_arch = "x86_64")]
+        for (name, f) in [
+            (
+                "avx512",
+                x86::quantize_avx512 as unsafe fn(&[f32], &mut [i8]) -> (f32, i32),
+                "avx512f",
+            ),
+            ("avx2", x86::quantize_avx2, "avx2"),
+        ]
+        .map(|(n, f, _)| (n, f))
+        {
+            if (name == "avx512" && !std::is_x86_feature_detected!("avx512bw"))
+                || !std::is_x86_feature_detected!("avx2")
+            {
+                continue;
+            }
+            // Every length up to 40 (tails), and the whole set.
+            for len in (1..40).chain([values.len()]) {
+                let mut want = vec![0i8; len];
+                let mut got = vec![0i8; len];
+                let a = quantize_block_plain(&values[..len], &mut want);
+                // SAFETY: the CPU has the features (checked above).
+                let b = unsafe { f(&values[..len], &mut got) };
+                assert_eq!(a, b, "{name} {len}");
+                assert_eq!(want, got, "{name} {len}");
+            }
+        }
+        let inv = 127.0 / (a.0 * 127.0);
+        for (v, q) in values.iter().zip(&plain).filter(|(v, _)| !v.is_nan()) {
+            assert_eq!(*q as f32, (v * inv).round_ties_even(), "{v}");
+        }
+        assert_eq!(quantize_value(f32::NAN), 0);
+        assert_eq!(quantize_value(2.5), 2);
+        assert_eq!(quantize_value(-3.5), -4);
+    }
+
+    #[test]
+    fn quantized_values_round_to_nearest_and_keep_the_extremes() {
+        let w = [1.0, -0.5, 0.25, 0.0, 2.0 / 127.0, -1.0];
+        let p = Int8Weight::pack(&w, 1, 6);
+        let got: Vec<i32> = (0..6).map(|j| p.value(0, j)).collect();
+        assert_eq!(got, vec![127, -64, 32, 0, 2, -127]); // -63.5 and 31.75 rounded
+        assert_eq!(p.scale(0), 1.0 / 127.0);
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn gops() {
+        for &(m, k, n) in &[
+            (768usize, 1536usize, 8960usize),
+            (768, 8960, 1536),
+            (768, 1536, 1536),
+            (40, 896, 4864),
+        ] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 300.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 104729 % 1000) as f32 - 500.0) / 3000.0)
+                .collect();
+            let pw = Int8Weight::pack(&w, n, k);
+            for kernel in [Kernel::Vnni512, Kernel::Avx2] {
+                let t = std::time::Instant::now();
+                let reps = 5;
+                for _ in 0..reps {
+                    let xr = Int8Rows::quantize(&x, m, k);
+                    std::hint::black_box(matmul_with(kernel, &xr, &pw, None));
+                }
+                let s = t.elapsed().as_secs_f64() / reps as f64;
+                eprintln!(
+                    "{} {m}x{k}x{n}: {:.1} ms, {:.0} GOP/s",
+                    kernel.name(),
+                    s * 1e3,
+                    2.0 * (m * k * n) as f64 / s / 1e9
+                );
+            }
+        }
+    }
+}
