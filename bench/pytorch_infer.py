@@ -56,7 +56,7 @@ def main():
     config = transformers.AutoConfig.for_model(**json.load(open(a.config)))
     load0 = time.perf_counter()
     cls = transformers.AutoModel if a.mode == "forward" else transformers.AutoModelForCausalLM
-    model = cls.from_config(config, torch_dtype=dtype).eval()
+    model = cls.from_config(config, dtype=dtype).eval()
     load_s = time.perf_counter() - load0
     vocab = config.vocab_size
     g = torch.Generator().manual_seed(0)

@@ -75,6 +75,11 @@ pub struct ExperimentConfig {
     /// How linear probes are solved and their L2 strength chosen (cross-validation).
     #[serde(default)]
     pub solver: SolverConfig,
+    /// Number type of the frozen forward passes (features, scoring, decoding): "auto" (the
+    /// fastest that passes the accuracy checks on this CPU: int8 with AVX-512 VNNI, else f32),
+    /// "f32" or "int8". Training computes in f32 whatever this says.
+    #[serde(default)]
+    pub precision: PrecisionSetting,
     #[serde(default)]
     pub methods: MethodsConfig,
     /// Generation tasks (SLURP, generate:PATH): the methods of METHOD.md section 4 and the
@@ -234,6 +239,26 @@ pub struct ModelSpec {
     /// Training settings of this model when fine-tuned (default: the experiment's [probe] section).
     #[serde(default)]
     pub train: Option<TrainConfig>,
+}
+
+/// The `precision` key: a precision, or "auto" (chosen for the CPU when the run starts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionSetting {
+    #[default]
+    Auto,
+    F32,
+    Int8,
+}
+
+impl PrecisionSetting {
+    pub fn resolve(self) -> crate::ops::Precision {
+        match self {
+            PrecisionSetting::Auto => crate::ops::Precision::fastest(),
+            PrecisionSetting::F32 => crate::ops::Precision::F32,
+            PrecisionSetting::Int8 => crate::ops::Precision::Int8,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,5 +4,6 @@ pub mod config;
 pub mod generation;
 pub mod learner;
 pub mod pipeline;
+pub mod precision_study;
 pub mod stages;
 pub mod study;

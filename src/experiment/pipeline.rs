@@ -142,6 +142,8 @@ pub struct RunResults {
     pub paired: PairedReport,
     /// The CPU the run used (model name, vector extensions, threads).
     pub cpu: String,
+    /// The number type of the frozen forward passes, and its kernel.
+    pub precision: String,
     /// Wall time of each stage (feature extraction per model, the probes of all seeds).
     pub timings: Vec<Timing>,
 }
@@ -215,11 +217,22 @@ fn fit_on_ground_truth<'l>(
     learner.fit(train, &supervision, config)
 }
 
+/// "int8 (vnni512 kernel)", "f32".
+fn describe_precision(precision: crate::ops::Precision) -> String {
+    match precision {
+        crate::ops::Precision::F32 => "f32".into(),
+        crate::ops::Precision::Int8 => format!(
+            "int8 ({} kernel)",
+            crate::ops::int8::Kernel::detected().name()
+        ),
+    }
+}
+
 /// Extracts (or reads from the cache) the features of every example for one model.
 fn features_for(
     spec: &ModelSpec,
     examples: &BTreeMap<String, String>,
-    progress: bool,
+    (progress, precision): (bool, crate::ops::Precision),
     device: &Device,
     timings: &std::cell::RefCell<Vec<Timing>>,
 ) -> Result<FeatureTable> {
@@ -236,6 +249,7 @@ fn features_for(
         pooling,
         max_tokens: spec.max_tokens,
         progress,
+        precision,
         ..Default::default()
     };
     let ids: Vec<&str> = examples.keys().map(String::as_str).collect();
@@ -246,8 +260,9 @@ fn features_for(
     let (features, hit) = match load_cached(&key, texts.len(), &cache_dir, device) {
         Some(features) => (features, true),
         None => {
-            let model = Model::load(&path, Trainable::Frozen, 0, device)
+            let mut model = Model::load(&path, Trainable::Frozen, 0, device)
                 .with_context(|| format!("loading {}", spec.label()))?;
+            model.network.set_precision(precision)?;
             let features = extract(&model, &texts, &options, device)?;
             store_cached(&key, &features, &cache_dir)?;
             (features, false)
@@ -346,9 +361,10 @@ pub fn run(
         examples.len()
     );
     let timings = std::cell::RefCell::new(Vec::new());
+    let precision = config.precision.resolve();
     let learner_for = |spec: &ModelSpec| -> Result<(Box<dyn Learner>, String)> {
         if spec.mode == TrainingMode::Probe {
-            let table = features_for(spec, &examples, progress, &device, &timings)?;
+            let table = features_for(spec, &examples, (progress, precision), &device, &timings)?;
             let hash = table.model_hash.clone();
             let learner = ProbeLearner {
                 table,
@@ -790,6 +806,7 @@ pub fn run(
         summary,
         paired,
         cpu: crate::runtime::cpu_description(),
+        precision: describe_precision(precision),
         timings,
     };
     write_outputs(out, &results, &label_rows, &predictions)?;
@@ -1188,8 +1205,8 @@ pub fn markdown(results: &RunResults) -> String {
     }
     if !results.timings.is_empty() {
         out.push_str(&format!(
-            "\nRan on: {}.\n\n| stage | wall time |\n|---|---|\n",
-            results.cpu
+            "\nRan on: {}; frozen forward passes in {}.\n\n| stage | wall time |\n|---|---|\n",
+            results.cpu, results.precision
         ));
         for t in &results.timings {
             out.push_str(&format!(

@@ -112,6 +112,17 @@ fn cross_validate(
     solver: &SolverConfig,
     seed: u64,
 ) -> Result<(f64, f64, f64)> {
+    let (accuracy, log_loss, c, _) = cross_validate_predictions(raw, labels, solver, seed)?;
+    Ok((accuracy, log_loss, c))
+}
+
+/// [`cross_validate`], with each example's held-out predicted class.
+pub(crate) fn cross_validate_predictions(
+    raw: &crate::train::convex::Matrix,
+    labels: &[usize],
+    solver: &SolverConfig,
+    seed: u64,
+) -> Result<(f64, f64, f64, Vec<usize>)> {
     let x = Standardizer::fit(raw).apply(raw);
     let x = if x.rows < x.cols { row_space(&x).1 } else { x };
     let targets: Vec<Vec<f64>> = labels
@@ -121,7 +132,7 @@ fn cross_validate(
     let folds = stratified_folds(labels, solver.folds, seed);
     let objective = SoftXent { targets: &targets };
     let (_, report) = fit_cv(&x, 2, &objective, &targets, &folds, solver)?;
-    let mut correct = 0usize;
+    let mut predicted = vec![0usize; labels.len()];
     for f in 0..solver.folds {
         let train: Vec<usize> = (0..x.rows).filter(|&i| folds[i] != f).collect();
         let held: Vec<usize> = (0..x.rows).filter(|&i| folds[i] == f).collect();
@@ -135,7 +146,7 @@ fn cross_validate(
             solver,
         )?;
         for (p, &i) in model.probs(&x.select_rows(&held)).iter().zip(&held) {
-            correct += usize::from(argmax(p) == labels[i]);
+            predicted[i] = argmax(p);
         }
     }
     let chosen = report
@@ -143,10 +154,12 @@ fn cross_validate(
         .iter()
         .position(|&c| c == report.chosen_c)
         .unwrap_or(0);
+    let correct = predicted.iter().zip(labels).filter(|(p, y)| p == y).count();
     Ok((
         correct as f64 / labels.len() as f64,
         report.scores[chosen],
         report.chosen_c,
+        predicted,
     ))
 }
 

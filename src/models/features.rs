@@ -19,6 +19,8 @@ pub struct FeatureOptions {
     /// "is this answer correct" item sits at the end).
     pub max_tokens: usize,
     pub progress: bool,
+    /// Number type of the forward's products (part of the cache key unless f32).
+    pub precision: crate::ops::Precision,
 }
 
 impl Default for FeatureOptions {
@@ -28,6 +30,7 @@ impl Default for FeatureOptions {
             batch_size: 32,
             max_tokens: 256,
             progress: false,
+            precision: crate::ops::Precision::F32,
         }
     }
 }
@@ -140,11 +143,15 @@ pub fn feature_key(
         data.push('\u{1e}');
     }
     let data_hash = sha256_hex(data.as_bytes());
-    let key = format!(
+    let mut key = format!(
         "{FEATURE_FORMAT}\n{model_hash}\n{data_hash}\n{}\n{}",
         options.pooling.as_str(),
         options.max_tokens
     );
+    // f32 keys are those of the versions before precisions existed (their caches stay valid).
+    if options.precision != crate::ops::Precision::F32 {
+        key.push_str(&format!("\nprecision {}", options.precision.name()));
+    }
     sha256_hex(key.as_bytes())
 }
 
