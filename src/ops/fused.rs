@@ -280,12 +280,35 @@ pub(crate) fn rows_per_task(cols: usize) -> usize {
 /// `out` (same length as `x`) filled in parallel, blocks of whole rows of `cols` values each:
 /// `f(x_rows, out_rows)`.
 pub(crate) fn par_rows<T: Real>(x: &[T], cols: usize, f: impl Fn(&[T], &mut [T]) + Sync) -> Vec<T> {
-    use rayon::prelude::*;
-    let mut out = vec![T::from(0.0); x.len()];
     let block = rows_per_task(cols) * cols;
-    out.par_chunks_mut(block)
-        .zip(x.par_chunks(block))
-        .for_each(|(o, x)| f(x, o));
+    par_blocks_out(x.len(), block, |i, o| {
+        f(&x[i * block..i * block + o.len()], o)
+    })
+}
+
+/// A new vector of `len` values filled by `f(block index, block)` over blocks of `block`
+/// values in parallel; each block is zeroed by its own task just before (a serial zeroing of
+/// the whole output would leave the other threads idle).
+pub(crate) fn par_blocks_out<T: Real>(
+    len: usize,
+    block: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(block.max(1))
+        .enumerate()
+        .for_each(|(i, o)| {
+            for v in o.iter_mut() {
+                v.write(T::from(0.0));
+            }
+            // SAFETY: every value of the block was just initialized.
+            let o = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+            f(i, o)
+        });
+    // SAFETY: the blocks cover all len values, each initialized above.
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -311,13 +334,11 @@ pub(crate) fn par_rows2<T: Real>(
     cols: usize,
     f: impl Fn(&[T], &[T], &mut [T]) + Sync,
 ) -> Vec<T> {
-    use rayon::prelude::*;
-    let mut out = vec![T::from(0.0); a.len()];
     let block = rows_per_task(cols) * cols;
-    out.par_chunks_mut(block)
-        .zip(a.par_chunks(block).zip(b.par_chunks(block)))
-        .for_each(|(o, (a, b))| f(a, b, o));
-    out
+    par_blocks_out(a.len(), block, |i, o| {
+        let r = i * block..i * block + o.len();
+        f(&a[r.clone()], &b[r], o)
+    })
 }
 
 /// The contiguous values of an input of type `T`; an error when the input is of another type or
@@ -653,15 +674,12 @@ pub(crate) fn rope_rows<T: Real>(
     table_of: impl Fn(usize) -> usize + Sync,
     inverse: bool,
 ) -> Vec<T> {
-    use rayon::prelude::*;
     let half = d / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
-    let mut out = vec![T::from(0.0); x.len()];
     let rows = rows_per_task(d);
-    out.par_chunks_mut(rows * d)
-        .zip(x.par_chunks(rows * d))
-        .enumerate()
-        .for_each(|(block, (out, x))| {
+    par_blocks_out(x.len(), rows * d, |block, out: &mut [T]| {
+        let x = &x[block * rows * d..block * rows * d + out.len()];
+        {
             for (i, (out, x)) in out.chunks_mut(d).zip(x.chunks(d)).enumerate() {
                 let table = table_of(block * rows + i) * d;
                 for k in 0..half {
@@ -676,8 +694,8 @@ pub(crate) fn rope_rows<T: Real>(
                     out[d - 1] = x[d - 1];
                 }
             }
-        });
-    out
+        }
+    })
 }
 
 impl CustomOp1 for Rope {

@@ -177,7 +177,13 @@ impl Int8Weight {
 }
 
 /// One row's quantized values, scales and offset corrections, with its index.
-type RowParts<'a> = (usize, ((&'a mut [i8], &'a mut [f32]), &'a mut [i32]));
+type RowParts<'a> = (
+    usize,
+    (
+        (&'a mut [std::mem::MaybeUninit<i8>], &'a mut [f32]),
+        &'a mut [i32],
+    ),
+);
 
 /// Rows [m, k] quantized to int8 with one scale per row and block.
 pub struct Int8Rows {
@@ -199,10 +205,17 @@ impl Int8Rows {
         );
         let kp = round_up(k.max(1), BLOCK);
         let nb = kp / BLOCK;
-        let mut q = vec![0i8; m * kp];
+        // Each row's values are zeroed by the thread that quantizes it, just before (not the
+        // whole matrix up front, by one thread).
+        let mut q: Vec<i8> = Vec::with_capacity(m * kp);
         let mut scales = vec![0f32; m * nb];
         let mut corr = vec![0i32; m * nb];
         let quantize_row = |(r, ((q, scales), corr)): RowParts| {
+            for v in q.iter_mut() {
+                v.write(0);
+            }
+            // SAFETY: every value of the row was just initialized.
+            let q = unsafe { &mut *(q as *mut [std::mem::MaybeUninit<i8>] as *mut [i8]) };
             let row = &x[r * k..(r + 1) * k];
             for b in 0..nb {
                 let lo = b * BLOCK;
@@ -215,19 +228,24 @@ impl Int8Rows {
                 corr[b] = -128 * sum;
             }
         };
+        let spare = &mut q.spare_capacity_mut()[..m * kp];
         if m * k >= 1 << 15 {
-            q.par_chunks_mut(kp)
+            spare
+                .par_chunks_mut(kp)
                 .zip(scales.par_chunks_mut(nb))
                 .zip(corr.par_chunks_mut(nb))
                 .enumerate()
                 .for_each(quantize_row);
         } else {
-            q.chunks_mut(kp)
+            spare
+                .chunks_mut(kp)
                 .zip(scales.chunks_mut(nb))
                 .zip(corr.chunks_mut(nb))
                 .enumerate()
                 .for_each(quantize_row);
         }
+        // SAFETY: every row (all m x kp values) was initialized above.
+        unsafe { q.set_len(m * kp) };
         Int8Rows {
             m,
             kp,
@@ -408,11 +426,12 @@ pub fn matmul_with(kernel: Kernel, x: &Int8Rows, w: &Int8Weight, bias: Option<&[
         );
     }
     let (m, n) = (x.m, w.n);
-    let mut y = vec![0f32; m * n];
     if m == 0 || n == 0 {
-        return y;
+        return vec![0f32; m * n];
     }
-    let out = Out(y.as_mut_ptr());
+    // Not zeroed first: the kernels write every value.
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    let out = Out(y.spare_capacity_mut().as_mut_ptr() as *mut f32);
     let panels = n.div_ceil(NR);
     let run = |p: usize| {
         let cols = (n - p * NR).min(NR);
@@ -438,6 +457,8 @@ pub fn matmul_with(kernel: Kernel, x: &Int8Rows, w: &Int8Weight, bias: Option<&[
     } else {
         (0..panels).for_each(run);
     }
+    // SAFETY: the tiles wrote all m x n values (every row, every real column of each panel).
+    unsafe { y.set_len(m * n) };
     y
 }
 

@@ -63,7 +63,24 @@ pub fn normal_cdf(x: f32) -> f32 {
     }
 }
 
-/// Runs the body as an AVX2 + FMA function when the CPU has them, else as plain code.
+/// Whether the CPU has the AVX-512 subsets the wide builds use (F, BW, DQ, VL), once.
+pub(crate) fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512dq")
+                && std::is_x86_feature_detected!("avx512vl")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Runs the body as an AVX-512 function (the same element-wise arithmetic on 16 lanes: same
+/// values) or an AVX2 + FMA one when the CPU has them, else as plain code.
 macro_rules! multiversion {
     ($(#[$meta:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         multiversion! { $(#[$meta])* pub fn $name($($arg: $ty),*) -> () $body }
@@ -75,9 +92,17 @@ macro_rules! multiversion {
             fn inner($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
+                    inner($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) -> $ret {
                     inner($($arg),*)
+                }
+                if crate::ops::simd::has_avx512() {
+                    // SAFETY: the CPU has the features the function was compiled for.
+                    return unsafe { avx512($($arg),*) };
                 }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU has the features the function was compiled for.
