@@ -236,6 +236,31 @@ pub struct InferenceTimes {
     pub load_s: f64,
 }
 
+impl InferenceTimes {
+    fn new(
+        name: &str,
+        model: &Model,
+        precision: crate::ops::Precision,
+        (workload, tokens): (String, usize),
+        (runs, median_s, cpu_utilisation, load_s): (Vec<f64>, f64, f64, f64),
+    ) -> InferenceTimes {
+        InferenceTimes {
+            model: name.to_string(),
+            architecture: model.network.architecture().to_string(),
+            precision: precision.name().to_string(),
+            kernel: kernel_name(precision),
+            workload,
+            tokens,
+            median_s,
+            runs,
+            tokens_per_s: tokens as f64 / median_s,
+            cpu_utilisation,
+            threads: rayon::current_num_threads(),
+            load_s,
+        }
+    }
+}
+
 fn time_runs(repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<(Vec<f64>, f64, f64)> {
     run()?;
     let (cpu0, wall0) = (cpu_seconds(), Instant::now());
@@ -286,21 +311,15 @@ pub fn bench_forward(
         hidden.sum_all()?.to_scalar::<f32>()?;
         Ok(())
     })?;
-    let tokens = batch * seq_len;
-    Ok(InferenceTimes {
-        model: name.to_string(),
-        architecture: model.network.architecture().to_string(),
-        precision: precision.name().to_string(),
-        kernel: kernel_name(precision),
-        workload: format!("forward {batch}x{seq_len}"),
-        tokens,
-        median_s,
-        runs,
-        tokens_per_s: tokens as f64 / median_s,
-        cpu_utilisation,
-        threads: rayon::current_num_threads(),
-        load_s,
-    })
+    let workload = format!("forward {batch}x{seq_len}");
+    let timed = (runs, median_s, cpu_utilisation, load_s);
+    Ok(InferenceTimes::new(
+        name,
+        &model,
+        precision,
+        (workload, batch * seq_len),
+        timed,
+    ))
 }
 
 /// `ws2s bench decode`: beam search (KV cache) from `prompts` prompts of `prompt_len` random
@@ -340,19 +359,13 @@ pub fn bench_decode(
         }
         Ok(())
     })?;
-    let tokens = prompts * new_tokens;
-    Ok(InferenceTimes {
-        model: name.to_string(),
-        architecture: model.network.architecture().to_string(),
-        precision: precision.name().to_string(),
-        kernel: kernel_name(precision),
-        workload: format!("decode {prompts}x{prompt_len} beam {beams} +{new_tokens}"),
-        tokens,
-        median_s,
-        runs,
-        tokens_per_s: tokens as f64 / median_s,
-        cpu_utilisation,
-        threads: rayon::current_num_threads(),
-        load_s,
-    })
+    let workload = format!("decode {prompts}x{prompt_len} beam {beams} +{new_tokens}");
+    let timed = (runs, median_s, cpu_utilisation, load_s);
+    Ok(InferenceTimes::new(
+        name,
+        &model,
+        precision,
+        (workload, prompts * new_tokens),
+        timed,
+    ))
 }

@@ -11,7 +11,7 @@ use ws2s::experiment::config::{ExperimentConfig, PrecisionSetting};
 use ws2s::models::decode::{generate, DecodeOptions};
 use ws2s::models::params::Trainable;
 use ws2s::models::{self, Model};
-use ws2s::ops::Precision;
+use ws2s::ops::{Precision, Purpose};
 
 #[derive(Parser)]
 #[command(
@@ -71,7 +71,7 @@ finished stage."
         #[arg(long, default_value = "runs/demo")]
         out: PathBuf,
         /// Number type of the frozen forward passes: auto (the fastest that passes the accuracy
-        /// checks on this CPU: int8 with AVX-512 VNNI, else f32), f32 or int8.
+        /// checks: int8 features with AVX-512 VNNI, else f32), f32 or int8.
         #[arg(long)]
         precision: Option<PrecisionSetting>,
     },
@@ -177,9 +177,10 @@ struct GenerateArgs {
     /// Print each token with its log-probability.
     #[arg(long)]
     logprobs: bool,
-    /// Number type of the products: auto, f32 or int8.
-    #[arg(long, default_value = "auto", value_parser = parse_precision)]
-    precision: Precision,
+    /// Number type of the products: auto (f32: int8 does not pass the greedy-decoding
+    /// check), f32 or int8.
+    #[arg(long, value_enum, default_value = "auto")]
+    precision: PrecisionSetting,
 }
 
 #[derive(Subcommand)]
@@ -223,10 +224,10 @@ enum BenchCommand {
         /// Timed repetitions (after one warm-up).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
-        /// Number type of the products: f32, int8, or auto (the fastest that passes the
-        /// accuracy checks on this CPU).
-        #[arg(long, default_value = "auto", value_parser = parse_precision)]
-        precision: Precision,
+        /// Number type of the products: f32, int8, or auto (the fastest whose features pass
+        /// the accuracy check on this CPU: int8 with AVX-512 VNNI, else f32).
+        #[arg(long, value_enum, default_value = "auto")]
+        precision: PrecisionSetting,
         /// One JSON object.
         #[arg(long)]
         json: bool,
@@ -249,9 +250,10 @@ enum BenchCommand {
         /// Timed repetitions (after one warm-up).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
-        /// Number type of the products: f32, int8, or auto.
-        #[arg(long, default_value = "auto", value_parser = parse_precision)]
-        precision: Precision,
+        /// Number type of the products: f32, int8, or auto (f32: int8 does not pass the
+        /// greedy-decoding check).
+        #[arg(long, value_enum, default_value = "auto")]
+        precision: PrecisionSetting,
         /// One JSON object.
         #[arg(long)]
         json: bool,
@@ -498,7 +500,9 @@ fn model_info(name: &str, json: bool) -> Result<()> {
 
 fn generate_text(args: &GenerateArgs) -> Result<()> {
     let mut model = load_model(&args.model)?;
-    model.network.set_precision(args.precision)?;
+    model
+        .network
+        .set_precision(args.precision.resolve(Purpose::Decoding))?;
     let tokenizer = model.tokenizer()?;
     let prompt = tokenizer.encode(&args.prompt)?;
     let options = DecodeOptions {
@@ -529,10 +533,6 @@ fn generate_text(args: &GenerateArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn parse_precision(name: &str) -> std::result::Result<Precision, String> {
-    Precision::parse(name).ok_or_else(|| format!("expected {}", Precision::NAMES))
 }
 
 fn print_inference(times: &ws2s::bench::InferenceTimes, json: bool) -> Result<()> {
@@ -780,7 +780,11 @@ fn run(cli: Cli) -> Result<()> {
             precision,
             json,
         }) => print_inference(
-            &ws2s::bench::bench_forward(&model, (batch, seq_len, repeats), precision)?,
+            &ws2s::bench::bench_forward(
+                &model,
+                (batch, seq_len, repeats),
+                precision.resolve(Purpose::Features),
+            )?,
             json,
         ),
         Command::Bench(BenchCommand::Decode {
@@ -796,7 +800,7 @@ fn run(cli: Cli) -> Result<()> {
             &ws2s::bench::bench_decode(
                 &model,
                 (prompts, prompt_len, beams, new_tokens, repeats),
-                precision,
+                precision.resolve(Purpose::Decoding),
             )?,
             json,
         ),

@@ -76,7 +76,8 @@ pub struct ExperimentConfig {
     #[serde(default)]
     pub solver: SolverConfig,
     /// Number type of the frozen forward passes (features, scoring, decoding): "auto" (the
-    /// fastest that passes the accuracy checks on this CPU: int8 with AVX-512 VNNI, else f32),
+    /// fastest that passes the accuracy check of each use: int8 features with AVX-512 VNNI,
+    /// else f32; f32 decoding; docs/results/inference.md),
     /// "f32" or "int8". Training computes in f32 whatever this says.
     #[serde(default)]
     pub precision: PrecisionSetting,
@@ -252,9 +253,10 @@ pub enum PrecisionSetting {
 }
 
 impl PrecisionSetting {
-    pub fn resolve(self) -> crate::ops::Precision {
+    /// The precision for `purpose`: as set, or the fastest that passes that use's check.
+    pub fn resolve(self, purpose: crate::ops::Purpose) -> crate::ops::Precision {
         match self {
-            PrecisionSetting::Auto => crate::ops::Precision::fastest(),
+            PrecisionSetting::Auto => crate::ops::Precision::fastest_for(purpose),
             PrecisionSetting::F32 => crate::ops::Precision::F32,
             PrecisionSetting::Int8 => crate::ops::Precision::Int8,
         }
@@ -643,6 +645,30 @@ weak_train = 10
         assert!(config.task.pairs && !config.task.support);
         assert_eq!(config.task.sizes.weak_train, Some(10));
         assert_eq!(config.task.sizes.test, None);
+    }
+
+    #[test]
+    fn precision_is_auto_by_default_and_checked() {
+        use crate::ops::{Precision, Purpose};
+        let config = ExperimentConfig::parse(GOOD, Path::new("exp.toml")).unwrap();
+        assert_eq!(config.precision, PrecisionSetting::Auto);
+        // Decoding never defaults to int8; features follow the CPU.
+        assert_eq!(config.precision.resolve(Purpose::Decoding), Precision::F32);
+        let int8_features = crate::ops::int8::Kernel::Vnni512.available();
+        assert_eq!(
+            config.precision.resolve(Purpose::Features) == Precision::Int8,
+            int8_features
+        );
+        let text = GOOD.replace("seeds = [0, 1]", "seeds = [0, 1]\nprecision = \"int8\"");
+        let config = ExperimentConfig::parse(&text, Path::new("exp.toml")).unwrap();
+        assert_eq!(config.precision.resolve(Purpose::Decoding), Precision::Int8);
+        let text = GOOD.replace("seeds = [0, 1]", "seeds = [0, 1]\nprecision = \"bf16\"");
+        let err = ExperimentConfig::parse(&text, Path::new("exp.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("exp.toml:"), "{err}");
+        assert!(err.contains("precision") || err.contains("line 4"), "{err}");
+        assert!(err.contains("auto") && err.contains("int8"), "{err}");
     }
 
     #[test]

@@ -361,7 +361,7 @@ pub fn run(
         examples.len()
     );
     let timings = std::cell::RefCell::new(Vec::new());
-    let precision = config.precision.resolve();
+    let precision = config.precision.resolve(crate::ops::Purpose::Features);
     let learner_for = |spec: &ModelSpec| -> Result<(Box<dyn Learner>, String)> {
         if spec.mode == TrainingMode::Probe {
             let table = features_for(spec, &examples, (progress, precision), &device, &timings)?;

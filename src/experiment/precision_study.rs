@@ -10,8 +10,7 @@
 //!    the share that are identical, and the differences of the per-token log-probabilities over
 //!    each pair's common prefix (same context on both sides).
 
-use super::study::cross_validate_predictions;
-use crate::data::{self, ChoiceOptions, SplitSizes, TaskSpec};
+use super::study::{cross_validate_predictions, sciq_valid};
 use crate::models::decode::{generate, DecodeOptions};
 use crate::models::features::{extract, FeatureOptions};
 use crate::models::heads::Pooling;
@@ -75,29 +74,8 @@ pub fn precision_study(
     progress: bool,
 ) -> Result<Vec<PrecisionRow>> {
     let solver = SolverConfig::default();
-    let options = ChoiceOptions {
-        pairs: false,
-        support: false,
-        ask: true,
-    };
-    let sizes = SplitSizes {
-        weak_train: Some(0),
-        strong_train: Some(0),
-        test: Some(0),
-        valid: Some(n),
-    };
-    let dataset = data::load(
-        &data::default_data_dir(),
-        &TaskSpec::Sciq(options),
-        &sizes,
-        seed,
-    )?;
-    let texts: Vec<&str> = dataset.valid.iter().map(|e| e.input.as_str()).collect();
-    let labels: Vec<usize> = dataset
-        .valid
-        .iter()
-        .map(|e| e.label.class().unwrap_or(0))
-        .collect();
+    let (texts, labels) = sciq_valid(n, seed, true)?;
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let mut rows = Vec::new();
     for name in models {
         let path = resolve_model(name)?;

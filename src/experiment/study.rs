@@ -49,29 +49,8 @@ pub fn prompt_pooling(
         let model = Model::load(&path, Trainable::Frozen, 0, &Device::Cpu)
             .with_context(|| format!("loading {model_name}"))?;
         for (prompt, ask) in [("qa", false), ("qa+ask", true)] {
-            let options = ChoiceOptions {
-                pairs: false,
-                support: false,
-                ask,
-            };
-            let sizes = SplitSizes {
-                weak_train: Some(0),
-                strong_train: Some(0),
-                test: Some(0),
-                valid: Some(n),
-            };
-            let dataset = data::load(
-                &data::default_data_dir(),
-                &TaskSpec::Sciq(options),
-                &sizes,
-                seed,
-            )?;
-            let texts: Vec<&str> = dataset.valid.iter().map(|e| e.input.as_str()).collect();
-            let labels: Vec<usize> = dataset
-                .valid
-                .iter()
-                .map(|e| e.label.class().unwrap_or(0))
-                .collect();
+            let (texts, labels) = sciq_valid(n, seed, ask)?;
+            let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
             let started = std::time::Instant::now();
             let poolings = [Pooling::LastToken, Pooling::Mean];
             let feature_options = FeatureOptions {
@@ -103,6 +82,35 @@ pub fn prompt_pooling(
         }
     }
     Ok(rows)
+}
+
+/// The texts and labels of `n` examples of SciQ's official valid split (`ask`: the text ends
+/// by asking whether the answer is correct).
+pub(crate) fn sciq_valid(n: usize, seed: u64, ask: bool) -> Result<(Vec<String>, Vec<usize>)> {
+    let options = ChoiceOptions {
+        pairs: false,
+        support: false,
+        ask,
+    };
+    let sizes = SplitSizes {
+        weak_train: Some(0),
+        strong_train: Some(0),
+        test: Some(0),
+        valid: Some(n),
+    };
+    let dataset = data::load(
+        &data::default_data_dir(),
+        &TaskSpec::Sciq(options),
+        &sizes,
+        seed,
+    )?;
+    let texts = dataset.valid.iter().map(|e| e.input.clone()).collect();
+    let labels = dataset
+        .valid
+        .iter()
+        .map(|e| e.label.class().unwrap_or(0))
+        .collect();
+    Ok((texts, labels))
 }
 
 /// Held-out accuracy, held-out log-loss and C of a cross-validated probe.

@@ -219,18 +219,16 @@ impl Bert {
 
     /// Packs every projection for `precision` (or unpacks them: f32).
     pub fn set_precision(&mut self, precision: crate::ops::Precision) -> Result<()> {
-        for l in &mut self.layers {
-            for linear in [
+        let layers = self.layers.iter_mut().flat_map(|l| {
+            [
                 &mut l.query,
                 &mut l.key,
                 &mut l.value,
                 &mut l.attn_out,
                 &mut l.intermediate,
                 &mut l.output,
-            ] {
-                linear.set_precision(precision)?;
-            }
-        }
-        Ok(())
+            ]
+        });
+        Ok(nn::set_precision_all(precision, layers, None)?)
     }
 }

@@ -277,8 +277,8 @@ impl Gemma3 {
 
     /// Packs every projection and the (tied) head for `precision` (or unpacks them: f32).
     pub fn set_precision(&mut self, precision: crate::ops::Precision) -> Result<()> {
-        for l in &mut self.layers {
-            for linear in [
+        let layers = self.layers.iter_mut().flat_map(|l| {
+            [
                 &mut l.q,
                 &mut l.k,
                 &mut l.v,
@@ -286,10 +286,12 @@ impl Gemma3 {
                 &mut l.gate,
                 &mut l.up,
                 &mut l.down,
-            ] {
-                linear.set_precision(precision)?;
-            }
-        }
-        Ok(self.head.set_precision(precision)?)
+            ]
+        });
+        Ok(nn::set_precision_all(
+            precision,
+            layers,
+            Some(&mut self.head),
+        )?)
     }
 }

@@ -145,11 +145,14 @@ impl Gpt2 {
 
     /// Packs every projection and the (tied) head for `precision` (or unpacks them: f32).
     pub fn set_precision(&mut self, precision: crate::ops::Precision) -> Result<()> {
-        for b in &mut self.blocks {
-            for linear in [&mut b.c_attn, &mut b.c_proj, &mut b.c_fc, &mut b.mlp_proj] {
-                linear.set_precision(precision)?;
-            }
-        }
-        Ok(self.head.set_precision(precision)?)
+        let layers = self
+            .blocks
+            .iter_mut()
+            .flat_map(|b| [&mut b.c_attn, &mut b.c_proj, &mut b.c_fc, &mut b.mlp_proj]);
+        Ok(nn::set_precision_all(
+            precision,
+            layers,
+            Some(&mut self.head),
+        )?)
     }
 }

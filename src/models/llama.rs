@@ -257,8 +257,8 @@ impl Llama {
 
     /// Packs every frozen projection and the head for `precision` (or unpacks them: f32).
     pub fn set_precision(&mut self, precision: crate::ops::Precision) -> Result<()> {
-        for l in &mut self.layers {
-            for linear in [
+        let layers = self.layers.iter_mut().flat_map(|l| {
+            [
                 &mut l.q,
                 &mut l.k,
                 &mut l.v,
@@ -266,10 +266,12 @@ impl Llama {
                 &mut l.gate,
                 &mut l.up,
                 &mut l.down,
-            ] {
-                linear.set_precision(precision)?;
-            }
-        }
-        Ok(self.lm_head.set_precision(precision)?)
+            ]
+        });
+        Ok(nn::set_precision_all(
+            precision,
+            layers,
+            Some(&mut self.lm_head),
+        )?)
     }
 }

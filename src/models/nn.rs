@@ -77,6 +77,18 @@ pub fn dropout(x: &Tensor, p: f32) -> Result<Tensor> {
     }
 }
 
+/// Packs (or unpacks) every layer of `linears` and the head for `precision`.
+pub fn set_precision_all<'a>(
+    precision: Precision,
+    linears: impl IntoIterator<Item = &'a mut Linear>,
+    head: Option<&mut Head>,
+) -> Result<()> {
+    for linear in linears {
+        linear.set_precision(precision)?;
+    }
+    head.map_or(Ok(()), |h| h.set_precision(precision))
+}
+
 /// A language-model head's weight [V, H], with its int8 copy for inference.
 #[derive(Debug, Clone)]
 pub struct Head {

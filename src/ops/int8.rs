@@ -1,16 +1,17 @@
-//! 8-bit products for inference: y = x W^T + b with W in int8 (one scale per output column)
-//! and x quantized on the fly to int8 with one scale per row and block of [`BLOCK`] inputs.
+//! 8-bit products for inference: y = x W^T + b with W in int8 and x quantized on the fly to
+//! int8, both with one scale per block of [`BLOCK`] inputs (per output column for W, per row
+//! for x), as llama.cpp's Q8_0 (there with blocks of 32).
 //!
 //! Definition (every kernel computes exactly this, bit for bit):
 //!
-//!   wq[c, j] = round(W[c, j] / ws[c]),   ws[c] = max_j |W[c, j]| / 127
-//!   xq[r, j] = round(x[r, j] / xs[r, b]), xs[r, b] = max_{j in b} |x[r, j]| / 127
+//!   wq[c, j] = round(W[c, j] / ws[c, b]),  ws[c, b] = max_{j in b} |W[c, j]| / 127
+//!   xq[r, j] = round(x[r, j] / xs[r, b]),  xs[r, b] = max_{j in b} |x[r, j]| / 127
 //!   p[r, c, b] = sum_{j in b} xq[r, j] wq[c, j]            (exact, in i32)
-//!   acc = 0;  for b in blocks: acc = fma(f32(p[r, c, b]), xs[r, b], acc)
-//!   y[r, c] = fma(acc, ws[c], bias[c])
+//!   acc = 0;  for b in blocks: acc = fma(f32(p[r, c, b]), xs[r, b] * ws[c, b], acc)
+//!   y[r, c] = acc + bias[c]
 //!
-//! (round = to nearest, ties to even.) Blocks of 64 keep one large activation (the outlier
-//! channels of Qwen2 and Llama models) from flattening the rest of its row to zero.
+//! (round = to nearest, ties to even.) Blocks keep one large value (the outlier channels of
+//! Qwen2 and Llama activations; a large weight) from flattening the rest of its row to zero.
 //!
 //! Weights are packed once into panels of [`NR`] columns; within a panel, for each group of
 //! four inputs, the four bytes of each column lie together, stored as wq + 128 (unsigned), the
@@ -41,7 +42,7 @@ pub struct Int8Weight {
     kp: usize,
     /// panels x kp x NR bytes, wq + 128.
     data: Vec<u8>,
-    /// One scale per column, padded to whole panels (0 for the padding).
+    /// One scale per column and block: panels x blocks x NR (0 for padding columns).
     scales: Vec<f32>,
 }
 
@@ -120,22 +121,23 @@ impl Int8Weight {
         );
         let kp = round_up(k.max(1), BLOCK);
         let panels = n.div_ceil(NR);
-        let mut scales = vec![0f32; panels * NR];
+        let nb = kp / BLOCK;
+        let mut scales = vec![0f32; panels * nb * NR];
         let mut data = vec![128u8; panels * kp * NR];
         data.par_chunks_mut(kp * NR)
-            .zip(scales.par_chunks_mut(NR))
+            .zip(scales.par_chunks_mut(nb * NR))
             .enumerate()
             .for_each(|(p, (panel, scales))| {
-                for (c, scale) in scales.iter_mut().enumerate() {
-                    let col = p * NR + c;
-                    if col >= n {
-                        break;
-                    }
-                    let row = &w[col * k..(col + 1) * k];
-                    let mut q = vec![0i8; k];
-                    (*scale, _) = quantize_block(row, &mut q);
-                    for (j, &v) in q.iter().enumerate() {
-                        panel[((j / 4) * NR + c) * 4 + j % 4] = (v as i32 + 128) as u8;
+                let mut q = [0i8; BLOCK];
+                for c in 0..NR.min(n - p * NR) {
+                    let row = &w[(p * NR + c) * k..(p * NR + c + 1) * k];
+                    for b in 0..nb {
+                        let (lo, hi) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
+                        q.fill(0);
+                        (scales[b * NR + c], _) = quantize_block(&row[lo..hi], &mut q);
+                        for (j, &v) in (lo..).zip(&q[..hi - lo]) {
+                            panel[((j / 4) * NR + c) * 4 + j % 4] = (v as i32 + 128) as u8;
+                        }
                     }
                 }
             });
@@ -171,8 +173,10 @@ impl Int8Weight {
         panel[((j / 4) * NR + c % NR) * 4 + j % 4] as i32 - 128
     }
 
-    pub fn scale(&self, c: usize) -> f32 {
-        self.scales[c]
+    /// The scale ws[c, b].
+    pub fn scale(&self, c: usize, b: usize) -> f32 {
+        let nb = self.kp / BLOCK;
+        self.scales[((c / NR) * nb + b) * NR + c % NR]
     }
 }
 
@@ -433,6 +437,7 @@ pub fn matmul_with(kernel: Kernel, x: &Int8Rows, w: &Int8Weight, bias: Option<&[
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
     let out = Out(y.spare_capacity_mut().as_mut_ptr() as *mut f32);
     let panels = n.div_ceil(NR);
+    let nb = w.kp / BLOCK;
     let run = |p: usize| {
         let cols = (n - p * NR).min(NR);
         let mut bias_panel = [0f32; NR];
@@ -441,7 +446,7 @@ pub fn matmul_with(kernel: Kernel, x: &Int8Rows, w: &Int8Weight, bias: Option<&[
         }
         let tile = Tile {
             panel: w.panel(p),
-            scales: &w.scales[p * NR..(p + 1) * NR],
+            scales: &w.scales[p * nb * NR..(p + 1) * nb * NR],
             bias: &bias_panel,
             cols,
             col0: p * NR,
@@ -525,9 +530,10 @@ impl Tile<'_> {
                         let w = self.panel[((j / 4) * NR + c) * 4 + j % 4] as i32;
                         p += w * xv as i32;
                     }
-                    acc = (p as f32).mul_add(x.scales[r * nb + b], acc);
+                    let s = x.scales[r * nb + b] * self.scales[b * NR + c];
+                    acc = (p as f32).mul_add(s, acc);
                 }
-                *y.add(r * self.n + self.col0 + c) = acc.mul_add(self.scales[c], self.bias[c]);
+                *y.add(r * self.n + self.col0 + c) = acc + self.bias[c];
             }
         }
     }
@@ -647,17 +653,18 @@ mod x86 {
                     iacc[i][1] = _mm512_dpbusd_epi32(iacc[i][1], w1, xv);
                 }
             }
+            let ws = [
+                _mm512_loadu_ps(t.scales.as_ptr().add(b * NR)),
+                _mm512_loadu_ps(t.scales.as_ptr().add(b * NR + 16)),
+            ];
             for i in 0..R {
-                let s = _mm512_set1_ps(*x.scales.get_unchecked((r0 + i) * nb + b));
+                let xs = _mm512_set1_ps(*x.scales.get_unchecked((r0 + i) * nb + b));
                 for h in 0..2 {
+                    let s = _mm512_mul_ps(xs, ws[h]);
                     facc[i][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i][h]), s, facc[i][h]);
                 }
             }
         }
-        let ws = [
-            _mm512_loadu_ps(t.scales.as_ptr()),
-            _mm512_loadu_ps(t.scales.as_ptr().add(16)),
-        ];
         let bias = [
             _mm512_loadu_ps(t.bias.as_ptr()),
             _mm512_loadu_ps(t.bias.as_ptr().add(16)),
@@ -665,7 +672,7 @@ mod x86 {
         for (i, acc) in facc.iter().enumerate() {
             let out = y.add((r0 + i) * t.n + t.col0);
             for h in 0..2 {
-                let v = _mm512_fmadd_ps(acc[h], ws[h], bias[h]);
+                let v = _mm512_add_ps(acc[h], bias[h]);
                 let lo = 16 * h;
                 if t.cols >= lo + 16 {
                     _mm512_storeu_ps(out.add(lo), v);
@@ -694,6 +701,7 @@ mod x86 {
             std::array::from_fn(|i| x.q.as_ptr().add((r0 + i) * x.kp) as *const u8);
         let wp = t.panel.as_ptr().add(c8 * 4);
         for b in 0..nb {
+            let ws = _mm256_loadu_ps(t.scales.as_ptr().add(b * NR + c8));
             let mut lo = [_mm256_setzero_si256(); R];
             let mut hi = [_mm256_setzero_si256(); R];
             let base = b * BLOCK;
@@ -713,15 +721,14 @@ mod x86 {
                 let sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo[i], hi[i]), 0b11_01_10_00);
                 let c = _mm256_set1_epi32(*x.corr.get_unchecked((r0 + i) * nb + b));
                 let p = _mm256_cvtepi32_ps(_mm256_add_epi32(sums, c));
-                let s = _mm256_set1_ps(*x.scales.get_unchecked((r0 + i) * nb + b));
-                facc[i] = _mm256_fmadd_ps(p, s, facc[i]);
+                let xs = _mm256_set1_ps(*x.scales.get_unchecked((r0 + i) * nb + b));
+                facc[i] = _mm256_fmadd_ps(p, _mm256_mul_ps(xs, ws), facc[i]);
             }
         }
-        let ws = _mm256_loadu_ps(t.scales.as_ptr().add(c8));
         let bias = _mm256_loadu_ps(t.bias.as_ptr().add(c8));
         let cols = (t.cols - c8).min(8);
         for (i, acc) in facc.iter().enumerate() {
-            let v = _mm256_fmadd_ps(*acc, ws, bias);
+            let v = _mm256_add_ps(*acc, bias);
             let out = y.add((r0 + i) * t.n + t.col0 + c8);
             if cols == 8 {
                 _mm256_storeu_ps(out, v);
@@ -768,16 +775,16 @@ mod tests {
         };
         let mut y = vec![0f32; m * n];
         for c in 0..n {
-            let (wq, ws) = q(&w[c * k..(c + 1) * k]);
             for r in 0..m {
                 let mut acc = 0f32;
                 for lo in (0..k).step_by(BLOCK) {
                     let hi = (lo + BLOCK).min(k);
+                    let (wq, ws) = q(&w[c * k + lo..c * k + hi]);
                     let (xq, xs) = q(&x[r * k + lo..r * k + hi]);
-                    let p: i32 = xq.iter().zip(&wq[lo..hi]).map(|(a, b)| a * b).sum();
-                    acc = (p as f32).mul_add(xs, acc);
+                    let p: i32 = xq.iter().zip(&wq).map(|(a, b)| a * b).sum();
+                    acc = (p as f32).mul_add(xs * ws, acc);
                 }
-                y[r * n + c] = acc.mul_add(ws, bias.map_or(0.0, |b| b[c]));
+                y[r * n + c] = acc + bias.map_or(0.0, |b| b[c]);
             }
         }
         y
@@ -919,7 +926,7 @@ mod tests {
         let p = Int8Weight::pack(&w, 1, 6);
         let got: Vec<i32> = (0..6).map(|j| p.value(0, j)).collect();
         assert_eq!(got, vec![127, -64, 32, 0, 2, -127]); // -63.5 and 31.75 rounded
-        assert_eq!(p.scale(0), 1.0 / 127.0);
+        assert_eq!(p.scale(0, 0), 1.0 / 127.0);
     }
 }
 

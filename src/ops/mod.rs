@@ -21,8 +21,6 @@ pub enum Precision {
 }
 
 impl Precision {
-    pub const NAMES: &'static str = "auto, f32 or int8";
-
     pub fn name(self) -> &'static str {
         match self {
             Precision::F32 => "f32",
@@ -30,26 +28,26 @@ impl Precision {
         }
     }
 
-    /// "f32", "int8", or "auto" (= [`Precision::fastest`]); `None` for anything else.
-    pub fn parse(name: &str) -> Option<Precision> {
-        match name {
-            "f32" => Some(Precision::F32),
-            "int8" => Some(Precision::Int8),
-            "auto" => Some(Precision::fastest()),
-            _ => None,
+    /// The fastest precision on this CPU that passes the accuracy check of `purpose`
+    /// (docs/results/inference.md): for features, int8 where the CPU has 8-bit dot products
+    /// (AVX-512 VNNI; probes on int8 features are within 0.01 of f32's accuracy), else f32 (int8
+    /// by widening to 16 bits is not faster than f32's FMA there); for decoding and scoring,
+    /// f32 (int8's greedy continuations are not identical often enough).
+    pub fn fastest_for(purpose: Purpose) -> Precision {
+        match purpose {
+            Purpose::Features if int8::Kernel::Vnni512.available() => Precision::Int8,
+            _ => Precision::F32,
         }
     }
+}
 
-    /// The fastest precision on this CPU that passes the accuracy checks
-    /// (docs/results/inference.md): int8 where the CPU has 8-bit dot products (AVX-512 VNNI),
-    /// else f32 (int8 by widening to 16 bits is slower there than f32's FMA).
-    pub fn fastest() -> Precision {
-        if int8::Kernel::Vnni512.available() {
-            Precision::Int8
-        } else {
-            Precision::F32
-        }
-    }
+/// What a forward pass is for: each use has its own accuracy check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// Hidden states for probes (feature extraction).
+    Features,
+    /// Token log-probabilities and continuations (decoding, scoring).
+    Decoding,
 }
 
 /// Helpers shared by the ops' tests.
