@@ -248,7 +248,7 @@ impl InferenceTimes {
             model: name.to_string(),
             architecture: model.network.architecture().to_string(),
             precision: precision.name().to_string(),
-            kernel: kernel_name(precision),
+            kernel: precision.kernel().to_string(),
             workload,
             tokens,
             median_s,
@@ -280,13 +280,6 @@ fn load_for_inference(name: &str, precision: crate::ops::Precision) -> Result<(M
     let mut model = Model::load(&resolve_model(name)?, Trainable::Frozen, 0, &Device::Cpu)?;
     model.network.set_precision(precision)?;
     Ok((model, start.elapsed().as_secs_f64()))
-}
-
-fn kernel_name(precision: crate::ops::Precision) -> String {
-    match precision {
-        crate::ops::Precision::F32 => "gemm-f32".into(),
-        crate::ops::Precision::Int8 => crate::ops::int8::Kernel::detected().name().into(),
-    }
 }
 
 /// `ws2s bench forward`: final hidden states (no LM head) of `batch` sequences of `seq_len`

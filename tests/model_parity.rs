@@ -93,41 +93,45 @@ fn bert_matches_hf_hidden_states() {
     assert!(diff < 1e-4, "bert: max |diff| {diff}");
 }
 
+/// Largest difference between the logits of the full forward of `ids` [1, T] and those of
+/// cached decoding: the first `prefix` tokens at once, then one token per step.
+fn cached_against_full(model: &Model, ids: &Tensor, prefix: usize) -> f32 {
+    let t = ids.dim(1).unwrap();
+    let full = {
+        let hidden = model
+            .network
+            .hidden(ids, &[vec![1; t]], &mut model.network.new_cache())
+            .unwrap();
+        model.network.logits(&hidden).unwrap()
+    };
+    let mut cache = model.network.new_cache();
+    let mut steps = Vec::new();
+    let hidden = model
+        .network
+        .hidden(
+            &ids.narrow(1, 0, prefix).unwrap(),
+            &[vec![1; prefix]],
+            &mut cache,
+        )
+        .unwrap();
+    steps.push(model.network.logits(&hidden).unwrap());
+    for i in prefix..t {
+        let hidden = model
+            .network
+            .hidden(&ids.narrow(1, i, 1).unwrap(), &[vec![1]], &mut cache)
+            .unwrap();
+        steps.push(model.network.logits(&hidden).unwrap());
+    }
+    let incremental = Tensor::cat(&steps, 1).unwrap();
+    max_diff_on_mask(&incremental, &full, &[vec![1; t]])
+}
+
 #[test]
 fn kv_cache_decoding_matches_the_full_forward() {
     for name in DECODERS {
         let model = load(name, Trainable::Frozen);
         let r = reference(name);
-        let ids = ids_u32(&r["input_ids_nopad"]);
-        let t = ids.dim(1).unwrap();
-        let full = {
-            let hidden = model
-                .network
-                .hidden(&ids, &[vec![1; t]], &mut model.network.new_cache())
-                .unwrap();
-            model.network.logits(&hidden).unwrap()
-        };
-        let mut cache = model.network.new_cache();
-        let mut steps = Vec::new();
-        let prefix = 4;
-        let hidden = model
-            .network
-            .hidden(
-                &ids.narrow(1, 0, prefix).unwrap(),
-                &[vec![1; prefix]],
-                &mut cache,
-            )
-            .unwrap();
-        steps.push(model.network.logits(&hidden).unwrap());
-        for i in prefix..t {
-            let hidden = model
-                .network
-                .hidden(&ids.narrow(1, i, 1).unwrap(), &[vec![1]], &mut cache)
-                .unwrap();
-            steps.push(model.network.logits(&hidden).unwrap());
-        }
-        let incremental = Tensor::cat(&steps, 1).unwrap();
-        let diff = max_diff_on_mask(&incremental, &full, &[vec![1; t]]);
+        let diff = cached_against_full(&model, &ids_u32(&r["input_ids_nopad"]), 4);
         assert!(diff < 1e-4, "{name}: cached decoding differs by {diff}");
     }
 }
@@ -345,26 +349,7 @@ fn int8_cached_decoding_matches_the_int8_full_forward() {
         let mut model = load(name, Trainable::Frozen);
         model.network.set_precision(Precision::Int8).unwrap();
         let r = reference(name);
-        let ids = ids_u32(&r["input_ids_nopad"]);
-        let t = ids.dim(1).unwrap();
-        let full = {
-            let hidden = model
-                .network
-                .hidden(&ids, &[vec![1; t]], &mut model.network.new_cache())
-                .unwrap();
-            model.network.logits(&hidden).unwrap()
-        };
-        let mut cache = model.network.new_cache();
-        let mut steps = Vec::new();
-        for i in 0..t {
-            let hidden = model
-                .network
-                .hidden(&ids.narrow(1, i, 1).unwrap(), &[vec![1]], &mut cache)
-                .unwrap();
-            steps.push(model.network.logits(&hidden).unwrap());
-        }
-        let incremental = Tensor::cat(&steps, 1).unwrap();
-        let diff = max_diff_on_mask(&incremental, &full, &[vec![1; t]]);
+        let diff = cached_against_full(&model, &ids_u32(&r["input_ids_nopad"]), 1);
         assert!(
             diff < 1e-4,
             "{name}: int8 cached decoding differs by {diff}"

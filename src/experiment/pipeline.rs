@@ -221,10 +221,7 @@ fn fit_on_ground_truth<'l>(
 fn describe_precision(precision: crate::ops::Precision) -> String {
     match precision {
         crate::ops::Precision::F32 => "f32".into(),
-        crate::ops::Precision::Int8 => format!(
-            "int8 ({} kernel)",
-            crate::ops::int8::Kernel::detected().name()
-        ),
+        crate::ops::Precision::Int8 => format!("int8 ({} kernel)", precision.kernel()),
     }
 }
 

@@ -28,6 +28,15 @@ impl Precision {
         }
     }
 
+    /// The kernel that computes this precision's products here: "gemm-f32", or the int8
+    /// kernel detected at run time ("vnni512", "avx2", "scalar").
+    pub fn kernel(self) -> &'static str {
+        match self {
+            Precision::F32 => "gemm-f32",
+            Precision::Int8 => int8::Kernel::detected().name(),
+        }
+    }
+
     /// The fastest precision on this CPU that passes the accuracy check of `purpose`
     /// (docs/results/inference.md): for features, int8 where the CPU has 8-bit dot products
     /// (AVX-512 VNNI; probes on int8 features are within 0.01 of f32's accuracy), else f32 (int8
