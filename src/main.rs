@@ -101,7 +101,7 @@ enum StudyCommand {
         )]
         models: Vec<String>,
         /// Valid questions used (at most 1000).
-        #[arg(long, default_value_t = 500)]
+        #[arg(long, value_parser = at_least_one, default_value_t = 500)]
         n: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -120,13 +120,13 @@ enum StudyCommand {
         )]
         models: Vec<String>,
         /// Valid examples for the probes (at most 1000).
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, value_parser = at_least_one, default_value_t = 1000)]
         n: usize,
         /// Prompts (the first valid texts) continued greedily by the decoders.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, value_parser = at_least_one, default_value_t = 100)]
         prompts: usize,
         /// New tokens per greedy continuation.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, value_parser = at_least_one, default_value_t = 20)]
         new_tokens: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -166,13 +166,13 @@ struct GenerateArgs {
     #[arg(long)]
     prompt: String,
     /// Maximum number of new tokens.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, value_parser = at_least_one, default_value_t = 32)]
     max_new_tokens: usize,
     /// Beam width (1: greedy).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_parser = at_least_one, default_value_t = 1)]
     beams: usize,
     /// How many hypotheses to print (at most the beam width).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_parser = at_least_one, default_value_t = 1)]
     n_best: usize,
     /// Print each token with its log-probability.
     #[arg(long)]
@@ -195,7 +195,7 @@ enum BenchCommand {
         #[arg(long, default_value_t = 2)]
         warmup: usize,
         /// Timed steps (the median is reported).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, value_parser = at_least_one, default_value_t = 5)]
         steps: usize,
         /// One JSON object per workload.
         #[arg(long)]
@@ -204,10 +204,10 @@ enum BenchCommand {
     /// lgamma + digamma, forward and backward, fused against decomposed (token EDL's cost).
     Special {
         /// Number of values (default: 4 x 20 positions x a 151,936-token vocabulary).
-        #[arg(long, default_value_t = 4 * 20 * 151_936)]
+        #[arg(long, value_parser = at_least_one, default_value_t = 4 * 20 * 151_936)]
         elements: usize,
         /// Timed repetitions (the median is reported, after one warm-up).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, value_parser = at_least_one, default_value_t = 3)]
         repeats: usize,
     },
     /// Frozen forward throughput (tokens/s) on random token ids.
@@ -216,13 +216,13 @@ enum BenchCommand {
         #[arg(long)]
         model: String,
         /// Sequences per batch.
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, value_parser = at_least_one, default_value_t = 32)]
         batch: usize,
         /// Tokens per sequence.
-        #[arg(long, default_value_t = 24)]
+        #[arg(long, value_parser = at_least_one, default_value_t = 24)]
         seq_len: usize,
         /// Timed repetitions (after one warm-up).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, value_parser = at_least_one, default_value_t = 3)]
         repeats: usize,
         /// Number type of the products: f32, int8, or auto (the fastest whose features pass
         /// the accuracy check on this CPU: int8 with AVX-512 VNNI, else f32).
@@ -238,17 +238,17 @@ enum BenchCommand {
         /// A decoder: an HF folder, a .gguf file, or a fetched model's name.
         #[arg(long)]
         model: String,
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, value_parser = at_least_one, default_value_t = 8)]
         prompts: usize,
         /// Tokens per prompt.
-        #[arg(long, default_value_t = 24)]
+        #[arg(long, value_parser = at_least_one, default_value_t = 24)]
         prompt_len: usize,
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, value_parser = at_least_one, default_value_t = 5)]
         beams: usize,
-        #[arg(long, default_value_t = 40)]
+        #[arg(long, value_parser = at_least_one, default_value_t = 40)]
         new_tokens: usize,
         /// Timed repetitions (after one warm-up).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, value_parser = at_least_one, default_value_t = 3)]
         repeats: usize,
         /// Number type of the products: f32, int8, or auto (f32: int8 does not pass the
         /// greedy-decoding check).
@@ -381,11 +381,25 @@ enum DataCommand {
 
 #[derive(Subcommand)]
 enum ConfigCommand {
-    /// Parse and validate a TOML experiment config, then print it with defaults filled in.
+    /// Check a TOML experiment config as `ws2s run` does before any work (values and ranges,
+    /// models and their files, data files line by line, split sizes, the output folder), then
+    /// print it with defaults filled in.
     Check {
         /// The config file.
         file: PathBuf,
+        /// Also check that this run folder can be created.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
+}
+
+/// Counts given on the command line (beams, tokens, repetitions, sizes) must be at least 1.
+fn at_least_one(text: &str) -> std::result::Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("not a whole number: {e}")),
+    }
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<()> {
@@ -499,6 +513,13 @@ fn model_info(name: &str, json: bool) -> Result<()> {
 }
 
 fn generate_text(args: &GenerateArgs) -> Result<()> {
+    if args.n_best > args.beams {
+        anyhow::bail!(
+            "--n-best {} asks for more outputs than --beams {} keeps; give --n-best <= --beams",
+            args.n_best,
+            args.beams
+        );
+    }
     let mut model = load_model(&args.model)?;
     model
         .network
@@ -573,46 +594,6 @@ fn download(_repo: &str, _revision: &str) -> Result<()> {
 
 const DEMO_CONFIG: &str = include_str!("../configs/demo.toml");
 
-/// What `ws2s run` checks before any work (the datasets are loaded just before): every model
-/// resolves and its configuration or header parses, and the output folder can be created.
-fn preflight(config: &ExperimentConfig, path: &Path, out: &Path) -> Result<()> {
-    let specs = config
-        .weak
-        .iter()
-        .enumerate()
-        .map(|(j, m)| (format!("weak[{}]", j + 1), m))
-        .chain(config.strong.iter().map(|m| ("strong".to_string(), m)));
-    for (key, spec) in specs {
-        models::resolve_model(&spec.model)
-            .and_then(|p| models::model_type(&p))
-            .with_context(|| format!("{}: {key}.model = \"{}\"", path.display(), spec.model))?;
-    }
-    // The nearest existing folder of `out` must be a writable folder.
-    let mut existing = out.to_path_buf();
-    while !existing.exists() {
-        match existing.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => existing = parent.to_path_buf(),
-            _ => {
-                existing = PathBuf::from(".");
-                break;
-            }
-        }
-    }
-    let writable = existing.is_dir() && {
-        let c = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()).unwrap_or_default();
-        // SAFETY: access() only reads the NUL-terminated path.
-        unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
-    };
-    if !writable {
-        anyhow::bail!(
-            "--out {}: cannot create the run folder there ({} is not a writable folder)",
-            out.display(),
-            existing.display()
-        );
-    }
-    Ok(())
-}
-
 fn demo(out: &Path, precision: Option<PrecisionSetting>) -> Result<()> {
     let mut config = ExperimentConfig::parse(DEMO_CONFIG, Path::new("configs/demo.toml"))?;
     if let Some(p) = precision {
@@ -677,8 +658,22 @@ fn run(cli: Cli) -> Result<()> {
             n,
             json,
         }) => show(&task.load()?, split, n, json),
-        Command::Config(ConfigCommand::Check { file }) => {
+        Command::Config(ConfigCommand::Check { file, out }) => {
             let config = ExperimentConfig::load(&file)?;
+            let checked = ws2s::experiment::preflight::check(&config, &file, out.as_deref())?;
+            for (key, path) in &checked.models {
+                eprintln!("{key}: {} (files parse)", path.display());
+            }
+            if let Some(d) = checked.datasets.first() {
+                eprintln!(
+                    "data: {} weak_train, {} strong_train, {} test, {} valid per seed ({} seeds)",
+                    d.weak_train.len(),
+                    d.strong_train.len(),
+                    d.test.len(),
+                    d.valid.len(),
+                    checked.datasets.len()
+                );
+            }
             print_json(&config)
         }
         Command::Run {
@@ -690,8 +685,8 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(p) = precision {
                 parsed.precision = p;
             }
-            let datasets = ws2s::experiment::pipeline::load_datasets(&parsed, &config)?;
-            preflight(&parsed, &config, &out)?;
+            let datasets =
+                ws2s::experiment::preflight::check(&parsed, &config, Some(&out))?.datasets;
             if datasets[0].num_classes.is_none() {
                 let results = ws2s::experiment::generation::run(&parsed, &datasets, &out, true)?;
                 println!("{}", ws2s::experiment::generation::markdown(&results));

@@ -31,8 +31,21 @@ struct GenRecord {
 const CLASS_SHAPE: &str = "{\"text\": str, \"label\": int >= 0}";
 const GEN_SHAPE: &str = "{\"prompt\": str, \"target\": str}";
 
+/// An input text must hold something to encode (an empty one cannot be pooled or prompted).
+fn nonempty(path: &Path, line: usize, field: &str, text: &str) -> Result<(), InputError> {
+    if text.trim().is_empty() {
+        return Err(InputError::at_line(
+            path,
+            line,
+            format!("`{field}` is empty; every example needs a non-empty {field}"),
+        ));
+    }
+    Ok(())
+}
+
 fn read_classification(path: &Path) -> Result<Vec<Example>, InputError> {
     read_jsonl_map(path, CLASS_SHAPE, |line, record: ClassRecord| {
+        nonempty(path, line, "text", &record.text)?;
         let class = usize::try_from(record.label).map_err(|_| {
             InputError::at_line(
                 path,
@@ -49,7 +62,9 @@ fn read_classification(path: &Path) -> Result<Vec<Example>, InputError> {
 }
 
 fn read_generation(path: &Path) -> Result<Vec<Example>, InputError> {
-    read_jsonl_map(path, GEN_SHAPE, |_, record: GenRecord| {
+    read_jsonl_map(path, GEN_SHAPE, |line, record: GenRecord| {
+        nonempty(path, line, "prompt", &record.prompt)?;
+        nonempty(path, line, "target", &record.target)?;
         Ok(Example {
             id: example_id(&["generate", &record.prompt, &record.target]),
             input: record.prompt,

@@ -188,6 +188,11 @@ impl TaskSpec {
         }
     }
 
+    /// Whether the task's labels are texts (SLURP, generate:PATH) rather than classes.
+    pub fn is_generation(&self) -> bool {
+        matches!(self, TaskSpec::Slurp | TaskSpec::GenerateJsonl { .. })
+    }
+
     pub fn name(&self) -> String {
         match self {
             TaskSpec::Sciq(_) => "sciq".into(),

@@ -134,7 +134,7 @@ impl GenMethod {
 pub struct GenerationConfig {
     pub methods: Vec<GenMethod>,
     /// "agreement" (learned from the weak models' agreement), "uniform", or a list.
-    pub weights: WeightsSpec,
+    pub weights: Weights<GenerationWeights>,
     /// The prompt; `{input}` is replaced by the utterance.
     pub prompt: String,
     /// Beam width and n-best size of the weak labels.
@@ -155,7 +155,7 @@ pub struct GenerationConfig {
     /// "exp" (clamped, METHOD.md's default) or "softplus". Softplus evidence over a whole
     /// vocabulary collapsed the students in the CPU run: with alpha = e + 1 the label's share
     /// alpha / S only grows by pushing its logit towards the vocabulary size.
-    pub evidence: String,
+    pub evidence: EvidenceKind,
     pub evidence_clamp: f64,
     pub edl_step_a_max: f64,
     pub edl_step_warmup: f64,
@@ -167,7 +167,7 @@ impl Default for GenerationConfig {
     fn default() -> Self {
         GenerationConfig {
             methods: GenMethod::ALL.to_vec(),
-            weights: WeightsSpec::Named("agreement".into()),
+            weights: Weights::Named(GenerationWeights::Agreement),
             prompt: crate::generation::seq2seq::DEFAULT_PROMPT.into(),
             weak_beams: 5,
             test_beams: 3,
@@ -177,7 +177,7 @@ impl Default for GenerationConfig {
             share: Default::default(),
             spread: Default::default(),
             edl_c: 1e-4,
-            evidence: "exp".into(),
+            evidence: EvidenceKind::Exp,
             evidence_clamp: 10.0,
             edl_step_a_max: 0.2,
             edl_step_warmup: 0.25,
@@ -290,6 +290,26 @@ impl ModelSpec {
         if self.max_tokens == 0 {
             bail!("{key}.max_tokens: must be at least 1");
         }
+        if let Some(lora) = &self.lora {
+            if lora.rank == 0 {
+                bail!("{key}.lora.rank: must be at least 1");
+            }
+            if !(lora.alpha.is_finite() && lora.alpha > 0.0) {
+                bail!(
+                    "{key}.lora.alpha: must be a finite number > 0, got {}",
+                    lora.alpha
+                );
+            }
+            if !(0.0..1.0).contains(&lora.dropout) {
+                bail!(
+                    "{key}.lora.dropout: must be in [0, 1), got {}",
+                    lora.dropout
+                );
+            }
+            if lora.targets.is_empty() {
+                bail!("{key}.lora.targets: empty; name at least one module (e.g. \"q_proj\")");
+            }
+        }
         if self.lora.is_some() && self.mode != TrainingMode::Lora {
             bail!("{key}.lora: only used with mode = \"lora\" (this model's mode is {:?}); remove it or set the mode", self.mode);
         }
@@ -324,6 +344,27 @@ fn check_train(t: &TrainConfig, key: &str) -> Result<()> {
         bail!("{key}.lr: must be a finite number > 0, got {}", t.lr);
     }
     check_fraction(t.warmup_ratio, &format!("{key}.warmup_ratio"))?;
+    let a = &t.adamw;
+    for (name, beta) in [("beta1", a.beta1), ("beta2", a.beta2)] {
+        if !(0.0..1.0).contains(&beta) {
+            bail!("{key}.adamw.{name}: must be in [0, 1), got {beta}");
+        }
+    }
+    if !(a.eps.is_finite() && a.eps > 0.0) {
+        bail!(
+            "{key}.adamw.eps: must be a finite number > 0, got {}",
+            a.eps
+        );
+    }
+    if !(a.weight_decay.is_finite() && a.weight_decay >= 0.0) {
+        bail!(
+            "{key}.adamw.weight_decay: must be a finite number >= 0, got {}",
+            a.weight_decay
+        );
+    }
+    if t.patience == Some(0) {
+        bail!("{key}.patience: must be at least 1 (or left out: no early stopping)");
+    }
     if let Some(norm) = t.max_grad_norm {
         if !(norm.is_finite() && norm > 0.0) {
             bail!("{key}.max_grad_norm: must be a finite number > 0, got {norm}");
@@ -348,10 +389,7 @@ fn check_weights(w: &[f64], weak: usize, key: &str) -> Result<()> {
     Ok(())
 }
 
-fn check_evidence(evidence: &str, clamp: f64, section: &str) -> Result<()> {
-    if evidence != "exp" && evidence != "softplus" {
-        bail!("{section}.evidence: `{evidence}` is not one of \"exp\", \"softplus\"");
-    }
+fn check_evidence(clamp: f64, section: &str) -> Result<()> {
     if !(clamp.is_finite() && clamp > 0.0) {
         bail!("{section}.evidence_clamp: must be a finite number > 0, got {clamp}");
     }
@@ -378,7 +416,7 @@ fn default_probe() -> TrainConfig {
 pub struct MethodsConfig {
     pub list: Vec<Method>,
     /// Weights of the weak models: "uniform", "dawid_skene" (learned from agreement), or a list.
-    pub weights: WeightsSpec,
+    pub weights: Weights<ClassifyWeights>,
     pub logconf_a_max: f64,
     pub logconf_warmup: f64,
     /// c of the KL annealing lambda_t = c min(1, t).
@@ -386,7 +424,7 @@ pub struct MethodsConfig {
     pub edl_step_a_max: f64,
     pub edl_step_warmup: f64,
     /// "exp" (clamped) or "softplus".
-    pub evidence: String,
+    pub evidence: EvidenceKind,
     pub evidence_clamp: f64,
 }
 
@@ -394,23 +432,146 @@ impl Default for MethodsConfig {
     fn default() -> Self {
         MethodsConfig {
             list: Method::ALL.to_vec(),
-            weights: WeightsSpec::Named("uniform".into()),
+            weights: Weights::Named(ClassifyWeights::Uniform),
             logconf_a_max: 0.5,
             logconf_warmup: 0.2,
             edl_c: 1e-2,
             edl_step_a_max: 0.2,
             edl_step_warmup: 0.25,
-            evidence: "exp".into(),
+            evidence: EvidenceKind::Exp,
             evidence_clamp: 10.0,
         }
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum WeightsSpec {
-    Named(String),
+/// The evidence function of the EDL losses (METHOD.md section 3.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvidenceKind {
+    /// exp(min(logit, clamp)).
+    Exp,
+    /// softplus(logit).
+    Softplus,
+}
+
+impl EvidenceKind {
+    /// The evidence function with its clamp (used by `exp` only).
+    pub fn with_clamp(self, clamp: f64) -> crate::losses::Evidence {
+        match self {
+            EvidenceKind::Exp => crate::losses::Evidence::Exp { clamp },
+            EvidenceKind::Softplus => crate::losses::Evidence::Softplus,
+        }
+    }
+}
+
+/// A named rule for the weights of the weak models, for one kind of task.
+pub trait WeightRule: Sized + Copy {
+    /// Every name, as written in a config.
+    const NAMES: &'static [&'static str];
+    fn from_index(index: usize) -> Self;
+    fn index(self) -> usize;
+    fn name(self) -> &'static str {
+        Self::NAMES[self.index()]
+    }
+}
+
+/// Classification: the weights of METHOD.md section 3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClassifyWeights {
+    Uniform,
+    /// Learned from the weak models' agreement (Dawid-Skene accuracies).
+    DawidSkene,
+}
+
+impl WeightRule for ClassifyWeights {
+    const NAMES: &'static [&'static str] = &["uniform", "dawid_skene"];
+    fn from_index(index: usize) -> Self {
+        [ClassifyWeights::Uniform, ClassifyWeights::DawidSkene][index]
+    }
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Generation: the weights of METHOD.md section 4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GenerationWeights {
+    /// Learned from the weak models' agreement on each other's hypotheses.
+    Agreement,
+    Uniform,
+}
+
+impl WeightRule for GenerationWeights {
+    const NAMES: &'static [&'static str] = &["agreement", "uniform"];
+    fn from_index(index: usize) -> Self {
+        [GenerationWeights::Agreement, GenerationWeights::Uniform][index]
+    }
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The `weights` key: a named rule, or one number per weak model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Weights<R> {
+    Named(R),
     Given(Vec<f64>),
+}
+
+impl<R: WeightRule> Serialize for Weights<R> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Weights::Named(rule) => s.serialize_str(rule.name()),
+            Weights::Given(w) => w.serialize(s),
+        }
+    }
+}
+
+impl<'de, R: WeightRule> Deserialize<'de> for Weights<R> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit<R>(std::marker::PhantomData<R>);
+        impl<'de, R: WeightRule> serde::de::Visitor<'de> for Visit<R> {
+            type Value = Weights<R>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(
+                    f,
+                    "{} or a list of one number per weak model",
+                    quoted(R::NAMES)
+                )
+            }
+            fn visit_str<E: serde::de::Error>(
+                self,
+                v: &str,
+            ) -> std::result::Result<Self::Value, E> {
+                match R::NAMES.iter().position(|n| *n == v) {
+                    Some(i) => Ok(Weights::Named(R::from_index(i))),
+                    None => Err(E::custom(format!(
+                        "`{v}` is not one of {} or a list of one number per weak model",
+                        quoted(R::NAMES)
+                    ))),
+                }
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut w = Vec::new();
+                while let Some(v) = seq.next_element::<f64>()? {
+                    w.push(v);
+                }
+                Ok(Weights::Given(w))
+            }
+        }
+        d.deserialize_any(Visit(std::marker::PhantomData))
+    }
+}
+
+fn quoted(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("\"{n}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -466,6 +627,37 @@ impl Method {
             Method::DirichletMultinomial => "dirichlet_multinomial",
         }
     }
+}
+
+/// The dotted key of the `key = value` line holding byte `offset` of a TOML text: its table
+/// header (`[a.b]` or `[[a]]`) and its own key (None for a header line or a parse failure).
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let line_start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?.trim();
+    let own = line.split_once('=')?.0.trim();
+    if own.is_empty() || own.starts_with('[') {
+        return None;
+    }
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match table {
+        Some(t) => format!("{t}.{own}"),
+        None => own.to_string(),
+    })
+}
+
+fn gen_method_names() -> String {
+    GenMethod::ALL
+        .iter()
+        .map(|m| format!("\"{}\"", m.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn default_seeds() -> Vec<u64> {
@@ -529,8 +721,14 @@ impl ExperimentConfig {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        let config: ExperimentConfig = toml::from_str(text)
-            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+        let config: ExperimentConfig = toml::from_str(text).map_err(|e| {
+            let key = e
+                .span()
+                .and_then(|span| key_at(text, span.start))
+                .map(|key| format!("`{key}`: "))
+                .unwrap_or_default();
+            anyhow::anyhow!("{}: {key}{}", path.display(), e.to_string().trim_end())
+        })?;
         if config.seeds.is_empty() {
             bail!(
                 "{}: `seeds` is empty; give at least one seed",
@@ -538,7 +736,7 @@ impl ExperimentConfig {
             );
         }
         let base = path.parent().unwrap_or(Path::new("."));
-        config
+        let spec = config
             .task
             .spec(base)
             .with_context(|| format!("{}: in [task]", path.display()))?;
@@ -548,6 +746,7 @@ impl ExperimentConfig {
             .with_context(|| format!("{}: in [solver]", path.display()))?;
         config
             .check_values()
+            .and_then(|()| config.check_relevance(&spec))
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(config)
     }
@@ -572,15 +771,10 @@ impl ExperimentConfig {
             strong.check("strong")?;
         }
         let m = &self.methods;
-        match &m.weights {
-            WeightsSpec::Named(name) if name == "uniform" || name == "dawid_skene" => {}
-            WeightsSpec::Named(name) => bail!(
-                "methods.weights: `{name}` is not one of \"uniform\", \"dawid_skene\" or a list of {} numbers",
-                self.weak.len()
-            ),
-            WeightsSpec::Given(w) => check_weights(w, self.weak.len(), "methods.weights")?,
+        if let Weights::Given(w) = &m.weights {
+            check_weights(w, self.weak.len(), "methods.weights")?;
         }
-        check_evidence(&m.evidence, m.evidence_clamp, "methods")?;
+        check_evidence(m.evidence_clamp, "methods")?;
         for (key, value) in [
             ("methods.logconf_a_max", m.logconf_a_max),
             ("methods.logconf_warmup", m.logconf_warmup),
@@ -606,15 +800,105 @@ impl ExperimentConfig {
                 bail!("{key}: must be at least 1");
             }
         }
-        if let WeightsSpec::Named(name) = &g.weights {
-            if name != "agreement" && name != "uniform" {
-                bail!("generation.weights: `{name}` is not one of \"agreement\", \"uniform\" or a list of numbers");
-            }
-        } else if let WeightsSpec::Given(w) = &g.weights {
+        if let Weights::Given(w) = &g.weights {
             check_weights(w, self.weak.len(), "generation.weights")?;
         }
-        check_evidence(&g.evidence, g.evidence_clamp, "generation")?;
+        check_evidence(g.evidence_clamp, "generation")?;
+        check_fraction(g.edl_step_a_max, "generation.edl_step_a_max")?;
+        check_fraction(g.edl_step_warmup, "generation.edl_step_warmup")?;
+        if !(g.edl_c.is_finite() && g.edl_c >= 0.0) {
+            bail!(
+                "generation.edl_c: must be a finite number >= 0, got {}",
+                g.edl_c
+            );
+        }
+        if !g.prompt.contains("{input}") {
+            bail!("generation.prompt: has no `{{input}}`, so the model would never see the input; put {{input}} where the input goes");
+        }
+        if g.methods.is_empty() {
+            bail!(
+                "generation.methods: empty; give at least one of {}",
+                gen_method_names()
+            );
+        }
+        if m.list.is_empty() {
+            bail!("methods.list: empty; give at least one method");
+        }
+        if let Some(d) = &g.dpo {
+            if !matches!(d.after, GenMethod::Edl | GenMethod::EdlStep) {
+                bail!(
+                    "generation.dpo.after: `{}` is not one of \"edl\", \"edl_step\" (the preference stage follows a Bayesian student)",
+                    d.after.as_str()
+                );
+            }
+            if !g.methods.contains(&d.after) {
+                bail!(
+                    "generation.dpo.after: `{}` is not among generation.methods; add it there or choose another",
+                    d.after.as_str()
+                );
+            }
+            if d.beams < 2 {
+                bail!("generation.dpo.beams: must be at least 2 (a preference needs two outputs), got {}", d.beams);
+            }
+            if !(d.beta.is_finite() && d.beta > 0.0) {
+                bail!(
+                    "generation.dpo.beta: must be a finite number > 0, got {}",
+                    d.beta
+                );
+            }
+            check_fraction(d.eps, "generation.dpo.eps")?;
+            check_train(&d.train, "generation.dpo.train")?;
+        }
         Ok(())
+    }
+
+    /// Settings that do nothing for this kind of task are errors, never silently ignored.
+    fn check_relevance(&self, spec: &TaskSpec) -> Result<()> {
+        let generation = spec.is_generation();
+        let name = &self.task.name;
+        if generation {
+            if self.methods != MethodsConfig::default() {
+                bail!("[methods]: only used by classification tasks; `{name}` is a generation task, whose methods are set in [generation]");
+            }
+            if self.solver != SolverConfig::default() {
+                bail!("[solver]: only used by the linear probes of classification tasks; `{name}` is a generation task");
+            }
+            if self.probe != default_probe() {
+                bail!("[probe]: only used by classification tasks; a generation model's training settings are its own `train` table");
+            }
+            for (key, spec) in self.model_keys() {
+                if spec.mode == TrainingMode::Probe {
+                    bail!("{key}.mode: generation needs mode = \"lora\" or \"full\" (a linear probe cannot generate)");
+                }
+                if spec.pooling.is_some() {
+                    bail!("{key}.pooling: only used by classification probes; `{name}` is a generation task");
+                }
+            }
+        } else if self.generation != GenerationConfig::default() {
+            bail!("[generation]: only used by generation tasks (slurp, generate:PATH); `{name}` is a classification task, whose methods are set in [methods]");
+        }
+        let choice = matches!(spec, TaskSpec::Sciq(_) | TaskSpec::CosmosQa(_));
+        for (key, set) in [("task.pairs", self.task.pairs), ("task.ask", self.task.ask)] {
+            if set && !choice {
+                bail!(
+                    "{key}: only used by the multiple-choice tasks sciq and cosmosqa, not `{name}`"
+                );
+            }
+        }
+        if self.task.support && !matches!(spec, TaskSpec::Sciq(_)) {
+            bail!("task.support: only SciQ has support paragraphs, not `{name}`");
+        }
+        Ok(())
+    }
+
+    /// Every model of the experiment with its config key (`weak[1]`, ..., `strong`).
+    pub fn model_keys(&self) -> Vec<(String, &ModelSpec)> {
+        self.weak
+            .iter()
+            .enumerate()
+            .map(|(j, m)| (format!("weak[{}]", j + 1), m))
+            .chain(self.strong.iter().map(|m| ("strong".to_string(), m)))
+            .collect()
     }
 
     pub fn load(path: &Path) -> Result<Self> {

@@ -10,8 +10,8 @@
 //! kept beside the stage files so that later stages can reload a trained model.
 
 use super::config::{
-    default_lora, ExperimentConfig, GenMethod, GenerationConfig, ModelSpec, TrainingMode,
-    WeightsSpec,
+    default_lora, ExperimentConfig, GenMethod, GenerationConfig, GenerationWeights, ModelSpec,
+    TrainingMode, Weights,
 };
 use super::stages::{stage_key, StageCache};
 use crate::data::slurp::json_to_slots;
@@ -312,13 +312,7 @@ fn target_of(e: &Example) -> Result<&str> {
 }
 
 fn evidence_of(g: &GenerationConfig) -> Evidence {
-    if g.evidence == "exp" {
-        Evidence::Exp {
-            clamp: g.evidence_clamp,
-        }
-    } else {
-        Evidence::Softplus
-    }
+    g.evidence.with_clamp(g.evidence_clamp)
 }
 
 fn ce_task<'a>(
@@ -448,43 +442,48 @@ pub fn run(
         for (j, train_key) in weak_train_keys.iter().enumerate() {
             let key = stage_key(&["gen-weak", train_key, &decode_json]);
             let name = &weak_names[j];
-            let (stage, _) = stages.get_or_compute("gen-weak", &key, || {
-                let s2s = load_weak(j)?;
-                let start = std::time::Instant::now();
-                let results = s2s.generate_all(
-                    &strong_inputs,
-                    g.weak_beams,
-                    g.weak_beams,
-                    g.max_new_tokens,
-                    g.decode_batch,
-                    false,
-                    &format!("{name} n-best"),
-                    progress,
-                )?;
-                let nbest = results
-                    .into_iter()
-                    .map(|hyps| {
-                        hyps.into_iter()
-                            .map(|h| {
-                                Ok(Hyp {
-                                    text: s2s.text_of(&h.tokens)?,
-                                    tokens: h.tokens,
-                                    logprobs: h.logprobs,
+            let (stage, _) = stages.get_or_compute(
+                "gen-weak",
+                &key,
+                &format!("seed {seed}, weak[{}] {name}", j + 1),
+                || {
+                    let s2s = load_weak(j)?;
+                    let start = std::time::Instant::now();
+                    let results = s2s.generate_all(
+                        &strong_inputs,
+                        g.weak_beams,
+                        g.weak_beams,
+                        g.max_new_tokens,
+                        g.decode_batch,
+                        false,
+                        &format!("{name} n-best"),
+                        progress,
+                    )?;
+                    let nbest = results
+                        .into_iter()
+                        .map(|hyps| {
+                            hyps.into_iter()
+                                .map(|h| {
+                                    Ok(Hyp {
+                                        text: s2s.text_of(&h.tokens)?,
+                                        tokens: h.tokens,
+                                        logprobs: h.logprobs,
+                                    })
                                 })
-                            })
-                            .collect::<Result<Vec<_>>>()
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let nbest_seconds = start.elapsed().as_secs_f64();
-                let start = std::time::Instant::now();
-                let test = evaluate(&s2s, &dataset.test, g, &format!("{name} test"), progress)?;
-                eprintln!(
-                    "weak {name}: {}-best lists {nbest_seconds:.0} s, test {:.0} s",
-                    g.weak_beams,
-                    start.elapsed().as_secs_f64()
-                );
-                Ok(WeakStage { test, nbest })
-            })?;
+                                .collect::<Result<Vec<_>>>()
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    let nbest_seconds = start.elapsed().as_secs_f64();
+                    let start = std::time::Instant::now();
+                    let test = evaluate(&s2s, &dataset.test, g, &format!("{name} test"), progress)?;
+                    eprintln!(
+                        "weak {name}: {}-best lists {nbest_seconds:.0} s, test {:.0} s",
+                        g.weak_beams,
+                        start.elapsed().as_secs_f64()
+                    );
+                    Ok(WeakStage { test, nbest })
+                },
+            )?;
             eprintln!(
                 "weak {name}: SLU-F1 {:.4} on test ({} unparsable)",
                 stage.test.metrics.slu_f1, stage.test.unparsable
@@ -495,20 +494,21 @@ pub fn run(
         let weak_stage_keys: Vec<&str> = weak_keys.iter().map(String::as_str).collect();
         // 2. Joint rescoring of the pooled n-best lists by every weak model.
         let joint_key = stage_key(&["gen-joint", &weak_stage_keys.join(",")]);
-        let (joint_stage, _) = stages.get_or_compute("gen-joint", &joint_key, || {
-            let candidates: Vec<Vec<String>> = (0..strong_inputs.len())
-                .map(|i| {
-                    let lists: Vec<Vec<String>> = weak_stages
-                        .iter()
-                        .map(|s| s.nbest[i].iter().map(|h| h.text.clone()).collect())
-                        .collect();
-                    let refs: Vec<&[String]> = lists.iter().map(Vec::as_slice).collect();
-                    joint::pool_candidates(&refs)
-                })
-                .collect();
-            let scores = rescore(&candidates, "joint rescoring")?;
-            Ok(JointStage { candidates, scores })
-        })?;
+        let (joint_stage, _) =
+            stages.get_or_compute("gen-joint", &joint_key, &format!("seed {seed}"), || {
+                let candidates: Vec<Vec<String>> = (0..strong_inputs.len())
+                    .map(|i| {
+                        let lists: Vec<Vec<String>> = weak_stages
+                            .iter()
+                            .map(|s| s.nbest[i].iter().map(|h| h.text.clone()).collect())
+                            .collect();
+                        let refs: Vec<&[String]> = lists.iter().map(Vec::as_slice).collect();
+                        joint::pool_candidates(&refs)
+                    })
+                    .collect();
+                let scores = rescore(&candidates, "joint rescoring")?;
+                Ok(JointStage { candidates, scores })
+            })?;
         // 3. Weights.
         let agreement_inputs: Vec<AgreementInput> = (0..strong_inputs.len())
             .map(|i| AgreementInput {
@@ -530,22 +530,11 @@ pub fn run(
             .collect();
         let learned = joint::agreement_weights(&agreement_inputs, weak_models.len(), 20);
         let weights: Vec<f64> = match &g.weights {
-            WeightsSpec::Given(w) => {
-                if w.len() != weak_models.len() {
-                    bail!(
-                        "generation.weights has {} values for {} weak models",
-                        w.len(),
-                        weak_models.len()
-                    );
-                }
-                w.clone()
-            }
-            WeightsSpec::Named(n) if n == "agreement" => learned.clone(),
-            WeightsSpec::Named(n) if n == "uniform" => {
+            // The length was checked with the config.
+            Weights::Given(w) => w.clone(),
+            Weights::Named(GenerationWeights::Agreement) => learned.clone(),
+            Weights::Named(GenerationWeights::Uniform) => {
                 vec![1.0 / weak_models.len() as f64; weak_models.len()]
-            }
-            WeightsSpec::Named(n) => {
-                bail!("generation.weights must be \"agreement\", \"uniform\" or a list, not {n:?}")
             }
         };
         eprintln!(
@@ -610,21 +599,26 @@ pub fn run(
                              make_task: &dyn Fn(&Seq2Seq) -> Result<Box<dyn TrainTask + '_>>|
          -> Result<GenEval> {
             let key = student_key(name);
-            let (stage, _) = stages.get_or_compute("gen-student", &key, || {
-                let s2s = trained(
-                    &strong,
-                    &key,
-                    seed,
-                    &g.prompt,
-                    progress,
-                    &format!("student {name}"),
-                    make_task,
-                )?;
-                let start = std::time::Instant::now();
-                let eval = evaluate(&s2s, &dataset.test, g, &format!("{name} test"), progress)?;
-                eprintln!("{name}: test {:.0} s", start.elapsed().as_secs_f64());
-                Ok(eval)
-            })?;
+            let (stage, _) = stages.get_or_compute(
+                "gen-student",
+                &key,
+                &format!("seed {seed}, strong {}, method {name}", strong.spec.label()),
+                || {
+                    let s2s = trained(
+                        &strong,
+                        &key,
+                        seed,
+                        &g.prompt,
+                        progress,
+                        &format!("student {name}"),
+                        make_task,
+                    )?;
+                    let start = std::time::Instant::now();
+                    let eval = evaluate(&s2s, &dataset.test, g, &format!("{name} test"), progress)?;
+                    eprintln!("{name}: test {:.0} s", start.elapsed().as_secs_f64());
+                    Ok(eval)
+                },
+            )?;
             eprintln!(
                 "{name}: SLU-F1 {:.4} on test ({} unparsable)",
                 stage.metrics.slu_f1, stage.unparsable
@@ -752,113 +746,118 @@ pub fn run(
                     &serde_json::to_string(d)?,
                     &weak_all,
                 ]);
-                let (stage, _) = stages.get_or_compute("gen-dpo", &dpo_key, || {
-                    let policy = strong.load(seed, &g.prompt)?;
-                    policy
-                        .load_trainable(&adapters_path(&student_key_after))
-                        .context("the student before the preference stage")?;
-                    // Pairs: the student's n-best, ranked by the weak ensemble.
-                    let nbest = policy.generate_all(
-                        &strong_inputs,
-                        d.beams,
-                        d.beams,
-                        g.max_new_tokens,
-                        g.decode_batch.div_ceil(2).max(1),
-                        g.stop_at_json,
-                        "student n-best",
-                        progress,
-                    )?;
-                    let candidates: Vec<Vec<(Vec<u32>, String)>> = nbest
-                        .iter()
-                        .map(|list| {
-                            let mut seen: Vec<(Vec<u32>, String)> = Vec::new();
-                            for h in list {
-                                let text = policy.text_of(&h.tokens)?;
-                                if !seen.iter().any(|(_, t)| *t == text) {
-                                    seen.push((h.tokens.clone(), text));
+                let (stage, _) = stages.get_or_compute(
+                    "gen-dpo",
+                    &dpo_key,
+                    &format!("seed {seed}, strong {}, after {after}", strong.spec.label()),
+                    || {
+                        let policy = strong.load(seed, &g.prompt)?;
+                        policy
+                            .load_trainable(&adapters_path(&student_key_after))
+                            .context("the student before the preference stage")?;
+                        // Pairs: the student's n-best, ranked by the weak ensemble.
+                        let nbest = policy.generate_all(
+                            &strong_inputs,
+                            d.beams,
+                            d.beams,
+                            g.max_new_tokens,
+                            g.decode_batch.div_ceil(2).max(1),
+                            g.stop_at_json,
+                            "student n-best",
+                            progress,
+                        )?;
+                        let candidates: Vec<Vec<(Vec<u32>, String)>> = nbest
+                            .iter()
+                            .map(|list| {
+                                let mut seen: Vec<(Vec<u32>, String)> = Vec::new();
+                                for h in list {
+                                    let text = policy.text_of(&h.tokens)?;
+                                    if !seen.iter().any(|(_, t)| *t == text) {
+                                        seen.push((h.tokens.clone(), text));
+                                    }
+                                }
+                                Ok(seen)
+                            })
+                            .collect::<Result<_>>()?;
+                        let texts: Vec<Vec<String>> = candidates
+                            .iter()
+                            .map(|c| c.iter().map(|(_, t)| t.clone()).collect())
+                            .collect();
+                        let ensemble: Vec<Vec<f64>> = rescore(&texts, "preference scoring")?
+                            .iter()
+                            .map(|by_model| joint::combined(by_model, &weights))
+                            .collect();
+                        let mut pairs = Vec::new();
+                        let mut rows = Vec::new();
+                        let mut skipped = 0usize;
+                        for (i, cands) in candidates.iter().enumerate() {
+                            match joint::preference_pair(&ensemble[i]) {
+                                None => skipped += 1,
+                                Some((c, r)) => {
+                                    rows.push(serde_json::json!({
+                                        "seed": seed,
+                                        "id": dataset.strong_train[i].id,
+                                        "prompt": strong_inputs[i],
+                                        "chosen": cands[c].1,
+                                        "rejected": cands[r].1,
+                                        "chosen_score": ensemble[i][c],
+                                        "rejected_score": ensemble[i][r],
+                                    }));
+                                    pairs.push((
+                                        policy.prompt_ids(strong_inputs[i])?,
+                                        cands[c].0.clone(),
+                                        cands[r].0.clone(),
+                                    ));
                                 }
                             }
-                            Ok(seen)
-                        })
-                        .collect::<Result<_>>()?;
-                    let texts: Vec<Vec<String>> = candidates
-                        .iter()
-                        .map(|c| c.iter().map(|(_, t)| t.clone()).collect())
-                        .collect();
-                    let ensemble: Vec<Vec<f64>> = rescore(&texts, "preference scoring")?
-                        .iter()
-                        .map(|by_model| joint::combined(by_model, &weights))
-                        .collect();
-                    let mut pairs = Vec::new();
-                    let mut rows = Vec::new();
-                    let mut skipped = 0usize;
-                    for (i, cands) in candidates.iter().enumerate() {
-                        match joint::preference_pair(&ensemble[i]) {
-                            None => skipped += 1,
-                            Some((c, r)) => {
-                                rows.push(serde_json::json!({
-                                    "seed": seed,
-                                    "id": dataset.strong_train[i].id,
-                                    "prompt": strong_inputs[i],
-                                    "chosen": cands[c].1,
-                                    "rejected": cands[r].1,
-                                    "chosen_score": ensemble[i][c],
-                                    "rejected_score": ensemble[i][r],
-                                }));
-                                pairs.push((
-                                    policy.prompt_ids(strong_inputs[i])?,
-                                    cands[c].0.clone(),
-                                    cands[r].0.clone(),
-                                ));
+                        }
+                        // Reference log-probabilities: a forward pass of the student as it is now.
+                        let mut with_refs = Vec::new();
+                        for chunk in pairs.chunks(8) {
+                            let p: Vec<Vec<u32>> = chunk.iter().map(|x| x.0.clone()).collect();
+                            let c: Vec<Vec<u32>> = chunk.iter().map(|x| x.1.clone()).collect();
+                            let r: Vec<Vec<u32>> = chunk.iter().map(|x| x.2.clone()).collect();
+                            let rc = sequence_logprobs(&policy, &p, &c)?.to_vec1::<f32>()?;
+                            let rr = sequence_logprobs(&policy, &p, &r)?.to_vec1::<f32>()?;
+                            for (k, (prompt, chosen, rejected)) in chunk.iter().enumerate() {
+                                with_refs.push(Pair {
+                                    prompt: prompt.clone(),
+                                    chosen: chosen.clone(),
+                                    rejected: rejected.clone(),
+                                    reference_chosen: rc[k],
+                                    reference_rejected: rr[k],
+                                });
                             }
                         }
-                    }
-                    // Reference log-probabilities: a forward pass of the student as it is now.
-                    let mut with_refs = Vec::new();
-                    for chunk in pairs.chunks(8) {
-                        let p: Vec<Vec<u32>> = chunk.iter().map(|x| x.0.clone()).collect();
-                        let c: Vec<Vec<u32>> = chunk.iter().map(|x| x.1.clone()).collect();
-                        let r: Vec<Vec<u32>> = chunk.iter().map(|x| x.2.clone()).collect();
-                        let rc = sequence_logprobs(&policy, &p, &c)?.to_vec1::<f32>()?;
-                        let rr = sequence_logprobs(&policy, &p, &r)?.to_vec1::<f32>()?;
-                        for (k, (prompt, chosen, rejected)) in chunk.iter().enumerate() {
-                            with_refs.push(Pair {
-                                prompt: prompt.clone(),
-                                chosen: chosen.clone(),
-                                rejected: rejected.clone(),
-                                reference_chosen: rc[k],
-                                reference_rejected: rr[k],
-                            });
-                        }
-                    }
-                    eprintln!(
-                        "preference pairs: {} ({} prompts skipped: best and worst tie)",
-                        with_refs.len(),
-                        skipped
-                    );
-                    let task = DpoTask {
-                        model: &policy,
-                        pairs: with_refs,
-                        beta: d.beta,
-                        eps: d.eps,
-                        batch: d.train.batch_size.max(1),
-                        log: RefCell::new(Vec::new()),
-                    };
-                    let mut epochs = Vec::new();
-                    if !task.pairs.is_empty() {
-                        epochs.push(task.measure(0)?);
-                        let config = TrainConfig {
-                            seed,
-                            progress,
-                            ..d.train.clone()
+                        eprintln!(
+                            "preference pairs: {} ({} prompts skipped: best and worst tie)",
+                            with_refs.len(),
+                            skipped
+                        );
+                        let task = DpoTask {
+                            model: &policy,
+                            pairs: with_refs,
+                            beta: d.beta,
+                            eps: d.eps,
+                            batch: d.train.batch_size.max(1),
+                            log: RefCell::new(Vec::new()),
                         };
-                        train(&task, &policy.model.vars, &config, None)
-                            .context("training the preference stage")?;
-                        epochs.extend(task.log.borrow().iter().cloned());
-                    }
-                    let test = evaluate(&policy, &dataset.test, g, "dpo test", progress)?;
-                    Ok((rows, skipped, epochs, test))
-                })?;
+                        let mut epochs = Vec::new();
+                        if !task.pairs.is_empty() {
+                            epochs.push(task.measure(0)?);
+                            let config = TrainConfig {
+                                seed,
+                                progress,
+                                ..d.train.clone()
+                            };
+                            train(&task, &policy.model.vars, &config, None)
+                                .context("training the preference stage")?;
+                            epochs.extend(task.log.borrow().iter().cloned());
+                        }
+                        let test = evaluate(&policy, &dataset.test, g, "dpo test", progress)?;
+                        Ok((rows, skipped, epochs, test))
+                    },
+                )?;
                 let (rows, skipped, epochs, test) = stage;
                 let pairs = rows.len();
                 pair_rows.extend(rows);

@@ -5,5 +5,6 @@ pub mod generation;
 pub mod learner;
 pub mod pipeline;
 pub mod precision_study;
+pub mod preflight;
 pub mod stages;
 pub mod study;

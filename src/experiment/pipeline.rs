@@ -4,14 +4,16 @@
 //! the weak labels alone -> test metrics -> PGR against the mean and the best weak model ->
 //! summary over seeds (mean, std, 95% bootstrap interval).
 
-use super::config::{default_lora, ExperimentConfig, Method, ModelSpec, TrainingMode, WeightsSpec};
+use super::config::{
+    default_lora, ClassifyWeights, ExperimentConfig, Method, ModelSpec, TrainingMode, Weights,
+};
 use super::learner::{FeatureTable, FinetuneLearner, Fitted, Learner, ProbeLearner, Supervision};
 use super::stages::{stage_key, StageCache};
 use crate::data::{self, Dataset, Example};
 use crate::eval::classify::{classify_metrics, ClassifyMetrics, Prediction};
 use crate::eval::paired::{average, Estimate, Outcomes, Resampler};
 use crate::eval::summary::{pgr, Summary, SummaryBuilder, SummaryTable};
-use crate::losses::{self, Evidence};
+use crate::losses;
 use crate::models::features::{extract, feature_key, load_cached, store_cached, FeatureOptions};
 use crate::models::heads::Pooling;
 use crate::models::params::Trainable;
@@ -388,18 +390,20 @@ pub fn run(
     let (weak_learners, weak_hashes): (Vec<Box<dyn Learner>>, Vec<String>) = config
         .weak
         .iter()
-        .map(learner_for)
+        .enumerate()
+        .map(|(j, spec)| {
+            learner_for(spec)
+                .with_context(|| format!("stage `features` (weak[{}] {})", j + 1, spec.label()))
+        })
         .collect::<Result<Vec<_>>>()?
         .into_iter()
         .unzip();
-    let (strong_learner, strong_hash) = learner_for(strong_spec)?;
-    let evidence = if config.methods.evidence == "softplus" {
-        Evidence::Softplus
-    } else {
-        Evidence::Exp {
-            clamp: config.methods.evidence_clamp,
-        }
-    };
+    let (strong_learner, strong_hash) = learner_for(strong_spec)
+        .with_context(|| format!("stage `features` (strong {})", strong_spec.label()))?;
+    let evidence = config
+        .methods
+        .evidence
+        .with_clamp(config.methods.evidence_clamp);
     let stages = StageCache::new(&ws2s_home().join("stages"));
     let weak_names = config.weak_labels();
     let mut seed_results = Vec::new();
@@ -423,7 +427,8 @@ pub fn run(
         let mut weak_cv = Vec::new();
         let mut weak_keys = Vec::new();
         let weak_targets = one_hot_rows(&dataset.weak_train, classes);
-        for learner in &weak_learners {
+        for (j, learner) in weak_learners.iter().enumerate() {
+            let what = format!("seed {}, weak[{}] {}", dataset.seed, j + 1, weak_names[j]);
             let key = stage_key(&[
                 "weak",
                 STAGE_FORMAT,
@@ -431,7 +436,7 @@ pub fn run(
                 &data_hash,
                 &probe_json,
             ]);
-            let (stage, _) = stages.get_or_compute("weak", &key, || {
+            let (stage, _) = stages.get_or_compute("weak", &key, &what, || {
                 let fitted = fit_on_ground_truth(
                     learner.as_ref(),
                     &dataset.weak_train,
@@ -471,7 +476,12 @@ pub fn run(
             &data_hash,
             &probe_json,
         ]);
-        let (ceiling, _) = stages.get_or_compute("ceiling", &ceiling_key, || {
+        let ceiling_what = format!(
+            "seed {}, strong {}, trained on ground truth",
+            dataset.seed,
+            strong_spec.label()
+        );
+        let (ceiling, _) = stages.get_or_compute("ceiling", &ceiling_key, &ceiling_what, || {
             let targets = one_hot_rows(&dataset.strong_train, classes);
             let fitted = fit_on_ground_truth(
                 strong_learner.as_ref(),
@@ -500,12 +510,14 @@ pub fn run(
             .collect();
         let ds = dawid_skene::fit(&hard, classes, 200);
         let weights: Vec<f64> = match &config.methods.weights {
-            WeightsSpec::Given(w) => w.clone(),
-            WeightsSpec::Named(name) if name == "dawid_skene" => {
+            Weights::Given(w) => w.clone(),
+            Weights::Named(ClassifyWeights::DawidSkene) => {
                 let total: f64 = ds.accuracy.iter().sum();
                 ds.accuracy.iter().map(|a| a / total).collect()
             }
-            WeightsSpec::Named(_) => vec![1.0 / weak_learners.len() as f64; weak_learners.len()],
+            Weights::Named(ClassifyWeights::Uniform) => {
+                vec![1.0 / weak_learners.len() as f64; weak_learners.len()]
+            }
         };
         let mean_weak =
             weak_metrics.iter().map(|m| m.accuracy).sum::<f64>() / weak_metrics.len() as f64;
@@ -559,19 +571,29 @@ pub fn run(
         let mut bayesian_confidence: Option<Rows> = None;
         let methods_json = serde_json::to_string(&(&config.methods, &weights))?;
         let weak_keys = weak_keys.join(",");
-        let mut train_student =
-            |name: String, supervision: &Supervision, keep_confidence: bool| -> Result<()> {
-                let key = stage_key(&[
-                    "student",
-                    STAGE_FORMAT,
-                    &name,
-                    &weak_keys,
-                    &strong_key,
-                    &data_hash,
-                    &probe_json,
-                    &methods_json,
-                ]);
-                let (stage, _) = stages.get_or_compute("student", &key, || {
+        let mut train_student = |name: String,
+                                 supervision: &Supervision,
+                                 keep_confidence: bool|
+         -> Result<()> {
+            let key = stage_key(&[
+                "student",
+                STAGE_FORMAT,
+                &name,
+                &weak_keys,
+                &strong_key,
+                &data_hash,
+                &probe_json,
+                &methods_json,
+            ]);
+            let (stage, _) = stages.get_or_compute(
+                "student",
+                &key,
+                &format!(
+                    "seed {}, strong {}, method {name}",
+                    dataset.seed,
+                    strong_spec.label()
+                ),
+                || {
                     let student =
                         strong_learner.fit(&dataset.strong_train, supervision, &probe_config)?;
                     let (test, test_probs) =
@@ -605,15 +627,16 @@ pub fn run(
                         confidence,
                         solves,
                     })
-                })?;
-                if stage.confidence.is_some() {
-                    bayesian_confidence = stage.confidence;
-                }
-                results.push(stage.result);
-                method_test.push(stage.test_probs);
-                convergence.add(stage.solves);
-                Ok(())
-            };
+                },
+            )?;
+            if stage.confidence.is_some() {
+                bayesian_confidence = stage.confidence;
+            }
+            results.push(stage.result);
+            method_test.push(stage.test_probs);
+            convergence.add(stage.solves);
+            Ok(())
+        };
         for &method in &m.list {
             match method {
                 Method::Xent | Method::Logconf | Method::Product => {

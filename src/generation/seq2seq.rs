@@ -193,20 +193,12 @@ impl Seq2Seq {
             .iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect();
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-        candle_core::safetensors::save(&tensors, &tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
+        crate::io::save_tensors(path, &tensors)
     }
 
     /// Sets the trainable weights from a file written by [`Seq2Seq::save_trainable`].
     pub fn load_trainable(&self, path: &Path) -> Result<()> {
-        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let tensors = crate::io::load_tensors(path, &Device::Cpu)?;
         for (name, var) in &self.model.vars {
             let t = tensors
                 .get(name)

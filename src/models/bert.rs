@@ -38,14 +38,15 @@ impl BertConfig {
                 c.source
             );
         }
+        let (num_heads, _, _) = c.attention("hidden_size", "num_attention_heads", None, None)?;
         Ok(BertConfig {
-            hidden_size: c.usize("hidden_size")?,
-            num_layers: c.usize("num_hidden_layers")?,
-            num_heads: c.usize("num_attention_heads")?,
-            intermediate_size: c.usize("intermediate_size")?,
-            max_positions: c.usize("max_position_embeddings")?,
+            hidden_size: c.count("hidden_size")?,
+            num_layers: c.count("num_hidden_layers")?,
+            num_heads,
+            intermediate_size: c.count("intermediate_size")?,
+            max_positions: c.count("max_position_embeddings")?,
             type_vocab_size: c.usize_or("type_vocab_size", 2)?,
-            vocab_size: c.usize("vocab_size")?,
+            vocab_size: c.count("vocab_size")?,
             layer_norm_eps: c.f64_or("layer_norm_eps", 1e-12)?,
         })
     }

@@ -5,10 +5,10 @@
 use super::heads::{pool, Pooling};
 use super::Model;
 use crate::hash::sha256_hex;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[derive(Debug, Clone)]
 pub struct FeatureOptions {
@@ -155,30 +155,30 @@ pub fn feature_key(
     sha256_hex(key.as_bytes())
 }
 
-/// The feature matrix stored under `key` in `cache_dir`, if present and of `rows` rows.
+/// The feature matrix stored under `key` in `cache_dir`, if present, intact (its checksum
+/// holds) and of `rows` rows. A torn or altered file is reported and recomputed.
 pub fn load_cached(key: &str, rows: usize, cache_dir: &Path, device: &Device) -> Option<Tensor> {
     let path = cache_dir.join(format!("{key}.safetensors"));
     if !path.exists() {
         return None;
     }
-    let mut tensors = candle_core::safetensors::load(&path, device).ok()?;
-    tensors
-        .remove("features")
-        .filter(|f| f.dim(0).ok() == Some(rows))
+    match crate::io::load_tensors(&path, device) {
+        Ok(mut tensors) => tensors
+            .remove("features")
+            .filter(|f| f.dim(0).ok() == Some(rows)),
+        Err(err) => {
+            eprintln!("warning: cached features not used, recomputing: {err:#}");
+            None
+        }
+    }
 }
 
-/// Writes a feature matrix under `key` in `cache_dir` (atomically: temporary file, then rename).
+/// Writes a feature matrix under `key` in `cache_dir` (atomically, with its checksum).
 pub fn store_cached(key: &str, features: &Tensor, cache_dir: &Path) -> Result<()> {
     let path = cache_dir.join(format!("{key}.safetensors"));
-    std::fs::create_dir_all(cache_dir)
-        .with_context(|| format!("creating {}", cache_dir.display()))?;
-    let tmp: PathBuf = cache_dir.join(format!(".{key}.tmp-{}", std::process::id()));
     let tensors: HashMap<String, Tensor> =
         HashMap::from([("features".to_string(), features.clone())]);
-    candle_core::safetensors::save(&tensors, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    crate::io::save_tensors(&path, &tensors)
 }
 
 /// Features of `texts` from the cache folder when present, else extracted and written there

@@ -65,7 +65,7 @@ impl Gemma3Config {
                 }
             }
         }
-        let num_layers = c.usize("num_hidden_layers")?;
+        let num_layers = c.count("num_hidden_layers")?;
         let sliding: Vec<bool> = match c.value.get("layer_types").and_then(Value::as_array) {
             Some(types) => types
                 .iter()
@@ -83,15 +83,20 @@ impl Gemma3Config {
                 sliding.len()
             );
         }
-        let head_dim = c.usize_or("head_dim", 256)?;
+        let (num_heads, num_kv_heads, head_dim) = c.attention(
+            "hidden_size",
+            "num_attention_heads",
+            Some(("num_key_value_heads", Some(1))),
+            Some(256),
+        )?;
         Ok(Gemma3Config {
-            hidden_size: c.usize("hidden_size")?,
-            intermediate_size: c.usize("intermediate_size")?,
+            hidden_size: c.count("hidden_size")?,
+            intermediate_size: c.count("intermediate_size")?,
             num_layers,
-            num_heads: c.usize("num_attention_heads")?,
-            num_kv_heads: c.usize_or("num_key_value_heads", 1)?,
+            num_heads,
+            num_kv_heads,
             head_dim,
-            vocab_size: c.usize("vocab_size")?,
+            vocab_size: c.count("vocab_size")?,
             rms_norm_eps: c.f64_or("rms_norm_eps", 1e-6)?,
             query_pre_attn_scalar: c.f64_or("query_pre_attn_scalar", head_dim as f64)?,
             sliding_window: c.usize_or("sliding_window", 4096)?,

@@ -24,7 +24,8 @@ pub struct Gpt2Config {
 
 impl Gpt2Config {
     pub fn from_json(c: &ConfigJson) -> Result<Self> {
-        let hidden_size = c.usize("n_embd")?;
+        let hidden_size = c.count("n_embd")?;
+        let (num_heads, _, _) = c.attention("n_embd", "n_head", None, None)?;
         let activation = c.str_or("activation_function", "gelu_new");
         if activation != "gelu_new" {
             bail!(
@@ -34,11 +35,11 @@ impl Gpt2Config {
         }
         Ok(Gpt2Config {
             hidden_size,
-            num_layers: c.usize("n_layer")?,
-            num_heads: c.usize("n_head")?,
+            num_layers: c.count("n_layer")?,
+            num_heads,
             inner_size: c.usize_or("n_inner", 4 * hidden_size)?,
-            max_positions: c.usize("n_positions")?,
-            vocab_size: c.usize("vocab_size")?,
+            max_positions: c.count("n_positions")?,
+            vocab_size: c.count("vocab_size")?,
             layer_norm_eps: c.f64_or("layer_norm_epsilon", 1e-5)?,
         })
     }

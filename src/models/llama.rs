@@ -33,17 +33,21 @@ pub struct LlamaConfig {
 impl LlamaConfig {
     pub fn from_json(c: &ConfigJson, qwen2: bool) -> Result<Self> {
         c.check_plain_rope()?;
-        let hidden_size = c.usize("hidden_size")?;
-        let num_heads = c.usize("num_attention_heads")?;
+        let (num_heads, num_kv_heads, head_dim) = c.attention(
+            "hidden_size",
+            "num_attention_heads",
+            Some(("num_key_value_heads", None)),
+            None,
+        )?;
         let attention_bias = c.bool_or("attention_bias", false)?;
         Ok(LlamaConfig {
-            hidden_size,
-            intermediate_size: c.usize("intermediate_size")?,
-            num_layers: c.usize("num_hidden_layers")?,
+            hidden_size: c.count("hidden_size")?,
+            intermediate_size: c.count("intermediate_size")?,
+            num_layers: c.count("num_hidden_layers")?,
             num_heads,
-            num_kv_heads: c.usize_or("num_key_value_heads", num_heads)?,
-            head_dim: c.usize_or("head_dim", hidden_size / num_heads)?,
-            vocab_size: c.usize("vocab_size")?,
+            num_kv_heads,
+            head_dim,
+            vocab_size: c.count("vocab_size")?,
             rms_norm_eps: c.f64_or("rms_norm_eps", 1e-6)?,
             rope_theta: c.rope_theta(None, 10_000.0)?,
             tie_word_embeddings: c.bool_or("tie_word_embeddings", false)?,

@@ -143,48 +143,168 @@ pub fn model_type(path: &Path) -> Result<String> {
         .ok_or_else(|| anyhow!("{}: `model_type` is missing", path.display()))
 }
 
+/// The architecture settings that a `config.json` (or GGUF metadata) describes, checked
+/// (heads divide the width, key/value heads divide the heads, sizes >= 1) before any tensor
+/// is read.
+#[derive(Debug, Clone)]
+pub enum ArchConfig {
+    Bert(bert::BertConfig),
+    Llama(llama::LlamaConfig),
+    Gpt2(gpt2::Gpt2Config),
+    Gemma3(gemma3::Gemma3Config),
+}
+
+impl ArchConfig {
+    /// Parses and checks the settings; errors name the file and the key.
+    pub fn parse(config: &serde_json::Value, config_path: &Path) -> Result<ArchConfig> {
+        let c = config::ConfigJson::new(config, config_path);
+        let model_type = config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| anyhow!("{}: `model_type` is missing", config_path.display()))?;
+        Ok(match model_type {
+            "bert" => ArchConfig::Bert(bert::BertConfig::from_json(&c)?),
+            "llama" => ArchConfig::Llama(llama::LlamaConfig::from_json(&c, false)?),
+            "qwen2" => ArchConfig::Llama(llama::LlamaConfig::from_json(&c, true)?),
+            "gpt2" => ArchConfig::Gpt2(gpt2::Gpt2Config::from_json(&c)?),
+            "gemma3_text" => ArchConfig::Gemma3(gemma3::Gemma3Config::from_json(&c)?),
+            "gemma3" => {
+                // A multimodal Gemma 3 config: the text stack's settings are under `text_config`.
+                let text = config.get("text_config").ok_or_else(|| {
+                    anyhow!("{}: `text_config` is missing", config_path.display())
+                })?;
+                let c = config::ConfigJson::new(text, config_path);
+                ArchConfig::Gemma3(gemma3::Gemma3Config::from_json(&c)?)
+            }
+            other => bail!(
+                "{}: unknown architecture `{other}`; supported: bert, llama, qwen2, gpt2, gemma3_text",
+                config_path.display()
+            ),
+        })
+    }
+
+    /// The names of the modules that can carry a LoRA adapter (the last component of their
+    /// checkpoint names).
+    pub fn adapter_modules(&self) -> &'static [&'static str] {
+        match self {
+            ArchConfig::Bert(_) => &["query", "key", "value", "dense"],
+            ArchConfig::Llama(_) | ArchConfig::Gemma3(_) => &[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+            ArchConfig::Gpt2(_) => &["c_attn", "c_proj", "c_fc"],
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            ArchConfig::Bert(_) => "bert",
+            ArchConfig::Llama(_) => "llama/qwen2",
+            ArchConfig::Gpt2(_) => "gpt2",
+            ArchConfig::Gemma3(_) => "gemma3",
+        }
+    }
+
+    /// The network with these settings, from checkpoint tensors.
+    pub fn build(self, params: &mut Params) -> Result<Network> {
+        Ok(match self {
+            ArchConfig::Bert(c) => Network::Bert(bert::Bert::load(c, params)?),
+            ArchConfig::Llama(c) => Network::Llama(llama::Llama::load(c, params)?),
+            ArchConfig::Gpt2(c) => Network::Gpt2(gpt2::Gpt2::load(c, params)?),
+            ArchConfig::Gemma3(c) => Network::Gemma3(gemma3::Gemma3::load(c, params)?),
+        })
+    }
+}
+
 /// Builds the network that `config.json` describes from checkpoint tensors.
 pub fn network_from_config(
     config: &serde_json::Value,
     config_path: &Path,
     params: &mut Params,
 ) -> Result<Network> {
-    let c = config::ConfigJson::new(config, config_path);
-    let model_type = config
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| anyhow!("{}: `model_type` is missing", config_path.display()))?;
-    Ok(match model_type {
-        "bert" => Network::Bert(bert::Bert::load(bert::BertConfig::from_json(&c)?, params)?),
-        "llama" => Network::Llama(llama::Llama::load(
-            llama::LlamaConfig::from_json(&c, false)?,
-            params,
-        )?),
-        "qwen2" => Network::Llama(llama::Llama::load(
-            llama::LlamaConfig::from_json(&c, true)?,
-            params,
-        )?),
-        "gpt2" => Network::Gpt2(gpt2::Gpt2::load(gpt2::Gpt2Config::from_json(&c)?, params)?),
-        "gemma3_text" => Network::Gemma3(gemma3::Gemma3::load(
-            gemma3::Gemma3Config::from_json(&c)?,
-            params,
-        )?),
-        "gemma3" => {
-            // A multimodal Gemma 3 config: the text stack's settings are under `text_config`.
-            let text = config
-                .get("text_config")
-                .ok_or_else(|| anyhow!("{}: `text_config` is missing", config_path.display()))?;
-            let c = config::ConfigJson::new(text, config_path);
-            Network::Gemma3(gemma3::Gemma3::load(
-                gemma3::Gemma3Config::from_json(&c)?,
-                params,
-            )?)
+    ArchConfig::parse(config, config_path)?.build(params)
+}
+
+/// Checks a model's files without loading its weights, in well under a second: the config (or
+/// GGUF header) parses and describes a consistent architecture, the safetensors headers parse
+/// and match their files' sizes (a truncated download is caught), and the tokenizer loads.
+pub fn check_model_files(path: &Path) -> Result<ArchConfig> {
+    let arch = if path.is_dir() {
+        let config_path = path.join("config.json");
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("{}: cannot read config.json", path.display()))?;
+        let config: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", config_path.display()))?;
+        let arch = ArchConfig::parse(&config, &config_path)?;
+        for file in safetensors_files(path)? {
+            check_safetensors_header(&file)?;
         }
-        other => bail!(
-            "{}: unknown architecture `{other}`; supported: bert, llama, qwen2, gpt2, gemma3_text",
-            config_path.display()
-        ),
-    })
+        arch
+    } else if path.extension().is_some_and(|e| e == "gguf") {
+        let file = gguf::GgufFile::open(path)?;
+        ArchConfig::parse(&file.config_json()?, path)?
+    } else if path.exists() {
+        bail!(
+            "{}: expected an HF model folder or a .gguf file",
+            path.display()
+        );
+    } else {
+        bail!("{}: no such model folder or file", path.display());
+    };
+    load_tokenizer(path)?;
+    Ok(arch)
+}
+
+/// Reads a safetensors header and checks that the file holds exactly the data it describes.
+fn check_safetensors_header(file: &Path) -> Result<()> {
+    use std::io::Read;
+    let corrupt =
+        |why: String| anyhow!("{}: not a readable safetensors file: {why}", file.display());
+    let mut f =
+        std::fs::File::open(file).with_context(|| format!("{}: cannot open", file.display()))?;
+    let len = f.metadata()?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| corrupt("shorter than its 8-byte header length".into()))?;
+    let n = u64::from_le_bytes(n);
+    if n > len.saturating_sub(8) || n > 100_000_000 {
+        return Err(corrupt(format!(
+            "header length {n} exceeds the file ({len} bytes)"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| corrupt(format!("cannot read the header: {e}")))?;
+    let header: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| corrupt(format!("the header is not JSON: {e}")))?;
+    let tensors = header
+        .as_object()
+        .ok_or_else(|| corrupt("the header is not a JSON object".into()))?;
+    let mut end = 0u64;
+    for (name, info) in tensors {
+        if name == "__metadata__" {
+            continue;
+        }
+        let offsets = info
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .and_then(|o| o.get(1))
+            .and_then(|o| o.as_u64())
+            .ok_or_else(|| corrupt(format!("tensor `{name}` has no data_offsets")))?;
+        end = end.max(offsets);
+    }
+    let data = len - 8 - n;
+    if end != data {
+        return Err(corrupt(format!(
+            "the header describes {end} bytes of tensor data, the file holds {data} (truncated download?)"
+        )));
+    }
+    Ok(())
 }
 
 /// The safetensors files of an HF folder: `model.safetensors`, or the shards listed in
@@ -306,6 +426,8 @@ impl Model {
     ) -> Result<Model> {
         let file = gguf::GgufFile::open(path)?;
         let config = file.config_json()?;
+        // Checked before the tensors are read: their layout depends on the head counts.
+        let arch = ArchConfig::parse(&config, path)?;
         let tensors = file.tensors(device)?;
         let mut params = Params::new(
             tensors,
@@ -314,7 +436,7 @@ impl Model {
             device,
             &path.display().to_string(),
         );
-        let network = network_from_config(&config, path, &mut params)?;
+        let network = arch.build(&mut params)?;
         let tokenizer = Some(tokenizer::Tokenizer::from_gguf(&file)?);
         let (parameters, _) = params.checkpoint_summary();
         Ok(Model {

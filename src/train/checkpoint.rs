@@ -43,22 +43,12 @@ pub fn save(path: &Path, optimizer: &AdamW, progress: &Progress) -> Result<()> {
         progress.epochs_without_improvement as f64,
     ];
     tensors.insert("state".into(), Tensor::new(state.as_slice(), &Device::Cpu)?);
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    candle_core::safetensors::save(&tensors, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    crate::io::save_tensors(path, &tensors)
 }
 
 /// Restores weights and optimiser state; returns the progress recorded with them.
 pub fn load(path: &Path, optimizer: &mut AdamW) -> Result<Progress> {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+    let tensors = crate::io::load_tensors(path, &Device::Cpu)
         .with_context(|| format!("{}: not a readable checkpoint", path.display()))?;
     let get = |key: &str| {
         tensors

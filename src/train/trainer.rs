@@ -154,7 +154,13 @@ pub fn train(
     };
     if let Some(dir) = checkpoints {
         if last_checkpoint(dir).exists() {
-            progress = checkpoint::load(&last_checkpoint(dir), &mut optimizer)?;
+            // A torn checkpoint fails its checksum before any weight is set: start over.
+            match checkpoint::load(&last_checkpoint(dir), &mut optimizer) {
+                Ok(p) => progress = p,
+                Err(err) => {
+                    eprintln!("warning: checkpoint not used, training from the start: {err:#}")
+                }
+            }
         }
     }
     let mut history = Vec::new();
@@ -190,9 +196,12 @@ pub fn train(
             if !value.is_finite() {
                 let kept = checkpoints.map(last_checkpoint).filter(|p| p.exists());
                 bail!(
-                    "the loss is {value} at epoch {}, batch {}; training stopped{}",
+                    "the loss is {value} at epoch {}, batch {} (learning rate {lr:.3e} at this step, lr = {}, max_grad_norm = {}); \
+                     the likely causes: a learning rate too high for this model, no gradient clipping, or a loss's settings (weights, evidence clamp); training stopped{}",
                     epoch + 1,
                     b + 1,
+                    config.lr,
+                    config.max_grad_norm.map_or("none".to_string(), |n| n.to_string()),
                     kept.map_or(String::new(), |p| format!(
                         "; the last good checkpoint is {}",
                         p.display()
