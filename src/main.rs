@@ -614,6 +614,7 @@ fn demo(out: &Path, precision: Option<PrecisionSetting>) -> Result<()> {
             missing.join(" ")
         );
     }
+    ws2s::experiment::preflight::check(&config, Path::new("configs/demo.toml"), Some(out))?;
     let start = std::time::Instant::now();
     let results =
         ws2s::experiment::pipeline::run(&config, Path::new("configs/demo.toml"), out, true)?;

@@ -873,6 +873,9 @@ impl ExperimentConfig {
                 if spec.pooling.is_some() {
                     bail!("{key}.pooling: only used by classification probes; `{name}` is a generation task");
                 }
+                if spec.max_tokens != default_max_tokens() {
+                    bail!("{key}.max_tokens: only used by classification (the length of a pooled text); `{name}` is a generation task");
+                }
             }
         } else if self.generation != GenerationConfig::default() {
             bail!("[generation]: only used by generation tasks (slurp, generate:PATH); `{name}` is a classification task, whose methods are set in [methods]");
