@@ -42,6 +42,9 @@ pub struct StepTimes {
     pub step_ms: f64,
     pub steps: usize,
     pub threads: usize,
+    /// "cpu" or "cuda", and the frozen weights' type.
+    pub device: String,
+    pub precision: String,
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -58,8 +61,8 @@ struct Workload {
     seq_len: usize,
 }
 
-fn build(name: &str) -> Result<Workload> {
-    let device = Device::Cpu;
+fn build(name: &str, device: &Device, dtype: candle_core::DType) -> Result<Workload> {
+    let device = device.clone();
     let (is_minilm, lora) = match name {
         "minilm-full" => (true, false),
         "minilm-lora" => (true, true),
@@ -88,7 +91,7 @@ fn build(name: &str) -> Result<Workload> {
     // MiniLM: the real checkpoint when installed, else random weights of its shape.
     let (network, mut vars) = match (is_minilm, resolve_model("all-minilm-l6-v2")) {
         (true, Ok(path)) => {
-            let model = Model::load(&path, trainable, 0, &device)?;
+            let model = Model::load_as(&path, trainable, 0, &device, dtype)?;
             (model.network, model.vars)
         }
         _ => {
@@ -97,7 +100,7 @@ fn build(name: &str) -> Result<Workload> {
             } else {
                 QWEN_05B_CONFIG
             })?;
-            let mut params = Params::random(trainable, 0, 0.02, &device);
+            let mut params = Params::random(trainable, 0, 0.02, &device).with_frozen_dtype(dtype);
             let network = network_from_config(&config, Path::new(name), &mut params)?;
             (network, params.into_vars())
         }
@@ -121,9 +124,15 @@ fn build(name: &str) -> Result<Workload> {
 }
 
 /// Runs `warmup` untimed and `steps` timed training steps of a workload.
-pub fn bench_train(name: &str, warmup: usize, steps: usize) -> Result<StepTimes> {
-    let w = build(name)?;
-    let device = Device::Cpu;
+/// `precision` is the type of the frozen base (LoRA); trained weights are f32 whatever it says.
+pub fn bench_train(
+    name: &str,
+    (warmup, steps): (usize, usize),
+    precision: crate::ops::Precision,
+    device: &Device,
+) -> Result<StepTimes> {
+    let w = build(name, device, precision.dtype())?;
+    let device = device.clone();
     let mut rng = Rng::new(0);
     let vocab = w.network.vocab_size();
     let ids: Vec<u32> = (0..w.batch * w.seq_len)
@@ -149,6 +158,8 @@ pub fn bench_train(name: &str, warmup: usize, steps: usize) -> Result<StepTimes>
         let mut sum = optimizer.new_grad_sum();
         optimizer.accumulate(&mut sum, &grads)?;
         optimizer.update(&sum, 1e-5, Some(1.0))?;
+        // A GPU runs asynchronously: the step ends when its last kernel has.
+        device.synchronize()?;
         let t3 = Instant::now();
         if step >= warmup {
             forward.push((t1 - t0).as_secs_f64() * 1e3);
@@ -170,6 +181,8 @@ pub fn bench_train(name: &str, warmup: usize, steps: usize) -> Result<StepTimes>
         step_ms: median(&mut totals),
         steps,
         threads: rayon::current_num_threads(),
+        device: if device.is_cpu() { "cpu" } else { "cuda" }.to_string(),
+        precision: precision.name().to_string(),
     })
 }
 
@@ -243,12 +256,19 @@ impl InferenceTimes {
         precision: crate::ops::Precision,
         (workload, tokens): (String, usize),
         (runs, median_s, cpu_utilisation, load_s): (Vec<f64>, f64, f64, f64),
+        device: &Device,
     ) -> InferenceTimes {
+        // On a GPU the frozen weights are bf16 and candle's CUDA kernels run.
+        let (precision, kernel) = if device.is_cpu() {
+            (precision.name(), precision.kernel())
+        } else {
+            (precision.name(), "cuda")
+        };
         InferenceTimes {
             model: name.to_string(),
             architecture: model.network.architecture().to_string(),
-            precision: precision.name().to_string(),
-            kernel: precision.kernel().to_string(),
+            precision: precision.to_string(),
+            kernel: kernel.to_string(),
             workload,
             tokens,
             median_s,
@@ -275,10 +295,50 @@ fn time_runs(repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<(Vec
     Ok((times, med, busy / rayon::current_num_threads() as f64))
 }
 
-fn load_for_inference(name: &str, precision: crate::ops::Precision) -> Result<(Model, f64)> {
+/// Random weights of a real model's shape, for benchmarks where no checkpoint can go (a GPU
+/// machine): `random:qwen2.5-0.5b`, `random:qwen2.5-1.5b`.
+pub const RANDOM_SHAPES: [(&str, &str); 2] = [
+    ("random:qwen2.5-0.5b", QWEN_05B_CONFIG),
+    ("random:qwen2.5-1.5b", QWEN_15B_CONFIG),
+];
+
+const QWEN_15B_CONFIG: &str = r#"{"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960,
+ "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+ "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": true}"#;
+
+fn load_for_inference(
+    name: &str,
+    precision: crate::ops::Precision,
+    device: &Device,
+) -> Result<(Model, f64)> {
     let start = Instant::now();
-    let mut model = Model::load(&resolve_model(name)?, Trainable::Frozen, 0, &Device::Cpu)?;
-    model.network.set_precision(precision)?;
+    let mut model = match RANDOM_SHAPES.iter().find(|(n, _)| *n == name) {
+        Some((_, config)) => {
+            let config: serde_json::Value = serde_json::from_str(config)?;
+            let mut params = Params::random(Trainable::Frozen, 0, 0.02, device)
+                .with_frozen_dtype(precision.dtype());
+            let network = network_from_config(&config, Path::new(name), &mut params)?;
+            Model {
+                network,
+                vars: BTreeMap::new(),
+                tokenizer: None,
+                source: name.into(),
+                config,
+                parameters: 0,
+                stored_dtypes: BTreeMap::new(),
+            }
+        }
+        None => Model::load_as(
+            &resolve_model(name)?,
+            Trainable::Frozen,
+            0,
+            device,
+            precision.dtype(),
+        )?,
+    };
+    if device.is_cpu() {
+        model.network.set_precision(precision)?;
+    }
     Ok((model, start.elapsed().as_secs_f64()))
 }
 
@@ -288,20 +348,24 @@ pub fn bench_forward(
     name: &str,
     (batch, seq_len, repeats): (usize, usize, usize),
     precision: crate::ops::Precision,
+    device: &Device,
 ) -> Result<InferenceTimes> {
-    let (model, load_s) = load_for_inference(name, precision)?;
+    let (model, load_s) = load_for_inference(name, precision, device)?;
     let vocab = model.network.vocab_size() as u64;
     let mut rng = Rng::new(0);
     let ids: Vec<u32> = (0..batch * seq_len)
         .map(|_| (rng.next_u64() % vocab) as u32)
         .collect();
-    let ids = Tensor::from_vec(ids, (batch, seq_len), &Device::Cpu)?;
+    let ids = Tensor::from_vec(ids, (batch, seq_len), device)?;
     let mask = vec![vec![1u32; seq_len]; batch];
     let (runs, median_s, cpu_utilisation) = time_runs(repeats, || {
         let hidden = model
             .network
             .hidden(&ids, &mask, &mut model.network.new_cache())?;
-        hidden.sum_all()?.to_scalar::<f32>()?;
+        hidden
+            .sum_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_scalar::<f32>()?;
         Ok(())
     })?;
     let workload = format!("forward {batch}x{seq_len}");
@@ -312,6 +376,7 @@ pub fn bench_forward(
         precision,
         (workload, batch * seq_len),
         timed,
+        device,
     ))
 }
 
@@ -321,9 +386,10 @@ pub fn bench_decode(
     name: &str,
     (prompts, prompt_len, beams, new_tokens, repeats): (usize, usize, usize, usize, usize),
     precision: crate::ops::Precision,
+    device: &Device,
 ) -> Result<InferenceTimes> {
     use crate::models::decode::{generate, DecodeOptions};
-    let (model, load_s) = load_for_inference(name, precision)?;
+    let (model, load_s) = load_for_inference(name, precision, device)?;
     if !model.network.is_decoder() {
         bail!("{name}: decoding needs a decoder model");
     }
@@ -343,7 +409,7 @@ pub fn bench_decode(
         ..DecodeOptions::default()
     };
     let (runs, median_s, cpu_utilisation) = time_runs(repeats, || {
-        let out = generate(&model.network, &ids, &options, &Device::Cpu)?;
+        let out = generate(&model.network, &ids, &options, device)?;
         if out
             .iter()
             .any(|h| h.first().is_none_or(|h| h.tokens.len() != new_tokens))
@@ -360,5 +426,6 @@ pub fn bench_decode(
         precision,
         (workload, prompts * new_tokens),
         timed,
+        device,
     ))
 }

@@ -12,6 +12,7 @@ use ws2s::models::decode::{generate, DecodeOptions};
 use ws2s::models::params::Trainable;
 use ws2s::models::{self, Model};
 use ws2s::ops::{Precision, Purpose};
+use ws2s::runtime::DeviceSetting;
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +57,10 @@ Writes results.json, results.md and weak_labels.jsonl into --out; prints the res
         /// `precision` key).
         #[arg(long)]
         precision: Option<PrecisionSetting>,
+        /// Where models run: cpu, cuda or cuda:N (overrides the config's `device` key; CUDA
+        /// needs a build with `--features cuda`, see scripts/build-cuda).
+        #[arg(long)]
+        device: Option<DeviceSetting>,
     },
     /// The demo: a real weak-to-strong experiment on bundled SciQ with the fetched models.
     #[command(
@@ -74,6 +79,10 @@ finished stage."
         /// checks: int8 features with AVX-512 VNNI, else f32), f32 or int8.
         #[arg(long)]
         precision: Option<PrecisionSetting>,
+        /// Where models run: cpu, cuda or cuda:N (overrides the config's `device` key; CUDA
+        /// needs a build with `--features cuda`, see scripts/build-cuda).
+        #[arg(long)]
+        device: Option<DeviceSetting>,
     },
     /// Inspect models (an HF folder, a .gguf file, or the name of a fetched model).
     #[command(subcommand)]
@@ -181,6 +190,9 @@ struct GenerateArgs {
     /// check), f32 or int8.
     #[arg(long, value_enum, default_value = "auto")]
     precision: PrecisionSetting,
+    /// Where the model runs: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSetting,
 }
 
 #[derive(Subcommand)]
@@ -199,6 +211,13 @@ enum BenchCommand {
         steps: usize,
         /// One JSON object per workload.
         #[arg(long)]
+        /// Type of the frozen base (LoRA): auto (bf16 on a GPU, f32 on the CPU), f32 or bf16
+        /// (GPU). Trained weights are f32 whatever this says.
+        #[arg(long, value_enum, default_value = "auto")]
+        precision: PrecisionSetting,
+        /// Where the model runs: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSetting,
         json: bool,
     },
     /// lgamma + digamma, forward and backward, fused against decomposed (token EDL's cost).
@@ -228,6 +247,9 @@ enum BenchCommand {
         /// the accuracy check on this CPU: int8 with AVX-512 VNNI, else f32).
         #[arg(long, value_enum, default_value = "auto")]
         precision: PrecisionSetting,
+        /// Where the model runs: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSetting,
         /// One JSON object.
         #[arg(long)]
         json: bool,
@@ -254,6 +276,9 @@ enum BenchCommand {
         /// greedy-decoding check).
         #[arg(long, value_enum, default_value = "auto")]
         precision: PrecisionSetting,
+        /// Where the model runs: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSetting,
         /// One JSON object.
         #[arg(long)]
         json: bool,
@@ -520,10 +545,16 @@ fn generate_text(args: &GenerateArgs) -> Result<()> {
             args.beams
         );
     }
-    let mut model = load_model(&args.model)?;
-    model
-        .network
-        .set_precision(args.precision.resolve(Purpose::Decoding))?;
+    let device = args.device.device()?;
+    let precision = args.precision.resolve_on(Purpose::Decoding, &device)?;
+    let mut model = Model::load_as(
+        &models::resolve_model(&args.model)?,
+        Trainable::Frozen,
+        0,
+        &device,
+        precision.dtype(),
+    )?;
+    model.network.set_precision(precision)?;
     let tokenizer = model.tokenizer()?;
     let prompt = tokenizer.encode(&args.prompt)?;
     let options = DecodeOptions {
@@ -535,7 +566,7 @@ fn generate_text(args: &GenerateArgs) -> Result<()> {
         early_stopping: false,
         json_stop: None,
     };
-    let results = generate(&model.network, &[prompt], &options, &Device::Cpu)?;
+    let results = generate(&model.network, &[prompt], &options, &device)?;
     for (rank, hypothesis) in results[0].iter().enumerate() {
         let text = tokenizer.decode(&hypothesis.tokens)?;
         if results[0].len() > 1 {
@@ -594,10 +625,17 @@ fn download(_repo: &str, _revision: &str) -> Result<()> {
 
 const DEMO_CONFIG: &str = include_str!("../configs/demo.toml");
 
-fn demo(out: &Path, precision: Option<PrecisionSetting>) -> Result<()> {
+fn demo(
+    out: &Path,
+    precision: Option<PrecisionSetting>,
+    device: Option<DeviceSetting>,
+) -> Result<()> {
     let mut config = ExperimentConfig::parse(DEMO_CONFIG, Path::new("configs/demo.toml"))?;
     if let Some(p) = precision {
         config.precision = p;
+    }
+    if let Some(d) = device {
+        config.device = d;
     }
     let missing: Vec<&str> = config
         .weak
@@ -681,10 +719,14 @@ fn run(cli: Cli) -> Result<()> {
             config,
             out,
             precision,
+            device,
         } => {
             let mut parsed = ExperimentConfig::load(&config)?;
             if let Some(p) = precision {
                 parsed.precision = p;
+            }
+            if let Some(d) = device {
+                parsed.device = d;
             }
             let datasets =
                 ws2s::experiment::preflight::check(&parsed, &config, Some(&out))?.datasets;
@@ -698,7 +740,11 @@ fn run(cli: Cli) -> Result<()> {
             println!("results: {}", out.join("results.md").display());
             Ok(())
         }
-        Command::Demo { out, precision } => demo(&out, precision),
+        Command::Demo {
+            out,
+            precision,
+            device,
+        } => demo(&out, precision, device),
         Command::Study(StudyCommand::PromptPooling {
             models,
             n,
@@ -741,15 +787,23 @@ fn run(cli: Cli) -> Result<()> {
             workload,
             warmup,
             steps,
+            precision,
+            device,
             json,
         }) => {
+            let device = device.device()?;
+            // Training computes in f32 on the CPU (int8 is for inference only).
+            let precision = match precision.resolve_on(Purpose::Decoding, &device)? {
+                Precision::Int8 => Precision::F32,
+                p => p,
+            };
             let names: Vec<&str> = if workload == "all" {
                 ws2s::bench::WORKLOADS.to_vec()
             } else {
                 vec![workload.as_str()]
             };
             for name in names {
-                let times = ws2s::bench::bench_train(name, warmup, steps)?;
+                let times = ws2s::bench::bench_train(name, (warmup, steps), precision, &device)?;
                 if json {
                     println!("{}", serde_json::to_string(&times)?);
                 } else {
@@ -774,13 +828,18 @@ fn run(cli: Cli) -> Result<()> {
             seq_len,
             repeats,
             precision,
+            device,
             json,
         }) => print_inference(
-            &ws2s::bench::bench_forward(
-                &model,
-                (batch, seq_len, repeats),
-                precision.resolve(Purpose::Features),
-            )?,
+            &{
+                let device = device.device()?;
+                ws2s::bench::bench_forward(
+                    &model,
+                    (batch, seq_len, repeats),
+                    precision.resolve_on(Purpose::Features, &device)?,
+                    &device,
+                )?
+            },
             json,
         ),
         Command::Bench(BenchCommand::Decode {
@@ -791,13 +850,18 @@ fn run(cli: Cli) -> Result<()> {
             new_tokens,
             repeats,
             precision,
+            device,
             json,
         }) => print_inference(
-            &ws2s::bench::bench_decode(
-                &model,
-                (prompts, prompt_len, beams, new_tokens, repeats),
-                precision.resolve(Purpose::Decoding),
-            )?,
+            &{
+                let device = device.device()?;
+                ws2s::bench::bench_decode(
+                    &model,
+                    (prompts, prompt_len, beams, new_tokens, repeats),
+                    precision.resolve_on(Purpose::Decoding, &device)?,
+                    &device,
+                )?
+            },
             json,
         ),
     }

@@ -63,3 +63,111 @@ pub fn cpu_description() -> String {
         rayon::current_num_threads()
     )
 }
+
+/// Where tensors live: the `device` config key and the `--device` option ("cpu", "cuda",
+/// "cuda:N"). CUDA needs a build with the `cuda` feature (scripts/build-cuda) and a GPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DeviceSetting {
+    #[default]
+    Cpu,
+    /// The GPU of this ordinal.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSetting {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "cpu" => Ok(DeviceSetting::Cpu),
+            "cuda" => Ok(DeviceSetting::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSetting::Cuda)
+                .ok_or_else(|| {
+                    format!("`{other}` is not a device; expected \"cpu\", \"cuda\" or \"cuda:N\"")
+                }),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            DeviceSetting::Cpu => write!(f, "cpu"),
+            DeviceSetting::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl serde::Serialize for DeviceSetting {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DeviceSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Whether this binary was built with CUDA support.
+pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
+
+impl DeviceSetting {
+    /// The candle device; an error that says what is missing when CUDA is asked for and this
+    /// build has no CUDA, or no GPU answers.
+    pub fn device(self) -> anyhow::Result<candle_core::Device> {
+        match self {
+            DeviceSetting::Cpu => Ok(candle_core::Device::Cpu),
+            DeviceSetting::Cuda(n) => {
+                if !CUDA_BUILT {
+                    anyhow::bail!(
+                        "device cuda:{n}: this ws2s was built without CUDA; build the GPU version with scripts/build-cuda (cargo build --release --features cuda)"
+                    );
+                }
+                candle_core::Device::new_cuda(n).map_err(|e| {
+                    anyhow::anyhow!(
+                        "device cuda:{n}: no GPU found ({e}); check that the NVIDIA driver is loaded and that LD_LIBRARY_PATH holds the CUDA libraries (scripts/gpu-check sets it from PyTorch's)"
+                    )
+                })
+            }
+        }
+    }
+}
+
+/// The number type of frozen weights (feature extraction, scoring, decoding, LoRA bases) on a
+/// device: bf16 on a GPU (its tensor cores' type), f32 on the CPU (the fused kernels' type; int8
+/// is chosen separately, see `Precision`). Trained parameters stay f32 everywhere.
+pub fn frozen_dtype(device: &candle_core::Device) -> candle_core::DType {
+    if device.is_cuda() {
+        candle_core::DType::BF16
+    } else {
+        candle_core::DType::F32
+    }
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+
+    #[test]
+    fn device_settings_parse_and_cuda_is_refused_without_it() {
+        assert_eq!("cpu".parse(), Ok(DeviceSetting::Cpu));
+        assert_eq!("cuda".parse(), Ok(DeviceSetting::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceSetting::Cuda(3)));
+        for bad in ["gpu", "cuda:", "cuda:x", "CPU"] {
+            let err = bad.parse::<DeviceSetting>().unwrap_err();
+            assert!(err.contains("cuda:N"), "{err}");
+        }
+        assert_eq!(DeviceSetting::Cuda(1).to_string(), "cuda:1");
+        assert!(DeviceSetting::Cpu.device().unwrap().is_cpu());
+        if !CUDA_BUILT {
+            let err = DeviceSetting::Cuda(0).device().unwrap_err().to_string();
+            assert!(err.contains("built without CUDA"), "{err}");
+        }
+    }
+}

@@ -184,8 +184,9 @@ fn lora() -> Trainable {
 
 #[test]
 fn dpo_with_policy_equal_to_reference_is_log_2_and_the_reference_stays_unchanged() {
-    let policy = Seq2Seq::load(&tiny_gguf(), lora(), 3, "in: {input} out:").unwrap();
-    let reference = Seq2Seq::load(&tiny_gguf(), lora(), 3, "in: {input} out:").unwrap();
+    let policy = Seq2Seq::load(&tiny_gguf(), lora(), 3, "in: {input} out:", &Device::Cpu).unwrap();
+    let reference =
+        Seq2Seq::load(&tiny_gguf(), lora(), 3, "in: {input} out:", &Device::Cpu).unwrap();
     let inputs = ["alpha beta", "gamma", "delta epsilon zeta"];
     let prompts: Vec<Vec<u32>> = inputs
         .iter()
@@ -261,7 +262,7 @@ fn dpo_with_policy_equal_to_reference_is_log_2_and_the_reference_stays_unchanged
 #[test]
 fn every_adapter_gets_a_gradient_from_the_soft_label_and_dpo_tasks() {
     use ws2s::generation::tasks::{SoftItem, SoftLoss, SoftTask};
-    let model = Seq2Seq::load(&tiny_gguf(), lora(), 5, "in: {input} out:").unwrap();
+    let model = Seq2Seq::load(&tiny_gguf(), lora(), 5, "in: {input} out:", &Device::Cpu).unwrap();
     let tokenizer = model.model.tokenizer().unwrap().clone();
     let eos = model.eos();
     let items: Vec<SoftItem> = ["{\"a\": \"b c\"}", "{}"]

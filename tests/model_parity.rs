@@ -41,7 +41,14 @@ fn max_diff_on_mask(a: &Tensor, b: &Tensor, mask: &[Vec<u32>]) -> f32 {
 }
 
 fn load(name: &str, trainable: Trainable) -> Model {
-    Model::load_hf_folder(&fixture(name), trainable, 0, &Device::Cpu).unwrap()
+    Model::load_hf_folder(
+        &fixture(name),
+        trainable,
+        0,
+        &Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap()
 }
 
 const DECODERS: [&str; 5] = ["llama", "qwen2", "qwen2_untied", "gpt2", "gemma3"];

@@ -81,6 +81,11 @@ pub struct ExperimentConfig {
     /// "f32" or "int8". Training computes in f32 whatever this says.
     #[serde(default)]
     pub precision: PrecisionSetting,
+    /// Where models run: "cpu" (default), "cuda" or "cuda:N" (a build with the `cuda` feature).
+    /// On a GPU, frozen weights are bf16 and trained ones f32; linear probes are solved on the
+    /// CPU either way.
+    #[serde(default)]
+    pub device: crate::runtime::DeviceSetting,
     #[serde(default)]
     pub methods: MethodsConfig,
     /// Generation tasks (SLURP, generate:PATH): the methods of METHOD.md section 4 and the
@@ -250,16 +255,41 @@ pub enum PrecisionSetting {
     Auto,
     F32,
     Int8,
+    /// bf16 weights and activations: a GPU's precision.
+    Bf16,
 }
 
 impl PrecisionSetting {
-    /// The precision for `purpose`: as set, or the fastest that passes that use's check.
+    /// The precision for `purpose` on the CPU: as set, or the fastest that passes that use's
+    /// check (bf16 is a GPU's precision: f32 here).
     pub fn resolve(self, purpose: crate::ops::Purpose) -> crate::ops::Precision {
         match self {
             PrecisionSetting::Auto => crate::ops::Precision::fastest_for(purpose),
-            PrecisionSetting::F32 => crate::ops::Precision::F32,
+            PrecisionSetting::F32 | PrecisionSetting::Bf16 => crate::ops::Precision::F32,
             PrecisionSetting::Int8 => crate::ops::Precision::Int8,
         }
+    }
+
+    /// The precision for `purpose` on `device`: on a GPU bf16 unless f32 is asked for (int8
+    /// kernels are CPU kernels); on the CPU as [`PrecisionSetting::resolve`], bf16 refused (the
+    /// CPU would run it through slow generic code).
+    pub fn resolve_on(
+        self,
+        purpose: crate::ops::Purpose,
+        device: &candle_core::Device,
+    ) -> Result<crate::ops::Precision> {
+        use crate::ops::Precision;
+        Ok(match (device.is_cpu(), self) {
+            (false, PrecisionSetting::Auto | PrecisionSetting::Bf16) => Precision::Bf16,
+            (false, PrecisionSetting::F32) => Precision::F32,
+            (false, PrecisionSetting::Int8) => {
+                bail!("precision int8 runs on the CPU only; on a GPU use bf16 (auto) or f32")
+            }
+            (true, PrecisionSetting::Bf16) => {
+                bail!("precision bf16 is a GPU's precision; on the CPU use auto, f32 or int8")
+            }
+            (true, setting) => setting.resolve(purpose),
+        })
     }
 }
 
@@ -754,6 +784,15 @@ impl ExperimentConfig {
     /// Range and choice checks of every setting that TOML's types do not catch; the error names
     /// the key, the value and what is allowed.
     fn check_values(&self) -> Result<()> {
+        match (self.device, self.precision) {
+            (crate::runtime::DeviceSetting::Cpu, PrecisionSetting::Bf16) => {
+                bail!("precision: bf16 is a GPU's precision (device = \"cuda\"); on the CPU use \"auto\", \"f32\" or \"int8\"")
+            }
+            (crate::runtime::DeviceSetting::Cuda(_), PrecisionSetting::Int8) => {
+                bail!("precision: int8 runs on the CPU only; with device = \"{}\" use \"auto\" (bf16) or \"f32\"", self.device)
+            }
+            _ => {}
+        }
         let mut seen = std::collections::HashSet::new();
         for seed in &self.seeds {
             if !seen.insert(seed) {

@@ -142,10 +142,11 @@ struct ModelRef {
     path: PathBuf,
     hash: String,
     tokenizer: Tokenizer,
+    device: candle_core::Device,
 }
 
 impl ModelRef {
-    fn new(spec: &ModelSpec) -> Result<ModelRef> {
+    fn new(spec: &ModelSpec, device: &candle_core::Device) -> Result<ModelRef> {
         let path = resolve_model(&spec.model)?;
         let hash = model_hash(&path)?;
         let tokenizer = load_tokenizer(&path)?;
@@ -155,18 +156,31 @@ impl ModelRef {
             path,
             hash,
             tokenizer,
+            device: device.clone(),
         })
     }
 
     fn key(&self) -> String {
         let settings = serde_json::to_string(&(&self.spec.mode, &self.spec.lora, &self.spec.train))
             .unwrap_or_default();
-        format!("{}|{settings}", self.hash)
+        // A GPU computes in bf16: its stages are not the CPU's (CPU keys are unchanged).
+        let device = if self.device.is_cpu() {
+            ""
+        } else {
+            "|bf16-gpu"
+        };
+        format!("{}|{settings}{device}", self.hash)
     }
 
     fn load(&self, seed: u64, template: &str) -> Result<Seq2Seq> {
-        Seq2Seq::load(&self.path, trainable_of(&self.spec)?, seed, template)
-            .with_context(|| format!("loading {}", self.spec.label()))
+        Seq2Seq::load(
+            &self.path,
+            trainable_of(&self.spec)?,
+            seed,
+            template,
+            &self.device,
+        )
+        .with_context(|| format!("loading {}", self.spec.label()))
     }
 }
 
@@ -353,12 +367,13 @@ pub fn run(
     if config.weak.is_empty() {
         bail!("the config has no [[weak]] model");
     }
+    let device = config.device.device()?;
     let weak_models: Vec<ModelRef> = config
         .weak
         .iter()
-        .map(ModelRef::new)
+        .map(|spec| ModelRef::new(spec, &device))
         .collect::<Result<_>>()?;
-    let strong = ModelRef::new(strong_spec)?;
+    let strong = ModelRef::new(strong_spec, &device)?;
     let weak_names = config.weak_labels();
     let stages = StageCache::new(&ws2s_home().join("stages"));
     let decode_json = serde_json::to_string(&(

@@ -138,6 +138,8 @@ impl Learner for ProbeLearner {
 
 /// Fine-tuning of a backbone (LoRA or full) with a classification head on pooled hidden states.
 pub struct FinetuneLearner {
+    /// Where the model trains (its logits come back to the CPU for the losses).
+    pub device: Device,
     pub path: PathBuf,
     pub model_hash: String,
     /// `None`: full fine-tuning.
@@ -181,12 +183,17 @@ impl Finetuned {
                 mask[r][j] = 1;
             }
         }
-        let ids = Tensor::from_vec(ids, (encoded.len(), t), &Device::Cpu)?;
+        let device = self.head.weight.device();
+        let ids = Tensor::from_vec(ids, (encoded.len(), t), device)?;
         let hidden = self
             .model
             .network
             .hidden(&ids, &mask, &mut self.model.network.new_cache())?;
-        self.head.forward(&pool(&hidden, &mask, self.pooling)?)
+        // The losses and their targets live on the CPU (the transfer is differentiable).
+        Ok(self
+            .head
+            .forward(&pool(&hidden, &mask, self.pooling)?)?
+            .to_device(&Device::Cpu)?)
     }
 }
 
@@ -233,7 +240,13 @@ impl Learner for FinetuneLearner {
         let settings =
             serde_json::to_string(&(&self.lora, &self.pooling, self.max_tokens, &self.train))
                 .unwrap_or_default();
-        format!("finetune|{}|{settings}", self.model_hash)
+        // A GPU computes in bf16: its fits are not the CPU's (CPU keys are unchanged).
+        let device = if self.device.is_cpu() {
+            ""
+        } else {
+            "|bf16-gpu"
+        };
+        format!("finetune|{}|{settings}{device}", self.model_hash)
     }
 
     fn fit(
@@ -255,7 +268,7 @@ impl Learner for FinetuneLearner {
             Some(lora) => Trainable::Lora(lora.clone()),
             None => Trainable::All,
         };
-        let model = Model::load(&self.path, trainable, config.seed, &Device::Cpu)?;
+        let model = Model::load(&self.path, trainable, config.seed, &self.device)?;
         let pooling = self.pooling.unwrap_or(if model.network.is_decoder() {
             Pooling::LastToken
         } else {
@@ -265,7 +278,7 @@ impl Learner for FinetuneLearner {
             HashMap::new(),
             Trainable::Frozen,
             config.seed,
-            &Device::Cpu,
+            &self.device,
             "head",
         );
         let head =

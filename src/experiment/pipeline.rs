@@ -224,6 +224,7 @@ fn describe_precision(precision: crate::ops::Precision) -> String {
     match precision {
         crate::ops::Precision::F32 => "f32".into(),
         crate::ops::Precision::Int8 => format!("int8 ({} kernel)", precision.kernel()),
+        crate::ops::Precision::Bf16 => "bf16 (GPU)".into(),
     }
 }
 
@@ -256,13 +257,16 @@ fn features_for(
     let start = std::time::Instant::now();
     let cache_dir = ws2s_home().join("features");
     let key = feature_key(&hash, &ids, &texts, &options);
-    let (features, hit) = match load_cached(&key, texts.len(), &cache_dir, device) {
+    let (features, hit) = match load_cached(&key, texts.len(), &cache_dir, &Device::Cpu) {
         Some(features) => (features, true),
         None => {
-            let mut model = Model::load(&path, Trainable::Frozen, 0, device)
+            let mut model = Model::load_as(&path, Trainable::Frozen, 0, device, precision.dtype())
                 .with_context(|| format!("loading {}", spec.label()))?;
             model.network.set_precision(precision)?;
-            let features = extract(&model, &texts, &options, device)?;
+            // Extracted on the model's device; kept (and probed) on the CPU in f32.
+            let features = extract(&model, &texts, &options, device)?
+                .to_device(&Device::Cpu)?
+                .to_dtype(candle_core::DType::F32)?;
             store_cached(&key, &features, &cache_dir)?;
             (features, false)
         }
@@ -360,10 +364,20 @@ pub fn run(
         examples.len()
     );
     let timings = std::cell::RefCell::new(Vec::new());
-    let precision = config.precision.resolve(crate::ops::Purpose::Features);
+    // Models run on the configured device (bf16 on a GPU); probes and losses on the CPU.
+    let model_device = config.device.device()?;
+    let precision = config
+        .precision
+        .resolve_on(crate::ops::Purpose::Features, &model_device)?;
     let learner_for = |spec: &ModelSpec| -> Result<(Box<dyn Learner>, String)> {
         if spec.mode == TrainingMode::Probe {
-            let table = features_for(spec, &examples, (progress, precision), &device, &timings)?;
+            let table = features_for(
+                spec,
+                &examples,
+                (progress, precision),
+                &model_device,
+                &timings,
+            )?;
             let hash = table.model_hash.clone();
             let learner = ProbeLearner {
                 table,
@@ -377,6 +391,7 @@ pub fn run(
         let lora = (spec.mode == TrainingMode::Lora)
             .then(|| spec.lora.clone().unwrap_or_else(default_lora));
         let learner = FinetuneLearner {
+            device: model_device.clone(),
             path,
             model_hash: hash.clone(),
             lora,

@@ -30,6 +30,10 @@ pub fn check(config: &ExperimentConfig, path: &Path, out: Option<&Path>) -> Resu
     if config.strong.is_none() {
         bail!("{}: no [strong] model", path.display());
     }
+    config
+        .device
+        .device()
+        .with_context(|| format!("{}: device", path.display()))?;
     // The data first: with models not yet installed, the rest has still been checked.
     let datasets = super::pipeline::load_datasets(config, path)
         .with_context(|| format!("{}: loading the data of [task]", path.display()))?;

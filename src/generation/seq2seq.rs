@@ -19,12 +19,20 @@ pub const DEFAULT_PROMPT: &str = "Utterance: {input}\nSlots:";
 pub struct Seq2Seq {
     pub model: Model,
     pub template: String,
+    /// Where the model runs (frozen weights bf16 on a GPU, trained ones f32).
+    pub device: Device,
 }
 
 impl Seq2Seq {
     /// Loads a decoder; `lora` None: every weight trainable (full fine-tuning); `frozen`: nothing.
-    pub fn load(path: &Path, trainable: Trainable, seed: u64, template: &str) -> Result<Seq2Seq> {
-        let model = Model::load(path, trainable, seed, &Device::Cpu)?;
+    pub fn load(
+        path: &Path,
+        trainable: Trainable,
+        seed: u64,
+        template: &str,
+        device: &Device,
+    ) -> Result<Seq2Seq> {
+        let model = Model::load(path, trainable, seed, device)?;
         if !model.network.is_decoder() {
             bail!(
                 "{}: generation needs a decoder model (this is an encoder)",
@@ -38,6 +46,7 @@ impl Seq2Seq {
         Ok(Seq2Seq {
             model,
             template: template.to_string(),
+            device: device.clone(),
         })
     }
 
@@ -95,8 +104,8 @@ impl Seq2Seq {
         weights: &[f32],
     ) -> Result<Tensor> {
         let (logprobs, mask) =
-            continuation_logprobs_tensor(&self.model.network, prompts, targets, &Device::Cpu)?;
-        let w = Tensor::from_vec(weights.to_vec(), (weights.len(), 1), &Device::Cpu)?;
+            continuation_logprobs_tensor(&self.model.network, prompts, targets, &self.device)?;
+        let w = Tensor::from_vec(weights.to_vec(), (weights.len(), 1), &self.device)?;
         let weighted_mask = mask.broadcast_mul(&w)?;
         let total = (logprobs * &weighted_mask)?.sum_all()?;
         let count = weighted_mask.sum_all()?.clamp(1e-6, f64::MAX)?;
@@ -120,7 +129,7 @@ impl Seq2Seq {
                 &self.model.network,
                 &p,
                 &c,
-                &Device::Cpu,
+                &self.device,
             )?;
             for (&i, row) in chunk.iter().zip(rows) {
                 scored[i] = row.iter().map(|&v| v as f64).sum::<f64>() / row.len().max(1) as f64;
@@ -175,7 +184,7 @@ impl Seq2Seq {
         let bar = progress_bar(progress, inputs.len() as u64, label);
         for chunk in order.chunks(batch.max(1)) {
             let p: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-            let results = generate(&self.model.network, &p, &options, &Device::Cpu)?;
+            let results = generate(&self.model.network, &p, &options, &self.device)?;
             for (&i, hyps) in chunk.iter().zip(results) {
                 out[i] = hyps;
             }
@@ -198,7 +207,7 @@ impl Seq2Seq {
 
     /// Sets the trainable weights from a file written by [`Seq2Seq::save_trainable`].
     pub fn load_trainable(&self, path: &Path) -> Result<()> {
-        let tensors = crate::io::load_tensors(path, &Device::Cpu)?;
+        let tensors = crate::io::load_tensors(path, &self.device)?;
         for (name, var) in &self.model.vars {
             let t = tensors
                 .get(name)

@@ -116,11 +116,15 @@ impl TrainTask for SoftTask<'_> {
         let items: Vec<&SoftItem> = batch.iter().map(|&i| &self.items[i]).collect();
         let prompts: Vec<Vec<u32>> = items.iter().map(|i| i.prompt.clone()).collect();
         let targets: Vec<Vec<u32>> = items.iter().map(|i| i.target.tokens.clone()).collect();
-        let (logits, _, mask) =
-            continuation_logits(&self.model.model.network, &prompts, &targets, &Device::Cpu)?;
+        let (logits, _, mask) = continuation_logits(
+            &self.model.model.network,
+            &prompts,
+            &targets,
+            &self.model.device,
+        )?;
         let q = soft_targets(&items, &logits, self.share, self.spread)?;
         let w: Vec<f32> = items.iter().map(|i| i.weight).collect();
-        let w = Tensor::from_vec(w, (items.len(), 1), &Device::Cpu)?;
+        let w = Tensor::from_vec(w, (items.len(), 1), &self.model.device)?;
         let weighted_mask = mask.broadcast_mul(&w)?;
         Ok(match self.loss {
             SoftLoss::Kl => losses::token_soft_kl(&logits, &q, &weighted_mask)?,
@@ -183,7 +187,7 @@ pub fn sequence_logprobs(
     continuations: &[Vec<u32>],
 ) -> Result<Tensor> {
     let (logprobs, _) =
-        continuation_logprobs_tensor(&model.model.network, prompts, continuations, &Device::Cpu)?;
+        continuation_logprobs_tensor(&model.model.network, prompts, continuations, &model.device)?;
     Ok(logprobs.sum(1)?)
 }
 
@@ -208,12 +212,12 @@ impl DpoTask<'_> {
         Ok((all.narrow(0, 0, n)?, all.narrow(0, n, n)?))
     }
 
-    fn references(pairs: &[&Pair]) -> Result<(Tensor, Tensor)> {
+    fn references(pairs: &[&Pair], device: &Device) -> Result<(Tensor, Tensor)> {
         let c: Vec<f32> = pairs.iter().map(|p| p.reference_chosen).collect();
         let r: Vec<f32> = pairs.iter().map(|p| p.reference_rejected).collect();
         Ok((
-            Tensor::from_vec(c, pairs.len(), &Device::Cpu)?,
-            Tensor::from_vec(r, pairs.len(), &Device::Cpu)?,
+            Tensor::from_vec(c, pairs.len(), device)?,
+            Tensor::from_vec(r, pairs.len(), device)?,
         ))
     }
 
@@ -253,7 +257,7 @@ impl TrainTask for DpoTask<'_> {
     fn loss(&self, batch: &[usize], _progress: f64) -> Result<Tensor> {
         let pairs: Vec<&Pair> = batch.iter().map(|&i| &self.pairs[i]).collect();
         let (c, r) = self.policy(&pairs)?;
-        let (rc, rr) = Self::references(&pairs)?;
+        let (rc, rr) = Self::references(&pairs, &self.model.device)?;
         Ok(losses::conservative_dpo(
             &c, &r, &rc, &rr, self.beta, self.eps,
         )?)

@@ -109,6 +109,7 @@ impl Network {
             Network::Gpt2(m) => m.logits(hidden),
             Network::Gemma3(m) => m.logits(hidden),
         }
+        .and_then(|logits| Ok(logits.to_dtype(candle_core::DType::F32)?))
     }
 }
 
@@ -369,12 +370,30 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a model from an HF folder (config.json, safetensors, tokenizer.json) or a `.gguf` file.
+    /// Loads a model from an HF folder (config.json, safetensors, tokenizer.json) or a `.gguf`
+    /// file, its frozen weights in the device's type (f32 on the CPU, bf16 on a GPU).
     pub fn load(path: &Path, trainable: Trainable, seed: u64, device: &Device) -> Result<Model> {
+        Self::load_as(
+            path,
+            trainable,
+            seed,
+            device,
+            crate::runtime::frozen_dtype(device),
+        )
+    }
+
+    /// [`Model::load`] with the frozen weights in `dtype` (trained weights stay f32).
+    pub fn load_as(
+        path: &Path,
+        trainable: Trainable,
+        seed: u64,
+        device: &Device,
+        dtype: candle_core::DType,
+    ) -> Result<Model> {
         if path.is_dir() {
-            Self::load_hf_folder(path, trainable, seed, device)
+            Self::load_hf_folder(path, trainable, seed, device, dtype)
         } else if path.extension().is_some_and(|e| e == "gguf") {
-            Self::load_gguf(path, trainable, seed, device)
+            Self::load_gguf(path, trainable, seed, device, dtype)
         } else if path.exists() {
             bail!(
                 "{}: expected an HF model folder or a .gguf file",
@@ -391,6 +410,7 @@ impl Model {
         trainable: Trainable,
         seed: u64,
         device: &Device,
+        dtype: candle_core::DType,
     ) -> Result<Model> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path)
@@ -398,7 +418,8 @@ impl Model {
         let config: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{}: not valid JSON", config_path.display()))?;
         let tensors = read_safetensors(&safetensors_files(dir)?, device)?;
-        let mut params = Params::new(tensors, trainable, seed, device, &dir.display().to_string());
+        let mut params = Params::new(tensors, trainable, seed, device, &dir.display().to_string())
+            .with_frozen_dtype(dtype);
         let network = network_from_config(&config, &config_path, &mut params)?;
         let tokenizer = if dir.join("tokenizer.json").exists() {
             Some(tokenizer::Tokenizer::from_hf_folder(dir)?)
@@ -423,6 +444,7 @@ impl Model {
         trainable: Trainable,
         seed: u64,
         device: &Device,
+        dtype: candle_core::DType,
     ) -> Result<Model> {
         let file = gguf::GgufFile::open(path)?;
         let config = file.config_json()?;
@@ -435,7 +457,8 @@ impl Model {
             seed,
             device,
             &path.display().to_string(),
-        );
+        )
+        .with_frozen_dtype(dtype);
         let network = arch.build(&mut params)?;
         let tokenizer = Some(tokenizer::Tokenizer::from_gguf(&file)?);
         let (parameters, _) = params.checkpoint_summary();

@@ -165,6 +165,13 @@ impl Linear {
         if let Some(w) = self.int8() {
             return int8::linear(x, w, self.bias.as_ref());
         }
+        if let Some(lora) = self.lora.as_ref().filter(|l| l.a.dtype() != x.dtype()) {
+            // A bf16 base (GPU) with f32 adapters: the adapter's path in f32, added in x's type.
+            let y = crate::ops::linear::linear(x, &self.weight, self.bias.as_ref())?;
+            let input = dropout(&x.to_dtype(lora.a.dtype())?, lora.dropout)?;
+            let delta = (matmul_t(&matmul_t(&input, &lora.a)?, &lora.b)? * lora.scale)?;
+            return y + delta.to_dtype(x.dtype())?;
+        }
         if let Some(lora) = self.lora.as_ref().filter(|l| !dropout_active(l.dropout)) {
             return crate::ops::linear::lora_linear(
                 x,
@@ -374,7 +381,7 @@ pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     let (b, h, tq, d) = q.dims4()?;
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    let scores = scores.broadcast_add(mask)?;
+    let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
     let probs = crate::ops::fused::softmax_last_dim(&scores)?;
     let out = probs.matmul(&v.contiguous()?)?;
     out.transpose(1, 2)?.contiguous()?.reshape((b, tq, h * d))

@@ -42,6 +42,8 @@ pub struct Params {
     /// When set, missing checkpoint tensors are created: norm scales 1, biases 0, other weights
     /// normal with this standard deviation (for benchmarks of model shapes without checkpoints).
     random_init: Option<f64>,
+    /// The type of frozen checkpoint weights (f32; bf16 on a GPU). Trained ones are f32.
+    frozen_dtype: DType,
 }
 
 impl Params {
@@ -61,7 +63,14 @@ impl Params {
             source: source.to_string(),
             used: BTreeMap::new(),
             random_init: None,
+            frozen_dtype: DType::F32,
         }
+    }
+
+    /// Frozen checkpoint weights in `dtype` (bf16 on a GPU); trained weights stay f32.
+    pub fn with_frozen_dtype(mut self, dtype: DType) -> Self {
+        self.frozen_dtype = dtype;
+        self
     }
 
     /// Parameters for a model of a given shape with random weights (no checkpoint).
@@ -156,7 +165,7 @@ impl Params {
             self.vars.insert(name.to_string(), var);
             return Ok(out);
         }
-        Ok(tensor)
+        tensor.to_dtype(self.frozen_dtype)
     }
 
     /// A new trainable parameter, uniform in [-bound, bound] (bound 0: zeros), drawn from the seed.

@@ -753,7 +753,9 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;
         let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        return x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?;
+        // The tables are f32; a bf16 x (GPU) is rotated in its own type.
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+        return x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?;
     }
     x.contiguous()?.apply_op1(Rope {
         cos: cos.to_dtype(x.dtype())?.contiguous()?,

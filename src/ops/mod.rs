@@ -18,6 +18,9 @@ pub enum Precision {
     /// int8 weights (a scale per output column) and activations (a scale per row and block of
     /// 64 inputs), exact integer dot products ([`int8`]).
     Int8,
+    /// bf16 weights and activations on a GPU (candle's CUDA kernels; models loaded on a GPU
+    /// get bf16 frozen weights, see `runtime::frozen_dtype`). Nothing is packed.
+    Bf16,
 }
 
 impl Precision {
@@ -25,6 +28,7 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::Int8 => "int8",
+            Precision::Bf16 => "bf16",
         }
     }
 
@@ -34,6 +38,16 @@ impl Precision {
         match self {
             Precision::F32 => "gemm-f32",
             Precision::Int8 => int8::Kernel::detected().name(),
+            Precision::Bf16 => "cuda",
+        }
+    }
+
+    /// The type the frozen weights are loaded in (bf16 for [`Precision::Bf16`], else f32; int8
+    /// packs f32 weights after loading).
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::Bf16 => candle_core::DType::BF16,
+            Precision::F32 | Precision::Int8 => candle_core::DType::F32,
         }
     }
 
