@@ -344,9 +344,21 @@ struct TaskArgs {
     /// SciQ / CosmosQA: end each item by asking whether the answer is correct.
     #[arg(long)]
     ask: bool,
-    /// Generic JSONL tasks: a separate test file.
+    /// classify:/generate: tasks: a separate test file.
     #[arg(long, value_name = "FILE")]
     test_file: Option<PathBuf>,
+    /// classify:PATH: the column (JSON field) of the texts (default: text).
+    #[arg(long, value_name = "NAME")]
+    text_column: Option<String>,
+    /// classify:PATH: the column of the labels, integers or strings (default: label).
+    #[arg(long, value_name = "NAME")]
+    label_column: Option<String>,
+    /// generate:PATH: the column of the prompts (default: prompt).
+    #[arg(long, value_name = "NAME")]
+    prompt_column: Option<String>,
+    /// generate:PATH: the column of the targets (default: target).
+    #[arg(long, value_name = "NAME")]
+    target_column: Option<String>,
     /// Folder of the bundled datasets (default: $WS2S_DATA, else the source tree's data/).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -364,8 +376,32 @@ impl TaskArgs {
             match &mut spec {
                 TaskSpec::ClassifyJsonl { test_path, .. }
                 | TaskSpec::GenerateJsonl { test_path, .. } => *test_path = Some(test_file.clone()),
-                _ => anyhow::bail!("--test-file is only for classify:/generate: JSONL tasks"),
+                _ => anyhow::bail!("--test-file is only for classify:/generate: tasks"),
             }
+        }
+        if let TaskSpec::ClassifyJsonl { columns, .. } | TaskSpec::GenerateJsonl { columns, .. } =
+            &mut spec
+        {
+            for (given, slot) in [
+                (&self.text_column, &mut columns.text),
+                (&self.label_column, &mut columns.label),
+                (&self.prompt_column, &mut columns.prompt),
+                (&self.target_column, &mut columns.target),
+            ] {
+                if let Some(name) = given {
+                    *slot = name.clone();
+                }
+            }
+        } else if [
+            &self.text_column,
+            &self.label_column,
+            &self.prompt_column,
+            &self.target_column,
+        ]
+        .iter()
+        .any(|c| c.is_some())
+        {
+            anyhow::bail!("the --*-column options are only for classify:/generate: tasks");
         }
         let sizes = SplitSizes {
             weak_train: self.weak_train,

@@ -130,8 +130,11 @@ impl DeviceSetting {
                     );
                 }
                 candle_core::Device::new_cuda(n).map_err(|e| {
+                    // candle's message may carry a backtrace: its first line says it all.
+                    let why = e.to_string();
+                    let why = why.lines().next().unwrap_or_default().trim_end_matches('(');
                     anyhow::anyhow!(
-                        "device cuda:{n}: no GPU found ({e}); check that the NVIDIA driver is loaded and that LD_LIBRARY_PATH holds the CUDA libraries (scripts/gpu-check sets it from PyTorch's)"
+                        "device cuda:{n}: no GPU found ({why}); check that the NVIDIA driver is loaded and that LD_LIBRARY_PATH holds the CUDA libraries (scripts/gpu-check sets it from PyTorch's)"
                     )
                 })
             }

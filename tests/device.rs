@@ -97,7 +97,9 @@ fn every_architecture_matches_the_cpu_on_the_device_in_f32_and_bf16() {
         assert!(worst < 1e-4, "{name} f32 on {device:?}: max |diff| {worst}");
         let bf16_rows = hidden_rows(&load(&device, DType::BF16), &device);
         let (_, rel) = compare(&bf16_rows, &reference);
-        eprintln!("{name} on {device:?}: f32 max |diff| {worst:.2e}, bf16 relative RMS error {rel:.4}");
+        eprintln!(
+            "{name} on {device:?}: f32 max |diff| {worst:.2e}, bf16 relative RMS error {rel:.4}"
+        );
         // bf16 keeps 8 bits of mantissa (relative rounding 2^-9 per value): a relative RMS
         // error of a few percent after a few layers.
         assert!(

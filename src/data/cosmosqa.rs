@@ -123,6 +123,7 @@ pub fn load(dir: &Path, options: ChoiceOptions, sizes: &SplitSizes, seed: u64) -
         provenance: format!(
             "CosmosQA official validation file (the only public split here), re-split with seed {seed}"
         ),
+        label_names: None,
     })
 }
 

@@ -263,6 +263,7 @@ pub fn load(dir: &Path, subset: Subset, sizes: &SplitSizes, seed: u64) -> Result
             "ETHICS {}: train splits from {pool_file}, test from {test_file}; seed {seed}",
             subset.as_str()
         ),
+        label_names: None,
     })
 }
 

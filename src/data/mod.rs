@@ -9,6 +9,7 @@ pub mod jsonl;
 pub mod sciq;
 pub mod slurp;
 pub mod stats;
+pub mod table;
 
 use crate::hash::{example_id, sha256_hex};
 use crate::rng::Rng;
@@ -147,20 +148,22 @@ pub enum TaskSpec {
     CosmosQa(ChoiceOptions),
     Ethics(ethics::Subset),
     Slurp,
-    /// Generic classification JSONL: one `{"text": str, "label": int}` per line.
+    /// Users' classification data (JSONL, CSV, TSV or Parquet): a text and a label column.
     ClassifyJsonl {
         path: PathBuf,
         test_path: Option<PathBuf>,
+        columns: jsonl::Columns,
     },
-    /// Generic generation JSONL: one `{"prompt": str, "target": str}` per line.
+    /// Users' generation data (JSONL, CSV, TSV or Parquet): a prompt and a target column.
     GenerateJsonl {
         path: PathBuf,
         test_path: Option<PathBuf>,
+        columns: jsonl::Columns,
     },
 }
 
 pub const TASK_NAMES_HELP: &str = "sciq, cosmosqa, ethics-commonsense, ethics-deontology, \
-ethics-justice, ethics-virtue, ethics-utilitarianism, slurp, classify:PATH.jsonl, generate:PATH.jsonl";
+ethics-justice, ethics-virtue, ethics-utilitarianism, slurp, classify:PATH, generate:PATH (PATH: .jsonl, .csv, .tsv or .parquet)";
 
 impl TaskSpec {
     /// Parses a task name as written on the command line or in a config.
@@ -169,12 +172,14 @@ impl TaskSpec {
             return Ok(TaskSpec::ClassifyJsonl {
                 path: path.into(),
                 test_path: None,
+                columns: Default::default(),
             });
         }
         if let Some(path) = name.strip_prefix("generate:") {
             return Ok(TaskSpec::GenerateJsonl {
                 path: path.into(),
                 test_path: None,
+                columns: Default::default(),
             });
         }
         if let Some(subset) = name.strip_prefix("ethics-") {
@@ -218,6 +223,10 @@ pub struct Dataset {
     pub valid: Vec<Example>,
     /// How the splits were drawn, in one or two sentences, for reports.
     pub provenance: String,
+    /// Users' classification files with string labels: the class names, class k = names[k]
+    /// (sorted). None where labels are numbers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label_names: Option<Vec<String>>,
 }
 
 impl Dataset {
@@ -254,6 +263,7 @@ impl Dataset {
                 "{}; weak_train / strong_train re-split with seed {seed} from that pool",
                 self.provenance
             ),
+            label_names: self.label_names.clone(),
         }
     }
 
@@ -290,12 +300,16 @@ pub fn load(data_dir: &Path, spec: &TaskSpec, sizes: &SplitSizes, seed: u64) -> 
         }
         TaskSpec::Ethics(subset) => ethics::load(&data_dir.join("ethics"), *subset, sizes, seed),
         TaskSpec::Slurp => slurp::load(&data_dir.join("slurp"), sizes, seed),
-        TaskSpec::ClassifyJsonl { path, test_path } => {
-            jsonl::load_classification(path, test_path.as_deref(), sizes, seed)
-        }
-        TaskSpec::GenerateJsonl { path, test_path } => {
-            jsonl::load_generation(path, test_path.as_deref(), sizes, seed)
-        }
+        TaskSpec::ClassifyJsonl {
+            path,
+            test_path,
+            columns,
+        } => jsonl::load_classification(path, test_path.as_deref(), columns, sizes, seed),
+        TaskSpec::GenerateJsonl {
+            path,
+            test_path,
+            columns,
+        } => jsonl::load_generation(path, test_path.as_deref(), columns, sizes, seed),
     }
     .with_context(|| format!("loading task {}", spec.name()))?;
     check_disjoint(&dataset)?;

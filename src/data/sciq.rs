@@ -145,6 +145,7 @@ pub fn load(dir: &Path, options: ChoiceOptions, sizes: &SplitSizes, seed: u64) -
              test from the official test file, valid from the official valid file; {}; seed {seed}",
             if options.pairs { "one positive and one negative per question" } else { "one answer per question, balanced" }
         ),
+        label_names: None,
     })
 }
 

@@ -169,6 +169,7 @@ pub fn load(dir: &Path, sizes: &SplitSizes, seed: u64) -> Result<Dataset> {
         provenance: format!(
             "SLURP devel + test ({total} utterances; the train split is not available here) re-split with seed {seed}"
         ),
+        label_names: None,
     })
 }
 

@@ -61,6 +61,9 @@ pub struct DatasetStats {
     pub data_hash: String,
     pub provenance: String,
     pub splits: Vec<SplitStats>,
+    /// String labels: the class names (class k = label_names[k]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label_names: Option<Vec<String>>,
 }
 
 fn split_stats(name: SplitName, examples: &[Example], num_classes: Option<usize>) -> SplitStats {
@@ -103,6 +106,7 @@ pub fn dataset_stats(dataset: &Dataset) -> DatasetStats {
         num_classes: dataset.num_classes,
         data_hash: dataset.data_hash(),
         provenance: dataset.provenance.clone(),
+        label_names: dataset.label_names.clone(),
         splits: SplitName::ALL
             .iter()
             .map(|&name| split_stats(name, dataset.split(name), dataset.num_classes))
@@ -119,6 +123,17 @@ pub fn format_stats(stats: &DatasetStats) -> String {
         &stats.data_hash[..16],
         stats.provenance
     );
+    if let Some(names) = &stats.label_names {
+        out.push_str(&format!(
+            "classes: {}\n\n",
+            names
+                .iter()
+                .enumerate()
+                .map(|(k, n)| format!("{k} = {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     let balance_header = if stats.num_classes.is_some() {
         "class counts (positive rate)"
     } else {

@@ -52,6 +52,16 @@ pub struct TaskConfig {
     /// strong_train between each other (test fixed), so all seeds share the same features.
     #[serde(default)]
     pub pool_seed: Option<u64>,
+    /// classify:PATH / generate:PATH: the columns (or JSON fields) that hold each field
+    /// (default text, label, prompt, target).
+    #[serde(default)]
+    pub text_column: Option<String>,
+    #[serde(default)]
+    pub label_column: Option<String>,
+    #[serde(default)]
+    pub prompt_column: Option<String>,
+    #[serde(default)]
+    pub target_column: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -710,19 +720,75 @@ impl TaskConfig {
                 p.to_path_buf()
             }
         };
-        let spec = match TaskSpec::parse(&self.name, options)? {
+        let mut columns = crate::data::jsonl::Columns::default();
+        let own = [
+            (
+                "task.text_column",
+                &self.text_column,
+                &mut columns.text,
+                false,
+            ),
+            (
+                "task.label_column",
+                &self.label_column,
+                &mut columns.label,
+                false,
+            ),
+            (
+                "task.prompt_column",
+                &self.prompt_column,
+                &mut columns.prompt,
+                true,
+            ),
+            (
+                "task.target_column",
+                &self.target_column,
+                &mut columns.target,
+                true,
+            ),
+        ];
+        let parsed = TaskSpec::parse(&self.name, options)?;
+        let generation = parsed.is_generation();
+        for (key, given, slot, for_generation) in own {
+            if let Some(name) = given {
+                let fits = match &parsed {
+                    TaskSpec::ClassifyJsonl { .. } | TaskSpec::GenerateJsonl { .. } => {
+                        for_generation == generation
+                    }
+                    _ => false,
+                };
+                if !fits {
+                    bail!(
+                        "{key}: only used by {} tasks read from your own files, not `{}`",
+                        if for_generation {
+                            "generate:PATH"
+                        } else {
+                            "classify:PATH"
+                        },
+                        self.name
+                    );
+                }
+                if name.is_empty() {
+                    bail!("{key}: empty; name a column of the file");
+                }
+                *slot = name.clone();
+            }
+        }
+        let spec = match parsed {
             TaskSpec::ClassifyJsonl { path, .. } => TaskSpec::ClassifyJsonl {
                 path: resolve(&path),
                 test_path: self.test_path.as_deref().map(resolve),
+                columns,
             },
             TaskSpec::GenerateJsonl { path, .. } => TaskSpec::GenerateJsonl {
                 path: resolve(&path),
                 test_path: self.test_path.as_deref().map(resolve),
+                columns,
             },
             other => {
                 if self.test_path.is_some() {
                     bail!(
-                        "task.test_path is only for classify:/generate: JSONL tasks, not {}",
+                        "task.test_path is only for classify:/generate: tasks, not {}",
                         self.name
                     );
                 }

@@ -148,6 +148,9 @@ pub struct RunResults {
     pub precision: String,
     /// Wall time of each stage (feature extraction per model, the probes of all seeds).
     pub timings: Vec<Timing>,
+    /// Users' files with string labels: class k is label_names[k] (sorted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label_names: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -843,6 +846,7 @@ pub fn run(
         cpu: crate::runtime::cpu_description(),
         precision: describe_precision(precision),
         timings,
+        label_names: datasets[0].label_names.clone(),
     };
     write_outputs(out, &results, &label_rows, &predictions)?;
     Ok(results)
