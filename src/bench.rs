@@ -66,10 +66,10 @@ fn build(name: &str, device: &Device, dtype: candle_core::DType) -> Result<Workl
     let (is_minilm, lora) = match name {
         "minilm-full" => (true, false),
         "minilm-lora" => (true, true),
-        "qwen-full" => (false, false),
-        "qwen-lora" => (false, true),
+        "qwen-full" | "qwen1.5b-full" => (false, false),
+        "qwen-lora" | "qwen1.5b-lora" => (false, true),
         other => bail!(
-            "unknown workload `{other}`; expected one of {}",
+            "unknown workload `{other}`; expected one of {}, or qwen1.5b-full, qwen1.5b-lora (the 1.5B shape, for GPUs)",
             WORKLOADS.join(", ")
         ),
     };
@@ -97,6 +97,8 @@ fn build(name: &str, device: &Device, dtype: candle_core::DType) -> Result<Workl
         _ => {
             let config: serde_json::Value = serde_json::from_str(if is_minilm {
                 MINILM_CONFIG
+            } else if name.starts_with("qwen1.5b") {
+                QWEN_15B_CONFIG
             } else {
                 QWEN_05B_CONFIG
             })?;
