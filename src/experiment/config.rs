@@ -865,8 +865,14 @@ impl ExperimentConfig {
                 bail!("seeds: seed {seed} is given twice; seeds must be distinct (a repeated seed fakes the spread over seeds)");
             }
         }
-        if self.task.sizes.test == Some(0) {
-            bail!("task.sizes.test: must be at least 1");
+        for (key, size) in [
+            ("task.sizes.test", self.task.sizes.test),
+            ("task.sizes.weak_train", self.task.sizes.weak_train),
+            ("task.sizes.strong_train", self.task.sizes.strong_train),
+        ] {
+            if size == Some(0) {
+                bail!("{key}: must be at least 1 (the weak models, the strong model and the test each need examples)");
+            }
         }
         check_train(&self.probe, "probe")?;
         for (j, spec) in self.weak.iter().enumerate() {

@@ -42,6 +42,16 @@ pub fn check(config: &ExperimentConfig, path: &Path, out: Option<&Path>) -> Resu
         let (model, arch) = models::resolve_model(&spec.model)
             .and_then(|p| models::check_model_files(&p).map(|arch| (p, arch)))
             .with_context(|| format!("{}: {key}.model = \"{}\"", path.display(), spec.model))?;
+        if let Some((limit, key_name)) = arch.max_positions() {
+            if spec.max_tokens > limit {
+                bail!(
+                    "{}: {key}.max_tokens = {} is more than {} can read ({limit} positions, `{key_name}` in its config); set max_tokens <= {limit}",
+                    path.display(),
+                    spec.max_tokens,
+                    spec.model
+                );
+            }
+        }
         if spec.mode == TrainingMode::Lora {
             let lora = spec.lora.clone().unwrap_or_else(default_lora);
             let modules = arch.adapter_modules();

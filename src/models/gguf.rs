@@ -32,6 +32,27 @@ impl GgufFile {
         })
     }
 
+    /// Checks that every tensor's data lies inside the file (a truncated download is caught
+    /// here, before any weight is read).
+    pub fn check_extents(&self) -> Result<()> {
+        let len = std::fs::metadata(&self.path)
+            .with_context(|| format!("cannot read {}", self.path.display()))?
+            .len();
+        for (name, info) in &self.content.tensor_infos {
+            let elems = info.shape.elem_count() as u64;
+            let block = info.ggml_dtype.block_size() as u64;
+            let bytes = elems / block.max(1) * info.ggml_dtype.type_size() as u64;
+            let end = self.content.tensor_data_offset + info.offset + bytes;
+            if end > len {
+                bail!(
+                    "{}: truncated: tensor `{name}` ends at byte {end}, the file has {len} (an interrupted download?)",
+                    self.path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
     pub fn meta(&self, key: &str) -> Option<&Value> {
         self.content.metadata.get(key)
     }

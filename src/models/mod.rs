@@ -202,6 +202,15 @@ impl ArchConfig {
         }
     }
 
+    /// The longest input the architecture can encode (absolute position tables), if bounded.
+    pub fn max_positions(&self) -> Option<(usize, &'static str)> {
+        match self {
+            ArchConfig::Bert(c) => Some((c.max_positions, "max_position_embeddings")),
+            ArchConfig::Gpt2(c) => Some((c.max_positions, "n_positions")),
+            ArchConfig::Llama(_) | ArchConfig::Gemma3(_) => None,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             ArchConfig::Bert(_) => "bert",
@@ -248,6 +257,7 @@ pub fn check_model_files(path: &Path) -> Result<ArchConfig> {
         arch
     } else if path.extension().is_some_and(|e| e == "gguf") {
         let file = gguf::GgufFile::open(path)?;
+        file.check_extents()?;
         ArchConfig::parse(&file.config_json()?, path)?
     } else if path.exists() {
         bail!(
