@@ -193,10 +193,11 @@ pub fn train(
                 crate::rng::Rng::derived(config.seed, &format!("step/{micro}")).next_u64();
             let loss = with_training(dropout_seed, || task.loss(batch, fraction))?;
             let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            if !value.is_finite() {
+            // Where training diverged, and the settings most likely responsible.
+            let diverged = |what: String, lr: f64| {
                 let kept = checkpoints.map(last_checkpoint).filter(|p| p.exists());
-                bail!(
-                    "the loss is {value} at epoch {}, batch {} (learning rate {lr:.3e} at this step, lr = {}, max_grad_norm = {}); \
+                anyhow::anyhow!(
+                    "{what} at epoch {}, batch {} (learning rate {lr:.3e} at this step, lr = {}, max_grad_norm = {}); \
                      the likely causes: a learning rate too high for this model, no gradient clipping, or a loss's settings (weights, evidence clamp); training stopped{}",
                     epoch + 1,
                     b + 1,
@@ -206,14 +207,19 @@ pub fn train(
                         "; the last good checkpoint is {}",
                         p.display()
                     ))
-                );
+                )
+            };
+            if !value.is_finite() {
+                return Err(diverged(format!("the loss is {value}"), lr));
             }
             optimizer.accumulate(&mut sum, &loss.backward()?)?;
             loss_sum += value;
             loss_count += 1;
             if sum.micro_batches == config.grad_accum.max(1) || b + 1 == batches.len() {
                 lr = schedule.lr(optimizer.step);
-                optimizer.update(&sum, lr, config.max_grad_norm)?;
+                optimizer
+                    .update(&sum, lr, config.max_grad_norm)
+                    .map_err(|e| diverged(e.to_string(), lr))?;
                 sum.reset();
             }
             bar.inc(batch.len() as u64);
