@@ -209,8 +209,6 @@ enum BenchCommand {
         /// Timed steps (the median is reported).
         #[arg(long, value_parser = at_least_one, default_value_t = 5)]
         steps: usize,
-        /// One JSON object per workload.
-        #[arg(long)]
         /// Type of the frozen base (LoRA): auto (bf16 on a GPU, f32 on the CPU), f32 or bf16
         /// (GPU). Trained weights are f32 whatever this says.
         #[arg(long, value_enum, default_value = "auto")]
@@ -218,6 +216,8 @@ enum BenchCommand {
         /// Where the model runs: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: DeviceSetting,
+        /// One JSON object per workload.
+        #[arg(long)]
         json: bool,
     },
     /// lgamma + digamma, forward and backward, fused against decomposed (token EDL's cost).

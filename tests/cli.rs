@@ -312,3 +312,82 @@ fn run_checks_every_model_and_the_output_folder_before_any_work() {
     let output = ws2s(&["run", &config(tiny.to_str().unwrap()), "--out", &bad_out]);
     assert_bad_input(&output, &["--out", "a-file"]);
 }
+
+#[test]
+fn every_bench_and_device_flag_parses() {
+    // Each command gets all its flags and a bad workload or model, so that it stops at our own
+    // error (exit 2, naming the model) rather than at clap's ("unexpected argument").
+    let cases: [&[&str]; 4] = [
+        &[
+            "bench",
+            "train",
+            "--workload",
+            "nope",
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--precision",
+            "f32",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+        &[
+            "bench",
+            "forward",
+            "--model",
+            "nope",
+            "--batch",
+            "1",
+            "--seq-len",
+            "2",
+            "--repeats",
+            "1",
+            "--precision",
+            "auto",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+        &[
+            "bench",
+            "decode",
+            "--model",
+            "nope",
+            "--prompts",
+            "1",
+            "--prompt-len",
+            "2",
+            "--beams",
+            "1",
+            "--new-tokens",
+            "1",
+            "--repeats",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+        &[
+            "generate",
+            "--model",
+            "nope",
+            "--prompt",
+            "hi",
+            "--device",
+            "cpu",
+            "--precision",
+            "f32",
+        ],
+    ];
+    for args in cases {
+        let output = ws2s(args);
+        assert_bad_input(&output, &["nope"]);
+        assert!(
+            !stderr(&output).contains("unexpected argument"),
+            "{}",
+            stderr(&output)
+        );
+    }
+}
