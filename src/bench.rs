@@ -338,9 +338,7 @@ fn load_for_inference(
             precision.dtype(),
         )?,
     };
-    if device.is_cpu() {
-        model.network.set_precision(precision)?;
-    }
+    model.network.set_precision(precision)?;
     Ok((model, start.elapsed().as_secs_f64()))
 }
 

@@ -80,19 +80,24 @@ fn preview(line: &str) -> String {
     }
 }
 
-/// Writes a file atomically: the bytes go to a temporary file in the same folder, which is then
-/// renamed over the target, so a reader never sees a half-written file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// A temporary file name in `path`'s folder (created if missing), to be renamed over `path`.
+fn temporary_beside(path: &Path) -> Result<std::path::PathBuf> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating folder {}", dir.display()))?;
-    let file_name = path
+    let name = path
         .file_name()
         .with_context(|| format!("{} has no file name", path.display()))?
         .to_string_lossy();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    Ok(dir.join(format!(".{name}.tmp-{}", std::process::id())))
+}
+
+/// Writes a file atomically: the bytes go to a temporary file in the same folder, which is then
+/// renamed over the target, so a reader never sees a half-written file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temporary_beside(path)?;
     {
         let mut file =
             std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -134,16 +139,7 @@ pub fn save_tensors(
 ) -> Result<()> {
     let digest = tensors_digest(tensors.iter().map(|(k, v)| (k.as_str(), v)));
     let metadata = std::collections::HashMap::from([(CHECKSUM_KEY.to_string(), digest)]);
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating folder {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} has no file name", path.display()))?
-        .to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = temporary_beside(path)?;
     safetensors::serialize_to_file(
         tensors.iter().map(|(k, v)| (k.as_str(), v)),
         Some(metadata),

@@ -142,6 +142,16 @@ impl DeviceSetting {
     }
 }
 
+/// What a device adds to the cache key of a trained stage: nothing on the CPU (keys as before
+/// devices existed), "|bf16-gpu" on a GPU, whose frozen bf16 weights give other results.
+pub fn stage_key_suffix(device: &candle_core::Device) -> &'static str {
+    if device.is_cpu() {
+        ""
+    } else {
+        "|bf16-gpu"
+    }
+}
+
 /// The number type of frozen weights (feature extraction, scoring, decoding, LoRA bases) on a
 /// device: bf16 on a GPU (its tensor cores' type), f32 on the CPU (the fused kernels' type; int8
 /// is chosen separately, see `Precision`). Trained parameters stay f32 everywhere.

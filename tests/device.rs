@@ -73,6 +73,16 @@ fn hidden_rows(model: &Model, device: &Device) -> Vec<Vec<f32>> {
     rows
 }
 
+/// A tensor's values, flattened, on the host.
+fn host_values(t: &Tensor) -> Vec<f32> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// Largest |a - b| and the root-mean-square difference relative to b's RMS.
 fn compare(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
     let (mut worst, mut diff2, mut ref2) = (0f32, 0f64, 0f64);
@@ -160,14 +170,7 @@ fn lora_step(device: &Device, dtype: DType) -> (f32, BTreeMap<String, Vec<f32>>)
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{name}: no gradient on {device:?}"));
-        let g: Vec<f32> = g
-            .to_device(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        out.insert(name.clone(), g);
+        out.insert(name.clone(), host_values(g));
     }
     (value, out)
 }
@@ -219,13 +222,6 @@ fn the_mask_helpers_do_not_depend_on_the_device() {
     let device = device();
     let mask = nn::additive_mask(&[vec![1, 1, 0]], 3, true, None, &device).unwrap();
     let cpu = nn::additive_mask(&[vec![1, 1, 0]], 3, true, None, &Device::Cpu).unwrap();
-    let a: Vec<f32> = mask
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f32> = cpu.flatten_all().unwrap().to_vec1().unwrap();
+    let (a, b) = (host_values(&mask), host_values(&cpu));
     assert_eq!(a, b);
 }

@@ -693,11 +693,7 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
 }
 
 fn gen_method_names() -> String {
-    GenMethod::ALL
-        .iter()
-        .map(|m| format!("\"{}\"", m.as_str()))
-        .collect::<Vec<_>>()
-        .join(", ")
+    quoted(&GenMethod::ALL.map(GenMethod::as_str))
 }
 
 fn default_seeds() -> Vec<u64> {

@@ -163,13 +163,11 @@ impl ModelRef {
     fn key(&self) -> String {
         let settings = serde_json::to_string(&(&self.spec.mode, &self.spec.lora, &self.spec.train))
             .unwrap_or_default();
-        // A GPU computes in bf16: its stages are not the CPU's (CPU keys are unchanged).
-        let device = if self.device.is_cpu() {
-            ""
-        } else {
-            "|bf16-gpu"
-        };
-        format!("{}|{settings}{device}", self.hash)
+        format!(
+            "{}|{settings}{}",
+            self.hash,
+            crate::runtime::stage_key_suffix(&self.device)
+        )
     }
 
     fn load(&self, seed: u64, template: &str) -> Result<Seq2Seq> {

@@ -240,13 +240,11 @@ impl Learner for FinetuneLearner {
         let settings =
             serde_json::to_string(&(&self.lora, &self.pooling, self.max_tokens, &self.train))
                 .unwrap_or_default();
-        // A GPU computes in bf16: its fits are not the CPU's (CPU keys are unchanged).
-        let device = if self.device.is_cpu() {
-            ""
-        } else {
-            "|bf16-gpu"
-        };
-        format!("finetune|{}|{settings}{device}", self.model_hash)
+        format!(
+            "finetune|{}|{settings}{}",
+            self.model_hash,
+            crate::runtime::stage_key_suffix(&self.device)
+        )
     }
 
     fn fit(

@@ -165,14 +165,11 @@ impl Linear {
         if let Some(w) = self.int8() {
             return int8::linear(x, w, self.bias.as_ref());
         }
-        if let Some(lora) = self.lora.as_ref().filter(|l| l.a.dtype() != x.dtype()) {
-            // A bf16 base (GPU) with f32 adapters: the adapter's path in f32, added in x's type.
-            let y = crate::ops::linear::linear(x, &self.weight, self.bias.as_ref())?;
-            let input = dropout(&x.to_dtype(lora.a.dtype())?, lora.dropout)?;
-            let delta = (matmul_t(&matmul_t(&input, &lora.a)?, &lora.b)? * lora.scale)?;
-            return y + delta.to_dtype(x.dtype())?;
-        }
-        if let Some(lora) = self.lora.as_ref().filter(|l| !dropout_active(l.dropout)) {
+        if let Some(lora) = self
+            .lora
+            .as_ref()
+            .filter(|l| !dropout_active(l.dropout) && l.a.dtype() == x.dtype())
+        {
             return crate::ops::linear::lora_linear(
                 x,
                 &self.weight,
@@ -182,9 +179,10 @@ impl Linear {
         }
         let mut y = crate::ops::linear::linear(x, &self.weight, self.bias.as_ref())?;
         if let Some(lora) = &self.lora {
-            let input = dropout(x, lora.dropout)?;
-            let delta = matmul_t(&matmul_t(&input, &lora.a)?, &lora.b)?;
-            y = (y + (delta * lora.scale)?)?;
+            // The adapter computes in its own type (f32; a GPU's base is bf16), added in x's.
+            let input = dropout(&x.to_dtype(lora.a.dtype())?, lora.dropout)?;
+            let delta = (matmul_t(&matmul_t(&input, &lora.a)?, &lora.b)? * lora.scale)?;
+            y = (y + delta.to_dtype(x.dtype())?)?;
         }
         Ok(y)
     }
