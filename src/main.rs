@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use ws2s::data::{self, stats, ChoiceOptions, SplitName, SplitSizes, TaskSpec};
 use ws2s::eval;
-use ws2s::experiment::config::{ExperimentConfig, PrecisionSetting};
+use ws2s::experiment::config::{ExperimentConfig, PrecisionSetting, TaskOverride};
 use ws2s::models::decode::{generate, DecodeOptions};
 use ws2s::models::params::Trainable;
 use ws2s::models::{self, Model};
@@ -45,8 +45,8 @@ enum Command {
 Weak models are trained on weak_train (ground truth), label strong_train, and the strong model is trained \
 on those labels alone with each method; the strong ceiling is trained on the ground truth of strong_train. \
 All models are linear probes on frozen features, extracted once and cached in $WS2S_HOME/features. \
-Writes results.json, results.md and weak_labels.jsonl into --out; prints the results table, then \
-`results: DIR/results.md` last.")]
+Writes results.json, results.md, weak_labels.jsonl, train_log.jsonl (every training step) and plots \
+into --out; prints the results table, then `results: DIR/results.md` last.")]
     Run {
         /// The experiment config (see configs/).
         config: PathBuf,
@@ -61,6 +61,38 @@ Writes results.json, results.md and weak_labels.jsonl into --out; prints the res
         /// needs a build with `--features cuda`, see scripts/build-cuda).
         #[arg(long)]
         device: Option<DeviceSetting>,
+        #[command(flatten)]
+        task: TaskFlags,
+    },
+    /// Run a ladder: every model of `[sweep]` as a weak supervisor of every stronger one.
+    #[command(
+        long_about = "Run a weak-to-strong ladder from a TOML config with a [sweep] section \
+(configs/sciq-ladder.toml).\n\n\
+The models of [[sweep.models]] are ordered weakest first (as listed, or with order = \"ceiling\" by \
+each probe's cross-validated loss on ground-truth training labels). Each model is the strong model \
+of one run whose weak models are all the models below it: the single-weak methods (sweep.single, \
+default xent and logconf) give one cell per (weak, strong) pair, the multi-weak methods \
+(sweep.multi) one cell per strong model with at least two models below. Features and stages are \
+computed once and shared with other runs through the caches in $WS2S_HOME.\n\n\
+Writes sweep.json, sweep.md (PGR matrices with 95% intervals, median PGR per method), ladder.svg/png, \
+pgr.svg/png, sweep.parquet (one row per cell) and each rung's run under runs/ into --out; prints \
+the table, then `results: DIR/sweep.md` last."
+    )]
+    Sweep {
+        /// The ladder's config (with a [sweep] section).
+        config: PathBuf,
+        /// The output folder.
+        #[arg(long, default_value = "runs/sweep")]
+        out: PathBuf,
+        /// Number type of the frozen forward passes: auto, f32 or int8 (overrides the config's
+        /// `precision` key).
+        #[arg(long)]
+        precision: Option<PrecisionSetting>,
+        /// Where models run: cpu, cuda or cuda:N (overrides the config's `device` key).
+        #[arg(long)]
+        device: Option<DeviceSetting>,
+        #[command(flatten)]
+        task: TaskFlags,
     },
     /// The demo: a real weak-to-strong experiment on bundled SciQ with the fetched models.
     #[command(
@@ -313,6 +345,39 @@ by id. A gold id without a prediction counts as an empty prediction; prediction 
         #[arg(long, value_name = "FILE")]
         pred: PathBuf,
     },
+}
+
+/// `[task]` settings that replace the config's (your own data with a bundled config).
+#[derive(Args)]
+struct TaskFlags {
+    /// The task instead of the config's `[task] name`, e.g. classify:reviews.parquet (a relative
+    /// path is relative to the working folder).
+    #[arg(long, value_name = "TASK")]
+    task: Option<String>,
+    /// The column of the texts (classify:), instead of the config's.
+    #[arg(long, value_name = "NAME")]
+    text_column: Option<String>,
+    /// The column of the labels (classify:), integers or strings.
+    #[arg(long, value_name = "NAME")]
+    label_column: Option<String>,
+    /// The column of the prompts (generate:).
+    #[arg(long, value_name = "NAME")]
+    prompt_column: Option<String>,
+    /// The column of the targets (generate:).
+    #[arg(long, value_name = "NAME")]
+    target_column: Option<String>,
+}
+
+impl TaskFlags {
+    fn overrides(&self) -> TaskOverride {
+        TaskOverride {
+            name: self.task.clone(),
+            text_column: self.text_column.clone(),
+            label_column: self.label_column.clone(),
+            prompt_column: self.prompt_column.clone(),
+            target_column: self.target_column.clone(),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -714,6 +779,35 @@ fn demo(
     Ok(())
 }
 
+/// A config with the command line's overrides.
+fn load_config(
+    path: &Path,
+    (precision, device): (Option<PrecisionSetting>, Option<DeviceSetting>),
+    task: &TaskFlags,
+) -> Result<ExperimentConfig> {
+    let mut parsed = ExperimentConfig::load(path)?;
+    let overrides = task.overrides();
+    if overrides.name.is_some()
+        || [
+            &overrides.text_column,
+            &overrides.label_column,
+            &overrides.prompt_column,
+            &overrides.target_column,
+        ]
+        .iter()
+        .any(|c| c.is_some())
+    {
+        parsed.override_task(&overrides, path)?;
+    }
+    if let Some(p) = precision {
+        parsed.precision = p;
+    }
+    if let Some(d) = device {
+        parsed.device = d;
+    }
+    Ok(parsed)
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Eval(EvalCommand::Classify { pred }) => eval_classify(&pred),
@@ -756,13 +850,15 @@ fn run(cli: Cli) -> Result<()> {
             out,
             precision,
             device,
+            task,
         } => {
-            let mut parsed = ExperimentConfig::load(&config)?;
-            if let Some(p) = precision {
-                parsed.precision = p;
-            }
-            if let Some(d) = device {
-                parsed.device = d;
+            let parsed = load_config(&config, (precision, device), &task)?;
+            if parsed.sweep.is_some() {
+                anyhow::bail!(
+                    "{}: has a [sweep] section: run it with `ws2s sweep {}`",
+                    config.display(),
+                    config.display()
+                );
             }
             let datasets =
                 ws2s::experiment::preflight::check(&parsed, &config, Some(&out))?.datasets;
@@ -774,6 +870,26 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", ws2s::experiment::pipeline::markdown(&results));
             }
             println!("results: {}", out.join("results.md").display());
+            Ok(())
+        }
+        Command::Sweep {
+            config,
+            out,
+            precision,
+            device,
+            task,
+        } => {
+            let parsed = load_config(&config, (precision, device), &task)?;
+            if parsed.sweep.is_none() {
+                anyhow::bail!(
+                    "{}: has no [sweep] section (a ladder lists its models in [[sweep.models]]; see configs/sciq-ladder.toml); run a single experiment with `ws2s run`",
+                    config.display()
+                );
+            }
+            ws2s::experiment::preflight::check(&parsed, &config, Some(&out))?;
+            let results = ws2s::experiment::sweep::run(&parsed, &config, &out, true)?;
+            println!("{}", ws2s::experiment::sweep::markdown(&results));
+            println!("results: {}", out.join("sweep.md").display());
             Ok(())
         }
         Command::Demo {

@@ -481,6 +481,23 @@ train = {{ epochs = 1, batch_size = 2, lr = 0.001 }}
         let row: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
         assert!(row["chosen_score"].as_f64().unwrap() > row["rejected_score"].as_f64().unwrap());
     }
+    // The fine-tunings' steps: weak models, students and the preference stage.
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let stages: std::collections::BTreeSet<String> = log
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert!(
+                v["lr"].is_number() && v["loss"].as_f64().unwrap().is_finite(),
+                "{v}"
+            );
+            v["stage"].as_str().unwrap().to_string()
+        })
+        .collect();
+    for stage in ["gen-weak-train", "gen-student", "gen-dpo"] {
+        assert!(stages.contains(stage), "{stages:?}");
+        assert!(md.contains(&format!("loss-{stage}.svg")), "{md}");
+    }
     // A rerun reuses every stage and gives the same table.
     let again = run();
     assert!(again.status.success());

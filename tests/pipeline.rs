@@ -138,6 +138,50 @@ weights = "dawid_skene"
             "{plot}"
         );
     }
+    // Every training's steps: the probes' refits (weak, ceiling, students) of both seeds.
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for stage in ["weak", "ceiling", "student"] {
+        let of_stage: Vec<&serde_json::Value> =
+            steps.iter().filter(|s| s["stage"] == stage).collect();
+        assert!(!of_stage.is_empty(), "no {stage} steps");
+        for seed in [0, 1] {
+            assert!(
+                of_stage.iter().any(|s| s["seed"] == seed),
+                "{stage} seed {seed}"
+            );
+        }
+        for s in &of_stage {
+            assert!(s["loss"].as_f64().unwrap().is_finite(), "{s}");
+            assert!(s["step"].as_u64().unwrap() >= 1 && s["epoch"].as_u64().unwrap() >= 1);
+            assert!(
+                s["model"].is_string() && s["grad_norm"].is_number() && s["seconds"].is_number()
+            );
+        }
+        assert!(
+            md.contains(&format!("[loss-{stage}.svg](loss-{stage}.svg)")),
+            "{md}"
+        );
+        assert!(
+            std::fs::metadata(out.join(format!("loss-{stage}.png")))
+                .unwrap()
+                .len()
+                > 100
+        );
+    }
+    // Within one refit, the objective never rises (L-BFGS with a Wolfe line search).
+    let ceiling: Vec<f64> = steps
+        .iter()
+        .filter(|s| s["stage"] == "ceiling" && s["seed"] == 0)
+        .map(|s| s["loss"].as_f64().unwrap())
+        .collect();
+    assert!(
+        ceiling.windows(2).all(|w| w[1] <= w[0] + 1e-12),
+        "{ceiling:?}"
+    );
     let labels = std::fs::read_to_string(out.join("weak_labels.jsonl")).unwrap();
     assert_eq!(
         labels.lines().count(),
@@ -166,6 +210,14 @@ fn stage_files(home: &Path, prefix: &str) -> usize {
                 .file_name()
                 .to_string_lossy()
                 .starts_with(prefix)
+        })
+        // Stage files, not the training logs beside them.
+        .filter(|e| {
+            !e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".log.jsonl")
         })
         .count()
 }
@@ -317,4 +369,140 @@ list = ["xent", "edl"]
             .count(),
         1
     );
+    // Fine-tuning steps carry their learning rate and gradient norm.
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let tuned: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|s| s["model"] == "lora" || s["model"] == "full")
+        .collect();
+    assert!(tuned
+        .iter()
+        .any(|s| s["model"] == "lora" && s["stage"] == "weak"));
+    assert!(tuned
+        .iter()
+        .any(|s| s["model"] == "full" && s["stage"] == "ceiling"));
+    for s in &tuned {
+        assert!(
+            s["lr"].as_f64().unwrap() > 0.0 && s["grad_norm"].as_f64().unwrap() > 0.0,
+            "{s}"
+        );
+    }
+}
+
+#[test]
+fn ws2s_sweep_runs_a_ladder_and_shares_stages_between_rungs() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = write_task(dir.path());
+    let model = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models/llama_gguf/tiny-llama.gguf");
+    let config = format!(
+        r#"
+name = "tiny ladder"
+seeds = [0, 1]
+[task]
+name = "classify:{task}"
+pool_seed = 0
+[task.sizes]
+weak_train = 40
+strong_train = 40
+test = 40
+[sweep]
+order = "ceiling"
+multi = ["naive", "edl"]
+[[sweep.models]]
+name = "a"
+model = "{model}"
+[[sweep.models]]
+name = "b"
+model = "{model}"
+pooling = "mean"
+[[sweep.models]]
+name = "c"
+model = "{model}"
+max_tokens = 8
+"#,
+        task = task.display(),
+        model = model.display()
+    );
+    let config_path = dir.path().join("ladder.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let out = dir.path().join("sweep");
+    let output = Command::new(env!("CARGO_BIN_EXE_ws2s"))
+        .args([
+            "sweep",
+            config_path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .env("WS2S_HOME", dir.path().join("home"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        stdout.lines().last().unwrap(),
+        format!("results: {}", out.join("sweep.md").display())
+    );
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
+    let ladder: Vec<&str> = results["ladder"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    let mut sorted = ladder.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["a", "b", "c"]);
+    // Ordered weakest first by the measured cross-validated loss (non-increasing).
+    let strength: Vec<f64> = results["strength"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert!(strength.windows(2).all(|w| w[0] >= w[1]), "{strength:?}");
+    let cells = results["cells"].as_array().unwrap();
+    // xent and logconf for each of the 3 pairs, naive and edl for the top rung.
+    assert_eq!(cells.len(), 2 * 3 + 2, "{cells:?}");
+    for (i, weak) in ladder.iter().enumerate() {
+        for strong in &ladder[i + 1..] {
+            for method in ["xent", "logconf"] {
+                let cell = cells
+                    .iter()
+                    .find(|c| c["method"] == method && c["weak"] == *weak && c["strong"] == *strong)
+                    .unwrap_or_else(|| panic!("{method} {weak} -> {strong}"));
+                let acc = cell["accuracy"]["mean"].as_f64().unwrap();
+                assert!((0.0..=1.0).contains(&acc));
+            }
+        }
+    }
+    assert!(cells
+        .iter()
+        .any(|c| c["method"] == "edl" && c["strong"] == ladder[2] && c["weak"] == "all below"));
+    let md = std::fs::read_to_string(out.join("sweep.md")).unwrap();
+    assert!(
+        md.contains("Median PGR") && md.contains("## xent: PGR") && md.contains("## edl"),
+        "{md}"
+    );
+    for file in [
+        "ladder.svg",
+        "ladder.png",
+        "pgr.svg",
+        "pgr.png",
+        "sweep.parquet",
+    ] {
+        assert!(
+            std::fs::metadata(out.join(file)).unwrap().len() > 100,
+            "{file}"
+        );
+    }
+    // Each rung's own run, with its training log.
+    assert!(out.join("runs").read_dir().unwrap().count() == 2);
+    // A model's weak stages are computed once for the whole ladder: per seed, one weak stage
+    // per model below the top (the ordering measured them, the rungs reused them).
+    assert_eq!(stage_files(&dir.path().join("home"), "weak-"), 2 * 3);
+    assert!(stderr.contains("ladder, weakest first"), "{stderr}");
 }

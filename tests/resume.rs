@@ -149,7 +149,10 @@ fn torn_cache_files_are_recomputed() {
     let (reference, _) = finish(&s, "run");
     let home = s.root.join("run/home");
     let features = files_under(&home.join("features"));
-    let stages = files_under(&home.join("stages"));
+    let stages: Vec<PathBuf> = files_under(&home.join("stages"))
+        .into_iter()
+        .filter(|p| !p.to_string_lossy().ends_with(".log.jsonl"))
+        .collect();
     assert!(!features.is_empty() && !stages.is_empty());
     // Truncate a feature matrix, alter one byte in the middle of another (same length), cut a
     // stage file in half and change a digit of another.

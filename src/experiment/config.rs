@@ -102,6 +102,121 @@ pub struct ExperimentConfig {
     /// preference stage of section 5.
     #[serde(default)]
     pub generation: GenerationConfig,
+    /// A ladder (`ws2s sweep`): its models replace [[weak]] and [strong].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<SweepConfig>,
+}
+
+/// `[task]` settings given on the command line (`--task`, `--text-column`, ...).
+#[derive(Debug, Clone, Default)]
+pub struct TaskOverride {
+    pub name: Option<String>,
+    pub text_column: Option<String>,
+    pub label_column: Option<String>,
+    pub prompt_column: Option<String>,
+    pub target_column: Option<String>,
+}
+
+/// How a ladder orders its models from weakest to strongest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LadderOrder {
+    /// As listed in `[[sweep.models]]`.
+    #[default]
+    Listed,
+    /// By each model's strength measured on training data only: the cross-validated log-loss
+    /// of its probe on ground-truth labels (weak_train), mean over seeds.
+    Ceiling,
+}
+
+/// `[sweep]`: every model as a weak supervisor of every stronger one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepConfig {
+    pub models: Vec<ModelSpec>,
+    #[serde(default)]
+    pub order: LadderOrder,
+    /// Single-weak methods: one cell per (weak, strong) pair.
+    #[serde(default = "default_sweep_single")]
+    pub single: Vec<Method>,
+    /// Multi-weak methods: one cell per strong model with at least two models below it.
+    #[serde(default = "default_sweep_multi")]
+    pub multi: Vec<Method>,
+}
+
+fn default_sweep_single() -> Vec<Method> {
+    vec![Method::Xent, Method::Logconf]
+}
+
+fn default_sweep_multi() -> Vec<Method> {
+    vec![Method::Naive, Method::JointDawidSkene, Method::Edl]
+}
+
+impl Method {
+    /// Learns from one weak model (one run per weak model).
+    pub fn is_single_weak(self) -> bool {
+        matches!(self, Method::Xent | Method::Logconf | Method::Product)
+    }
+}
+
+impl SweepConfig {
+    fn check(&self, config: &ExperimentConfig) -> Result<()> {
+        if self.models.len() < 2 {
+            bail!(
+                "sweep.models: a ladder needs at least two models, got {}",
+                self.models.len()
+            );
+        }
+        if !config.weak.is_empty() || config.strong.is_some() {
+            bail!("[[weak]] / [strong]: not used with [sweep], whose models are all in [[sweep.models]] (each supervises every stronger one)");
+        }
+        if config.methods.list != MethodsConfig::default().list {
+            bail!("methods.list: not used with [sweep]; choose its methods with sweep.single and sweep.multi");
+        }
+        if let Weights::Given(_) = config.methods.weights {
+            bail!("methods.weights: a list of weights cannot fit every rung of a ladder (each has a different number of weak models); use \"uniform\" or \"dawid_skene\"");
+        }
+        for (j, spec) in self.models.iter().enumerate() {
+            spec.check(&format!("sweep.models[{}]", j + 1))?;
+            if self.models[..j].iter().any(|m| m.label() == spec.label()) {
+                bail!(
+                    "sweep.models[{}]: the name `{}` is used twice; give each model its own `name`",
+                    j + 1,
+                    spec.label()
+                );
+            }
+        }
+        if self.order == LadderOrder::Ceiling {
+            if let Some((j, _)) = self
+                .models
+                .iter()
+                .enumerate()
+                .find(|(_, m)| m.mode != TrainingMode::Probe)
+            {
+                bail!("sweep.order: \"ceiling\" measures each model by its probe's cross-validated loss, but sweep.models[{}] is fine-tuned; use order = \"listed\" (weakest first)", j + 1);
+            }
+        }
+        if self.single.is_empty() && self.multi.is_empty() {
+            bail!("sweep.single and sweep.multi: both empty; give at least one method");
+        }
+        for m in &self.single {
+            if !m.is_single_weak() {
+                bail!(
+                    "sweep.single: `{}` learns from several weak models; put it in sweep.multi",
+                    m.as_str()
+                );
+            }
+        }
+        for m in &self.multi {
+            if m.is_single_weak() {
+                bail!(
+                    "sweep.multi: `{}` learns from one weak model; put it in sweep.single",
+                    m.as_str()
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The generation methods (METHOD.md section 4).
@@ -871,6 +986,10 @@ impl ExperimentConfig {
             }
         }
         check_train(&self.probe, "probe")?;
+        // Before the per-weak-model checks: a ladder has no [[weak]] of its own.
+        if let Some(sweep) = &self.sweep {
+            sweep.check(self)?;
+        }
         for (j, spec) in self.weak.iter().enumerate() {
             spec.check(&format!("weak[{}]", j + 1))?;
         }
@@ -984,6 +1103,9 @@ impl ExperimentConfig {
                     bail!("{key}.max_tokens: only used by classification (the length of a pooled text); `{name}` is a generation task");
                 }
             }
+            if self.sweep.is_some() {
+                bail!("[sweep]: ladders are for classification tasks so far; `{name}` is a generation task");
+            }
         } else if self.generation != GenerationConfig::default() {
             bail!("[generation]: only used by generation tasks (slurp, generate:PATH); `{name}` is a classification task, whose methods are set in [methods]");
         }
@@ -1003,12 +1125,45 @@ impl ExperimentConfig {
 
     /// Every model of the experiment with its config key (`weak[1]`, ..., `strong`).
     pub fn model_keys(&self) -> Vec<(String, &ModelSpec)> {
+        let ladder = self.sweep.iter().flat_map(|s| s.models.iter().enumerate());
         self.weak
             .iter()
             .enumerate()
             .map(|(j, m)| (format!("weak[{}]", j + 1), m))
             .chain(self.strong.iter().map(|m| ("strong".to_string(), m)))
+            .chain(ladder.map(|(j, m)| (format!("sweep.models[{}]", j + 1), m)))
             .collect()
+    }
+
+    /// Replaces `[task]`'s name and columns by the command line's (a relative data path there
+    /// is relative to the working folder), then checks the config again.
+    pub fn override_task(&mut self, o: &TaskOverride, path: &Path) -> Result<()> {
+        if let Some(name) = &o.name {
+            self.task.name = match name.split_once(':') {
+                Some((kind @ ("classify" | "generate"), file)) if Path::new(file).is_relative() => {
+                    let cwd = std::env::current_dir().context("the working folder")?;
+                    format!("{kind}:{}", cwd.join(file).display())
+                }
+                _ => name.clone(),
+            };
+        }
+        for (given, slot) in [
+            (&o.text_column, &mut self.task.text_column),
+            (&o.label_column, &mut self.task.label_column),
+            (&o.prompt_column, &mut self.task.prompt_column),
+            (&o.target_column, &mut self.task.target_column),
+        ] {
+            if given.is_some() {
+                slot.clone_from(given);
+            }
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let spec = self.task.spec(base).with_context(|| {
+            format!("{}: [task] with the command line's --task", path.display())
+        })?;
+        self.check_values()
+            .and_then(|()| self.check_relevance(&spec))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
     pub fn load(path: &Path) -> Result<Self> {

@@ -13,7 +13,7 @@ use super::config::{
     default_lora, ExperimentConfig, GenMethod, GenerationConfig, GenerationWeights, ModelSpec,
     TrainingMode, Weights,
 };
-use super::stages::{stage_key, StageCache};
+use super::stages::{stage_key, StageCache, Subject};
 use crate::data::slurp::json_to_slots;
 use crate::data::{Dataset, Example, Label};
 use crate::eval::slurp::{slurp_metrics, SlotRecord, SlurpMetrics};
@@ -191,30 +191,43 @@ fn adapters_path(key: &str) -> PathBuf {
 
 /// The model trained under `key`: its saved trainable weights when present, else trained by
 /// `make_task` now (and saved).
+/// Its training steps go to the run's log under `stage` (and to a file beside the weights).
 fn trained(
     model: &ModelRef,
     key: &str,
-    seed: u64,
-    template: &str,
-    progress: bool,
-    what: &str,
+    (seed, template, progress): (u64, &str, bool),
+    (stages, stage, subject): (&StageCache, &str, &Subject),
     make_task: &dyn Fn(&Seq2Seq) -> Result<Box<dyn TrainTask + '_>>,
 ) -> Result<Seq2Seq> {
     let s2s = model.load(seed, template)?;
     let path = adapters_path(key);
+    let log_path = path.with_extension("log.jsonl");
     if path.exists() && s2s.load_trainable(&path).is_ok() {
+        log_trained(key, (stages, stage, subject));
         return Ok(s2s);
     }
     let start = std::time::Instant::now();
     let config = train_config(&model.spec, seed, progress);
-    {
+    let what = &subject.what;
+    let steps = {
         let task = make_task(&s2s)?;
-        train(task.as_ref(), &s2s.model.vars, &config, None)
-            .with_context(|| format!("training {what}"))?;
-    }
+        let (report, steps) =
+            crate::train::log::capture(|| train(task.as_ref(), &s2s.model.vars, &config, None));
+        report.with_context(|| format!("training {what}"))?;
+        steps
+    };
+    crate::io::write_atomic(&log_path, crate::train::log::to_jsonl(&steps).as_bytes())?;
     s2s.save_trainable(&path)?;
+    stages.add_log(key, stage, subject, steps);
     eprintln!("trained {what} ({:.0} s)", start.elapsed().as_secs_f64());
     Ok(s2s)
+}
+
+/// Adds the saved training log of the model trained under `key` to the run's log (once), for
+/// runs that reuse a stage without loading the model.
+fn log_trained(key: &str, (stages, stage, subject): (&StageCache, &str, &Subject)) {
+    let steps = crate::train::log::read_jsonl(&adapters_path(key).with_extension("log.jsonl"));
+    stages.add_log(key, stage, subject, steps);
 }
 
 fn gold_records(test: &[Example]) -> Vec<SlotRecord> {
@@ -407,15 +420,19 @@ pub fn run(
             .iter()
             .map(|m| stage_key(&["gen-weak-train", &m.key(), &data_hash, &g.prompt]))
             .collect();
+        let weak_subject = |j: usize| Subject {
+            seed,
+            model: weak_names[j].clone(),
+            method: None,
+            what: format!("weak {}", weak_names[j]),
+        };
         // Weak model j, fine-tuned on weak_train (its saved adapters when present).
         let load_weak = |j: usize| {
             trained(
                 &weak_models[j],
                 &weak_train_keys[j],
-                seed,
-                &g.prompt,
-                progress,
-                &format!("weak {}", weak_names[j]),
+                (seed, &g.prompt, progress),
+                (&stages, "gen-weak-train", &weak_subject(j)),
                 &|s2s| {
                     ce_task(
                         s2s,
@@ -458,7 +475,12 @@ pub fn run(
             let (stage, _) = stages.get_or_compute(
                 "gen-weak",
                 &key,
-                &format!("seed {seed}, weak[{}] {name}", j + 1),
+                &Subject {
+                    seed,
+                    model: name.clone(),
+                    method: None,
+                    what: format!("seed {seed}, weak[{}] {name}", j + 1),
+                },
                 || {
                     let s2s = load_weak(j)?;
                     let start = std::time::Instant::now();
@@ -497,6 +519,7 @@ pub fn run(
                     Ok(WeakStage { test, nbest })
                 },
             )?;
+            log_trained(train_key, (&stages, "gen-weak-train", &weak_subject(j)));
             eprintln!(
                 "weak {name}: SLU-F1 {:.4} on test ({} unparsable)",
                 stage.test.metrics.slu_f1, stage.test.unparsable
@@ -507,8 +530,14 @@ pub fn run(
         let weak_stage_keys: Vec<&str> = weak_keys.iter().map(String::as_str).collect();
         // 2. Joint rescoring of the pooled n-best lists by every weak model.
         let joint_key = stage_key(&["gen-joint", &weak_stage_keys.join(",")]);
+        let joint_subject = Subject {
+            seed,
+            model: "weak ensemble".into(),
+            method: None,
+            what: format!("seed {seed}"),
+        };
         let (joint_stage, _) =
-            stages.get_or_compute("gen-joint", &joint_key, &format!("seed {seed}"), || {
+            stages.get_or_compute("gen-joint", &joint_key, &joint_subject, || {
                 let candidates: Vec<Vec<String>> = (0..strong_inputs.len())
                     .map(|i| {
                         let lists: Vec<Vec<String>> = weak_stages
@@ -608,6 +637,12 @@ pub fn run(
                 &strong_json,
             ])
         };
+        let student_subject = |name: &str| Subject {
+            seed,
+            model: strong.spec.label(),
+            method: Some(name.to_string()),
+            what: format!("student {name}"),
+        };
         let train_student = |name: &str,
                              make_task: &dyn Fn(&Seq2Seq) -> Result<Box<dyn TrainTask + '_>>|
          -> Result<GenEval> {
@@ -615,15 +650,18 @@ pub fn run(
             let (stage, _) = stages.get_or_compute(
                 "gen-student",
                 &key,
-                &format!("seed {seed}, strong {}, method {name}", strong.spec.label()),
+                &Subject {
+                    seed,
+                    model: strong.spec.label(),
+                    method: Some(name.to_string()),
+                    what: format!("seed {seed}, strong {}, method {name}", strong.spec.label()),
+                },
                 || {
                     let s2s = trained(
                         &strong,
                         &key,
-                        seed,
-                        &g.prompt,
-                        progress,
-                        &format!("student {name}"),
+                        (seed, &g.prompt, progress),
+                        (&stages, "gen-student", &student_subject(name)),
                         make_task,
                     )?;
                     let start = std::time::Instant::now();
@@ -632,6 +670,7 @@ pub fn run(
                     Ok(eval)
                 },
             )?;
+            log_trained(&key, (&stages, "gen-student", &student_subject(name)));
             eprintln!(
                 "{name}: SLU-F1 {:.4} on test ({} unparsable)",
                 stage.metrics.slu_f1, stage.unparsable
@@ -762,7 +801,12 @@ pub fn run(
                 let (stage, _) = stages.get_or_compute(
                     "gen-dpo",
                     &dpo_key,
-                    &format!("seed {seed}, strong {}, after {after}", strong.spec.label()),
+                    &Subject {
+                        seed,
+                        model: strong.spec.label(),
+                        method: Some(format!("dpo after {after}")),
+                        what: format!("seed {seed}, strong {}, after {after}", strong.spec.label()),
+                    },
                     || {
                         let policy = strong.load(seed, &g.prompt)?;
                         policy
@@ -938,7 +982,7 @@ pub fn run(
         summary,
         wall_seconds: started.elapsed().as_secs_f64(),
     };
-    write_outputs(out, &results, &label_rows, &pair_rows)?;
+    write_outputs(out, &results, &label_rows, &pair_rows, &stages.log())?;
     Ok(results)
 }
 
@@ -1169,13 +1213,18 @@ fn write_outputs(
     results: &GenRunResults,
     label_rows: &[serde_json::Value],
     pair_rows: &[serde_json::Value],
+    log: &[crate::train::log::LogLine],
 ) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     crate::io::write_atomic(
         &out.join("results.json"),
         serde_json::to_string_pretty(results)?.as_bytes(),
     )?;
-    crate::io::write_atomic(&out.join("results.md"), markdown(results).as_bytes())?;
+    let training = crate::report::loss::write(out, log)?;
+    crate::io::write_atomic(
+        &out.join("results.md"),
+        (markdown(results) + &training).as_bytes(),
+    )?;
     write_jsonl(&out.join("weak_labels.jsonl"), label_rows)?;
     let mut spec = vec![
         field("seed", Col::Int),

@@ -8,3 +8,4 @@ pub mod precision_study;
 pub mod preflight;
 pub mod stages;
 pub mod study;
+pub mod sweep;

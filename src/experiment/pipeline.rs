@@ -8,7 +8,7 @@ use super::config::{
     default_lora, ClassifyWeights, ExperimentConfig, Method, ModelSpec, TrainingMode, Weights,
 };
 use super::learner::{FeatureTable, FinetuneLearner, Fitted, Learner, ProbeLearner, Supervision};
-use super::stages::{stage_key, StageCache};
+use super::stages::{stage_key, StageCache, Subject};
 use crate::data::{self, Dataset, Example};
 use crate::eval::classify::{classify_metrics, ClassifyMetrics, Prediction};
 use crate::eval::paired::{average, Estimate, Outcomes, Resampler};
@@ -329,6 +329,195 @@ pub fn load_datasets(config: &ExperimentConfig, config_path: &Path) -> Result<Ve
     Ok(datasets)
 }
 
+/// Builds each model's learner: a probe on its (cached) features, or a fine-tuning.
+struct Learners<'a> {
+    config: &'a ExperimentConfig,
+    examples: &'a BTreeMap<String, String>,
+    progress: bool,
+    classes: usize,
+    /// Models run on the configured device (bf16 on a GPU); probes and losses on the CPU.
+    device: Device,
+    precision: crate::ops::Precision,
+    timings: &'a std::cell::RefCell<Vec<Timing>>,
+}
+
+impl<'a> Learners<'a> {
+    fn new(
+        config: &'a ExperimentConfig,
+        examples: &'a BTreeMap<String, String>,
+        (progress, classes): (bool, usize),
+        timings: &'a std::cell::RefCell<Vec<Timing>>,
+    ) -> Result<Self> {
+        let device = config.device.device()?;
+        let precision = config
+            .precision
+            .resolve_on(crate::ops::Purpose::Features, &device)?;
+        Ok(Learners {
+            config,
+            examples,
+            progress,
+            classes,
+            device,
+            precision,
+            timings,
+        })
+    }
+
+    /// The learner of `spec` and its model's hash.
+    fn make(&self, spec: &ModelSpec) -> Result<(Box<dyn Learner>, String)> {
+        if spec.mode == TrainingMode::Probe {
+            let table = features_for(
+                spec,
+                self.examples,
+                (self.progress, self.precision),
+                &self.device,
+                self.timings,
+            )?;
+            let hash = table.model_hash.clone();
+            let learner = ProbeLearner {
+                table,
+                classes: self.classes,
+                solver: self.config.solver.clone(),
+            };
+            return Ok((Box::new(learner), hash));
+        }
+        let path = resolve_model(&spec.model)?;
+        let hash = model_hash(&path)?;
+        let lora = (spec.mode == TrainingMode::Lora)
+            .then(|| spec.lora.clone().unwrap_or_else(default_lora));
+        let learner = FinetuneLearner {
+            device: self.device.clone(),
+            path,
+            model_hash: hash.clone(),
+            lora,
+            pooling: spec.pooling,
+            max_tokens: spec.max_tokens,
+            classes: self.classes,
+            train: spec.train.clone(),
+        };
+        Ok((Box::new(learner), hash))
+    }
+}
+
+/// Every example of every seed's splits, by id (features are extracted once per example).
+fn examples_of(datasets: &[Dataset]) -> BTreeMap<String, String> {
+    let mut examples = BTreeMap::new();
+    for dataset in datasets {
+        for split in [&dataset.weak_train, &dataset.strong_train, &dataset.test] {
+            for e in split {
+                examples.insert(e.id.clone(), e.input.clone());
+            }
+        }
+    }
+    examples
+}
+
+/// The probe settings of one seed, and their JSON (part of every stage key).
+fn probe_settings(
+    config: &ExperimentConfig,
+    seed: u64,
+) -> Result<(crate::train::trainer::TrainConfig, String)> {
+    let probe_config = crate::train::trainer::TrainConfig {
+        seed,
+        ..config.probe.clone()
+    };
+    let json = serde_json::to_string(&probe_config)?;
+    Ok((probe_config, json))
+}
+
+/// A weak model's stage: trained on weak_train's ground truth, labelling strong_train and
+/// test. Returns the stage and its key.
+fn weak_stage(
+    stages: &StageCache,
+    learner: &dyn Learner,
+    dataset: &Dataset,
+    (classes, probe_json): (usize, &str),
+    probe_config: &crate::train::trainer::TrainConfig,
+    subject: &Subject,
+) -> Result<(WeakStage, String)> {
+    let key = stage_key(&[
+        "weak",
+        STAGE_FORMAT,
+        &learner.key(),
+        &dataset.data_hash(),
+        probe_json,
+    ]);
+    let (stage, _) = stages.get_or_compute("weak", &key, subject, || {
+        let targets = one_hot_rows(&dataset.weak_train, classes);
+        let fitted = fit_on_ground_truth(learner, &dataset.weak_train, &targets, probe_config)?;
+        let (test, test_probs) =
+            metrics_of(&fitted.predictor.probs(&dataset.test)?, &dataset.test)?;
+        let (strong_train, strong_train_labels) = metrics_of(
+            &fitted.predictor.probs(&dataset.strong_train)?,
+            &dataset.strong_train,
+        )?;
+        Ok(WeakStage {
+            test,
+            test_probs,
+            strong_train,
+            strong_train_labels,
+            cv_log_loss: fitted.cv.as_ref().map(|cv| cv.chosen_score()),
+            solves: Convergence::of(fitted.cv.as_ref()),
+            chosen_c: fitted.cv.map(|cv| cv.chosen_c),
+        })
+    })?;
+    Ok((stage, key))
+}
+
+fn weak_subject(seed: u64, j: usize, name: &str) -> Subject {
+    Subject {
+        seed,
+        model: name.to_string(),
+        method: None,
+        what: format!("seed {seed}, weak[{}] {name}", j + 1),
+    }
+}
+
+/// Each `[[weak]]` model's strength measured without test data: the cross-validated log-loss
+/// of its probe on weak_train's ground truth at the chosen C, mean over seeds (lower is
+/// stronger). The stages are the run's own weak stages (cached, reused by a later run).
+pub fn ground_truth_cv(
+    config: &ExperimentConfig,
+    config_path: &Path,
+    progress: bool,
+) -> Result<Vec<f64>> {
+    let datasets = load_datasets(config, config_path)?;
+    let classes = datasets[0]
+        .num_classes
+        .context("ordering models by strength needs a classification task")?;
+    let examples = examples_of(&datasets);
+    let timings = std::cell::RefCell::new(Vec::new());
+    let learners = Learners::new(config, &examples, (progress, classes), &timings)?;
+    let stages = StageCache::new(&ws2s_home().join("stages"));
+    let names = config.weak_labels();
+    let mut strength = Vec::new();
+    for (j, spec) in config.weak.iter().enumerate() {
+        let (learner, _) = learners
+            .make(spec)
+            .with_context(|| format!("stage `features` ({})", names[j]))?;
+        let mut values = Vec::new();
+        for dataset in &datasets {
+            let (probe_config, probe_json) = probe_settings(config, dataset.seed)?;
+            let (stage, _) = weak_stage(
+                &stages,
+                learner.as_ref(),
+                dataset,
+                (classes, &probe_json),
+                &probe_config,
+                &weak_subject(dataset.seed, j, &names[j]),
+            )?;
+            values.push(stage.cv_log_loss.with_context(|| {
+                format!(
+                    "{}: no cross-validated loss (only linear probes have one)",
+                    names[j]
+                )
+            })?);
+        }
+        strength.push(values.iter().sum::<f64>() / values.len() as f64);
+    }
+    Ok(strength)
+}
+
 /// Runs the experiment and writes `results.json`, `results.md` and `weak_labels.jsonl` into `out`.
 pub fn run(
     config: &ExperimentConfig,
@@ -348,14 +537,7 @@ pub fn run(
     let classes = datasets[0]
         .num_classes
         .context("`ws2s run` supports classification tasks so far")?;
-    let mut examples: BTreeMap<String, String> = BTreeMap::new();
-    for dataset in &datasets {
-        for split in [&dataset.weak_train, &dataset.strong_train, &dataset.test] {
-            for e in split {
-                examples.insert(e.id.clone(), e.input.clone());
-            }
-        }
-    }
+    let examples = examples_of(&datasets);
     let s = &datasets[0];
     eprintln!(
         "task {}: weak_train {} / strong_train {} / test {}; seeds {:?}; {} distinct examples",
@@ -367,44 +549,9 @@ pub fn run(
         examples.len()
     );
     let timings = std::cell::RefCell::new(Vec::new());
-    // Models run on the configured device (bf16 on a GPU); probes and losses on the CPU.
-    let model_device = config.device.device()?;
-    let precision = config
-        .precision
-        .resolve_on(crate::ops::Purpose::Features, &model_device)?;
-    let learner_for = |spec: &ModelSpec| -> Result<(Box<dyn Learner>, String)> {
-        if spec.mode == TrainingMode::Probe {
-            let table = features_for(
-                spec,
-                &examples,
-                (progress, precision),
-                &model_device,
-                &timings,
-            )?;
-            let hash = table.model_hash.clone();
-            let learner = ProbeLearner {
-                table,
-                classes,
-                solver: config.solver.clone(),
-            };
-            return Ok((Box::new(learner), hash));
-        }
-        let path = resolve_model(&spec.model)?;
-        let hash = model_hash(&path)?;
-        let lora = (spec.mode == TrainingMode::Lora)
-            .then(|| spec.lora.clone().unwrap_or_else(default_lora));
-        let learner = FinetuneLearner {
-            device: model_device.clone(),
-            path,
-            model_hash: hash.clone(),
-            lora,
-            pooling: spec.pooling,
-            max_tokens: spec.max_tokens,
-            classes,
-            train: spec.train.clone(),
-        };
-        Ok((Box::new(learner), hash))
-    };
+    let learners = Learners::new(config, &examples, (progress, classes), &timings)?;
+    let precision = learners.precision;
+    let learner_for = |spec: &ModelSpec| learners.make(spec);
     let (weak_learners, weak_hashes): (Vec<Box<dyn Learner>>, Vec<String>) = config
         .weak
         .iter()
@@ -429,13 +576,9 @@ pub fn run(
     let mut label_rows: Vec<serde_json::Value> = Vec::new();
     let probes_started = std::time::Instant::now();
     for dataset in &datasets {
-        let probe_config = crate::train::trainer::TrainConfig {
-            seed: dataset.seed,
-            ..config.probe.clone()
-        };
+        let (probe_config, probe_json) = probe_settings(config, dataset.seed)?;
         // Weak models: trained on weak_train, labelling strong_train and test.
         let data_hash = dataset.data_hash();
-        let probe_json = serde_json::to_string(&probe_config)?;
         let mut weak_metrics = Vec::new();
         let mut weak_calibration = Vec::new();
         let mut weak_labels: Vec<Rows> = Vec::new();
@@ -444,39 +587,15 @@ pub fn run(
         let mut convergence = Convergence::default();
         let mut weak_cv = Vec::new();
         let mut weak_keys = Vec::new();
-        let weak_targets = one_hot_rows(&dataset.weak_train, classes);
         for (j, learner) in weak_learners.iter().enumerate() {
-            let what = format!("seed {}, weak[{}] {}", dataset.seed, j + 1, weak_names[j]);
-            let key = stage_key(&[
-                "weak",
-                STAGE_FORMAT,
-                &learner.key(),
-                &data_hash,
-                &probe_json,
-            ]);
-            let (stage, _) = stages.get_or_compute("weak", &key, &what, || {
-                let fitted = fit_on_ground_truth(
-                    learner.as_ref(),
-                    &dataset.weak_train,
-                    &weak_targets,
-                    &probe_config,
-                )?;
-                let (test, test_probs) =
-                    metrics_of(&fitted.predictor.probs(&dataset.test)?, &dataset.test)?;
-                let (strong_train, strong_train_labels) = metrics_of(
-                    &fitted.predictor.probs(&dataset.strong_train)?,
-                    &dataset.strong_train,
-                )?;
-                Ok(WeakStage {
-                    test,
-                    test_probs,
-                    strong_train,
-                    strong_train_labels,
-                    cv_log_loss: fitted.cv.as_ref().map(|cv| cv.chosen_score()),
-                    solves: Convergence::of(fitted.cv.as_ref()),
-                    chosen_c: fitted.cv.map(|cv| cv.chosen_c),
-                })
-            })?;
+            let (stage, key) = weak_stage(
+                &stages,
+                learner.as_ref(),
+                dataset,
+                (classes, &probe_json),
+                &probe_config,
+                &weak_subject(dataset.seed, j, &weak_names[j]),
+            )?;
             weak_metrics.push(stage.test);
             weak_calibration.push(stage.strong_train);
             weak_labels.push(stage.strong_train_labels);
@@ -494,11 +613,16 @@ pub fn run(
             &data_hash,
             &probe_json,
         ]);
-        let ceiling_what = format!(
-            "seed {}, strong {}, trained on ground truth",
-            dataset.seed,
-            strong_spec.label()
-        );
+        let ceiling_what = Subject {
+            seed: dataset.seed,
+            model: strong_spec.label(),
+            method: None,
+            what: format!(
+                "seed {}, strong {}, trained on ground truth",
+                dataset.seed,
+                strong_spec.label()
+            ),
+        };
         let (ceiling, _) = stages.get_or_compute("ceiling", &ceiling_key, &ceiling_what, || {
             let targets = one_hot_rows(&dataset.strong_train, classes);
             let fitted = fit_on_ground_truth(
@@ -606,11 +730,16 @@ pub fn run(
             let (stage, _) = stages.get_or_compute(
                 "student",
                 &key,
-                &format!(
-                    "seed {}, strong {}, method {name}",
-                    dataset.seed,
-                    strong_spec.label()
-                ),
+                &Subject {
+                    seed: dataset.seed,
+                    model: strong_spec.label(),
+                    method: Some(name.clone()),
+                    what: format!(
+                        "seed {}, strong {}, method {name}",
+                        dataset.seed,
+                        strong_spec.label()
+                    ),
+                },
                 || {
                     let student =
                         strong_learner.fit(&dataset.strong_train, supervision, &probe_config)?;
@@ -848,7 +977,7 @@ pub fn run(
         timings,
         label_names: datasets[0].label_names.clone(),
     };
-    write_outputs(out, &results, &label_rows, &predictions)?;
+    write_outputs(out, &results, &label_rows, &predictions, &stages.log())?;
     Ok(results)
 }
 
@@ -1475,13 +1604,18 @@ fn write_outputs(
     results: &RunResults,
     label_rows: &[serde_json::Value],
     predictions: &[SeedPredictions],
+    log: &[crate::train::log::LogLine],
 ) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     crate::io::write_atomic(
         &out.join("results.json"),
         serde_json::to_string_pretty(results)?.as_bytes(),
     )?;
-    crate::io::write_atomic(&out.join("results.md"), markdown(results).as_bytes())?;
+    let training = crate::report::loss::write(out, log)?;
+    crate::io::write_atomic(
+        &out.join("results.md"),
+        (markdown(results) + &training).as_bytes(),
+    )?;
     let mut jsonl = String::new();
     for row in label_rows {
         jsonl.push_str(&serde_json::to_string(row)?);

@@ -21,13 +21,13 @@ pub struct Checked {
 /// Runs every check; `out` is the run folder (None: not checked). Errors name the config file
 /// and the key, or the data file and the line.
 pub fn check(config: &ExperimentConfig, path: &Path, out: Option<&Path>) -> Result<Checked> {
-    if config.weak.is_empty() {
+    if config.sweep.is_none() && config.weak.is_empty() {
         bail!(
             "{}: no [[weak]] model; give at least one (two or more for the multi-weak methods)",
             path.display()
         );
     }
-    if config.strong.is_none() {
+    if config.sweep.is_none() && config.strong.is_none() {
         bail!("{}: no [strong] model", path.display());
     }
     config

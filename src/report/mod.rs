@@ -1,4 +1,5 @@
 //! Reports: plots of a run as SVG (written directly) and PNG (the same SVG rasterised).
 
+pub mod loss;
 pub mod parquet;
 pub mod plot;

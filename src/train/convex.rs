@@ -469,6 +469,19 @@ pub fn solve(
     start: &LinearModel,
     config: &SolverConfig,
 ) -> Result<(LinearModel, SolveReport)> {
+    solve_logged(x, rows, classes, objective, (c, start), config, false)
+}
+
+/// [`solve`], with every L-BFGS iteration recorded in the training log when `log` is set.
+fn solve_logged(
+    x: &Matrix,
+    rows: &[usize],
+    classes: usize,
+    objective: &dyn Objective,
+    (c, start): (f64, &LinearModel),
+    config: &SolverConfig,
+    log: bool,
+) -> Result<(LinearModel, SolveReport)> {
     if x.rows != rows.len() {
         bail!(
             "internal: {} feature rows for {} examples",
@@ -487,6 +500,7 @@ pub fn solve(
     };
     let mut theta = start.params();
     let mut total = SolveReport::default();
+    let started = std::time::Instant::now();
     for s in 0..=stages {
         let progress = if stages == 0 {
             1.0
@@ -507,7 +521,21 @@ pub fn solve(
             Ok((loss + reg, param_grad(t, x, classes, &dz, penalty)))
         };
         let t0 = std::time::Instant::now();
-        let (next, report) = lbfgs(f, theta, config.tol, config.max_iter)?;
+        let done = total.iterations;
+        let mut on_iteration = |iteration: usize, objective: f64, grad_max: f64| {
+            if log {
+                crate::train::log::record(crate::train::log::Step {
+                    epoch: s + 1,
+                    step: done + iteration,
+                    loss: objective,
+                    lr: None,
+                    grad_norm: grad_max,
+                    seconds: started.elapsed().as_secs_f64(),
+                });
+            }
+        };
+        let (next, report) =
+            lbfgs_traced(f, theta, (config.tol, config.max_iter), &mut on_iteration)?;
         if std::env::var_os("WS2S_SOLVER_TRACE").is_some() {
             eprintln!(
                 "solve n={} d={} c={c:.1e} stage={s} iters={} evals={} gmax={:.1e} {:.0} ms",
@@ -659,14 +687,14 @@ pub fn fit_cv(
         }
     }
     let all: Vec<usize> = (0..x.rows).collect();
-    let (model, refit) = solve(
+    let (model, refit) = solve_logged(
         x,
         &all,
         classes,
         objective,
-        grid[best],
-        &LinearModel::zeros(classes, x.cols),
+        (grid[best], &LinearModel::zeros(classes, x.cols)),
         config,
+        true,
     )?;
     let n_grid = grid.len();
     Ok((
@@ -687,10 +715,20 @@ pub fn fit_cv(
 /// counted as converged, as scipy's L-BFGS-B does) when three steps in a row reduce f by no more
 /// than 64 machine epsilons relative to max(|f|, 1): the objective cannot be resolved further.
 pub fn lbfgs(
-    mut f: impl FnMut(&[f64]) -> Result<(f64, Vec<f64>)>,
+    f: impl FnMut(&[f64]) -> Result<(f64, Vec<f64>)>,
     x0: Vec<f64>,
     tol: f64,
     max_iter: usize,
+) -> Result<(Vec<f64>, SolveReport)> {
+    lbfgs_traced(f, x0, (tol, max_iter), &mut |_, _, _| {})
+}
+
+/// [`lbfgs`], calling `on_iteration(iteration, f, max |g|)` after every accepted step.
+pub fn lbfgs_traced(
+    mut f: impl FnMut(&[f64]) -> Result<(f64, Vec<f64>)>,
+    x0: Vec<f64>,
+    (tol, max_iter): (f64, usize),
+    on_iteration: &mut dyn FnMut(usize, f64, f64),
 ) -> Result<(Vec<f64>, SolveReport)> {
     const MEMORY: usize = 10;
     let mut x = x0;
@@ -762,12 +800,14 @@ pub fn lbfgs(
             if stalled >= 3 {
                 fx = fnew;
                 at_precision = true;
+                on_iteration(iterations, fx, gmax(&g));
                 break;
             }
         } else {
             stalled = 0;
         }
         fx = fnew;
+        on_iteration(iterations, fx, gmax(&g));
     }
     let grad_max = gmax(&g);
     Ok((

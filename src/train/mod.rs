@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod convex;
+pub mod log;
 pub mod optimizer;
 pub mod probe;
 pub mod schedule;

@@ -166,6 +166,7 @@ pub fn train(
     let mut history = Vec::new();
     let mut stopped_early = false;
     let total_micro = (batches_per_epoch * config.epochs).max(1) as f64;
+    let started = std::time::Instant::now();
     while progress.epoch < config.epochs {
         if config.stop_after_epochs.is_some_and(|n| history.len() >= n) {
             break;
@@ -184,6 +185,8 @@ pub fn train(
             &format!("epoch {}", epoch + 1),
         );
         let (mut loss_sum, mut loss_count) = (0.0, 0usize);
+        // The loss of the micro-batches since the last update (the training log's loss).
+        let (mut update_sum, mut update_count) = (0.0, 0usize);
         let mut sum = optimizer.new_grad_sum();
         let mut lr = schedule.lr(optimizer.step);
         for (b, batch) in batches.iter().enumerate() {
@@ -215,12 +218,23 @@ pub fn train(
             optimizer.accumulate(&mut sum, &loss.backward()?)?;
             loss_sum += value;
             loss_count += 1;
+            update_sum += value;
+            update_count += 1;
             if sum.micro_batches == config.grad_accum.max(1) || b + 1 == batches.len() {
                 lr = schedule.lr(optimizer.step);
-                optimizer
+                let grad_norm = optimizer
                     .update(&sum, lr, config.max_grad_norm)
                     .map_err(|e| diverged(e.to_string(), lr))?;
                 sum.reset();
+                crate::train::log::record(crate::train::log::Step {
+                    epoch: epoch + 1,
+                    step: optimizer.step,
+                    loss: update_sum / update_count as f64,
+                    lr: Some(lr),
+                    grad_norm,
+                    seconds: started.elapsed().as_secs_f64(),
+                });
+                (update_sum, update_count) = (0.0, 0);
             }
             bar.inc(batch.len() as u64);
             bar.set_message(format!(
