@@ -8,12 +8,9 @@
 //! (digamma, trigamma); elsewhere they are the decomposed tensor forms, which autograd
 //! differentiates.
 
-use crate::ops::fused::{special, Special};
+pub use crate::ops::special::{digamma_scalar, lgamma_scalar, trigamma_scalar};
+use crate::ops::special::{special, Special, SHIFT};
 use candle_core::{Result, Tensor};
-
-const SHIFT: usize = 6;
-/// From here on the scalar forms use the series directly (z = x >= 6 is where it is accurate).
-const LARGE: f64 = 64.0;
 
 /// log Gamma(x) for x > 0, any float dtype; the gradient is digamma.
 pub fn lgamma(x: &Tensor) -> Result<Tensor> {
@@ -29,61 +26,6 @@ pub fn digamma(x: &Tensor) -> Result<Tensor> {
         Some(y) => Ok(y),
         None => digamma_decomposed(x),
     }
-}
-
-/// log Gamma(x) of one number, x > 0.
-pub fn lgamma_scalar(x: f64) -> f64 {
-    // The shift only matters for small x; past it the series alone is as accurate (and
-    // x (x+1) ... (x+5) would overflow for x near 1e51).
-    let (z, product) = if x < LARGE {
-        (x + SHIFT as f64, (0..SHIFT).map(|k| x + k as f64).product())
-    } else {
-        (x, 1.0)
-    };
-    let inv2 = 1.0 / (z * z);
-    let series =
-        ((((-1.0 / 1680.0) * inv2 + 1.0 / 1260.0) * inv2 - 1.0 / 360.0) * inv2 + 1.0 / 12.0) / z;
-    (z - 0.5) * z.ln() - z + 0.5 * (2.0 * std::f64::consts::PI).ln() + series - product.ln()
-}
-
-/// psi(x) of one number, x > 0.
-pub fn digamma_scalar(x: f64) -> f64 {
-    let (z, correction) = if x < LARGE {
-        (
-            x + SHIFT as f64,
-            (0..SHIFT).map(|k| 1.0 / (x + k as f64)).sum(),
-        )
-    } else {
-        (x, 0.0)
-    };
-    let inv2 = 1.0 / (z * z);
-    let series = (((((-1.0 / 132.0) * inv2 + 1.0 / 240.0) * inv2 - 1.0 / 252.0) * inv2
-        + 1.0 / 120.0)
-        * inv2
-        - 1.0 / 12.0)
-        * inv2;
-    z.ln() - 0.5 / z + series - correction
-}
-
-/// psi'(x) (trigamma) of one number, x > 0: sum_k 1/(x+k)^2 for the shift, then
-/// 1/z + 1/(2z^2) + 1/(6z^3) - 1/(30z^5) + 1/(42z^7) - 1/(30z^9) + 5/(66z^11).
-pub fn trigamma_scalar(x: f64) -> f64 {
-    let (z, correction) = if x < LARGE {
-        (
-            x + SHIFT as f64,
-            (0..SHIFT).map(|k| 1.0 / (x + k as f64).powi(2)).sum(),
-        )
-    } else {
-        (x, 0.0)
-    };
-    let inv = 1.0 / z;
-    let inv2 = inv * inv;
-    let series = ((((5.0 / 66.0 * inv2 - 1.0 / 30.0) * inv2 + 1.0 / 42.0) * inv2 - 1.0 / 30.0)
-        * inv2
-        + 1.0 / 6.0)
-        * inv2
-        * inv;
-    correction + inv + 0.5 * inv2 + series
 }
 
 /// [`lgamma`] from basic tensor operations (any device and float dtype).

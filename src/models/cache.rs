@@ -44,10 +44,10 @@ impl KvCache {
     }
 
     /// Appends the mask rows of `t` new positions; returns the full mask and the position ids of
-    /// the new positions (see [`super::nn::positions_from_mask`]).
+    /// the new positions (see [`positions_from_mask`]).
     pub fn extend(&mut self, new: &[Vec<u32>], t: usize) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
         let full = self.extend_mask(new).to_vec();
-        let positions = super::nn::positions_from_mask(&full)
+        let positions = positions_from_mask(&full)
             .into_iter()
             .map(|row| row[row.len() - t..].to_vec())
             .collect();
@@ -88,4 +88,22 @@ impl KvCache {
         self.mask = rows.iter().map(|&r| self.mask[r].clone()).collect();
         Ok(())
     }
+}
+
+/// Position ids from a 0/1 attention mask [B, T]: the number of real tokens before each real
+/// position (cumsum - 1), so that left- and right-padded rows both count from 0. Padding
+/// positions get the position of the previous real token (their value never matters: they are
+/// masked as keys and their outputs are ignored).
+pub fn positions_from_mask(mask: &[Vec<u32>]) -> Vec<Vec<u32>> {
+    mask.iter()
+        .map(|row| {
+            let mut seen = 0u32;
+            row.iter()
+                .map(|&m| {
+                    seen += m;
+                    seen.saturating_sub(1)
+                })
+                .collect()
+        })
+        .collect()
 }

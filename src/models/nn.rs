@@ -3,7 +3,7 @@
 //! Everything here is written with candle operations that have a backward pass (STACK.md, trap 1:
 //! candle-nn's fused norms, `softmax_last_dim` and RoPE kernels silently stop gradients).
 
-use super::params::Params;
+use super::params::{Params, Trainable};
 use crate::ops::int8::{self, Int8Weight, QuantizedInput};
 use crate::ops::Precision;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
@@ -362,28 +362,8 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     crate::ops::fused::rope(x, cos, sin)
 }
 
-/// Repeats key/value heads for grouped-query attention: [B, KVH, T, D] -> [B, KVH * n, T, D].
-pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
-    if n == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kvh, t, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, kvh, n, t, d))?
-        .contiguous()?
-        .reshape((b, kvh * n, t, d))
-}
-
-/// Scaled dot-product attention with an additive mask [B, 1, Tq, Tk] (0 or [`MASK_VALUE`]).
-/// q [B, H, Tq, D], k and v [B, H, Tk, D]; returns [B, Tq, H * D].
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, h, tq, d) = q.dims4()?;
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
-    let probs = crate::ops::fused::softmax_last_dim(&scores)?;
-    let out = probs.matmul(&v.contiguous()?)?;
-    out.transpose(1, 2)?.contiguous()?.reshape((b, tq, h * d))
-}
+/// The unfused attention and its head plumbing live with the fused op (ops::attention).
+pub use crate::ops::attention::{attention_decomposed as attention, repeat_kv, split_heads};
 
 /// Attention of one decoder layer from its projections q [B, T, H * D], k and v [B, T, KVH * D]:
 /// RoPE on q and k, keys and values appended to the layer's cache, then grouped-query
@@ -419,29 +399,7 @@ pub fn rotary_gqa_attention(
     crate::ops::attention::attention(&q, &k, &v, mask, (heads, kv_heads), scale)
 }
 
-/// Splits [B, T, H * D] into heads [B, H, T, D].
-pub fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
-    let (b, t, _) = x.dims3()?;
-    x.reshape((b, t, heads, head_dim))?.transpose(1, 2)
-}
-
-/// Position ids from a 0/1 attention mask [B, T]: the number of real tokens before each real
-/// position (cumsum - 1), so that left- and right-padded rows both count from 0. Padding
-/// positions get the position of the previous real token (their value never matters: they are
-/// masked as keys and their outputs are ignored).
-pub fn positions_from_mask(mask: &[Vec<u32>]) -> Vec<Vec<u32>> {
-    mask.iter()
-        .map(|row| {
-            let mut seen = 0u32;
-            row.iter()
-                .map(|&m| {
-                    seen += m;
-                    seen.saturating_sub(1)
-                })
-                .collect()
-        })
-        .collect()
-}
+pub use super::cache::positions_from_mask;
 
 /// The additive attention mask [B, 1, Tq, Tk] for queries at the last `tq` of `tk` key positions:
 /// a key is visible when it is a real token (mask 1), and, for causal models, not after the
@@ -473,4 +431,62 @@ pub fn additive_mask(
 /// A [B, T] 0/1 mask as nested vectors (from a u32/i64 tensor).
 pub fn mask_rows(mask: &Tensor) -> Result<Vec<Vec<u32>>> {
     mask.to_dtype(DType::U32)?.to_vec2::<u32>()
+}
+
+/// Layers built from a model's parameters (here, beside the layers, so that the parameter
+/// store does not depend on them).
+impl Params {
+    /// A linear layer from `{prefix}.weight` [out, in] and optionally `{prefix}.bias`, with a LoRA
+    /// adapter when the module is a LoRA target.
+    pub fn linear(
+        &mut self,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let weight = self.weight(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(self.weight(&format!("{prefix}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        let lora = self.lora_for(prefix, in_dim, out_dim)?;
+        Ok(Linear::new(weight, bias, lora))
+    }
+
+    /// A linear layer stored transposed, [in, out] (GPT-2's Conv1D).
+    pub fn conv1d(&mut self, prefix: &str, in_dim: usize, out_dim: usize) -> Result<Linear> {
+        let weight = self
+            .weight(&format!("{prefix}.weight"), &[in_dim, out_dim])?
+            .t()?;
+        let bias = Some(self.weight(&format!("{prefix}.bias"), &[out_dim])?);
+        let lora = self.lora_for(prefix, in_dim, out_dim)?;
+        Ok(Linear::new(weight, bias, lora))
+    }
+
+    fn lora_for(&mut self, prefix: &str, in_dim: usize, out_dim: usize) -> Result<Option<Lora>> {
+        let Trainable::Lora(config) = &self.trainable else {
+            return Ok(None);
+        };
+        let module = prefix.rsplit('.').next().unwrap_or(prefix);
+        if !config.targets.iter().any(|t| t == module) {
+            return Ok(None);
+        }
+        let config = config.clone();
+        // A as nn.Linear's default (Kaiming-uniform, bound 1/sqrt(in)), B zero: the adapter starts as
+        // the identity change.
+        let a = self.new_var(
+            &format!("{prefix}.lora_a"),
+            &[config.rank, in_dim],
+            1.0 / (in_dim as f64).sqrt(),
+        )?;
+        let b = self.new_var(&format!("{prefix}.lora_b"), &[out_dim, config.rank], 0.0)?;
+        Ok(Some(Lora {
+            a,
+            b,
+            scale: config.alpha / config.rank as f64,
+            dropout: config.dropout,
+        }))
+    }
 }

@@ -1,7 +1,6 @@
 //! Parameters of a model: checkpoint tensors taken by name, as trainable variables or frozen
 //! tensors, plus new parameters (heads, LoRA) initialised from the seed.
 
-use super::nn::{Linear, Lora};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Error, Result, Shape, Tensor, Var};
 use std::collections::{BTreeMap, HashMap};
@@ -31,7 +30,7 @@ pub enum Trainable {
 
 pub struct Params {
     tensors: HashMap<String, Tensor>,
-    trainable: Trainable,
+    pub(super) trainable: Trainable,
     vars: BTreeMap<String, Var>,
     rng: Rng,
     device: Device,
@@ -178,60 +177,6 @@ impl Params {
         let out = var.as_tensor().clone();
         self.vars.insert(name.to_string(), var);
         Ok(out)
-    }
-
-    /// A linear layer from `{prefix}.weight` [out, in] and optionally `{prefix}.bias`, with a LoRA
-    /// adapter when the module is a LoRA target.
-    pub fn linear(
-        &mut self,
-        prefix: &str,
-        in_dim: usize,
-        out_dim: usize,
-        bias: bool,
-    ) -> Result<Linear> {
-        let weight = self.weight(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
-        let bias = if bias {
-            Some(self.weight(&format!("{prefix}.bias"), &[out_dim])?)
-        } else {
-            None
-        };
-        let lora = self.lora_for(prefix, in_dim, out_dim)?;
-        Ok(Linear::new(weight, bias, lora))
-    }
-
-    /// A linear layer stored transposed, [in, out] (GPT-2's Conv1D).
-    pub fn conv1d(&mut self, prefix: &str, in_dim: usize, out_dim: usize) -> Result<Linear> {
-        let weight = self
-            .weight(&format!("{prefix}.weight"), &[in_dim, out_dim])?
-            .t()?;
-        let bias = Some(self.weight(&format!("{prefix}.bias"), &[out_dim])?);
-        let lora = self.lora_for(prefix, in_dim, out_dim)?;
-        Ok(Linear::new(weight, bias, lora))
-    }
-
-    fn lora_for(&mut self, prefix: &str, in_dim: usize, out_dim: usize) -> Result<Option<Lora>> {
-        let Trainable::Lora(config) = &self.trainable else {
-            return Ok(None);
-        };
-        let module = prefix.rsplit('.').next().unwrap_or(prefix);
-        if !config.targets.iter().any(|t| t == module) {
-            return Ok(None);
-        }
-        let config = config.clone();
-        // A as nn.Linear's default (Kaiming-uniform, bound 1/sqrt(in)), B zero: the adapter starts as
-        // the identity change.
-        let a = self.new_var(
-            &format!("{prefix}.lora_a"),
-            &[config.rank, in_dim],
-            1.0 / (in_dim as f64).sqrt(),
-        )?;
-        let b = self.new_var(&format!("{prefix}.lora_b"), &[out_dim, config.rank], 0.0)?;
-        Ok(Some(Lora {
-            a,
-            b,
-            scale: config.alpha / config.rank as f64,
-            dropout: config.dropout,
-        }))
     }
 
     /// The trainable variables by name.

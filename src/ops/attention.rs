@@ -423,7 +423,7 @@ impl CustomOp3 for Attention {
 /// (0 or a large negative number) and the score scale. Returns [B, Tq, H * D].
 ///
 /// One fused op on the CPU in f32 and f64; elsewhere the decomposed form
-/// ([`crate::models::nn::attention`] after splitting and repeating heads).
+/// ([`attention_decomposed`] after splitting and repeating heads).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -432,7 +432,6 @@ pub fn attention(
     (heads, kv_heads): (usize, usize),
     scale: f64,
 ) -> Result<Tensor> {
-    use crate::models::nn;
     let (b, tq, qw) = q.dims3()?;
     let (_, tk, kw) = k.dims3()?;
     if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || qw % heads != 0 {
@@ -452,10 +451,10 @@ pub fn attention(
         q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) && b * tq * tk * d > 0;
     if !fusable {
         let groups = heads / kv_heads;
-        let q = nn::split_heads(q, heads, d)?;
-        let k = nn::repeat_kv(&nn::split_heads(k, kv_heads, d)?, groups)?;
-        let v = nn::repeat_kv(&nn::split_heads(v, kv_heads, d)?, groups)?;
-        return nn::attention(&q, &k, &v, mask, scale);
+        let q = split_heads(q, heads, d)?;
+        let k = repeat_kv(&split_heads(k, kv_heads, d)?, groups)?;
+        let v = repeat_kv(&split_heads(v, kv_heads, d)?, groups)?;
+        return attention_decomposed(&q, &k, &v, mask, scale);
     }
     let op = Attention {
         dims: Dims {
@@ -477,9 +476,46 @@ pub fn attention(
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
+/// The unfused forms (any device and dtype; autograd differentiates them).
+/// Splits [B, T, H * D] into heads [B, H, T, D].
+pub fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    x.reshape((b, t, heads, head_dim))?.transpose(1, 2)
+}
+
+/// Repeats key/value heads for grouped-query attention: [B, KVH, T, D] -> [B, KVH * n, T, D].
+pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kvh, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kvh, n, t, d))?
+        .contiguous()?
+        .reshape((b, kvh * n, t, d))
+}
+
+/// Scaled dot-product attention with an additive mask [B, 1, Tq, Tk] (0 or `models::nn::MASK_VALUE`).
+/// q [B, H, Tq, D], k and v [B, H, Tk, D]; returns [B, Tq, H * D].
+pub fn attention_decomposed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, tq, d) = q.dims4()?;
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+    let probs = super::fused::softmax_last_dim(&scores)?;
+    let out = probs.matmul(&v.contiguous()?)?;
+    out.transpose(1, 2)?.contiguous()?.reshape((b, tq, h * d))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    // Test inputs only: masks as the models build them.
     use crate::models::nn;
     use crate::ops::testing::max_diff;
     use candle_core::{Device, Var};
@@ -499,9 +535,9 @@ mod tests {
         scale: f64,
     ) -> Tensor {
         let d = q.dim(2).unwrap() / h;
-        let q = nn::split_heads(q, h, d).unwrap();
-        let k = nn::repeat_kv(&nn::split_heads(k, kvh, d).unwrap(), h / kvh).unwrap();
-        let v = nn::repeat_kv(&nn::split_heads(v, kvh, d).unwrap(), h / kvh).unwrap();
+        let q = split_heads(q, h, d).unwrap();
+        let k = repeat_kv(&split_heads(k, kvh, d).unwrap(), h / kvh).unwrap();
+        let v = repeat_kv(&split_heads(v, kvh, d).unwrap(), h / kvh).unwrap();
         let scores = (q
             .contiguous()
             .unwrap()

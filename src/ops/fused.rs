@@ -504,7 +504,7 @@ impl CustomOp2 for RowGrad {
 
 const SOFTMAX_GRAD: RowGrad = RowGrad(RowGradKind::Softmax);
 
-fn fusable(x: &Tensor) -> bool {
+pub(crate) fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
@@ -1238,78 +1238,6 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, unit_offset: bool) -> Result<T
             unit_offset,
         }),
     )
-}
-
-// ---------------------------------------------------------------- lgamma, digamma, trigamma
-
-/// Special functions as fused elementwise ops (formulas in `losses::special`).
-#[derive(Clone, Copy, Debug)]
-pub enum Special {
-    Lgamma,
-    Digamma,
-    Trigamma,
-}
-
-impl Special {
-    fn eval(self, x: f64) -> f64 {
-        use crate::losses::special::{digamma_scalar, lgamma_scalar, trigamma_scalar};
-        match self {
-            Special::Lgamma => lgamma_scalar(x),
-            Special::Digamma => digamma_scalar(x),
-            Special::Trigamma => trigamma_scalar(x),
-        }
-    }
-
-    fn map<T: Real>(self, x: &[T]) -> Vec<T> {
-        use rayon::prelude::*;
-        let mut out = vec![T::from(0.0); x.len()];
-        out.par_chunks_mut(1 << 14)
-            .zip(x.par_chunks(1 << 14))
-            .for_each(|(o, x)| {
-                for (o, v) in o.iter_mut().zip(x) {
-                    *o = T::from(self.eval(v.to()));
-                }
-            });
-        out
-    }
-}
-
-impl CustomOp1 for Special {
-    fn name(&self) -> &'static str {
-        match self {
-            Special::Lgamma => "fused-lgamma",
-            Special::Digamma => "fused-digamma",
-            Special::Trigamma => "fused-trigamma",
-        }
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let out = by_dtype!(storage.dtype(), name, |T| T::wrap(
-            self.map::<T>(typed(storage, layout, name)?)
-        ));
-        Ok((out, layout.shape().clone()))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let derivative = match self {
-            Special::Lgamma => Special::Digamma,
-            Special::Digamma => Special::Trigamma,
-            Special::Trigamma => candle_core::bail!("fused-trigamma has no backward"),
-        };
-        Ok(Some(
-            grad_res.mul(&arg.contiguous()?.apply_op1_no_bwd(&derivative)?)?,
-        ))
-    }
-}
-
-/// `f` applied elementwise as one fused op with its exact derivative, on the CPU in f32 / f64;
-/// `None` elsewhere (use the decomposed form).
-pub fn special(x: &Tensor, f: Special) -> Result<Option<Tensor>> {
-    if !fusable(x) {
-        return Ok(None);
-    }
-    Ok(Some(x.contiguous()?.apply_op1(f)?))
 }
 
 #[cfg(test)]
