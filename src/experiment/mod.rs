@@ -1,4 +1,7 @@
-//! Experiments: their configuration (and, as the pipeline grows, its stages and their cache).
+//! Experiments: their configuration, the checks before any work, the stage cache, and the runs
+//! themselves. [`run`] is the one entry point: it checks the config's files, loads the datasets
+//! once and runs the kind of experiment the config describes (classification, generation, or a
+//! ladder of classification runs).
 
 pub mod config;
 pub mod generation;
@@ -9,3 +12,78 @@ pub mod preflight;
 pub mod stages;
 pub mod study;
 pub mod sweep;
+
+use crate::data::{self, Dataset};
+use anyhow::Result;
+use config::ExperimentConfig;
+use std::path::Path;
+
+/// What a run produced.
+pub enum Report {
+    Classify(pipeline::RunResults),
+    Generate(generation::GenRunResults),
+    Ladder(sweep::SweepResults),
+}
+
+impl Report {
+    /// The table a paper would print.
+    pub fn markdown(&self) -> String {
+        match self {
+            Report::Classify(r) => pipeline::markdown(r),
+            Report::Generate(r) => generation::markdown(r),
+            Report::Ladder(r) => sweep::markdown(r),
+        }
+    }
+
+    /// The report's file in the run folder.
+    pub fn file_name(&self) -> &'static str {
+        match self {
+            Report::Ladder(_) => "sweep.md",
+            _ => "results.md",
+        }
+    }
+}
+
+/// Checks everything that needs no training ([`preflight::check`]), then runs the experiment of
+/// `config` (read from `config_path`, against which its relative paths resolve) into `out`.
+pub fn run(
+    config: &ExperimentConfig,
+    config_path: &Path,
+    out: &Path,
+    progress: bool,
+) -> Result<Report> {
+    let datasets = preflight::check(config, config_path, Some(out))?.datasets;
+    Ok(if config.sweep.is_some() {
+        Report::Ladder(sweep::run(config, &datasets, out, progress)?)
+    } else if datasets[0].num_classes.is_none() {
+        Report::Generate(generation::run(config, &datasets, out, progress)?)
+    } else {
+        Report::Classify(pipeline::run(config, &datasets, out, progress)?)
+    })
+}
+
+/// The datasets of a run, one per seed (re-splits of one pool when `task.pool_seed` is set).
+pub fn load_datasets(config: &ExperimentConfig, config_path: &Path) -> Result<Vec<Dataset>> {
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    let spec = config.task.spec(base)?;
+    let data_dir = config
+        .data_dir
+        .clone()
+        .unwrap_or_else(data::default_data_dir);
+    let datasets: Vec<Dataset> = match config.task.pool_seed {
+        Some(pool_seed) => {
+            let pool = data::load(&data_dir, &spec, &config.task.sizes, pool_seed)?;
+            config
+                .seeds
+                .iter()
+                .map(|&seed| pool.resplit(seed))
+                .collect()
+        }
+        None => config
+            .seeds
+            .iter()
+            .map(|&seed| data::load(&data_dir, &spec, &config.task.sizes, seed))
+            .collect::<Result<_>>()?,
+    };
+    Ok(datasets)
+}

@@ -9,7 +9,7 @@ use super::config::{
 };
 use super::learner::{FeatureTable, FinetuneLearner, Fitted, Learner, ProbeLearner, Supervision};
 use super::stages::{stage_key, StageCache, Subject};
-use crate::data::{self, Dataset, Example};
+use crate::data::{Dataset, Example};
 use crate::eval::classify::{classify_metrics, ClassifyMetrics, Prediction};
 use crate::eval::paired::{average, Estimate, Outcomes, Resampler};
 use crate::eval::summary::{pgr, Summary, SummaryBuilder, SummaryTable};
@@ -151,6 +151,25 @@ pub struct RunResults {
     /// Users' files with string labels: class k is label_names[k] (sorted).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub label_names: Option<Vec<String>>,
+}
+
+impl RunResults {
+    /// The strong ceiling's margin over the best weak model, mean over seeds: how much room
+    /// the run leaves for weak-to-strong.
+    pub fn ceiling_margin(&self) -> f64 {
+        let margins: Vec<f64> = self
+            .seeds
+            .iter()
+            .map(|s| {
+                s.ceiling.accuracy
+                    - s.weak
+                        .iter()
+                        .map(|w| w.accuracy)
+                        .fold(f64::NEG_INFINITY, f64::max)
+            })
+            .collect();
+        margins.iter().sum::<f64>() / margins.len().max(1) as f64
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -303,32 +322,6 @@ fn features_for(
     })
 }
 
-/// The datasets of a run, one per seed (re-splits of one pool when `task.pool_seed` is set).
-pub fn load_datasets(config: &ExperimentConfig, config_path: &Path) -> Result<Vec<Dataset>> {
-    let base = config_path.parent().unwrap_or(Path::new("."));
-    let spec = config.task.spec(base)?;
-    let data_dir = config
-        .data_dir
-        .clone()
-        .unwrap_or_else(data::default_data_dir);
-    let datasets: Vec<Dataset> = match config.task.pool_seed {
-        Some(pool_seed) => {
-            let pool = data::load(&data_dir, &spec, &config.task.sizes, pool_seed)?;
-            config
-                .seeds
-                .iter()
-                .map(|&seed| pool.resplit(seed))
-                .collect()
-        }
-        None => config
-            .seeds
-            .iter()
-            .map(|&seed| data::load(&data_dir, &spec, &config.task.sizes, seed))
-            .collect::<Result<_>>()?,
-    };
-    Ok(datasets)
-}
-
 /// Builds each model's learner: a probe on its (cached) features, or a fine-tuning.
 struct Learners<'a> {
     config: &'a ExperimentConfig,
@@ -478,14 +471,13 @@ fn weak_subject(seed: u64, j: usize, name: &str) -> Subject {
 /// stronger). The stages are the run's own weak stages (cached, reused by a later run).
 pub fn ground_truth_cv(
     config: &ExperimentConfig,
-    config_path: &Path,
+    datasets: &[Dataset],
     progress: bool,
 ) -> Result<Vec<f64>> {
-    let datasets = load_datasets(config, config_path)?;
     let classes = datasets[0]
         .num_classes
         .context("ordering models by strength needs a classification task")?;
-    let examples = examples_of(&datasets);
+    let examples = examples_of(datasets);
     let timings = std::cell::RefCell::new(Vec::new());
     let learners = Learners::new(config, &examples, (progress, classes), &timings)?;
     let stages = StageCache::new(&ws2s_home().join("stages"));
@@ -496,7 +488,7 @@ pub fn ground_truth_cv(
             .make(spec)
             .with_context(|| format!("stage `features` ({})", names[j]))?;
         let mut values = Vec::new();
-        for dataset in &datasets {
+        for dataset in datasets {
             let (probe_config, probe_json) = probe_settings(config, dataset.seed)?;
             let (stage, _) = weak_stage(
                 &stages,
@@ -518,10 +510,11 @@ pub fn ground_truth_cv(
     Ok(strength)
 }
 
-/// Runs the experiment and writes `results.json`, `results.md` and `weak_labels.jsonl` into `out`.
+/// Runs the experiment on its datasets (one per seed, [`super::load_datasets`]) and writes
+/// its outputs into `out`.
 pub fn run(
     config: &ExperimentConfig,
-    config_path: &Path,
+    datasets: &[Dataset],
     out: &Path,
     progress: bool,
 ) -> Result<RunResults> {
@@ -533,11 +526,10 @@ pub fn run(
     if config.weak.is_empty() {
         bail!("the config has no [[weak]] model");
     }
-    let datasets = load_datasets(config, config_path)?;
     let classes = datasets[0]
         .num_classes
         .context("`ws2s run` supports classification tasks so far")?;
-    let examples = examples_of(&datasets);
+    let examples = examples_of(datasets);
     let s = &datasets[0];
     eprintln!(
         "task {}: weak_train {} / strong_train {} / test {}; seeds {:?}; {} distinct examples",
@@ -575,7 +567,7 @@ pub fn run(
     let mut predictions = Vec::new();
     let mut label_rows: Vec<serde_json::Value> = Vec::new();
     let probes_started = std::time::Instant::now();
-    for dataset in &datasets {
+    for dataset in datasets {
         let (probe_config, probe_json) = probe_settings(config, dataset.seed)?;
         // Weak models: trained on weak_train, labelling strong_train and test.
         let data_hash = dataset.data_hash();

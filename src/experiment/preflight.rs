@@ -35,7 +35,7 @@ pub fn check(config: &ExperimentConfig, path: &Path, out: Option<&Path>) -> Resu
         .device()
         .with_context(|| format!("{}: device", path.display()))?;
     // The data first: with models not yet installed, the rest has still been checked.
-    let datasets = super::pipeline::load_datasets(config, path)
+    let datasets = super::load_datasets(config, path)
         .with_context(|| format!("{}: loading the data of [task]", path.display()))?;
     let mut resolved = Vec::new();
     for (key, spec) in config.model_keys() {

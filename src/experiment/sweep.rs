@@ -12,6 +12,7 @@
 
 use super::config::{ExperimentConfig, LadderOrder, Method, ModelSpec};
 use super::pipeline::{self, RunResults};
+use crate::data::Dataset;
 use crate::eval::paired::Estimate;
 use crate::eval::summary::Summary;
 use crate::report::parquet::ColumnData;
@@ -83,7 +84,7 @@ fn rung_config(
 /// by it.
 fn order_models(
     config: &ExperimentConfig,
-    config_path: &Path,
+    datasets: &[Dataset],
     progress: bool,
 ) -> Result<(Vec<ModelSpec>, Option<Vec<f64>>)> {
     let sweep = config.sweep.as_ref().context("the config has no [sweep]")?;
@@ -94,7 +95,7 @@ fn order_models(
             let mut probe = config.clone();
             probe.sweep = None;
             probe.weak = models.clone();
-            let cv = pipeline::ground_truth_cv(&probe, config_path, progress)?;
+            let cv = pipeline::ground_truth_cv(&probe, datasets, progress)?;
             let mut ranked: Vec<(ModelSpec, f64)> = models.into_iter().zip(cv).collect();
             // Higher held-out log-loss = weaker: weakest first.
             ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -157,16 +158,17 @@ fn median(values: &mut [f64]) -> Option<f64> {
     }
 }
 
-/// Runs the ladder and writes its outputs into `out`.
+/// Runs the ladder on its datasets (one per seed, shared by every rung) and writes its outputs
+/// into `out`.
 pub fn run(
     config: &ExperimentConfig,
-    config_path: &Path,
+    datasets: &[Dataset],
     out: &Path,
     progress: bool,
 ) -> Result<SweepResults> {
     let started = std::time::Instant::now();
     let sweep = config.sweep.as_ref().context("the config has no [sweep]")?;
-    let (ladder, strength) = order_models(config, config_path, progress)?;
+    let (ladder, strength) = order_models(config, datasets, progress)?;
     let labels: Vec<String> = ladder.iter().map(ModelSpec::label).collect();
     eprintln!("ladder, weakest first: {}", labels.join(" < "));
     let mut cells = Vec::new();
@@ -183,7 +185,7 @@ pub fn run(
         let dir = out
             .join("runs")
             .join(format!("{s}-{}", file_name(&labels[s])));
-        let results = pipeline::run(&rung, config_path, &dir, progress)
+        let results = pipeline::run(&rung, datasets, &dir, progress)
             .with_context(|| format!("rung {s} ({})", labels[s]))?;
         let weak_labels = rung.weak_labels();
         ground_truth[s] = accuracy_of(&results, "ceiling").map_or(f64::NAN, |a| a.mean);
