@@ -1038,7 +1038,7 @@ fn summarise(config: &ExperimentConfig, seeds: &[GenSeedResult]) -> SummaryTable
 }
 
 fn cell(summary: Option<&Option<Summary>>) -> String {
-    super::pipeline::cell(summary)
+    crate::report::classify::cell(summary)
 }
 
 /// A count over seeds: an integer when it is one (one seed, or every seed the same).
@@ -1147,7 +1147,7 @@ fn plots(results: &GenRunResults) -> Vec<(&'static str, String)> {
         .first()
         .map(|s| s.methods.iter().map(|m| m.method.clone()).collect())
         .unwrap_or_default();
-    super::pipeline::metric_plots(
+    crate::report::classify::metric_plots(
         &results.summary,
         &results.config.weak_labels(),
         &methods,

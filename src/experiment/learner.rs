@@ -2,15 +2,21 @@
 //! fine-tuning (LoRA adapters or all weights) of the backbone with a classification head.
 //! Both train on a batch loss over example indices (any loss of METHOD.md section 3).
 
-use crate::data::Example;
+use super::config::{default_lora, ExperimentConfig, ModelSpec, TrainingMode};
+use crate::data::{Dataset, Example};
+use crate::models::features::{extract, feature_key, load_cached, store_cached, FeatureOptions};
 use crate::models::heads::{pool, ClassificationHead, Pooling};
 use crate::models::params::{LoraConfig, Params, Trainable};
 use crate::models::Model;
+use crate::models::{model_hash, resolve_model, ws2s_home};
+use crate::report::classify::Timing;
 use crate::train::convex::{CvReport, Objective, SoftXent, SolverConfig};
 use crate::train::probe::{self, LinearProbe, ProbeLoss, Step, TensorObjective};
 use crate::train::trainer::{train, TrainConfig, TrainTask};
+use anyhow::Context;
 use anyhow::Result;
 use candle_core::{Device, Tensor, D};
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -301,4 +307,170 @@ impl Learner for FinetuneLearner {
             cv: None,
         })
     }
+}
+
+// ---------------------------------------------------------------- building a run's learners
+
+/// "int8 (vnni512 kernel)", "f32".
+pub(super) fn describe_precision(precision: crate::ops::Precision) -> String {
+    match precision {
+        crate::ops::Precision::F32 => "f32".into(),
+        crate::ops::Precision::Int8 => format!("int8 ({} kernel)", precision.kernel()),
+        crate::ops::Precision::Bf16 => "bf16 (GPU)".into(),
+    }
+}
+
+/// Extracts (or reads from the cache) the features of every example for one model.
+pub(super) fn features_for(
+    spec: &ModelSpec,
+    examples: &BTreeMap<String, String>,
+    (progress, precision): (bool, crate::ops::Precision),
+    device: &Device,
+    timings: &std::cell::RefCell<Vec<Timing>>,
+) -> Result<FeatureTable> {
+    let path = resolve_model(&spec.model)?;
+    let hash = model_hash(&path)?;
+    // The pooling default depends on the architecture, known from the model's config without
+    // loading its weights; the cache is checked before the (slow) load.
+    let pooling = match spec.pooling {
+        Some(p) => p,
+        None if crate::models::model_type(&path)? == "bert" => Pooling::Mean,
+        None => Pooling::LastToken,
+    };
+    let options = FeatureOptions {
+        pooling,
+        max_tokens: spec.max_tokens,
+        progress,
+        precision,
+        ..Default::default()
+    };
+    let ids: Vec<&str> = examples.keys().map(String::as_str).collect();
+    let texts: Vec<&str> = examples.values().map(String::as_str).collect();
+    let start = std::time::Instant::now();
+    let cache_dir = ws2s_home().join("features");
+    let key = feature_key(&hash, &ids, &texts, &options);
+    let (features, hit) = match load_cached(&key, texts.len(), &cache_dir, &Device::Cpu) {
+        Some(features) => (features, true),
+        None => {
+            let mut model = Model::load_as(&path, Trainable::Frozen, 0, device, precision.dtype())
+                .with_context(|| format!("loading {}", spec.label()))?;
+            model.network.set_precision(precision)?;
+            // Extracted on the model's device; kept (and probed) on the CPU in f32.
+            let features = extract(&model, &texts, &options, device)?
+                .to_device(&Device::Cpu)?
+                .to_dtype(candle_core::DType::F32)?;
+            store_cached(&key, &features, &cache_dir)?;
+            (features, false)
+        }
+    };
+    eprintln!(
+        "features: {} ({} examples, {})",
+        spec.label(),
+        ids.len(),
+        if hit {
+            "cached".to_string()
+        } else {
+            format!("{:.0} s", start.elapsed().as_secs_f64())
+        }
+    );
+    timings.borrow_mut().push(Timing {
+        stage: format!("features: {}", spec.label()),
+        seconds: start.elapsed().as_secs_f64(),
+        cached: hit,
+    });
+    let row_of = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.to_string(), i))
+        .collect();
+    let key = format!("{hash}|{}|{}", pooling.as_str(), spec.max_tokens);
+    Ok(FeatureTable {
+        features,
+        row_of,
+        model_hash: hash,
+        key,
+    })
+}
+
+/// Builds each model's learner: a probe on its (cached) features, or a fine-tuning.
+pub(super) struct Learners<'a> {
+    config: &'a ExperimentConfig,
+    examples: &'a BTreeMap<String, String>,
+    progress: bool,
+    classes: usize,
+    /// Models run on the configured device (bf16 on a GPU); probes and losses on the CPU.
+    device: Device,
+    pub(super) precision: crate::ops::Precision,
+    timings: &'a std::cell::RefCell<Vec<Timing>>,
+}
+
+impl<'a> Learners<'a> {
+    pub(super) fn new(
+        config: &'a ExperimentConfig,
+        examples: &'a BTreeMap<String, String>,
+        (progress, classes): (bool, usize),
+        timings: &'a std::cell::RefCell<Vec<Timing>>,
+    ) -> Result<Self> {
+        let device = config.device.device()?;
+        let precision = config
+            .precision
+            .resolve_on(crate::ops::Purpose::Features, &device)?;
+        Ok(Learners {
+            config,
+            examples,
+            progress,
+            classes,
+            device,
+            precision,
+            timings,
+        })
+    }
+
+    /// The learner of `spec` and its model's hash.
+    pub(super) fn make(&self, spec: &ModelSpec) -> Result<(Box<dyn Learner>, String)> {
+        if spec.mode == TrainingMode::Probe {
+            let table = features_for(
+                spec,
+                self.examples,
+                (self.progress, self.precision),
+                &self.device,
+                self.timings,
+            )?;
+            let hash = table.model_hash.clone();
+            let learner = ProbeLearner {
+                table,
+                classes: self.classes,
+                solver: self.config.solver.clone(),
+            };
+            return Ok((Box::new(learner), hash));
+        }
+        let path = resolve_model(&spec.model)?;
+        let hash = model_hash(&path)?;
+        let lora = (spec.mode == TrainingMode::Lora)
+            .then(|| spec.lora.clone().unwrap_or_else(default_lora));
+        let learner = FinetuneLearner {
+            device: self.device.clone(),
+            path,
+            model_hash: hash.clone(),
+            lora,
+            pooling: spec.pooling,
+            max_tokens: spec.max_tokens,
+            classes: self.classes,
+            train: spec.train.clone(),
+        };
+        Ok((Box::new(learner), hash))
+    }
+}
+
+/// Every example of every seed's splits, by id (features are extracted once per example).
+pub(super) fn examples_of(datasets: &[Dataset]) -> BTreeMap<String, String> {
+    let mut examples = BTreeMap::new();
+    for dataset in datasets {
+        for split in [&dataset.weak_train, &dataset.strong_train, &dataset.test] {
+            for e in split {
+                examples.insert(e.id.clone(), e.input.clone());
+            }
+        }
+    }
+    examples
 }
