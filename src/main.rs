@@ -52,40 +52,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Run {
             config,
             out,
-            precision,
-            device,
-            task,
-        } => {
-            let parsed = load_config(&config, (precision, device), &task)?;
-            if parsed.sweep.is_some() {
-                anyhow::bail!(
-                    "{}: has a [sweep] section: run it with `ws2s sweep {}`",
-                    config.display(),
-                    config.display()
-                );
-            }
-            let report = run_experiment(&parsed, &config, &out)?;
-            println!("results: {}", out.join(report.file_name()).display());
-            Ok(())
-        }
+            overrides,
+        } => run_config(&config, &out, &overrides, false),
         Command::Sweep {
             config,
             out,
-            precision,
-            device,
-            task,
-        } => {
-            let parsed = load_config(&config, (precision, device), &task)?;
-            if parsed.sweep.is_none() {
-                anyhow::bail!(
-                    "{}: has no [sweep] section (a ladder lists its models in [[sweep.models]]; see configs/sciq-ladder.toml); run a single experiment with `ws2s run`",
-                    config.display()
-                );
-            }
-            let report = run_experiment(&parsed, &config, &out)?;
-            println!("results: {}", out.join(report.file_name()).display());
-            Ok(())
-        }
+            overrides,
+        } => run_config(&config, &out, &overrides, true),
         Command::Demo {
             out,
             precision,

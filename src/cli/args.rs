@@ -46,16 +46,8 @@ into --out; prints the results table, then `results: DIR/results.md` last.")]
         /// The run folder.
         #[arg(long, default_value = "runs/latest")]
         out: PathBuf,
-        /// Number type of the frozen forward passes: auto, f32 or int8 (overrides the config's
-        /// `precision` key).
-        #[arg(long)]
-        precision: Option<PrecisionSetting>,
-        /// Where models run: cpu, cuda or cuda:N (overrides the config's `device` key; CUDA
-        /// needs a build with `--features cuda`, see scripts/build-cuda).
-        #[arg(long)]
-        device: Option<DeviceSetting>,
         #[command(flatten)]
-        task: TaskFlags,
+        overrides: RunFlags,
     },
     /// Run a ladder: every model of `[sweep]` as a weak supervisor of every stronger one.
     #[command(
@@ -77,15 +69,8 @@ the table, then `results: DIR/sweep.md` last."
         /// The output folder.
         #[arg(long, default_value = "runs/sweep")]
         out: PathBuf,
-        /// Number type of the frozen forward passes: auto, f32 or int8 (overrides the config's
-        /// `precision` key).
-        #[arg(long)]
-        precision: Option<PrecisionSetting>,
-        /// Where models run: cpu, cuda or cuda:N (overrides the config's `device` key).
-        #[arg(long)]
-        device: Option<DeviceSetting>,
         #[command(flatten)]
-        task: TaskFlags,
+        overrides: RunFlags,
     },
     /// The demo: a real weak-to-strong experiment on bundled SciQ with the fetched models.
     #[command(
@@ -338,6 +323,21 @@ by id. A gold id without a prediction counts as an empty prediction; prediction 
         #[arg(long, value_name = "FILE")]
         pred: PathBuf,
     },
+}
+
+/// Settings of `run` and `sweep` that replace the config's.
+#[derive(Args)]
+pub(crate) struct RunFlags {
+    /// Number type of the frozen forward passes: auto, f32 or int8 (overrides the config's
+    /// `precision` key).
+    #[arg(long)]
+    pub(crate) precision: Option<PrecisionSetting>,
+    /// Where models run: cpu, cuda or cuda:N (overrides the config's `device` key; CUDA
+    /// needs a build with `--features cuda`, see scripts/build-cuda).
+    #[arg(long)]
+    pub(crate) device: Option<DeviceSetting>,
+    #[command(flatten)]
+    pub(crate) task: TaskFlags,
 }
 
 /// `[task]` settings that replace the config's (your own data with a bundled config).

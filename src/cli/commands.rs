@@ -263,6 +263,27 @@ pub(crate) fn run_experiment(
     Ok(report)
 }
 
+/// `ws2s run` (`ladder` false) or `ws2s sweep` (`ladder` true) on a config: each refuses the
+/// other's kind of config, then runs it and prints where its report is.
+pub(crate) fn run_config(config: &Path, out: &Path, flags: &RunFlags, ladder: bool) -> Result<()> {
+    let parsed = load_config(config, (flags.precision, flags.device), &flags.task)?;
+    match (parsed.sweep.is_some(), ladder) {
+        (true, false) => anyhow::bail!(
+            "{}: has a [sweep] section: run it with `ws2s sweep {}`",
+            config.display(),
+            config.display()
+        ),
+        (false, true) => anyhow::bail!(
+            "{}: has no [sweep] section (a ladder lists its models in [[sweep.models]]; see configs/sciq-ladder.toml); run a single experiment with `ws2s run`",
+            config.display()
+        ),
+        _ => {}
+    }
+    let report = run_experiment(&parsed, config, out)?;
+    println!("results: {}", out.join(report.file_name()).display());
+    Ok(())
+}
+
 /// A config with the command line's overrides.
 pub(crate) fn load_config(
     path: &Path,
