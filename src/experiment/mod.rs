@@ -4,7 +4,7 @@
 //! ladder of classification runs).
 
 pub mod config;
-pub mod generation;
+pub mod generate;
 pub mod learner;
 pub mod pipeline;
 pub mod precision_study;
@@ -21,7 +21,7 @@ use std::path::Path;
 /// What a run produced.
 pub enum Report {
     Classify(pipeline::RunResults),
-    Generate(generation::GenRunResults),
+    Generate(generate::GenRunResults),
     Ladder(sweep::SweepResults),
 }
 
@@ -30,7 +30,7 @@ impl Report {
     pub fn markdown(&self) -> String {
         match self {
             Report::Classify(r) => pipeline::markdown(r),
-            Report::Generate(r) => generation::markdown(r),
+            Report::Generate(r) => generate::markdown(r),
             Report::Ladder(r) => sweep::markdown(r),
         }
     }
@@ -56,7 +56,7 @@ pub fn run(
     Ok(if config.sweep.is_some() {
         Report::Ladder(sweep::run(config, &datasets, out, progress)?)
     } else if datasets[0].num_classes.is_none() {
-        Report::Generate(generation::run(config, &datasets, out, progress)?)
+        Report::Generate(generate::run(config, &datasets, out, progress)?)
     } else {
         Report::Classify(pipeline::run(config, &datasets, out, progress)?)
     })
