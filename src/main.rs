@@ -102,14 +102,21 @@ fn run(cli: Cli) -> Result<()> {
         Command::Model(ModelCommand::Info { model, json }) => model_info(&model, json),
         Command::Model(ModelCommand::Download { repo, revision }) => download(&repo, &revision),
         Command::Generate(args) => generate_text(&args),
-        Command::Bench(BenchCommand::Train {
+        Command::Bench(command) => bench(command),
+    }
+}
+
+/// `ws2s bench ...`: speed measurements, printed as a line (or JSON) per measurement.
+fn bench(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Train {
             workload,
             warmup,
             steps,
             precision,
             device,
             json,
-        }) => {
+        } => {
             let device = device.device()?;
             // Training computes in f32 on the CPU (int8 is for inference only).
             let precision = match precision.resolve_on(Purpose::Decoding, &device)? {
@@ -135,13 +142,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Bench(BenchCommand::Special { elements, repeats }) => {
+        BenchCommand::Special { elements, repeats } => {
             for (name, ms) in ws2s::bench::bench_special(elements, repeats)? {
                 println!("{name:<11} lgamma + digamma, forward + backward, {elements} values: {ms:>8.1} ms");
             }
             Ok(())
         }
-        Command::Bench(BenchCommand::Forward {
+        BenchCommand::Forward {
             model,
             batch,
             seq_len,
@@ -149,7 +156,7 @@ fn run(cli: Cli) -> Result<()> {
             precision,
             device,
             json,
-        }) => print_inference(
+        } => print_inference(
             &{
                 let device = device.device()?;
                 ws2s::bench::bench_forward(
@@ -161,7 +168,7 @@ fn run(cli: Cli) -> Result<()> {
             },
             json,
         ),
-        Command::Bench(BenchCommand::Decode {
+        BenchCommand::Decode {
             model,
             prompts,
             prompt_len,
@@ -171,7 +178,7 @@ fn run(cli: Cli) -> Result<()> {
             precision,
             device,
             json,
-        }) => print_inference(
+        } => print_inference(
             &{
                 let device = device.device()?;
                 ws2s::bench::bench_decode(

@@ -451,44 +451,7 @@ pub fn markdown(results: &RunResults) -> String {
         cell(results.summary["ceiling"].get("accuracy")),
         chosen(&|s| s.ceiling_chosen_c)
     ));
-    let grid = c.solver.grid();
-    let edge = |v: Option<f64>| {
-        v.is_some_and(|v| grid.len() > 1 && (v == grid[0] || v == grid[grid.len() - 1]))
-    };
-    // Probe name -> the seeds where its C landed on the grid's edge.
-    let mut edge_seeds: Vec<(String, Vec<u64>)> = Vec::new();
-    let mut mark = |name: String, seed: u64| match edge_seeds.iter_mut().find(|(n, _)| *n == name) {
-        Some((_, seeds)) => seeds.push(seed),
-        None => edge_seeds.push((name, vec![seed])),
-    };
-    for s in &results.seeds {
-        let weak = c.weak_labels();
-        for (j, v) in s.weak_chosen_c.iter().enumerate() {
-            if edge(*v) {
-                mark(format!("weak {}", weak[j]), s.seed);
-            }
-        }
-        if edge(s.ceiling_chosen_c) {
-            mark("ceiling".into(), s.seed);
-        }
-        for m in &s.methods {
-            if edge(m.chosen_c) {
-                mark(m.method.clone(), s.seed);
-            }
-        }
-    }
-    let at_edge: Vec<String> = edge_seeds
-        .iter()
-        .map(|(name, seeds)| format!("{name} (seeds {seeds:?})"))
-        .collect();
-    if !at_edge.is_empty() {
-        out.push_str(&format!(
-            "Note: C was chosen at the edge of the grid [{:.1e}, {:.1e}] for {}; widen `[solver]` c_min / c_max to see whether the optimum lies beyond it.\n\n",
-            grid[0],
-            grid[grid.len() - 1],
-            at_edge.join(", ")
-        ));
-    }
+    out.push_str(&grid_edge_note(results));
     let mut solves = Convergence::default();
     for s in &results.seeds {
         solves.add(s.probe_solves);
@@ -534,7 +497,59 @@ pub fn markdown(results: &RunResults) -> String {
             ));
         }
     }
-    let p = &results.paired;
+    out.push_str(&paired_markdown(&results.paired));
+    out
+}
+
+/// A note naming the probes whose C was chosen at an edge of the solver's grid (empty when
+/// none was).
+fn grid_edge_note(results: &RunResults) -> String {
+    let c = &results.config;
+    let mut out = String::new();
+    let grid = c.solver.grid();
+    let edge = |v: Option<f64>| {
+        v.is_some_and(|v| grid.len() > 1 && (v == grid[0] || v == grid[grid.len() - 1]))
+    };
+    // Probe name -> the seeds where its C landed on the grid's edge.
+    let mut edge_seeds: Vec<(String, Vec<u64>)> = Vec::new();
+    let mut mark = |name: String, seed: u64| match edge_seeds.iter_mut().find(|(n, _)| *n == name) {
+        Some((_, seeds)) => seeds.push(seed),
+        None => edge_seeds.push((name, vec![seed])),
+    };
+    for s in &results.seeds {
+        let weak = c.weak_labels();
+        for (j, v) in s.weak_chosen_c.iter().enumerate() {
+            if edge(*v) {
+                mark(format!("weak {}", weak[j]), s.seed);
+            }
+        }
+        if edge(s.ceiling_chosen_c) {
+            mark("ceiling".into(), s.seed);
+        }
+        for m in &s.methods {
+            if edge(m.chosen_c) {
+                mark(m.method.clone(), s.seed);
+            }
+        }
+    }
+    let at_edge: Vec<String> = edge_seeds
+        .iter()
+        .map(|(name, seeds)| format!("{name} (seeds {seeds:?})"))
+        .collect();
+    if !at_edge.is_empty() {
+        out.push_str(&format!(
+            "Note: C was chosen at the edge of the grid [{:.1e}, {:.1e}] for {}; widen `[solver]` c_min / c_max to see whether the optimum lies beyond it.\n\n",
+            grid[0],
+            grid[grid.len() - 1],
+            at_edge.join(", ")
+        ));
+    }
+    out
+}
+
+/// The paired differences of every method and the paper's claims, as markdown sections.
+fn paired_markdown(p: &PairedReport) -> String {
+    let mut out = String::new();
     if !p.rows.is_empty() {
         out.push_str(&format!(
             "\n## Paired differences\n\nDifferences of test accuracy, computed per test example and seed \

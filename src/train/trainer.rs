@@ -120,6 +120,30 @@ pub fn best_checkpoint(dir: &Path) -> PathBuf {
     dir.join("best.safetensors")
 }
 
+/// The error of a training that diverged (a non-finite loss or gradient norm) at `epoch` and
+/// `batch` (0-based) with learning rate `lr`: where, the settings most likely responsible, and
+/// the last good checkpoint.
+fn divergence(
+    what: String,
+    (epoch, batch, lr): (usize, usize, f64),
+    config: &TrainConfig,
+    checkpoints: Option<&Path>,
+) -> anyhow::Error {
+    let kept = checkpoints.map(last_checkpoint).filter(|p| p.exists());
+    anyhow::anyhow!(
+        "{what} at epoch {}, batch {} (learning rate {lr:.3e} at this step, lr = {}, max_grad_norm = {}); \
+         the likely causes: a learning rate too high for this model, no gradient clipping, or a loss's settings (weights, evidence clamp); training stopped{}",
+        epoch + 1,
+        batch + 1,
+        config.lr,
+        config.max_grad_norm.map_or("none".to_string(), |n| n.to_string()),
+        kept.map_or(String::new(), |p| format!(
+            "; the last good checkpoint is {}",
+            p.display()
+        ))
+    )
+}
+
 /// Trains `vars` on `task`. With a checkpoint folder, writes `last.safetensors` after every
 /// epoch and `best.safetensors` when validation improves, and resumes from `last.safetensors`
 /// when it exists (a finished run resumes to its end at once).
@@ -197,21 +221,8 @@ pub fn train(
             let loss = with_training(dropout_seed, || task.loss(batch, fraction))?;
             let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             // Where training diverged, and the settings most likely responsible.
-            let diverged = |what: String, lr: f64| {
-                let kept = checkpoints.map(last_checkpoint).filter(|p| p.exists());
-                anyhow::anyhow!(
-                    "{what} at epoch {}, batch {} (learning rate {lr:.3e} at this step, lr = {}, max_grad_norm = {}); \
-                     the likely causes: a learning rate too high for this model, no gradient clipping, or a loss's settings (weights, evidence clamp); training stopped{}",
-                    epoch + 1,
-                    b + 1,
-                    config.lr,
-                    config.max_grad_norm.map_or("none".to_string(), |n| n.to_string()),
-                    kept.map_or(String::new(), |p| format!(
-                        "; the last good checkpoint is {}",
-                        p.display()
-                    ))
-                )
-            };
+            let diverged =
+                |what: String, lr: f64| divergence(what, (epoch, b, lr), config, checkpoints);
             if !value.is_finite() {
                 return Err(diverged(format!("the loss is {value}"), lr));
             }
