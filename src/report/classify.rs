@@ -7,7 +7,7 @@ use crate::eval::paired::{average, Estimate, Outcomes, Resampler};
 use crate::eval::summary::{Summary, SummaryBuilder, SummaryTable};
 use crate::experiment::config::{ExperimentConfig, ModelSpec};
 use crate::report::parquet::ColumnData;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Serialize;
 use std::path::Path;
 
@@ -767,28 +767,9 @@ pub(crate) fn write_outputs(
     predictions: &[SeedPredictions],
     log: &[crate::train::log::LogLine],
 ) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    crate::io::write_atomic(
-        &out.join("results.json"),
-        serde_json::to_string_pretty(results)?.as_bytes(),
-    )?;
-    let training = crate::report::loss::write(out, log)?;
-    crate::io::write_atomic(
-        &out.join("results.md"),
-        (markdown(results) + &training).as_bytes(),
-    )?;
-    let mut jsonl = String::new();
-    for row in label_rows {
-        jsonl.push_str(&serde_json::to_string(row)?);
-        jsonl.push('\n');
-    }
-    crate::io::write_atomic(&out.join("weak_labels.jsonl"), jsonl.as_bytes())?;
-    let mut lines = String::new();
-    for seed in predictions {
-        lines.push_str(&serde_json::to_string(seed)?);
-        lines.push('\n');
-    }
-    crate::io::write_atomic(&out.join("test_predictions.jsonl"), lines.as_bytes())?;
+    super::write_run_folder(out, results, markdown(results), log)?;
+    super::write_jsonl(&out.join("weak_labels.jsonl"), label_rows)?;
+    super::write_jsonl(&out.join("test_predictions.jsonl"), predictions)?;
     crate::report::parquet::write(
         &out.join("weak_labels.parquet"),
         &label_columns(results, label_rows),

@@ -7,7 +7,7 @@ use crate::eval::summary::{Summary, SummaryBuilder, SummaryTable};
 use crate::experiment::config::{ExperimentConfig, ModelSpec};
 use crate::generation::tasks::DpoEpochLog;
 use crate::report::parquet::ColumnData;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -275,15 +275,6 @@ fn field(name: &str, col: Col) -> (String, Col, String) {
     (name.to_string(), col, format!("/{name}"))
 }
 
-fn write_jsonl(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
-    let mut text = String::new();
-    for row in rows {
-        text.push_str(&serde_json::to_string(row)?);
-        text.push('\n');
-    }
-    crate::io::write_atomic(path, text.as_bytes())
-}
-
 pub(crate) fn write_outputs(
     out: &Path,
     results: &GenRunResults,
@@ -291,17 +282,8 @@ pub(crate) fn write_outputs(
     pair_rows: &[serde_json::Value],
     log: &[crate::train::log::LogLine],
 ) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    crate::io::write_atomic(
-        &out.join("results.json"),
-        serde_json::to_string_pretty(results)?.as_bytes(),
-    )?;
-    let training = crate::report::loss::write(out, log)?;
-    crate::io::write_atomic(
-        &out.join("results.md"),
-        (markdown(results) + &training).as_bytes(),
-    )?;
-    write_jsonl(&out.join("weak_labels.jsonl"), label_rows)?;
+    super::write_run_folder(out, results, markdown(results), log)?;
+    super::write_jsonl(&out.join("weak_labels.jsonl"), label_rows)?;
     let mut spec = vec![
         field("seed", Col::Int),
         field("id", Col::Text),
@@ -322,7 +304,7 @@ pub(crate) fn write_outputs(
         &json_columns(label_rows, &spec),
     )?;
     if !pair_rows.is_empty() {
-        write_jsonl(&out.join("preference_pairs.jsonl"), pair_rows)?;
+        super::write_jsonl(&out.join("preference_pairs.jsonl"), pair_rows)?;
         let spec = [
             field("seed", Col::Int),
             field("id", Col::Text),
