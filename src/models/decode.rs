@@ -160,10 +160,11 @@ fn last_top_logprobs(
     let t = hidden.dim(1)?;
     let last = hidden.narrow(1, t - 1, 1)?;
     let logits = network.logits(&last)?.squeeze(1)?.detach();
+    use rayon::prelude::*;
     Ok(logits
         .to_dtype(candle_core::DType::F32)?
         .to_vec2::<f32>()?
-        .iter()
+        .par_iter()
         .map(|row| top_logprobs(row, keep))
         .collect())
 }

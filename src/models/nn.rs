@@ -118,7 +118,7 @@ impl Head {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         match &self.packed {
             Some(w) => int8::linear(hidden, w, None),
-            None => matmul_t(hidden, &self.weight),
+            None => crate::ops::linear::linear(hidden, &self.weight, None),
         }
     }
 }

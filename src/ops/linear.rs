@@ -125,6 +125,33 @@ unsafe fn gemm_raw<T: Real>(
     );
 }
 
+/// The values as f32 when T is f32.
+fn as_f32<T: 'static>(values: &[T]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32, so the slice is one of f32 values.
+        .then(|| unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<f32>(), values.len()) })
+}
+
+/// The values as mutable f32 when T is f32.
+fn as_f32_mut<T: 'static>(values: &mut [T]) -> Option<&mut [f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| {
+        // SAFETY: T is f32, so the slice is one of f32 values.
+        unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<f32>(), values.len()) }
+    })
+}
+
+/// y [rows, n] += x [rows, k] W^T (W [n, k], row-major): for f32 with few rows (decoding) the
+/// product that reads W in place ([`super::skinny`]), else gemm.
+fn accumulate_product<T: Real>(y: &mut [T], x: &[T], w: &[T], rows: usize, k: usize, n: usize) {
+    if super::skinny::applies(rows, k) {
+        if let (Some(x), Some(w), Some(y)) = (as_f32(x), as_f32(w), as_f32_mut(y)) {
+            super::skinny::accumulate(x, w, (rows, k, n), y);
+            return;
+        }
+    }
+    gemm_into((rows, n, k), y, true, (x, k, 1), (w, 1, k), 1.0);
+}
+
 /// y [rows, n] = x [rows, k] W^T (W [n, k]) + b.
 pub(crate) fn forward<T: Real>(
     x: &[T],
@@ -135,13 +162,18 @@ pub(crate) fn forward<T: Real>(
     n: usize,
 ) -> Vec<T> {
     let Some(b) = b else {
-        return gemm_new((rows, n, k), (x, k, 1), (w, 1, k), 1.0);
+        if !super::skinny::applies(rows, k) {
+            return gemm_new((rows, n, k), (x, k, 1), (w, 1, k), 1.0);
+        }
+        let mut y = vec![T::from(0.0); rows * n];
+        accumulate_product(&mut y, x, w, rows, k, n);
+        return y;
     };
     let mut y = Vec::with_capacity(rows * n);
     for _ in 0..rows {
         y.extend_from_slice(b);
     }
-    gemm_into((rows, n, k), &mut y, true, (x, k, 1), (w, 1, k), 1.0);
+    accumulate_product(&mut y, x, w, rows, k, n);
     y
 }
 
@@ -163,7 +195,7 @@ pub(crate) fn residual_linear<T: Real>(
         }
         None => y.extend_from_slice(&r[..rows * n]),
     }
-    gemm_into((rows, n, k), &mut y, true, (x, k, 1), (w, 1, k), 1.0);
+    accumulate_product(&mut y, x, w, rows, k, n);
     y
 }
 

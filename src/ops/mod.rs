@@ -7,6 +7,7 @@ pub mod fused;
 pub mod int8;
 pub mod linear;
 pub mod simd;
+pub mod skinny;
 pub mod special;
 
 /// The number type of the frozen products of inference (feature extraction, scoring,
