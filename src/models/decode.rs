@@ -171,9 +171,7 @@ fn last_top_logprobs(
 
 /// The `keep` largest entries of a logit row as (token, log-probability), best first.
 pub fn top_logprobs(row: &[f32], keep: usize) -> Vec<(u32, f32)> {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
-    let log_norm = max as f64 + sum.ln();
+    let log_norm = crate::ops::simd::log_sum_exp(row) as f64;
     let keep = keep.min(row.len()).max(1);
     let mut top: Vec<(u32, f32)> = Vec::with_capacity(keep + 1);
     for (v, &x) in row.iter().enumerate() {

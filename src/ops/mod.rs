@@ -34,11 +34,12 @@ impl Precision {
         }
     }
 
-    /// The kernel that computes this precision's products here: "gemm-f32", or the int8
+    /// The kernel that computes this precision's products here: for f32, gemm and the
+    /// few-rows kernel of decoding ("gemm-f32+rows-avx512", see [`skinny`]); for int8 the
     /// kernel detected at run time ("vnni512", "avx2", "scalar").
     pub fn kernel(self) -> &'static str {
         match self {
-            Precision::F32 => "gemm-f32",
+            Precision::F32 => skinny::Kernel::detected().label(),
             Precision::Int8 => int8::Kernel::detected().name(),
             Precision::Bf16 => "cuda",
         }

@@ -163,6 +163,26 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 multiversion! {
+    /// ln sum_j e^{row_j}, by the largest value (shifted exponentials, lane-wise sums); -inf
+    /// for an empty row.
+    pub fn log_sum_exp(row: &[f32]) -> f32 {
+        let max = max_of(row);
+        if !max.is_finite() {
+            return max;
+        }
+        let mut lanes = [0f32; LANES];
+        let chunks = row.chunks_exact(LANES);
+        let rest: f32 = chunks.remainder().iter().map(|&v| exp(v - max)).sum();
+        for c in chunks {
+            for i in 0..LANES {
+                lanes[i] += exp(c[i] - max);
+            }
+        }
+        max + (lanes.iter().sum::<f32>() + rest).ln()
+    }
+}
+
+multiversion! {
     /// Softmax of every row of `cols` values, in place.
     pub fn softmax_rows(data: &mut [f32], cols: usize) {
         for row in data.chunks_mut(cols) {
@@ -573,6 +593,31 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn log_sum_exp_matches_f64_and_its_edge_cases() {
+        // A vocabulary-sized row (a remainder past the lanes), values spread over +-30.
+        let row: Vec<f32> = (0..151_939)
+            .map(|i| ((i * 7919 % 6007) as f32 / 100.0) - 30.0)
+            .collect();
+        let max = row
+            .iter()
+            .cloned()
+            .fold(f64::NEG_INFINITY, |a, b| a.max(b as f64));
+        let exact = max
+            + row
+                .iter()
+                .map(|&v| (v as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        let got = log_sum_exp(&row) as f64;
+        assert!((got - exact).abs() < 1e-5, "{got} vs {exact}");
+        // ln(e^1000 + e^1000) = 1000 + ln 2: no overflow.
+        assert!((log_sum_exp(&[1000.0, 1000.0]) - (1000.0 + 2f32.ln())).abs() < 1e-3);
+        assert_eq!(log_sum_exp(&[]), f32::NEG_INFINITY);
+        assert_eq!(log_sum_exp(&[f32::NEG_INFINITY, 0.0]), 0.0);
+        assert_eq!(log_sum_exp(&[3.5]), 3.5);
     }
 
     #[test]

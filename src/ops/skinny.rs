@@ -11,7 +11,7 @@
 //!
 //! The order of the additions differs from gemm's (values agree to rounding, tested against
 //! f64). `WS2S_SKINNY_ROWS` sets the most rows that take this path (0: never; default
-//! [`DEFAULT_MAX_ROWS`]).
+//! [`DEFAULT_MAX_ROWS`]); `WS2S_SKINNY_KERNEL=scalar|avx2|avx512` forces a kernel.
 
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -37,14 +37,37 @@ pub(crate) fn applies(rows: usize, k: usize) -> bool {
 
 /// The inner kernels; the widest the CPU has is used unless one is asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kernel {
+pub enum Kernel {
     Scalar,
     Avx2,
     Avx512,
 }
 
 impl Kernel {
-    pub(crate) fn detected() -> Kernel {
+    /// The kernel used: `WS2S_SKINNY_KERNEL=scalar|avx2|avx512` if set and available, else
+    /// the widest this CPU has.
+    pub fn detected() -> Kernel {
+        static KERNEL: OnceLock<Kernel> = OnceLock::new();
+        *KERNEL.get_or_init(|| {
+            let widest = Kernel::widest();
+            match std::env::var("WS2S_SKINNY_KERNEL").as_deref() {
+                Ok("scalar") => Kernel::Scalar,
+                Ok("avx2") if widest != Kernel::Scalar => Kernel::Avx2,
+                _ => widest,
+            }
+        })
+    }
+
+    /// How results name f32 products: gemm, and this kernel for few rows.
+    pub fn label(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "gemm-f32+rows-scalar",
+            Kernel::Avx2 => "gemm-f32+rows-avx2",
+            Kernel::Avx512 => "gemm-f32+rows-avx512",
+        }
+    }
+
+    fn widest() -> Kernel {
         static KERNEL: OnceLock<Kernel> = OnceLock::new();
         *KERNEL.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
@@ -64,8 +87,8 @@ impl Kernel {
     pub(crate) fn available(self) -> bool {
         match self {
             Kernel::Scalar => true,
-            Kernel::Avx2 => Kernel::detected() != Kernel::Scalar,
-            Kernel::Avx512 => Kernel::detected() == Kernel::Avx512,
+            Kernel::Avx2 => Kernel::widest() != Kernel::Scalar,
+            Kernel::Avx512 => Kernel::widest() == Kernel::Avx512,
         }
     }
 
@@ -306,17 +329,38 @@ mod x86 {
             let mask: __mmask16 = (1u16 << (k - j)) - 1;
             step!(_mm512_maskz_loadu_ps, mask);
         }
-        let acc = [
-            [a00, a01, a02, a03, a04, a05],
-            [a10, a11, a12, a13, a14, a15],
-            [a20, a21, a22, a23, a24, a25],
-            [a30, a31, a32, a33, a34, a35],
+        let rows = [
+            [a00, a10, a20, a30],
+            [a01, a11, a21, a31],
+            [a02, a12, a22, a32],
+            [a03, a13, a23, a33],
+            [a04, a14, a24, a34],
+            [a05, a15, a25, a35],
         ];
-        for (c, column) in acc.iter().enumerate() {
-            for (r, &v) in column.iter().enumerate().take(rs) {
-                *out.add(r * n + c) += _mm512_reduce_add_ps(v);
-            }
+        for (r, &[p, q, s, t]) in rows.iter().enumerate().take(rs) {
+            let o = out.add(r * n);
+            _mm_storeu_ps(o, _mm_add_ps(_mm_loadu_ps(o), sum4(p, q, s, t)));
         }
+    }
+
+    /// [sum of p's lanes, of q's, of s's, of t's].
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn sum4(p: __m512, q: __m512, s: __m512, t: __m512) -> __m128 {
+        // Within each 128-bit lane: [p0+p2, q0+q2, p1+p3, q1+q3], the same for s and t, then
+        // [p0+p1+p2+p3, q.., s.., t..]; then the four lanes added.
+        let pq = _mm512_add_ps(_mm512_unpacklo_ps(p, q), _mm512_unpackhi_ps(p, q));
+        let st = _mm512_add_ps(_mm512_unpacklo_ps(s, t), _mm512_unpackhi_ps(s, t));
+        let (pq, st) = (_mm512_castps_pd(pq), _mm512_castps_pd(st));
+        let all = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(pq, st)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(pq, st)),
+        );
+        let half = _mm256_add_ps(
+            _mm512_castps512_ps256(all),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(all), 1)),
+        );
+        _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1))
     }
 
     /// out[r, c] += sum_j x[r, j] w[c, j] for C columns and R rows.
