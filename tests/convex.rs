@@ -5,9 +5,9 @@ use candle_core::Tensor;
 use ws2s::losses;
 use ws2s::rng::Rng;
 use ws2s::train::convex::{
-    fit_cv, lbfgs, row_space, solve, EvalPoint, LinearModel, Matrix, Objective, SoftXent,
-    SolverConfig,
+    fit_cv, row_space, solve, EvalPoint, LinearModel, Matrix, Objective, SoftXent, SolverConfig,
 };
+use ws2s::train::lbfgs::lbfgs;
 use ws2s::train::probe::{ProbeLoss, Step, TensorObjective};
 
 fn gaussian(rng: &mut Rng) -> f64 {

@@ -3,10 +3,10 @@
 //! once and runs the kind of experiment the config describes (classification, generation, or a
 //! ladder of classification runs).
 
+pub mod classify;
 pub mod config;
 pub mod generate;
 pub mod learner;
-pub mod pipeline;
 pub mod precision_study;
 pub mod preflight;
 pub mod stages;
@@ -20,7 +20,7 @@ use std::path::Path;
 
 /// What a run produced.
 pub enum Report {
-    Classify(pipeline::RunResults),
+    Classify(classify::RunResults),
     Generate(generate::GenRunResults),
     Ladder(sweep::SweepResults),
 }
@@ -29,7 +29,7 @@ impl Report {
     /// The table a paper would print.
     pub fn markdown(&self) -> String {
         match self {
-            Report::Classify(r) => pipeline::markdown(r),
+            Report::Classify(r) => classify::markdown(r),
             Report::Generate(r) => generate::markdown(r),
             Report::Ladder(r) => sweep::markdown(r),
         }
@@ -58,7 +58,7 @@ pub fn run(
     } else if datasets[0].num_classes.is_none() {
         Report::Generate(generate::run(config, &datasets, out, progress)?)
     } else {
-        Report::Classify(pipeline::run(config, &datasets, out, progress)?)
+        Report::Classify(classify::run(config, &datasets, out, progress)?)
     })
 }
 

@@ -10,8 +10,8 @@
 //! ceiling dashed), `pgr.svg/png` (heatmaps) and `sweep.parquet` (one row per cell); every
 //! run's own outputs under `runs/`.
 
+use super::classify::{self, RunResults};
 use super::config::{ExperimentConfig, LadderOrder, Method, ModelSpec};
-use super::pipeline::{self, RunResults};
 use crate::data::Dataset;
 use crate::eval::paired::Estimate;
 use crate::eval::summary::Summary;
@@ -95,7 +95,7 @@ fn order_models(
             let mut probe = config.clone();
             probe.sweep = None;
             probe.weak = models.clone();
-            let cv = pipeline::ground_truth_cv(&probe, datasets, progress)?;
+            let cv = classify::ground_truth_cv(&probe, datasets, progress)?;
             let mut ranked: Vec<(ModelSpec, f64)> = models.into_iter().zip(cv).collect();
             // Higher held-out log-loss = weaker: weakest first.
             ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -185,7 +185,7 @@ pub fn run(
         let dir = out
             .join("runs")
             .join(format!("{s}-{}", file_name(&labels[s])));
-        let results = pipeline::run(&rung, datasets, &dir, progress)
+        let results = classify::run(&rung, datasets, &dir, progress)
             .with_context(|| format!("rung {s} ({})", labels[s]))?;
         let weak_labels = rung.weak_labels();
         ground_truth[s] = accuracy_of(&results, "ceiling").map_or(f64::NAN, |a| a.mean);

@@ -265,7 +265,7 @@ impl Gemma3 {
             let mlp = nn::gated_mlp(
                 &n,
                 (&layer.gate, &layer.up, &layer.down),
-                crate::ops::fused::Gate::GeluTanh,
+                crate::ops::activation::Gate::GeluTanh,
             )?;
             x = (x + layer.post_feedforward_norm.forward(&mlp)?)?;
         }

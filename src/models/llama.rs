@@ -8,7 +8,7 @@ use super::cache::KvCache;
 use super::config::ConfigJson;
 use super::nn::{self, Linear, RmsNorm, Rope};
 use super::params::Params;
-use crate::ops::fused::Gate;
+use crate::ops::activation::Gate;
 use anyhow::Result;
 use candle_core::Tensor;
 

@@ -170,7 +170,7 @@ impl Linear {
             .as_ref()
             .filter(|l| !dropout_active(l.dropout) && l.a.dtype() == x.dtype())
         {
-            return crate::ops::linear::lora_linear(
+            return crate::ops::lora::lora_linear(
                 x,
                 &self.weight,
                 self.bias.as_ref(),
@@ -216,17 +216,17 @@ impl Linear {
 }
 
 /// down(act(gate x) * up x) (Llama, Qwen2, Gemma): one fused op when the three layers are frozen
-/// and have no bias ([`crate::ops::linear::frozen_mlp`]), else layer by layer.
+/// and have no bias ([`crate::ops::mlp::frozen_mlp`]), else layer by layer.
 pub fn gated_mlp(
     x: &Tensor,
     (gate, up, down): (&Linear, &Linear, &Linear),
-    act: crate::ops::fused::Gate,
+    act: crate::ops::activation::Gate,
 ) -> Result<Tensor> {
-    use crate::ops::linear::{frozen_mlp, MlpKind};
+    use crate::ops::mlp::{frozen_mlp, MlpKind};
     let layers = [gate, up, down];
     if layers.iter().all(|l| l.int8().is_some()) {
         let [a, b] = project_shared(x, [gate, up])?;
-        return down.forward(&crate::ops::fused::gated(&a, &b, act)?);
+        return down.forward(&crate::ops::activation::gated(&a, &b, act)?);
     }
     if layers.iter().all(|l| l.is_frozen() && l.bias.is_none()) {
         let fused = frozen_mlp(
@@ -240,7 +240,7 @@ pub fn gated_mlp(
             return Ok(y);
         }
     }
-    down.forward(&crate::ops::fused::gated(
+    down.forward(&crate::ops::activation::gated(
         &gate.forward(x)?,
         &up.forward(x)?,
         act,
@@ -249,11 +249,11 @@ pub fn gated_mlp(
 
 /// down(gelu_erf(up x)) (BERT's feed-forward block): one fused op when both layers are frozen;
 /// else the up projection, then the GELU and the down projection as one op
-/// ([`crate::ops::linear::gelu_linear`]) when the down projection has a bias and no adapter.
+/// ([`crate::ops::mlp::gelu_linear`]) when the down projection has a bias and no adapter.
 pub fn gelu_mlp(x: &Tensor, up: &Linear, down: &Linear) -> Result<Tensor> {
-    use crate::ops::linear::{frozen_mlp, MlpKind};
+    use crate::ops::mlp::{frozen_mlp, MlpKind};
     if up.int8().is_some() && down.int8().is_some() {
-        return down.forward(&crate::ops::fused::gelu_erf(&up.forward(x)?)?);
+        return down.forward(&crate::ops::activation::gelu_erf(&up.forward(x)?)?);
     }
     if up.is_frozen() && down.is_frozen() {
         let fused = frozen_mlp(
@@ -269,11 +269,11 @@ pub fn gelu_mlp(x: &Tensor, up: &Linear, down: &Linear) -> Result<Tensor> {
     }
     let h = up.forward(x)?;
     if let (None, Some(bias)) = (&down.lora, &down.bias) {
-        if let Some(y) = crate::ops::linear::gelu_linear(&h, &down.weight, bias)? {
+        if let Some(y) = crate::ops::mlp::gelu_linear(&h, &down.weight, bias)? {
             return Ok(y);
         }
     }
-    down.forward(&crate::ops::fused::gelu_erf(&h)?)
+    down.forward(&crate::ops::activation::gelu_erf(&h)?)
 }
 
 impl Module for Linear {
@@ -301,12 +301,12 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::ops::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
+        crate::ops::norm::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 
     /// LN(x + residual), the sum formed inside one op (post-norm blocks).
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        crate::ops::fused::layer_norm_residual(x, residual, &self.weight, &self.bias, self.eps)
+        crate::ops::norm::layer_norm_residual(x, residual, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -321,13 +321,13 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::ops::fused::rms_norm(x, &self.weight, self.eps, self.add_unit_offset)
+        crate::ops::norm::rms_norm(x, &self.weight, self.eps, self.add_unit_offset)
     }
 }
 
 /// Token embeddings by row lookup.
 pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    crate::ops::fused::embedding(table, ids)
+    crate::ops::rope::embedding(table, ids)
 }
 
 /// Rotary position embedding tables for given positions.
@@ -359,7 +359,7 @@ impl Rope {
 /// Applies RoPE in the half-split layout of HF transformers: x cos + rotate_half(x) sin, with
 /// rotate_half([x1, x2]) = [-x2, x1]. `x` is [B, H, T, D].
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    crate::ops::fused::rope(x, cos, sin)
+    crate::ops::rope::rope(x, cos, sin)
 }
 
 /// The unfused attention and its head plumbing live with the fused op (ops::attention).
@@ -382,8 +382,8 @@ pub fn rotary_gqa_attention(
 ) -> Result<Tensor> {
     let (b, t, width) = k.dims3()?;
     let d = width / kv_heads;
-    let q = crate::ops::fused::rope_bthd(q, cos, sin, heads)?;
-    let k = crate::ops::fused::rope_bthd(k, cos, sin, kv_heads)?;
+    let q = crate::ops::rope::rope_bthd(q, cos, sin, heads)?;
+    let k = crate::ops::rope::rope_bthd(k, cos, sin, kv_heads)?;
     let (k_all, v_all) = cache.update(
         layer,
         &split_heads(&k, kv_heads, d)?,

@@ -11,11 +11,10 @@
 //!   S = scale Q K^T + mask, P = softmax(S), O = P V;
 //!   dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)), dQ = scale dS K, dK = scale dS^T Q.
 
-use super::fused::{by_dtype, cpu, typed, Real};
+use super::real::{by_dtype, cpu, typed, Kept, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::Mutex;
 
 /// A raw pointer that may cross threads: each task writes a disjoint set of elements.
 #[derive(Clone, Copy)]
@@ -127,7 +126,7 @@ struct Attention {
     /// The additive mask [B, Tq, Tk], contiguous, in the inputs' dtype.
     mask: Tensor,
     /// P [B, H, Tq, Tk], kept by the forward for the backward.
-    probs: Mutex<Option<Tensor>>,
+    probs: Kept,
 }
 
 /// Forward of every (batch, head): returns (O [B, Tq, H D], P [B, H, Tq, Tk]).
@@ -361,7 +360,7 @@ impl CustomOp3 for Attention {
                 self.scale,
             );
             let probs = Tensor::from_vec(probs, (dm.b, dm.heads, dm.tq, dm.tk), &device)?;
-            *self.probs.lock().expect("attention probabilities") = Some(probs);
+            self.probs.keep(probs);
             T::wrap(out)
         });
         Ok((out, Shape::from((dm.b, dm.tq, dm.q_row()))))
@@ -376,14 +375,7 @@ impl CustomOp3 for Attention {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let name = self.name();
-        let probs = self
-            .probs
-            .lock()
-            .expect("attention probabilities")
-            .clone()
-            .ok_or_else(|| {
-                candle_core::Error::Msg("fused-attention: backward before forward".into())
-            })?;
+        let probs = self.probs.get::<Tensor>("fused-attention")?;
         let grad = grad.contiguous()?;
         let (dm, device) = (self.dims, q.device().clone());
         let (qs, ql) = q.storage_and_layout();
@@ -470,7 +462,7 @@ pub fn attention(
             .to_dtype(q.dtype())?
             .reshape((b, tq, tk))?
             .contiguous()?,
-        probs: Mutex::new(None),
+        probs: Kept::default(),
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -507,7 +499,7 @@ pub fn attention_decomposed(
     let (b, h, tq, d) = q.dims4()?;
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
     let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
-    let probs = super::fused::softmax_last_dim(&scores)?;
+    let probs = super::softmax::softmax_last_dim(&scores)?;
     let out = probs.matmul(&v.contiguous()?)?;
     out.transpose(1, 2)?.contiguous()?.reshape((b, tq, h * d))
 }

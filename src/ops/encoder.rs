@@ -23,8 +23,10 @@
 //! hands each parameter its slice of the flat gradient), so that a layer has two inputs.
 
 use super::attention::{self, Dims, Strides};
-use super::fused::{self, by_dtype, cpu, typed, Kept, Norm, Real};
 use super::linear::{self, residual_linear};
+use super::norm::Norm;
+use super::real::{by_dtype, cpu, typed, Kept, Real};
+use super::{norm, real};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -224,7 +226,7 @@ impl PostNormLayer {
             h,
             h,
         );
-        let a = fused::norm_rows(
+        let a = norm::norm_rows(
             &s1,
             &p[sl.ln1w.clone()],
             Some(&p[sl.ln1b.clone()]),
@@ -233,7 +235,7 @@ impl PostNormLayer {
         // u = a Wup^T + bup, then g = gelu(u) with u overwritten by gelu'(u) (kept as `gd`).
         let mut gd = linear::forward(&a, &p[sl.wup.clone()], Some(&p[sl.bup.clone()]), rows, h, i);
         let mut g = vec![T::from(0.0); gd.len()];
-        let block = fused::rows_per_task(1);
+        let block = real::rows_per_task(1);
         g.par_chunks_mut(block)
             .zip(gd.par_chunks_mut(block))
             .for_each(|(g, u)| T::gelu_keeping_grad(u, g));
@@ -245,7 +247,7 @@ impl PostNormLayer {
             i,
             h,
         );
-        let y = fused::norm_rows(
+        let y = norm::norm_rows(
             &s2,
             &p[sl.ln2w.clone()],
             Some(&p[sl.ln2b.clone()]),
@@ -277,7 +279,7 @@ impl PostNormLayer {
         let mut dp = vec![T::from(0.0); if need_p { sl.len } else { 0 }];
         // A norm's packed gradient [dx, dw, db]: dw, db to their slots, dx returned.
         let norm_grad = |s: &[T], w: &Range<usize>, b: &Range<usize>, g: &[T], dp: &mut [T]| {
-            let mut packed = fused::norm_grad_rows(s, &p[w.clone()], g, self.norm);
+            let mut packed = norm::norm_grad_rows(s, &p[w.clone()], g, self.norm);
             if need_p {
                 dp[w.clone()].copy_from_slice(&packed[n..n + h]);
                 dp[b.clone()].copy_from_slice(&packed[n + h..n + 2 * h]);
@@ -291,7 +293,7 @@ impl PostNormLayer {
             linear::weight_grad_into(&mut dp[sl.wdown.clone()], &ds2, &sv.g, rows, i, h);
         }
         let mut du = linear::input_grad(&ds2, &p[sl.wdown.clone()], rows, i, h);
-        fused::par_rows_in_place(&sv.gd, &mut du, 1, |d, g| {
+        real::par_rows_in_place(&sv.gd, &mut du, 1, |d, g| {
             for (g, &d) in g.iter_mut().zip(d) {
                 *g = *g * d;
             }

@@ -1,13 +1,19 @@
 //! Custom operations with their own backward pass.
 
+pub mod activation;
 pub mod attention;
 pub mod decoder;
 pub mod encoder;
-pub mod fused;
 pub mod int8;
 pub mod linear;
+pub mod lora;
+pub mod mlp;
+pub mod norm;
+pub mod real;
+pub mod rope;
 pub mod simd;
 pub mod skinny;
+pub mod softmax;
 pub mod special;
 
 /// The number type of the frozen products of inference (feature extraction, scoring,
@@ -90,6 +96,26 @@ pub(crate) mod testing {
             .map(|_| (rng.next_f64() * 2.0 - 1.0) * scale)
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// f64 values uniform in (-1, 1), seeded.
+    pub fn random_unit(shape: &[usize], seed: u64) -> Tensor {
+        random(shape, seed, 1.0)
+    }
+
+    /// x W^T + b by candle's own ops (the reference for the fused products).
+    pub fn plain_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+        let y = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+        match b {
+            Some(b) => y.broadcast_add(b).unwrap(),
+            None => y,
+        }
+    }
+
+    /// A scalar loss that weights every output element differently.
+    pub fn probe_loss(y: &Tensor, seed: u64) -> Tensor {
+        let p = random(y.dims(), seed, 1.0);
+        (y * p).unwrap().sum_all().unwrap()
     }
 
     /// The largest absolute elementwise difference of two f64 tensors.

@@ -4,7 +4,7 @@
 //! devices). For x > 0: shift to z = x + 6 with the recurrences, then the Stirling / asymptotic
 //! series, whose first omitted terms are below 1e-9 at z >= 6.
 
-use super::fused::{by_dtype, fusable, typed, Real};
+use super::real::{by_dtype, fusable, typed, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 

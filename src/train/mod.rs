@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod convex;
+pub mod lbfgs;
 pub mod log;
 pub mod optimizer;
 pub mod probe;

@@ -1,0 +1,201 @@
+//! The x86-64 kernels of [`super::matmul`]: AVX-512 VNNI and AVX2, and the vectorized
+//! activation quantization.
+
+// The kernels index several register arrays by the same row.
+#![allow(clippy::needless_range_loop)]
+
+use super::{quantize_value, Int8Rows, Tile, BLOCK, NR};
+use std::arch::x86_64::*;
+
+/// [`super::quantize_block_plain`] with AVX-512: 16 values per step, masked tail.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn quantize_avx512(values: &[f32], out: &mut [i8]) -> (f32, i32) {
+    let n = values.len().min(out.len());
+    let mask = |i: usize| -> __mmask16 {
+        let left = n - i;
+        if left >= 16 {
+            0xffff
+        } else {
+            ((1u32 << left) - 1) as __mmask16
+        }
+    };
+    let mut m = _mm512_setzero_ps();
+    for i in (0..n).step_by(16) {
+        let v = _mm512_maskz_loadu_ps(mask(i), values.as_ptr().add(i));
+        // max(|v|, m) keeps m where v is NaN (as f32::max).
+        m = _mm512_max_ps(_mm512_abs_ps(v), m);
+    }
+    let amax = _mm512_reduce_max_ps(m);
+    if amax == 0.0 || !amax.is_finite() {
+        return (0.0, 0);
+    }
+    let inv = _mm512_set1_ps(127.0 / amax);
+    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    let mut sum = _mm512_setzero_si512();
+    for i in (0..n).step_by(16) {
+        let k = mask(i);
+        let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, values.as_ptr().add(i)), inv);
+        let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
+        let v = _mm512_maskz_mov_ps(ordered, _mm512_min_ps(_mm512_max_ps(v, lo), hi));
+        let q = _mm512_cvtps_epi32(v);
+        sum = _mm512_add_epi32(sum, q);
+        _mm512_mask_cvtepi32_storeu_epi8(out.as_mut_ptr().add(i) as *mut _, k, q);
+    }
+    (amax / 127.0, _mm512_reduce_add_epi32(sum))
+}
+
+/// [`super::quantize_block_plain`] with AVX2: 8 values per step, the tail value by value.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_avx2(values: &[f32], out: &mut [i8]) -> (f32, i32) {
+    let n = values.len().min(out.len());
+    let body = n - n % 8;
+    let sign = _mm256_set1_ps(-0.0);
+    let mut m = _mm256_setzero_ps();
+    for i in (0..body).step_by(8) {
+        let v = _mm256_andnot_ps(sign, _mm256_loadu_ps(values.as_ptr().add(i)));
+        m = _mm256_max_ps(v, m);
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+    let amax = lanes
+        .iter()
+        .chain(&values[body..n])
+        .fold(0f32, |a, v| a.max(v.abs()));
+    if amax == 0.0 || !amax.is_finite() {
+        return (0.0, 0);
+    }
+    let inv_s = 127.0 / amax;
+    let inv = _mm256_set1_ps(inv_s);
+    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    let mut total = 0i32;
+    let mut q32 = [0i32; 8];
+    for i in (0..body).step_by(8) {
+        let v = _mm256_mul_ps(_mm256_loadu_ps(values.as_ptr().add(i)), inv);
+        let ordered = _mm256_cmp_ps::<_CMP_ORD_Q>(v, v);
+        let v = _mm256_and_ps(ordered, _mm256_min_ps(_mm256_max_ps(v, lo), hi));
+        _mm256_storeu_si256(q32.as_mut_ptr() as *mut __m256i, _mm256_cvtps_epi32(v));
+        for (o, q) in out[i..i + 8].iter_mut().zip(q32) {
+            *o = q as i8;
+            total += q;
+        }
+    }
+    for (o, &v) in out[body..n].iter_mut().zip(&values[body..n]) {
+        let q = quantize_value(v * inv_s);
+        *o = q as i8;
+        total += q;
+    }
+    (amax / 127.0, total)
+}
+
+/// Rows r0..r0+R of the tile with AVX-512 VNNI: two 16-column halves, R rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
+pub(super) unsafe fn vnni512<const R: usize>(t: &Tile, x: &Int8Rows, r0: usize, y: *mut f32) {
+    let nb = x.blocks();
+    let mut facc = [[_mm512_setzero_ps(); 2]; R];
+    let xrows: [*const u8; R] =
+        std::array::from_fn(|i| x.q.as_ptr().add((r0 + i) * x.kp) as *const u8);
+    let wp = t.panel.as_ptr();
+    for b in 0..nb {
+        let mut iacc = [[_mm512_setzero_si512(); 2]; R];
+        for i in 0..R {
+            let c = _mm512_set1_epi32(*x.corr.get_unchecked((r0 + i) * nb + b));
+            iacc[i] = [c, c];
+        }
+        let base = b * BLOCK;
+        for g in 0..BLOCK / 4 {
+            let w = wp.add((base / 4 + g) * NR * 4);
+            let w0 = _mm512_loadu_si512(w as *const _);
+            let w1 = _mm512_loadu_si512(w.add(64) as *const _);
+            for i in 0..R {
+                let xv =
+                    _mm512_set1_epi32((xrows[i].add(base + 4 * g) as *const i32).read_unaligned());
+                iacc[i][0] = _mm512_dpbusd_epi32(iacc[i][0], w0, xv);
+                iacc[i][1] = _mm512_dpbusd_epi32(iacc[i][1], w1, xv);
+            }
+        }
+        let ws = [
+            _mm512_loadu_ps(t.scales.as_ptr().add(b * NR)),
+            _mm512_loadu_ps(t.scales.as_ptr().add(b * NR + 16)),
+        ];
+        for i in 0..R {
+            let xs = _mm512_set1_ps(*x.scales.get_unchecked((r0 + i) * nb + b));
+            for h in 0..2 {
+                let s = _mm512_mul_ps(xs, ws[h]);
+                facc[i][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i][h]), s, facc[i][h]);
+            }
+        }
+    }
+    let bias = [
+        _mm512_loadu_ps(t.bias.as_ptr()),
+        _mm512_loadu_ps(t.bias.as_ptr().add(16)),
+    ];
+    for (i, acc) in facc.iter().enumerate() {
+        let out = y.add((r0 + i) * t.n + t.col0);
+        for h in 0..2 {
+            let v = _mm512_add_ps(acc[h], bias[h]);
+            let lo = 16 * h;
+            if t.cols >= lo + 16 {
+                _mm512_storeu_ps(out.add(lo), v);
+            } else if t.cols > lo {
+                let mask: __mmask16 = ((1u32 << (t.cols - lo)) - 1) as __mmask16;
+                _mm512_mask_storeu_ps(out.add(lo), mask, v);
+            }
+        }
+    }
+}
+
+/// Rows r0..r0+R, columns c8..c8+8 of the tile with AVX2: the unsigned weight bytes widened
+/// to i16, the four activation bytes of a group broadcast and widened, `vpmaddwd` (two
+/// products per i32 lane, exact), lane pairs added at the end of each block.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn avx2<const R: usize>(
+    t: &Tile,
+    x: &Int8Rows,
+    r0: usize,
+    c8: usize,
+    y: *mut f32,
+) {
+    let nb = x.blocks();
+    let mut facc = [_mm256_setzero_ps(); R];
+    let xrows: [*const u8; R] =
+        std::array::from_fn(|i| x.q.as_ptr().add((r0 + i) * x.kp) as *const u8);
+    let wp = t.panel.as_ptr().add(c8 * 4);
+    for b in 0..nb {
+        let ws = _mm256_loadu_ps(t.scales.as_ptr().add(b * NR + c8));
+        let mut lo = [_mm256_setzero_si256(); R];
+        let mut hi = [_mm256_setzero_si256(); R];
+        let base = b * BLOCK;
+        for g in 0..BLOCK / 4 {
+            let w = wp.add((base / 4 + g) * NR * 4);
+            let w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(w as *const __m128i));
+            let w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(w.add(16) as *const __m128i));
+            for i in 0..R {
+                let four = (xrows[i].add(base + 4 * g) as *const i32).read_unaligned();
+                let xv = _mm256_cvtepi8_epi16(_mm_set1_epi32(four));
+                lo[i] = _mm256_add_epi32(lo[i], _mm256_madd_epi16(w0, xv));
+                hi[i] = _mm256_add_epi32(hi[i], _mm256_madd_epi16(w1, xv));
+            }
+        }
+        for i in 0..R {
+            // [c0 c1 c4 c5 | c2 c3 c6 c7] -> columns in order.
+            let sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo[i], hi[i]), 0b11_01_10_00);
+            let c = _mm256_set1_epi32(*x.corr.get_unchecked((r0 + i) * nb + b));
+            let p = _mm256_cvtepi32_ps(_mm256_add_epi32(sums, c));
+            let xs = _mm256_set1_ps(*x.scales.get_unchecked((r0 + i) * nb + b));
+            facc[i] = _mm256_fmadd_ps(p, _mm256_mul_ps(xs, ws), facc[i]);
+        }
+    }
+    let bias = _mm256_loadu_ps(t.bias.as_ptr().add(c8));
+    let cols = (t.cols - c8).min(8);
+    for (i, acc) in facc.iter().enumerate() {
+        let v = _mm256_add_ps(*acc, bias);
+        let out = y.add((r0 + i) * t.n + t.col0 + c8);
+        if cols == 8 {
+            _mm256_storeu_ps(out, v);
+        } else {
+            let mut tmp = [0f32; 8];
+            _mm256_storeu_ps(tmp.as_mut_ptr(), v);
+            std::ptr::copy_nonoverlapping(tmp.as_ptr(), out, cols);
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Softmax over the last dimension as one CPU op with its own backward (one pass forward,
+//! one backward), and the row-gradient op that the fused GELU shares.
+
+use super::activation::gelu_grad_rows;
+use super::real::*;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+
+// ---------------------------------------------------------------- softmax
+
+fn softmax_rows<T: Real>(x: &[T], cols: usize) -> Vec<T> {
+    par_rows(x, cols, |x, out| {
+        out.copy_from_slice(x);
+        T::softmax_rows_in_place(out, cols);
+    })
+}
+
+/// dx = y * (g - sum(g * y)) per row.
+fn softmax_grad_rows<T: Real>(y: &[T], g: &[T], cols: usize) -> Vec<T> {
+    par_rows2(y, g, cols, |y, g, out| {
+        T::softmax_grad_rows_into(y, g, out, cols, 1.0)
+    })
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(layout);
+        let name = self.name();
+        let out = by_dtype!(storage.dtype(), name, |T| T::wrap(softmax_rows::<T>(
+            typed(storage, layout, name)?,
+            cols
+        )));
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(res.contiguous()?.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &SOFTMAX_GRAD,
+        )?))
+    }
+}
+
+/// Which gradient a [`RowGrad`] computes.
+#[derive(Clone, Copy)]
+pub(crate) enum RowGradKind {
+    Softmax,
+    Gelu,
+}
+
+/// A gradient computed from two same-shaped tensors row by row (no backward of its own).
+pub(crate) struct RowGrad(pub(crate) RowGradKind);
+
+impl RowGrad {
+    fn rows<T: Real>(&self, a: &[T], b: &[T], cols: usize) -> Vec<T> {
+        match self.0 {
+            RowGradKind::Softmax => softmax_grad_rows(a, b, cols),
+            RowGradKind::Gelu => gelu_grad_rows(a, b, cols),
+        }
+    }
+}
+
+impl CustomOp2 for RowGrad {
+    fn name(&self) -> &'static str {
+        match self.0 {
+            RowGradKind::Softmax => "fused-softmax-grad",
+            RowGradKind::Gelu => "fused-gelu-erf-grad",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(l1);
+        let name = self.name();
+        let out = by_dtype!(s1.dtype(), name, |T| T::wrap(self.rows::<T>(
+            typed(s1, l1, name)?,
+            typed(s2, l2, name)?,
+            cols
+        )));
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+const SOFTMAX_GRAD: RowGrad = RowGrad(RowGradKind::Softmax);
+
+/// Softmax over the last dimension (fused on the CPU, with backward).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !fusable(x) {
+        return candle_nn::ops::softmax(x, D::Minus1);
+    }
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{max_diff, probe_loss, random};
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_softmax_matches_the_decomposed_one_in_values_and_gradients() {
+        for (i, shape) in [vec![3usize, 5], vec![2, 3, 4, 7], vec![1, 1], vec![4, 33]]
+            .iter()
+            .enumerate()
+        {
+            let x = Var::from_tensor(&random(shape, 10 + i as u64, 30.0)).unwrap();
+            let ours = softmax_last_dim(x.as_tensor()).unwrap();
+            let plain = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap();
+            assert!(max_diff(&ours, &plain) < 1e-12, "{shape:?}");
+            let g1 = probe_loss(&ours, 99).backward().unwrap();
+            let g2 = probe_loss(&plain, 99).backward().unwrap();
+            let d = max_diff(
+                g1.get(x.as_tensor()).unwrap(),
+                g2.get(x.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-12, "{shape:?}: gradient {d}");
+        }
+        // f32, and huge logits stay finite
+        let x = Tensor::new(&[[1e4f32, 0.0, -1e4], [3.0, 3.0, 3.0]], &Device::Cpu).unwrap();
+        let y = softmax_last_dim(&x).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(y[0], vec![1.0, 0.0, 0.0]);
+        assert!((y[1][0] - 1.0 / 3.0).abs() < 1e-7);
+    }
+}
