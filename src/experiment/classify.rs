@@ -16,7 +16,7 @@ pub use crate::report::classify::{
     markdown, Claim, Convergence, MethodResult, PairedReport, PairedRow, RunResults,
     SeedPredictions, SeedResult, Timing,
 };
-use crate::report::classify::{paired_statistics, summarise, write_outputs};
+use crate::report::classify::{paired_statistics, summarise, write_outputs, LabelRow};
 use crate::supervision::{dawid_skene, majority_vote, weighted_average};
 use crate::train::probe::Step;
 use anyhow::{bail, Context, Result};
@@ -653,27 +653,27 @@ fn label_rows(
     weak: &WeakSet,
     t: &Targets,
     confidence: Option<&Rows>,
-) -> Vec<serde_json::Value> {
+) -> Vec<LabelRow> {
     dataset
         .strong_train
         .iter()
         .enumerate()
         .map(|(i, example)| {
-            let labels: BTreeMap<&String, &Vec<f64>> = weak_names
+            let labels: BTreeMap<String, Vec<f64>> = weak_names
                 .iter()
                 .zip(&weak.labels)
-                .map(|(name, rows)| (name, &rows[i]))
+                .map(|(name, rows)| (name.clone(), rows[i].clone()))
                 .collect();
-            serde_json::json!({
-                "seed": dataset.seed,
-                "id": example.id,
-                "text": example.input,
-                "label": example.label.class(),
-                "weak": labels,
-                "joint": t.average[i],
-                "dawid_skene": t.ds.posteriors[i],
-                "bayesian_confidence": confidence.map(|c| c[i].clone()),
-            })
+            LabelRow {
+                seed: dataset.seed,
+                id: example.id.clone(),
+                text: example.input.clone(),
+                label: example.label.class(),
+                weak: labels,
+                joint: t.average[i].clone(),
+                dawid_skene: t.ds.posteriors[i].clone(),
+                bayesian_confidence: confidence.map(|c| c[i].clone()),
+            }
         })
         .collect()
 }
@@ -719,7 +719,7 @@ fn run_seed(
     seed: &Seed,
     learners: &RunLearners,
     strong_label: &str,
-) -> Result<(SeedResult, SeedPredictions, Vec<serde_json::Value>)> {
+) -> Result<(SeedResult, SeedPredictions, Vec<LabelRow>)> {
     let (config, dataset) = (seed.config, seed.dataset);
     let weak_names = config.weak_labels();
     let weak = weak_set(seed, &learners.weak, &weak_names)?;

@@ -6,7 +6,7 @@ use crate::eval::classify::ClassifyMetrics;
 use crate::eval::paired::{average, Estimate, Outcomes, Resampler};
 use crate::eval::summary::{Summary, SummaryBuilder, SummaryTable};
 use crate::experiment::config::{ExperimentConfig, ModelSpec};
-use crate::report::parquet::ColumnData;
+use crate::report::parquet::{named, seed_column, text_column, ColumnData};
 use anyhow::Result;
 use serde::Serialize;
 use std::path::Path;
@@ -693,56 +693,55 @@ pub(crate) fn metric_plots(
     ]
 }
 
+/// One weak-labelled strong_train example of a classification run (a line of
+/// weak_labels.jsonl, a row of weak_labels.parquet). Fields in alphabetical order, as the JSON
+/// lines have always had them.
+#[derive(Debug, Clone, Serialize)]
+pub struct LabelRow {
+    /// The Bayesian (EDL) student's confidence, when that method ran.
+    pub bayesian_confidence: Option<Vec<f64>>,
+    /// The Dawid-Skene posterior.
+    pub dawid_skene: Vec<f64>,
+    pub id: String,
+    /// The joint (weighted average) label.
+    pub joint: Vec<f64>,
+    /// The ground-truth class (absent for unlabelled examples).
+    pub label: Option<usize>,
+    pub seed: u64,
+    pub text: String,
+    /// Each weak model's probabilities, by model name.
+    pub weak: std::collections::BTreeMap<String, Vec<f64>>,
+}
+
 /// The weak labels as flat columns: seed, id, text, label, then one probability column per
 /// weak model and class (`weak:{name}:p{k}`), the joint label, the Dawid-Skene posterior and the
 /// Bayesian (EDL) confidence.
-fn label_columns(results: &RunResults, rows: &[serde_json::Value]) -> Vec<(String, ColumnData)> {
-    let classes = rows
-        .first()
-        .and_then(|r| r["joint"].as_array())
-        .map_or(0, Vec::len);
-    let int = |r: &serde_json::Value, key: &str| r[key].as_i64();
-    let prob = |v: &serde_json::Value, k: usize| v.get(k).and_then(serde_json::Value::as_f64);
+fn label_columns(results: &RunResults, rows: &[LabelRow]) -> Vec<(String, ColumnData)> {
+    let classes = rows.first().map_or(0, |r| r.joint.len());
+    let prob = |v: &[f64], k: usize| v.get(k).copied().unwrap_or(f64::NAN);
     let mut columns = vec![
-        (
-            "seed".to_string(),
-            ColumnData::Int64(rows.iter().map(|r| int(r, "seed").unwrap_or(0)).collect()),
-        ),
-        (
-            "id".to_string(),
-            ColumnData::Utf8(
-                rows.iter()
-                    .map(|r| r["id"].as_str().unwrap_or("").to_string())
-                    .collect(),
-            ),
-        ),
-        (
-            "text".to_string(),
-            ColumnData::Utf8(
-                rows.iter()
-                    .map(|r| r["text"].as_str().unwrap_or("").to_string())
-                    .collect(),
-            ),
-        ),
+        named("seed", seed_column(rows, |r| r.seed)),
+        named("id", text_column(rows, |r| &r.id)),
+        named("text", text_column(rows, |r| &r.text)),
         (
             "label".to_string(),
-            ColumnData::OptionalInt64(rows.iter().map(|r| int(r, "label")).collect()),
+            ColumnData::OptionalInt64(rows.iter().map(|r| r.label.map(|c| c as i64)).collect()),
         ),
     ];
     for name in results.config.weak_labels() {
         for k in 0..classes {
             let values = rows
                 .iter()
-                .map(|r| prob(&r["weak"][&name], k).unwrap_or(f64::NAN))
+                .map(|r| r.weak.get(&name).map_or(f64::NAN, |v| prob(v, k)))
                 .collect();
             columns.push((format!("weak:{name}:p{k}"), ColumnData::Double(values)));
         }
     }
-    for field in ["joint", "dawid_skene"] {
+    for (field, joint) in [("joint", true), ("dawid_skene", false)] {
         for k in 0..classes {
             let values = rows
                 .iter()
-                .map(|r| prob(&r[field], k).unwrap_or(f64::NAN))
+                .map(|r| prob(if joint { &r.joint } else { &r.dawid_skene }, k))
                 .collect();
             columns.push((format!("{field}:p{k}"), ColumnData::Double(values)));
         }
@@ -750,7 +749,11 @@ fn label_columns(results: &RunResults, rows: &[serde_json::Value]) -> Vec<(Strin
     for k in 0..classes {
         let values = rows
             .iter()
-            .map(|r| prob(&r["bayesian_confidence"], k))
+            .map(|r| {
+                r.bayesian_confidence
+                    .as_ref()
+                    .and_then(|c| c.get(k).copied())
+            })
             .collect();
         columns.push((
             format!("bayesian_confidence:p{k}"),
@@ -763,7 +766,7 @@ fn label_columns(results: &RunResults, rows: &[serde_json::Value]) -> Vec<(Strin
 pub(crate) fn write_outputs(
     out: &Path,
     results: &RunResults,
-    label_rows: &[serde_json::Value],
+    label_rows: &[LabelRow],
     predictions: &[SeedPredictions],
     log: &[crate::train::log::LogLine],
 ) -> Result<()> {

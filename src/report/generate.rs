@@ -6,7 +6,7 @@ use crate::eval::slurp::SlurpMetrics;
 use crate::eval::summary::{Summary, SummaryBuilder, SummaryTable};
 use crate::experiment::config::{ExperimentConfig, ModelSpec};
 use crate::generation::tasks::DpoEpochLog;
-use crate::report::parquet::ColumnData;
+use crate::report::parquet::{named, seed_column, text_column, ColumnData};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -231,92 +231,88 @@ fn plots(results: &GenRunResults) -> Vec<(&'static str, String)> {
     )
 }
 
-/// The type of a Parquet column taken from JSON rows.
-#[derive(Clone, Copy)]
-enum Col {
-    Int,
-    Text,
-    Num,
+/// One weak-labelled strong_train example of a generation run (a line of weak_labels.jsonl, a
+/// row of weak_labels.parquet). Fields in alphabetical order, as the JSON lines have always had
+/// them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabelRow {
+    pub id: String,
+    /// The ensemble's joint target.
+    pub joint: String,
+    /// The ground truth (absent for unlabelled examples).
+    pub label: Option<String>,
+    pub seed: u64,
+    pub text: String,
+    /// Each weak model's top hypothesis, by model name.
+    pub weak: std::collections::BTreeMap<String, String>,
 }
 
-/// Parquet columns from JSON rows: (column name, type, JSON pointer of the value in a row).
-/// Missing values read as 0, "" and NaN.
-fn json_columns(
-    rows: &[serde_json::Value],
-    spec: &[(String, Col, String)],
-) -> Vec<(String, ColumnData)> {
-    spec.iter()
-        .map(|(name, col, pointer)| {
-            let values = rows.iter().map(|r| r.pointer(pointer));
-            let data = match col {
-                Col::Int => ColumnData::Int64(
-                    values
-                        .map(|v| v.and_then(|v| v.as_i64()).unwrap_or(0))
-                        .collect(),
-                ),
-                Col::Text => ColumnData::Utf8(
-                    values
-                        .map(|v| v.and_then(|v| v.as_str()).unwrap_or("").to_string())
-                        .collect(),
-                ),
-                Col::Num => ColumnData::Double(
-                    values
-                        .map(|v| v.and_then(|v| v.as_f64()).unwrap_or(f64::NAN))
-                        .collect(),
-                ),
-            };
-            (name.clone(), data)
-        })
-        .collect()
+/// One preference pair of the DPO stage (preference_pairs.jsonl / .parquet), fields in
+/// alphabetical order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PairRow {
+    pub chosen: String,
+    pub chosen_score: f64,
+    pub id: String,
+    pub prompt: String,
+    pub rejected: String,
+    pub rejected_score: f64,
+    pub seed: u64,
 }
 
-/// A top-level field as a column of the same name.
-fn field(name: &str, col: Col) -> (String, Col, String) {
-    (name.to_string(), col, format!("/{name}"))
+/// weak_labels.parquet's columns: seed, id, text, label, one per weak model, joint.
+fn label_columns(rows: &[LabelRow], weak_names: &[String]) -> Vec<(String, ColumnData)> {
+    let mut columns = vec![
+        named("seed", seed_column(rows, |r| r.seed)),
+        named("id", text_column(rows, |r| &r.id)),
+        named("text", text_column(rows, |r| &r.text)),
+        named(
+            "label",
+            text_column(rows, |r| r.label.as_deref().unwrap_or("")),
+        ),
+    ];
+    for name in weak_names {
+        columns.push(named(
+            format!("weak:{name}"),
+            text_column(rows, |r| r.weak.get(name).map_or("", String::as_str)),
+        ));
+    }
+    columns.push(named("joint", text_column(rows, |r| &r.joint)));
+    columns
+}
+
+/// preference_pairs.parquet's columns.
+fn pair_columns(rows: &[PairRow]) -> Vec<(String, ColumnData)> {
+    let score = |f: fn(&PairRow) -> f64| ColumnData::Double(rows.iter().map(f).collect());
+    vec![
+        named("seed", seed_column(rows, |r| r.seed)),
+        named("id", text_column(rows, |r| &r.id)),
+        named("prompt", text_column(rows, |r| &r.prompt)),
+        named("chosen", text_column(rows, |r| &r.chosen)),
+        named("rejected", text_column(rows, |r| &r.rejected)),
+        named("chosen_score", score(|r| r.chosen_score)),
+        named("rejected_score", score(|r| r.rejected_score)),
+    ]
 }
 
 pub(crate) fn write_outputs(
     out: &Path,
     results: &GenRunResults,
-    label_rows: &[serde_json::Value],
-    pair_rows: &[serde_json::Value],
+    label_rows: &[LabelRow],
+    pair_rows: &[PairRow],
     log: &[crate::train::log::LogLine],
 ) -> Result<()> {
     super::write_run_folder(out, results, markdown(results), log)?;
     super::write_jsonl(&out.join("weak_labels.jsonl"), label_rows)?;
-    let mut spec = vec![
-        field("seed", Col::Int),
-        field("id", Col::Text),
-        field("text", Col::Text),
-        field("label", Col::Text),
-    ];
-    for name in results.config.weak_labels() {
-        let escaped = name.replace('~', "~0").replace('/', "~1");
-        spec.push((
-            format!("weak:{name}"),
-            Col::Text,
-            format!("/weak/{escaped}"),
-        ));
-    }
-    spec.push(field("joint", Col::Text));
     crate::report::parquet::write(
         &out.join("weak_labels.parquet"),
-        &json_columns(label_rows, &spec),
+        &label_columns(label_rows, &results.config.weak_labels()),
     )?;
     if !pair_rows.is_empty() {
         super::write_jsonl(&out.join("preference_pairs.jsonl"), pair_rows)?;
-        let spec = [
-            field("seed", Col::Int),
-            field("id", Col::Text),
-            field("prompt", Col::Text),
-            field("chosen", Col::Text),
-            field("rejected", Col::Text),
-            field("chosen_score", Col::Num),
-            field("rejected_score", Col::Num),
-        ];
         crate::report::parquet::write(
             &out.join("preference_pairs.parquet"),
-            &json_columns(pair_rows, &spec),
+            &pair_columns(pair_rows),
         )?;
     }
     for (name, svg) in plots(results) {

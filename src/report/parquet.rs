@@ -120,6 +120,21 @@ pub fn write(path: &Path, columns: &[(String, ColumnData)]) -> Result<()> {
     Ok(())
 }
 
+/// A named column.
+pub(crate) fn named(name: impl Into<String>, data: ColumnData) -> (String, ColumnData) {
+    (name.into(), data)
+}
+
+/// A text column from typed rows.
+pub(crate) fn text_column<R>(rows: &[R], value: impl Fn(&R) -> &str) -> ColumnData {
+    ColumnData::Utf8(rows.iter().map(|r| value(r).to_string()).collect())
+}
+
+/// The seed column.
+pub(crate) fn seed_column<R>(rows: &[R], seed: impl Fn(&R) -> u64) -> ColumnData {
+    ColumnData::Int64(rows.iter().map(|r| seed(r) as i64).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

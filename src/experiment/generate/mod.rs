@@ -22,7 +22,7 @@ use crate::models::ws2s_home;
 pub use crate::report::generate::{
     markdown, DpoReport, GenEval, GenMethodResult, GenRunResults, GenSeedResult,
 };
-use crate::report::generate::{summarise, write_outputs};
+use crate::report::generate::{summarise, write_outputs, LabelRow, PairRow};
 use anyhow::{bail, Context, Result};
 pub use models::score_predictions;
 use models::*;
@@ -37,11 +37,7 @@ fn inputs_of(split: &[Example]) -> Vec<&str> {
 }
 
 /// One seed's result, its rows of weak_labels.jsonl and of preference_pairs.jsonl.
-type GenSeedOutput = (
-    GenSeedResult,
-    Vec<serde_json::Value>,
-    Vec<serde_json::Value>,
-);
+type GenSeedOutput = (GenSeedResult, Vec<LabelRow>, Vec<PairRow>);
 
 /// One seed of a generation run: stages 1-5 of METHOD.md sections 4 and 5.
 fn run_gen_seed(s: &GenSeed, decode_json: &str) -> Result<GenSeedOutput> {
@@ -122,20 +118,23 @@ fn run_gen_seed(s: &GenSeed, decode_json: &str) -> Result<GenSeedOutput> {
         .iter()
         .enumerate()
         .map(|(i, example)| {
-            let labels: BTreeMap<&String, &str> = s
+            let labels: BTreeMap<String, String> = s
                 .weak_names
                 .iter()
                 .zip(&weak)
-                .map(|(name, w)| (name, w.nbest[i].first().map_or("", |h| h.text.as_str())))
+                .map(|(name, w)| {
+                    let top = w.nbest[i].first().map_or("", |h| h.text.as_str());
+                    (name.clone(), top.to_string())
+                })
                 .collect();
-            serde_json::json!({
-                "seed": s.seed,
-                "id": example.id,
-                "text": example.input,
-                "label": example.label.target(),
-                "weak": labels,
-                "joint": joint_targets[i],
-            })
+            LabelRow {
+                seed: s.seed,
+                id: example.id.clone(),
+                text: example.input.clone(),
+                label: example.label.target().map(str::to_string),
+                weak: labels,
+                joint: joint_targets[i].clone(),
+            }
         })
         .collect();
     let result = GenSeedResult {
@@ -190,8 +189,8 @@ pub fn run(
         g.stop_at_json,
     ))?;
     let mut seed_results = Vec::new();
-    let mut label_rows: Vec<serde_json::Value> = Vec::new();
-    let mut pair_rows: Vec<serde_json::Value> = Vec::new();
+    let mut label_rows: Vec<LabelRow> = Vec::new();
+    let mut pair_rows: Vec<PairRow> = Vec::new();
     for dataset in datasets {
         let data_hash = dataset.data_hash();
         let seed = GenSeed {

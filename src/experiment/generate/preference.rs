@@ -10,14 +10,14 @@ use crate::experiment::stages::{stage_key, Subject};
 use crate::generation::joint;
 use crate::generation::seq2seq::Seq2Seq;
 use crate::generation::tasks::{sequence_logprobs, DpoEpochLog, DpoTask, Pair};
-use crate::report::generate::GenEval;
+use crate::report::generate::{GenEval, PairRow};
 use crate::train::trainer::{train, TrainConfig};
 use anyhow::{Context, Result};
 use std::cell::RefCell;
 
 /// The preference stage's result: its pairs as rows, the ties skipped, the log per epoch and
 /// the policy's test evaluation.
-pub(super) type DpoStage = (Vec<serde_json::Value>, usize, Vec<DpoEpochLog>, GenEval);
+pub(super) type DpoStage = (Vec<PairRow>, usize, Vec<DpoEpochLog>, GenEval);
 
 /// Stage `gen-dpo` (METHOD.md section 5): pairs from the student's n-best ranked by the weak
 /// ensemble, then conservative DPO from the student itself as the reference.
@@ -81,7 +81,7 @@ fn preference_pairs(
     policy: &Seq2Seq,
     d: &DpoConfig,
     weights: &[f64],
-) -> Result<(Vec<serde_json::Value>, Vec<Pair>, usize)> {
+) -> Result<(Vec<PairRow>, Vec<Pair>, usize)> {
     let g = s.g;
     let nbest = policy.generate_all(
         &s.strong_inputs,
@@ -122,15 +122,15 @@ fn preference_pairs(
         match joint::preference_pair(&ensemble[i]) {
             None => skipped += 1,
             Some((c, r)) => {
-                rows.push(serde_json::json!({
-                    "seed": s.seed,
-                    "id": s.dataset.strong_train[i].id,
-                    "prompt": s.strong_inputs[i],
-                    "chosen": cands[c].1,
-                    "rejected": cands[r].1,
-                    "chosen_score": ensemble[i][c],
-                    "rejected_score": ensemble[i][r],
-                }));
+                rows.push(PairRow {
+                    seed: s.seed,
+                    id: s.dataset.strong_train[i].id.clone(),
+                    prompt: s.strong_inputs[i].to_string(),
+                    chosen: cands[c].1.clone(),
+                    rejected: cands[r].1.clone(),
+                    chosen_score: ensemble[i][c],
+                    rejected_score: ensemble[i][r],
+                });
                 pairs.push((
                     policy.prompt_ids(s.strong_inputs[i])?,
                     cands[c].0.clone(),
