@@ -152,44 +152,36 @@ fn bench(command: BenchCommand) -> Result<()> {
             model,
             batch,
             seq_len,
-            repeats,
             precision,
-            device,
-            json,
-        } => print_inference(
-            &{
-                let device = device.device()?;
-                ws2s::bench::bench_forward(
-                    &model,
-                    (batch, seq_len, repeats),
-                    precision.resolve_on(Purpose::Features, &device)?,
-                    &device,
-                )?
-            },
-            json,
-        ),
+            run,
+        } => {
+            let device = run.device.device()?;
+            let times = ws2s::bench::bench_forward(
+                &model,
+                (batch, seq_len, run.repeats),
+                precision.resolve_on(Purpose::Features, &device)?,
+                &device,
+            )?;
+            print_inference(&times, run.json)
+        }
         BenchCommand::Decode {
             model,
             prompts,
             prompt_len,
             beams,
             new_tokens,
-            repeats,
             precision,
-            device,
-            json,
-        } => print_inference(
-            &{
-                let device = device.device()?;
-                ws2s::bench::bench_decode(
-                    &model,
-                    (prompts, prompt_len, beams, new_tokens, repeats),
-                    precision.resolve_on(Purpose::Decoding, &device)?,
-                    &device,
-                )?
-            },
-            json,
-        ),
+            run,
+        } => {
+            let device = run.device.device()?;
+            let times = ws2s::bench::bench_decode(
+                &model,
+                (prompts, prompt_len, beams, new_tokens, run.repeats),
+                precision.resolve_on(Purpose::Decoding, &device)?,
+                &device,
+            )?;
+            print_inference(&times, run.json)
+        }
     }
 }
 

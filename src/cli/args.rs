@@ -250,19 +250,12 @@ pub(crate) enum BenchCommand {
         /// Tokens per sequence.
         #[arg(long, value_parser = at_least_one, default_value_t = 24)]
         seq_len: usize,
-        /// Timed repetitions (after one warm-up).
-        #[arg(long, value_parser = at_least_one, default_value_t = 3)]
-        repeats: usize,
         /// Number type of the products: f32, int8, or auto (the fastest whose features pass
         /// the accuracy check on this CPU: int8 with AVX-512 VNNI, else f32).
         #[arg(long, value_enum, default_value = "auto")]
         precision: PrecisionSetting,
-        /// Where the model runs: cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: DeviceSetting,
-        /// One JSON object.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        run: InferenceFlags,
     },
     /// Beam-search decoding throughput (new tokens/s, KV cache) from random prompts; every
     /// hypothesis runs to exactly --new-tokens tokens.
@@ -279,20 +272,27 @@ pub(crate) enum BenchCommand {
         beams: usize,
         #[arg(long, value_parser = at_least_one, default_value_t = 40)]
         new_tokens: usize,
-        /// Timed repetitions (after one warm-up).
-        #[arg(long, value_parser = at_least_one, default_value_t = 3)]
-        repeats: usize,
         /// Number type of the products: f32, int8, or auto (f32: int8 does not pass the
         /// greedy-decoding check).
         #[arg(long, value_enum, default_value = "auto")]
         precision: PrecisionSetting,
-        /// Where the model runs: cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: DeviceSetting,
-        /// One JSON object.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        run: InferenceFlags,
     },
+}
+
+/// The flags both inference benchmarks take.
+#[derive(Args)]
+pub(crate) struct InferenceFlags {
+    /// Timed repetitions (after one warm-up).
+    #[arg(long, value_parser = at_least_one, default_value_t = 3)]
+    pub(crate) repeats: usize,
+    /// Where the model runs: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub(crate) device: DeviceSetting,
+    /// One JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Subcommand)]

@@ -845,15 +845,11 @@ pub fn run(
     });
     let summary = summarise(config, &seed_results);
     let paired = paired_statistics(config, &seed_results, &predictions);
-    let models = config
-        .weak_labels()
-        .into_iter()
-        .zip(run_learners.weak_hashes)
-        .chain(std::iter::once((
-            strong_spec.label(),
-            run_learners.strong_hash,
-        )))
-        .collect();
+    let models = super::model_list(
+        config,
+        run_learners.weak_hashes,
+        (strong_spec.label(), run_learners.strong_hash),
+    );
     let results = RunResults {
         config: config.clone(),
         provenance: datasets[0].provenance.clone(),

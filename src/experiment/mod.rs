@@ -62,6 +62,21 @@ pub fn run(
     })
 }
 
+/// The (label, hash) of every model a run's results record: the weak models in config order,
+/// then the strong one.
+pub(crate) fn model_list(
+    config: &ExperimentConfig,
+    weak_hashes: impl IntoIterator<Item = String>,
+    strong: (String, String),
+) -> Vec<(String, String)> {
+    config
+        .weak_labels()
+        .into_iter()
+        .zip(weak_hashes)
+        .chain(std::iter::once(strong))
+        .collect()
+}
+
 /// The datasets of a run, one per seed (re-splits of one pool when `task.pool_seed` is set).
 pub fn load_datasets(config: &ExperimentConfig, config_path: &Path) -> Result<Vec<Dataset>> {
     let base = config_path.parent().unwrap_or(Path::new("."));

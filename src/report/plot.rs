@@ -49,13 +49,57 @@ fn padded_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// The vertical extent of a plot area: maps values in [y_min, y_max] to pixel rows.
+#[derive(Clone, Copy)]
+struct YScale {
+    top: f64,
+    plot_h: f64,
+    y_min: f64,
+    y_max: f64,
+}
+
+impl YScale {
+    fn y(self, v: f64) -> f64 {
+        self.top + self.plot_h * (1.0 - (v - self.y_min) / (self.y_max - self.y_min))
+    }
+}
+
+/// A chart's SVG up to its data: the header with the title, then the y grid and label of the
+/// plot area (left, top, width, height) over the range; and the scale of that area.
+fn start_chart(
+    (width, height, title): (f64, f64, &str),
+    area: (f64, f64, f64, f64),
+    range: (f64, f64),
+    y_label: &str,
+) -> (String, YScale) {
+    let mut svg = open_svg(width, height, title);
+    svg.push_str(&y_grid(area, range, y_label));
+    let (_, top, _, plot_h) = area;
+    let (y_min, y_max) = range;
+    (
+        svg,
+        YScale {
+            top,
+            plot_h,
+            y_min,
+            y_max,
+        },
+    )
+}
+
 /// Six horizontal grid lines with their values, and the y axis' label.
 fn y_grid(
     (left, top, plot_w, plot_h): (f64, f64, f64, f64),
     (y_min, y_max): (f64, f64),
     y_label: &str,
 ) -> String {
-    let y = |v: f64| top + plot_h * (1.0 - (v - y_min) / (y_max - y_min));
+    let scale = YScale {
+        top,
+        plot_h,
+        y_min,
+        y_max,
+    };
+    let y = |v: f64| scale.y(v);
     let mut svg = String::new();
     for i in 0..=5 {
         let v = y_min + (y_max - y_min) * i as f64 / 5.0;
@@ -134,13 +178,13 @@ pub fn line_chart(
         }
     };
     let x = |v: f64| left + plot_w * (v - x_min) / (x_max - x_min);
-    let y = |v: f64| top + plot_h * (1.0 - (v - y_min) / (y_max - y_min));
-    let mut svg = open_svg(width, height, title);
-    svg.push_str(&y_grid(
+    let (mut svg, scale) = start_chart(
+        (width, height, title),
         (left, top, plot_w, plot_h),
         (y_min, y_max),
         y_label,
-    ));
+    );
+    let y = |v: f64| scale.y(v);
     let base = top + plot_h;
     svg.push_str(&format!(
         "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"{base:.1}\" y2=\"{base:.1}\" stroke=\"black\"/>\n",
@@ -336,13 +380,13 @@ pub fn bar_chart(title: &str, y_label: &str, bars: &[Bar], references: &[Referen
             )
             .chain(references.iter().map(|r| r.value)),
     );
-    let y = |v: f64| top + plot_h * (1.0 - (v - y_min) / (y_max - y_min));
-    let mut svg = open_svg(width, height, title);
-    svg.push_str(&y_grid(
+    let (mut svg, scale) = start_chart(
+        (width, height, title),
         (left, top, plot_w, plot_h),
         (y_min, y_max),
         y_label,
-    ));
+    );
+    let y = |v: f64| scale.y(v);
     let slot = plot_w / bars.len().max(1) as f64;
     let base = y(y_min.max(0.0).min(y_max));
     for (i, bar) in bars.iter().enumerate() {

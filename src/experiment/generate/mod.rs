@@ -221,12 +221,11 @@ pub fn run(
         pair_rows.extend(pairs);
     }
     let summary = summarise(config, &seed_results);
-    let models = weak_names
-        .iter()
-        .cloned()
-        .zip(weak_models.iter().map(|m| m.hash.clone()))
-        .chain(std::iter::once((strong_spec.label(), strong.hash.clone())))
-        .collect();
+    let models = super::model_list(
+        config,
+        weak_models.iter().map(|m| m.hash.clone()),
+        (strong_spec.label(), strong.hash.clone()),
+    );
     let results = GenRunResults {
         config: config.clone(),
         provenance: datasets[0].provenance.clone(),
