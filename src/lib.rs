@@ -4,6 +4,7 @@
 //! `experiment` the configuration of a run. The `ws2s` binary is a thin CLI over these modules.
 
 pub mod bench;
+pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;

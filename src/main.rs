@@ -8,8 +8,8 @@ use clap::Parser;
 use cli::args::*;
 use cli::commands::*;
 use std::process::ExitCode;
+use ws2s::config::ExperimentConfig;
 use ws2s::data::stats;
-use ws2s::experiment::config::ExperimentConfig;
 use ws2s::ops::{Precision, Purpose};
 
 fn run(cli: Cli) -> Result<()> {

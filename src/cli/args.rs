@@ -3,8 +3,8 @@
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+use ws2s::config::{PrecisionSetting, TaskOverride};
 use ws2s::data::{self, ChoiceOptions, SplitName, SplitSizes, TaskSpec};
-use ws2s::experiment::config::{PrecisionSetting, TaskOverride};
 use ws2s::runtime::DeviceSetting;
 
 #[derive(Parser)]

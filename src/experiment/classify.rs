@@ -4,9 +4,9 @@
 //! the weak labels alone -> test metrics -> PGR against the mean and the best weak model ->
 //! summary over seeds (mean, std, 95% bootstrap interval).
 
-use super::config::{ClassifyWeights, ExperimentConfig, Method, ModelSpec, Weights};
 use super::learner::{describe_precision, examples_of, Fitted, Learner, Learners, Supervision};
 use super::stages::{stage_key, StageCache, Subject};
+use crate::config::{ClassifyWeights, ExperimentConfig, Method, ModelSpec, Weights};
 use crate::data::{Dataset, Example};
 use crate::eval::classify::{classify_metrics, ClassifyMetrics, Prediction};
 use crate::eval::summary::pgr;

@@ -2,7 +2,7 @@
 //! fine-tuning (LoRA adapters or all weights) of the backbone with a classification head.
 //! Both train on a batch loss over example indices (any loss of METHOD.md section 3).
 
-use super::config::{default_lora, ExperimentConfig, ModelSpec, TrainingMode};
+use crate::config::{default_lora, ExperimentConfig, ModelSpec, TrainingMode};
 use crate::data::{Dataset, Example};
 use crate::models::features::{extract, feature_key, load_cached, store_cached, FeatureOptions};
 use crate::models::heads::{pool, ClassificationHead, Pooling};

@@ -4,7 +4,6 @@
 //! ladder of classification runs).
 
 pub mod classify;
-pub mod config;
 pub mod generate;
 pub mod learner;
 pub mod precision_study;
@@ -13,9 +12,9 @@ pub mod stages;
 pub mod study;
 pub mod sweep;
 
+use crate::config::ExperimentConfig;
 use crate::data::{self, Dataset};
 use anyhow::Result;
-use config::ExperimentConfig;
 use std::path::Path;
 
 /// What a run produced.

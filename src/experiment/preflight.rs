@@ -5,7 +5,7 @@
 //! data files exist and every line parses, the split sizes fit, and the output folder can be
 //! created. It takes seconds, so a run never fails after hours on something knowable at start.
 
-use super::config::{default_lora, ExperimentConfig, TrainingMode};
+use crate::config::{default_lora, ExperimentConfig, TrainingMode};
 use crate::data::Dataset;
 use crate::models;
 use anyhow::{bail, Context, Result};

@@ -11,7 +11,7 @@
 //! run's own outputs under `runs/`.
 
 use super::classify::{self, RunResults};
-use super::config::{ExperimentConfig, LadderOrder, Method, ModelSpec};
+use crate::config::{ExperimentConfig, LadderOrder, Method, ModelSpec};
 use crate::data::Dataset;
 use crate::eval::paired::Estimate;
 use crate::eval::summary::Summary;

@@ -2,7 +2,7 @@
 //! of gated MLPs (act(a) * b with SiLU or tanh-GELU).
 
 use super::real::*;
-use super::softmax::{RowGrad, RowGradKind};
+use super::rowgrad::{RowGrad, RowGradKind};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
@@ -12,13 +12,6 @@ pub use super::simd::Gate;
 
 fn gelu_rows<T: Real>(x: &[T]) -> Vec<T> {
     par_rows(x, 1, |x, out| T::gelu_into(x, out))
-}
-
-/// d/dx [x Phi(x)] = Phi(x) + x phi(x), times g (on a copy of g).
-pub(crate) fn gelu_grad_rows<T: Real>(x: &[T], g: &[T], _cols: usize) -> Vec<T> {
-    let mut out = g.to_vec();
-    par_rows_in_place(x, &mut out, 1, T::gelu_grad_in_place);
-    out
 }
 
 struct Gelu;

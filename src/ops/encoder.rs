@@ -24,8 +24,7 @@
 
 use super::attention::{self, Dims, Strides};
 use super::linear::{self, residual_linear};
-use super::norm::Norm;
-use super::real::{by_dtype, cpu, typed, Kept, Real};
+use super::real::{by_dtype, cpu, typed, Kept, Norm, Real};
 use super::{norm, real};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};

@@ -11,6 +11,7 @@ pub mod mlp;
 pub mod norm;
 pub mod real;
 pub mod rope;
+pub mod rowgrad;
 pub mod simd;
 pub mod skinny;
 pub mod softmax;

@@ -8,18 +8,6 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 
 // ---------------------------------------------------------------- norms
 
-/// Per row: mean (0 for RMSNorm) and 1 / sqrt(var + eps) (mean of squares for RMSNorm).
-pub(crate) fn row_stats(row: &[f64], eps: f64, centre: bool) -> (f64, f64) {
-    let n = row.len() as f64;
-    let mean = if centre {
-        row.iter().sum::<f64>() / n
-    } else {
-        0.0
-    };
-    let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
 /// y = (x - mean) * rstd * scale + shift, with scale = w (+ 1 when `unit_offset`); blocks of
 /// rows in parallel.
 pub(crate) fn norm_rows<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, n: Norm) -> Vec<T> {
@@ -54,48 +42,7 @@ pub(crate) fn norm_grad_rows<T: Real>(x: &[T], w: &[T], g: &[T], n: Norm) -> Vec
     dx
 }
 
-#[derive(Clone, Copy)]
-pub(crate) struct Norm {
-    pub(crate) eps: f64,
-    pub(crate) centre: bool,
-    pub(crate) unit_offset: bool,
-}
-
 impl Norm {
-    /// LayerNorm (centred, no offset on the scale).
-    pub(crate) fn layer(eps: f64) -> Self {
-        Norm {
-            eps,
-            centre: true,
-            unit_offset: false,
-        }
-    }
-
-    /// RMSNorm without the unit offset on the scale.
-    pub(crate) fn rms(eps: f64) -> Self {
-        Norm {
-            eps,
-            centre: false,
-            unit_offset: false,
-        }
-    }
-
-    pub(crate) fn offset(&self) -> f64 {
-        if self.unit_offset {
-            1.0
-        } else {
-            0.0
-        }
-    }
-
-    pub(crate) fn simd(&self) -> super::simd::NormParams {
-        super::simd::NormParams {
-            eps: self.eps as f32,
-            centre: self.centre,
-            offset: self.offset() as f32,
-        }
-    }
-
     fn name(&self) -> &'static str {
         if self.centre {
             "fused-layer-norm"

@@ -15,10 +15,66 @@
 //! Rows are the last dimension; inputs are made contiguous. On other devices (and dtypes) the
 //! ops fall back to the decomposed forms.
 
-use super::norm::{row_stats, Norm};
 use super::simd::Gate;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
+
+/// The settings of a norm over rows (its ops are in [`super::norm`]): LayerNorm is centred,
+/// RMSNorm is not; Gemma's RMSNorm scales by (1 + w).
+#[derive(Clone, Copy)]
+pub(crate) struct Norm {
+    pub(crate) eps: f64,
+    pub(crate) centre: bool,
+    pub(crate) unit_offset: bool,
+}
+
+impl Norm {
+    /// LayerNorm (centred, no offset on the scale).
+    pub(crate) fn layer(eps: f64) -> Self {
+        Norm {
+            eps,
+            centre: true,
+            unit_offset: false,
+        }
+    }
+
+    /// RMSNorm without the unit offset on the scale.
+    pub(crate) fn rms(eps: f64) -> Self {
+        Norm {
+            eps,
+            centre: false,
+            unit_offset: false,
+        }
+    }
+
+    pub(crate) fn offset(&self) -> f64 {
+        if self.unit_offset {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
+    pub(crate) fn simd(&self) -> super::simd::NormParams {
+        super::simd::NormParams {
+            eps: self.eps as f32,
+            centre: self.centre,
+            offset: self.offset() as f32,
+        }
+    }
+}
+
+/// Per row: mean (0 for RMSNorm) and 1 / sqrt(var + eps) (mean of squares for RMSNorm).
+pub(crate) fn row_stats(row: &[f64], eps: f64, centre: bool) -> (f64, f64) {
+    let n = row.len() as f64;
+    let mean = if centre {
+        row.iter().sum::<f64>() / n
+    } else {
+        0.0
+    };
+    let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
 
 pub(crate) trait Real:
     Copy + Send + Sync + 'static + std::ops::Add<Output = Self> + std::ops::Mul<Output = Self>

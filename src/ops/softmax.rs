@@ -1,10 +1,10 @@
 //! Softmax over the last dimension as one CPU op with its own backward (one pass forward,
-//! one backward), and the row-gradient op that the fused GELU shares.
+//! one backward, [`super::rowgrad`]).
 
-use super::activation::gelu_grad_rows;
 use super::real::*;
+use super::rowgrad::{RowGrad, RowGradKind};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 
 // ---------------------------------------------------------------- softmax
 
@@ -12,13 +12,6 @@ fn softmax_rows<T: Real>(x: &[T], cols: usize) -> Vec<T> {
     par_rows(x, cols, |x, out| {
         out.copy_from_slice(x);
         T::softmax_rows_in_place(out, cols);
-    })
-}
-
-/// dx = y * (g - sum(g * y)) per row.
-fn softmax_grad_rows<T: Real>(y: &[T], g: &[T], cols: usize) -> Vec<T> {
-    par_rows2(y, g, cols, |y, g, out| {
-        T::softmax_grad_rows_into(y, g, out, cols, 1.0)
     })
 }
 
@@ -44,51 +37,6 @@ impl CustomOp1 for Softmax {
             &grad_res.contiguous()?,
             &SOFTMAX_GRAD,
         )?))
-    }
-}
-
-/// Which gradient a [`RowGrad`] computes.
-#[derive(Clone, Copy)]
-pub(crate) enum RowGradKind {
-    Softmax,
-    Gelu,
-}
-
-/// A gradient computed from two same-shaped tensors row by row (no backward of its own).
-pub(crate) struct RowGrad(pub(crate) RowGradKind);
-
-impl RowGrad {
-    fn rows<T: Real>(&self, a: &[T], b: &[T], cols: usize) -> Vec<T> {
-        match self.0 {
-            RowGradKind::Softmax => softmax_grad_rows(a, b, cols),
-            RowGradKind::Gelu => gelu_grad_rows(a, b, cols),
-        }
-    }
-}
-
-impl CustomOp2 for RowGrad {
-    fn name(&self) -> &'static str {
-        match self.0 {
-            RowGradKind::Softmax => "fused-softmax-grad",
-            RowGradKind::Gelu => "fused-gelu-erf-grad",
-        }
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let cols = last_dim(l1);
-        let name = self.name();
-        let out = by_dtype!(s1.dtype(), name, |T| T::wrap(self.rows::<T>(
-            typed(s1, l1, name)?,
-            typed(s2, l2, name)?,
-            cols
-        )));
-        Ok((out, l1.shape().clone()))
     }
 }
 

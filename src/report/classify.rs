@@ -2,10 +2,10 @@
 //! summaries over seeds, the paired bootstrap comparisons and the paper's claims, results.md,
 //! the plots, the weak labels as Parquet, and the files of the run folder.
 
+use crate::config::{ExperimentConfig, ModelSpec};
 use crate::eval::classify::ClassifyMetrics;
 use crate::eval::paired::{average, Estimate, Outcomes, Resampler};
 use crate::eval::summary::{Summary, SummaryBuilder, SummaryTable};
-use crate::experiment::config::{ExperimentConfig, ModelSpec};
 use crate::report::parquet::{named, seed_column, text_column, ColumnData};
 use anyhow::Result;
 use serde::Serialize;

@@ -2,9 +2,9 @@
 //! preference stage), summaries over seeds, results.md, the plots, the weak labels and the
 //! preference pairs as JSONL and Parquet.
 
+use crate::config::{ExperimentConfig, ModelSpec};
 use crate::eval::slurp::SlurpMetrics;
 use crate::eval::summary::{Summary, SummaryBuilder, SummaryTable};
-use crate::experiment::config::{ExperimentConfig, ModelSpec};
 use crate::generation::tasks::DpoEpochLog;
 use crate::report::parquet::{named, seed_column, text_column, ColumnData};
 use anyhow::Result;

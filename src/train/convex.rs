@@ -21,6 +21,8 @@
 //! start for convex losses); ties go to the stronger regularisation. The chosen C is then refit
 //! on all rows.
 
+use super::lbfgs::dot;
+pub use super::lbfgs::SolveReport;
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
@@ -292,22 +294,6 @@ fn outputs(classes: usize) -> usize {
 
 const ROW_BLOCK: usize = 64;
 
-pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
-    // Eight independent sums: lets the compiler vectorise the loop.
-    let mut acc = [0.0f64; 8];
-    let chunks = a.len() / 8;
-    for j in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[j * 8 + l] * b[j * 8 + l];
-        }
-    }
-    let mut total: f64 = acc.iter().sum();
-    for j in chunks * 8..a.len() {
-        total += a[j] * b[j];
-    }
-    total
-}
-
 fn logits_of(theta: &[f64], x: &Matrix, classes: usize) -> Vec<f64> {
     let p = outputs(classes);
     let d = x.cols;
@@ -445,17 +431,6 @@ impl SolverConfig {
         }
         Ok(())
     }
-}
-
-/// How one solve ended.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct SolveReport {
-    pub iterations: usize,
-    pub evaluations: usize,
-    /// Largest absolute gradient entry at the solution.
-    pub grad_max: f64,
-    pub converged: bool,
-    pub objective: f64,
 }
 
 /// Minimises F for one C on `x` (rows `rows` of the training set, same order), starting from

@@ -1,8 +1,8 @@
 //! L-BFGS with a strong-Wolfe line search: the solver of the linear probes' convex objectives
 //! ([`super::convex`]).
 
-use super::convex::{dot, SolveReport};
 use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
 
 /// L-BFGS (memory 10) with a strong-Wolfe line search; stops when max |g| <= tol, or (also
 /// counted as converged, as scipy's L-BFGS-B does) when three steps in a row reduce f by no more
@@ -223,4 +223,31 @@ fn interpolate(a: f64, fa: f64, da: f64, b: f64, fb: f64, db: f64) -> f64 {
     } else {
         mid
     }
+}
+
+/// How one solve ended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SolveReport {
+    pub iterations: usize,
+    pub evaluations: usize,
+    /// Largest absolute gradient entry at the solution.
+    pub grad_max: f64,
+    pub converged: bool,
+    pub objective: f64,
+}
+
+/// a . b with eight independent partial sums (lets the compiler vectorise the loop).
+pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let chunks = a.len() / 8;
+    for j in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[j * 8 + l] * b[j * 8 + l];
+        }
+    }
+    let mut total: f64 = acc.iter().sum();
+    for j in chunks * 8..a.len() {
+        total += a[j] * b[j];
+    }
+    total
 }

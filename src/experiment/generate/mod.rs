@@ -14,8 +14,8 @@ mod preference;
 mod students;
 mod weak;
 
+use crate::config::ExperimentConfig;
 use crate::data::{Dataset, Example};
-use crate::experiment::config::ExperimentConfig;
 use crate::experiment::stages::{stage_key, StageCache};
 use crate::generation::joint;
 use crate::models::ws2s_home;

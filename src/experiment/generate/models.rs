@@ -1,10 +1,10 @@
 //! The models of a generation run: where each is, loading and fine-tuning it (its adapters
 //! kept beside the stage files), its training tasks, decoding and scoring on test.
 
+use crate::config::{default_lora, GenerationConfig, ModelSpec, TrainingMode};
 use crate::data::slurp::json_to_slots;
 use crate::data::{Example, Label};
 use crate::eval::slurp::{slurp_metrics, SlotRecord};
-use crate::experiment::config::{default_lora, GenerationConfig, ModelSpec, TrainingMode};
 use crate::experiment::stages::{StageCache, Subject};
 use crate::generation::seq2seq::Seq2Seq;
 use crate::generation::tasks::CeTask;

@@ -5,7 +5,7 @@
 use super::models::{adapters_path, evaluate};
 use super::students::StrongStages;
 use super::weak::GenSeed;
-use crate::experiment::config::DpoConfig;
+use crate::config::DpoConfig;
 use crate::experiment::stages::{stage_key, Subject};
 use crate::generation::joint;
 use crate::generation::seq2seq::Seq2Seq;

@@ -3,8 +3,8 @@
 
 use super::models::*;
 use super::weak::*;
+use crate::config::GenMethod;
 use crate::eval::summary::pgr;
-use crate::experiment::config::GenMethod;
 use crate::experiment::stages::{stage_key, Subject};
 use crate::generation::bridge::BridgedTarget;
 use crate::generation::seq2seq::Seq2Seq;

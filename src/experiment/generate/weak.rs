@@ -3,8 +3,8 @@
 //! bridged to the strong tokenizer.
 
 use super::models::*;
+use crate::config::{GenerationConfig, GenerationWeights, Weights};
 use crate::data::Dataset;
-use crate::experiment::config::{GenerationConfig, GenerationWeights, Weights};
 use crate::experiment::stages::{stage_key, StageCache, Subject};
 use crate::generation::bridge::{bridge, BridgedTarget};
 use crate::generation::joint::{self, AgreementInput};

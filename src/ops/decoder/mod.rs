@@ -23,8 +23,7 @@
 use super::activation::Gate;
 use super::attention::{self, Dims, Strides};
 use super::linear::{self, residual_linear};
-use super::norm::Norm;
-use super::real::{by_dtype, cpu, operand_values, typed, Kept, Real};
+use super::real::{by_dtype, cpu, operand_values, typed, Kept, Norm, Real};
 use super::{activation, norm, real, rope};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
