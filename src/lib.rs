@@ -11,6 +11,7 @@ pub mod eval;
 pub mod experiment;
 pub mod generation;
 pub mod hash;
+pub mod home;
 pub mod io;
 pub mod losses;
 pub mod models;

@@ -7,9 +7,10 @@ use std::process::Command;
 use ws2s::generation::bridge::{bridge, soft_target_row, token_logprobs, Share, Spread};
 use ws2s::generation::seq2seq::Seq2Seq;
 use ws2s::generation::tasks::{sequence_logprobs, DpoTask, Pair};
+use ws2s::home::Home;
+use ws2s::models::load_tokenizer;
 use ws2s::models::params::{LoraConfig, Trainable};
 use ws2s::models::tokenizer::Tokenizer;
-use ws2s::models::{load_tokenizer, ws2s_home};
 use ws2s::train::trainer::{TrainConfig, TrainTask};
 
 fn fixtures() -> PathBuf {
@@ -149,7 +150,7 @@ fn word_bridge_between_fixture_bpe_and_wordpiece_tokenizers() {
 #[test]
 fn word_bridge_between_real_bpe_and_sentencepiece_tokenizers() {
     let installed = |relative: &str| {
-        let path = ws2s_home().join("models").join(relative);
+        let path = Home::from_env().models().join(relative);
         if !path.exists() {
             println!(
                 "skipped: {} is not installed (run scripts/fetch-models)",

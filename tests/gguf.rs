@@ -5,9 +5,10 @@
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use ws2s::home::Home;
 use ws2s::models::decode::{generate, DecodeOptions};
 use ws2s::models::params::Trainable;
-use ws2s::models::{nn, ws2s_home, Model};
+use ws2s::models::{nn, Model};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -207,7 +208,7 @@ fn transformers_4x_config_layouts_load_the_same_model() {
 
 /// The installed model file, or `None` with a printed reason.
 fn installed(relative: &str) -> Option<PathBuf> {
-    let path = ws2s_home().join("models").join(relative);
+    let path = Home::from_env().models().join(relative);
     if path.exists() {
         Some(path)
     } else {

@@ -233,7 +233,7 @@ pub(crate) fn demo(
     if !missing.is_empty() {
         anyhow::bail!(
             "the demo needs models that are not installed in {}: {}\ninstall them with:\n  scripts/fetch-models {}",
-            models::ws2s_home().join("models").display(),
+            ws2s::home::Home::from_env().models().display(),
             missing.join(", "),
             missing.join(" ")
         );
@@ -258,7 +258,7 @@ pub(crate) fn run_experiment(
     path: &Path,
     out: &Path,
 ) -> Result<ws2s::experiment::Report> {
-    let report = ws2s::experiment::run(config, path, out, true)?;
+    let report = ws2s::experiment::run(config, path, out, (&ws2s::home::Home::from_env(), true))?;
     println!("{}", report.markdown());
     Ok(report)
 }

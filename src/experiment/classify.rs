@@ -10,8 +10,8 @@ use crate::config::{ClassifyWeights, ExperimentConfig, Method, ModelSpec, Weight
 use crate::data::{Dataset, Example};
 use crate::eval::classify::{classify_metrics, ClassifyMetrics, Prediction};
 use crate::eval::summary::pgr;
+use crate::home::Home;
 use crate::losses;
-use crate::models::ws2s_home;
 pub use crate::report::classify::{
     markdown, Claim, Convergence, MethodResult, PairedReport, PairedRow, RunResults,
     SeedPredictions, SeedResult, Timing,
@@ -192,15 +192,15 @@ fn weak_subject(seed: u64, j: usize, name: &str) -> Subject {
 pub fn ground_truth_cv(
     config: &ExperimentConfig,
     datasets: &[Dataset],
-    progress: bool,
+    (home, progress): (&Home, bool),
 ) -> Result<Vec<f64>> {
     let classes = datasets[0]
         .num_classes
         .context("ordering models by strength needs a classification task")?;
     let examples = examples_of(datasets);
     let timings = std::cell::RefCell::new(Vec::new());
-    let learners = Learners::new(config, &examples, (progress, classes), &timings)?;
-    let stages = StageCache::new(&ws2s_home().join("stages"));
+    let learners = Learners::new(config, &examples, (home, progress, classes), &timings)?;
+    let stages = StageCache::new(&home.stages());
     let names = config.weak_labels();
     let mut strength = Vec::new();
     for (j, spec) in config.weak.iter().enumerate() {
@@ -797,7 +797,7 @@ pub fn run(
     config: &ExperimentConfig,
     datasets: &[Dataset],
     out: &Path,
-    progress: bool,
+    (home, progress): (&Home, bool),
 ) -> Result<RunResults> {
     let strong_spec = config
         .strong
@@ -821,9 +821,9 @@ pub fn run(
         examples.len()
     );
     let timings = std::cell::RefCell::new(Vec::new());
-    let learners = Learners::new(config, &examples, (progress, classes), &timings)?;
+    let learners = Learners::new(config, &examples, (home, progress, classes), &timings)?;
     let run_learners = run_learners(&learners, config, strong_spec)?;
-    let stages = StageCache::new(&ws2s_home().join("stages"));
+    let stages = StageCache::new(&home.stages());
     let (mut seed_results, mut predictions, mut label_rows) = (Vec::new(), Vec::new(), Vec::new());
     let probes_started = std::time::Instant::now();
     for dataset in datasets {

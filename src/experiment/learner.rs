@@ -8,7 +8,7 @@ use crate::models::features::{extract, feature_key, load_cached, store_cached, F
 use crate::models::heads::{pool, ClassificationHead, Pooling};
 use crate::models::params::{LoraConfig, Params, Trainable};
 use crate::models::Model;
-use crate::models::{model_hash, resolve_model, ws2s_home};
+use crate::models::{model_hash, resolve_model};
 use crate::report::classify::Timing;
 use crate::train::convex::{CvReport, Objective, SoftXent, SolverConfig};
 use crate::train::probe::{self, LinearProbe, ProbeLoss, Step, TensorObjective};
@@ -325,7 +325,7 @@ pub(super) fn features_for(
     spec: &ModelSpec,
     examples: &BTreeMap<String, String>,
     (progress, precision): (bool, crate::ops::Precision),
-    device: &Device,
+    (device, cache_dir): (&Device, &std::path::Path),
     timings: &std::cell::RefCell<Vec<Timing>>,
 ) -> Result<FeatureTable> {
     let path = resolve_model(&spec.model)?;
@@ -347,9 +347,8 @@ pub(super) fn features_for(
     let ids: Vec<&str> = examples.keys().map(String::as_str).collect();
     let texts: Vec<&str> = examples.values().map(String::as_str).collect();
     let start = std::time::Instant::now();
-    let cache_dir = ws2s_home().join("features");
     let key = feature_key(&hash, &ids, &texts, &options);
-    let (features, hit) = match load_cached(&key, texts.len(), &cache_dir, &Device::Cpu) {
+    let (features, hit) = match load_cached(&key, texts.len(), cache_dir, &Device::Cpu) {
         Some(features) => (features, true),
         None => {
             let mut model = Model::load_as(&path, Trainable::Frozen, 0, device, precision.dtype())
@@ -359,7 +358,7 @@ pub(super) fn features_for(
             let features = extract(&model, &texts, &options, device)?
                 .to_device(&Device::Cpu)?
                 .to_dtype(candle_core::DType::F32)?;
-            store_cached(&key, &features, &cache_dir)?;
+            store_cached(&key, &features, cache_dir)?;
             (features, false)
         }
     };
@@ -401,6 +400,8 @@ pub(super) struct Learners<'a> {
     /// Models run on the configured device (bf16 on a GPU); probes and losses on the CPU.
     device: Device,
     pub(super) precision: crate::ops::Precision,
+    /// Where extracted features are cached.
+    features_dir: std::path::PathBuf,
     timings: &'a std::cell::RefCell<Vec<Timing>>,
 }
 
@@ -408,7 +409,7 @@ impl<'a> Learners<'a> {
     pub(super) fn new(
         config: &'a ExperimentConfig,
         examples: &'a BTreeMap<String, String>,
-        (progress, classes): (bool, usize),
+        (home, progress, classes): (&crate::home::Home, bool, usize),
         timings: &'a std::cell::RefCell<Vec<Timing>>,
     ) -> Result<Self> {
         let device = config.device.device()?;
@@ -418,6 +419,7 @@ impl<'a> Learners<'a> {
         Ok(Learners {
             config,
             examples,
+            features_dir: home.features(),
             progress,
             classes,
             device,
@@ -433,7 +435,7 @@ impl<'a> Learners<'a> {
                 spec,
                 self.examples,
                 (self.progress, self.precision),
-                &self.device,
+                (&self.device, &self.features_dir),
                 self.timings,
             )?;
             let hash = table.model_hash.clone();

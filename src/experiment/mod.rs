@@ -14,6 +14,7 @@ pub mod sweep;
 
 use crate::config::ExperimentConfig;
 use crate::data::{self, Dataset};
+use crate::home::Home;
 use anyhow::Result;
 use std::path::Path;
 
@@ -44,20 +45,21 @@ impl Report {
 }
 
 /// Checks everything that needs no training ([`preflight::check`]), then runs the experiment of
-/// `config` (read from `config_path`, against which its relative paths resolve) into `out`.
+/// `config` (read from `config_path`, against which its relative paths resolve) into `out`, with
+/// its models, features and stages under `home`.
 pub fn run(
     config: &ExperimentConfig,
     config_path: &Path,
     out: &Path,
-    progress: bool,
+    (home, progress): (&Home, bool),
 ) -> Result<Report> {
     let datasets = preflight::check(config, config_path, Some(out))?.datasets;
     Ok(if config.sweep.is_some() {
-        Report::Ladder(sweep::run(config, &datasets, out, progress)?)
+        Report::Ladder(sweep::run(config, &datasets, out, (home, progress))?)
     } else if datasets[0].num_classes.is_none() {
-        Report::Generate(generate::run(config, &datasets, out, progress)?)
+        Report::Generate(generate::run(config, &datasets, out, (home, progress))?)
     } else {
-        Report::Classify(classify::run(config, &datasets, out, progress)?)
+        Report::Classify(classify::run(config, &datasets, out, (home, progress))?)
     })
 }
 

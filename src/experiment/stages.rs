@@ -37,6 +37,12 @@ pub fn stage_key(parts: &[&str]) -> String {
 }
 
 impl StageCache {
+    /// Where the trainable weights trained under `key` are saved (with their training log
+    /// beside them): `trained/KEY.safetensors` in the cache.
+    pub fn trained_path(&self, key: &str) -> PathBuf {
+        self.dir.join("trained").join(format!("{key}.safetensors"))
+    }
+
     pub fn new(dir: &Path) -> Self {
         StageCache {
             dir: dir.to_path_buf(),

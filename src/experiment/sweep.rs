@@ -15,6 +15,7 @@ use crate::config::{ExperimentConfig, LadderOrder, Method, ModelSpec};
 use crate::data::Dataset;
 use crate::eval::paired::Estimate;
 use crate::eval::summary::Summary;
+use crate::home::Home;
 use crate::report::parquet::ColumnData;
 use crate::report::plot::{heatmap, line_chart, side_by_side, svg_to_png, Series, PALETTE};
 use anyhow::{Context, Result};
@@ -85,7 +86,7 @@ fn rung_config(
 fn order_models(
     config: &ExperimentConfig,
     datasets: &[Dataset],
-    progress: bool,
+    (home, progress): (&Home, bool),
 ) -> Result<(Vec<ModelSpec>, Option<Vec<f64>>)> {
     let sweep = config.sweep.as_ref().context("the config has no [sweep]")?;
     let models = sweep.models.clone();
@@ -95,7 +96,7 @@ fn order_models(
             let mut probe = config.clone();
             probe.sweep = None;
             probe.weak = models.clone();
-            let cv = classify::ground_truth_cv(&probe, datasets, progress)?;
+            let cv = classify::ground_truth_cv(&probe, datasets, (home, progress))?;
             let mut ranked: Vec<(ModelSpec, f64)> = models.into_iter().zip(cv).collect();
             // Higher held-out log-loss = weaker: weakest first.
             ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -164,11 +165,11 @@ pub fn run(
     config: &ExperimentConfig,
     datasets: &[Dataset],
     out: &Path,
-    progress: bool,
+    (home, progress): (&Home, bool),
 ) -> Result<SweepResults> {
     let started = std::time::Instant::now();
     let sweep = config.sweep.as_ref().context("the config has no [sweep]")?;
-    let (ladder, strength) = order_models(config, datasets, progress)?;
+    let (ladder, strength) = order_models(config, datasets, (home, progress))?;
     let labels: Vec<String> = ladder.iter().map(ModelSpec::label).collect();
     eprintln!("ladder, weakest first: {}", labels.join(" < "));
     let mut cells = Vec::new();
@@ -185,7 +186,7 @@ pub fn run(
         let dir = out
             .join("runs")
             .join(format!("{s}-{}", file_name(&labels[s])));
-        let results = classify::run(&rung, datasets, &dir, progress)
+        let results = classify::run(&rung, datasets, &dir, (home, progress))
             .with_context(|| format!("rung {s} ({})", labels[s]))?;
         let weak_labels = rung.weak_labels();
         ground_truth[s] = accuracy_of(&results, "ceiling").map_or(f64::NAN, |a| a.mean);

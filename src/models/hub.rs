@@ -53,7 +53,7 @@ pub fn download(repo: &str, revision: &str) -> Result<PathBuf> {
     if repo.split('/').count() != 2 {
         bail!("`{repo}` is not a hub repository id of the form owner/name");
     }
-    let dir = super::ws2s_home().join("hub").join(repo.replace('/', "--"));
+    let dir = crate::home::Home::from_env().hub(repo);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     for file in REQUIRED {
         if !fetch(repo, revision, file, &dir)? {

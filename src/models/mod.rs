@@ -494,19 +494,6 @@ impl Model {
     }
 }
 
-/// The cache folder of ws2s: `$WS2S_HOME`, default `~/.cache/ws2s`.
-pub fn ws2s_home() -> PathBuf {
-    match std::env::var_os("WS2S_HOME") {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("."));
-            home.join(".cache").join("ws2s")
-        }
-    }
-}
-
 /// Models that `scripts/fetch-models` installs: (name, path under `$WS2S_HOME/models`).
 pub const KNOWN_MODELS: [(&str, &str); 5] = [
     (
@@ -533,7 +520,7 @@ pub fn resolve_model(name_or_path: &str) -> Result<PathBuf> {
         return Ok(path);
     }
     if let Some((name, relative)) = KNOWN_MODELS.iter().find(|(n, _)| *n == name_or_path) {
-        let installed = ws2s_home().join("models").join(relative);
+        let installed = crate::home::Home::from_env().models().join(relative);
         if installed.exists() {
             return Ok(installed);
         }
@@ -565,7 +552,7 @@ pub fn model_hash(path: &Path) -> Result<String> {
     } else {
         vec![path.to_path_buf()]
     };
-    let memo_path = ws2s_home().join("file-hashes.json");
+    let memo_path = crate::home::Home::from_env().file_hashes();
     let mut memo: BTreeMap<String, String> = std::fs::read_to_string(&memo_path)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())

@@ -18,7 +18,7 @@ use crate::config::ExperimentConfig;
 use crate::data::{Dataset, Example};
 use crate::experiment::stages::{stage_key, StageCache};
 use crate::generation::joint;
-use crate::models::ws2s_home;
+use crate::home::Home;
 pub use crate::report::generate::{
     markdown, DpoReport, GenEval, GenMethodResult, GenRunResults, GenSeedResult,
 };
@@ -161,7 +161,7 @@ pub fn run(
     config: &ExperimentConfig,
     datasets: &[Dataset],
     out: &Path,
-    progress: bool,
+    (home, progress): (&Home, bool),
 ) -> Result<GenRunResults> {
     let started = std::time::Instant::now();
     let g = &config.generation;
@@ -180,7 +180,7 @@ pub fn run(
         .collect::<Result<_>>()?;
     let strong = ModelRef::new(strong_spec, &device)?;
     let weak_names = config.weak_labels();
-    let stages = StageCache::new(&ws2s_home().join("stages"));
+    let stages = StageCache::new(&home.stages());
     let decode_json = serde_json::to_string(&(
         &g.prompt,
         g.weak_beams,

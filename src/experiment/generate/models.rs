@@ -11,7 +11,7 @@ use crate::generation::tasks::CeTask;
 use crate::losses::Evidence;
 use crate::models::params::Trainable;
 use crate::models::tokenizer::Tokenizer;
-use crate::models::{load_tokenizer, model_hash, resolve_model, ws2s_home};
+use crate::models::{load_tokenizer, model_hash, resolve_model};
 pub use crate::report::generate::GenEval;
 use crate::train::trainer::{train, TrainConfig, TrainTask};
 use anyhow::{bail, Context, Result};
@@ -89,13 +89,6 @@ impl ModelRef {
     }
 }
 
-pub(super) fn adapters_path(key: &str) -> PathBuf {
-    ws2s_home()
-        .join("stages")
-        .join("trained")
-        .join(format!("{key}.safetensors"))
-}
-
 /// The model trained under `key`: its saved trainable weights when present, else trained by
 /// `make_task` now (and saved).
 /// Its training steps go to the run's log under `stage` (and to a file beside the weights).
@@ -107,7 +100,7 @@ pub(super) fn trained(
     make_task: &dyn Fn(&Seq2Seq) -> Result<Box<dyn TrainTask + '_>>,
 ) -> Result<Seq2Seq> {
     let s2s = model.load(seed, template)?;
-    let path = adapters_path(key);
+    let path = stages.trained_path(key);
     let log_path = path.with_extension("log.jsonl");
     if path.exists() && s2s.load_trainable(&path).is_ok() {
         log_trained(key, (stages, stage, subject));
@@ -133,7 +126,8 @@ pub(super) fn trained(
 /// Adds the saved training log of the model trained under `key` to the run's log (once), for
 /// runs that reuse a stage without loading the model.
 pub(super) fn log_trained(key: &str, (stages, stage, subject): (&StageCache, &str, &Subject)) {
-    let steps = crate::train::log::read_jsonl(&adapters_path(key).with_extension("log.jsonl"));
+    let steps =
+        crate::train::log::read_jsonl(&stages.trained_path(key).with_extension("log.jsonl"));
     stages.add_log(key, stage, subject, steps);
 }
 

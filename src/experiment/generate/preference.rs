@@ -2,7 +2,7 @@
 //! ranked by the weak ensemble give chosen/rejected pairs, then conservative DPO trains the
 //! student against itself as the reference.
 
-use super::models::{adapters_path, evaluate};
+use super::models::evaluate;
 use super::students::StrongStages;
 use super::weak::GenSeed;
 use crate::config::DpoConfig;
@@ -45,7 +45,7 @@ pub(super) fn preference_stage(
     let (stage, _) = s.stages.get_or_compute("gen-dpo", &dpo_key, &subject, || {
         let policy = s.strong.load(s.seed, &g.prompt)?;
         policy
-            .load_trainable(&adapters_path(&student_key_after))
+            .load_trainable(&s.stages.trained_path(&student_key_after))
             .context("the student before the preference stage")?;
         let (rows, pairs, skipped) = preference_pairs(s, &policy, d, weights)?;
         let task = DpoTask {

@@ -460,6 +460,47 @@ pub struct PreNormOutput {
     pub v: Tensor,
 }
 
+/// The adapters' flat input (every A and B flattened, one after the other; one zero when there
+/// are none) and their slots in it, checking their shapes against the hidden size `h` and each
+/// adapted projection's output size.
+fn adapter_slots(
+    adapters: &[Option<Adapter<'_>>; 2],
+    (h, outs): (usize, [usize; 2]),
+    x: &Tensor,
+) -> Result<([Option<AdapterSlot>; 2], Tensor)> {
+    let mut slots: [Option<AdapterSlot>; 2] = [None, None];
+    let mut flat = Vec::new();
+    let mut at = 0;
+    for ((slot, adapter), out) in slots.iter_mut().zip(adapters).zip(outs) {
+        let Some(adapter) = adapter else { continue };
+        let rank = adapter.a.dim(0)?;
+        if adapter.a.dims() != [rank, h] || adapter.b.dims() != [out, rank] {
+            candle_core::bail!(
+                "pre-norm layer: adapter shapes {:?}, {:?} do not fit [r, {h}], [{out}, r]",
+                adapter.a.dims(),
+                adapter.b.dims()
+            );
+        }
+        let a = at..at + rank * h;
+        let bb = a.end..a.end + out * rank;
+        at = bb.end;
+        *slot = Some(AdapterSlot {
+            rank,
+            scale: adapter.scale,
+            a,
+            b: bb,
+        });
+        flat.push(adapter.a.flatten_all()?);
+        flat.push(adapter.b.flatten_all()?);
+    }
+    let flat = if flat.is_empty() {
+        Tensor::zeros(1, x.dtype(), x.device())?
+    } else {
+        Tensor::cat(&flat, 0)?
+    };
+    Ok((slots, flat))
+}
+
 /// One pre-norm decoder layer (see the module doc) for x [B, T, H] attending to itself only (no
 /// cached positions): `heads` query and `kv_heads` key/value heads, RoPE tables cos, sin
 /// [B, 1, T, D], an additive mask [B, 1, T, T], the RMSNorms' eps and the score scale. One op
@@ -553,37 +594,7 @@ pub fn pre_norm_layer(
     if b * t == 0 {
         return Ok(None);
     }
-    // The adapters' flat input and their slots in it.
-    let mut slots: [Option<AdapterSlot>; 2] = [None, None];
-    let mut flat = Vec::new();
-    let mut at = 0;
-    for ((slot, adapter), out) in slots.iter_mut().zip(adapters).zip([qw, kw]) {
-        let Some(adapter) = adapter else { continue };
-        let rank = adapter.a.dim(0)?;
-        if adapter.a.dims() != [rank, h] || adapter.b.dims() != [out, rank] {
-            candle_core::bail!(
-                "pre-norm layer: adapter shapes {:?}, {:?} do not fit [r, {h}], [{out}, r]",
-                adapter.a.dims(),
-                adapter.b.dims()
-            );
-        }
-        let a = at..at + rank * h;
-        let bb = a.end..a.end + out * rank;
-        at = bb.end;
-        *slot = Some(AdapterSlot {
-            rank,
-            scale: adapter.scale,
-            a,
-            b: bb,
-        });
-        flat.push(adapter.a.flatten_all()?);
-        flat.push(adapter.b.flatten_all()?);
-    }
-    let flat = if flat.is_empty() {
-        Tensor::zeros(1, dtype, x.device())?
-    } else {
-        Tensor::cat(&flat, 0)?
-    };
+    let (slots, flat) = adapter_slots(&adapters, (h, [qw, kw]), x)?;
     let saved = Kept::default();
     let op = PreNormLayer {
         dims: Dims {
