@@ -9,7 +9,6 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod experiment;
-pub mod generation;
 pub mod hash;
 pub mod home;
 pub mod io;
@@ -19,6 +18,7 @@ pub mod ops;
 pub mod report;
 pub mod rng;
 pub mod runtime;
+pub mod seq2seq;
 pub mod supervision;
 pub mod train;
 

@@ -4,13 +4,13 @@
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use ws2s::generation::bridge::{bridge, soft_target_row, token_logprobs, Share, Spread};
-use ws2s::generation::seq2seq::Seq2Seq;
-use ws2s::generation::tasks::{sequence_logprobs, DpoTask, Pair};
 use ws2s::home::Home;
 use ws2s::models::load_tokenizer;
 use ws2s::models::params::{LoraConfig, Trainable};
 use ws2s::models::tokenizer::Tokenizer;
+use ws2s::seq2seq::bridge::{bridge, soft_target_row, token_logprobs, Share, Spread};
+use ws2s::seq2seq::model::Seq2Seq;
+use ws2s::seq2seq::tasks::{sequence_logprobs, DpoTask, Pair};
 use ws2s::train::trainer::{TrainConfig, TrainTask};
 
 fn fixtures() -> PathBuf {
@@ -262,7 +262,7 @@ fn dpo_with_policy_equal_to_reference_is_log_2_and_the_reference_stays_unchanged
 
 #[test]
 fn every_adapter_gets_a_gradient_from_the_soft_label_and_dpo_tasks() {
-    use ws2s::generation::tasks::{SoftItem, SoftLoss, SoftTask};
+    use ws2s::seq2seq::tasks::{SoftItem, SoftLoss, SoftTask};
     let model = Seq2Seq::load(&tiny_gguf(), lora(), 5, "in: {input} out:", &Device::Cpu).unwrap();
     let tokenizer = model.model.tokenizer().unwrap().clone();
     let eos = model.eos();

@@ -61,8 +61,8 @@ pub struct GenerationConfig {
     /// closes (as if end-of-sequence followed). The weak n-best lists always run to
     /// end-of-sequence, whose log-probability the word bridge carries to the student.
     pub stop_at_json: bool,
-    pub share: crate::generation::bridge::Share,
-    pub spread: crate::generation::bridge::Spread,
+    pub share: crate::seq2seq::bridge::Share,
+    pub spread: crate::seq2seq::bridge::Spread,
     /// c of the token-EDL KL annealing (the original: 1e-4).
     pub edl_c: f64,
     /// "exp" (clamped, METHOD.md's default) or "softplus". Softplus evidence over a whole
@@ -81,7 +81,7 @@ impl Default for GenerationConfig {
         GenerationConfig {
             methods: GenMethod::ALL.to_vec(),
             weights: Weights::Named(GenerationWeights::Agreement),
-            prompt: crate::generation::seq2seq::DEFAULT_PROMPT.into(),
+            prompt: crate::seq2seq::model::DEFAULT_PROMPT.into(),
             weak_beams: 5,
             test_beams: 3,
             max_new_tokens: 64,

@@ -21,7 +21,7 @@ use std::path::Path;
 /// What a run produced.
 pub enum Report {
     Classify(classify::RunResults),
-    Generate(generate::GenRunResults),
+    Generate(generate::RunResults),
     Ladder(sweep::SweepResults),
 }
 

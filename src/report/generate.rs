@@ -5,15 +5,15 @@
 use crate::config::{ExperimentConfig, ModelSpec};
 use crate::eval::slurp::SlurpMetrics;
 use crate::eval::summary::{Summary, SummaryBuilder, SummaryTable};
-use crate::generation::tasks::DpoEpochLog;
 use crate::report::parquet::{named, seed_column, text_column, ColumnData};
+use crate::seq2seq::tasks::DpoEpochLog;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Test results of one model: the SLURP metrics, the unparsable outputs, the predictions.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct GenEval {
+pub struct Eval {
     pub metrics: SlurpMetrics,
     /// Outputs that were not a JSON object of strings (scored as no slots).
     pub unparsable: usize,
@@ -21,9 +21,9 @@ pub struct GenEval {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct GenMethodResult {
+pub struct MethodResult {
     pub method: String,
-    pub test: GenEval,
+    pub test: Eval,
     pub pgr_vs_mean_weak: Option<f64>,
     pub pgr_vs_best_weak: Option<f64>,
 }
@@ -35,28 +35,28 @@ pub struct DpoReport {
     /// Prompts skipped because the best and worst candidates scored the same.
     pub skipped_ties: usize,
     pub epochs: Vec<DpoEpochLog>,
-    pub before: GenMethodResult,
-    pub after_dpo: GenMethodResult,
+    pub before: MethodResult,
+    pub after_dpo: MethodResult,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct GenSeedResult {
+pub struct SeedResult {
     pub seed: u64,
     pub data_hash: String,
     pub sizes: [usize; 4],
-    pub weak: Vec<GenEval>,
+    pub weak: Vec<Eval>,
     pub weights: Vec<f64>,
-    pub ceiling: GenEval,
-    pub methods: Vec<GenMethodResult>,
+    pub ceiling: Eval,
+    pub methods: Vec<MethodResult>,
     pub dpo: Option<DpoReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct GenRunResults {
+pub struct RunResults {
     pub config: ExperimentConfig,
     pub provenance: String,
     pub models: Vec<(String, String)>,
-    pub seeds: Vec<GenSeedResult>,
+    pub seeds: Vec<SeedResult>,
     pub summary: SummaryTable,
     /// Wall-clock seconds of the whole run (cached stages take almost none).
     pub wall_seconds: f64,
@@ -64,7 +64,7 @@ pub struct GenRunResults {
 
 const METRICS: [&str; 4] = ["slu_f1", "span_f1", "exact_match", "unparsable"];
 
-fn metric(e: &GenEval, name: &str) -> f64 {
+fn metric(e: &Eval, name: &str) -> f64 {
     match name {
         "slu_f1" => e.metrics.slu_f1,
         "span_f1" => e.metrics.span_f1,
@@ -73,7 +73,7 @@ fn metric(e: &GenEval, name: &str) -> f64 {
     }
 }
 
-pub(crate) fn summarise(config: &ExperimentConfig, seeds: &[GenSeedResult]) -> SummaryTable {
+pub(crate) fn summarise(config: &ExperimentConfig, seeds: &[SeedResult]) -> SummaryTable {
     let mut b = SummaryBuilder::new(config.seeds.first().copied().unwrap_or(0));
     for (j, label) in config.weak_labels().iter().enumerate() {
         let name = format!("weak[{label}]");
@@ -99,7 +99,7 @@ pub(crate) fn summarise(config: &ExperimentConfig, seeds: &[GenSeedResult]) -> S
     }
     if let Some(first) = seeds.first() {
         for (k, method) in first.methods.iter().enumerate() {
-            let column = |f: &dyn Fn(&GenMethodResult) -> Option<f64>| -> Vec<f64> {
+            let column = |f: &dyn Fn(&MethodResult) -> Option<f64>| -> Vec<f64> {
                 seeds.iter().filter_map(|s| f(&s.methods[k])).collect()
             };
             let name = &method.method;
@@ -128,7 +128,7 @@ fn count_cell(summary: Option<&Option<Summary>>) -> String {
 }
 
 /// The table a paper would print.
-pub fn markdown(results: &GenRunResults) -> String {
+pub fn markdown(results: &RunResults) -> String {
     let c = &results.config;
     let sizes = results.seeds.first().map(|s| s.sizes).unwrap_or_default();
     let mut out = format!(
@@ -217,7 +217,7 @@ pub fn markdown(results: &GenRunResults) -> String {
     out
 }
 
-fn plots(results: &GenRunResults) -> Vec<(&'static str, String)> {
+fn plots(results: &RunResults) -> Vec<(&'static str, String)> {
     let methods: Vec<String> = results
         .seeds
         .first()
@@ -297,7 +297,7 @@ fn pair_columns(rows: &[PairRow]) -> Vec<(String, ColumnData)> {
 
 pub(crate) fn write_outputs(
     out: &Path,
-    results: &GenRunResults,
+    results: &RunResults,
     label_rows: &[LabelRow],
     pair_rows: &[PairRow],
     log: &[crate::train::log::LogLine],

@@ -17,12 +17,12 @@ mod weak;
 use crate::config::ExperimentConfig;
 use crate::data::{Dataset, Example};
 use crate::experiment::stages::{stage_key, StageCache};
-use crate::generation::joint;
 use crate::home::Home;
 pub use crate::report::generate::{
-    markdown, DpoReport, GenEval, GenMethodResult, GenRunResults, GenSeedResult,
+    markdown, DpoReport, Eval, MethodResult, RunResults, SeedResult,
 };
 use crate::report::generate::{summarise, write_outputs, LabelRow, PairRow};
+use crate::seq2seq::joint;
 use anyhow::{bail, Context, Result};
 pub use models::score_predictions;
 use models::*;
@@ -37,10 +37,10 @@ fn inputs_of(split: &[Example]) -> Vec<&str> {
 }
 
 /// One seed's result, its rows of weak_labels.jsonl and of preference_pairs.jsonl.
-type GenSeedOutput = (GenSeedResult, Vec<LabelRow>, Vec<PairRow>);
+type GenSeedOutput = (SeedResult, Vec<LabelRow>, Vec<PairRow>);
 
 /// One seed of a generation run: stages 1-5 of METHOD.md sections 4 and 5.
-fn run_gen_seed(s: &GenSeed, decode_json: &str) -> Result<GenSeedOutput> {
+fn run_gen_seed(s: &Seed, decode_json: &str) -> Result<GenSeedOutput> {
     let (g, dataset) = (s.g, s.dataset);
     // 1. Weak models. 2. Joint rescoring. 3. Weights.
     let (weak, weak_keys) = weak_stages(s, decode_json)?;
@@ -137,7 +137,7 @@ fn run_gen_seed(s: &GenSeed, decode_json: &str) -> Result<GenSeedOutput> {
             }
         })
         .collect();
-    let result = GenSeedResult {
+    let result = SeedResult {
         seed: s.seed,
         data_hash: s.data_hash.clone(),
         sizes: [
@@ -162,7 +162,7 @@ pub fn run(
     datasets: &[Dataset],
     out: &Path,
     (home, progress): (&Home, bool),
-) -> Result<GenRunResults> {
+) -> Result<RunResults> {
     let started = std::time::Instant::now();
     let g = &config.generation;
     let strong_spec = config
@@ -193,7 +193,7 @@ pub fn run(
     let mut pair_rows: Vec<PairRow> = Vec::new();
     for dataset in datasets {
         let data_hash = dataset.data_hash();
-        let seed = GenSeed {
+        let seed = Seed {
             g,
             dataset,
             stages: &stages,
@@ -226,7 +226,7 @@ pub fn run(
         weak_models.iter().map(|m| m.hash.clone()),
         (strong_spec.label(), strong.hash.clone()),
     );
-    let results = GenRunResults {
+    let results = RunResults {
         config: config.clone(),
         provenance: datasets[0].provenance.clone(),
         models,

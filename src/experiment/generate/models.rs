@@ -6,13 +6,13 @@ use crate::data::slurp::json_to_slots;
 use crate::data::{Example, Label};
 use crate::eval::slurp::{slurp_metrics, SlotRecord};
 use crate::experiment::stages::{StageCache, Subject};
-use crate::generation::seq2seq::Seq2Seq;
-use crate::generation::tasks::CeTask;
 use crate::losses::Evidence;
 use crate::models::params::Trainable;
 use crate::models::tokenizer::Tokenizer;
 use crate::models::{load_tokenizer, model_hash, resolve_model};
-pub use crate::report::generate::GenEval;
+pub use crate::report::generate::Eval;
+use crate::seq2seq::model::Seq2Seq;
+use crate::seq2seq::tasks::CeTask;
 use crate::train::trainer::{train, TrainConfig, TrainTask};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
@@ -176,7 +176,7 @@ pub(super) fn score_candidates(
 }
 
 /// Scores generated texts against the test gold.
-pub fn score_predictions(test: &[Example], predictions: Vec<String>) -> GenEval {
+pub fn score_predictions(test: &[Example], predictions: Vec<String>) -> Eval {
     let mut unparsable = 0;
     let records: Vec<SlotRecord> = test
         .iter()
@@ -196,7 +196,7 @@ pub fn score_predictions(test: &[Example], predictions: Vec<String>) -> GenEval 
         })
         .collect();
     let (metrics, _) = slurp_metrics(&gold_records(test), &records);
-    GenEval {
+    Eval {
         metrics,
         unparsable,
         predictions,
@@ -209,7 +209,7 @@ pub(super) fn evaluate(
     g: &GenerationConfig,
     label: &str,
     progress: bool,
-) -> Result<GenEval> {
+) -> Result<Eval> {
     let inputs: Vec<&str> = test.iter().map(|e| e.input.as_str()).collect();
     let results = model.generate_all(
         &inputs,

@@ -4,20 +4,20 @@
 
 use super::models::evaluate;
 use super::students::StrongStages;
-use super::weak::GenSeed;
+use super::weak::Seed;
 use crate::config::DpoConfig;
 use crate::experiment::stages::{stage_key, Subject};
-use crate::generation::joint;
-use crate::generation::seq2seq::Seq2Seq;
-use crate::generation::tasks::{sequence_logprobs, DpoEpochLog, DpoTask, Pair};
-use crate::report::generate::{GenEval, PairRow};
+use crate::report::generate::{Eval, PairRow};
+use crate::seq2seq::joint;
+use crate::seq2seq::model::Seq2Seq;
+use crate::seq2seq::tasks::{sequence_logprobs, DpoEpochLog, DpoTask, Pair};
 use crate::train::trainer::{train, TrainConfig};
 use anyhow::{Context, Result};
 use std::cell::RefCell;
 
 /// The preference stage's result: its pairs as rows, the ties skipped, the log per epoch and
 /// the policy's test evaluation.
-pub(super) type DpoStage = (Vec<PairRow>, usize, Vec<DpoEpochLog>, GenEval);
+pub(super) type DpoStage = (Vec<PairRow>, usize, Vec<DpoEpochLog>, Eval);
 
 /// Stage `gen-dpo` (METHOD.md section 5): pairs from the student's n-best ranked by the weak
 /// ensemble, then conservative DPO from the student itself as the reference.
@@ -77,7 +77,7 @@ pub(super) fn preference_stage(
 /// The preference pairs of the policy's n-best lists: the ensemble's best and worst of each
 /// strong_train input (ties skipped), with the policy's reference log-probabilities.
 fn preference_pairs(
-    s: &GenSeed,
+    s: &Seed,
     policy: &Seq2Seq,
     d: &DpoConfig,
     weights: &[f64],

@@ -6,16 +6,16 @@ use super::weak::*;
 use crate::config::GenMethod;
 use crate::eval::summary::pgr;
 use crate::experiment::stages::{stage_key, Subject};
-use crate::generation::bridge::BridgedTarget;
-use crate::generation::seq2seq::Seq2Seq;
-use crate::generation::tasks::{SoftItem, SoftLoss, SoftTask};
-pub use crate::report::generate::{GenEval, GenMethodResult};
+pub use crate::report::generate::{Eval, MethodResult};
+use crate::seq2seq::bridge::BridgedTarget;
+use crate::seq2seq::model::Seq2Seq;
+use crate::seq2seq::tasks::{SoftItem, SoftLoss, SoftTask};
 use crate::train::trainer::TrainTask;
 use anyhow::Result;
 
 /// What the strong model's stages (ceiling, students, preference) share.
 pub(super) struct StrongStages<'a> {
-    pub(super) s: &'a GenSeed<'a>,
+    pub(super) s: &'a Seed<'a>,
     /// The key parts naming the weak stages, the joint stage and the settings with weights.
     pub(super) weak_all: String,
     pub(super) joint_key: String,
@@ -48,7 +48,7 @@ impl StrongStages<'_> {
     }
 
     /// Stage `gen-student`: the strong model fine-tuned on `make_task`'s task, scored on test.
-    pub(super) fn train(&self, name: &str, make_task: &MakeTask) -> Result<GenEval> {
+    pub(super) fn train(&self, name: &str, make_task: &MakeTask) -> Result<Eval> {
         let s = self.s;
         let key = self.student_key(name);
         let label = s.strong.spec.label();
@@ -94,8 +94,8 @@ pub(super) struct Scorer {
 }
 
 impl Scorer {
-    pub(super) fn result(&self, method: String, test: GenEval) -> GenMethodResult {
-        GenMethodResult {
+    pub(super) fn result(&self, method: String, test: Eval) -> MethodResult {
+        MethodResult {
             method,
             pgr_vs_mean_weak: pgr(test.metrics.slu_f1, self.mean_weak, self.ceiling),
             pgr_vs_best_weak: pgr(test.metrics.slu_f1, self.best_weak, self.ceiling),
@@ -110,7 +110,7 @@ pub(super) fn gen_students(
     weak: &[WeakStage],
     (bridged, joint_targets, weights): (&[Vec<BridgedTarget>], &[String], &[f64]),
     scorer: &Scorer,
-) -> Result<Vec<GenMethodResult>> {
+) -> Result<Vec<MethodResult>> {
     let (s, g) = (st.s, st.s.g);
     let strong_inputs = &s.strong_inputs;
     let soft_items = |s2s: &Seq2Seq, models: &[usize], weights: &[f64]| -> Result<Vec<SoftItem>> {

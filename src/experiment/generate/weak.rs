@@ -6,10 +6,10 @@ use super::models::*;
 use crate::config::{GenerationConfig, GenerationWeights, Weights};
 use crate::data::Dataset;
 use crate::experiment::stages::{stage_key, StageCache, Subject};
-use crate::generation::bridge::{bridge, BridgedTarget};
-use crate::generation::joint::{self, AgreementInput};
-use crate::generation::seq2seq::Seq2Seq;
-pub use crate::report::generate::GenEval;
+pub use crate::report::generate::Eval;
+use crate::seq2seq::bridge::{bridge, BridgedTarget};
+use crate::seq2seq::joint::{self, AgreementInput};
+use crate::seq2seq::model::Seq2Seq;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +23,7 @@ pub struct Hyp {
 
 #[derive(Serialize, Deserialize)]
 pub(super) struct WeakStage {
-    pub(super) test: GenEval,
+    pub(super) test: Eval,
     /// Per strong_train example, the n-best list, best first.
     pub(super) nbest: Vec<Vec<Hyp>>,
 }
@@ -37,7 +37,7 @@ pub(super) struct JointStage {
 }
 
 /// What the stages of one seed share.
-pub(super) struct GenSeed<'a> {
+pub(super) struct Seed<'a> {
     pub(super) g: &'a GenerationConfig,
     pub(super) dataset: &'a Dataset,
     pub(super) stages: &'a StageCache,
@@ -54,7 +54,7 @@ pub(super) struct GenSeed<'a> {
     pub(super) weak_train_keys: Vec<String>,
 }
 
-impl<'a> GenSeed<'a> {
+impl<'a> Seed<'a> {
     pub(super) fn weak_subject(&self, j: usize) -> Subject {
         Subject {
             seed: self.seed,
@@ -115,7 +115,7 @@ impl<'a> GenSeed<'a> {
 
 /// Stage `gen-weak` of every weak model: trained on weak_train, its n-best lists on
 /// strong_train, scored on test. Returns the stages and their keys.
-pub(super) fn weak_stages(s: &GenSeed, decode_json: &str) -> Result<(Vec<WeakStage>, Vec<String>)> {
+pub(super) fn weak_stages(s: &Seed, decode_json: &str) -> Result<(Vec<WeakStage>, Vec<String>)> {
     let g = s.g;
     let (mut stages, mut keys) = (Vec::new(), Vec::new());
     for (j, train_key) in s.weak_train_keys.iter().enumerate() {
@@ -182,7 +182,7 @@ pub(super) fn weak_stages(s: &GenSeed, decode_json: &str) -> Result<(Vec<WeakSta
 }
 
 /// Stage `gen-joint`: the pooled n-best lists rescored by every weak model.
-pub(super) fn joint_stage(s: &GenSeed, weak: &[WeakStage], joint_key: &str) -> Result<JointStage> {
+pub(super) fn joint_stage(s: &Seed, weak: &[WeakStage], joint_key: &str) -> Result<JointStage> {
     let subject = Subject {
         seed: s.seed,
         model: "weak ensemble".into(),
@@ -210,7 +210,7 @@ pub(super) fn joint_stage(s: &GenSeed, weak: &[WeakStage], joint_key: &str) -> R
 
 /// The weak models' weights: learned from their agreement on the joint candidates (no ground
 /// truth), uniform, or given.
-pub(super) fn generation_weights(s: &GenSeed, joint: &JointStage, weak: &[WeakStage]) -> Vec<f64> {
+pub(super) fn generation_weights(s: &Seed, joint: &JointStage, weak: &[WeakStage]) -> Vec<f64> {
     let n = s.weak_models.len();
     let agreement_inputs: Vec<AgreementInput> = (0..s.strong_inputs.len())
         .map(|i| AgreementInput {
@@ -249,7 +249,7 @@ pub(super) fn generation_weights(s: &GenSeed, joint: &JointStage, weak: &[WeakSt
 
 /// Each weak model's top hypothesis of each strong_train input, bridged to the strong
 /// tokenizer (token-level soft labels).
-pub(super) fn bridged_targets(s: &GenSeed, weak: &[WeakStage]) -> Result<Vec<Vec<BridgedTarget>>> {
+pub(super) fn bridged_targets(s: &Seed, weak: &[WeakStage]) -> Result<Vec<Vec<BridgedTarget>>> {
     let strong = &s.strong.tokenizer;
     let strong_eos = strong.eos_ids.first().copied();
     s.weak_models

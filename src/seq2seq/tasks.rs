@@ -3,7 +3,7 @@
 //! built on the fly from bridged weak hypotheses, and conservative DPO on preference pairs.
 
 use super::bridge::{soft_target_row, token_logprobs, BridgedTarget, Share, Spread};
-use super::seq2seq::Seq2Seq;
+use super::model::Seq2Seq;
 use crate::losses::{self, Evidence};
 use crate::models::decode::{continuation_logits, continuation_logprobs_tensor};
 use crate::train::trainer::TrainTask;

@@ -1,8 +1,0 @@
-//! Generation for weak-to-strong (METHOD.md sections 4 and 5): decoders as sequence-to-sequence
-//! models, the word bridge between tokenizers with token-level soft labels, joint decoding and
-//! agreement weights, and the training tasks (cross-entropy, soft KL, token EDL, conservative DPO).
-
-pub mod bridge;
-pub mod joint;
-pub mod seq2seq;
-pub mod tasks;
