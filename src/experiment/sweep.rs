@@ -18,6 +18,7 @@ use crate::eval::summary::Summary;
 use crate::home::Home;
 use crate::report::parquet::ColumnData;
 use crate::report::plot::{heatmap, line_chart, side_by_side, svg_to_png, Series, PALETTE};
+use crate::report::table::Table;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::Path;
@@ -290,59 +291,70 @@ pub fn markdown(results: &SweepResults) -> String {
         results.precision,
         results.seconds
     );
-    md.push_str("## Median PGR per method\n\n| method | median PGR | cells | cells with PGR > 0 resolved |\n|---|---|---|---|\n");
+    md.push_str("## Median PGR per method\n\n");
+    let mut medians = Table::new(&[
+        "method",
+        "median PGR",
+        "cells",
+        "cells with PGR > 0 resolved",
+    ]);
     for (method, value) in &results.median_pgr {
         let of: Vec<&Cell> = results
             .cells
             .iter()
             .filter(|c| &c.method == method)
             .collect();
-        md.push_str(&format!(
-            "| {method} | {} | {} | {} |\n",
+        let resolved = of
+            .iter()
+            .filter(|c| c.pgr.is_some_and(|p| p.lo > 0.0))
+            .count();
+        medians.row([
+            method.to_string(),
             value.map_or("undefined".into(), |v| format!("{v:.3}")),
-            of.len(),
-            of.iter()
-                .filter(|c| c.pgr.is_some_and(|p| p.lo > 0.0))
-                .count()
-        ));
+            of.len().to_string(),
+            resolved.to_string(),
+        ]);
     }
-    md.push_str("\n## Accuracy on ground truth\n\n| model | test accuracy |\n|---|---|\n");
+    md.push_str(&medians.render());
+    md.push_str("\n## Accuracy on ground truth\n\n");
+    let mut accuracy = Table::new(&["model", "test accuracy"]);
     for (model, acc) in l.iter().zip(&results.ground_truth_accuracy) {
-        md.push_str(&format!("| {model} | {acc:.3} |\n"));
+        accuracy.row([model.to_string(), format!("{acc:.3}")]);
     }
+    md.push_str(&accuracy.render());
     for (method, single) in methods_of(results) {
         if single {
             md.push_str(&format!(
-                "\n## {method}: PGR, weak (rows) -> strong (columns)\n\n| weak \\ strong | {} |\n|---|{}\n",
-                l[1..].join(" | "),
-                "---|".repeat(l.len() - 1)
+                "\n## {method}: PGR, weak (rows) -> strong (columns)\n\n"
             ));
+            let header: Vec<&str> = std::iter::once("weak \\ strong")
+                .chain(l[1..].iter().map(String::as_str))
+                .collect();
+            let mut matrix = Table::new(&header);
             for w in &l[..l.len() - 1] {
-                let row: Vec<String> = l[1..]
-                    .iter()
-                    .map(|s| {
-                        cell(results, &method, w, s)
-                            .map_or("—".to_string(), |c| estimate_text(&c.pgr))
-                    })
-                    .collect();
-                md.push_str(&format!("| {w} | {} |\n", row.join(" | ")));
+                matrix.row(std::iter::once(w.to_string()).chain(l[1..].iter().map(|s| {
+                    cell(results, &method, w, s)
+                        .map_or("—".to_string(), |c| estimate_text(&c.pgr))
+                })));
             }
+            md.push_str(&matrix.render());
         } else {
             md.push_str(&format!(
-                "\n## {method} (every model below): PGR vs the mean weak model\n\n| strong | accuracy | mean weak | ceiling | PGR |\n|---|---|---|---|---|\n"
+                "\n## {method} (every model below): PGR vs the mean weak model\n\n"
             ));
+            let mut cells = Table::new(&["strong", "accuracy", "mean weak", "ceiling", "PGR"]);
             for c in results.cells.iter().filter(|c| c.method == method) {
-                md.push_str(&format!(
-                    "| {} | {} | {:.3} | {:.3} | {} |\n",
-                    c.strong,
+                cells.row([
+                    c.strong.clone(),
                     c.accuracy
                         .as_ref()
                         .map_or("undefined".into(), |a| format!("{:.3}", a.mean)),
-                    c.weak_accuracy,
-                    c.ceiling_accuracy,
-                    estimate_text(&c.pgr)
-                ));
+                    format!("{:.3}", c.weak_accuracy),
+                    format!("{:.3}", c.ceiling_accuracy),
+                    estimate_text(&c.pgr),
+                ]);
             }
+            md.push_str(&cells.render());
         }
     }
     md.push_str("\nPlots: [ladder.svg](ladder.svg), [pgr.svg](pgr.svg). Every cell: `sweep.parquet`, `sweep.json`; each rung's run: `runs/`.\n");

@@ -7,6 +7,7 @@ use crate::eval::classify::ClassifyMetrics;
 use crate::eval::paired::{average, Estimate, Outcomes, Resampler};
 use crate::eval::summary::{Summary, SummaryBuilder, SummaryTable};
 use crate::report::parquet::{named, seed_column, text_column, ColumnData};
+use crate::report::table::Table;
 use anyhow::Result;
 use serde::Serialize;
 use std::path::Path;
@@ -428,29 +429,37 @@ pub fn markdown(results: &RunResults) -> String {
         "Weak models: probes trained on weak_train (C chosen by 5-fold cross-validation on its ground truth; \
          median over seeds). Their labels on strong_train are what the students learn from; their \
          calibration there is measured against strong_train's ground truth (for this report only: \
-         no student sees it).\n\n\
-         | model | test accuracy | C | strong_train accuracy | strong_train ECE | strong_train Brier | learned reliability (Dawid-Skene) |\n\
-         |---|---|---|---|---|---|---|\n",
+         no student sees it).\n\n",
     );
+    let mut weak = Table::new(&[
+        "model",
+        "test accuracy",
+        "C",
+        "strong_train accuracy",
+        "strong_train ECE",
+        "strong_train Brier",
+        "learned reliability (Dawid-Skene)",
+    ]);
     for (j, label) in c.weak_labels().iter().enumerate() {
         let row = &results.summary[&format!("weak[{label}]")];
-        out.push_str(&format!(
-            "| weak: {} | {} | {} | {} | {} | {} | {} |\n",
-            label,
+        weak.row([
+            format!("weak: {label}"),
             cell(row.get("accuracy")),
             chosen(&|s| s.weak_chosen_c.get(j).copied().flatten()),
             cell(row.get("strong_train_accuracy")),
             cell(row.get("strong_train_ece")),
             cell(row.get("strong_train_brier")),
-            cell(row.get("learned_reliability"))
-        ));
+            cell(row.get("learned_reliability")),
+        ]);
     }
     let strong = c.strong.as_ref().map(ModelSpec::label).unwrap_or_default();
-    out.push_str(&format!(
-        "| ceiling: {strong} on ground truth | {} | {} | | | | |\n\n",
+    weak.row([
+        format!("ceiling: {strong} on ground truth"),
         cell(results.summary["ceiling"].get("accuracy")),
-        chosen(&|s| s.ceiling_chosen_c)
-    ));
+        chosen(&|s| s.ceiling_chosen_c),
+    ]);
+    out.push_str(&weak.render());
+    out.push('\n');
     out.push_str(&grid_edge_note(results));
     let mut solves = Convergence::default();
     for s in &results.seeds {
@@ -464,38 +473,47 @@ pub fn markdown(results: &RunResults) -> String {
         ));
     }
     out.push_str("Students: the strong model's probe trained on the weak labels alone, C chosen by cross-validation on those labels.\n\n");
-    out.push_str("| method | test accuracy | C | AUROC | ECE | PGR vs mean weak | PGR vs best weak |\n|---|---|---|---|---|---|---|\n");
+    let mut students = Table::new(&[
+        "method",
+        "test accuracy",
+        "C",
+        "AUROC",
+        "ECE",
+        "PGR vs mean weak",
+        "PGR vs best weak",
+    ]);
     if let Some(first) = results.seeds.first() {
         for (k, method) in first.methods.iter().enumerate() {
             let row = &results.summary[&method.method];
-            out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} |\n",
-                method.method,
+            students.row([
+                method.method.clone(),
                 cell(row.get("accuracy")),
                 chosen(&|s| s.methods.get(k).and_then(|m| m.chosen_c)),
                 cell(row.get("auroc")),
                 cell(row.get("ece")),
                 cell(row.get("pgr_vs_mean_weak")),
-                cell(row.get("pgr_vs_best_weak"))
-            ));
+                cell(row.get("pgr_vs_best_weak")),
+            ]);
         }
     }
+    out.push_str(&students.render());
     if !results.timings.is_empty() {
         out.push_str(&format!(
-            "\nRan on: {}; frozen forward passes in {}.\n\n| stage | wall time |\n|---|---|\n",
+            "\nRan on: {}; frozen forward passes in {}.\n\n",
             results.cpu, results.precision
         ));
+        let mut stages = Table::new(&["stage", "wall time"]);
         for t in &results.timings {
-            out.push_str(&format!(
-                "| {} | {} |\n",
-                t.stage,
+            stages.row([
+                t.stage.clone(),
                 if t.cached {
                     "cached".to_string()
                 } else {
                     format!("{:.0} s", t.seconds)
-                }
-            ));
+                },
+            ]);
         }
+        out.push_str(&stages.render());
     }
     out.push_str(&paired_markdown(&results.paired));
     out
@@ -557,41 +575,52 @@ fn paired_markdown(p: &PairedReport) -> String {
              ({} resamples; seeds and test examples drawn with replacement, design: {}). \
              Reference: the student's weak teacher, or the mean of the weak models for multi-weak methods. \
              Best single-weak student: {}, the student of the weak model with the lowest cross-validated \
-             log-loss on weak_train (chosen without test data).\n\n\
-             | method | reference | vs reference | PGR vs reference | vs naive | vs best single-weak |\n\
-             |---|---|---|---|---|---|\n",
+             log-loss on weak_train (chosen without test data).\n\n",
             p.resamples,
             p.design,
             p.best_single.as_deref().unwrap_or("none")
         ));
+        let mut table = Table::new(&[
+            "method",
+            "reference",
+            "vs reference",
+            "PGR vs reference",
+            "vs naive",
+            "vs best single-weak",
+        ]);
         for r in &p.rows {
-            out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} |\n",
-                r.method,
-                r.reference,
+            table.row([
+                r.method.clone(),
+                r.reference.clone(),
                 estimate_cell(&r.vs_reference),
                 estimate_cell(&r.pgr),
                 estimate_cell(&r.vs_naive),
-                estimate_cell(&r.vs_best_single)
-            ));
+                estimate_cell(&r.vs_best_single),
+            ]);
         }
+        out.push_str(&table.render());
     }
     if !p.claims.is_empty() {
         out.push_str(
             "\n## Claims\n\nEach claim of the paper as a paired difference of test accuracy \
              (95% interval as above): holds when the interval is above zero, contradicted when it \
-             is below, not resolved when it contains zero.\n\n\
-             | claim | comparison | difference [95% interval] | verdict |\n|---|---|---|---|\n",
+             is below, not resolved when it contains zero.\n\n",
         );
+        let mut table = Table::new(&[
+            "claim",
+            "comparison",
+            "difference [95% interval]",
+            "verdict",
+        ]);
         for claim in &p.claims {
-            out.push_str(&format!(
-                "| {} | {} | {} | {} |\n",
-                claim.claim,
-                claim.comparison,
+            table.row([
+                claim.claim.clone(),
+                claim.comparison.clone(),
                 estimate_cell(&claim.estimate),
-                claim.verdict
-            ));
+                claim.verdict.to_string(),
+            ]);
         }
+        out.push_str(&table.render());
     }
     out
 }

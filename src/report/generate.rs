@@ -6,6 +6,7 @@ use crate::config::{ExperimentConfig, ModelSpec};
 use crate::eval::slurp::SlurpMetrics;
 use crate::eval::summary::{Summary, SummaryBuilder, SummaryTable};
 use crate::report::parquet::{named, seed_column, text_column, ColumnData};
+use crate::report::table::Table;
 use crate::seq2seq::tasks::DpoEpochLog;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -151,67 +152,97 @@ pub fn markdown(results: &RunResults) -> String {
         results.wall_seconds
     );
     let row = |name: &str| results.summary.get(name);
-    out.push_str("| model | SLU-F1 | span F1 | exact match | unparsable | weight |\n|---|---|---|---|---|---|\n");
-    for label in c.weak_labels() {
-        let r = row(&format!("weak[{label}]"));
-        out.push_str(&format!(
-            "| weak: {label} | {} | {} | {} | {} | {} |\n",
-            cell(r.and_then(|r| r.get("slu_f1"))),
-            cell(r.and_then(|r| r.get("span_f1"))),
-            cell(r.and_then(|r| r.get("exact_match"))),
+    // The SLURP metrics of a summary row, then its unparsable count.
+    let metrics = |name: &str| {
+        let r = row(name);
+        let get = |m: &str| cell(r.and_then(|r| r.get(m)));
+        [
+            get("slu_f1"),
+            get("span_f1"),
+            get("exact_match"),
             count_cell(r.and_then(|r| r.get("unparsable"))),
-            cell(r.and_then(|r| r.get("weight"))),
-        ));
+        ]
+    };
+    let mut models = Table::new(&[
+        "model",
+        "SLU-F1",
+        "span F1",
+        "exact match",
+        "unparsable",
+        "weight",
+    ]);
+    for label in c.weak_labels() {
+        let name = format!("weak[{label}]");
+        let weight = cell(row(&name).and_then(|r| r.get("weight")));
+        models.row(
+            std::iter::once(format!("weak: {label}"))
+                .chain(metrics(&name))
+                .chain([weight]),
+        );
     }
     let strong = c.strong.as_ref().map(ModelSpec::label).unwrap_or_default();
-    let r = row("ceiling");
-    out.push_str(&format!(
-        "| ceiling: {strong} on ground truth | {} | {} | {} | {} | |\n\n",
-        cell(r.and_then(|r| r.get("slu_f1"))),
-        cell(r.and_then(|r| r.get("span_f1"))),
-        cell(r.and_then(|r| r.get("exact_match"))),
-        count_cell(r.and_then(|r| r.get("unparsable"))),
-    ));
-    out.push_str("| method | SLU-F1 | span F1 | exact match | unparsable | PGR vs mean weak | PGR vs best weak |\n|---|---|---|---|---|---|---|\n");
+    models.row(
+        std::iter::once(format!("ceiling: {strong} on ground truth")).chain(metrics("ceiling")),
+    );
+    out.push_str(&models.render());
+    out.push('\n');
+    let mut students = Table::new(&[
+        "method",
+        "SLU-F1",
+        "span F1",
+        "exact match",
+        "unparsable",
+        "PGR vs mean weak",
+        "PGR vs best weak",
+    ]);
     if let Some(first) = results.seeds.first() {
         for method in &first.methods {
-            let r = row(&method.method);
-            let get = |m: &str| cell(r.and_then(|r| r.get(m)));
-            out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} |\n",
-                method.method,
-                get("slu_f1"),
-                get("span_f1"),
-                get("exact_match"),
-                count_cell(r.and_then(|r| r.get("unparsable"))),
-                get("pgr_vs_mean_weak"),
-                get("pgr_vs_best_weak"),
-            ));
+            let pgr = |m: &str| cell(row(&method.method).and_then(|r| r.get(m)));
+            students.row(
+                std::iter::once(method.method.clone())
+                    .chain(metrics(&method.method))
+                    .chain([pgr("pgr_vs_mean_weak"), pgr("pgr_vs_best_weak")]),
+            );
         }
     }
+    out.push_str(&students.render());
     for s in &results.seeds {
         if let Some(d) = &s.dpo {
             out.push_str(&format!(
-                "\n## Preference stage (seed {})\n\nConservative DPO after `{}`: {} pairs, {} prompts skipped (tie).\n\n\
-                 | student | SLU-F1 | span F1 | exact match | unparsable |\n|---|---|---|---|---|\n",
+                "\n## Preference stage (seed {})\n\nConservative DPO after `{}`: {} pairs, {} prompts skipped (tie).\n\n",
                 s.seed, d.after, d.pairs, d.skipped_ties,
             ));
+            let mut students =
+                Table::new(&["student", "SLU-F1", "span F1", "exact match", "unparsable"]);
             for (label, r) in [("before", &d.before), ("after", &d.after_dpo)] {
                 let m = &r.test.metrics;
-                out.push_str(&format!(
-                    "| {label} ({}) | {:.4} | {:.4} | {:.4} | {} |\n",
-                    r.method, m.slu_f1, m.span_f1, m.exact_match, r.test.unparsable
-                ));
+                students.row([
+                    format!("{label} ({})", r.method),
+                    format!("{:.4}", m.slu_f1),
+                    format!("{:.4}", m.span_f1),
+                    format!("{:.4}", m.exact_match),
+                    r.test.unparsable.to_string(),
+                ]);
             }
-            out.push_str(
-                "\n| epoch | reward margin | chosen log-prob | rejected log-prob | pairs ordered |\n|---|---|---|---|---|\n",
-            );
+            out.push_str(&students.render());
+            let mut epochs = Table::new(&[
+                "epoch",
+                "reward margin",
+                "chosen log-prob",
+                "rejected log-prob",
+                "pairs ordered",
+            ]);
             for e in &d.epochs {
-                out.push_str(&format!(
-                    "| {} | {:.4} | {:.3} | {:.3} | {:.3} |\n",
-                    e.epoch, e.reward_margin, e.chosen_logprob, e.rejected_logprob, e.accuracy
-                ));
+                epochs.row([
+                    e.epoch.to_string(),
+                    format!("{:.4}", e.reward_margin),
+                    format!("{:.3}", e.chosen_logprob),
+                    format!("{:.3}", e.rejected_logprob),
+                    format!("{:.3}", e.accuracy),
+                ]);
             }
+            out.push('\n');
+            out.push_str(&epochs.render());
         }
     }
     out

@@ -5,6 +5,7 @@ pub mod generate;
 pub mod loss;
 pub mod parquet;
 pub mod plot;
+pub mod table;
 
 use anyhow::{Context, Result};
 use std::path::Path;
