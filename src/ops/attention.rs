@@ -11,16 +11,10 @@
 //!   S = scale Q K^T + mask, P = softmax(S), O = P V;
 //!   dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)), dQ = scale dS K, dK = scale dS^T Q.
 
-use super::real::{by_dtype, cpu, typed, Kept, Real};
+use super::real::{by_dtype, cpu, typed, Kept, Real, SharedMut};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-
-/// A raw pointer that may cross threads: each task writes a disjoint set of elements.
-#[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
-unsafe impl<T> Send for Shared<T> {}
-unsafe impl<T> Sync for Shared<T> {}
 
 /// A strided matrix: base pointer, row stride, column stride (in elements).
 #[derive(Clone, Copy)]
@@ -186,11 +180,11 @@ pub(crate) unsafe fn forward_into<T: Real>(
     let Dims { tq, tk, d, .. } = dm;
     let (qr, kr) = (strides.q, strides.kv);
     let (q, k, v, out_ptr, probs) = (
-        Shared(q as *mut T),
-        Shared(k as *mut T),
-        Shared(v as *mut T),
-        Shared(out),
-        Shared(probs),
+        SharedMut(q as *mut T),
+        SharedMut(k as *mut T),
+        SharedMut(v as *mut T),
+        SharedMut(out),
+        SharedMut(probs),
     );
     assert!(mask.len() >= dm.b * tq * tk, "attention: mask too small");
     (0..dm.b * dm.heads).into_par_iter().for_each(|bh| {
@@ -281,12 +275,12 @@ pub(crate) unsafe fn backward_into<T: Real>(
     let Dims { tq, tk, d, .. } = dm;
     let (qr, kr, or) = (strides.q, strides.kv, dm.q_row());
     let (q, k, v, grad) = (
-        Shared(q as *mut T),
-        Shared(k as *mut T),
-        Shared(v as *mut T),
-        Shared(grad as *mut T),
+        SharedMut(q as *mut T),
+        SharedMut(k as *mut T),
+        SharedMut(v as *mut T),
+        SharedMut(grad as *mut T),
     );
-    let (dq_ptr, dk_ptr, dv_ptr) = (Shared(dq), Shared(dk), Shared(dv));
+    let (dq_ptr, dk_ptr, dv_ptr) = (SharedMut(dq), SharedMut(dk), SharedMut(dv));
     (0..dm.b * dm.kv_heads).into_par_iter().for_each(|bg| {
         let (bi, g) = (bg / dm.kv_heads, bg % dm.kv_heads);
         let kv0 = bi * tk * kr + g * d;

@@ -471,6 +471,22 @@ impl Kept {
     }
 }
 
+/// A raw pointer that may cross threads, for kernels whose tasks each write a disjoint set of
+/// elements of one output (the caller of every write states which).
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut<T>(pub(crate) *mut T);
+// SAFETY: the wrapper only carries the pointer; every write through it is to elements that one
+// task alone writes (see the `SAFETY` comment at each use).
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// The pointer (a method, not the field, so that closures capture the whole wrapper).
+    pub(crate) fn ptr(self) -> *mut T {
+        self.0
+    }
+}
+
 /// Whether a tensor can go through the fused CPU ops: on the CPU, in f32 or f64.
 pub(crate) fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)

@@ -102,20 +102,6 @@ impl Kernel {
     }
 }
 
-/// A raw pointer to the output that threads share; each writes only its own columns.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: the tasks of `accumulate_with` write disjoint columns of the output.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// Column `c` of row 0 (a method, so that closures capture the whole `Out`).
-    fn column(self, c: usize) -> *mut f32 {
-        self.0.wrapping_add(c)
-    }
-}
-
 /// out [rows, n] (row-major, already holding the bias or residual) += x [rows, k] W^T, with
 /// W [n, k] row-major.
 pub(crate) fn accumulate(
@@ -157,7 +143,8 @@ pub(crate) fn accumulate_with(
         .max(16)
         .min(tiles);
     let chunks = tiles.div_ceil(per_chunk);
-    let dst = Out(out.as_mut_ptr());
+    // The tasks write disjoint columns of the output.
+    let dst = super::real::SharedMut(out.as_mut_ptr());
     let run = |chunk: usize| {
         let first = chunk * per_chunk * tile;
         let last = ((chunk + 1) * per_chunk * tile).min(n);
@@ -172,7 +159,7 @@ pub(crate) fn accumulate_with(
                     (x, packed),
                     &w[c * k..(c + cols) * k],
                     (rows, k, n),
-                    dst.column(c),
+                    dst.ptr().wrapping_add(c),
                     cols,
                 )
             };
@@ -244,8 +231,9 @@ unsafe fn columns(
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Rows of x per AVX-512 step (4 columns x 6 rows = 24 accumulators of 32 registers).
-    const ROWS_512: usize = 6;
+    // Rows of x per AVX-512 step (4 columns x 6 rows = 24 accumulators of 32 registers): the
+    // rows of a packed group.
+    use super::PACK_ROWS as ROWS_512;
     /// Rows of x per AVX2 step (3 columns x 4 rows = 12 accumulators of 16 registers).
     const ROWS_256: usize = 4;
 

@@ -389,20 +389,6 @@ impl Kernel {
     }
 }
 
-/// A raw output pointer shared by the threads, which write disjoint columns.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: the threads write disjoint elements (their own panels' columns).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// A method (not the field) so that closures capture the whole Sync wrapper.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// y [m, n] = x W^T + bias, per the module's definition, with the detected kernel.
 pub fn matmul(x: &Int8Rows, w: &Int8Weight, bias: Option<&[f32]>) -> Vec<f32> {
     matmul_with(Kernel::detected(), x, w, bias)
@@ -435,7 +421,8 @@ pub fn matmul_with(kernel: Kernel, x: &Int8Rows, w: &Int8Weight, bias: Option<&[
     }
     // Not zeroed first: the kernels write every value.
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    let out = Out(y.spare_capacity_mut().as_mut_ptr() as *mut f32);
+    // The threads write disjoint elements (their own panels' columns).
+    let out = super::real::SharedMut(y.spare_capacity_mut().as_mut_ptr() as *mut f32);
     let panels = n.div_ceil(NR);
     let nb = w.kp / BLOCK;
     let run = |p: usize| {
