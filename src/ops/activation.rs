@@ -8,9 +8,117 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 
 pub use super::simd::Gate;
 
+// ---------------------------------------------------------------- row kernels
+
+/// GELU's (erf form) row kernels in each number type (f32: the vectorized ones of
+/// [`super::simd`]; f64 with candle's f64 erf).
+pub(crate) trait GeluRows: Real {
+    /// out = x Phi(x).
+    fn gelu_into(x: &[Self], out: &mut [Self]);
+    /// g = g (Phi(x) + x phi(x)), in place.
+    fn gelu_grad_in_place(x: &[Self], g: &mut [Self]);
+    /// out = x Phi(x), and x overwritten with the derivative Phi(x) + x phi(x).
+    fn gelu_keeping_grad(x: &mut [Self], out: &mut [Self]);
+}
+
+/// The gated activations' row kernels in each number type.
+pub(crate) trait GatedRows: Real {
+    /// out = act(a) * b.
+    fn gated_into(gate: Gate, a: &[Self], b: &[Self], out: &mut [Self]);
+    /// da = g b act'(a), db = g act(a).
+    fn gated_grad_into(
+        gate: Gate,
+        a: &[Self],
+        b: &[Self],
+        g: &[Self],
+        da: &mut [Self],
+        db: &mut [Self],
+    );
+}
+
+impl GeluRows for f32 {
+    fn gelu_into(x: &[Self], out: &mut [Self]) {
+        super::simd::gelu(x, out)
+    }
+    fn gelu_grad_in_place(x: &[Self], g: &mut [Self]) {
+        super::simd::gelu_grad_in_place(x, g)
+    }
+    fn gelu_keeping_grad(x: &mut [Self], out: &mut [Self]) {
+        super::simd::gelu_keeping_grad(x, out)
+    }
+}
+
+impl GeluRows for f64 {
+    fn gelu_into(x: &[Self], out: &mut [Self]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = v * normal_cdf(v);
+        }
+    }
+    fn gelu_grad_in_place(x: &[Self], g: &mut [Self]) {
+        for (gv, &v) in g.iter_mut().zip(x) {
+            *gv *= gelu_derivative(v);
+        }
+    }
+    fn gelu_keeping_grad(x: &mut [Self], out: &mut [Self]) {
+        for (o, v) in out.iter_mut().zip(x.iter_mut()) {
+            *o = *v * normal_cdf(*v);
+            *v = gelu_derivative(*v);
+        }
+    }
+}
+
+impl GatedRows for f32 {
+    fn gated_into(gate: Gate, a: &[Self], b: &[Self], out: &mut [Self]) {
+        super::simd::gated(gate, a, b, out)
+    }
+    fn gated_grad_into(
+        gate: Gate,
+        a: &[Self],
+        b: &[Self],
+        g: &[Self],
+        da: &mut [Self],
+        db: &mut [Self],
+    ) {
+        super::simd::gated_grad(gate, a, b, g, da, db)
+    }
+}
+
+impl GatedRows for f64 {
+    fn gated_into(gate: Gate, a: &[Self], b: &[Self], out: &mut [Self]) {
+        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+            *o = gate.eval_f64(x).0 * y;
+        }
+    }
+    fn gated_grad_into(
+        gate: Gate,
+        a: &[Self],
+        b: &[Self],
+        g: &[Self],
+        da: &mut [Self],
+        db: &mut [Self],
+    ) {
+        for i in 0..a.len() {
+            let (act, d) = gate.eval_f64(a[i]);
+            da[i] = g[i] * b[i] * d;
+            db[i] = g[i] * act;
+        }
+    }
+}
+
+/// d/dx x Phi(x) = Phi(x) + x phi(x), in f64.
+fn gelu_derivative(x: f64) -> f64 {
+    let inv_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
+    normal_cdf(x) + x * inv_sqrt_2pi * (-0.5 * x * x).exp()
+}
+
+/// The standard normal CDF Phi(x) = (1 + erf(x / sqrt 2)) / 2, with candle's f64 erf.
+fn normal_cdf(x: f64) -> f64 {
+    0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x * std::f64::consts::FRAC_1_SQRT_2))
+}
+
 // ---------------------------------------------------------------- GELU (erf)
 
-fn gelu_rows<T: Real>(x: &[T]) -> Vec<T> {
+fn gelu_rows<T: GeluRows>(x: &[T]) -> Vec<T> {
     par_rows(x, 1, |x, out| T::gelu_into(x, out))
 }
 
@@ -106,7 +214,7 @@ impl CustomOp2 for Gated {
 }
 
 /// (da, db) = (g b act'(a), g act(a)), in parallel blocks.
-pub(crate) fn gated_grads<T: Real>(gate: Gate, a: &[T], b: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
+pub(crate) fn gated_grads<T: GatedRows>(gate: Gate, a: &[T], b: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
     use rayon::prelude::*;
     let mut da = vec![T::from(0.0); a.len()];
     let mut db = vec![T::from(0.0); a.len()];

@@ -12,6 +12,7 @@
 //!   dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)), dQ = scale dS K, dK = scale dS^T Q.
 
 use super::real::{by_dtype, cpu, typed, Kept, Real, SharedMut};
+use super::softmax::SoftmaxRows;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -124,7 +125,7 @@ struct Attention {
 }
 
 /// Forward of every (batch, head): returns (O [B, Tq, H D], P [B, H, Tq, Tk]).
-fn forward<T: Real>(
+fn forward<T: SoftmaxRows>(
     q: &[T],
     k: &[T],
     v: &[T],
@@ -168,7 +169,7 @@ fn forward<T: Real>(
 /// q must address B Tq rows of `strides.q` elements, k and v B Tk rows of `strides.kv` (each
 /// head's D columns inside its row); out must be valid for B Tq H D writes and probs for
 /// B H Tq Tk writes, neither aliasing the inputs or each other; mask is [B, Tq, Tk].
-pub(crate) unsafe fn forward_into<T: Real>(
+pub(crate) unsafe fn forward_into<T: SoftmaxRows>(
     (q, k, v): (*const T, *const T, *const T),
     strides: Strides,
     mask: &[T],
@@ -215,7 +216,7 @@ pub(crate) unsafe fn forward_into<T: Real>(
 
 /// Backward: (dQ [B, Tq, H D], dK, dV [B, Tk, KVH D]).
 #[allow(clippy::too_many_arguments)]
-fn backward<T: Real>(
+fn backward<T: SoftmaxRows>(
     q: &[T],
     k: &[T],
     v: &[T],
@@ -263,7 +264,7 @@ fn backward<T: Real>(
 /// As [`forward_into`] for q, k, v; grad addresses B Tq rows of H D elements and probs holds P
 /// from the forward; dq, dk, dv are valid for writes at the strided positions of q, k, v, do
 /// not alias any input, and no two of them address the same element.
-pub(crate) unsafe fn backward_into<T: Real>(
+pub(crate) unsafe fn backward_into<T: SoftmaxRows>(
     (q, k, v): (*const T, *const T, *const T),
     strides: Strides,
     probs: &[T],

@@ -22,14 +22,22 @@
 //! layer's sixteen parameters travel as one flat input (their concatenation, whose backward
 //! hands each parameter its slice of the flat gradient), so that a layer has two inputs.
 
+use super::activation::GeluRows;
 use super::attention::{self, Dims, Strides};
+use super::linear::ColumnSums;
 use super::linear::{self, residual_linear};
-use super::real::{by_dtype, cpu, typed, Kept, Norm, Real};
+use super::norm::{Norm, NormRows};
+use super::real::{by_dtype, cpu, typed, Kept, Real};
+use super::softmax::SoftmaxRows;
 use super::{norm, real};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
+
+/// The row kernels an encoder layer runs (norms, softmax, GELU, bias sums), in one bound.
+trait LayerReal: NormRows + SoftmaxRows + GeluRows + ColumnSums {}
+impl<T: NormRows + SoftmaxRows + GeluRows + ColumnSums> LayerReal for T {}
 
 /// The parameters of one post-norm layer: (weight, bias) of each projection, with the weight
 /// [out, in] as in `nn.Linear`, and (weight, bias) of each LayerNorm.
@@ -187,7 +195,7 @@ impl PostNormLayer {
         }
     }
 
-    fn forward<T: Real>(&self, x: &[T], p: &[T], mask: &[T]) -> (Vec<T>, Saved<T>) {
+    fn forward<T: LayerReal>(&self, x: &[T], p: &[T], mask: &[T]) -> (Vec<T>, Saved<T>) {
         let (h, i, rows, sl) = (self.hidden(), self.inter, self.rows(), &self.slots);
         let qkv = linear::forward(
             x,
@@ -266,7 +274,7 @@ impl PostNormLayer {
     }
 
     /// (dx if `need_x`, the flat parameter gradient if `need_p`).
-    fn backward<T: Real>(
+    fn backward<T: LayerReal>(
         &self,
         (x, p, dy): (&[T], &[T], &[T]),
         sv: &Saved<T>,

@@ -222,12 +222,38 @@ pub(crate) fn weight_grad_into<T: Real>(
     gemm_into((n, k, rows), dst, false, (g, 1, n), (x, k, 1), 1.0);
 }
 
+/// Sums over rows per column, in each number type (f32: summed in f32 by [`super::simd`]).
+pub(crate) trait ColumnSums: Real {
+    /// The sums over the rows (of `cols` values each) of a block, per column, as f64.
+    fn column_sums(rows: &[Self], cols: usize) -> Vec<f64>;
+}
+
+impl ColumnSums for f32 {
+    fn column_sums(rows: &[Self], cols: usize) -> Vec<f64> {
+        let mut sums = vec![0f32; cols];
+        super::simd::column_sums(rows, &mut sums);
+        sums.into_iter().map(|v| v as f64).collect()
+    }
+}
+
+impl ColumnSums for f64 {
+    fn column_sums(rows: &[Self], cols: usize) -> Vec<f64> {
+        let mut sums = vec![0f64; cols];
+        for row in rows.chunks(cols) {
+            for (s, v) in sums.iter_mut().zip(row) {
+                *s += v;
+            }
+        }
+        sums
+    }
+}
+
 /// Rows per block of the bias gradient's partial sums.
 const BIAS_BLOCK_ROWS: usize = 64;
 
 /// db [n] = sum over rows of dy: blocks of [`BIAS_BLOCK_ROWS`] rows summed in parallel, then the
 /// blocks' sums in order in f64: the result does not depend on the number of threads.
-pub(crate) fn bias_grad<T: Real>(g: &[T], n: usize) -> Vec<T> {
+pub(crate) fn bias_grad<T: ColumnSums>(g: &[T], n: usize) -> Vec<T> {
     use rayon::prelude::*;
     let block = BIAS_BLOCK_ROWS * n.max(1);
     let partials: Vec<Vec<f64>> = g

@@ -2,6 +2,7 @@
 //! whole frozen block (gated or GELU, [`frozen_mlp`]) and GELU followed by a trained layer
 //! ([`gelu_linear`]).
 
+use super::activation::{GatedRows, GeluRows};
 use super::linear::{bias_grad, forward, gemm_into, input_grad, weight_grad};
 use super::real::*;
 use candle_core::backend::BackendStorage;

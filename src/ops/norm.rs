@@ -8,9 +8,153 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 
 // ---------------------------------------------------------------- norms
 
+/// The settings of a norm over rows: LayerNorm is centred, RMSNorm is not; Gemma's RMSNorm
+/// scales by (1 + w).
+#[derive(Clone, Copy)]
+pub(crate) struct Norm {
+    pub(crate) eps: f64,
+    pub(crate) centre: bool,
+    pub(crate) unit_offset: bool,
+}
+
+impl Norm {
+    /// LayerNorm (centred, no offset on the scale).
+    pub(crate) fn layer(eps: f64) -> Self {
+        Norm {
+            eps,
+            centre: true,
+            unit_offset: false,
+        }
+    }
+
+    /// RMSNorm without the unit offset on the scale.
+    pub(crate) fn rms(eps: f64) -> Self {
+        Norm {
+            eps,
+            centre: false,
+            unit_offset: false,
+        }
+    }
+
+    pub(crate) fn offset(&self) -> f64 {
+        if self.unit_offset {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
+    pub(crate) fn simd(&self) -> super::simd::NormParams {
+        super::simd::NormParams {
+            eps: self.eps as f32,
+            centre: self.centre,
+            offset: self.offset() as f32,
+        }
+    }
+}
+
+/// Per row: mean (0 for RMSNorm) and 1 / sqrt(var + eps) (mean of squares for RMSNorm).
+fn row_stats(row: &[f64], eps: f64, centre: bool) -> (f64, f64) {
+    let n = row.len() as f64;
+    let mean = if centre {
+        row.iter().sum::<f64>() / n
+    } else {
+        0.0
+    };
+    let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// The norms' row kernels in each number type (f32: the vectorized ones of [`super::simd`]).
+pub(crate) trait NormRows: Real {
+    /// Norm of every row of `w.len()` values: out = (x - mean) rstd (w + offset) + b.
+    fn norm_rows_into(x: &[Self], w: &[Self], b: Option<&[Self]>, out: &mut [Self], n: Norm);
+    /// The norm's backward for a block of rows: dx written, the block's dw, db added to `sums`.
+    fn norm_grad_block(
+        x: &[Self],
+        g: &[Self],
+        w: &[Self],
+        dx: &mut [Self],
+        sums: (&mut [f64], &mut [f64]),
+        n: Norm,
+    );
+}
+
+impl NormRows for f32 {
+    fn norm_rows_into(x: &[Self], w: &[Self], b: Option<&[Self]>, out: &mut [Self], n: Norm) {
+        super::simd::norm_rows(x, w, b, out, n.simd())
+    }
+    fn norm_grad_block(
+        x: &[Self],
+        g: &[Self],
+        w: &[Self],
+        dx: &mut [Self],
+        (dw, db): (&mut [f64], &mut [f64]),
+        n: Norm,
+    ) {
+        let mut block_dw = vec![0f32; w.len()];
+        let mut block_db = vec![0f32; w.len()];
+        super::simd::norm_grad_rows(x, g, w, dx, (&mut block_dw, &mut block_db), n.simd());
+        for (s, v) in dw.iter_mut().zip(&block_dw) {
+            *s += *v as f64;
+        }
+        for (s, v) in db.iter_mut().zip(&block_db) {
+            *s += *v as f64;
+        }
+    }
+}
+
+impl NormRows for f64 {
+    fn norm_rows_into(x: &[Self], w: &[Self], b: Option<&[Self]>, out: &mut [Self], n: Norm) {
+        let cols = w.len();
+        let offset = n.offset();
+        for (row, out) in x.chunks(cols).zip(out.chunks_mut(cols)) {
+            let (mean, rstd) = row_stats(row, n.eps, n.centre);
+            for (k, (o, v)) in out.iter_mut().zip(row).enumerate() {
+                let shift = b.map_or(0.0, |b| b[k]);
+                *o = (v - mean) * rstd * (w[k] + offset) + shift;
+            }
+        }
+    }
+    fn norm_grad_block(
+        x: &[Self],
+        g: &[Self],
+        w: &[Self],
+        dx: &mut [Self],
+        (dw, db): (&mut [f64], &mut [f64]),
+        n: Norm,
+    ) {
+        let cols = w.len();
+        let offset = n.offset();
+        let mut xhat = vec![0f64; cols];
+        let mut gh = vec![0f64; cols];
+        for ((row, grow), dx) in x.chunks(cols).zip(g.chunks(cols)).zip(dx.chunks_mut(cols)) {
+            let (mean, rstd) = row_stats(row, n.eps, n.centre);
+            let mut mean_gh = 0.0;
+            let mut mean_ghx = 0.0;
+            for k in 0..cols {
+                xhat[k] = (row[k] - mean) * rstd;
+                gh[k] = grow[k] * (w[k] + offset);
+                mean_gh += gh[k];
+                mean_ghx += gh[k] * xhat[k];
+                dw[k] += grow[k] * xhat[k];
+                db[k] += grow[k];
+            }
+            mean_gh /= cols as f64;
+            mean_ghx /= cols as f64;
+            if !n.centre {
+                mean_gh = 0.0;
+            }
+            for (k, d) in dx.iter_mut().enumerate() {
+                *d = rstd * (gh[k] - mean_gh - xhat[k] * mean_ghx);
+            }
+        }
+    }
+}
+
 /// y = (x - mean) * rstd * scale + shift, with scale = w (+ 1 when `unit_offset`); blocks of
 /// rows in parallel.
-pub(crate) fn norm_rows<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, n: Norm) -> Vec<T> {
+pub(crate) fn norm_rows<T: NormRows>(x: &[T], w: &[T], b: Option<&[T]>, n: Norm) -> Vec<T> {
     par_rows(x, w.len(), |x, out| T::norm_rows_into(x, w, b, out, n))
 }
 
@@ -19,7 +163,7 @@ pub(crate) fn norm_rows<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, n: Norm) -> 
 /// (RMSNorm: dx = rstd (gh - x^ mean(gh x^))), dw = sum_rows g x^, db = sum_rows g.
 /// Blocks of rows run in parallel; their partial dw, db are summed in block order, so the
 /// result does not depend on the number of threads.
-pub(crate) fn norm_grad_rows<T: Real>(x: &[T], w: &[T], g: &[T], n: Norm) -> Vec<T> {
+pub(crate) fn norm_grad_rows<T: NormRows>(x: &[T], w: &[T], g: &[T], n: Norm) -> Vec<T> {
     use rayon::prelude::*;
     let cols = w.len();
     let mut dx = vec![T::from(0.0); x.len() + 2 * cols];

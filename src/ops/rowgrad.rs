@@ -1,19 +1,21 @@
 //! The backward of the row-wise fused ops whose gradient needs no graph of its own (softmax,
 //! GELU): one CPU op that computes it row by row from two same-shaped tensors.
 
+use super::activation::GeluRows;
 use super::real::*;
+use super::softmax::SoftmaxRows;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape};
 
 /// dx = y * (g - sum(g * y)) per row.
-fn softmax_grad_rows<T: Real>(y: &[T], g: &[T], cols: usize) -> Vec<T> {
+fn softmax_grad_rows<T: SoftmaxRows>(y: &[T], g: &[T], cols: usize) -> Vec<T> {
     par_rows2(y, g, cols, |y, g, out| {
         T::softmax_grad_rows_into(y, g, out, cols, 1.0)
     })
 }
 
 /// d/dx [x Phi(x)] = Phi(x) + x phi(x), times g (on a copy of g).
-fn gelu_grad_rows<T: Real>(x: &[T], g: &[T], _cols: usize) -> Vec<T> {
+fn gelu_grad_rows<T: GeluRows>(x: &[T], g: &[T], _cols: usize) -> Vec<T> {
     let mut out = g.to_vec();
     par_rows_in_place(x, &mut out, 1, T::gelu_grad_in_place);
     out
@@ -30,7 +32,7 @@ pub(crate) enum RowGradKind {
 pub(crate) struct RowGrad(pub(crate) RowGradKind);
 
 impl RowGrad {
-    fn rows<T: Real>(&self, a: &[T], b: &[T], cols: usize) -> Vec<T> {
+    fn rows<T: SoftmaxRows + GeluRows>(&self, a: &[T], b: &[T], cols: usize) -> Vec<T> {
         match self.0 {
             RowGradKind::Softmax => softmax_grad_rows(a, b, cols),
             RowGradKind::Gelu => gelu_grad_rows(a, b, cols),

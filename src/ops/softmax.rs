@@ -8,7 +8,48 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D
 
 // ---------------------------------------------------------------- softmax
 
-fn softmax_rows<T: Real>(x: &[T], cols: usize) -> Vec<T> {
+/// Softmax's row kernels in each number type (f32: the vectorized ones of [`super::simd`]).
+pub(crate) trait SoftmaxRows: Real {
+    /// Softmax of every row of `cols` values, in place.
+    fn softmax_rows_in_place(data: &mut [Self], cols: usize);
+    /// Per row: out = y * (g - sum(g * y)) * scale.
+    fn softmax_grad_rows_into(y: &[Self], g: &[Self], out: &mut [Self], cols: usize, scale: f64);
+}
+
+impl SoftmaxRows for f32 {
+    fn softmax_rows_in_place(data: &mut [Self], cols: usize) {
+        super::simd::softmax_rows(data, cols)
+    }
+    fn softmax_grad_rows_into(y: &[Self], g: &[Self], out: &mut [Self], cols: usize, scale: f64) {
+        super::simd::softmax_grad_rows(y, g, out, cols, scale as f32)
+    }
+}
+
+impl SoftmaxRows for f64 {
+    fn softmax_rows_in_place(data: &mut [Self], cols: usize) {
+        for row in data.chunks_mut(cols) {
+            let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let mut sum = 0.0;
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            for v in row.iter_mut() {
+                *v /= sum;
+            }
+        }
+    }
+    fn softmax_grad_rows_into(y: &[Self], g: &[Self], out: &mut [Self], cols: usize, scale: f64) {
+        for ((yr, gr), or) in y.chunks(cols).zip(g.chunks(cols)).zip(out.chunks_mut(cols)) {
+            let dot: f64 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for ((o, a), b) in or.iter_mut().zip(yr).zip(gr) {
+                *o = a * (b - dot) * scale;
+            }
+        }
+    }
+}
+
+fn softmax_rows<T: SoftmaxRows>(x: &[T], cols: usize) -> Vec<T> {
     par_rows(x, cols, |x, out| {
         out.copy_from_slice(x);
         T::softmax_rows_in_place(out, cols);

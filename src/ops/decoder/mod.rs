@@ -21,13 +21,22 @@
 //! concatenation).
 
 use super::activation::Gate;
+use super::activation::GatedRows;
 use super::attention::{self, Dims, Strides};
+use super::linear::ColumnSums;
 use super::linear::{self, residual_linear};
-use super::real::{by_dtype, cpu, operand_values, typed, Kept, Norm, Real};
+use super::norm::{Norm, NormRows};
+use super::real::{by_dtype, cpu, operand_values, typed, Kept, Real};
+use super::softmax::SoftmaxRows;
 use super::{activation, norm, real, rope};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use std::ops::Range;
+
+/// The row kernels a decoder layer runs (norms, softmax, the gated activation, bias sums), in one
+/// bound.
+trait LayerReal: NormRows + SoftmaxRows + GatedRows + ColumnSums {}
+impl<T: NormRows + SoftmaxRows + GatedRows + ColumnSums> LayerReal for T {}
 
 /// A LoRA adapter: A [r, in], B [out, r], scale alpha / r.
 #[derive(Clone, Copy)]
@@ -138,7 +147,7 @@ impl PreNormLayer {
         )
     }
 
-    fn forward<T: Real>(
+    fn forward<T: LayerReal>(
         &self,
         (x, lp): (&[T], &[T]),
         w: &[Option<&[T]>],
@@ -220,7 +229,7 @@ impl PreNormLayer {
 
     /// (dx if `need_x`, the flat adapter gradient if `need_lp`).
     #[allow(clippy::too_many_arguments)]
-    fn backward<T: Real>(
+    fn backward<T: LayerReal>(
         &self,
         (x, lp, dy): (&[T], &[T], &[T]),
         w: &[Option<&[T]>],
