@@ -57,11 +57,11 @@ struct Layer {
     query: Linear,
     key: Linear,
     value: Linear,
-    attn_out: Linear,
-    attn_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
-    output_norm: LayerNorm,
+    attention_output_dense: Linear,
+    attention_output_layer_norm: LayerNorm,
+    intermediate_dense: Linear,
+    output_dense: Linear,
+    output_layer_norm: LayerNorm,
 }
 
 impl Layer {
@@ -72,9 +72,9 @@ impl Layer {
             &self.query,
             &self.key,
             &self.value,
-            &self.attn_out,
-            &self.intermediate,
-            &self.output,
+            &self.attention_output_dense,
+            &self.intermediate_dense,
+            &self.output_dense,
         ];
         if self.query.packed.is_some() {
             return Ok(None);
@@ -90,11 +90,14 @@ impl Layer {
             query: (&self.query.weight, b[0]),
             key: (&self.key.weight, b[1]),
             value: (&self.value.weight, b[2]),
-            attn_out: (&self.attn_out.weight, b[3]),
-            attn_norm: (&self.attn_norm.weight, &self.attn_norm.bias),
-            up: (&self.intermediate.weight, b[4]),
-            down: (&self.output.weight, b[5]),
-            out_norm: (&self.output_norm.weight, &self.output_norm.bias),
+            attn_out: (&self.attention_output_dense.weight, b[3]),
+            attn_norm: (
+                &self.attention_output_layer_norm.weight,
+                &self.attention_output_layer_norm.bias,
+            ),
+            up: (&self.intermediate_dense.weight, b[4]),
+            down: (&self.output_dense.weight, b[5]),
+            out_norm: (&self.output_layer_norm.weight, &self.output_layer_norm.bias),
         };
         Ok(crate::ops::encoder::post_norm_layer(
             x,
@@ -109,10 +112,10 @@ impl Layer {
 #[derive(Debug, Clone)]
 pub struct Bert {
     pub config: BertConfig,
-    word: Tensor,
-    position: Tensor,
-    token_type: Tensor,
-    embed_norm: LayerNorm,
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    token_type_embeddings: Tensor,
+    embeddings_layer_norm: LayerNorm,
     layers: Vec<Layer>,
 }
 
@@ -126,16 +129,17 @@ impl Bert {
         };
         let (h, eps) = (c.hidden_size, c.layer_norm_eps);
         let e = format!("{root}embeddings");
-        let word = params.weight(&format!("{e}.word_embeddings.weight"), &[c.vocab_size, h])?;
-        let position = params.weight(
+        let word_embeddings =
+            params.weight(&format!("{e}.word_embeddings.weight"), &[c.vocab_size, h])?;
+        let position_embeddings = params.weight(
             &format!("{e}.position_embeddings.weight"),
             &[c.max_positions, h],
         )?;
-        let token_type = params.weight(
+        let token_type_embeddings = params.weight(
             &format!("{e}.token_type_embeddings.weight"),
             &[c.type_vocab_size, h],
         )?;
-        let embed_norm = LayerNorm::load(params, &format!("{e}.LayerNorm"), h, eps)?;
+        let embeddings_layer_norm = LayerNorm::load(params, &format!("{e}.LayerNorm"), h, eps)?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("{root}encoder.layer.{i}");
@@ -143,34 +147,44 @@ impl Bert {
                 query: params.linear(&format!("{p}.attention.self.query"), h, h, true)?,
                 key: params.linear(&format!("{p}.attention.self.key"), h, h, true)?,
                 value: params.linear(&format!("{p}.attention.self.value"), h, h, true)?,
-                attn_out: params.linear(&format!("{p}.attention.output.dense"), h, h, true)?,
-                attn_norm: LayerNorm::load(
+                attention_output_dense: params.linear(
+                    &format!("{p}.attention.output.dense"),
+                    h,
+                    h,
+                    true,
+                )?,
+                attention_output_layer_norm: LayerNorm::load(
                     params,
                     &format!("{p}.attention.output.LayerNorm"),
                     h,
                     eps,
                 )?,
-                intermediate: params.linear(
+                intermediate_dense: params.linear(
                     &format!("{p}.intermediate.dense"),
                     h,
                     c.intermediate_size,
                     true,
                 )?,
-                output: params.linear(
+                output_dense: params.linear(
                     &format!("{p}.output.dense"),
                     c.intermediate_size,
                     h,
                     true,
                 )?,
-                output_norm: LayerNorm::load(params, &format!("{p}.output.LayerNorm"), h, eps)?,
+                output_layer_norm: LayerNorm::load(
+                    params,
+                    &format!("{p}.output.LayerNorm"),
+                    h,
+                    eps,
+                )?,
             });
         }
         Ok(Bert {
             config,
-            word,
-            position,
-            token_type,
-            embed_norm,
+            word_embeddings,
+            position_embeddings,
+            token_type_embeddings,
+            embeddings_layer_norm,
             layers,
         })
     }
@@ -187,12 +201,15 @@ impl Bert {
             );
         }
         let positions = Tensor::arange(0u32, t as u32, device)?;
-        let pos = self.position.index_select(&positions, 0)?.unsqueeze(0)?;
-        let token_type = self.token_type.narrow(0, 0, 1)?.unsqueeze(0)?;
-        let x = nn::embed(&self.word, ids)?
+        let pos = self
+            .position_embeddings
+            .index_select(&positions, 0)?
+            .unsqueeze(0)?;
+        let token_type = self.token_type_embeddings.narrow(0, 0, 1)?.unsqueeze(0)?;
+        let x = nn::embed(&self.word_embeddings, ids)?
             .broadcast_add(&pos)?
             .broadcast_add(&token_type)?;
-        let mut x = self.embed_norm.forward(&x)?;
+        let mut x = self.embeddings_layer_norm.forward(&x)?;
         let attn_mask = nn::additive_mask(mask, t, false, None, device)?;
         let scale = 1.0 / ((c.hidden_size / c.num_heads) as f64).sqrt();
         for layer in &self.layers {
@@ -210,10 +227,10 @@ impl Bert {
                 scale,
             )?;
             let a = layer
-                .attn_norm
-                .forward_residual(&layer.attn_out.forward(&attn)?, &x)?;
-            let mlp = nn::gelu_mlp(&a, &layer.intermediate, &layer.output)?;
-            x = layer.output_norm.forward_residual(&mlp, &a)?;
+                .attention_output_layer_norm
+                .forward_residual(&layer.attention_output_dense.forward(&attn)?, &x)?;
+            let mlp = nn::gelu_mlp(&a, &layer.intermediate_dense, &layer.output_dense)?;
+            x = layer.output_layer_norm.forward_residual(&mlp, &a)?;
         }
         Ok(x)
     }
@@ -225,9 +242,9 @@ impl Bert {
                 &mut l.query,
                 &mut l.key,
                 &mut l.value,
-                &mut l.attn_out,
-                &mut l.intermediate,
-                &mut l.output,
+                &mut l.attention_output_dense,
+                &mut l.intermediate_dense,
+                &mut l.output_dense,
             ]
         });
         Ok(nn::set_precision_all(precision, layers, None)?)

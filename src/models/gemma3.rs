@@ -121,25 +121,25 @@ impl Gemma3Config {
 
 #[derive(Debug, Clone)]
 struct Layer {
-    input_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    input_layernorm: RmsNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
-    post_attention_norm: RmsNorm,
-    pre_feedforward_norm: RmsNorm,
-    post_feedforward_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    post_attention_layernorm: RmsNorm,
+    pre_feedforward_layernorm: RmsNorm,
+    post_feedforward_layernorm: RmsNorm,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
 }
 
 #[derive(Debug, Clone)]
 pub struct Gemma3 {
     pub config: Gemma3Config,
-    embed: Tensor,
+    embed_tokens: Tensor,
     head: nn::Head,
     layers: Vec<Layer>,
     norm: RmsNorm,
@@ -167,36 +167,41 @@ impl Gemma3 {
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
             layers.push(Layer {
-                input_norm: norm(params, &format!("{p}.input_layernorm.weight"), h)?,
-                q: params.linear(&format!("{p}.self_attn.q_proj"), h, q_dim, false)?,
-                k: params.linear(&format!("{p}.self_attn.k_proj"), h, kv_dim, false)?,
-                v: params.linear(&format!("{p}.self_attn.v_proj"), h, kv_dim, false)?,
-                o: params.linear(&format!("{p}.self_attn.o_proj"), q_dim, h, false)?,
+                input_layernorm: norm(params, &format!("{p}.input_layernorm.weight"), h)?,
+                q_proj: params.linear(&format!("{p}.self_attn.q_proj"), h, q_dim, false)?,
+                k_proj: params.linear(&format!("{p}.self_attn.k_proj"), h, kv_dim, false)?,
+                v_proj: params.linear(&format!("{p}.self_attn.v_proj"), h, kv_dim, false)?,
+                o_proj: params.linear(&format!("{p}.self_attn.o_proj"), q_dim, h, false)?,
                 q_norm: norm(params, &format!("{p}.self_attn.q_norm.weight"), c.head_dim)?,
                 k_norm: norm(params, &format!("{p}.self_attn.k_norm.weight"), c.head_dim)?,
-                post_attention_norm: norm(
+                post_attention_layernorm: norm(
                     params,
                     &format!("{p}.post_attention_layernorm.weight"),
                     h,
                 )?,
-                pre_feedforward_norm: norm(
+                pre_feedforward_layernorm: norm(
                     params,
                     &format!("{p}.pre_feedforward_layernorm.weight"),
                     h,
                 )?,
-                post_feedforward_norm: norm(
+                post_feedforward_layernorm: norm(
                     params,
                     &format!("{p}.post_feedforward_layernorm.weight"),
                     h,
                 )?,
-                gate: params.linear(
+                gate_proj: params.linear(
                     &format!("{p}.mlp.gate_proj"),
                     h,
                     c.intermediate_size,
                     false,
                 )?,
-                up: params.linear(&format!("{p}.mlp.up_proj"), h, c.intermediate_size, false)?,
-                down: params.linear(
+                up_proj: params.linear(
+                    &format!("{p}.mlp.up_proj"),
+                    h,
+                    c.intermediate_size,
+                    false,
+                )?,
+                down_proj: params.linear(
                     &format!("{p}.mlp.down_proj"),
                     c.intermediate_size,
                     h,
@@ -210,7 +215,7 @@ impl Gemma3 {
             rope_local: Rope::new(c.head_dim, c.rope_theta_local),
             config,
             head: nn::Head::new(embed.clone()),
-            embed,
+            embed_tokens: embed,
             layers,
             norm,
         })
@@ -229,14 +234,14 @@ impl Gemma3 {
         let local_mask = nn::additive_mask(&full_mask, t, true, Some(c.sliding_window), device)?;
         let scale = 1.0 / c.query_pre_attn_scalar.sqrt();
         let embed_scale = (c.hidden_size as f32).sqrt() as f64;
-        let mut x = (nn::embed(&self.embed, ids)? * embed_scale)?;
+        let mut x = (nn::embed(&self.embed_tokens, ids)? * embed_scale)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let ((cos, sin), attn_mask) = if c.sliding[i] {
                 (&local_tables, &local_mask)
             } else {
                 (&global_tables, &global_mask)
             };
-            let n = layer.input_norm.forward(&x)?;
+            let n = layer.input_layernorm.forward(&x)?;
             // q and k are normed per head: RMSNorm over each head's D values, heads side by side.
             let (b, t, _) = n.dims3()?;
             let per_head = |norm: &nn::RmsNorm, x: Tensor, heads: usize| -> Result<Tensor> {
@@ -244,7 +249,7 @@ impl Gemma3 {
                     .forward(&x.reshape((b, t, heads, c.head_dim))?)?
                     .reshape((b, t, heads * c.head_dim))?)
             };
-            let [q, k, v] = nn::project_shared(&n, [&layer.q, &layer.k, &layer.v])?;
+            let [q, k, v] = nn::project_shared(&n, [&layer.q_proj, &layer.k_proj, &layer.v_proj])?;
             let q = per_head(&layer.q_norm, q, c.num_heads)?;
             let k = per_head(&layer.k_norm, k, c.num_kv_heads)?;
             let attn = nn::rotary_gqa_attention(
@@ -259,15 +264,15 @@ impl Gemma3 {
                 scale,
             )?;
             x = (x + layer
-                .post_attention_norm
-                .forward(&layer.o.forward(&attn)?)?)?;
-            let n = layer.pre_feedforward_norm.forward(&x)?;
+                .post_attention_layernorm
+                .forward(&layer.o_proj.forward(&attn)?)?)?;
+            let n = layer.pre_feedforward_layernorm.forward(&x)?;
             let mlp = nn::gated_mlp(
                 &n,
-                (&layer.gate, &layer.up, &layer.down),
+                (&layer.gate_proj, &layer.up_proj, &layer.down_proj),
                 crate::ops::activation::Gate::GeluTanh,
             )?;
-            x = (x + layer.post_feedforward_norm.forward(&mlp)?)?;
+            x = (x + layer.post_feedforward_layernorm.forward(&mlp)?)?;
         }
         Ok(self.norm.forward(&x)?)
     }
@@ -284,13 +289,13 @@ impl Gemma3 {
     pub fn set_precision(&mut self, precision: crate::ops::Precision) -> Result<()> {
         let layers = self.layers.iter_mut().flat_map(|l| {
             [
-                &mut l.q,
-                &mut l.k,
-                &mut l.v,
-                &mut l.o,
-                &mut l.gate,
-                &mut l.up,
-                &mut l.down,
+                &mut l.q_proj,
+                &mut l.k_proj,
+                &mut l.v_proj,
+                &mut l.o_proj,
+                &mut l.gate_proj,
+                &mut l.up_proj,
+                &mut l.down_proj,
             ]
         });
         Ok(nn::set_precision_all(

@@ -49,10 +49,10 @@ impl Gpt2Config {
 struct Block {
     ln_1: LayerNorm,
     c_attn: Linear,
-    c_proj: Linear,
+    attn_c_proj: Linear,
     ln_2: LayerNorm,
     c_fc: Linear,
-    mlp_proj: Linear,
+    mlp_c_proj: Linear,
 }
 
 #[derive(Debug, Clone)]
@@ -82,10 +82,10 @@ impl Gpt2 {
             blocks.push(Block {
                 ln_1: LayerNorm::load(params, &format!("{p}.ln_1"), h, c.layer_norm_eps)?,
                 c_attn: params.conv1d(&format!("{p}.attn.c_attn"), h, 3 * h)?,
-                c_proj: params.conv1d(&format!("{p}.attn.c_proj"), h, h)?,
+                attn_c_proj: params.conv1d(&format!("{p}.attn.c_proj"), h, h)?,
                 ln_2: LayerNorm::load(params, &format!("{p}.ln_2"), h, c.layer_norm_eps)?,
                 c_fc: params.conv1d(&format!("{p}.mlp.c_fc"), h, c.inner_size)?,
-                mlp_proj: params.conv1d(&format!("{p}.mlp.c_proj"), c.inner_size, h)?,
+                mlp_c_proj: params.conv1d(&format!("{p}.mlp.c_proj"), c.inner_size, h)?,
             });
         }
         let ln_f = LayerNorm::load(params, &format!("{root}ln_f"), h, c.layer_norm_eps)?;
@@ -133,9 +133,9 @@ impl Gpt2 {
             let v = nn::split_heads(&part(2)?, c.num_heads, head_dim)?;
             let (k, v) = cache.update(i, &k, &v)?;
             let attn = nn::attention(&q, &k, &v, &attn_mask, scale)?;
-            x = (x + block.c_proj.forward(&attn)?)?;
+            x = (x + block.attn_c_proj.forward(&attn)?)?;
             let m = block.c_fc.forward(&block.ln_2.forward(&x)?)?.gelu()?;
-            x = (x + block.mlp_proj.forward(&m)?)?;
+            x = (x + block.mlp_c_proj.forward(&m)?)?;
         }
         Ok(self.ln_f.forward(&x)?)
     }
@@ -146,10 +146,14 @@ impl Gpt2 {
 
     /// Packs every projection and the (tied) head for `precision` (or unpacks them: f32).
     pub fn set_precision(&mut self, precision: crate::ops::Precision) -> Result<()> {
-        let layers = self
-            .blocks
-            .iter_mut()
-            .flat_map(|b| [&mut b.c_attn, &mut b.c_proj, &mut b.c_fc, &mut b.mlp_proj]);
+        let layers = self.blocks.iter_mut().flat_map(|b| {
+            [
+                &mut b.c_attn,
+                &mut b.attn_c_proj,
+                &mut b.c_fc,
+                &mut b.mlp_c_proj,
+            ]
+        });
         Ok(nn::set_precision_all(
             precision,
             layers,

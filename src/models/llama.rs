@@ -59,15 +59,15 @@ impl LlamaConfig {
 
 #[derive(Debug, Clone)]
 struct Layer {
-    input_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    post_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    input_layernorm: RmsNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    post_attention_layernorm: RmsNorm,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
 }
 
 impl Layer {
@@ -82,13 +82,19 @@ impl Layer {
         scale: f64,
     ) -> Result<Option<crate::ops::decoder::PreNormOutput>> {
         use crate::ops::decoder::{pre_norm_layer, Adapter, PreNormParams};
-        if self.q.packed.is_some() {
+        if self.q_proj.packed.is_some() {
             return Ok(None);
         }
-        let others = [&self.k, &self.o, &self.gate, &self.up, &self.down];
-        let plain_norms = [&self.input_norm, &self.post_norm]
+        let others = [
+            &self.k_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ];
+        let plain_norms = [&self.input_layernorm, &self.post_attention_layernorm]
             .iter()
-            .all(|n| !n.add_unit_offset && n.eps == self.input_norm.eps);
+            .all(|n| !n.add_unit_offset && n.eps == self.input_layernorm.eps);
         if !plain_norms || others.iter().any(|l| l.lora.is_some()) {
             return Ok(None);
         }
@@ -103,27 +109,27 @@ impl Layer {
                 Some(_) => None,
             }
         }
-        let (Some(q_lora), Some(v_lora)) = (adapter(&self.q), adapter(&self.v)) else {
+        let (Some(q_lora), Some(v_lora)) = (adapter(&self.q_proj), adapter(&self.v_proj)) else {
             return Ok(None);
         };
-        if [&self.gate, &self.up, &self.down]
+        if [&self.gate_proj, &self.up_proj, &self.down_proj]
             .iter()
             .any(|l| l.bias.is_some())
         {
             return Ok(None);
         }
         let params = PreNormParams {
-            input_norm: &self.input_norm.weight,
-            q: (&self.q.weight, self.q.bias.as_ref()),
-            k: (&self.k.weight, self.k.bias.as_ref()),
-            v: (&self.v.weight, self.v.bias.as_ref()),
-            o: (&self.o.weight, self.o.bias.as_ref()),
+            input_norm: &self.input_layernorm.weight,
+            q: (&self.q_proj.weight, self.q_proj.bias.as_ref()),
+            k: (&self.k_proj.weight, self.k_proj.bias.as_ref()),
+            v: (&self.v_proj.weight, self.v_proj.bias.as_ref()),
+            o: (&self.o_proj.weight, self.o_proj.bias.as_ref()),
             q_lora,
             v_lora,
-            post_norm: &self.post_norm.weight,
-            gate: &self.gate.weight,
-            up: &self.up.weight,
-            down: &self.down.weight,
+            post_norm: &self.post_attention_layernorm.weight,
+            gate: &self.gate_proj.weight,
+            up: &self.up_proj.weight,
+            down: &self.down_proj.weight,
         };
         Ok(pre_norm_layer(
             x,
@@ -131,7 +137,7 @@ impl Layer {
             rope,
             mask,
             (c.num_heads, c.num_kv_heads),
-            self.input_norm.eps,
+            self.input_layernorm.eps,
             scale,
         )?)
     }
@@ -140,7 +146,7 @@ impl Layer {
 #[derive(Debug, Clone)]
 pub struct Llama {
     pub config: LlamaConfig,
-    embed: Tensor,
+    embed_tokens: Tensor,
     layers: Vec<Layer>,
     norm: RmsNorm,
     lm_head: nn::Head,
@@ -167,20 +173,28 @@ impl Llama {
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
             layers.push(Layer {
-                input_norm: rms(params, &format!("{p}.input_layernorm.weight"))?,
-                q: params.linear(&format!("{p}.self_attn.q_proj"), h, q_dim, c.qkv_bias)?,
-                k: params.linear(&format!("{p}.self_attn.k_proj"), h, kv_dim, c.qkv_bias)?,
-                v: params.linear(&format!("{p}.self_attn.v_proj"), h, kv_dim, c.qkv_bias)?,
-                o: params.linear(&format!("{p}.self_attn.o_proj"), q_dim, h, c.o_bias)?,
-                post_norm: rms(params, &format!("{p}.post_attention_layernorm.weight"))?,
-                gate: params.linear(
+                input_layernorm: rms(params, &format!("{p}.input_layernorm.weight"))?,
+                q_proj: params.linear(&format!("{p}.self_attn.q_proj"), h, q_dim, c.qkv_bias)?,
+                k_proj: params.linear(&format!("{p}.self_attn.k_proj"), h, kv_dim, c.qkv_bias)?,
+                v_proj: params.linear(&format!("{p}.self_attn.v_proj"), h, kv_dim, c.qkv_bias)?,
+                o_proj: params.linear(&format!("{p}.self_attn.o_proj"), q_dim, h, c.o_bias)?,
+                post_attention_layernorm: rms(
+                    params,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                )?,
+                gate_proj: params.linear(
                     &format!("{p}.mlp.gate_proj"),
                     h,
                     c.intermediate_size,
                     false,
                 )?,
-                up: params.linear(&format!("{p}.mlp.up_proj"), h, c.intermediate_size, false)?,
-                down: params.linear(
+                up_proj: params.linear(
+                    &format!("{p}.mlp.up_proj"),
+                    h,
+                    c.intermediate_size,
+                    false,
+                )?,
+                down_proj: params.linear(
                     &format!("{p}.mlp.down_proj"),
                     c.intermediate_size,
                     h,
@@ -198,7 +212,7 @@ impl Llama {
         let rope = Rope::new(c.head_dim, c.rope_theta);
         Ok(Llama {
             config,
-            embed,
+            embed_tokens: embed,
             layers,
             norm,
             lm_head,
@@ -219,7 +233,7 @@ impl Llama {
         let (cos, sin) = self.rope.tables(&positions)?;
         let attn_mask = nn::additive_mask(&full_mask, t, true, None, device)?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let mut x = nn::embed(&self.embed, ids)?;
+        let mut x = nn::embed(&self.embed_tokens, ids)?;
         let d = c.head_dim;
         for (i, layer) in self.layers.iter().enumerate() {
             if fresh {
@@ -234,8 +248,8 @@ impl Llama {
                     continue;
                 }
             }
-            let n = layer.input_norm.forward(&x)?;
-            let [q, k, v] = nn::project_shared(&n, [&layer.q, &layer.k, &layer.v])?;
+            let n = layer.input_layernorm.forward(&x)?;
+            let [q, k, v] = nn::project_shared(&n, [&layer.q_proj, &layer.k_proj, &layer.v_proj])?;
             let attn = nn::rotary_gqa_attention(
                 &q,
                 &k,
@@ -247,9 +261,13 @@ impl Llama {
                 &attn_mask,
                 scale,
             )?;
-            x = (x + layer.o.forward(&attn)?)?;
-            let n = layer.post_norm.forward(&x)?;
-            let mlp = nn::gated_mlp(&n, (&layer.gate, &layer.up, &layer.down), Gate::Silu)?;
+            x = (x + layer.o_proj.forward(&attn)?)?;
+            let n = layer.post_attention_layernorm.forward(&x)?;
+            let mlp = nn::gated_mlp(
+                &n,
+                (&layer.gate_proj, &layer.up_proj, &layer.down_proj),
+                Gate::Silu,
+            )?;
             x = (x + mlp)?;
         }
         Ok(self.norm.forward(&x)?)
@@ -263,13 +281,13 @@ impl Llama {
     pub fn set_precision(&mut self, precision: crate::ops::Precision) -> Result<()> {
         let layers = self.layers.iter_mut().flat_map(|l| {
             [
-                &mut l.q,
-                &mut l.k,
-                &mut l.v,
-                &mut l.o,
-                &mut l.gate,
-                &mut l.up,
-                &mut l.down,
+                &mut l.q_proj,
+                &mut l.k_proj,
+                &mut l.v_proj,
+                &mut l.o_proj,
+                &mut l.gate_proj,
+                &mut l.up_proj,
+                &mut l.down_proj,
             ]
         });
         Ok(nn::set_precision_all(
