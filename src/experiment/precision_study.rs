@@ -17,6 +17,7 @@ use crate::models::heads::Pooling;
 use crate::models::params::Trainable;
 use crate::models::{resolve_model, Model};
 use crate::ops::Precision;
+use crate::report::table::Table;
 use crate::train::convex::SolverConfig;
 use crate::train::probe::matrix_of;
 use anyhow::{Context, Result};
@@ -182,30 +183,86 @@ pub fn precision_study(
 
 /// The study's table in Markdown.
 pub fn markdown(rows: &[PrecisionRow]) -> String {
-    let opt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
-    let mut out = String::from(
-        "| model | precision | valid examples | CV accuracy | change vs f32 | same predictions | CV log-loss | extraction s | greedy identical | log-prob abs diff mean / p99 / max |\n|---|---|---|---|---|---|---|---|---|---|\n",
-    );
+    let opt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
+    let mut table = Table::new(&[
+        "model",
+        "precision",
+        "valid examples",
+        "CV accuracy",
+        "change vs f32",
+        "same predictions",
+        "CV log-loss",
+        "extraction s",
+        "greedy identical",
+        "log-prob abs diff mean / p99 / max",
+    ]);
     for r in rows {
-        out.push_str(&format!(
-            "| {} | {} | {} | {:.4} | {:+.4} | {:.3} | {:.4} | {:.0} | {} | {} / {} / {} |\n",
-            r.model,
-            r.precision,
-            r.examples,
-            r.cv_accuracy,
-            r.accuracy_change,
-            r.same_prediction,
-            r.cv_log_loss,
-            r.extraction_s,
-            r.greedy_identical.map_or("-".into(), |g| format!(
-                "{:.0}% of {}",
-                100.0 * g,
-                r.prompts
-            )),
-            opt(r.logprob_mean_abs, 4),
-            opt(r.logprob_p99_abs, 4),
-            opt(r.logprob_max_abs, 4),
-        ));
+        table.row([
+            r.model.to_string(),
+            r.precision.to_string(),
+            r.examples.to_string(),
+            format!("{:.4}", r.cv_accuracy),
+            format!("{:+.4}", r.accuracy_change),
+            format!("{:.3}", r.same_prediction),
+            format!("{:.4}", r.cv_log_loss),
+            format!("{:.0}", r.extraction_s),
+            r.greedy_identical.map_or("-".into(), |g| {
+                format!("{:.0}% of {}", 100.0 * g, r.prompts)
+            }),
+            format!(
+                "{} / {} / {}",
+                opt(r.logprob_mean_abs),
+                opt(r.logprob_p99_abs),
+                opt(r.logprob_max_abs)
+            ),
+        ]);
     }
-    out
+    table.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_shows_decoder_checks_and_dashes_for_encoders() {
+        let encoder = PrecisionRow {
+            model: "e".into(),
+            precision: "int8".into(),
+            examples: 50,
+            cv_accuracy: 0.8,
+            cv_log_loss: 0.41234,
+            accuracy_change: -0.01,
+            same_prediction: 0.98,
+            extraction_s: 3.2,
+            greedy_identical: None,
+            prompts: 0,
+            logprob_mean_abs: None,
+            logprob_p99_abs: None,
+            logprob_max_abs: None,
+        };
+        let decoder = PrecisionRow {
+            model: "d".into(),
+            precision: "bf16".into(),
+            greedy_identical: Some(0.97),
+            prompts: 100,
+            logprob_mean_abs: Some(0.00123),
+            logprob_p99_abs: Some(0.01),
+            logprob_max_abs: Some(0.2),
+            accuracy_change: 0.0,
+            ..encoder.clone()
+        };
+        let md = markdown(&[encoder, decoder]);
+        let lines: Vec<&str> = md.lines().collect();
+        assert_eq!(lines.len(), 4);
+        assert_eq!(lines[1], "|---|---|---|---|---|---|---|---|---|---|");
+        assert_eq!(
+            lines[2],
+            "| e | int8 | 50 | 0.8000 | -0.0100 | 0.980 | 0.4123 | 3 | - | - / - / - |"
+        );
+        assert_eq!(
+            lines[3],
+            "| d | bf16 | 50 | 0.8000 | +0.0000 | 0.980 | 0.4123 | 3 | 97% of 100 | 0.0012 / 0.0100 / 0.2000 |"
+        );
+    }
 }

@@ -13,6 +13,7 @@ use crate::models::features::{extract_pooled, FeatureOptions};
 use crate::models::heads::Pooling;
 use crate::models::params::Trainable;
 use crate::models::{resolve_model, Model};
+use crate::report::table::Table;
 use crate::train::convex::{
     fit_cv, row_space, solve, stratified_folds, LinearModel, SoftXent, SolverConfig, Standardizer,
 };
@@ -173,21 +174,52 @@ pub(crate) fn cross_validate_predictions(
 
 /// The study's table in Markdown.
 pub fn markdown(rows: &[StudyRow]) -> String {
-    let mut out = String::from(
-        "| model | text | pooling | valid examples | C | CV accuracy | CV log-loss | extraction s |\n|---|---|---|---|---|---|---|---|\n",
-    );
+    let mut table = Table::new(&[
+        "model",
+        "text",
+        "pooling",
+        "valid examples",
+        "C",
+        "CV accuracy",
+        "CV log-loss",
+        "extraction s",
+    ]);
     for r in rows {
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {:.1e} | {:.3} | {:.4} | {:.0} |\n",
-            r.model,
-            r.prompt,
-            r.pooling,
-            r.examples,
-            r.chosen_c,
-            r.cv_accuracy,
-            r.cv_log_loss,
-            r.seconds
-        ));
+        table.row([
+            r.model.to_string(),
+            r.prompt.to_string(),
+            r.pooling.to_string(),
+            r.examples.to_string(),
+            format!("{:.1e}", r.chosen_c),
+            format!("{:.3}", r.cv_accuracy),
+            format!("{:.4}", r.cv_log_loss),
+            format!("{:.0}", r.seconds),
+        ]);
     }
-    out
+    table.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_has_one_row_per_setting_with_the_stated_digits() {
+        let row = StudyRow {
+            model: "m".into(),
+            prompt: "question".into(),
+            pooling: "mean".into(),
+            examples: 100,
+            chosen_c: 0.01,
+            cv_accuracy: 0.81234,
+            cv_log_loss: 0.456789,
+            seconds: 12.6,
+        };
+        assert_eq!(
+            markdown(&[row]),
+            "| model | text | pooling | valid examples | C | CV accuracy | CV log-loss | extraction s |\n\
+             |---|---|---|---|---|---|---|---|\n\
+             | m | question | mean | 100 | 1.0e-2 | 0.812 | 0.4568 | 13 |\n"
+        );
+    }
 }
