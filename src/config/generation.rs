@@ -2,10 +2,11 @@
 
 use super::*;
 
-/// The generation methods (METHOD.md section 4).
+/// The generation methods (METHOD.md section 4): `config::generation::Method`, beside the
+/// classification methods' `config::Method`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum GenMethod {
+pub enum Method {
     /// Single weak, hard labels: cross-entropy on the weak model's top hypothesis (one run per weak model).
     Hard,
     /// Single weak, token-level soft labels (soft KL; one run per weak model).
@@ -20,24 +21,24 @@ pub enum GenMethod {
     EdlStep,
 }
 
-impl GenMethod {
-    pub const ALL: [GenMethod; 6] = [
-        GenMethod::Hard,
-        GenMethod::Soft,
-        GenMethod::Naive,
-        GenMethod::Joint,
-        GenMethod::Edl,
-        GenMethod::EdlStep,
+impl Method {
+    pub const ALL: [Method; 6] = [
+        Method::Hard,
+        Method::Soft,
+        Method::Naive,
+        Method::Joint,
+        Method::Edl,
+        Method::EdlStep,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
-            GenMethod::Hard => "hard",
-            GenMethod::Soft => "soft",
-            GenMethod::Naive => "naive",
-            GenMethod::Joint => "joint",
-            GenMethod::Edl => "edl",
-            GenMethod::EdlStep => "edl_step",
+            Method::Hard => "hard",
+            Method::Soft => "soft",
+            Method::Naive => "naive",
+            Method::Joint => "joint",
+            Method::Edl => "edl",
+            Method::EdlStep => "edl_step",
         }
     }
 }
@@ -45,7 +46,7 @@ impl GenMethod {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GenerationConfig {
-    pub methods: Vec<GenMethod>,
+    pub methods: Vec<Method>,
     /// "agreement" (learned from the weak models' agreement), "uniform", or a list.
     pub weights: Weights<GenerationWeights>,
     /// The prompt; `{input}` is replaced by the utterance.
@@ -79,7 +80,7 @@ pub struct GenerationConfig {
 impl Default for GenerationConfig {
     fn default() -> Self {
         GenerationConfig {
-            methods: GenMethod::ALL.to_vec(),
+            methods: Method::ALL.to_vec(),
             weights: Weights::Named(GenerationWeights::Agreement),
             prompt: crate::seq2seq::model::DEFAULT_PROMPT.into(),
             weak_beams: 5,
@@ -103,7 +104,7 @@ impl Default for GenerationConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DpoConfig {
     /// The student whose outputs are ranked: "edl" or "edl_step".
-    pub after: GenMethod,
+    pub after: Method,
     /// Size of the student's n-best list per prompt (beam search).
     pub beams: usize,
     pub beta: f64,
@@ -115,7 +116,7 @@ pub struct DpoConfig {
 impl Default for DpoConfig {
     fn default() -> Self {
         DpoConfig {
-            after: GenMethod::Edl,
+            after: Method::Edl,
             beams: 10,
             beta: 5.0,
             eps: 0.1,

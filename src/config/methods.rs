@@ -260,5 +260,5 @@ pub(super) fn key_at(text: &str, offset: usize) -> Option<String> {
 }
 
 pub(super) fn gen_method_names() -> String {
-    quoted(&GenMethod::ALL.map(GenMethod::as_str))
+    quoted(&super::generation::Method::ALL.map(super::generation::Method::as_str))
 }

@@ -33,11 +33,11 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-mod generation;
+pub mod generation;
 mod methods;
 mod model;
 mod sweep;
-pub use generation::*;
+pub use generation::{DpoConfig, GenerationConfig};
 pub use methods::*;
 pub use model::*;
 pub use sweep::*;
@@ -439,7 +439,10 @@ impl ExperimentConfig {
             bail!("methods.list: empty; give at least one method");
         }
         if let Some(d) = &g.dpo {
-            if !matches!(d.after, GenMethod::Edl | GenMethod::EdlStep) {
+            if !matches!(
+                d.after,
+                generation::Method::Edl | generation::Method::EdlStep
+            ) {
                 bail!(
                     "generation.dpo.after: `{}` is not one of \"edl\", \"edl_step\" (the preference stage follows a Bayesian student)",
                     d.after.as_str()

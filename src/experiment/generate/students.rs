@@ -3,7 +3,7 @@
 
 use super::models::*;
 use super::weak::*;
-use crate::config::GenMethod;
+use crate::config::generation;
 use crate::eval::summary::pgr;
 use crate::experiment::stages::{stage_key, Subject};
 pub use crate::report::generate::{Eval, MethodResult};
@@ -129,12 +129,12 @@ pub(super) fn gen_students(
     };
     let all_models: Vec<usize> = (0..s.weak_models.len()).collect();
     let evidence = evidence_of(g);
-    let soft_loss = |method: GenMethod| match method {
-        GenMethod::Edl => SoftLoss::Edl {
+    let soft_loss = |method: generation::Method| match method {
+        generation::Method::Edl => SoftLoss::Edl {
             c: g.edl_c,
             evidence,
         },
-        GenMethod::EdlStep => SoftLoss::EdlStep {
+        generation::Method::EdlStep => SoftLoss::EdlStep {
             c: g.edl_c,
             evidence,
             a_max: g.edl_step_a_max,
@@ -145,7 +145,7 @@ pub(super) fn gen_students(
     let mut results = Vec::new();
     for &method in &g.methods {
         match method {
-            GenMethod::Hard => {
+            generation::Method::Hard => {
                 for (j, stage) in weak.iter().enumerate() {
                     let name = format!("hard[{}]", s.weak_names[j]);
                     let targets: Vec<&str> = stage
@@ -159,7 +159,7 @@ pub(super) fn gen_students(
                     results.push(scorer.result(name, test));
                 }
             }
-            GenMethod::Soft => {
+            generation::Method::Soft => {
                 for (j, weak_name) in s.weak_names.iter().enumerate() {
                     let name = format!("soft[{weak_name}]");
                     let test = st.train(&name, &|s2s| {
@@ -174,14 +174,14 @@ pub(super) fn gen_students(
                     results.push(scorer.result(name, test));
                 }
             }
-            GenMethod::Joint => {
+            generation::Method::Joint => {
                 let targets: Vec<&str> = joint_targets.iter().map(String::as_str).collect();
                 let test = st.train("joint", &|s2s| {
                     ce_task(s2s, strong_inputs, &targets, vec![1.0; targets.len()])
                 })?;
                 results.push(scorer.result("joint".into(), test));
             }
-            GenMethod::Naive | GenMethod::Edl | GenMethod::EdlStep => {
+            generation::Method::Naive | generation::Method::Edl | generation::Method::EdlStep => {
                 let name = method.as_str();
                 let test = st.train(name, &|s2s| {
                     Ok(Box::new(SoftTask {
