@@ -1,30 +1,15 @@
 //! `ws2s run` end to end on tiny models in seconds: every method, every output, PGR and summaries.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
-fn write_task(dir: &Path) -> std::path::PathBuf {
-    // ASCII texts (the tiny GGUF tokenizer knows ASCII only), two classes, learnable from words.
-    let mut lines = Vec::new();
-    for i in 0..160 {
-        let label = i % 2;
-        let word = if label == 1 { "good" } else { "bad" };
-        lines.push(format!(
-            "{{\"text\": \"item {i} is {word} {}\", \"label\": {label}}}",
-            "x".repeat(i % 5)
-        ));
-    }
-    let path = dir.join("task.jsonl");
-    std::fs::write(&path, lines.join("\n")).unwrap();
-    path
-}
+use common::{tiny_gguf, write, write_class_task, ws2s_config};
+use std::path::Path;
 
 #[test]
 fn ws2s_run_writes_every_output_with_every_method() {
     let dir = tempfile::tempdir().unwrap();
-    let task = write_task(dir.path());
-    let model = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/models/llama_gguf/tiny-llama.gguf");
+    let task = write_class_task(dir.path(), 160, 5);
+    let model = tiny_gguf();
     let config = format!(
         r#"
 name = "tiny"
@@ -55,19 +40,9 @@ weights = "dawid_skene"
         task = task.display(),
         model = model.display()
     );
-    let config_path = dir.path().join("tiny.toml");
-    std::fs::write(&config_path, config).unwrap();
+    let config_path = write(dir.path(), "tiny.toml", &config);
     let out = dir.path().join("run");
-    let output = Command::new(env!("CARGO_BIN_EXE_ws2s"))
-        .args([
-            "run",
-            config_path.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .env("WS2S_HOME", dir.path().join("home"))
-        .output()
-        .unwrap();
+    let output = ws2s_config("run", &config_path, &out, &dir.path().join("home"));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -225,9 +200,8 @@ fn stage_files(home: &Path, prefix: &str) -> usize {
 #[test]
 fn reruns_reuse_stages_and_a_changed_setting_reruns_only_what_depends_on_it() {
     let dir = tempfile::tempdir().unwrap();
-    let task = write_task(dir.path());
-    let model = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/models/llama_gguf/tiny-llama.gguf");
+    let task = write_class_task(dir.path(), 160, 5);
+    let model = tiny_gguf();
     let config = |a_max: f64, c_steps: usize| {
         format!(
             "name = \"t\"\n[task]\nname = \"classify:{}\"\n[task.sizes]\nweak_train = 40\nstrong_train = 40\ntest = 40\n\
@@ -239,18 +213,8 @@ fn reruns_reuse_stages_and_a_changed_setting_reruns_only_what_depends_on_it() {
     };
     let home = dir.path().join("home");
     let run = |text: String| {
-        let path = dir.path().join("c.toml");
-        std::fs::write(&path, text).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_ws2s"))
-            .args([
-                "run",
-                path.to_str().unwrap(),
-                "--out",
-                dir.path().join("out").to_str().unwrap(),
-            ])
-            .env("WS2S_HOME", &home)
-            .output()
-            .unwrap();
+        let path = write(dir.path(), "c.toml", &text);
+        let out = ws2s_config("run", &path, &dir.path().join("out"), &home);
         assert!(
             out.status.success(),
             "{}",
@@ -301,9 +265,8 @@ fn reruns_reuse_stages_and_a_changed_setting_reruns_only_what_depends_on_it() {
 #[test]
 fn lora_and_full_fine_tuning_modes_run_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
-    let task = write_task(dir.path());
-    let model = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/models/llama_gguf/tiny-llama.gguf");
+    let task = write_class_task(dir.path(), 160, 5);
+    let model = tiny_gguf();
     let config = format!(
         r#"
 name = "modes"
@@ -335,19 +298,9 @@ list = ["xent", "edl"]
         task = task.display(),
         m = model.display()
     );
-    let path = dir.path().join("modes.toml");
-    std::fs::write(&path, config).unwrap();
+    let path = write(dir.path(), "modes.toml", &config);
     let out = dir.path().join("out");
-    let output = Command::new(env!("CARGO_BIN_EXE_ws2s"))
-        .args([
-            "run",
-            path.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .env("WS2S_HOME", dir.path().join("home"))
-        .output()
-        .unwrap();
+    let output = ws2s_config("run", &path, &out, &dir.path().join("home"));
     assert!(
         output.status.success(),
         "{}",
@@ -393,9 +346,8 @@ list = ["xent", "edl"]
 #[test]
 fn ws2s_sweep_runs_a_ladder_and_shares_stages_between_rungs() {
     let dir = tempfile::tempdir().unwrap();
-    let task = write_task(dir.path());
-    let model = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/models/llama_gguf/tiny-llama.gguf");
+    let task = write_class_task(dir.path(), 160, 5);
+    let model = tiny_gguf();
     let config = format!(
         r#"
 name = "tiny ladder"
@@ -425,19 +377,9 @@ max_tokens = 8
         task = task.display(),
         model = model.display()
     );
-    let config_path = dir.path().join("ladder.toml");
-    std::fs::write(&config_path, config).unwrap();
+    let config_path = write(dir.path(), "ladder.toml", &config);
     let out = dir.path().join("sweep");
-    let output = Command::new(env!("CARGO_BIN_EXE_ws2s"))
-        .args([
-            "sweep",
-            config_path.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .env("WS2S_HOME", dir.path().join("home"))
-        .output()
-        .unwrap();
+    let output = ws2s_config("sweep", &config_path, &out, &dir.path().join("home"));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -1,15 +1,11 @@
 //! The command line end to end: outputs, and bad input (file and line named, exit code 2,
 //! nothing on stdout).
 
+mod common;
+
+use common::ws2s;
 use std::path::Path;
 use std::process::{Command, Output};
-
-fn ws2s(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ws2s"))
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()

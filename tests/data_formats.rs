@@ -3,20 +3,15 @@
 //! `ws2s data stats`; string labels map to classes in sorted order; column names are
 //! settable; and every reader's errors name the file and the line or row.
 
+mod common;
+
+use common::ws2s;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/data")
         .join(name)
-}
-
-fn ws2s(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ws2s"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 /// `data stats --json` without the fields that name the file.

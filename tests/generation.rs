@@ -1,9 +1,11 @@
 //! Generation: the word bridge between real tokenizer pairs, soft targets, the DPO task on a tiny
 //! decoder, and `ws2s run` on a generation task end to end with tiny random decoders.
 
+mod common;
+
 use candle_core::{Device, Tensor};
+use common::{fixtures, tiny_gguf, write, ws2s_config};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use ws2s::home::Home;
 use ws2s::models::load_tokenizer;
 use ws2s::models::params::{LoraConfig, Trainable};
@@ -12,14 +14,6 @@ use ws2s::seq2seq::bridge::{bridge, soft_target_row, token_logprobs, Share, Spre
 use ws2s::seq2seq::model::Seq2Seq;
 use ws2s::seq2seq::tasks::{sequence_logprobs, DpoTask, Pair};
 use ws2s::train::trainer::{TrainConfig, TrainTask};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn tiny_gguf() -> PathBuf {
-    fixtures().join("models/llama_gguf/tiny-llama.gguf")
-}
 
 const HYPOTHESES: [&str; 8] = [
     r#"{"date": "tomorrow", "time": "nine am"}"#,
@@ -352,9 +346,7 @@ fn write_generation_task(dir: &Path) -> PathBuf {
         };
         lines.push(serde_json::json!({"prompt": prompt, "target": target}).to_string());
     }
-    let path = dir.join("slots.jsonl");
-    std::fs::write(&path, lines.join("\n")).unwrap();
-    path
+    write(dir, "slots.jsonl", &lines.join("\n"))
 }
 
 #[test]
@@ -400,21 +392,9 @@ train = {{ epochs = 1, batch_size = 2, lr = 0.001 }}
         task = task.display(),
         m = m.display()
     );
-    let config_path = dir.path().join("gen.toml");
-    std::fs::write(&config_path, config).unwrap();
+    let config_path = write(dir.path(), "gen.toml", &config);
     let out = dir.path().join("run");
-    let run = || {
-        Command::new(env!("CARGO_BIN_EXE_ws2s"))
-            .args([
-                "run",
-                config_path.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ])
-            .env("WS2S_HOME", dir.path().join("home"))
-            .output()
-            .unwrap()
-    };
+    let run = || ws2s_config("run", &config_path, &out, &dir.path().join("home"));
     let output = run();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
@@ -520,18 +500,13 @@ fn a_probe_model_in_a_generation_config_is_a_clear_error() {
         m.display(),
         m.display()
     );
-    let path = dir.path().join("bad.toml");
-    std::fs::write(&path, config).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_ws2s"))
-        .args([
-            "run",
-            path.to_str().unwrap(),
-            "--out",
-            dir.path().join("o").to_str().unwrap(),
-        ])
-        .env("WS2S_HOME", dir.path().join("home"))
-        .output()
-        .unwrap();
+    let path = write(dir.path(), "bad.toml", &config);
+    let output = ws2s_config(
+        "run",
+        &path,
+        &dir.path().join("o"),
+        &dir.path().join("home"),
+    );
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("generation needs mode"), "{stderr}");

@@ -2,6 +2,9 @@
 //! again finishes with the same results as an uninterrupted run; torn or altered cache files
 //! are detected by their checksums and recomputed, never trusted and never a crash.
 
+mod common;
+
+use common::{tiny_gguf, write_class_task};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -15,18 +18,8 @@ struct Setup {
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    let mut lines = Vec::new();
-    for i in 0..120 {
-        let label = i % 2;
-        let word = if label == 1 { "good" } else { "bad" };
-        lines.push(format!(
-            "{{\"text\": \"item {i} is {word} {}\", \"label\": {label}}}",
-            "x".repeat(i % 4)
-        ));
-    }
-    std::fs::write(root.join("task.jsonl"), lines.join("\n")).unwrap();
-    let model = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/models/llama_gguf/tiny-llama.gguf");
+    write_class_task(&root, 120, 4);
+    let model = tiny_gguf();
     // A probe, a LoRA model (trained with checkpoints) and a fully fine-tuned strong model, two
     // seeds: kills land in feature extraction, probe fits, fine-tuning and the students.
     let config = format!(

@@ -299,6 +299,19 @@ impl TaskConfig {
 }
 
 impl ExperimentConfig {
+    /// The strong model of a weak-to-strong run; an error when there is no strong model or no
+    /// weak one.
+    pub fn strong_over_weak(&self) -> Result<&ModelSpec> {
+        let strong = self
+            .strong
+            .as_ref()
+            .context("the config has no [strong] model")?;
+        if self.weak.is_empty() {
+            bail!("the config has no [[weak]] model");
+        }
+        Ok(strong)
+    }
+
     /// Names of the weak models for tables, made unique (`name#2`, ...) where two coincide.
     pub fn weak_labels(&self) -> Vec<String> {
         let labels: Vec<String> = self.weak.iter().map(ModelSpec::label).collect();

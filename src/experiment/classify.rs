@@ -19,7 +19,7 @@ pub use crate::report::classify::{
 use crate::report::classify::{paired_statistics, summarise, write_outputs, LabelRow};
 use crate::supervision::{dawid_skene, majority_vote, weighted_average};
 use crate::train::probe::Step;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -799,13 +799,7 @@ pub fn run(
     out: &Path,
     (home, progress): (&Home, bool),
 ) -> Result<RunResults> {
-    let strong_spec = config
-        .strong
-        .as_ref()
-        .context("the config has no [strong] model")?;
-    if config.weak.is_empty() {
-        bail!("the config has no [[weak]] model");
-    }
+    let strong_spec = config.strong_over_weak()?;
     let classes = datasets[0]
         .num_classes
         .context("`ws2s run` supports classification tasks so far")?;

@@ -400,7 +400,6 @@ impl CustomOp2 for PostNormLayer {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let name = "post-norm-layer-grad";
         let grad = grad.contiguous()?;
-        let device = x.device();
         let (xs, xl) = x.storage_and_layout();
         let (ps, pl) = p.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
@@ -417,13 +416,7 @@ impl CustomOp2 for PostNormLayer {
                 x.track_op(),
                 p.track_op(),
             );
-            let dx = dx
-                .map(|v| Tensor::from_vec(v, x.shape(), device))
-                .transpose()?;
-            let dp = dp
-                .map(|v| Tensor::from_vec(v, p.shape(), device))
-                .transpose()?;
-            Ok((dx, dp))
+            real::tensors_of((dx, dp), (x, p))
         })
     }
 }

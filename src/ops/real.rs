@@ -230,6 +230,22 @@ pub(crate) fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
+/// The gradients of a layer op's two inputs (x and its packed parameters p), computed as
+/// vectors, as tensors of the inputs' shapes on x's device.
+#[allow(clippy::type_complexity)]
+pub(crate) fn tensors_of<T: Real + candle_core::WithDType>(
+    (dx, dp): (Option<Vec<T>>, Option<Vec<T>>),
+    (x, p): (&Tensor, &Tensor),
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let dx = dx
+        .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
+        .transpose()?;
+    let dp = dp
+        .map(|v| Tensor::from_vec(v, p.shape(), x.device()))
+        .transpose()?;
+    Ok((dx, dp))
+}
+
 /// The CPU storage behind a tensor's storage.
 pub(crate) fn cpu<'a>(storage: &'a candle_core::Storage, what: &str) -> Result<&'a CpuStorage> {
     match storage {

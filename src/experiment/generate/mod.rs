@@ -23,7 +23,7 @@ pub use crate::report::generate::{
 };
 use crate::report::generate::{summarise, write_outputs, LabelRow, PairRow};
 use crate::seq2seq::joint;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 pub use models::score_predictions;
 use models::*;
 use preference::*;
@@ -165,13 +165,7 @@ pub fn run(
 ) -> Result<RunResults> {
     let started = std::time::Instant::now();
     let g = &config.generation;
-    let strong_spec = config
-        .strong
-        .as_ref()
-        .context("the config has no [strong] model")?;
-    if config.weak.is_empty() {
-        bail!("the config has no [[weak]] model");
-    }
+    let strong_spec = config.strong_over_weak()?;
     let device = config.device.device()?;
     let weak_models: Vec<ModelRef> = config
         .weak

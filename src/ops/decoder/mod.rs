@@ -422,7 +422,6 @@ impl CustomOp2 for PreNormLayer {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let name = "pre-norm-layer-grad";
         let grad = grad.contiguous()?;
-        let device = x.device();
         let guards: Vec<_> = self
             .frozen
             .iter()
@@ -450,13 +449,7 @@ impl CustomOp2 for PreNormLayer {
                 x.track_op(),
                 p.track_op(),
             );
-            let dx = dx
-                .map(|v| Tensor::from_vec(v, x.shape(), device))
-                .transpose()?;
-            let dp = dp
-                .map(|v| Tensor::from_vec(v, p.shape(), device))
-                .transpose()?;
-            Ok((dx, dp))
+            real::tensors_of((dx, dp), (x, p))
         })
     }
 }
