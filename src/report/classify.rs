@@ -5,7 +5,8 @@
 use crate::config::{ExperimentConfig, ModelSpec};
 use crate::eval::classify::ClassifyMetrics;
 use crate::eval::paired::{average, Estimate, Outcomes, Resampler};
-use crate::eval::summary::{Summary, SummaryBuilder, SummaryTable};
+use crate::eval::summary::{SummaryBuilder, SummaryTable};
+use crate::report::cell;
 use crate::report::parquet::{named, seed_column, text_column, ColumnData};
 use crate::report::table::Table;
 use anyhow::Result;
@@ -395,18 +396,6 @@ pub(crate) fn summarise(config: &ExperimentConfig, seeds: &[SeedResult]) -> Summ
     b.table
 }
 
-pub(crate) fn cell(summary: Option<&Option<Summary>>) -> String {
-    match summary.and_then(Option::as_ref) {
-        None => "undefined".into(),
-        Some(s) => match (s.std, s.ci95) {
-            (Some(std), Some((lo, hi))) => {
-                format!("{:.3} ± {:.3} [{:.3}, {:.3}]", s.mean, std, lo, hi)
-            }
-            _ => format!("{:.3}", s.mean),
-        },
-    }
-}
-
 /// The table a paper would print.
 pub fn markdown(results: &RunResults) -> String {
     let c = &results.config;
@@ -633,93 +622,12 @@ fn plots(results: &RunResults) -> Vec<(&'static str, String)> {
         .first()
         .map(|s| s.methods.iter().map(|m| m.method.clone()).collect())
         .unwrap_or_default();
-    metric_plots(
+    super::metric_plots(
         &results.summary,
         &results.config.weak_labels(),
         &methods,
         ("accuracy", "Test accuracy per method", "test accuracy"),
     )
-}
-
-/// Two plots of a run: `metric` per method with the strong ceiling, the best and the mean weak
-/// model as reference lines (file name = the metric), and PGR against the best weak model per
-/// method (`pgr`); error bars are the 95% bootstrap intervals over seeds.
-pub(crate) fn metric_plots(
-    summary: &SummaryTable,
-    weak_labels: &[String],
-    methods: &[String],
-    (metric, title, y_label): (&'static str, &str, &str),
-) -> Vec<(&'static str, String)> {
-    use crate::report::plot::{bar_chart, Bar, Reference};
-    let mean_of = |name: &str, m: &str| {
-        summary
-            .get(name)
-            .and_then(|r| r.get(m))
-            .and_then(Option::as_ref)
-            .map(|s| (s.mean, s.ci95))
-    };
-    let bars = |m: &str| -> Vec<Bar> {
-        methods
-            .iter()
-            .filter_map(|name| {
-                mean_of(name, m).map(|(value, interval)| Bar {
-                    label: name.clone(),
-                    value,
-                    interval,
-                })
-            })
-            .collect()
-    };
-    let weak: Vec<f64> = weak_labels
-        .iter()
-        .filter_map(|l| mean_of(&format!("weak[{l}]"), metric).map(|v| v.0))
-        .collect();
-    let mut references = Vec::new();
-    if let Some((ceiling, _)) = mean_of("ceiling", metric) {
-        references.push(Reference {
-            label: "strong ceiling".into(),
-            value: ceiling,
-            color: "#d62728",
-        });
-    }
-    if !weak.is_empty() {
-        references.push(Reference {
-            label: "best weak".into(),
-            value: weak.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
-            color: "#2ca02c",
-        });
-        references.push(Reference {
-            label: "mean weak".into(),
-            value: weak.iter().sum::<f64>() / weak.len() as f64,
-            color: "#ff7f0e",
-        });
-    }
-    vec![
-        (
-            metric,
-            bar_chart(title, y_label, &bars(metric), &references),
-        ),
-        (
-            "pgr",
-            bar_chart(
-                "Performance gap recovered (vs best weak)",
-                "PGR vs best weak",
-                &bars("pgr_vs_best_weak"),
-                &[
-                    Reference {
-                        label: "weak".into(),
-                        value: 0.0,
-                        color: "#2ca02c",
-                    },
-                    Reference {
-                        label: "ceiling".into(),
-                        value: 1.0,
-                        color: "#d62728",
-                    },
-                ],
-            ),
-        ),
-    ]
 }
 
 /// One weak-labelled strong_train example of a classification run (a line of
@@ -806,12 +714,5 @@ pub(crate) fn write_outputs(
         &out.join("weak_labels.parquet"),
         &label_columns(results, label_rows),
     )?;
-    for (name, svg) in plots(results) {
-        crate::io::write_atomic(&out.join(format!("{name}.svg")), svg.as_bytes())?;
-        crate::io::write_atomic(
-            &out.join(format!("{name}.png")),
-            &crate::report::plot::svg_to_png(&svg)?,
-        )?;
-    }
-    Ok(())
+    super::write_plots(out, &plots(results))
 }

@@ -5,6 +5,7 @@
 use crate::config::{ExperimentConfig, ModelSpec};
 use crate::eval::slurp::SlurpMetrics;
 use crate::eval::summary::{Summary, SummaryBuilder, SummaryTable};
+use crate::report::cell;
 use crate::report::parquet::{named, seed_column, text_column, ColumnData};
 use crate::report::table::Table;
 use crate::seq2seq::tasks::DpoEpochLog;
@@ -112,10 +113,6 @@ pub(crate) fn summarise(config: &ExperimentConfig, seeds: &[SeedResult]) -> Summ
         }
     }
     b.table
-}
-
-fn cell(summary: Option<&Option<Summary>>) -> String {
-    crate::report::classify::cell(summary)
 }
 
 /// A count over seeds: an integer when it is one (one seed, or every seed the same).
@@ -254,7 +251,7 @@ fn plots(results: &RunResults) -> Vec<(&'static str, String)> {
         .first()
         .map(|s| s.methods.iter().map(|m| m.method.clone()).collect())
         .unwrap_or_default();
-    crate::report::classify::metric_plots(
+    super::metric_plots(
         &results.summary,
         &results.config.weak_labels(),
         &methods,
@@ -346,12 +343,5 @@ pub(crate) fn write_outputs(
             &pair_columns(pair_rows),
         )?;
     }
-    for (name, svg) in plots(results) {
-        crate::io::write_atomic(&out.join(format!("{name}.svg")), svg.as_bytes())?;
-        crate::io::write_atomic(
-            &out.join(format!("{name}.png")),
-            &crate::report::plot::svg_to_png(&svg)?,
-        )?;
-    }
-    Ok(())
+    super::write_plots(out, &plots(results))
 }
