@@ -2,7 +2,7 @@
 //! of gated MLPs (act(a) * b with SiLU or tanh-GELU).
 
 use super::real::*;
-use super::rowgrad::{RowGrad, RowGradKind};
+use super::rowgrad::RowGrad;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
@@ -145,7 +145,18 @@ impl CustomOp1 for Gelu {
     }
 }
 
-const GELU_GRAD: RowGrad = RowGrad(RowGradKind::Gelu);
+/// d/dx [x Phi(x)] = Phi(x) + x phi(x), times g (on a copy of g).
+fn gelu_grad_rows<T: GeluRows>(x: &[T], g: &[T], _cols: usize) -> Vec<T> {
+    let mut out = g.to_vec();
+    par_rows_in_place(x, &mut out, 1, T::gelu_grad_in_place);
+    out
+}
+
+const GELU_GRAD: RowGrad = RowGrad {
+    name: "fused-gelu-erf-grad",
+    f32: gelu_grad_rows::<f32>,
+    f64: gelu_grad_rows::<f64>,
+};
 
 /// GELU with the exact erf form, x Phi(x) (fused on the CPU, with backward).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {

@@ -2,7 +2,7 @@
 //! one backward, [`super::rowgrad`]).
 
 use super::real::*;
-use super::rowgrad::{RowGrad, RowGradKind};
+use super::rowgrad::RowGrad;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 
@@ -81,7 +81,18 @@ impl CustomOp1 for Softmax {
     }
 }
 
-const SOFTMAX_GRAD: RowGrad = RowGrad(RowGradKind::Softmax);
+/// dx = y * (g - sum(g * y)) per row.
+fn softmax_grad_rows<T: SoftmaxRows>(y: &[T], g: &[T], cols: usize) -> Vec<T> {
+    par_rows2(y, g, cols, |y, g, out| {
+        T::softmax_grad_rows_into(y, g, out, cols, 1.0)
+    })
+}
+
+const SOFTMAX_GRAD: RowGrad = RowGrad {
+    name: "fused-softmax-grad",
+    f32: softmax_grad_rows::<f32>,
+    f64: softmax_grad_rows::<f64>,
+};
 
 /// Softmax over the last dimension (fused on the CPU, with backward).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
