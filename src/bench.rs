@@ -420,12 +420,23 @@ pub fn bench_decode(
     })?;
     let workload = format!("decode {prompts}x{prompt_len} beam {beams} +{new_tokens}");
     let timed = (runs, median_s, cpu_utilisation, load_s);
-    Ok(InferenceTimes::new(
+    let mut times = InferenceTimes::new(
         name,
         &model,
         precision,
         (workload, prompts * new_tokens),
         timed,
         device,
-    ))
+    );
+    if device.is_cpu() && model.network.screens_head() {
+        // The head's next tokens screened in int8 (ops::head): how often a row was computed
+        // whole.
+        let (screened, whole) = crate::ops::head::counts();
+        times.kernel.push_str(&format!(
+            "+head-screen-{} ({:.1}% of rows whole)",
+            crate::ops::int8::Kernel::detected().name(),
+            100.0 * whole as f64 / screened.max(1) as f64
+        ));
+    }
+    Ok(times)
 }

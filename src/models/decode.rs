@@ -150,40 +150,16 @@ fn left_pad(prompts: &[Vec<u32>], device: &Device) -> Result<(Tensor, Vec<Vec<u3
 }
 
 /// The `keep` most likely next tokens with their log-probabilities, best first, for each batch
-/// row of the last position: one pass per row for the log-normaliser and one for the selection
-/// (no log-softmax tensor, no sort of the vocabulary).
+/// row of the last position ([`Network::top_logprobs`]: no log-softmax tensor, no sort of the
+/// vocabulary).
 fn last_top_logprobs(
     network: &Network,
     hidden: &Tensor,
     keep: usize,
 ) -> Result<Vec<Vec<(u32, f32)>>> {
     let t = hidden.dim(1)?;
-    let last = hidden.narrow(1, t - 1, 1)?;
-    let logits = network.logits(&last)?.squeeze(1)?.detach();
-    use rayon::prelude::*;
-    Ok(logits
-        .to_dtype(candle_core::DType::F32)?
-        .to_vec2::<f32>()?
-        .par_iter()
-        .map(|row| top_logprobs(row, keep))
-        .collect())
-}
-
-/// The `keep` largest entries of a logit row as (token, log-probability), best first.
-pub fn top_logprobs(row: &[f32], keep: usize) -> Vec<(u32, f32)> {
-    let log_norm = crate::ops::simd::log_sum_exp(row) as f64;
-    let keep = keep.min(row.len()).max(1);
-    let mut top: Vec<(u32, f32)> = Vec::with_capacity(keep + 1);
-    for (v, &x) in row.iter().enumerate() {
-        if top.len() < keep || x > top[top.len() - 1].1 {
-            let at = top.partition_point(|&(_, y)| y >= x);
-            top.insert(at, (v as u32, x));
-            top.truncate(keep);
-        }
-    }
-    top.into_iter()
-        .map(|(v, x)| (v, (x as f64 - log_norm) as f32))
-        .collect()
+    let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?.detach();
+    network.top_logprobs(&last, keep)
 }
 
 /// Beam search (greedy when `beams` is 1) for a batch of prompts; returns, per prompt, up to

@@ -140,7 +140,7 @@ struct Layer {
 pub struct Gemma3 {
     pub config: Gemma3Config,
     embed_tokens: Tensor,
-    head: nn::Head,
+    pub(crate) head: nn::Head,
     layers: Vec<Layer>,
     norm: RmsNorm,
     rope_global: Rope,

@@ -59,7 +59,7 @@ struct Block {
 pub struct Gpt2 {
     pub config: Gpt2Config,
     wte: Tensor,
-    head: nn::Head,
+    pub(crate) head: nn::Head,
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: LayerNorm,

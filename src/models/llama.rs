@@ -149,7 +149,7 @@ pub struct Llama {
     embed_tokens: Tensor,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: nn::Head,
+    pub(crate) lm_head: nn::Head,
     rope: Rope,
 }
 

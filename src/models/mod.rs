@@ -101,6 +101,31 @@ impl Network {
         }
     }
 
+    /// For each row of `hidden` [rows, H] (decoders only): the `keep` most likely next tokens
+    /// with their log-probabilities, best first (screened in int8 where the head allows it,
+    /// [`nn::Head::top_logprobs`]).
+    pub fn top_logprobs(&self, hidden: &Tensor, keep: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        Ok(match self {
+            Network::Bert(_) => bail!("a BERT encoder has no language-model head"),
+            Network::Llama(m) => m.lm_head.top_logprobs(hidden, keep, None)?,
+            Network::Gpt2(m) => m.head.top_logprobs(hidden, keep, None)?,
+            Network::Gemma3(m) => {
+                let cap = m.config.final_logit_softcapping;
+                m.head.top_logprobs(hidden, keep, cap)?
+            }
+        })
+    }
+
+    /// Whether decoding screens its next tokens in int8 ([`nn::Head::screens`]).
+    pub fn screens_head(&self) -> bool {
+        match self {
+            Network::Bert(_) => false,
+            Network::Llama(m) => m.lm_head.screens(),
+            Network::Gpt2(m) => m.head.screens(),
+            Network::Gemma3(m) => m.head.screens(),
+        }
+    }
+
     /// Next-token logits [B, T, V] from hidden states (decoders only).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         match self {

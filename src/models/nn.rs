@@ -94,6 +94,9 @@ pub fn set_precision_all<'a>(
 pub struct Head {
     pub weight: Tensor,
     pub packed: Option<Arc<Int8Weight>>,
+    /// The int8 copy of an f32 head that screens decoding's next tokens
+    /// ([`crate::ops::head`]), made at the first step where [`Head::screens`] holds.
+    screen: std::sync::OnceLock<Option<Arc<Int8Weight>>>,
 }
 
 impl Head {
@@ -101,6 +104,7 @@ impl Head {
         Head {
             weight,
             packed: None,
+            screen: std::sync::OnceLock::new(),
         }
     }
 
@@ -111,6 +115,7 @@ impl Head {
             }
             _ => None,
         };
+        self.screen = std::sync::OnceLock::new();
         Ok(())
     }
 
@@ -121,6 +126,101 @@ impl Head {
             None => crate::ops::linear::linear(hidden, &self.weight, None),
         }
     }
+
+    /// Whether decoding's next tokens are screened in int8 ([`crate::ops::head`]): an f32 head
+    /// on the CPU that is not trained, with a vocabulary of at least [`SCREEN_MIN_VOCAB`], on a
+    /// CPU with 8-bit dot products (AVX-512 VNNI; elsewhere int8 is not faster than f32);
+    /// `WS2S_HEAD_SCREEN=0` turns it off, `=1` on for every f32 head.
+    pub fn screens(&self) -> bool {
+        self.packed.is_none()
+            && self.weight.device().is_cpu()
+            && self.weight.dtype() == candle_core::DType::F32
+            && !self.weight.track_op()
+            && match screening() {
+                Screening::Off => false,
+                Screening::Always => true,
+                Screening::Auto => self.weight.dim(0).is_ok_and(|v| v >= SCREEN_MIN_VOCAB),
+            }
+    }
+
+    fn screen(&self) -> Result<Option<&Arc<Int8Weight>>> {
+        if let Some(s) = self.screen.get() {
+            return Ok(s.as_ref());
+        }
+        let made = if self.screens() {
+            Some(Arc::new(int8::pack_tensor(&self.weight)?))
+        } else {
+            None
+        };
+        Ok(self.screen.get_or_init(|| made).as_ref())
+    }
+
+    /// For each row of `hidden` [rows, H]: the `keep` most likely next tokens with their
+    /// log-probabilities, best first; `cap` soft-caps the logits (Gemma). Screened in int8
+    /// where [`Head::screens`] holds (the kept tokens and logits are f32's), else from the
+    /// whole logit rows.
+    pub fn top_logprobs(
+        &self,
+        hidden: &Tensor,
+        keep: usize,
+        cap: Option<f64>,
+    ) -> Result<Vec<Vec<(u32, f32)>>> {
+        use rayon::prelude::*;
+        let (rows, _) = hidden.dims2()?;
+        if let Some(screen) = self.screen()? {
+            let x = hidden
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let weight = self.weight.contiguous()?;
+            let (storage, layout) = weight.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*storage else {
+                candle_core::bail!("screened head: the weight is not on the CPU");
+            };
+            let w = &cpu.as_slice::<f32>()?[layout.start_offset()..];
+            let (top, _) = crate::ops::head::screened_top(
+                &x,
+                rows,
+                (&w[..weight.elem_count()], screen),
+                keep,
+                cap.map(|c| c as f32),
+            );
+            return Ok(top);
+        }
+        let mut logits = self.logits(hidden)?;
+        if let Some(c) = cap {
+            logits = ((logits / c)?.tanh()? * c)?;
+        }
+        Ok(logits
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2::<f32>()?
+            .par_iter()
+            .map(|row| crate::ops::head::top_logprobs(row, keep))
+            .collect())
+    }
+}
+
+/// The smallest vocabulary whose head is screened (smaller heads are a small part of a step).
+pub const SCREEN_MIN_VOCAB: usize = 4096;
+
+/// When heads are screened: `WS2S_HEAD_SCREEN=0` never, `1` always (any CPU, any vocabulary:
+/// for tests), else where it pays (a CPU with AVX-512 VNNI, a vocabulary of at least
+/// [`SCREEN_MIN_VOCAB`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Screening {
+    Off,
+    Always,
+    Auto,
+}
+
+fn screening() -> Screening {
+    static MODE: std::sync::OnceLock<Screening> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("WS2S_HEAD_SCREEN").as_deref() {
+        Ok("0") => Screening::Off,
+        Ok("1") => Screening::Always,
+        _ if int8::Kernel::detected() == int8::Kernel::Vnni512 => Screening::Auto,
+        _ => Screening::Off,
+    })
 }
 
 /// x W^T for x of any rank: the leading dimensions are flattened so that the product is one

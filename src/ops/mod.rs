@@ -4,6 +4,7 @@ pub mod activation;
 pub mod attention;
 pub mod decoder;
 pub mod encoder;
+pub mod head;
 pub mod int8;
 pub mod linear;
 pub mod lora;

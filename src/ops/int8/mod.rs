@@ -111,6 +111,11 @@ fn round_up(x: usize, m: usize) -> usize {
 }
 
 impl Int8Weight {
+    /// The shape [n, k] of the weight it packs.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
     /// Quantizes and packs W [n, k] (row-major, as PyTorch's nn.Linear stores it).
     pub fn pack(w: &[f32], n: usize, k: usize) -> Int8Weight {
         assert_eq!(
