@@ -170,15 +170,18 @@ multiversion! {
         if !max.is_finite() {
             return max;
         }
-        let mut lanes = [0f32; LANES];
-        let chunks = row.chunks_exact(LANES);
-        let rest: f32 = chunks.remainder().iter().map(|&v| exp(v - max)).sum();
-        for c in chunks {
-            for i in 0..LANES {
-                lanes[i] += exp(c[i] - max);
+        // Blocks of exponentials in a buffer, then their sum: the loop the compiler
+        // vectorizes (accumulating each exponential straight into lane sums it does not).
+        let mut buffer = [0f32; 512];
+        let mut total = 0f32;
+        for block in row.chunks(buffer.len()) {
+            let e = &mut buffer[..block.len()];
+            for (o, &v) in e.iter_mut().zip(block) {
+                *o = exp(v - max);
             }
+            total += sum_of(e);
         }
-        max + (lanes.iter().sum::<f32>() + rest).ln()
+        max + total.ln()
     }
 }
 
