@@ -87,6 +87,8 @@ pub fn precision_study(
             .take(prompts)
             .map(|t| model.tokenizer()?.encode(t))
             .collect::<Result<_>>()?;
+        // The reference decodes with the whole f32 head (no int8 screen).
+        model.network.set_head_screen(Some(false));
         let mut reference: Option<(Vec<usize>, f64, Option<Vec<Continuation>>)> = None;
         for &precision in std::iter::once(&Precision::F32).chain(precisions) {
             if precision == Precision::F32 && reference.is_some() {
@@ -134,23 +136,7 @@ pub fn precision_study(
                 .filter(|(a, b)| a == b)
                 .count() as f64
                 / labels.len() as f64;
-            let (mut identical, mut diffs) = (0usize, Vec::new());
-            if let (Some(d), Some(r)) = (&decoded, ref_decoded) {
-                for ((tokens, lps), (ref_tokens, ref_lps)) in d.iter().zip(r) {
-                    identical += usize::from(tokens == ref_tokens);
-                    for i in 0..tokens.len().min(ref_tokens.len()) {
-                        // The same token after the same context: compare its log-probability.
-                        diffs.push((lps[i] - ref_lps[i]).abs() as f64);
-                        if tokens[i] != ref_tokens[i] {
-                            break;
-                        }
-                    }
-                }
-            }
-            diffs.sort_by(f64::total_cmp);
-            let has = decoded.is_some() && !diffs.is_empty();
-            let pick = |q: f64| diffs[((diffs.len() - 1) as f64 * q).round() as usize];
-            rows.push(PrecisionRow {
+            let mut row = PrecisionRow {
                 model: name.clone(),
                 precision: precision.name().into(),
                 examples: labels.len(),
@@ -159,26 +145,76 @@ pub fn precision_study(
                 accuracy_change: accuracy - ref_accuracy,
                 same_prediction: same,
                 extraction_s,
-                greedy_identical: decoded
-                    .as_ref()
-                    .map(|d| identical as f64 / d.len().max(1) as f64),
+                greedy_identical: None,
                 prompts: prompt_ids.len(),
-                logprob_mean_abs: has.then(|| diffs.iter().sum::<f64>() / diffs.len() as f64),
-                logprob_p99_abs: has.then(|| pick(0.99)),
-                logprob_max_abs: has.then(|| pick(1.0)),
-            });
-            let r = rows.last().expect("pushed");
-            eprintln!(
-                "{name} {}: accuracy {:.4} ({:+.4}), same predictions {:.3}, greedy identical {:?}",
-                r.precision,
-                r.cv_accuracy,
-                r.accuracy_change,
-                r.same_prediction,
-                r.greedy_identical
-            );
+                logprob_mean_abs: None,
+                logprob_p99_abs: None,
+                logprob_max_abs: None,
+            };
+            if let (Some(d), Some(r)) = (&decoded, ref_decoded) {
+                compare_decoded(d, r, &mut row);
+            }
+            report(&row);
+            rows.push(row);
         }
+        // The int8-screened head of f32 decoding (ops::head) against the unscreened one: the
+        // features take no head, so the probe columns are f32's.
+        let Some((_, _, Some(ref_decoded))) = &reference else {
+            continue;
+        };
+        model.network.set_precision(Precision::F32)?;
+        model.network.set_head_screen(Some(true));
+        let decoded = greedy(&model, &prompt_ids, new_tokens)?;
+        model.network.set_head_screen(None);
+        let mut row = PrecisionRow {
+            precision: "f32, head screened in int8".into(),
+            ..rows
+                .iter()
+                .find(|r| &r.model == name && r.precision == Precision::F32.name())
+                .context("the f32 row")?
+                .clone()
+        };
+        compare_decoded(&decoded, ref_decoded, &mut row);
+        report(&row);
+        rows.push(row);
     }
     Ok(rows)
+}
+
+/// Greedy continuations against the reference's: the share identical, and the absolute
+/// differences of the log-probabilities of the same tokens after the same context (mean, 99th
+/// percentile, maximum).
+fn compare_decoded(decoded: &[Continuation], reference: &[Continuation], row: &mut PrecisionRow) {
+    let (mut identical, mut diffs) = (0usize, Vec::new());
+    for ((tokens, lps), (ref_tokens, ref_lps)) in decoded.iter().zip(reference) {
+        identical += usize::from(tokens == ref_tokens);
+        for i in 0..tokens.len().min(ref_tokens.len()) {
+            diffs.push((lps[i] - ref_lps[i]).abs() as f64);
+            if tokens[i] != ref_tokens[i] {
+                break;
+            }
+        }
+    }
+    diffs.sort_by(f64::total_cmp);
+    row.greedy_identical = Some(identical as f64 / decoded.len().max(1) as f64);
+    if !diffs.is_empty() {
+        let pick = |q: f64| diffs[((diffs.len() - 1) as f64 * q).round() as usize];
+        row.logprob_mean_abs = Some(diffs.iter().sum::<f64>() / diffs.len() as f64);
+        row.logprob_p99_abs = Some(pick(0.99));
+        row.logprob_max_abs = Some(pick(1.0));
+    }
+}
+
+fn report(r: &PrecisionRow) {
+    eprintln!(
+        "{} {}: accuracy {:.4} ({:+.4}), same predictions {:.3}, greedy identical {:?}",
+        r.model,
+        r.precision,
+        r.cv_accuracy,
+        r.accuracy_change,
+        r.same_prediction,
+        r.greedy_identical
+    );
 }
 
 /// The study's table in Markdown.

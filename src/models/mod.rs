@@ -126,6 +126,17 @@ impl Network {
         }
     }
 
+    /// Forces the head's int8 screen on or off, or back to the default (`None`); see
+    /// [`nn::Head::set_screening`]. Encoders have no head: nothing to do.
+    pub fn set_head_screen(&mut self, on: Option<bool>) {
+        match self {
+            Network::Bert(_) => {}
+            Network::Llama(m) => m.lm_head.set_screening(on),
+            Network::Gpt2(m) => m.head.set_screening(on),
+            Network::Gemma3(m) => m.head.set_screening(on),
+        }
+    }
+
     /// Next-token logits [B, T, V] from hidden states (decoders only).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         match self {

@@ -97,6 +97,8 @@ pub struct Head {
     /// The int8 copy of an f32 head that screens decoding's next tokens
     /// ([`crate::ops::head`]), made at the first step where [`Head::screens`] holds.
     screen: std::sync::OnceLock<Option<Arc<Int8Weight>>>,
+    /// Screening forced on or off for this head (studies, tests); `None`: [`screening`].
+    screening: Option<bool>,
 }
 
 impl Head {
@@ -105,6 +107,7 @@ impl Head {
             weight,
             packed: None,
             screen: std::sync::OnceLock::new(),
+            screening: None,
         }
     }
 
@@ -127,6 +130,13 @@ impl Head {
         }
     }
 
+    /// Forces screening on (`Some(true)`: any f32 head on the CPU that is not trained) or off,
+    /// or leaves it to the default (`None`, [`Head::screens`]).
+    pub fn set_screening(&mut self, on: Option<bool>) {
+        self.screening = on;
+        self.screen = std::sync::OnceLock::new();
+    }
+
     /// Whether decoding's next tokens are screened in int8 ([`crate::ops::head`]): an f32 head
     /// on the CPU that is not trained, with a vocabulary of at least [`SCREEN_MIN_VOCAB`], on a
     /// CPU with 8-bit dot products (AVX-512 VNNI; elsewhere int8 is not faster than f32);
@@ -136,7 +146,13 @@ impl Head {
             && self.weight.device().is_cpu()
             && self.weight.dtype() == candle_core::DType::F32
             && !self.weight.track_op()
-            && match screening() {
+            && match self.screening.map_or(screening(), |on| {
+                if on {
+                    Screening::Always
+                } else {
+                    Screening::Off
+                }
+            }) {
                 Screening::Off => false,
                 Screening::Always => true,
                 Screening::Auto => self.weight.dim(0).is_ok_and(|v| v >= SCREEN_MIN_VOCAB),
