@@ -66,7 +66,8 @@ impl Precision {
     /// (docs/results/inference.md): for features, int8 where the CPU has 8-bit dot products
     /// (AVX-512 VNNI; probes on int8 features are within 0.01 of f32's accuracy), else f32 (int8
     /// by widening to 16 bits is not faster than f32's FMA there); for decoding and scoring,
-    /// f32 (int8's greedy continuations are not identical often enough).
+    /// f32 (int8's greedy continuations are not identical often enough; decoding screens the
+    /// head in int8 where the CPU has VNNI, which keeps f32's tokens, see [`head`]).
     pub fn fastest_for(purpose: Purpose) -> Precision {
         match purpose {
             Purpose::Features if int8::Kernel::Vnni512.available() => Precision::Int8,
