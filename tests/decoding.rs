@@ -1,43 +1,12 @@
 //! Greedy and beam search against the full forward pass, batching against single prompts, and
 //! teacher-forced scoring against the decoder's own per-token log-probabilities.
 
-use candle_core::{Device, Tensor, D};
-use std::path::Path;
+mod common;
+
+use candle_core::Device;
+use common::{greedy_without_cache, tiny_model as tiny};
 use ws2s::models::decode::{continuation_logprobs, generate, DecodeOptions};
-use ws2s::models::params::Trainable;
 use ws2s::models::Model;
-
-fn tiny(name: &str) -> Model {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/models")
-        .join(name);
-    Model::load(&dir, Trainable::Frozen, 0, &Device::Cpu).unwrap()
-}
-
-/// Greedy continuation computed the slow way: a full forward pass per step, no cache.
-fn greedy_without_cache(model: &Model, prompt: &[u32], steps: usize) -> Vec<u32> {
-    let mut seq = prompt.to_vec();
-    for _ in 0..steps {
-        let ids = Tensor::new(seq.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let hidden = model
-            .network
-            .hidden(&ids, &[vec![1; seq.len()]], &mut model.network.new_cache())
-            .unwrap();
-        let logits = model.network.logits(&hidden).unwrap();
-        let last = logits
-            .narrow(1, seq.len() - 1, 1)
-            .unwrap()
-            .squeeze(1)
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
-        seq.push(last.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap());
-    }
-    seq[prompt.len()..].to_vec()
-}
 
 #[test]
 fn greedy_matches_stepwise_argmax_and_batching_changes_nothing() {

@@ -4,42 +4,11 @@
 //! log-softmax) to the int8 estimates of the normaliser's tail. Its own test binary: the
 //! setting is read once per process.
 
-use candle_core::{Device, Tensor, D};
-use std::path::Path;
+mod common;
+
+use candle_core::Device;
+use common::{greedy_without_cache, tiny_model as tiny};
 use ws2s::models::decode::{continuation_logprobs, generate, DecodeOptions};
-use ws2s::models::params::Trainable;
-use ws2s::models::Model;
-
-fn tiny(name: &str) -> Model {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/models")
-        .join(name);
-    Model::load(&dir, Trainable::Frozen, 0, &Device::Cpu).unwrap()
-}
-
-/// The argmax of the full f32 logits at the last position, step by step.
-fn stepwise_argmax(model: &Model, prompt: &[u32], steps: usize) -> Vec<u32> {
-    let mut seq = prompt.to_vec();
-    for _ in 0..steps {
-        let ids = Tensor::new(seq.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let mut cache = model.network.new_cache();
-        let hidden = model
-            .network
-            .hidden(&ids, &[vec![1; seq.len()]], &mut cache)
-            .unwrap();
-        let logits = model.network.logits(&hidden).unwrap();
-        let last = logits
-            .narrow(1, seq.len() - 1, 1)
-            .unwrap()
-            .flatten_all()
-            .unwrap();
-        seq.push(last.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap());
-    }
-    seq[prompt.len()..].to_vec()
-}
 
 #[test]
 fn screened_decoding_keeps_f32_tokens_and_log_probabilities() {
@@ -54,7 +23,7 @@ fn screened_decoding_keeps_f32_tokens_and_log_probabilities() {
         };
         let got = generate(&model.network, &prompts, &greedy, &Device::Cpu).unwrap();
         for (prompt, hyps) in prompts.iter().zip(&got) {
-            let want = stepwise_argmax(&model, prompt, 6);
+            let want = greedy_without_cache(&model, prompt, 6);
             assert_eq!(hyps[0].tokens, want[..hyps[0].tokens.len()], "{name}");
         }
         let beams = DecodeOptions {

@@ -183,14 +183,8 @@ fn f32_logits(x: &[f32], w: &[f32], k: usize, ids: &[u32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
 
-    fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut rng = Rng::new(seed);
-        (0..n)
-            .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale)
-            .collect()
-    }
+    use crate::ops::testing::random_f32 as random;
 
     /// The unscreened reference: every logit in f32 by the same product, then the top entries.
     fn reference(

@@ -101,6 +101,14 @@ pub(crate) mod testing {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
+    /// f32 values uniform in (-scale, scale), seeded, as a vector.
+    pub fn random_f32(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut rng = Rng::new(seed);
+        (0..n)
+            .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale)
+            .collect()
+    }
+
     /// f64 values uniform in (-1, 1), seeded.
     pub fn random_unit(shape: &[usize], seed: u64) -> Tensor {
         random(shape, seed, 1.0)

@@ -2,8 +2,11 @@
 // Each test binary uses a part of these.
 #![allow(dead_code)]
 
+use candle_core::{Device, Tensor, D};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use ws2s::models::params::Trainable;
+use ws2s::models::Model;
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -57,4 +60,39 @@ pub fn ws2s_config(command: &str, config: &Path, out: &Path, home: &Path) -> Out
         .env("WS2S_HOME", home)
         .output()
         .unwrap()
+}
+
+/// A tiny random checkpoint of `tests/fixtures/models/NAME`, frozen, on the CPU.
+pub fn tiny_model(name: &str) -> Model {
+    Model::load(
+        &fixtures().join("models").join(name),
+        Trainable::Frozen,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// Greedy continuation computed the slow way: a full forward pass per step (no cache) and the
+/// argmax of the whole f32 logits.
+pub fn greedy_without_cache(model: &Model, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let mut seq = prompt.to_vec();
+    for _ in 0..steps {
+        let ids = Tensor::new(seq.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let hidden = model
+            .network
+            .hidden(&ids, &[vec![1; seq.len()]], &mut model.network.new_cache())
+            .unwrap();
+        let logits = model.network.logits(&hidden).unwrap();
+        let last = logits
+            .narrow(1, seq.len() - 1, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        seq.push(last.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap());
+    }
+    seq[prompt.len()..].to_vec()
 }

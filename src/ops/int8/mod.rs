@@ -539,12 +539,7 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
-    fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut rng = Rng::new(seed);
-        (0..n)
-            .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * scale)
-            .collect()
-    }
+    use crate::ops::testing::random_f32 as random;
 
     /// The definition in f64 where it is exact (integer sums) and f32 fma where it says so.
     fn reference(
