@@ -25,6 +25,15 @@ pub struct Entity {
     pub filler: String,
 }
 
+impl Entity {
+    pub fn new(kind: &str, filler: &str) -> Entity {
+        Entity {
+            kind: kind.into(),
+            filler: filler.into(),
+        }
+    }
+}
+
 /// What an example should be mapped to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -180,10 +180,7 @@ mod tests {
     use crate::io::read_jsonl;
 
     fn entity(kind: &str, filler: &str) -> Entity {
-        Entity {
-            kind: kind.into(),
-            filler: filler.into(),
-        }
+        Entity::new(kind, filler)
     }
 
     #[test]

@@ -310,10 +310,7 @@ mod tests {
     use super::*;
 
     fn e(kind: &str, filler: &str) -> Entity {
-        Entity {
-            kind: kind.into(),
-            filler: filler.into(),
-        }
+        Entity::new(kind, filler)
     }
 
     #[test]
