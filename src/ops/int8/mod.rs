@@ -26,6 +26,7 @@
 
 use candle_core::{DType, Result, Storage, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 /// Inputs per activation scale.
@@ -61,12 +62,16 @@ fn quantize_value(v: f32) -> i32 {
     v.clamp(-127.0, 127.0).round_ties_even() as i32
 }
 
-/// Quantizes `values` into `out` with the scale max |v| / 127: (scale, sum of the values), or
-/// (0, 0) with `out` left at zero when the block is all zero or not finite.
+/// Quantizes `values` into `out` (every value written; `out` may be uninitialized) with the
+/// scale max |v| / 127: (scale, sum of the values), or (0, 0) with zeros written when the block
+/// is all zero or not finite.
 #[inline(always)]
-fn quantize_block_plain(values: &[f32], out: &mut [i8]) -> (f32, i32) {
+fn quantize_block_plain(values: &[f32], out: &mut [MaybeUninit<i8>]) -> (f32, i32) {
     let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
     if amax == 0.0 || !amax.is_finite() {
+        out.iter_mut().take(values.len()).for_each(|o| {
+            o.write(0);
+        });
         return (0.0, 0);
     }
     let inv = 127.0 / amax;
@@ -74,14 +79,21 @@ fn quantize_block_plain(values: &[f32], out: &mut [i8]) -> (f32, i32) {
     for (o, &v) in out.iter_mut().zip(values) {
         let q = quantize_value(v * inv);
         sum += q;
-        *o = q as i8;
+        o.write(q as i8);
     }
     (amax / 127.0, sum)
 }
 
+/// An initialized slice seen as possibly uninitialized, for the quantizers (which only write
+/// initialized values into it).
+fn as_uninit(s: &mut [i8]) -> &mut [MaybeUninit<i8>] {
+    // SAFETY: same layout; every value written through the result is an initialized i8.
+    unsafe { &mut *(s as *mut [i8] as *mut [MaybeUninit<i8>]) }
+}
+
 /// [`quantize_block_plain`] with AVX-512 or AVX2 when the CPU has them (the conversion
 /// instruction rounds to nearest even, as `round_ties_even`; same values, tested).
-fn quantize_block(values: &[f32], out: &mut [i8]) -> (f32, i32) {
+fn quantize_block(values: &[f32], out: &mut [MaybeUninit<i8>]) -> (f32, i32) {
     #[cfg(target_arch = "x86_64")]
     {
         static LEVEL: OnceLock<u8> = OnceLock::new();
@@ -139,7 +151,7 @@ impl Int8Weight {
                     for b in 0..nb {
                         let (lo, hi) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
                         q.fill(0);
-                        (scales[b * NR + c], _) = quantize_block(&row[lo..hi], &mut q);
+                        (scales[b * NR + c], _) = quantize_block(&row[lo..hi], as_uninit(&mut q));
                         for (j, &v) in (lo..).zip(&q[..hi - lo]) {
                             panel[((j / 4) * NR + c) * 4 + j % 4] = (v as i32 + 128) as u8;
                         }
@@ -214,17 +226,12 @@ impl Int8Rows {
         );
         let kp = round_up(k.max(1), BLOCK);
         let nb = kp / BLOCK;
-        // Each row's values are zeroed by the thread that quantizes it, just before (not the
-        // whole matrix up front, by one thread).
+        // Every value of each row is written by the thread that quantizes it (the blocks, then
+        // zeros for the padding), with no zeroing pass before.
         let mut q: Vec<i8> = Vec::with_capacity(m * kp);
         let mut scales = vec![0f32; m * nb];
         let mut corr = vec![0i32; m * nb];
         let quantize_row = |(r, ((q, scales), corr)): RowParts| {
-            for v in q.iter_mut() {
-                v.write(0);
-            }
-            // SAFETY: every value of the row was just initialized.
-            let q = unsafe { &mut *(q as *mut [std::mem::MaybeUninit<i8>] as *mut [i8]) };
             let row = &x[r * k..(r + 1) * k];
             for b in 0..nb {
                 let lo = b * BLOCK;
@@ -235,6 +242,9 @@ impl Int8Rows {
                 let (scale, sum) = quantize_block(&row[lo..hi], &mut q[lo..hi]);
                 scales[b] = scale;
                 corr[b] = -128 * sum;
+            }
+            for v in &mut q[k..] {
+                v.write(0);
             }
         };
         let spare = &mut q.spare_capacity_mut()[..m * kp];
@@ -670,13 +680,13 @@ mod tests {
         values.extend((-128..=128).map(|i| i as f32));
         values[7] = f32::NAN;
         let mut plain = vec![0i8; values.len()];
-        let a = quantize_block_plain(&values, &mut plain);
+        let a = quantize_block_plain(&values, as_uninit(&mut plain));
         assert_eq!(plain[7], 0);
         #[cfg(target_arch = "x86_64")]
         for (name, f) in [
             (
                 "avx512",
-                x86::quantize_avx512 as unsafe fn(&[f32], &mut [i8]) -> (f32, i32),
+                x86::quantize_avx512 as unsafe fn(&[f32], &mut [MaybeUninit<i8>]) -> (f32, i32),
                 "avx512f",
             ),
             ("avx2", x86::quantize_avx2, "avx2"),
@@ -690,11 +700,12 @@ mod tests {
             }
             // Every length up to 40 (tails), and the whole set.
             for len in (1..40).chain([values.len()]) {
-                let mut want = vec![0i8; len];
-                let mut got = vec![0i8; len];
-                let a = quantize_block_plain(&values[..len], &mut want);
+                // Poisoned outputs: every value must be written.
+                let mut want = vec![99i8; len];
+                let mut got = vec![-99i8; len];
+                let a = quantize_block_plain(&values[..len], as_uninit(&mut want));
                 // SAFETY: the CPU has the features (checked above).
-                let b = unsafe { f(&values[..len], &mut got) };
+                let b = unsafe { f(&values[..len], as_uninit(&mut got)) };
                 assert_eq!(a, b, "{name} {len}");
                 assert_eq!(want, got, "{name} {len}");
             }
@@ -706,6 +717,40 @@ mod tests {
         assert_eq!(quantize_value(f32::NAN), 0);
         assert_eq!(quantize_value(2.5), 2);
         assert_eq!(quantize_value(-3.5), -4);
+    }
+
+    #[test]
+    fn zero_and_non_finite_blocks_are_written_as_zeros() {
+        // The quantizers write into uninitialized rows: a block they skip must still be zeros.
+        let blocks: [Vec<f32>; 3] = [
+            vec![0.0; 37],
+            (0..37)
+                .map(|i| if i == 5 { f32::INFINITY } else { 1.0 })
+                .collect(),
+            (0..37)
+                .map(|i| if i == 9 { f32::NAN } else { 0.0 })
+                .collect(),
+        ];
+        for values in &blocks {
+            let mut out = vec![7i8; values.len()];
+            assert_eq!(quantize_block(values, as_uninit(&mut out)), (0.0, 0));
+            assert!(out.iter().all(|&q| q == 0), "{out:?}");
+            let mut out = vec![7i8; values.len()];
+            assert_eq!(quantize_block_plain(values, as_uninit(&mut out)), (0.0, 0));
+            assert!(out.iter().all(|&q| q == 0), "{out:?}");
+        }
+        // A row with a zero block and padding: every value of the padded row is zero there.
+        let mut x = vec![0f32; 2 * 150];
+        x[150..]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = i as f32 - 70.0);
+        let rows = Int8Rows::quantize(&x, 2, 150);
+        assert_eq!(rows.kp, 192);
+        assert!(rows.q[..192].iter().all(|&q| q == 0));
+        assert!(rows.q[192 + 150..].iter().all(|&q| q == 0));
+        assert_eq!(rows.q[192 + 70], 0);
+        assert_eq!(rows.q[192 + 149], 127);
     }
 
     #[test]

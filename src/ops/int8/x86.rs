@@ -6,10 +6,11 @@
 
 use super::{quantize_value, Int8Rows, Tile, BLOCK, NR};
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 /// [`super::quantize_block_plain`] with AVX-512: 16 values per step, masked tail.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(super) unsafe fn quantize_avx512(values: &[f32], out: &mut [i8]) -> (f32, i32) {
+pub(super) unsafe fn quantize_avx512(values: &[f32], out: &mut [MaybeUninit<i8>]) -> (f32, i32) {
     let n = values.len().min(out.len());
     let mask = |i: usize| -> __mmask16 {
         let left = n - i;
@@ -27,6 +28,9 @@ pub(super) unsafe fn quantize_avx512(values: &[f32], out: &mut [i8]) -> (f32, i3
     }
     let amax = _mm512_reduce_max_ps(m);
     if amax == 0.0 || !amax.is_finite() {
+        out[..n].iter_mut().for_each(|o| {
+            o.write(0);
+        });
         return (0.0, 0);
     }
     let inv = _mm512_set1_ps(127.0 / amax);
@@ -46,7 +50,7 @@ pub(super) unsafe fn quantize_avx512(values: &[f32], out: &mut [i8]) -> (f32, i3
 
 /// [`super::quantize_block_plain`] with AVX2: 8 values per step, the tail value by value.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn quantize_avx2(values: &[f32], out: &mut [i8]) -> (f32, i32) {
+pub(super) unsafe fn quantize_avx2(values: &[f32], out: &mut [MaybeUninit<i8>]) -> (f32, i32) {
     let n = values.len().min(out.len());
     let body = n - n % 8;
     let sign = _mm256_set1_ps(-0.0);
@@ -62,6 +66,9 @@ pub(super) unsafe fn quantize_avx2(values: &[f32], out: &mut [i8]) -> (f32, i32)
         .chain(&values[body..n])
         .fold(0f32, |a, v| a.max(v.abs()));
     if amax == 0.0 || !amax.is_finite() {
+        out[..n].iter_mut().for_each(|o| {
+            o.write(0);
+        });
         return (0.0, 0);
     }
     let inv_s = 127.0 / amax;
@@ -75,13 +82,13 @@ pub(super) unsafe fn quantize_avx2(values: &[f32], out: &mut [i8]) -> (f32, i32)
         let v = _mm256_and_ps(ordered, _mm256_min_ps(_mm256_max_ps(v, lo), hi));
         _mm256_storeu_si256(q32.as_mut_ptr() as *mut __m256i, _mm256_cvtps_epi32(v));
         for (o, q) in out[i..i + 8].iter_mut().zip(q32) {
-            *o = q as i8;
+            o.write(q as i8);
             total += q;
         }
     }
     for (o, &v) in out[body..n].iter_mut().zip(&values[body..n]) {
         let q = quantize_value(v * inv_s);
-        *o = q as i8;
+        o.write(q as i8);
         total += q;
     }
     (amax / 127.0, total)
