@@ -187,6 +187,7 @@ fn bench(command: BenchCommand) -> Result<()> {
 
 fn main() -> ExitCode {
     ws2s::runtime::tune_allocator();
+    ws2s::runtime::tune_threads();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
