@@ -102,6 +102,11 @@ fn the_cache_is_reused_and_keyed_by_everything_that_matters() {
         )
     );
     assert_ne!(key, feature_key("other-model", &ids, &TEXTS, &options));
+    let int8 = FeatureOptions {
+        precision: ws2s::ops::Precision::Int8,
+        ..Default::default()
+    };
+    assert_ne!(key, feature_key(&hash, &ids, &TEXTS, &int8));
     let mut texts = TEXTS;
     texts[0] = "changed";
     assert_ne!(key, feature_key(&hash, &ids, &texts, &options));

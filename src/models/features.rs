@@ -151,6 +151,10 @@ pub fn feature_key(
     // f32 keys are those of the versions before precisions existed (their caches stay valid).
     if options.precision != crate::ops::Precision::F32 {
         key.push_str(&format!("\nprecision {}", options.precision.name()));
+        if options.precision == crate::ops::Precision::Int8 {
+            // A change of the int8 format changes the features.
+            key.push_str(&format!(" ({})", crate::ops::int8::FORMAT));
+        }
     }
     sha256_hex(key.as_bytes())
 }

@@ -1,6 +1,11 @@
 //! 8-bit products for inference: y = x W^T + b with W in int8 and x quantized on the fly to
 //! int8, both with one scale per block of [`BLOCK`] inputs (per output column for W, per row
-//! for x), as llama.cpp's Q8_0 (there with blocks of 32).
+//! for x), as llama.cpp's Q8_0 (there with blocks of 32). Each block ends in float work per
+//! accumulator (convert, scale, add) that competes with the integer products for the vector
+//! units: blocks of 128 made the int8 forward 4-8% faster on a Zen 4 (SmolLM2-135M, MiniLM-L6,
+//! Qwen2.5-Coder-0.5B, paired runs) but failed the accuracy gate (SmolLM2-135M's probe on
+//! SciQ 0.038 below f32's, `ws2s study precision --n 500`); blocks of 32 were slower for a
+//! modest gain. See docs/results/inference.md.
 //!
 //! Definition (every kernel computes exactly this, bit for bit):
 //!
@@ -31,6 +36,8 @@ use std::sync::OnceLock;
 
 /// Inputs per activation scale.
 pub const BLOCK: usize = 64;
+/// The format's name, for cache keys of what int8 products compute (features).
+pub const FORMAT: &str = "q8 blocks of 64";
 /// Columns per packed weight panel.
 pub const NR: usize = 32;
 
@@ -720,6 +727,12 @@ mod tests {
     }
 
     #[test]
+    fn the_format_name_says_the_block() {
+        // Feature caches are keyed by it: it must change with the block size.
+        assert_eq!(FORMAT, format!("q8 blocks of {BLOCK}"));
+    }
+
+    #[test]
     fn zero_and_non_finite_blocks_are_written_as_zeros() {
         // The quantizers write into uninitialized rows: a block they skip must still be zeros.
         let blocks: [Vec<f32>; 3] = [
@@ -746,11 +759,13 @@ mod tests {
             .enumerate()
             .for_each(|(i, v)| *v = i as f32 - 70.0);
         let rows = Int8Rows::quantize(&x, 2, 150);
-        assert_eq!(rows.kp, 192);
-        assert!(rows.q[..192].iter().all(|&q| q == 0));
-        assert!(rows.q[192 + 150..].iter().all(|&q| q == 0));
-        assert_eq!(rows.q[192 + 70], 0);
-        assert_eq!(rows.q[192 + 149], 127);
+        let kp = 150usize.div_ceil(BLOCK) * BLOCK;
+        assert_eq!(rows.kp, kp);
+        assert!(rows.q[..kp].iter().all(|&q| q == 0));
+        assert!(rows.q[kp + 150..].iter().all(|&q| q == 0));
+        // Value 0 quantizes to 0; the largest of the row's last block to 127.
+        assert_eq!(rows.q[kp + 70], 0);
+        assert_eq!(rows.q[kp + 149], 127);
     }
 
     #[test]
