@@ -271,6 +271,7 @@ impl Gemma3 {
                 &n,
                 (&layer.gate_proj, &layer.up_proj, &layer.down_proj),
                 crate::ops::activation::Gate::GeluTanh,
+                None,
             )?;
             x = (x + layer.post_feedforward_layernorm.forward(&mlp)?)?;
         }

@@ -9,6 +9,7 @@ use super::config::ConfigJson;
 use super::nn::{self, Linear, RmsNorm, Rope};
 use super::params::Params;
 use crate::ops::activation::Gate;
+use crate::ops::int8::Epilogue;
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -261,14 +262,14 @@ impl Llama {
                 &attn_mask,
                 scale,
             )?;
-            x = (x + layer.o_proj.forward(&attn)?)?;
+            x = layer.o_proj.forward_then(&attn, Epilogue::Add(&x))?;
             let n = layer.post_attention_layernorm.forward(&x)?;
-            let mlp = nn::gated_mlp(
+            x = nn::gated_mlp(
                 &n,
                 (&layer.gate_proj, &layer.up_proj, &layer.down_proj),
                 Gate::Silu,
+                Some(&x),
             )?;
-            x = (x + mlp)?;
         }
         Ok(self.norm.forward(&x)?)
     }

@@ -4,7 +4,7 @@
 //! candle-nn's fused norms, `softmax_last_dim` and RoPE kernels silently stop gradients).
 
 use super::params::{Params, Trainable};
-use crate::ops::int8::{self, Int8Weight, QuantizedInput};
+use crate::ops::int8::{self, Epilogue, Int8Weight, QuantizedInput};
 use crate::ops::Precision;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use std::sync::Arc;
@@ -323,6 +323,21 @@ pub fn project_shared<const N: usize>(x: &Tensor, layers: [&Linear; N]) -> Resul
 }
 
 impl Linear {
+    /// forward(x) followed by `then` (GELU, a residual, a gate): in int8, inside the product
+    /// ([`crate::ops::int8::Epilogue`]); otherwise as separate operations, with the same values.
+    pub fn forward_then(&self, x: &Tensor, then: Epilogue<&Tensor>) -> Result<Tensor> {
+        if let Some(w) = self.int8() {
+            return QuantizedInput::new(x)?.linear_then(w, self.bias.as_ref(), then);
+        }
+        let y = self.forward(x)?;
+        match then {
+            Epilogue::None => Ok(y),
+            Epilogue::Gelu => crate::ops::activation::gelu_erf(&y),
+            Epilogue::Add(r) => r + y,
+            Epilogue::Gated(act, g) => crate::ops::activation::gated(g, &y, act),
+        }
+    }
+
     /// Whether nothing of this layer is trained: no adapter, frozen weight and bias.
     pub fn is_frozen(&self) -> bool {
         self.lora.is_none()
@@ -331,19 +346,36 @@ impl Linear {
     }
 }
 
-/// down(act(gate x) * up x) (Llama, Qwen2, Gemma): one fused op when the three layers are frozen
-/// and have no bias ([`crate::ops::mlp::frozen_mlp`]), else layer by layer.
+/// down(act(gate x) * up x) (Llama, Qwen2, Gemma), plus `residual` when given: one fused op
+/// when the three layers are frozen and have no bias ([`crate::ops::mlp::frozen_mlp`]), else
+/// layer by layer. In int8 the gating and the residual run in the products' epilogues.
 pub fn gated_mlp(
+    x: &Tensor,
+    (gate, up, down): (&Linear, &Linear, &Linear),
+    act: crate::ops::activation::Gate,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let add = |y: Tensor| match residual {
+        Some(r) => r + y,
+        None => Ok(y),
+    };
+    if let (Some(g), Some(u), Some(d)) = (gate.int8(), up.int8(), down.int8()) {
+        let q = QuantizedInput::new(x)?;
+        let a = q.linear(g, gate.bias.as_ref())?;
+        let h = q.linear_then(u, up.bias.as_ref(), Epilogue::Gated(act, &a))?;
+        let then = residual.map_or(Epilogue::None, Epilogue::Add);
+        return QuantizedInput::new(&h)?.linear_then(d, down.bias.as_ref(), then);
+    }
+    add(gated_mlp_unpacked(x, (gate, up, down), act)?)
+}
+
+fn gated_mlp_unpacked(
     x: &Tensor,
     (gate, up, down): (&Linear, &Linear, &Linear),
     act: crate::ops::activation::Gate,
 ) -> Result<Tensor> {
     use crate::ops::mlp::{frozen_mlp, MlpKind};
     let layers = [gate, up, down];
-    if layers.iter().all(|l| l.int8().is_some()) {
-        let [a, b] = project_shared(x, [gate, up])?;
-        return down.forward(&crate::ops::activation::gated(&a, &b, act)?);
-    }
     if layers.iter().all(|l| l.is_frozen() && l.bias.is_none()) {
         let fused = frozen_mlp(
             x,
@@ -369,7 +401,7 @@ pub fn gated_mlp(
 pub fn gelu_mlp(x: &Tensor, up: &Linear, down: &Linear) -> Result<Tensor> {
     use crate::ops::mlp::{frozen_mlp, MlpKind};
     if up.int8().is_some() && down.int8().is_some() {
-        return down.forward(&crate::ops::activation::gelu_erf(&up.forward(x)?)?);
+        return down.forward(&up.forward_then(x, Epilogue::Gelu)?);
     }
     if up.is_frozen() && down.is_frozen() {
         let fused = frozen_mlp(
@@ -604,5 +636,78 @@ impl Params {
             scale: config.alpha / config.rank as f64,
             dropout: config.dropout,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::activation::{gated, gelu_erf, Gate};
+    use crate::ops::testing::random_f32;
+
+    fn tensor(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_vec(random_f32(n, seed, scale), shape, &Device::Cpu).unwrap()
+    }
+
+    fn linear(n: usize, k: usize, seed: u64, precision: Precision) -> Linear {
+        let w = tensor(&[n, k], seed, 0.2);
+        let b = tensor(&[n], seed + 1, 0.5);
+        let mut l = Linear::new(w, Some(b), None);
+        l.set_precision(precision).unwrap();
+        l
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn forward_then_equals_the_separate_operations_in_every_precision() {
+        let (k, n) = (150, 70);
+        let x = tensor(&[3, 5, k], 1, 2.0);
+        let other = tensor(&[3, 5, n], 2, 3.0);
+        for precision in [Precision::Int8, Precision::F32] {
+            let l = linear(n, k, 3, precision);
+            assert_eq!(l.int8().is_some(), precision == Precision::Int8);
+            let y = l.forward(&x).unwrap();
+            let cases = [
+                (Epilogue::None, y.clone()),
+                (Epilogue::Gelu, gelu_erf(&y).unwrap()),
+                (Epilogue::Add(&other), (&other + &y).unwrap()),
+                (
+                    Epilogue::Gated(Gate::Silu, &other),
+                    gated(&other, &y, Gate::Silu).unwrap(),
+                ),
+            ];
+            for (then, want) in cases {
+                let got = l.forward_then(&x, then).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                assert_eq!(bits(&got), bits(&want), "{precision:?} {then:?}");
+            }
+        }
+        // An operand of another shape is an error, not a misread.
+        let l = linear(n, k, 3, Precision::Int8);
+        let wrong = tensor(&[3, 5, n + 1], 4, 1.0);
+        assert!(l.forward_then(&x, Epilogue::Add(&wrong)).is_err());
+    }
+
+    #[test]
+    fn int8_gated_mlp_with_residual_equals_its_steps() {
+        let (h, i) = (96, 200);
+        let x = tensor(&[2, 7, h], 5, 1.5);
+        let residual = tensor(&[2, 7, h], 6, 1.0);
+        let [gate, up, down] = [(i, h, 7), (i, h, 9), (h, i, 11)]
+            .map(|(n, k, seed)| linear(n, k, seed, Precision::Int8));
+        for act in [Gate::Silu, Gate::GeluTanh] {
+            let steps = down
+                .forward(&gated(&gate.forward(&x).unwrap(), &up.forward(&x).unwrap(), act).unwrap())
+                .unwrap();
+            let fused = gated_mlp(&x, (&gate, &up, &down), act, None).unwrap();
+            assert_eq!(bits(&fused), bits(&steps), "{act:?}");
+            let with = gated_mlp(&x, (&gate, &up, &down), act, Some(&residual)).unwrap();
+            assert_eq!(bits(&with), bits(&(&residual + &steps).unwrap()), "{act:?}");
+        }
     }
 }

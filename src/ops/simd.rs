@@ -355,6 +355,15 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// x = x Phi(x), in place (the values of [`gelu`]).
+    pub fn gelu_in_place(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v *= normal_cdf(*v);
+        }
+    }
+}
+
 /// d/dx x Phi(x) = Phi(x) + x phi(x).
 #[inline(always)]
 fn gelu_derivative(x: f32) -> f32 {
@@ -495,6 +504,24 @@ multiversion! {
             Gate::GeluTanh => {
                 for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
                     *o = Gate::GeluTanh.eval(x).0 * y;
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// b = act(a) * b, in place (the values of [`gated`]).
+    pub fn gated_in_place(gate: Gate, a: &[f32], b: &mut [f32]) {
+        match gate {
+            Gate::Silu => {
+                for (y, &x) in b.iter_mut().zip(a) {
+                    *y *= Gate::Silu.eval(x).0;
+                }
+            }
+            Gate::GeluTanh => {
+                for (y, &x) in b.iter_mut().zip(a) {
+                    *y *= Gate::GeluTanh.eval(x).0;
                 }
             }
         }

@@ -29,6 +29,7 @@
 //! sums are exact and the float steps are the same sequence of fused multiply-adds, so all
 //! kernels agree bit for bit (tested). `WS2S_INT8_KERNEL=scalar|avx2|vnni512` forces one.
 
+use super::simd::Gate;
 use candle_core::{DType, Result, Storage, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -318,6 +319,50 @@ impl QuantizedInput {
 
     /// x W^T + bias as a tensor [.., n].
     pub fn linear(&self, w: &Int8Weight, bias: Option<&Tensor>) -> Result<Tensor> {
+        self.linear_then(w, bias, Epilogue::None)
+    }
+
+    /// x W^T + bias followed by `then`, whose operand (a residual, a gate) has the output's
+    /// shape [.., n], as a tensor [.., n].
+    pub fn linear_then(
+        &self,
+        w: &Int8Weight,
+        bias: Option<&Tensor>,
+        then: Epilogue<&Tensor>,
+    ) -> Result<Tensor> {
+        let mut dims = self.lead.clone();
+        dims.push(w.n);
+        let operand = match then.operand() {
+            Some(t) if t.dims() != dims.as_slice() => candle_core::bail!(
+                "int8 linear: an operand of shape {:?} for an output of shape {dims:?}",
+                t.dims()
+            ),
+            Some(t) => Some(t.to_dtype(DType::F32)?.contiguous()?),
+            None => None,
+        };
+        let guard = operand.as_ref().map(|t| t.storage_and_layout());
+        let values: Option<&[f32]> = match &guard {
+            Some((storage, layout)) => {
+                let Storage::Cpu(cpu) = &**storage else {
+                    candle_core::bail!("int8 linear: the operand is not on the CPU");
+                };
+                let start = layout.start_offset();
+                Some(&cpu.as_slice::<f32>()?[start..start + self.rows.m * w.n])
+            }
+            None => None,
+        };
+        let then =
+            then.try_map(|_| values.ok_or_else(|| candle_core::Error::Msg("operand".into())))?;
+        let y = self.product(w, bias, then)?;
+        Tensor::from_vec(y, dims, &self.device)
+    }
+
+    fn product(
+        &self,
+        w: &Int8Weight,
+        bias: Option<&Tensor>,
+        then: Epilogue<&[f32]>,
+    ) -> Result<Vec<f32>> {
         if self.rows.kp != w.kp {
             candle_core::bail!(
                 "int8 linear: input of width {} for a weight [{}, {}]",
@@ -329,10 +374,13 @@ impl QuantizedInput {
         let bias = bias
             .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
             .transpose()?;
-        let y = matmul(&self.rows, w, bias.as_deref());
-        let mut dims = self.lead.clone();
-        dims.push(w.n);
-        Tensor::from_vec(y, dims, &self.device)
+        Ok(matmul_then(
+            Kernel::detected(),
+            &self.rows,
+            w,
+            bias.as_deref(),
+            then,
+        ))
     }
 }
 
@@ -411,6 +459,60 @@ impl Kernel {
     }
 }
 
+/// What follows a product, applied to its output in place (rows in parallel) instead of as a
+/// separate operation with an output of its own to allocate and fill. The values are those of
+/// the separate operation, bit for bit (tested). `R` is the operand: a
+/// slice [m, n] here, a tensor for [`QuantizedInput::linear_then`].
+#[derive(Clone, Copy, Debug)]
+pub enum Epilogue<R> {
+    /// y as computed.
+    None,
+    /// y = gelu(y), the erf form (BERT's feed-forward block).
+    Gelu,
+    /// y = r + y (a residual connection).
+    Add(R),
+    /// y = act(g) * y (a gated feed-forward block: y is the up projection, g the gate's).
+    Gated(Gate, R),
+}
+
+impl<R> Epilogue<R> {
+    /// The same epilogue with its operand mapped (or the error of mapping it).
+    pub fn try_map<S, E>(
+        self,
+        f: impl FnOnce(R) -> std::result::Result<S, E>,
+    ) -> std::result::Result<Epilogue<S>, E> {
+        Ok(match self {
+            Epilogue::None => Epilogue::None,
+            Epilogue::Gelu => Epilogue::Gelu,
+            Epilogue::Add(r) => Epilogue::Add(f(r)?),
+            Epilogue::Gated(g, r) => Epilogue::Gated(g, f(r)?),
+        })
+    }
+
+    fn operand(&self) -> Option<&R> {
+        match self {
+            Epilogue::None | Epilogue::Gelu => None,
+            Epilogue::Add(r) | Epilogue::Gated(_, r) => Some(r),
+        }
+    }
+}
+
+impl Epilogue<&[f32]> {
+    /// Applies to `y`, the outputs at positions `at` of the [m, n] output.
+    fn apply(&self, y: &mut [f32], at: std::ops::Range<usize>) {
+        match self {
+            Epilogue::None => {}
+            Epilogue::Gelu => super::simd::gelu_in_place(y),
+            Epilogue::Add(r) => {
+                for (v, &a) in y.iter_mut().zip(&r[at]) {
+                    *v += a; // = a + v (addition commutes, bit for bit)
+                }
+            }
+            Epilogue::Gated(gate, g) => super::simd::gated_in_place(*gate, &g[at], y),
+        }
+    }
+}
+
 /// y [m, n] = x W^T + bias, per the module's definition, with the detected kernel.
 pub fn matmul(x: &Int8Rows, w: &Int8Weight, bias: Option<&[f32]>) -> Vec<f32> {
     matmul_with(Kernel::detected(), x, w, bias)
@@ -418,6 +520,17 @@ pub fn matmul(x: &Int8Rows, w: &Int8Weight, bias: Option<&[f32]>) -> Vec<f32> {
 
 /// [`matmul`] with a given kernel (panics if the CPU lacks it).
 pub fn matmul_with(kernel: Kernel, x: &Int8Rows, w: &Int8Weight, bias: Option<&[f32]>) -> Vec<f32> {
+    matmul_then(kernel, x, w, bias, Epilogue::None)
+}
+
+/// [`matmul_with`] followed by `then` (its operand [m, n]).
+pub fn matmul_then(
+    kernel: Kernel,
+    x: &Int8Rows,
+    w: &Int8Weight,
+    bias: Option<&[f32]>,
+    then: Epilogue<&[f32]>,
+) -> Vec<f32> {
     assert!(
         kernel.available(),
         "int8 kernel {} not available",
@@ -438,6 +551,14 @@ pub fn matmul_with(kernel: Kernel, x: &Int8Rows, w: &Int8Weight, bias: Option<&[
         );
     }
     let (m, n) = (x.m, w.n);
+    if let Some(r) = then.operand() {
+        assert_eq!(
+            r.len(),
+            m * n,
+            "int8 matmul: epilogue operand of {} values for {m} x {n}",
+            r.len()
+        );
+    }
     if m == 0 || n == 0 {
         return vec![0f32; m * n];
     }
@@ -473,8 +594,28 @@ pub fn matmul_with(kernel: Kernel, x: &Int8Rows, w: &Int8Weight, bias: Option<&[
     }
     // SAFETY: the tiles wrote all m x n values (every row, every real column of each panel).
     unsafe { y.set_len(m * n) };
+    if !matches!(then, Epilogue::None) {
+        // Whole rows at a time (the element-wise kernels' vector loops need long runs; a
+        // panel's 32 columns per row would leave them in their scalar tails).
+        let rows_per_task = (EPILOGUE_VALUES_PER_TASK / n).max(1);
+        let apply = |(i, block): (usize, &mut [f32])| {
+            let r0 = i * rows_per_task;
+            let at = r0 * n..r0 * n + block.len();
+            then.apply(block, at);
+        };
+        if m * n >= 2 * EPILOGUE_VALUES_PER_TASK {
+            y.par_chunks_mut(rows_per_task * n)
+                .enumerate()
+                .for_each(apply);
+        } else {
+            y.chunks_mut(rows_per_task * n).enumerate().for_each(apply);
+        }
+    }
     y
 }
+
+/// Values per task of an epilogue (rows of the output at a time).
+const EPILOGUE_VALUES_PER_TASK: usize = 1 << 15;
 
 /// One panel of NR columns against all rows.
 struct Tile<'a> {
@@ -630,6 +771,48 @@ mod tests {
                         a.to_bits(),
                         b.to_bits(),
                         "{} {m}x{k}x{n} at {j}: {a} vs {b}",
+                        kernel.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn epilogues_give_the_values_of_the_separate_operations() {
+        // Large enough for the threads (panels, then rows in parallel), with a partial last
+        // panel and a partial last block of rows.
+        for (m, k, n) in [(7, 70, 45), (150, 192, 200), (300, 64, 301)] {
+            let x = random(m * k, 41, 2.0);
+            let w = random(n * k, 42, 0.3);
+            let bias = random(n, 43, 1.0);
+            let other = random(m * n, 44, 3.0);
+            let (rows, packed) = (Int8Rows::quantize(&x, m, k), Int8Weight::pack(&w, n, k));
+            for kernel in [Kernel::Scalar, Kernel::Avx2, Kernel::Vnni512] {
+                if !kernel.available() {
+                    continue;
+                }
+                let plain = matmul_with(kernel, &rows, &packed, Some(&bias));
+                let mut gelu = vec![0f32; m * n];
+                crate::ops::simd::gelu(&plain, &mut gelu);
+                let add: Vec<f32> = other.iter().zip(&plain).map(|(a, b)| a + b).collect();
+                let mut cases = vec![
+                    (Epilogue::None, plain.clone()),
+                    (Epilogue::Gelu, gelu),
+                    (Epilogue::Add(&other[..]), add),
+                ];
+                for gate in [Gate::Silu, Gate::GeluTanh] {
+                    let mut gated = vec![0f32; m * n];
+                    crate::ops::simd::gated(gate, &other, &plain, &mut gated);
+                    cases.push((Epilogue::Gated(gate, &other[..]), gated));
+                }
+                for (then, want) in cases {
+                    let got = matmul_then(kernel, &rows, &packed, Some(&bias), then);
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{} {m}x{k}x{n} {then:?}",
                         kernel.name()
                     );
                 }
