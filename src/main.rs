@@ -189,7 +189,7 @@ fn main() -> ExitCode {
     ws2s::runtime::tune_allocator();
     ws2s::runtime::tune_threads();
     let cli = Cli::parse();
-    match run(cli) {
+    match ws2s::runtime::on_worker(|| run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");

@@ -45,6 +45,25 @@ pub fn tune_threads() {
     }
 }
 
+/// Stack of each rayon worker thread: the command runs on one (see [`on_worker`]), so it gets
+/// the main thread's usual 8 MiB rather than rayon's default 2 MiB.
+const WORKER_STACK: usize = 8 << 20;
+
+/// Runs `f` on a worker of rayon's global pool (started here, with [`WORKER_STACK`]) and
+/// returns its result. Each parallel operation `f` starts then begins on that worker and the
+/// other workers steal from it, instead of the main thread handing every operation to the
+/// pool and sleeping until it is done (a wake-up and a sleep per operation, thousands per
+/// forward pass).
+pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // An error means the pool was already built (by a library user): use it as it is.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(WORKER_STACK)
+        .build_global();
+    // From outside the pool, join injects its closures into the pool and waits: `f` runs on a
+    // worker.
+    rayon::join(f, || ()).0
+}
+
 /// The CPU's model name and its vector extensions that matter for ws2s's kernels, from
 /// /proc/cpuinfo (e.g. "Intel(R) Xeon(R) Processor; avx2 avx512f avx512_bf16 avx512_vnni; 2 threads").
 pub fn cpu_description() -> String {
