@@ -355,10 +355,6 @@ pub fn gated_mlp(
     act: crate::ops::activation::Gate,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let add = |y: Tensor| match residual {
-        Some(r) => r + y,
-        None => Ok(y),
-    };
     if let (Some(g), Some(u), Some(d)) = (gate.int8(), up.int8(), down.int8()) {
         let q = QuantizedInput::new(x)?;
         let a = q.linear(g, gate.bias.as_ref())?;
@@ -366,7 +362,11 @@ pub fn gated_mlp(
         let then = residual.map_or(Epilogue::None, Epilogue::Add);
         return QuantizedInput::new(&h)?.linear_then(d, down.bias.as_ref(), then);
     }
-    add(gated_mlp_unpacked(x, (gate, up, down), act)?)
+    let y = gated_mlp_unpacked(x, (gate, up, down), act)?;
+    match residual {
+        Some(r) => r + y,
+        None => Ok(y),
+    }
 }
 
 fn gated_mlp_unpacked(

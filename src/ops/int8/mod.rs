@@ -158,7 +158,7 @@ impl Int8Weight {
                     let row = &w[(p * NR + c) * k..(p * NR + c + 1) * k];
                     for b in 0..nb {
                         let (lo, hi) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
-                        q.fill(0);
+                        // Writes q[..hi - lo], all that is read below.
                         (scales[b * NR + c], _) = quantize_block(&row[lo..hi], as_uninit(&mut q));
                         for (j, &v) in (lo..).zip(&q[..hi - lo]) {
                             panel[((j / 4) * NR + c) * 4 + j % 4] = (v as i32 + 128) as u8;
