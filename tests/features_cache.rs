@@ -25,17 +25,18 @@ const TEXTS: [&str; 5] = [
     "Hello world",
 ];
 
-#[test]
-fn features_equal_single_example_forward_whatever_the_batching() {
+/// Extracts features of `texts` in batches of `batch_size` and checks each row against the
+/// pooled forward of its text alone.
+fn assert_rows_equal_single_forwards(texts: &[&str], batch_size: usize) {
     let (model, _) = gguf_model();
     let options = FeatureOptions {
-        batch_size: 2,
+        batch_size,
         ..Default::default()
     };
-    let batched = extract(&model, &TEXTS, &options, &Device::Cpu).unwrap();
-    assert_eq!(batched.dims(), &[5, 64]);
+    let batched = extract(&model, texts, &options, &Device::Cpu).unwrap();
+    assert_eq!(batched.dims(), &[texts.len(), 64]);
     let tokenizer = model.tokenizer().unwrap();
-    for (i, text) in TEXTS.iter().enumerate() {
+    for (i, text) in texts.iter().enumerate() {
         let ids = tokenizer.encode(text).unwrap();
         let mask = vec![vec![1u32; ids.len()]];
         let ids = Tensor::new(ids.as_slice(), &Device::Cpu)
@@ -59,6 +60,29 @@ fn features_equal_single_example_forward_whatever_the_batching() {
             .to_scalar::<f32>()
             .unwrap();
         assert!(diff < 1e-4, "{text}: {diff}");
+    }
+}
+
+#[test]
+fn features_equal_single_example_forward_whatever_the_batching() {
+    assert_rows_equal_single_forwards(&TEXTS, 2);
+}
+
+/// Answers to the same questions (as SciQ's pairs): the questions are computed once per group
+/// (models::prefix), in batches that split one group, beside texts that share nothing.
+#[test]
+fn texts_with_shared_beginnings_get_the_features_of_their_own_forward() {
+    let texts = [
+        "Q: what do plants need to make sugar from light? A: water",
+        "Q: what do plants need to make sugar from light? A: carbon dioxide and water",
+        "Q: which gas do we breathe out? A: oxygen",
+        "Q: what do plants need to make sugar from light? A: salt",
+        "a sentence of its own",
+        "Q: which gas do we breathe out? A: carbon dioxide",
+        "Q: what do plants need to make sugar from light? A: sand",
+    ];
+    for batch_size in [1, 3, 32] {
+        assert_rows_equal_single_forwards(&texts, batch_size);
     }
 }
 

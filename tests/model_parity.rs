@@ -143,6 +143,86 @@ fn kv_cache_decoding_matches_the_full_forward() {
     }
 }
 
+/// Token sequences in groups with shared beginnings of different lengths (longer than the
+/// Gemma fixture's sliding window of 4, so that padding inside a row must not narrow it), and
+/// one sequence that shares nothing.
+fn prefix_sequences(vocab: u32) -> Vec<Vec<u32>> {
+    let tok = |i: u32| 1 + (i * 37 + 11) % (vocab - 1);
+    let question: Vec<u32> = (0..9).map(tok).collect();
+    let short: Vec<u32> = (20..23).map(tok).collect();
+    let with = |base: &[u32], tail: &[u32]| [base, tail].concat();
+    vec![
+        with(&question, &[tok(50), tok(51)]),
+        with(&short, &[tok(52)]),
+        with(&question, &[tok(53), tok(54), tok(55), tok(56)]),
+        vec![tok(60), tok(61), tok(62), tok(63), tok(64), tok(65)],
+        with(&short, &[tok(57), tok(58), tok(59)]),
+        with(&question, &[tok(66)]),
+    ]
+}
+
+/// Every decoder, in f32 and int8: the hidden states of the tokens after a
+/// shared prefix (the prefix run once per group, its cache copied to the members) equal those of
+/// each sequence's own full forward.
+#[test]
+fn shared_prefixes_give_the_hidden_states_of_each_full_forward() {
+    use ws2s::models::prefix::{group_by_prefix, suffix_hidden};
+    for name in DECODERS {
+        let mut model = load(name, Trainable::Frozen);
+        let seqs = prefix_sequences(model.network.vocab_size() as u32);
+        let groups = group_by_prefix(&seqs, 2);
+        let shared: Vec<usize> = groups.iter().map(|g| g.shared).collect();
+        assert_eq!(
+            shared.iter().filter(|&&s| s > 0).count(),
+            2,
+            "{name}: {groups:?}"
+        );
+        assert!(
+            shared.contains(&9) && shared.contains(&3),
+            "{name}: {groups:?}"
+        );
+        for precision in [ws2s::ops::Precision::F32, ws2s::ops::Precision::Int8] {
+            model.network.set_precision(precision).unwrap();
+            let (hidden, mask) =
+                suffix_hidden(&model.network, &seqs, &groups, &Device::Cpu).unwrap();
+            let hidden = hidden.to_vec3::<f32>().unwrap();
+            let members = groups
+                .iter()
+                .flat_map(|g| g.members.iter().map(move |&i| (g.shared, i)));
+            for (row, (shared, i)) in members.enumerate() {
+                let t = seqs[i].len();
+                let ids = Tensor::new(seqs[i].as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                let full = model
+                    .network
+                    .hidden(&ids, &[vec![1; t]], &mut model.network.new_cache())
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+                assert_eq!(mask[row].iter().filter(|&&m| m == 1).count(), t - shared);
+                let tolerance = if precision == ws2s::ops::Precision::F32 {
+                    1e-4
+                } else {
+                    2e-3
+                };
+                for s in 0..t - shared {
+                    for (a, b) in hidden[row][s].iter().zip(&full[shared + s]) {
+                        assert!(
+                            (a - b).abs() < tolerance,
+                            "{name} {precision:?}: sequence {i}, token {}: {a} vs {b}",
+                            shared + s
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A loss that depends on every output coordinate in a non-symmetric way (a plain sum of a
 /// LayerNorm output has zero gradient upstream).
 fn probe_loss(output: &Tensor) -> Tensor {

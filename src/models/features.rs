@@ -3,12 +3,15 @@
 //! under a key of model hash + data hash + pooling + maximum length.
 
 use super::heads::{pool, Pooling};
-use super::Model;
+use super::{prefix, Model};
 use crate::hash::sha256_hex;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
+
+/// The fewest tokens a group of texts must share before its prefix is computed once.
+pub const MIN_SHARED_TOKENS: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct FeatureOptions {
@@ -64,38 +67,87 @@ pub fn extract_pooled(
         }
         encoded.push(ids);
     }
-    // Length buckets: sort by length so that each batch pads to a similar length.
-    let mut order: Vec<usize> = (0..texts.len()).collect();
-    order.sort_by_key(|&i| encoded[i].len());
     let hidden_size = model.network.hidden_size();
     let mut rows: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; texts.len()]; poolings.len()];
     let bar = progress_bar(options.progress, texts.len() as u64, "features");
-    for batch in order.chunks(options.batch_size.max(1)) {
-        let t = batch
-            .iter()
-            .map(|&i| encoded[i].len())
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let mut ids = vec![0u32; batch.len() * t];
-        let mut mask = vec![vec![0u32; t]; batch.len()];
-        for (row, &i) in batch.iter().enumerate() {
-            for (j, &token) in encoded[i].iter().enumerate() {
-                ids[row * t + j] = token;
-                mask[row][j] = 1;
-            }
-        }
-        let ids = Tensor::from_vec(ids, (batch.len(), t), device)?;
-        let hidden = model
-            .network
-            .hidden(&ids, &mask, &mut model.network.new_cache())?;
+    let mut store = |members: &[usize], hidden: &Tensor, mask: &[Vec<u32>]| -> Result<()> {
         for (rows, &pooling) in rows.iter_mut().zip(poolings) {
-            let pooled = pool(&hidden, &mask, pooling)?.to_vec2::<f32>()?;
-            for (&i, values) in batch.iter().zip(pooled) {
+            let pooled = pool(hidden, mask, pooling)?.to_vec2::<f32>()?;
+            for (&i, values) in members.iter().zip(pooled) {
                 rows[i] = Some(values);
             }
         }
-        bar.inc(batch.len() as u64);
+        bar.inc(members.len() as u64);
+        Ok(())
+    };
+    let batch_size = options.batch_size.max(1);
+    // Texts of a decoder pooled at their last token that begin alike (SciQ's answers to one
+    // question, with or without its support paragraph) share the keys and values of that
+    // beginning: it runs once per group (prefix::suffix_hidden) where that saves a tenth of the
+    // tokens or more.
+    let shareable = model.network.is_decoder() && poolings.iter().all(|&p| p == Pooling::LastToken);
+    let mut groups = if shareable {
+        prefix::group_by_prefix(&encoded, MIN_SHARED_TOKENS)
+    } else {
+        Vec::new()
+    };
+    let saved: usize = groups.iter().map(prefix::PrefixGroup::tokens_saved).sum();
+    let total: usize = encoded.iter().map(Vec::len).sum();
+    if saved * 10 < total {
+        groups.clear();
+    }
+    let mut alone: Vec<usize> = Vec::new();
+    let mut shared: Vec<prefix::PrefixGroup> = Vec::new();
+    for group in groups {
+        if group.shared == 0 {
+            alone.extend(group.members);
+        } else {
+            // A group larger than a batch runs its prefix once per batch-sized part.
+            for part in group.members.chunks(batch_size) {
+                if part.len() == 1 {
+                    alone.extend_from_slice(part);
+                    continue;
+                }
+                shared.push(prefix::PrefixGroup {
+                    shared: group.shared,
+                    members: part.to_vec(),
+                });
+            }
+        }
+    }
+    if shared.is_empty() {
+        alone = (0..texts.len()).collect();
+    }
+    // Length buckets: sort by length so that each batch pads to a similar length.
+    alone.sort_by_key(|&i| encoded[i].len());
+    for batch in alone.chunks(batch_size) {
+        let tokens: Vec<&[u32]> = batch.iter().map(|&i| encoded[i].as_slice()).collect();
+        let (ids, mask) = prefix::right_pad(&tokens, device)?;
+        let hidden = model
+            .network
+            .hidden(&ids, &mask, &mut model.network.new_cache())?;
+        store(batch, &hidden, &mask)?;
+    }
+    // Groups by prefix length, then batches of up to `batch_size` texts.
+    shared.sort_by_key(|g| (g.shared, g.members.iter().map(|&i| encoded[i].len()).max()));
+    let mut start = 0;
+    while start < shared.len() {
+        let mut end = start;
+        let mut members = 0;
+        while end < shared.len()
+            && (end == start || members + shared[end].members.len() <= batch_size)
+        {
+            members += shared[end].members.len();
+            end += 1;
+        }
+        let batch = &shared[start..end];
+        let (hidden, mask) = prefix::suffix_hidden(&model.network, &encoded, batch, device)?;
+        let order: Vec<usize> = batch
+            .iter()
+            .flat_map(|g| g.members.iter().copied())
+            .collect();
+        store(&order, &hidden, &mask)?;
+        start = end;
     }
     bar.finish_and_clear();
     rows.into_iter()

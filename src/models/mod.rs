@@ -15,6 +15,7 @@ pub mod hub;
 pub mod llama;
 pub mod nn;
 pub mod params;
+pub mod prefix;
 pub mod tokenizer;
 
 use anyhow::{anyhow, bail, Context, Result};

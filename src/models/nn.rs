@@ -551,7 +551,9 @@ pub use super::cache::positions_from_mask;
 
 /// The additive attention mask [B, 1, Tq, Tk] for queries at the last `tq` of `tk` key positions:
 /// a key is visible when it is a real token (mask 1), and, for causal models, not after the
-/// query; with a sliding window w, only keys with q - k < w are visible.
+/// query; with a sliding window w, only keys with q - k < w are visible, q and k counted in
+/// real tokens (position ids), so that padding inside a row (a shared prefix padded to the
+/// batch's longest, then the rest) does not narrow the window.
 pub fn additive_mask(
     key_mask: &[Vec<u32>],
     tq: usize,
@@ -564,11 +566,15 @@ pub fn additive_mask(
     let offset = tk - tq;
     let mut values = Vec::with_capacity(b * tq * tk);
     for row in key_mask {
+        let positions = window.map(|_| positions_from_mask(std::slice::from_ref(row)).remove(0));
         for q in 0..tq {
             let qpos = q + offset;
             for (k, &m) in row.iter().enumerate() {
-                let visible =
-                    m == 1 && (!causal || k <= qpos) && window.is_none_or(|w| qpos < k + w);
+                let in_window = match (window, &positions) {
+                    (Some(w), Some(p)) => p[qpos] < p[k] + w as u32,
+                    _ => true,
+                };
+                let visible = m == 1 && (!causal || k <= qpos) && in_window;
                 values.push(if visible { 0f32 } else { MASK_VALUE as f32 });
             }
         }
