@@ -255,3 +255,42 @@ fn batched_equals_alone(model: &Model, prompts: &[Vec<u32>], options: &DecodeOpt
         }
     }
 }
+
+/// Candidates scored against one prompt share the prompt's keys and values; their per-token
+/// log-probabilities equal those of each prompt and continuation run whole (the differentiable
+/// path, which shares nothing), in any order and with empty continuations among them.
+#[test]
+fn scoring_with_shared_prompts_matches_each_sequence_run_whole() {
+    use ws2s::models::decode::continuation_logprobs_tensor;
+    for name in ["llama", "qwen2", "gpt2", "gemma3"] {
+        let model = tiny(name);
+        let long = vec![5u32, 9, 17, 33, 2, 8, 21, 13, 40, 3];
+        let short = vec![40u32, 41, 42, 43, 44, 45];
+        let prompts = vec![
+            long.clone(),
+            short.clone(),
+            long.clone(),
+            long.clone(),
+            vec![7u32, 8],
+            short.clone(),
+        ];
+        let conts = vec![
+            vec![11u32, 12, 13],
+            vec![14u32],
+            vec![15u32, 16, 17, 18, 19],
+            vec![],
+            vec![20u32, 21],
+            vec![22u32, 23],
+        ];
+        let shared = continuation_logprobs(&model.network, &prompts, &conts, &Device::Cpu).unwrap();
+        let (whole, _) =
+            continuation_logprobs_tensor(&model.network, &prompts, &conts, &Device::Cpu).unwrap();
+        let whole = whole.to_vec2::<f32>().unwrap();
+        for (i, cont) in conts.iter().enumerate() {
+            assert_eq!(shared[i].len(), cont.len(), "{name}: row {i}");
+            for (a, b) in shared[i].iter().zip(&whole[i]) {
+                assert!((a - b).abs() < 1e-4, "{name}: row {i}: {a} vs {b}");
+            }
+        }
+    }
+}

@@ -342,20 +342,71 @@ pub fn continuation_logprobs_tensor(
     Ok(((token_logprobs * &target_mask)?, target_mask))
 }
 
+/// The fewest prompt tokens that continuations of one prompt must share before [`continuation_logprobs`]
+/// computes them once.
+pub const MIN_SHARED_PROMPT: usize = 4;
+
 /// Teacher-forced per-token log-probabilities of each continuation (no padding in the result).
+/// Continuations of the same prompt (candidates scored against one input) share the prompt's
+/// keys and values: all of a prompt but its last token runs once per group
+/// ([`super::prefix`]), then each continuation with that last token.
 pub fn continuation_logprobs(
     network: &Network,
     prompts: &[Vec<u32>],
     continuations: &[Vec<u32>],
     device: &Device,
 ) -> Result<Vec<Vec<f32>>> {
-    let (logprobs, _) = continuation_logprobs_tensor(network, prompts, continuations, device)?;
-    let rows = logprobs.to_vec2::<f32>()?;
-    Ok(rows
-        .into_iter()
+    if prompts.len() != continuations.len() {
+        bail!(
+            "{} prompts but {} continuations",
+            prompts.len(),
+            continuations.len()
+        );
+    }
+    if prompts.iter().any(Vec::is_empty) {
+        bail!("cannot score a continuation of an empty prompt (add a BOS token)");
+    }
+    let b = prompts.len();
+    let tc = continuations.iter().map(Vec::len).max().unwrap_or(0);
+    if tc == 0 {
+        return Ok(vec![Vec::new(); b]);
+    }
+    let seqs: Vec<Vec<u32>> = prompts
+        .iter()
         .zip(continuations)
-        .map(|(row, c)| row[..c.len()].to_vec())
-        .collect())
+        .map(|(p, c)| [p.as_slice(), c.as_slice()].concat())
+        .collect();
+    let limits: Vec<usize> = prompts.iter().map(|p| p.len() - 1).collect();
+    let groups = super::prefix::group_by_prefix_within(&seqs, &limits, MIN_SHARED_PROMPT);
+    let (hidden, _) = super::prefix::suffix_hidden(network, &seqs, &groups, device)?;
+    // Row r of `hidden` is member i of its group: the state that predicts continuation token j
+    // sits at (prompt length - 1 - shared) + j.
+    let members: Vec<(usize, usize)> = groups
+        .iter()
+        .flat_map(|g| g.members.iter().map(move |&i| (i, g.shared)))
+        .collect();
+    let mut gather_pos = vec![0u32; b * tc];
+    let mut targets = vec![0u32; b * tc];
+    for (row, &(i, shared)) in members.iter().enumerate() {
+        let first = prompts[i].len() - 1 - shared;
+        for (j, &token) in continuations[i].iter().enumerate() {
+            gather_pos[row * tc + j] = (first + j) as u32;
+            targets[row * tc + j] = token;
+        }
+    }
+    let h = hidden.dim(2)?;
+    let positions = Tensor::from_vec(gather_pos, (b, tc, 1), device)?
+        .broadcast_as((b, tc, h))?
+        .contiguous()?;
+    let picked = hidden.gather(&positions, 1)?;
+    let logprobs = candle_nn::ops::log_softmax(&network.logits(&picked)?, D::Minus1)?;
+    let targets = Tensor::from_vec(targets, (b, tc, 1), device)?;
+    let rows = logprobs.gather(&targets, 2)?.squeeze(2)?.to_vec2::<f32>()?;
+    let mut out = vec![Vec::new(); b];
+    for (row, &(i, _)) in rows.into_iter().zip(&members) {
+        out[i] = row[..continuations[i].len()].to_vec();
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

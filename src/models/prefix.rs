@@ -38,6 +38,18 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 /// sharing L tokens the group saves (n - 1) L tokens, and a member that shares only L' < L with
 /// them makes it n L'. Groups are returned in that order; each index appears exactly once.
 pub fn group_by_prefix(seqs: &[Vec<u32>], min_shared: usize) -> Vec<PrefixGroup> {
+    let limits: Vec<usize> = seqs.iter().map(|s| s.len().saturating_sub(1)).collect();
+    group_by_prefix_within(seqs, &limits, min_shared)
+}
+
+/// [`group_by_prefix`] where sequence i shares at most its first `limits[i]` tokens (and always
+/// keeps one): scoring shares a prompt but needs the hidden state of its last token.
+pub fn group_by_prefix_within(
+    seqs: &[Vec<u32>],
+    limits: &[usize],
+    min_shared: usize,
+) -> Vec<PrefixGroup> {
+    assert_eq!(seqs.len(), limits.len(), "one limit per sequence");
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by(|&a, &b| seqs[a].cmp(&seqs[b]).then(a.cmp(&b)));
     let mut groups: Vec<PrefixGroup> = Vec::new();
@@ -51,7 +63,7 @@ pub fn group_by_prefix(seqs: &[Vec<u32>], min_shared: usize) -> Vec<PrefixGroup>
     };
     let mut open: Option<PrefixGroup> = None;
     for i in order {
-        let own = seqs[i].len().saturating_sub(1);
+        let own = seqs[i].len().saturating_sub(1).min(limits[i]);
         open = Some(match open.take() {
             None => PrefixGroup {
                 shared: own,

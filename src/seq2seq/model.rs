@@ -120,7 +120,9 @@ impl Seq2Seq {
         batch: usize,
     ) -> Result<Vec<f64>> {
         let mut out = Vec::with_capacity(prompts.len());
-        let order = by_length(continuations);
+        // Continuations of one prompt side by side, so that a batch computes the prompt once.
+        let mut order = by_length(continuations);
+        order.sort_by(|&a, &b| prompts[a].cmp(&prompts[b]));
         let mut scored = vec![0f64; prompts.len()];
         for chunk in order.chunks(batch.max(1)) {
             let p: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
