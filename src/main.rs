@@ -12,6 +12,9 @@ use ws2s::config::ExperimentConfig;
 use ws2s::data::stats;
 use ws2s::ops::{Precision, Purpose};
 
+#[global_allocator]
+static ALLOCATOR: ws2s::runtime::HugePageAlloc = ws2s::runtime::HugePageAlloc;
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Eval(EvalCommand::Classify { pred }) => eval_classify(&pred),
