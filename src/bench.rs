@@ -330,13 +330,7 @@ fn load_for_inference(
                 stored_dtypes: BTreeMap::new(),
             }
         }
-        None => Model::load_as(
-            &resolve_model(name)?,
-            Trainable::Frozen,
-            0,
-            device,
-            precision.dtype(),
-        )?,
+        None => Model::load_for_inference(&resolve_model(name)?, precision, device)?,
     };
     model.network.set_precision(precision)?;
     Ok((model, start.elapsed().as_secs_f64()))

@@ -443,3 +443,49 @@ fn int8_cached_decoding_matches_the_int8_full_forward() {
         );
     }
 }
+
+/// A model loaded for int8 inference (each layer packed as it is built, no f32 copy kept; GGUF
+/// tensors de-quantised one at a time) gives the hidden states of a model loaded in f32 and
+/// then packed, and refuses to switch to f32 with a message that says why.
+#[test]
+fn loading_for_int8_inference_equals_loading_then_packing() {
+    use ws2s::ops::Precision;
+    let mut paths: Vec<PathBuf> = ["llama", "qwen2", "gpt2", "gemma3", "bert"]
+        .iter()
+        .map(|name| fixture(name))
+        .collect();
+    paths.push(fixture("llama_gguf").join("tiny-llama.gguf"));
+    for path in paths {
+        let mut reference = Model::load(&path, Trainable::Frozen, 0, &Device::Cpu).unwrap();
+        reference.network.set_precision(Precision::Int8).unwrap();
+        let mut packed = Model::load_for_inference(&path, Precision::Int8, &Device::Cpu).unwrap();
+        let ids =
+            Tensor::new(&[[3u32, 14, 15, 9, 2, 6], [5, 3, 5, 8, 9, 7]], &Device::Cpu).unwrap();
+        let mask = vec![vec![1u32; 6], vec![1, 1, 1, 1, 0, 0]];
+        let hidden = |m: &Model| {
+            m.network
+                .hidden(&ids, &mask, &mut m.network.new_cache())
+                .unwrap()
+        };
+        let diff = max_diff_on_mask(&hidden(&reference), &hidden(&packed), &mask);
+        assert_eq!(diff, 0.0, "{}: differs by {diff}", path.display());
+        assert_eq!(
+            reference.parameters,
+            packed.parameters,
+            "{}",
+            path.display()
+        );
+        let err = packed.network.set_precision(Precision::F32).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("kept no f32 weights"),
+            "{}: {err:#}",
+            path.display()
+        );
+        // Packing again is allowed (and changes nothing).
+        packed.network.set_precision(Precision::Int8).unwrap();
+        assert_eq!(
+            max_diff_on_mask(&hidden(&reference), &hidden(&packed), &mask),
+            0.0
+        );
+    }
+}

@@ -133,14 +133,8 @@ pub(crate) fn generate_text(args: &GenerateArgs) -> Result<()> {
     }
     let device = args.device.device()?;
     let precision = args.precision.resolve_on(Purpose::Decoding, &device)?;
-    let mut model = Model::load_as(
-        &models::resolve_model(&args.model)?,
-        Trainable::Frozen,
-        0,
-        &device,
-        precision.dtype(),
-    )?;
-    model.network.set_precision(precision)?;
+    let model =
+        Model::load_for_inference(&models::resolve_model(&args.model)?, precision, &device)?;
     let tokenizer = model.tokenizer()?;
     let prompt = tokenizer.encode(&args.prompt)?;
     let options = DecodeOptions {

@@ -351,9 +351,8 @@ pub(super) fn features_for(
     let (features, hit) = match load_cached(&key, texts.len(), cache_dir, &Device::Cpu) {
         Some(features) => (features, true),
         None => {
-            let mut model = Model::load_as(&path, Trainable::Frozen, 0, device, precision.dtype())
+            let model = Model::load_for_inference(&path, precision, device)
                 .with_context(|| format!("loading {}", spec.label()))?;
-            model.network.set_precision(precision)?;
             // Extracted on the model's device; kept (and probed) on the CPU in f32.
             let features = extract(&model, &texts, &options, device)?
                 .to_device(&Device::Cpu)?

@@ -3,12 +3,14 @@
 //! to the HF names our architectures use; llama-arch Q/K weights un-permuted back to the HF
 //! half-split RoPE layout.
 
+use super::params::LazyTensor;
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::{Device, Tensor};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 /// An opened GGUF file: its metadata and tensor directory.
 pub struct GgufFile {
@@ -141,6 +143,52 @@ impl GgufFile {
         Ok(config)
     }
 
+    /// Every tensor under its HF name, read and de-quantised to f32 when first asked for (each
+    /// from the file at that moment), so that a model's f32 weights need not all exist at once.
+    pub fn lazy_tensors(&self, device: &Device) -> Result<HashMap<String, LazyTensor>> {
+        let arch = self.architecture()?.to_string();
+        let heads = self.required_u64(&format!("{arch}.attention.head_count"))? as usize;
+        let kv_heads = self
+            .meta_u64(&format!("{arch}.attention.head_count_kv"))
+            .map_or(heads, |v| v as usize);
+        let file = Arc::new(Mutex::new(
+            std::fs::File::open(&self.path)
+                .with_context(|| format!("{}: cannot open", self.path.display()))?,
+        ));
+        let data_offset = self.content.tensor_data_offset;
+        let mut lazy: HashMap<String, LazyTensor> = HashMap::new();
+        for (name, info) in &self.content.tensor_infos {
+            let Some(hf_name) = hf_name(name, &arch) else {
+                continue;
+            };
+            let info = TensorInfo {
+                ggml_dtype: info.ggml_dtype,
+                shape: info.shape.clone(),
+                offset: info.offset,
+            };
+            let (file, device, path) = (file.clone(), device.clone(), self.path.clone());
+            let (name, arch) = (name.clone(), arch.clone());
+            lazy.insert(
+                hf_name,
+                Box::new(move || {
+                    let q = {
+                        let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+                        info.read(&mut *file, data_offset, &device)
+                    }
+                    .map_err(|e| {
+                        candle_core::Error::Msg(format!(
+                            "{}: reading tensor `{name}`: {e}",
+                            path.display()
+                        ))
+                    })?;
+                    let tensor = q.dequantize(&device)?;
+                    fix_layout(tensor, &name, &arch, (heads, kv_heads))
+                }),
+            );
+        }
+        Ok(lazy)
+    }
+
     /// Every tensor, de-quantised to f32 and renamed to HF names.
     pub fn tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
         let arch = self.architecture()?.to_string();
@@ -160,31 +208,41 @@ impl GgufFile {
                 .content
                 .tensor(&mut file, name, device)
                 .with_context(|| format!("{}: reading tensor `{name}`", self.path.display()))?;
-            let mut tensor = q.dequantize(device)?;
-            if arch == "llama" && name.ends_with("attn_q.weight") {
-                tensor = unpermute_rope(&tensor, heads)?;
-            } else if arch == "llama" && name.ends_with("attn_k.weight") {
-                tensor = unpermute_rope(&tensor, kv_heads)?;
-            }
-            if arch == "gemma3" && name.ends_with("norm.weight") {
-                // llama.cpp stores Gemma's RMSNorm scales as 1 + w; HF stores w.
-                tensor = (tensor - 1.0)?;
-            }
+            let tensor = fix_layout(q.dequantize(device)?, name, &arch, (heads, kv_heads))?;
             tensors.insert(hf_name, tensor);
         }
         Ok(tensors)
     }
 }
 
+/// A de-quantised GGUF tensor in the HF layout: llama-arch Q/K rows un-permuted, Gemma's norm
+/// scales back to w (llama.cpp stores 1 + w).
+fn fix_layout(
+    tensor: Tensor,
+    name: &str,
+    arch: &str,
+    (heads, kv_heads): (usize, usize),
+) -> candle_core::Result<Tensor> {
+    Ok(if arch == "llama" && name.ends_with("attn_q.weight") {
+        unpermute_rope(&tensor, heads)?
+    } else if arch == "llama" && name.ends_with("attn_k.weight") {
+        unpermute_rope(&tensor, kv_heads)?
+    } else if arch == "gemma3" && name.ends_with("norm.weight") {
+        (tensor - 1.0)?
+    } else {
+        tensor
+    })
+}
+
 /// llama.cpp's converter reorders each head's rows of Q and K for interleaved RoPE:
 /// w.reshape(h, 2, d / 2, in).swapaxes(1, 2). This undoes it: reshape(h, d / 2, 2, in).swapaxes(1, 2).
-pub fn unpermute_rope(w: &Tensor, heads: usize) -> Result<Tensor> {
+pub fn unpermute_rope(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (out, input) = w.dims2()?;
     let half = out / heads / 2;
-    Ok(w.reshape((heads, half, 2, input))?
+    w.reshape((heads, half, 2, input))?
         .transpose(1, 2)?
         .contiguous()?
-        .reshape((out, input))?)
+        .reshape((out, input))
 }
 
 /// The HF name of a GGUF tensor (`None` for tensors we do not use, such as `rope_freqs`).

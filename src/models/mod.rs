@@ -437,10 +437,54 @@ impl Model {
         device: &Device,
         dtype: candle_core::DType,
     ) -> Result<Model> {
+        Self::load_packing(path, trainable, seed, device, dtype, None)
+    }
+
+    /// Loads a model for inference in `precision` only: frozen, its weights in the precision's
+    /// type, and, in int8, each linear layer packed as it is built with no f32 copy kept (GGUF
+    /// tensors are de-quantised one at a time): the f32 weights never all exist at once, which
+    /// saves most of the memory and of the time spent touching it. Such a model cannot switch
+    /// to another precision later (load it again).
+    pub fn load_for_inference(
+        path: &Path,
+        precision: crate::ops::Precision,
+        device: &Device,
+    ) -> Result<Model> {
+        let pack = (precision == crate::ops::Precision::Int8).then_some(precision);
+        let mut model =
+            Self::load_packing(path, Trainable::Frozen, 0, device, precision.dtype(), pack)?;
+        model.network.set_precision(precision)?;
+        Ok(model)
+    }
+
+    fn load_packing(
+        path: &Path,
+        trainable: Trainable,
+        seed: u64,
+        device: &Device,
+        dtype: candle_core::DType,
+        pack: Option<crate::ops::Precision>,
+    ) -> Result<Model> {
+        let params = |tensors: Params| {
+            let params = tensors.with_frozen_dtype(dtype);
+            match pack {
+                Some(p) => params.with_packing(p),
+                None => params,
+            }
+        };
+        let source = path.display().to_string();
         if path.is_dir() {
-            Self::load_hf_folder(path, trainable, seed, device, dtype)
+            Self::hf_with(
+                path,
+                |tensors| params(Params::new(tensors, trainable, seed, device, &source)),
+                device,
+            )
         } else if path.extension().is_some_and(|e| e == "gguf") {
-            Self::load_gguf(path, trainable, seed, device, dtype)
+            Self::gguf_with(
+                path,
+                |lazy| params(Params::lazy(lazy, trainable, seed, device, &source)),
+                device,
+            )
         } else if path.exists() {
             bail!(
                 "{}: expected an HF model folder or a .gguf file",
@@ -459,14 +503,27 @@ impl Model {
         device: &Device,
         dtype: candle_core::DType,
     ) -> Result<Model> {
+        Self::hf_with(
+            dir,
+            |tensors| {
+                let source = dir.display().to_string();
+                Params::new(tensors, trainable, seed, device, &source).with_frozen_dtype(dtype)
+            },
+            device,
+        )
+    }
+
+    fn hf_with(
+        dir: &Path,
+        make_params: impl FnOnce(HashMap<String, Tensor>) -> Params,
+        device: &Device,
+    ) -> Result<Model> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path)
             .with_context(|| format!("{}: cannot read config.json", dir.display()))?;
         let config: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{}: not valid JSON", config_path.display()))?;
-        let tensors = read_safetensors(&safetensors_files(dir)?, device)?;
-        let mut params = Params::new(tensors, trainable, seed, device, &dir.display().to_string())
-            .with_frozen_dtype(dtype);
+        let mut params = make_params(read_safetensors(&safetensors_files(dir)?, device)?);
         let network = network_from_config(&config, &config_path, &mut params)?;
         let tokenizer = if dir.join("tokenizer.json").exists() {
             Some(tokenizer::Tokenizer::from_hf_folder(dir)?)
@@ -485,7 +542,8 @@ impl Model {
         })
     }
 
-    /// Loads a GGUF file, de-quantised to f32, with the tokenizer of its metadata.
+    /// Loads a GGUF file, de-quantised to f32 (tensor by tensor, as the layers are built), with
+    /// the tokenizer of its metadata.
     pub fn load_gguf(
         path: &Path,
         trainable: Trainable,
@@ -493,19 +551,26 @@ impl Model {
         device: &Device,
         dtype: candle_core::DType,
     ) -> Result<Model> {
+        Self::gguf_with(
+            path,
+            |lazy| {
+                let source = path.display().to_string();
+                Params::lazy(lazy, trainable, seed, device, &source).with_frozen_dtype(dtype)
+            },
+            device,
+        )
+    }
+
+    fn gguf_with(
+        path: &Path,
+        make_params: impl FnOnce(HashMap<String, params::LazyTensor>) -> Params,
+        device: &Device,
+    ) -> Result<Model> {
         let file = gguf::GgufFile::open(path)?;
         let config = file.config_json()?;
         // Checked before the tensors are read: their layout depends on the head counts.
         let arch = ArchConfig::parse(&config, path)?;
-        let tensors = file.tensors(device)?;
-        let mut params = Params::new(
-            tensors,
-            trainable,
-            seed,
-            device,
-            &path.display().to_string(),
-        )
-        .with_frozen_dtype(dtype);
+        let mut params = make_params(file.lazy_tensors(device)?);
         let network = arch.build(&mut params)?;
         let tokenizer = Some(tokenizer::Tokenizer::from_gguf(&file)?);
         let (parameters, _) = params.checkpoint_summary();

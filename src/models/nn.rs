@@ -31,6 +31,9 @@ pub struct Linear {
     /// The weight in int8 for inference ([`Linear::set_precision`]); used instead of `weight`
     /// when the layer has no adapter.
     pub packed: Option<Arc<Int8Weight>>,
+    /// The f32 weight was let go after packing ([`Linear::pack_dropping_f32`]): `weight` is a
+    /// placeholder of its shape, and the layer runs in int8 only.
+    f32_dropped: bool,
 }
 
 thread_local! {
@@ -259,7 +262,25 @@ impl Linear {
             bias,
             lora,
             packed: None,
+            f32_dropped: false,
         }
+    }
+
+    /// Packs a frozen layer in int8 and lets go of its f32 weight (a zero-stride placeholder of
+    /// the same shape takes its place): a model loaded for int8 inference never holds all its
+    /// f32 weights at once. The layer can then run in int8 only. Layers that are trained keep
+    /// their f32 weight and are not packed.
+    pub fn pack_dropping_f32(&mut self) -> Result<()> {
+        if !self.is_frozen() {
+            return Ok(());
+        }
+        if !self.f32_dropped {
+            self.packed = Some(Arc::new(int8::pack_tensor(&self.weight)?));
+            let zero = Tensor::zeros((), self.weight.dtype(), self.weight.device())?;
+            self.weight = zero.broadcast_as(self.weight.shape())?;
+            self.f32_dropped = true;
+        }
+        Ok(())
     }
 
     /// The int8 weight, when packed and used (no adapter).
@@ -270,6 +291,16 @@ impl Linear {
     /// Packs the weight for `precision` (int8), or drops the packed copy (f32). Layers with an
     /// adapter or a trained weight stay in f32.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        if self.f32_dropped {
+            if precision == Precision::Int8 {
+                return Ok(());
+            }
+            candle_core::bail!(
+                "this model was loaded for int8 inference and kept no f32 weights; load it again \
+                 for {} (Model::load_as)",
+                precision.name()
+            );
+        }
         self.packed = match precision {
             Precision::Int8 if self.is_frozen() => Some(Arc::new(int8::pack_tensor(&self.weight)?)),
             _ => None,
@@ -599,24 +630,47 @@ impl Params {
         out_dim: usize,
         bias: bool,
     ) -> Result<Linear> {
-        let weight = self.weight(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let once = self.packs(prefix);
+        let weight = self.weight_as(&format!("{prefix}.weight"), &[out_dim, in_dim], once)?;
         let bias = if bias {
             Some(self.weight(&format!("{prefix}.bias"), &[out_dim])?)
         } else {
             None
         };
         let lora = self.lora_for(prefix, in_dim, out_dim)?;
-        Ok(Linear::new(weight, bias, lora))
+        self.built(prefix, Linear::new(weight, bias, lora))
+    }
+
+    /// Whether the layer `prefix` is packed as it is built ([`Params::with_packing`]): frozen,
+    /// without adapter.
+    fn packs(&self, prefix: &str) -> bool {
+        let adapted = match &self.trainable {
+            Trainable::Lora(config) => {
+                let module = prefix.rsplit('.').next().unwrap_or(prefix);
+                config.targets.iter().any(|t| t == module)
+            }
+            _ => false,
+        };
+        !adapted && self.trainable != Trainable::All && self.packing() == Some(Precision::Int8)
+    }
+
+    /// `linear` (the layer `prefix`), packed now when the parameters say so.
+    fn built(&self, prefix: &str, mut linear: Linear) -> Result<Linear> {
+        if self.packs(prefix) {
+            linear.pack_dropping_f32()?;
+        }
+        Ok(linear)
     }
 
     /// A linear layer stored transposed, [in, out] (GPT-2's Conv1D).
     pub fn conv1d(&mut self, prefix: &str, in_dim: usize, out_dim: usize) -> Result<Linear> {
+        let once = self.packs(prefix);
         let weight = self
-            .weight(&format!("{prefix}.weight"), &[in_dim, out_dim])?
+            .weight_as(&format!("{prefix}.weight"), &[in_dim, out_dim], once)?
             .t()?;
         let bias = Some(self.weight(&format!("{prefix}.bias"), &[out_dim])?);
         let lora = self.lora_for(prefix, in_dim, out_dim)?;
-        Ok(Linear::new(weight, bias, lora))
+        self.built(prefix, Linear::new(weight, bias, lora))
     }
 
     fn lora_for(&mut self, prefix: &str, in_dim: usize, out_dim: usize) -> Result<Option<Lora>> {

@@ -28,8 +28,15 @@ pub enum Trainable {
     Lora(LoraConfig),
 }
 
+/// A checkpoint tensor read when first asked for (GGUF: de-quantised then), so that a model's
+/// f32 weights need not all exist at once.
+pub type LazyTensor = Box<dyn Fn() -> Result<Tensor> + Send + Sync>;
+
 pub struct Params {
     tensors: HashMap<String, Tensor>,
+    /// Tensors not read yet; moved to `tensors` when taken (or, for layers packed as they are
+    /// built, dropped after packing).
+    lazy: HashMap<String, LazyTensor>,
     pub(super) trainable: Trainable,
     vars: BTreeMap<String, Var>,
     rng: Rng,
@@ -43,6 +50,8 @@ pub struct Params {
     random_init: Option<f64>,
     /// The type of frozen checkpoint weights (f32; bf16 on a GPU). Trained ones are f32.
     frozen_dtype: DType,
+    /// See [`Params::with_packing`].
+    pack: Option<crate::ops::Precision>,
 }
 
 impl Params {
@@ -63,7 +72,35 @@ impl Params {
             used: BTreeMap::new(),
             random_init: None,
             frozen_dtype: DType::F32,
+            pack: None,
+            lazy: HashMap::new(),
         }
+    }
+
+    /// Parameters whose checkpoint tensors are read when first taken.
+    pub fn lazy(
+        lazy: HashMap<String, LazyTensor>,
+        trainable: Trainable,
+        seed: u64,
+        device: &Device,
+        source: &str,
+    ) -> Self {
+        Params {
+            lazy,
+            ..Params::new(HashMap::new(), trainable, seed, device, source)
+        }
+    }
+
+    /// Frozen linear layers are packed for `precision` as they are built and keep no f32 copy
+    /// (inference only; int8 is the one precision that packs).
+    pub fn with_packing(mut self, precision: crate::ops::Precision) -> Self {
+        self.pack = Some(precision);
+        self
+    }
+
+    /// The precision frozen linear layers are packed in as they are built, if any.
+    pub fn packing(&self) -> Option<crate::ops::Precision> {
+        self.pack
     }
 
     /// Frozen checkpoint weights in `dtype` (bf16 on a GPU); trained weights stay f32.
@@ -112,20 +149,33 @@ impl Params {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.lazy.contains_key(name)
     }
 
-    /// A checkpoint tensor, checked against the expected shape, as f32.
-    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        if let (Some(std), false) = (self.random_init, self.tensors.contains_key(name)) {
+    /// A checkpoint tensor, checked against the expected shape, as f32. A lazy tensor is read
+    /// now and kept for later takes unless `once` (a layer that packs it and lets it go).
+    fn take_as(&mut self, name: &str, shape: &[usize], once: bool) -> Result<Tensor> {
+        if let (Some(std), false) = (self.random_init, self.contains(name)) {
             self.random_tensor(name, shape, std)?;
         }
-        let tensor = self.tensors.get(name).ok_or_else(|| {
-            Error::Msg(format!(
+        let tensor = if let Some(t) = self.tensors.get(name) {
+            t.clone()
+        } else if let Some(read) = self.lazy.remove(name) {
+            let t = read()?;
+            if !once {
+                self.tensors.insert(name.to_string(), t.clone());
+            }
+            t
+        } else {
+            return Err(Error::Msg(format!(
                 "{}: tensor `{name}` is missing from the checkpoint",
                 self.source
-            ))
-        })?;
+            )));
+        };
+        if once {
+            // Whoever packs it holds the only reference: its f32 values go when it is packed.
+            self.tensors.remove(name);
+        }
         if tensor.dims() != shape {
             return Err(Error::Msg(format!(
                 "{}: tensor `{name}` has shape {:?}, expected {:?} from the config",
@@ -154,7 +204,14 @@ impl Params {
 
     /// A checkpoint weight: a trainable variable under full fine-tuning, else a frozen tensor.
     pub fn weight(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let tensor = self.take(name, shape)?;
+        self.weight_as(name, shape, false)
+    }
+
+    /// [`Params::weight`]; with `once`, a frozen checkpoint tensor is not kept here after it is
+    /// returned (a layer packed as it is built is then its only holder).
+    pub fn weight_as(&mut self, name: &str, shape: &[usize], once: bool) -> Result<Tensor> {
+        let once = once && self.trainable != Trainable::All;
+        let tensor = self.take_as(name, shape, once)?;
         if self.trainable == Trainable::All {
             if let Some(var) = self.vars.get(name) {
                 return Ok(var.as_tensor().clone());
