@@ -271,14 +271,9 @@ pub fn generate(
         .collect())
 }
 
-/// Teacher-forced logits [B, Tc, V] at the positions that predict each continuation token, the
-/// continuation tokens [B, Tc, 1] (0 in padding) and the 0/1 mask [B, Tc] of real tokens.
-pub fn continuation_logits(
-    network: &Network,
-    prompts: &[Vec<u32>],
-    continuations: &[Vec<u32>],
-    device: &Device,
-) -> Result<(Tensor, Tensor, Tensor)> {
+/// One continuation per prompt, and no empty prompt (its first token would have nothing to be
+/// predicted from).
+fn check_scoring_inputs(prompts: &[Vec<u32>], continuations: &[Vec<u32>]) -> Result<()> {
     if prompts.len() != continuations.len() {
         bail!(
             "{} prompts but {} continuations",
@@ -289,6 +284,18 @@ pub fn continuation_logits(
     if prompts.iter().any(Vec::is_empty) {
         bail!("cannot score a continuation of an empty prompt (add a BOS token)");
     }
+    Ok(())
+}
+
+/// Teacher-forced logits [B, Tc, V] at the positions that predict each continuation token, the
+/// continuation tokens [B, Tc, 1] (0 in padding) and the 0/1 mask [B, Tc] of real tokens.
+pub fn continuation_logits(
+    network: &Network,
+    prompts: &[Vec<u32>],
+    continuations: &[Vec<u32>],
+    device: &Device,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    check_scoring_inputs(prompts, continuations)?;
     let total = prompts
         .iter()
         .zip(continuations)
@@ -356,16 +363,7 @@ pub fn continuation_logprobs(
     continuations: &[Vec<u32>],
     device: &Device,
 ) -> Result<Vec<Vec<f32>>> {
-    if prompts.len() != continuations.len() {
-        bail!(
-            "{} prompts but {} continuations",
-            prompts.len(),
-            continuations.len()
-        );
-    }
-    if prompts.iter().any(Vec::is_empty) {
-        bail!("cannot score a continuation of an empty prompt (add a BOS token)");
-    }
+    check_scoring_inputs(prompts, continuations)?;
     let b = prompts.len();
     let tc = continuations.iter().map(Vec::len).max().unwrap_or(0);
     if tc == 0 {

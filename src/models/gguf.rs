@@ -143,14 +143,21 @@ impl GgufFile {
         Ok(config)
     }
 
-    /// Every tensor under its HF name, read and de-quantised to f32 when first asked for (each
-    /// from the file at that moment), so that a model's f32 weights need not all exist at once.
-    pub fn lazy_tensors(&self, device: &Device) -> Result<HashMap<String, LazyTensor>> {
+    /// The architecture's name and its query and key/value head counts (the un-permutation of
+    /// llama-arch Q/K rows needs them).
+    fn arch_and_heads(&self) -> Result<(String, usize, usize)> {
         let arch = self.architecture()?.to_string();
         let heads = self.required_u64(&format!("{arch}.attention.head_count"))? as usize;
         let kv_heads = self
             .meta_u64(&format!("{arch}.attention.head_count_kv"))
             .map_or(heads, |v| v as usize);
+        Ok((arch, heads, kv_heads))
+    }
+
+    /// Every tensor under its HF name, read and de-quantised to f32 when first asked for (each
+    /// from the file at that moment), so that a model's f32 weights need not all exist at once.
+    pub fn lazy_tensors(&self, device: &Device) -> Result<HashMap<String, LazyTensor>> {
+        let (arch, heads, kv_heads) = self.arch_and_heads()?;
         let file = Arc::new(Mutex::new(
             std::fs::File::open(&self.path)
                 .with_context(|| format!("{}: cannot open", self.path.display()))?,
@@ -191,11 +198,7 @@ impl GgufFile {
 
     /// Every tensor, de-quantised to f32 and renamed to HF names.
     pub fn tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
-        let arch = self.architecture()?.to_string();
-        let heads = self.required_u64(&format!("{arch}.attention.head_count"))? as usize;
-        let kv_heads = self
-            .meta_u64(&format!("{arch}.attention.head_count_kv"))
-            .map_or(heads, |v| v as usize);
+        let (arch, heads, kv_heads) = self.arch_and_heads()?;
         let mut file = std::fs::File::open(&self.path)?;
         let mut tensors = HashMap::new();
         let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
