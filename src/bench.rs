@@ -314,12 +314,13 @@ fn load_for_inference(
     device: &Device,
 ) -> Result<(Model, f64)> {
     let start = Instant::now();
-    let mut model = match RANDOM_SHAPES.iter().find(|(n, _)| *n == name) {
+    let model = match RANDOM_SHAPES.iter().find(|(n, _)| *n == name) {
         Some((_, config)) => {
             let config: serde_json::Value = serde_json::from_str(config)?;
             let mut params = Params::random(Trainable::Frozen, 0, 0.02, device)
                 .with_frozen_dtype(precision.dtype());
-            let network = network_from_config(&config, Path::new(name), &mut params)?;
+            let mut network = network_from_config(&config, Path::new(name), &mut params)?;
+            network.set_precision(precision)?;
             Model {
                 network,
                 vars: BTreeMap::new(),
@@ -330,9 +331,9 @@ fn load_for_inference(
                 stored_dtypes: BTreeMap::new(),
             }
         }
+        // Packed for `precision` as it loads (a second set_precision would pack the head again).
         None => Model::load_for_inference(&resolve_model(name)?, precision, device)?,
     };
-    model.network.set_precision(precision)?;
     Ok((model, start.elapsed().as_secs_f64()))
 }
 
