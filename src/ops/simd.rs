@@ -177,6 +177,50 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + rest
 }
 
+/// Lanes of the f64 dot product: element j is summed into lane j mod 16.
+const F64_LANES: usize = 16;
+
+multiversion! {
+    /// sum_j a_j b_j in f64 over the shorter slice's length, in one order on every CPU: element
+    /// j is added to lane j mod 16 with a fused multiply-add (lanes in index order), then the
+    /// lanes are summed pairwise (l + 8, then + 4, + 2, + 1). The AVX-512 build (two 8-lane
+    /// registers), the AVX2 build (four of 4) and the plain build compute the same value, and
+    /// products of zeros leave it unchanged (a row's trailing zeros may be skipped).
+    pub fn dot_f64(a: &[f64], b: &[f64]) -> f64 {
+        let n = a.len().min(b.len());
+        let (a, b) = (&a[..n], &b[..n]);
+        let mut lanes = [0f64; F64_LANES];
+        let ca = a.chunks_exact(F64_LANES);
+        let cb = b.chunks_exact(F64_LANES);
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for l in 0..F64_LANES {
+                lanes[l] = x[l].mul_add(y[l], lanes[l]);
+            }
+        }
+        for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
+            lanes[l] = x.mul_add(*y, lanes[l]);
+        }
+        let mut width = F64_LANES / 2;
+        while width > 0 {
+            for l in 0..width {
+                lanes[l] += lanes[l + width];
+            }
+            width /= 2;
+        }
+        lanes[0]
+    }
+}
+
+multiversion! {
+    /// y_j += alpha x_j (fused multiply-add) over the shorter slice's length.
+    pub fn axpy_f64(y: &mut [f64], alpha: f64, x: &[f64]) {
+        for (o, v) in y.iter_mut().zip(x) {
+            *o = alpha.mul_add(*v, *o);
+        }
+    }
+}
+
 multiversion! {
     /// ln sum_j e^{row_j}, by the largest value (shifted exponentials, lane-wise sums); -inf
     /// for an empty row.
@@ -571,6 +615,71 @@ multiversion! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The order `dot_f64` documents, written plainly.
+    fn dot_in_documented_order(a: &[f64], b: &[f64]) -> f64 {
+        let mut lanes = [0f64; 16];
+        for j in 0..a.len().min(b.len()) {
+            lanes[j % 16] = a[j].mul_add(b[j], lanes[j % 16]);
+        }
+        for width in [8, 4, 2, 1] {
+            for l in 0..width {
+                lanes[l] += lanes[l + width];
+            }
+        }
+        lanes[0]
+    }
+
+    #[test]
+    fn f64_dot_follows_its_documented_order_and_skips_zeros_exactly() {
+        let mut rng = crate::rng::Rng::new(7);
+        for n in (0..=50).chain([449, 1536]) {
+            let a: Vec<f64> = (0..n).map(|_| (rng.next_f64() - 0.5) * 6.0).collect();
+            let b: Vec<f64> = (0..n).map(|_| rng.next_f64() - 0.5).collect();
+            let got = dot_f64(&a, &b);
+            assert_eq!(
+                got.to_bits(),
+                dot_in_documented_order(&a, &b).to_bits(),
+                "n = {n}"
+            );
+            // Against the exact sum in f64's precision (well-conditioned random data).
+            let plain: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!(
+                (got - plain).abs() <= 1e-12 * (1.0 + plain.abs()),
+                "n = {n}"
+            );
+            // Trailing zeros in either operand change nothing, bit for bit.
+            for cut in [0, n / 3, n / 2] {
+                let mut z = b.clone();
+                z[cut..].iter_mut().for_each(|v| *v = 0.0);
+                assert_eq!(
+                    dot_f64(&a, &z).to_bits(),
+                    dot_f64(&a[..cut], &z[..cut]).to_bits()
+                );
+            }
+        }
+        // Integers: exact. The shorter slice sets the length.
+        let a: Vec<f64> = (1..=40).map(f64::from).collect();
+        assert_eq!(dot_f64(&a, &a), (40.0 * 41.0 * 81.0) / 6.0);
+        assert_eq!(dot_f64(&a[..3], &a), 14.0);
+        assert_eq!(dot_f64(&[], &a), 0.0);
+    }
+
+    #[test]
+    fn f64_axpy_is_a_fused_multiply_add_per_element() {
+        let x: Vec<f64> = (0..37).map(|i| (i as f64 * 0.7).sin()).collect();
+        let mut y: Vec<f64> = (0..40).map(|i| (i as f64 * 0.3).cos()).collect();
+        let before = y.clone();
+        axpy_f64(&mut y, -1.3, &x);
+        for j in 0..40 {
+            let want = if j < 37 {
+                (-1.3f64).mul_add(x[j], before[j])
+            } else {
+                before[j]
+            };
+            assert_eq!(y[j].to_bits(), want.to_bits(), "element {j}");
+        }
+    }
 
     #[test]
     fn exp_is_accurate_over_its_range() {

@@ -23,6 +23,7 @@
 
 use super::lbfgs::dot;
 pub use super::lbfgs::SolveReport;
+use crate::ops::simd::axpy_f64;
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
@@ -183,7 +184,7 @@ pub fn row_space(x: &Matrix) -> (Matrix, Matrix) {
             for (j, q) in basis.chunks(d).enumerate() {
                 let a = proj[j];
                 c[j] += a;
-                v.iter_mut().zip(q).for_each(|(vi, qi)| *vi -= a * qi);
+                axpy_f64(&mut v, -a, q);
             }
         }
         let norm = dot(&v, &v).sqrt();
@@ -275,7 +276,7 @@ impl LinearModel {
 
     /// Logits [rows, classes] of standardised features.
     pub fn logits(&self, x: &Matrix) -> Vec<f64> {
-        logits_of(&self.params(), x, self.classes)
+        logits_of(&self.params(), x, None, self.classes)
     }
 
     /// Class probabilities, one row per example.
@@ -294,22 +295,55 @@ fn outputs(classes: usize) -> usize {
 
 const ROW_BLOCK: usize = 64;
 
-fn logits_of(theta: &[f64], x: &Matrix, classes: usize) -> Vec<f64> {
+/// Products of fewer multiply-adds than this run their row blocks on one thread (the folds of
+/// cross-validation are parallel already; splitting a ~30 us product costs more than it saves).
+/// Either way the blocks and their order are the same, and so are the values.
+const PAR_MIN: usize = 1 << 18;
+
+/// The smallest number of row blocks per task for a product over `x`.
+fn min_blocks(x: &Matrix) -> usize {
+    if x.rows * x.cols < PAR_MIN {
+        usize::MAX
+    } else {
+        1
+    }
+}
+
+/// Index after the last non-zero value of each row. Coordinates in a row space ([`row_space`])
+/// are lower-triangular, so about half of them are zeros; the products skip them exactly (a
+/// zero term changes no lane of [`dot`], nor any element of an axpy).
+fn supports(x: &Matrix) -> Vec<usize> {
+    (0..x.rows)
+        .map(|i| {
+            x.row(i)
+                .iter()
+                .rposition(|&v| v != 0.0)
+                .map_or(0, |p| p + 1)
+        })
+        .collect()
+}
+
+/// Logits [rows, classes] of `theta` on the rows of `x`, each row's product over its support
+/// (`support[i]` values; the whole row where `None`).
+fn logits_of(theta: &[f64], x: &Matrix, support: Option<&[usize]>, classes: usize) -> Vec<f64> {
     let p = outputs(classes);
     let d = x.cols;
     let (w, b) = theta.split_at(p * d);
     let mut z = vec![0.0; x.rows * classes];
     z.par_chunks_mut(ROW_BLOCK * classes)
+        .with_min_len(min_blocks(x))
         .enumerate()
         .for_each(|(block, out)| {
             for (r, zr) in out.chunks_mut(classes).enumerate() {
-                let xi = x.row(block * ROW_BLOCK + r);
+                let i = block * ROW_BLOCK + r;
+                let len = support.map_or(d, |s| s[i]);
+                let xi = &x.row(i)[..len];
                 if classes == 2 {
                     zr[0] = 0.0;
-                    zr[1] = dot(&w[..d], xi) + b[0];
+                    zr[1] = dot(&w[..len], xi) + b[0];
                 } else {
                     for c in 0..classes {
-                        zr[c] = dot(&w[c * d..(c + 1) * d], xi) + b[c];
+                        zr[c] = dot(&w[c * d..c * d + len], xi) + b[c];
                     }
                 }
             }
@@ -318,7 +352,13 @@ fn logits_of(theta: &[f64], x: &Matrix, classes: usize) -> Vec<f64> {
 }
 
 /// Gradient of F with respect to theta from dLoss/dz [rows, classes].
-fn param_grad(theta: &[f64], x: &Matrix, classes: usize, dz: &[f64], penalty: f64) -> Vec<f64> {
+fn param_grad(
+    theta: &[f64],
+    (x, support): (&Matrix, &[usize]),
+    classes: usize,
+    dz: &[f64],
+    penalty: f64,
+) -> Vec<f64> {
     let p = outputs(classes);
     let d = x.cols;
     // Per output: g_o[r] = dL/d(output o of row r); binary logits are [0, s].
@@ -329,17 +369,16 @@ fn param_grad(theta: &[f64], x: &Matrix, classes: usize, dz: &[f64], penalty: f6
     };
     let blocks: Vec<Vec<f64>> = (0..x.rows.div_ceil(ROW_BLOCK))
         .into_par_iter()
+        .with_min_len(min_blocks(x))
         .map(|block| {
             let mut acc = vec![0.0; p * d + p];
             let end = ((block + 1) * ROW_BLOCK).min(x.rows);
             for r in block * ROW_BLOCK..end {
-                let xi = x.row(r);
+                let xi = &x.row(r)[..support[r]];
                 for o in 0..p {
                     let go = g[r * p + o];
                     if go != 0.0 {
-                        for (a, v) in acc[o * d..(o + 1) * d].iter_mut().zip(xi) {
-                            *a += go * v;
-                        }
+                        axpy_f64(&mut acc[o * d..(o + 1) * d], go, xi);
                         acc[p * d + o] += go;
                     }
                 }
@@ -474,6 +513,7 @@ fn solve_logged(
         0
     };
     let mut theta = start.params();
+    let support = supports(x);
     let mut total = SolveReport::default();
     let started = std::time::Instant::now();
     for s in 0..=stages {
@@ -482,18 +522,21 @@ fn solve_logged(
         } else {
             s as f64 / stages as f64
         };
-        let anchor = logits_of(&theta, x, classes);
+        let anchor = logits_of(&theta, x, Some(&support), classes);
         let point = EvalPoint {
             rows,
             progress,
             anchor: &anchor,
         };
         let f = |t: &[f64]| -> Result<(f64, Vec<f64>)> {
-            let z = logits_of(t, x, classes);
+            let z = logits_of(t, x, Some(&support), classes);
             let (loss, dz) = objective.loss(&z, &point)?;
             let p = outputs(classes) * x.cols;
             let reg: f64 = t[..p].iter().map(|v| v * v).sum::<f64>() * penalty / 2.0;
-            Ok((loss + reg, param_grad(t, x, classes, &dz, penalty)))
+            Ok((
+                loss + reg,
+                param_grad(t, (x, &support), classes, &dz, penalty),
+            ))
         };
         let t0 = std::time::Instant::now();
         let done = total.iterations;

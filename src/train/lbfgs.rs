@@ -236,18 +236,7 @@ pub struct SolveReport {
     pub objective: f64,
 }
 
-/// a . b with eight independent partial sums (lets the compiler vectorise the loop).
+/// a . b ([`crate::ops::simd::dot_f64`]: one summation order on every CPU).
 pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let chunks = a.len() / 8;
-    for j in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[j * 8 + l] * b[j * 8 + l];
-        }
-    }
-    let mut total: f64 = acc.iter().sum();
-    for j in chunks * 8..a.len() {
-        total += a[j] * b[j];
-    }
-    total
+    crate::ops::simd::dot_f64(a, b)
 }
