@@ -448,3 +448,80 @@ max_tokens = 8
     assert_eq!(stage_files(&dir.path().join("home"), "weak-"), 2 * 3);
     assert!(stderr.contains("ladder, weakest first"), "{stderr}");
 }
+
+#[test]
+fn seeds_run_side_by_side_with_the_results_and_log_of_one_thread() {
+    // Seeds (and their folds) run in parallel; nothing they write may depend on the threads.
+    let dir = tempfile::tempdir().unwrap();
+    let task = write_class_task(dir.path(), 160, 5);
+    let model = tiny_gguf();
+    let config = format!(
+        "name = \"t\"\nseeds = [0, 1, 2]\n[task]\nname = \"classify:{}\"\n[task.sizes]\n\
+         weak_train = 40\nstrong_train = 40\ntest = 40\n[[weak]]\nmodel = \"{m}\"\n[[weak]]\n\
+         model = \"{m}\"\npooling = \"mean\"\n[strong]\nmodel = \"{m}\"\n[solver]\nc_steps = 4\n\
+         [methods]\nlist = [\"xent\", \"logconf\", \"edl\"]\n",
+        task.display(),
+        m = model.display()
+    );
+    let path = write(dir.path(), "c.toml", &config);
+    let run = |threads: &str| {
+        let out = dir.path().join(format!("out-{threads}"));
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_ws2s"))
+            .args([
+                "run",
+                path.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .env("WS2S_HOME", dir.path().join(format!("home-{threads}")))
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mut results: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap())
+                .unwrap();
+        // Wall times and the thread count differ; nothing else may.
+        results.as_object_mut().unwrap().remove("timings");
+        results.as_object_mut().unwrap().remove("cpu");
+        let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("train_log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+                v.as_object_mut().unwrap().remove("seconds");
+                v
+            })
+            .collect();
+        let labels = std::fs::read_to_string(out.join("weak_labels.jsonl")).unwrap();
+        (results, log, labels)
+    };
+    let one = run("1");
+    let three = run("3");
+    assert!(!one.1.is_empty(), "the training log has the probes' steps");
+    let seeds: Vec<u64> = one.1.iter().map(|l| l["seed"].as_u64().unwrap()).collect();
+    assert!(seeds.windows(2).all(|w| w[0] <= w[1]), "log in seed order");
+    // Compared as text (a failure prints where they part, not two whole documents).
+    let text = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap();
+    let first_difference = |a: &str, b: &str| {
+        a.lines().zip(b.lines()).position(|(x, y)| x != y).map(|i| {
+            (
+                i,
+                a.lines().nth(i).map(String::from),
+                b.lines().nth(i).map(String::from),
+            )
+        })
+    };
+    let (a, b) = (text(&one.0), text(&three.0));
+    assert!(a == b, "results.json: {:?}", first_difference(&a, &b));
+    assert!(one.1 == three.1, "train_log.jsonl differs");
+    assert!(
+        one.2 == three.2,
+        "weak_labels.jsonl: {:?}",
+        first_difference(&one.2, &three.2)
+    );
+}

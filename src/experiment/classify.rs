@@ -21,6 +21,7 @@ use crate::supervision::{dawid_skene, majority_vote, weighted_average};
 use crate::train::probe::Step;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -820,10 +821,18 @@ pub fn run(
     let stages = StageCache::new(&home.stages());
     let (mut seed_results, mut predictions, mut label_rows) = (Vec::new(), Vec::new(), Vec::new());
     let probes_started = std::time::Instant::now();
-    for dataset in datasets {
-        let seed = Seed::new(config, dataset, &stages, classes)?;
-        let (result, seed_predictions, rows) =
-            run_seed(&seed, &run_learners, &strong_spec.label())?;
+    // Seeds are independent: they run side by side (their folds too), which keeps both cores
+    // busy through each probe's serial refit. Results come back in seed order; the training
+    // log of this part is put back in seed order below.
+    let logged_before = stages.log().len();
+    let per_seed = datasets
+        .par_iter()
+        .map(|dataset| -> Result<_> {
+            let seed = Seed::new(config, dataset, &stages, classes)?;
+            run_seed(&seed, &run_learners, &strong_spec.label())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for (result, seed_predictions, rows) in per_seed {
         seed_results.push(result);
         predictions.push(seed_predictions);
         label_rows.extend(rows);
@@ -856,6 +865,9 @@ pub fn run(
         timings,
         label_names: datasets[0].label_names.clone(),
     };
-    write_outputs(out, &results, &label_rows, &predictions, &stages.log())?;
+    let mut log = stages.log();
+    // Stable: each seed's lines keep the order its stages ran in.
+    log[logged_before..].sort_by_key(|line| line.seed);
+    write_outputs(out, &results, &label_rows, &predictions, &log)?;
     Ok(results)
 }

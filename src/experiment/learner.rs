@@ -52,7 +52,7 @@ pub struct Fitted<'a> {
 }
 
 /// Trains a predictor on `train` with a batch loss.
-pub trait Learner {
+pub trait Learner: Sync {
     /// What determines this learner's results (for the stage cache).
     fn key(&self) -> String;
     fn fit(

@@ -9,16 +9,16 @@ use crate::train::log::{self, LogLine, Step};
 use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 pub struct StageCache {
     dir: PathBuf,
     /// The training steps of every stage this run computed or read, in order.
-    log: RefCell<Vec<LogLine>>,
+    log: Mutex<Vec<LogLine>>,
     /// Trainings already in `log` (one model's training may be reused by several stages).
-    logged: RefCell<BTreeSet<String>>,
+    logged: Mutex<BTreeSet<String>>,
 }
 
 /// What a stage is about: its seed and model (and method), for errors and the training log.
@@ -46,31 +46,29 @@ impl StageCache {
     pub fn new(dir: &Path) -> Self {
         StageCache {
             dir: dir.to_path_buf(),
-            log: RefCell::default(),
-            logged: RefCell::default(),
+            log: Mutex::default(),
+            logged: Mutex::default(),
         }
     }
 
     /// Adds the steps of one training (identified by `id`, e.g. its stage file or its saved
     /// weights) to the run's log, once.
     pub fn add_log(&self, id: &str, stage: &str, subject: &Subject, steps: Vec<Step>) {
-        if steps.is_empty() || !self.logged.borrow_mut().insert(format!("{stage}/{id}")) {
+        if steps.is_empty() || !lock(&self.logged).insert(format!("{stage}/{id}")) {
             return;
         }
-        self.log
-            .borrow_mut()
-            .extend(steps.into_iter().map(|step| LogLine {
-                stage: stage.to_string(),
-                model: subject.model.clone(),
-                seed: subject.seed,
-                method: subject.method.clone(),
-                step,
-            }));
+        lock(&self.log).extend(steps.into_iter().map(|step| LogLine {
+            stage: stage.to_string(),
+            model: subject.model.clone(),
+            seed: subject.seed,
+            method: subject.method.clone(),
+            step,
+        }));
     }
 
     /// The training log of every stage so far.
     pub fn log(&self) -> Vec<LogLine> {
-        self.log.borrow().clone()
+        lock(&self.log).clone()
     }
 
     fn path(&self, stage: &str, key: &str) -> PathBuf {
@@ -118,6 +116,11 @@ impl StageCache {
         crate::io::write_atomic(&path, text.as_bytes())?;
         Ok((value, false))
     }
+}
+
+/// The value behind a mutex, also after a panic elsewhere (the log is only ever appended to).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The first line of a stage file: format and the sha256 of the JSON that follows.
