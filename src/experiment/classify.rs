@@ -6,7 +6,7 @@
 
 use super::learner::{describe_precision, examples_of, Fitted, Learner, Learners, Supervision};
 use super::stages::{stage_key, StageCache, Subject};
-use crate::config::{ClassifyWeights, ExperimentConfig, Method, ModelSpec, Weights};
+use crate::config::{ClassifyWeights, ExperimentConfig, Method, ModelSpec, TrainingMode, Weights};
 use crate::data::{Dataset, Example};
 use crate::eval::classify::{classify_metrics, ClassifyMetrics, Prediction};
 use crate::eval::summary::pgr;
@@ -821,17 +821,29 @@ pub fn run(
     let stages = StageCache::new(&home.stages());
     let (mut seed_results, mut predictions, mut label_rows) = (Vec::new(), Vec::new(), Vec::new());
     let probes_started = std::time::Instant::now();
-    // Seeds are independent: they run side by side (their folds too), which keeps both cores
-    // busy through each probe's serial refit. Results come back in seed order; the training
-    // log of this part is put back in seed order below.
+    // Seeds are independent. With linear probes only they run side by side (their folds too),
+    // which keeps both cores busy through each probe's serial refit; fine-tuning runs one seed
+    // at a time (two trainings of a model at once would double the memory and share the
+    // cores anyway). Results come back in seed order; the training log of this part is put
+    // back in seed order below.
     let logged_before = stages.log().len();
-    let per_seed = datasets
-        .par_iter()
-        .map(|dataset| -> Result<_> {
-            let seed = Seed::new(config, dataset, &stages, classes)?;
-            run_seed(&seed, &run_learners, &strong_spec.label())
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let probes_only = config
+        .weak
+        .iter()
+        .chain([strong_spec])
+        .all(|spec| spec.mode == TrainingMode::Probe);
+    let one_seed = |dataset: &Dataset| -> Result<_> {
+        let seed = Seed::new(config, dataset, &stages, classes)?;
+        run_seed(&seed, &run_learners, &strong_spec.label())
+    };
+    let per_seed = if probes_only {
+        datasets
+            .par_iter()
+            .map(one_seed)
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        datasets.iter().map(one_seed).collect::<Result<Vec<_>>>()?
+    };
     for (result, seed_predictions, rows) in per_seed {
         seed_results.push(result);
         predictions.push(seed_predictions);
