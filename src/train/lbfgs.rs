@@ -1,6 +1,8 @@
 //! L-BFGS with a strong-Wolfe line search: the solver of the linear probes' convex objectives
 //! ([`super::convex`]).
 
+/// a . b: [`crate::ops::simd::dot_f64`] (one summation order on every CPU).
+pub(crate) use crate::ops::simd::dot_f64 as dot;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
@@ -234,9 +236,4 @@ pub struct SolveReport {
     pub grad_max: f64,
     pub converged: bool,
     pub objective: f64,
-}
-
-/// a . b ([`crate::ops::simd::dot_f64`]: one summation order on every CPU).
-pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
-    crate::ops::simd::dot_f64(a, b)
 }
