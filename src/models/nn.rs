@@ -237,7 +237,13 @@ fn screening() -> Screening {
     *MODE.get_or_init(|| match std::env::var("WS2S_HEAD_SCREEN").as_deref() {
         Ok("0") => Screening::Off,
         Ok("1") => Screening::Always,
-        _ if int8::Kernel::detected() == int8::Kernel::Vnni512 => Screening::Auto,
+        _ if matches!(
+            int8::Kernel::detected(),
+            int8::Kernel::Vnni512 | int8::Kernel::Amx
+        ) =>
+        {
+            Screening::Auto
+        }
         _ => Screening::Off,
     })
 }

@@ -44,7 +44,7 @@ impl Precision {
 
     /// The kernel that computes this precision's products here: for f32, gemm and the
     /// few-rows kernel of decoding ("gemm-f32+rows-avx512", see [`skinny`]); for int8 the
-    /// kernel detected at run time ("vnni512", "avx2", "scalar").
+    /// kernel detected at run time ("amx", "vnni512", "avx2", "scalar").
     pub fn kernel(self) -> &'static str {
         match self {
             Precision::F32 => skinny::Kernel::detected().label(),

@@ -24,10 +24,12 @@
 //! i32 lane). The offset is taken back exactly: each block's integer accumulator starts at
 //! -128 sum_{j in b} xq[r, j].
 //!
-//! Kernels, chosen at run time: AVX-512 VNNI (6 rows x 32 columns per step), AVX2 (bytes
-//! widened to i16 and `vpmaddwd`, 4 rows x 8 columns), and portable scalar code. The integer
-//! sums are exact and the float steps are the same sequence of fused multiply-adds, so all
-//! kernels agree bit for bit (tested). `WS2S_INT8_KERNEL=scalar|avx2|vnni512` forces one.
+//! Kernels, chosen at run time: Intel AMX-INT8 tiles (32 rows x 32 columns per step, for
+//! products of at least 16 rows; fewer take the AVX-512 kernel), AVX-512 VNNI (6 rows x 32
+//! columns per step), AVX2 (bytes widened to i16 and `vpmaddwd`, 4 rows x 8 columns), and
+//! portable scalar code. The integer sums are exact and the float steps are the same sequence
+//! of fused multiply-adds, so all kernels agree bit for bit (tested).
+//! `WS2S_INT8_KERNEL=scalar|avx2|vnni512|amx` forces one.
 
 use super::simd::Gate;
 use candle_core::{DType, Result, Storage, Tensor};
@@ -41,6 +43,11 @@ pub const BLOCK: usize = 64;
 pub const FORMAT: &str = "q8 blocks of 64";
 /// Columns per packed weight panel.
 pub const NR: usize = 32;
+/// Quantized activation rows are padded with zero rows to a multiple of this.
+const PAD_ROWS: usize = 16;
+/// Fewer rows than this take the AVX-512 kernel even where AMX is present (a tile product
+/// costs the same for 1 row as for 16).
+const AMX_MIN_ROWS: usize = 16;
 
 /// A weight matrix [n, k] in int8, packed for [`matmul`].
 #[derive(Clone)]
@@ -245,7 +252,9 @@ impl Int8Rows {
         let nb = kp / BLOCK;
         // Every value of each row is written by the thread that quantizes it (the blocks, then
         // zeros for the padding), with no zeroing pass before.
-        let mut q: Vec<i8> = Vec::with_capacity(m * kp);
+        // Rows padded with zero rows to a multiple of 16 (whole tiles for the AMX kernel).
+        let mp = round_up(m, PAD_ROWS);
+        let mut q: Vec<i8> = Vec::with_capacity(mp * kp);
         let mut scales = vec![0f32; m * nb];
         let mut corr = vec![0i32; m * nb];
         let quantize_row = |(r, ((q, scales), corr)): RowParts| {
@@ -280,8 +289,11 @@ impl Int8Rows {
                 .enumerate()
                 .for_each(quantize_row);
         }
-        // SAFETY: every row (all m x kp values) was initialized above.
-        unsafe { q.set_len(m * kp) };
+        for v in &mut q.spare_capacity_mut()[m * kp..mp * kp] {
+            v.write(0);
+        }
+        // SAFETY: every row (all mp x kp values) was initialized above.
+        unsafe { q.set_len(mp * kp) };
         Int8Rows {
             m,
             kp,
@@ -417,6 +429,7 @@ pub fn pack_tensor(w: &Tensor) -> Result<Int8Weight> {
 /// The kernels, fastest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
+    Amx,
     Vnni512,
     Avx2,
     Scalar,
@@ -425,6 +438,7 @@ pub enum Kernel {
 impl Kernel {
     pub fn name(self) -> &'static str {
         match self {
+            Kernel::Amx => "amx",
             Kernel::Vnni512 => "vnni512",
             Kernel::Avx2 => "avx2",
             Kernel::Scalar => "scalar",
@@ -436,6 +450,7 @@ impl Kernel {
         #[cfg(target_arch = "x86_64")]
         {
             match self {
+                Kernel::Amx => amx::available(),
                 Kernel::Vnni512 => {
                     std::is_x86_feature_detected!("avx512f")
                         && std::is_x86_feature_detected!("avx512bw")
@@ -457,7 +472,7 @@ impl Kernel {
     pub fn detected() -> Kernel {
         static KERNEL: OnceLock<Kernel> = OnceLock::new();
         *KERNEL.get_or_init(|| {
-            let all = [Kernel::Vnni512, Kernel::Avx2, Kernel::Scalar];
+            let all = [Kernel::Amx, Kernel::Vnni512, Kernel::Avx2, Kernel::Scalar];
             if let Ok(name) = std::env::var("WS2S_INT8_KERNEL") {
                 if let Some(k) = all.iter().find(|k| k.name() == name && k.available()) {
                     return *k;
@@ -641,7 +656,20 @@ impl Tile<'_> {
     unsafe fn run(&self, kernel: Kernel, x: &Int8Rows, y: *mut f32) {
         match kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni512 => {
+            Kernel::Amx if x.m >= AMX_MIN_ROWS => {
+                let mut r = 0;
+                while r < x.m {
+                    let rows = (x.m - r).min(2 * amx::ROWS);
+                    if rows > amx::ROWS {
+                        amx::amx::<2>(self, x, r, rows, y);
+                    } else {
+                        amx::amx::<1>(self, x, r, rows, y);
+                    }
+                    r += rows;
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni512 | Kernel::Amx => {
                 let mut r = 0;
                 while r + 6 <= x.m {
                     x86::vnni512::<6>(self, x, r, y);
@@ -699,6 +727,8 @@ impl Tile<'_> {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 #[cfg(test)]
@@ -755,6 +785,7 @@ mod tests {
             (13, 128, 33),
             (5, 64, 64),
             (40, 200, 300),
+            (100, 130, 70),
         ]
         .iter()
         .enumerate()
@@ -766,7 +797,7 @@ mod tests {
             let packed = Int8Weight::pack(&w, n, k);
             let rows = Int8Rows::quantize(&x, m, k);
             let want = reference(&x, &w, Some(&bias), m, k, n);
-            for kernel in [Kernel::Scalar, Kernel::Avx2, Kernel::Vnni512] {
+            for kernel in [Kernel::Scalar, Kernel::Avx2, Kernel::Vnni512, Kernel::Amx] {
                 if !kernel.available() {
                     eprintln!(
                         "kernel {} not available on this CPU: not tested",
@@ -797,7 +828,7 @@ mod tests {
             let bias = random(n, 43, 1.0);
             let other = random(m * n, 44, 3.0);
             let (rows, packed) = (Int8Rows::quantize(&x, m, k), Int8Weight::pack(&w, n, k));
-            for kernel in [Kernel::Scalar, Kernel::Avx2, Kernel::Vnni512] {
+            for kernel in [Kernel::Scalar, Kernel::Avx2, Kernel::Vnni512, Kernel::Amx] {
                 if !kernel.available() {
                     continue;
                 }

@@ -1,0 +1,217 @@
+//! The AMX kernel of [`super::matmul`] (Intel AMX-INT8, Sapphire Rapids and later): each
+//! block's integer products p[r, c, b] for 32 rows x 32 columns come from four `tdpbsud`
+//! tile products (signed activation bytes x the panel's unsigned weight bytes, 16 x 16 i32
+//! each, 64 inputs deep), stored to a small buffer; the float steps after them are those of
+//! the AVX-512 kernel (offset correction, scale, fused multiply-add), so the results are the
+//! same bit for bit.
+//!
+//! The panel layout of the other kernels is already AMX's B-tile layout: for a group of four
+//! inputs, the four bytes of each column lie together, and a group's 32 columns are 128
+//! bytes, so a tile of 16 columns is 16 rows of 64 bytes with a stride of 128. Activation
+//! rows are padded with zero rows to a multiple of [`ROWS`] ([`super::Int8Rows`]) so every
+//! tile load is whole.
+//!
+//! Rust has no stable AMX intrinsics or target features; the assembler takes the
+//! instructions in `asm!` as they are. Linux hands out the tile registers' state only to a
+//! process that asks for it (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`), which
+//! [`available`] does once; elsewhere the kernel is not used.
+
+// The epilogue indexes several register arrays by the same row.
+#![allow(clippy::needless_range_loop)]
+
+use super::{Int8Rows, Tile, BLOCK, NR};
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+static MODE: OnceLock<u8> = OnceLock::new();
+/// Rows of a tile (and the padding of activation rows).
+pub(super) const ROWS: usize = 16;
+
+/// Whether the CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7), the AVX-512 the epilogue uses,
+/// and the operating system lets this process use the tiles.
+pub(super) fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        if !(std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vnni")
+            && std::is_x86_feature_detected!("fma"))
+        {
+            return false;
+        }
+        let leaf = __cpuid_count(7, 0);
+        let tile = (leaf.edx >> 24) & 1 == 1;
+        let int8 = (leaf.edx >> 25) & 1 == 1;
+        tile && int8 && request_tiles()
+    })
+}
+
+/// Asks Linux for the tile data state (once per process; every thread may then use it).
+#[cfg(target_os = "linux")]
+fn request_tiles() -> bool {
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    let ret: i64;
+    // SAFETY: arch_prctl with this request reads and writes no user memory; the syscall
+    // instruction clobbers rcx and r11.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") SYS_ARCH_PRCTL => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tiles() -> bool {
+    false
+}
+
+/// The tile configuration (palette 1): all eight tiles 16 rows of 64 bytes. tmm0-3 hold
+/// products (16 x 16 i32), tmm4-5 activations (16 rows x 64 bytes), tmm6-7 weights (16 groups
+/// of four inputs x 16 columns).
+#[repr(C, align(64))]
+struct Config([u8; 64]);
+
+fn config() -> Config {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    for t in 0..8 {
+        c[16 + 2 * t] = 64;
+        c[48 + t] = ROWS as u8;
+    }
+    Config(c)
+}
+
+/// One block's i32 products for up to 32 rows x 32 columns (row stride 128 bytes).
+#[repr(C, align(64))]
+struct Products([[i32; NR]; 2 * ROWS]);
+
+/// Rows r0..r0+rows of the tile (rows <= 16 RT; RT = 1 or 2 row tiles), all its columns.
+///
+/// # Safety
+/// [`available`]; the activation rows padded to a multiple of [`ROWS`]; r0 + rows <= m.
+#[target_feature(enable = "avx512f,avx512bw,fma")]
+pub(super) unsafe fn amx<const RT: usize>(
+    t: &Tile,
+    x: &Int8Rows,
+    r0: usize,
+    rows: usize,
+    y: *mut f32,
+) {
+    debug_assert!(rows <= RT * ROWS && (r0 + RT * ROWS) * x.kp <= x.q.len());
+    let nb = x.blocks();
+    let cfg = config();
+    asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+    let mut c = Products([[0; NR]; 2 * ROWS]);
+    let mut facc = [[_mm512_setzero_ps(); 2]; 2 * ROWS];
+    let xstride = x.kp;
+    let a0 = x.q.as_ptr().add(r0 * x.kp) as *const u8;
+    let cp = c.0.as_mut_ptr() as *mut u8;
+    let mode = *MODE.get_or_init(|| {
+        std::env::var("AMXMODE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0u8)
+    });
+    for b in 0..nb {
+        let a = a0.add(b * BLOCK);
+        let w = t.panel.as_ptr().add(b * BLOCK * NR);
+        if mode == 2 {
+        } else if RT == 2 {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "tileloadd tmm4, [{a} + {xs}*1]",
+                "tileloadd tmm5, [{a1} + {xs}*1]",
+                "tileloadd tmm6, [{w} + {ws}*1]",
+                "tileloadd tmm7, [{w1} + {ws}*1]",
+                "tdpbsud tmm0, tmm4, tmm6",
+                "tdpbsud tmm1, tmm4, tmm7",
+                "tdpbsud tmm2, tmm5, tmm6",
+                "tdpbsud tmm3, tmm5, tmm7",
+                "tilestored [{c} + {ws}*1], tmm0",
+                "tilestored [{c1} + {ws}*1], tmm1",
+                "tilestored [{c2} + {ws}*1], tmm2",
+                "tilestored [{c3} + {ws}*1], tmm3",
+                a = in(reg) a,
+                a1 = in(reg) a.add(ROWS * xstride),
+                xs = in(reg) xstride,
+                w = in(reg) w,
+                w1 = in(reg) w.add(64),
+                ws = in(reg) NR * 4,
+                c = in(reg) cp,
+                c1 = in(reg) cp.add(64),
+                c2 = in(reg) cp.add(ROWS * NR * 4),
+                c3 = in(reg) cp.add(ROWS * NR * 4 + 64),
+                options(nostack),
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tileloadd tmm4, [{a} + {xs}*1]",
+                "tileloadd tmm6, [{w} + {ws}*1]",
+                "tileloadd tmm7, [{w1} + {ws}*1]",
+                "tdpbsud tmm0, tmm4, tmm6",
+                "tdpbsud tmm1, tmm4, tmm7",
+                "tilestored [{c} + {ws}*1], tmm0",
+                "tilestored [{c1} + {ws}*1], tmm1",
+                a = in(reg) a,
+                xs = in(reg) xstride,
+                w = in(reg) w,
+                w1 = in(reg) w.add(64),
+                ws = in(reg) NR * 4,
+                c = in(reg) cp,
+                c1 = in(reg) cp.add(64),
+                options(nostack),
+            );
+        }
+        let ws = [
+            _mm512_loadu_ps(t.scales.as_ptr().add(b * NR)),
+            _mm512_loadu_ps(t.scales.as_ptr().add(b * NR + 16)),
+        ];
+        if mode == 1 {
+            continue;
+        }
+        for i in 0..rows {
+            let r = r0 + i;
+            let corr = _mm512_set1_epi32(*x.corr.get_unchecked(r * nb + b));
+            let xs = _mm512_set1_ps(*x.scales.get_unchecked(r * nb + b));
+            for h in 0..2 {
+                let p = _mm512_load_si512(c.0[i].as_ptr().add(16 * h) as *const _);
+                let p = _mm512_add_epi32(p, corr);
+                let s = _mm512_mul_ps(xs, ws[h]);
+                facc[i][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, facc[i][h]);
+            }
+        }
+    }
+    asm!("tilerelease", options(nostack, nomem));
+    let bias = [
+        _mm512_loadu_ps(t.bias.as_ptr()),
+        _mm512_loadu_ps(t.bias.as_ptr().add(16)),
+    ];
+    for i in 0..rows {
+        let out = y.add((r0 + i) * t.n + t.col0);
+        for h in 0..2 {
+            let v = _mm512_add_ps(facc[i][h], bias[h]);
+            let lo = 16 * h;
+            if t.cols >= lo + 16 {
+                _mm512_storeu_ps(out.add(lo), v);
+            } else if t.cols > lo {
+                let mask: __mmask16 = ((1u32 << (t.cols - lo)) - 1) as __mmask16;
+                _mm512_mask_storeu_ps(out.add(lo), mask, v);
+            }
+        }
+    }
+}
