@@ -149,6 +149,7 @@ pub fn cpu_description() -> String {
         "avx512_bf16",
         "avx512_vnni",
         "amx_bf16",
+        "amx_int8",
     ];
     let present: Vec<&str> = wanted
         .iter()

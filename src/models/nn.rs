@@ -383,6 +383,9 @@ impl Linear {
     }
 }
 
+/// Bytes of one intermediate product of a gated MLP in int8, at most, per chunk of rows.
+const MLP_CHUNK_BYTES: usize = 8 << 20;
+
 /// down(act(gate x) * up x) (Llama, Qwen2, Gemma), plus `residual` when given: one fused op
 /// when the three layers are frozen and have no bias ([`crate::ops::mlp::frozen_mlp`]), else
 /// layer by layer. In int8 the gating and the residual run in the products' epilogues.
@@ -392,18 +395,57 @@ pub fn gated_mlp(
     act: crate::ops::activation::Gate,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if let (Some(g), Some(u), Some(d)) = (gate.int8(), up.int8(), down.int8()) {
-        let q = QuantizedInput::new(x)?;
-        let a = q.linear(g, gate.bias.as_ref())?;
-        let h = q.linear_then(u, up.bias.as_ref(), Epilogue::Gated(act, &a))?;
-        let then = residual.map_or(Epilogue::None, Epilogue::Add);
-        return QuantizedInput::new(&h)?.linear_then(d, down.bias.as_ref(), then);
+    if let (Some(_), Some(_), Some(_)) = (gate.int8(), up.int8(), down.int8()) {
+        return int8_gated_mlp(x, (gate, up, down), act, residual, MLP_CHUNK_BYTES);
     }
     let y = gated_mlp_unpacked(x, (gate, up, down), act)?;
     match residual {
         Some(r) => r + y,
         None => Ok(y),
     }
+}
+
+/// [`gated_mlp`] with the three layers packed in int8: rows in chunks whose intermediate
+/// products hold at most `chunk_bytes` (rows are independent: the values do not change). Two
+/// [rows, intermediate] outputs of 36 MB each (1,024 rows of Qwen2.5-1.5B) were fresh memory
+/// mappings on every call, past the allocator's reuse limit; in chunks of 8 MB the forward of
+/// Qwen2.5-0.5B and 1.5B was 5-12% faster (paired runs, Intel Xeon with AMX).
+fn int8_gated_mlp(
+    x: &Tensor,
+    (gate, up, down): (&Linear, &Linear, &Linear),
+    act: crate::ops::activation::Gate,
+    residual: Option<&Tensor>,
+    chunk_bytes: usize,
+) -> Result<Tensor> {
+    let (Some(g), Some(u), Some(d)) = (gate.int8(), up.int8(), down.int8()) else {
+        candle_core::bail!("int8 gated MLP: a layer is not packed in int8");
+    };
+    let mlp = |x: &Tensor, residual: Option<&Tensor>| -> Result<Tensor> {
+        let q = QuantizedInput::new(x)?;
+        let a = q.linear(g, gate.bias.as_ref())?;
+        let h = q.linear_then(u, up.bias.as_ref(), Epilogue::Gated(act, &a))?;
+        let then = residual.map_or(Epilogue::None, Epilogue::Add);
+        QuantizedInput::new(&h)?.linear_then(d, down.bias.as_ref(), then)
+    };
+    let k = x.dim(D::Minus1)?;
+    let m = x.elem_count() / k.max(1);
+    let chunk = (chunk_bytes / (4 * g.rows().max(1)) / 16 * 16).max(16);
+    if m <= chunk {
+        return mlp(x, residual);
+    }
+    let x2 = x.reshape((m, k))?;
+    let r2 = residual.map(|r| r.reshape((m, ()))).transpose()?;
+    let parts = (0..m)
+        .step_by(chunk)
+        .map(|r0| {
+            let len = chunk.min(m - r0);
+            let r = r2.as_ref().map(|r| r.narrow(0, r0, len)).transpose()?;
+            mlp(&x2.narrow(0, r0, len)?, r.as_ref())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("a last dimension") = d.rows();
+    Tensor::cat(&parts, 0)?.reshape(dims)
 }
 
 fn gated_mlp_unpacked(
@@ -774,6 +816,16 @@ mod tests {
             assert_eq!(bits(&fused), bits(&steps), "{act:?}");
             let with = gated_mlp(&x, (&gate, &up, &down), act, Some(&residual)).unwrap();
             assert_eq!(bits(&with), bits(&(&residual + &steps).unwrap()), "{act:?}");
+            // In chunks of 16 rows (14 rows here: one chunk) and of 16 of 40 rows (three).
+            let layers = (&gate, &up, &down);
+            let chunked = int8_gated_mlp(&x, layers, act, Some(&residual), 16 * 4 * i).unwrap();
+            assert_eq!(bits(&chunked), bits(&with), "{act:?}");
+            let x40 = tensor(&[5, 8, h], 7, 1.5);
+            let r40 = tensor(&[5, 8, h], 8, 1.0);
+            let whole = int8_gated_mlp(&x40, layers, act, Some(&r40), usize::MAX).unwrap();
+            let parts = int8_gated_mlp(&x40, layers, act, Some(&r40), 16 * 4 * i).unwrap();
+            assert_eq!(parts.dims(), &[5, 8, h]);
+            assert_eq!(bits(&parts), bits(&whole), "{act:?}");
         }
     }
 }

@@ -24,7 +24,6 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-static MODE: OnceLock<u8> = OnceLock::new();
 /// Rows of a tile (and the padding of activation rows).
 pub(super) const ROWS: usize = 16;
 
@@ -95,7 +94,68 @@ fn config() -> Config {
 #[repr(C, align(64))]
 struct Products([[i32; NR]; 2 * ROWS]);
 
+/// Block b's tile products for RT row tiles into `c`: tmm0-3 zeroed, the activation and
+/// weight tiles loaded, the products, stored. Loads and products interleave so that each
+/// product starts as soon as its two tiles are in.
+#[inline(always)]
+unsafe fn tiles<const RT: usize>(a: *const u8, xstride: usize, w: *const u8, c: *mut u8) {
+    if RT == 2 {
+        asm!(
+            "tileloadd tmm4, [{a} + {xs}*1]",
+            "tileloadd tmm6, [{w} + {ws}*1]",
+            "tilezero tmm0",
+            "tdpbsud tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{w1} + {ws}*1]",
+            "tilezero tmm1",
+            "tdpbsud tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{a1} + {xs}*1]",
+            "tilezero tmm2",
+            "tdpbsud tmm2, tmm5, tmm6",
+            "tilezero tmm3",
+            "tdpbsud tmm3, tmm5, tmm7",
+            "tilestored [{c} + {ws}*1], tmm0",
+            "tilestored [{c1} + {ws}*1], tmm1",
+            "tilestored [{c2} + {ws}*1], tmm2",
+            "tilestored [{c3} + {ws}*1], tmm3",
+            a = in(reg) a,
+            a1 = in(reg) a.add(ROWS * xstride),
+            xs = in(reg) xstride,
+            w = in(reg) w,
+            w1 = in(reg) w.add(64),
+            ws = in(reg) NR * 4,
+            c = in(reg) c,
+            c1 = in(reg) c.add(64),
+            c2 = in(reg) c.add(ROWS * NR * 4),
+            c3 = in(reg) c.add(ROWS * NR * 4 + 64),
+            options(nostack),
+        );
+    } else {
+        asm!(
+            "tileloadd tmm4, [{a} + {xs}*1]",
+            "tileloadd tmm6, [{w} + {ws}*1]",
+            "tilezero tmm0",
+            "tdpbsud tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{w1} + {ws}*1]",
+            "tilezero tmm1",
+            "tdpbsud tmm1, tmm4, tmm7",
+            "tilestored [{c} + {ws}*1], tmm0",
+            "tilestored [{c1} + {ws}*1], tmm1",
+            a = in(reg) a,
+            xs = in(reg) xstride,
+            w = in(reg) w,
+            w1 = in(reg) w.add(64),
+            ws = in(reg) NR * 4,
+            c = in(reg) c,
+            c1 = in(reg) c.add(64),
+            options(nostack),
+        );
+    }
+}
+
 /// Rows r0..r0+rows of the tile (rows <= 16 RT; RT = 1 or 2 row tiles), all its columns.
+///
+/// (Issuing block b + 1's tile products before block b's float steps, into a second buffer,
+/// gained nothing measurable: the tile loads wait for the vector work before them.)
 ///
 /// # Safety
 /// [`available`]; the activation rows padded to a multiple of [`ROWS`]; r0 + rows <= m.
@@ -113,77 +173,18 @@ pub(super) unsafe fn amx<const RT: usize>(
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
     let mut c = Products([[0; NR]; 2 * ROWS]);
     let mut facc = [[_mm512_setzero_ps(); 2]; 2 * ROWS];
-    let xstride = x.kp;
     let a0 = x.q.as_ptr().add(r0 * x.kp) as *const u8;
-    let cp = c.0.as_mut_ptr() as *mut u8;
-    let mode = *MODE.get_or_init(|| {
-        std::env::var("AMXMODE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0u8)
-    });
     for b in 0..nb {
-        let a = a0.add(b * BLOCK);
-        let w = t.panel.as_ptr().add(b * BLOCK * NR);
-        if mode == 2 {
-        } else if RT == 2 {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                "tileloadd tmm4, [{a} + {xs}*1]",
-                "tileloadd tmm5, [{a1} + {xs}*1]",
-                "tileloadd tmm6, [{w} + {ws}*1]",
-                "tileloadd tmm7, [{w1} + {ws}*1]",
-                "tdpbsud tmm0, tmm4, tmm6",
-                "tdpbsud tmm1, tmm4, tmm7",
-                "tdpbsud tmm2, tmm5, tmm6",
-                "tdpbsud tmm3, tmm5, tmm7",
-                "tilestored [{c} + {ws}*1], tmm0",
-                "tilestored [{c1} + {ws}*1], tmm1",
-                "tilestored [{c2} + {ws}*1], tmm2",
-                "tilestored [{c3} + {ws}*1], tmm3",
-                a = in(reg) a,
-                a1 = in(reg) a.add(ROWS * xstride),
-                xs = in(reg) xstride,
-                w = in(reg) w,
-                w1 = in(reg) w.add(64),
-                ws = in(reg) NR * 4,
-                c = in(reg) cp,
-                c1 = in(reg) cp.add(64),
-                c2 = in(reg) cp.add(ROWS * NR * 4),
-                c3 = in(reg) cp.add(ROWS * NR * 4 + 64),
-                options(nostack),
-            );
-        } else {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tileloadd tmm4, [{a} + {xs}*1]",
-                "tileloadd tmm6, [{w} + {ws}*1]",
-                "tileloadd tmm7, [{w1} + {ws}*1]",
-                "tdpbsud tmm0, tmm4, tmm6",
-                "tdpbsud tmm1, tmm4, tmm7",
-                "tilestored [{c} + {ws}*1], tmm0",
-                "tilestored [{c1} + {ws}*1], tmm1",
-                a = in(reg) a,
-                xs = in(reg) xstride,
-                w = in(reg) w,
-                w1 = in(reg) w.add(64),
-                ws = in(reg) NR * 4,
-                c = in(reg) cp,
-                c1 = in(reg) cp.add(64),
-                options(nostack),
-            );
-        }
+        tiles::<RT>(
+            a0.add(b * BLOCK),
+            x.kp,
+            t.panel.as_ptr().add(b * BLOCK * NR),
+            c.0.as_mut_ptr() as *mut u8,
+        );
         let ws = [
             _mm512_loadu_ps(t.scales.as_ptr().add(b * NR)),
             _mm512_loadu_ps(t.scales.as_ptr().add(b * NR + 16)),
         ];
-        if mode == 1 {
-            continue;
-        }
         for i in 0..rows {
             let r = r0 + i;
             let corr = _mm512_set1_epi32(*x.corr.get_unchecked(r * nb + b));
