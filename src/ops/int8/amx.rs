@@ -152,13 +152,31 @@ unsafe fn tiles<const RT: usize>(a: *const u8, xstride: usize, w: *const u8, c: 
     }
 }
 
+/// Loads the tile configuration on this thread (before [`amx`]; ~120 ns).
+///
+/// # Safety
+/// [`available`].
+pub(super) unsafe fn configure() {
+    let cfg = config();
+    asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+}
+
+/// Gives the tiles back (after the last [`amx`] of a [`configure`]).
+///
+/// # Safety
+/// [`available`].
+pub(super) unsafe fn release() {
+    asm!("tilerelease", options(nostack, nomem));
+}
+
 /// Rows r0..r0+rows of the tile (rows <= 16 RT; RT = 1 or 2 row tiles), all its columns.
 ///
 /// (Issuing block b + 1's tile products before block b's float steps, into a second buffer,
 /// gained nothing measurable: the tile loads wait for the vector work before them.)
 ///
 /// # Safety
-/// [`available`]; the activation rows padded to a multiple of [`ROWS`]; r0 + rows <= m.
+/// [`available`], [`configure`]d on this thread; the activation rows padded to a multiple of
+/// [`ROWS`]; r0 + rows <= m.
 #[target_feature(enable = "avx512f,avx512bw,fma")]
 pub(super) unsafe fn amx<const RT: usize>(
     t: &Tile,
@@ -169,8 +187,6 @@ pub(super) unsafe fn amx<const RT: usize>(
 ) {
     debug_assert!(rows <= RT * ROWS && (r0 + RT * ROWS) * x.kp <= x.q.len());
     let nb = x.blocks();
-    let cfg = config();
-    asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
     let mut c = Products([[0; NR]; 2 * ROWS]);
     let mut facc = [[_mm512_setzero_ps(); 2]; 2 * ROWS];
     let a0 = x.q.as_ptr().add(r0 * x.kp) as *const u8;
@@ -197,7 +213,6 @@ pub(super) unsafe fn amx<const RT: usize>(
             }
         }
     }
-    asm!("tilerelease", options(nostack, nomem));
     let bias = [
         _mm512_loadu_ps(t.bias.as_ptr()),
         _mm512_loadu_ps(t.bias.as_ptr().add(16)),

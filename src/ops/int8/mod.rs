@@ -657,6 +657,7 @@ impl Tile<'_> {
         match kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Amx if x.m >= AMX_MIN_ROWS => {
+                amx::configure();
                 let mut r = 0;
                 while r < x.m {
                     let rows = (x.m - r).min(2 * amx::ROWS);
@@ -667,6 +668,7 @@ impl Tile<'_> {
                     }
                     r += rows;
                 }
+                amx::release();
             }
             #[cfg(target_arch = "x86_64")]
             Kernel::Vnni512 | Kernel::Amx => {
