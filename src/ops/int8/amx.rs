@@ -19,7 +19,7 @@
 // The epilogue indexes several register arrays by the same row.
 #![allow(clippy::needless_range_loop)]
 
-use super::{Int8Rows, Tile, BLOCK, NR};
+use super::{x86, Int8Rows, Tile, BLOCK, NR};
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
@@ -99,57 +99,49 @@ struct Products([[i32; NR]; 2 * ROWS]);
 /// product starts as soon as its two tiles are in.
 #[inline(always)]
 unsafe fn tiles<const RT: usize>(a: *const u8, xstride: usize, w: *const u8, c: *mut u8) {
+    // The first row tile against both column tiles (tmm0, tmm1) ...
+    asm!(
+        "tileloadd tmm4, [{a} + {xs}*1]",
+        "tileloadd tmm6, [{w} + {ws}*1]",
+        "tilezero tmm0",
+        "tdpbsud tmm0, tmm4, tmm6",
+        "tileloadd tmm7, [{w1} + {ws}*1]",
+        "tilezero tmm1",
+        "tdpbsud tmm1, tmm4, tmm7",
+        a = in(reg) a,
+        xs = in(reg) xstride,
+        w = in(reg) w,
+        w1 = in(reg) w.add(64),
+        ws = in(reg) NR * 4,
+        options(nostack, readonly),
+    );
+    // ... the second (tmm2, tmm3) with the same weight tiles ...
     if RT == 2 {
         asm!(
-            "tileloadd tmm4, [{a} + {xs}*1]",
-            "tileloadd tmm6, [{w} + {ws}*1]",
-            "tilezero tmm0",
-            "tdpbsud tmm0, tmm4, tmm6",
-            "tileloadd tmm7, [{w1} + {ws}*1]",
-            "tilezero tmm1",
-            "tdpbsud tmm1, tmm4, tmm7",
             "tileloadd tmm5, [{a1} + {xs}*1]",
             "tilezero tmm2",
             "tdpbsud tmm2, tmm5, tmm6",
             "tilezero tmm3",
             "tdpbsud tmm3, tmm5, tmm7",
-            "tilestored [{c} + {ws}*1], tmm0",
-            "tilestored [{c1} + {ws}*1], tmm1",
-            "tilestored [{c2} + {ws}*1], tmm2",
-            "tilestored [{c3} + {ws}*1], tmm3",
-            a = in(reg) a,
+            "tilestored [{c2} + {cs}*1], tmm2",
+            "tilestored [{c3} + {cs}*1], tmm3",
             a1 = in(reg) a.add(ROWS * xstride),
             xs = in(reg) xstride,
-            w = in(reg) w,
-            w1 = in(reg) w.add(64),
-            ws = in(reg) NR * 4,
-            c = in(reg) c,
-            c1 = in(reg) c.add(64),
+            cs = in(reg) NR * 4,
             c2 = in(reg) c.add(ROWS * NR * 4),
             c3 = in(reg) c.add(ROWS * NR * 4 + 64),
             options(nostack),
         );
-    } else {
-        asm!(
-            "tileloadd tmm4, [{a} + {xs}*1]",
-            "tileloadd tmm6, [{w} + {ws}*1]",
-            "tilezero tmm0",
-            "tdpbsud tmm0, tmm4, tmm6",
-            "tileloadd tmm7, [{w1} + {ws}*1]",
-            "tilezero tmm1",
-            "tdpbsud tmm1, tmm4, tmm7",
-            "tilestored [{c} + {ws}*1], tmm0",
-            "tilestored [{c1} + {ws}*1], tmm1",
-            a = in(reg) a,
-            xs = in(reg) xstride,
-            w = in(reg) w,
-            w1 = in(reg) w.add(64),
-            ws = in(reg) NR * 4,
-            c = in(reg) c,
-            c1 = in(reg) c.add(64),
-            options(nostack),
-        );
     }
+    // ... and the first row tile's products stored.
+    asm!(
+        "tilestored [{c} + {cs}*1], tmm0",
+        "tilestored [{c1} + {cs}*1], tmm1",
+        cs = in(reg) NR * 4,
+        c = in(reg) c,
+        c1 = in(reg) c.add(64),
+        options(nostack),
+    );
 }
 
 /// Loads the tile configuration on this thread (before [`amx`]; ~120 ns).
@@ -213,21 +205,5 @@ pub(super) unsafe fn amx<const RT: usize>(
             }
         }
     }
-    let bias = [
-        _mm512_loadu_ps(t.bias.as_ptr()),
-        _mm512_loadu_ps(t.bias.as_ptr().add(16)),
-    ];
-    for i in 0..rows {
-        let out = y.add((r0 + i) * t.n + t.col0);
-        for h in 0..2 {
-            let v = _mm512_add_ps(facc[i][h], bias[h]);
-            let lo = 16 * h;
-            if t.cols >= lo + 16 {
-                _mm512_storeu_ps(out.add(lo), v);
-            } else if t.cols > lo {
-                let mask: __mmask16 = ((1u32 << (t.cols - lo)) - 1) as __mmask16;
-                _mm512_mask_storeu_ps(out.add(lo), mask, v);
-            }
-        }
-    }
+    x86::store_rows(t, &facc[..rows], r0, y);
 }

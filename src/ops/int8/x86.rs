@@ -132,6 +132,13 @@ pub(super) unsafe fn vnni512<const R: usize>(t: &Tile, x: &Int8Rows, r0: usize, 
             }
         }
     }
+    store_rows(t, &facc, r0, y);
+}
+
+/// Rows r0.. of the tile's output: each row's two 16-column accumulators plus the bias,
+/// stored (masked past the panel's real columns).
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn store_rows(t: &Tile, facc: &[[__m512; 2]], r0: usize, y: *mut f32) {
     let bias = [
         _mm512_loadu_ps(t.bias.as_ptr()),
         _mm512_loadu_ps(t.bias.as_ptr().add(16)),
