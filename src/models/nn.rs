@@ -395,8 +395,8 @@ pub fn gated_mlp(
     act: crate::ops::activation::Gate,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if let (Some(_), Some(_), Some(_)) = (gate.int8(), up.int8(), down.int8()) {
-        return int8_gated_mlp(x, (gate, up, down), act, residual, MLP_CHUNK_BYTES);
+    if let Some(y) = int8_gated_mlp(x, (gate, up, down), act, residual, MLP_CHUNK_BYTES)? {
+        return Ok(y);
     }
     let y = gated_mlp_unpacked(x, (gate, up, down), act)?;
     match residual {
@@ -405,7 +405,7 @@ pub fn gated_mlp(
     }
 }
 
-/// [`gated_mlp`] with the three layers packed in int8: rows in chunks whose intermediate
+/// [`gated_mlp`] when the three layers are packed in int8 (None otherwise): rows in chunks whose intermediate
 /// products hold at most `chunk_bytes` (rows are independent: the values do not change). Two
 /// [rows, intermediate] outputs of 36 MB each (1,024 rows of Qwen2.5-1.5B) were fresh memory
 /// mappings on every call, past the allocator's reuse limit; in chunks of 8 MB the forward of
@@ -416,9 +416,9 @@ fn int8_gated_mlp(
     act: crate::ops::activation::Gate,
     residual: Option<&Tensor>,
     chunk_bytes: usize,
-) -> Result<Tensor> {
+) -> Result<Option<Tensor>> {
     let (Some(g), Some(u), Some(d)) = (gate.int8(), up.int8(), down.int8()) else {
-        candle_core::bail!("int8 gated MLP: a layer is not packed in int8");
+        return Ok(None);
     };
     let mlp = |x: &Tensor, residual: Option<&Tensor>| -> Result<Tensor> {
         let q = QuantizedInput::new(x)?;
@@ -431,7 +431,7 @@ fn int8_gated_mlp(
     let m = x.elem_count() / k.max(1);
     let chunk = (chunk_bytes / (4 * g.rows().max(1)) / 16 * 16).max(16);
     if m <= chunk {
-        return mlp(x, residual);
+        return mlp(x, residual).map(Some);
     }
     let x2 = x.reshape((m, k))?;
     let r2 = residual.map(|r| r.reshape((m, ()))).transpose()?;
@@ -445,7 +445,7 @@ fn int8_gated_mlp(
         .collect::<Result<Vec<_>>>()?;
     let mut dims = x.dims().to_vec();
     *dims.last_mut().expect("a last dimension") = d.rows();
-    Tensor::cat(&parts, 0)?.reshape(dims)
+    Tensor::cat(&parts, 0)?.reshape(dims).map(Some)
 }
 
 fn gated_mlp_unpacked(
@@ -818,12 +818,15 @@ mod tests {
             assert_eq!(bits(&with), bits(&(&residual + &steps).unwrap()), "{act:?}");
             // In chunks of 16 rows (14 rows here: one chunk) and of 16 of 40 rows (three).
             let layers = (&gate, &up, &down);
-            let chunked = int8_gated_mlp(&x, layers, act, Some(&residual), 16 * 4 * i).unwrap();
+            let chunked = int8_gated_mlp(&x, layers, act, Some(&residual), 16 * 4 * i);
+            let chunked = chunked.unwrap().expect("packed in int8");
             assert_eq!(bits(&chunked), bits(&with), "{act:?}");
             let x40 = tensor(&[5, 8, h], 7, 1.5);
             let r40 = tensor(&[5, 8, h], 8, 1.0);
-            let whole = int8_gated_mlp(&x40, layers, act, Some(&r40), usize::MAX).unwrap();
-            let parts = int8_gated_mlp(&x40, layers, act, Some(&r40), 16 * 4 * i).unwrap();
+            let whole = int8_gated_mlp(&x40, layers, act, Some(&r40), usize::MAX);
+            let whole = whole.unwrap().expect("packed in int8");
+            let parts = int8_gated_mlp(&x40, layers, act, Some(&r40), 16 * 4 * i);
+            let parts = parts.unwrap().expect("packed in int8");
             assert_eq!(parts.dims(), &[5, 8, h]);
             assert_eq!(bits(&parts), bits(&whole), "{act:?}");
         }

@@ -24,8 +24,8 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-/// Rows of a tile (and the padding of activation rows).
-pub(super) const ROWS: usize = 16;
+/// Rows of a tile: the padding of activation rows.
+pub(super) const ROWS: usize = super::PAD_ROWS;
 
 /// Whether the CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7), the AVX-512 the epilogue uses,
 /// and the operating system lets this process use the tiles.
@@ -200,8 +200,7 @@ pub(super) unsafe fn amx<const RT: usize>(
             for h in 0..2 {
                 let p = _mm512_load_si512(c.0[i].as_ptr().add(16 * h) as *const _);
                 let p = _mm512_add_epi32(p, corr);
-                let s = _mm512_mul_ps(xs, ws[h]);
-                facc[i][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, facc[i][h]);
+                facc[i][h] = x86::finish_block(p, xs, ws[h], facc[i][h]);
             }
         }
     }

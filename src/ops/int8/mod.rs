@@ -252,7 +252,7 @@ impl Int8Rows {
         let nb = kp / BLOCK;
         // Every value of each row is written by the thread that quantizes it (the blocks, then
         // zeros for the padding), with no zeroing pass before.
-        // Rows padded with zero rows to a multiple of 16 (whole tiles for the AMX kernel).
+        // Rows padded with zero rows to a multiple of PAD_ROWS (whole tiles for the AMX kernel).
         let mp = round_up(m, PAD_ROWS);
         let mut q: Vec<i8> = Vec::with_capacity(mp * kp);
         let mut scales = vec![0f32; m * nb];

@@ -127,12 +127,18 @@ pub(super) unsafe fn vnni512<const R: usize>(t: &Tile, x: &Int8Rows, r0: usize, 
         for i in 0..R {
             let xs = _mm512_set1_ps(*x.scales.get_unchecked((r0 + i) * nb + b));
             for h in 0..2 {
-                let s = _mm512_mul_ps(xs, ws[h]);
-                facc[i][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i][h]), s, facc[i][h]);
+                facc[i][h] = finish_block(iacc[i][h], xs, ws[h], facc[i][h]);
             }
         }
     }
     store_rows(t, &facc, r0, y);
+}
+
+/// The definition's float step for one block of 16 columns: acc + f32(p) x (xs x ws), fused.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn finish_block(p: __m512i, xs: __m512, ws: __m512, acc: __m512) -> __m512 {
+    _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(xs, ws), acc)
 }
 
 /// Rows r0.. of the tile's output: each row's two 16-column accumulators plus the bias,
