@@ -83,15 +83,26 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Study(StudyCommand::Precision {
             models,
+            precisions,
             n,
             prompts,
             new_tokens,
             seed,
             json,
         }) => {
+            let precisions: Vec<Precision> = if precisions.is_empty() {
+                std::iter::once(Precision::Int8)
+                    .chain(ws2s::ops::bf16x2::available().then_some(Precision::Bf16x2))
+                    .collect()
+            } else {
+                precisions
+                    .iter()
+                    .map(|p| p.resolve_on(Purpose::Decoding, &candle_core::Device::Cpu))
+                    .collect::<Result<_>>()?
+            };
             let rows = ws2s::experiment::precision_study::precision_study(
                 &models,
-                &[Precision::Int8],
+                &precisions,
                 (n, prompts, new_tokens),
                 seed,
                 true,
@@ -123,7 +134,7 @@ fn bench(command: BenchCommand) -> Result<()> {
             let device = device.device()?;
             // Training computes in f32 on the CPU (int8 is for inference only).
             let precision = match precision.resolve_on(Purpose::Decoding, &device)? {
-                Precision::Int8 => Precision::F32,
+                Precision::Int8 | Precision::Bf16x2 => Precision::F32,
                 p => p,
             };
             let names: Vec<&str> = if workload == "all" {

@@ -364,7 +364,10 @@ impl ExperimentConfig {
     fn check_values(&self) -> Result<()> {
         match (self.device, self.precision) {
             (crate::runtime::DeviceSetting::Cpu, PrecisionSetting::Bf16) => {
-                bail!("precision: bf16 is a GPU's precision (device = \"cuda\"); on the CPU use \"auto\", \"f32\" or \"int8\"")
+                bail!("precision: bf16 is a GPU's precision (device = \"cuda\"); on the CPU use \"auto\", \"f32\", \"int8\" or \"bf16x2\" (CPUs with Intel AMX)")
+            }
+            (crate::runtime::DeviceSetting::Cuda(_), PrecisionSetting::Bf16x2) => {
+                bail!("precision: bf16x2 runs on CPUs with Intel AMX only; with device = \"{}\" use \"auto\" (bf16) or \"f32\"", self.device)
             }
             (crate::runtime::DeviceSetting::Cuda(_), PrecisionSetting::Int8) => {
                 bail!("precision: int8 runs on the CPU only; with device = \"{}\" use \"auto\" (bf16) or \"f32\"", self.device)
@@ -605,8 +608,14 @@ weak_train = 10
         use crate::ops::{Precision, Purpose};
         let config = ExperimentConfig::parse(GOOD, Path::new("exp.toml")).unwrap();
         assert_eq!(config.precision, PrecisionSetting::Auto);
-        // Decoding never defaults to int8; features follow the CPU.
-        assert_eq!(config.precision.resolve(Purpose::Decoding), Precision::F32);
+        // Decoding never defaults to int8 (bf16x2 on CPUs with AMX-BF16, else f32); features
+        // follow the CPU.
+        let decoding = if crate::ops::bf16x2::available() {
+            Precision::Bf16x2
+        } else {
+            Precision::F32
+        };
+        assert_eq!(config.precision.resolve(Purpose::Decoding), decoding);
         let int8_features = crate::ops::int8::Kernel::Vnni512.available();
         assert_eq!(
             config.precision.resolve(Purpose::Features) == Precision::Int8,

@@ -38,6 +38,8 @@ pub enum PrecisionSetting {
     Int8,
     /// bf16 weights and activations: a GPU's precision.
     Bf16,
+    /// bf16 weights, activations as two bf16 (hi + lo): CPUs with Intel AMX-BF16.
+    Bf16x2,
 }
 
 impl PrecisionSetting {
@@ -48,6 +50,7 @@ impl PrecisionSetting {
             PrecisionSetting::Auto => crate::ops::Precision::fastest_for(purpose),
             PrecisionSetting::F32 | PrecisionSetting::Bf16 => crate::ops::Precision::F32,
             PrecisionSetting::Int8 => crate::ops::Precision::Int8,
+            PrecisionSetting::Bf16x2 => crate::ops::Precision::Bf16x2,
         }
     }
 
@@ -66,8 +69,25 @@ impl PrecisionSetting {
             (false, PrecisionSetting::Int8) => {
                 bail!("precision int8 runs on the CPU only; on a GPU use bf16 (auto) or f32")
             }
+            (false, PrecisionSetting::Bf16x2) => {
+                bail!("precision bf16x2 runs on CPUs with Intel AMX only; on a GPU use bf16 (auto) or f32")
+            }
             (true, PrecisionSetting::Bf16) => {
-                bail!("precision bf16 is a GPU's precision; on the CPU use auto, f32 or int8")
+                bail!(
+                    "precision bf16 is a GPU's precision; on the CPU use auto, f32, int8{}",
+                    if crate::ops::bf16x2::available() {
+                        " or bf16x2 (bf16 weights on this CPU's AMX tiles)"
+                    } else {
+                        ""
+                    }
+                )
+            }
+            (true, PrecisionSetting::Bf16x2) if !crate::ops::bf16x2::available() => {
+                bail!(
+                    "precision bf16x2 needs a CPU with Intel AMX-BF16 (Xeon 4th generation or \
+                     later) and Linux's permission to use its tiles; this one has none: use \
+                     auto, f32 or int8"
+                )
             }
             (true, setting) => setting.resolve(purpose),
         })

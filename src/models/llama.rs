@@ -83,7 +83,7 @@ impl Layer {
         scale: f64,
     ) -> Result<Option<crate::ops::decoder::PreNormOutput>> {
         use crate::ops::decoder::{pre_norm_layer, Adapter, PreNormParams};
-        if self.q_proj.packed.is_some() {
+        if self.q_proj.is_packed() {
             return Ok(None);
         }
         let others = [

@@ -4,6 +4,7 @@
 //! candle-nn's fused norms, `softmax_last_dim` and RoPE kernels silently stop gradients).
 
 use super::params::{Params, Trainable};
+use crate::ops::bf16x2::{self, Bf16Weight};
 use crate::ops::int8::{self, Epilogue, Int8Weight, QuantizedInput};
 use crate::ops::Precision;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
@@ -31,6 +32,9 @@ pub struct Linear {
     /// The weight in int8 for inference ([`Linear::set_precision`]); used instead of `weight`
     /// when the layer has no adapter.
     pub packed: Option<Arc<Int8Weight>>,
+    /// The weight in bf16 for inference in [`Precision::Bf16x2`]; used instead of `weight` when
+    /// the layer has no adapter.
+    pub split: Option<Arc<Bf16Weight>>,
     /// The f32 weight was let go after packing ([`Linear::pack_dropping_f32`]): `weight` is a
     /// placeholder of its shape, and the layer runs in int8 only.
     f32_dropped: bool,
@@ -268,6 +272,7 @@ impl Linear {
             bias,
             lora,
             packed: None,
+            split: None,
             f32_dropped: false,
         }
     }
@@ -294,6 +299,17 @@ impl Linear {
         self.packed.as_deref().filter(|_| self.lora.is_none())
     }
 
+    /// The bf16 weight, when packed and used (no adapter).
+    fn bf16(&self) -> Option<&Bf16Weight> {
+        self.split.as_deref().filter(|_| self.lora.is_none())
+    }
+
+    /// Whether the layer runs from a packed copy (int8 or bf16) rather than its f32 weight:
+    /// fused f32 paths must not take it.
+    pub fn is_packed(&self) -> bool {
+        self.int8().is_some() || self.bf16().is_some()
+    }
+
     /// Packs the weight for `precision` (int8), or drops the packed copy (f32). Layers with an
     /// adapter or a trained weight stay in f32.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
@@ -311,12 +327,21 @@ impl Linear {
             Precision::Int8 if self.is_frozen() => Some(Arc::new(int8::pack_tensor(&self.weight)?)),
             _ => None,
         };
+        self.split = match precision {
+            Precision::Bf16x2 if self.is_frozen() && self.weight.device().is_cpu() => {
+                Some(Arc::new(bf16x2::pack_tensor(&self.weight)?))
+            }
+            _ => None,
+        };
         Ok(())
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(w) = self.int8() {
             return int8::linear(x, w, self.bias.as_ref());
+        }
+        if let Some(w) = self.bf16() {
+            return bf16x2::linear(x, w, self.bias.as_ref());
         }
         if let Some(lora) = self
             .lora
@@ -455,7 +480,10 @@ fn gated_mlp_unpacked(
 ) -> Result<Tensor> {
     use crate::ops::mlp::{frozen_mlp, MlpKind};
     let layers = [gate, up, down];
-    if layers.iter().all(|l| l.is_frozen() && l.bias.is_none()) {
+    if layers
+        .iter()
+        .all(|l| l.is_frozen() && l.bias.is_none() && !l.is_packed())
+    {
         let fused = frozen_mlp(
             x,
             MlpKind::Gated(act),
@@ -482,7 +510,7 @@ pub fn gelu_mlp(x: &Tensor, up: &Linear, down: &Linear) -> Result<Tensor> {
     if up.int8().is_some() && down.int8().is_some() {
         return down.forward(&up.forward_then(x, Epilogue::Gelu)?);
     }
-    if up.is_frozen() && down.is_frozen() {
+    if up.is_frozen() && down.is_frozen() && !up.is_packed() && !down.is_packed() {
         let fused = frozen_mlp(
             x,
             MlpKind::GeluErf,
@@ -495,7 +523,7 @@ pub fn gelu_mlp(x: &Tensor, up: &Linear, down: &Linear) -> Result<Tensor> {
         }
     }
     let h = up.forward(x)?;
-    if let (None, Some(bias)) = (&down.lora, &down.bias) {
+    if let (None, Some(bias), false) = (&down.lora, &down.bias, down.is_packed()) {
         if let Some(y) = crate::ops::mlp::gelu_linear(&h, &down.weight, bias)? {
             return Ok(y);
         }

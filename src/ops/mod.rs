@@ -2,6 +2,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod bf16x2;
 pub mod decoder;
 pub mod encoder;
 pub mod head;
@@ -31,6 +32,10 @@ pub enum Precision {
     /// bf16 weights and activations on a GPU (candle's CUDA kernels; models loaded on a GPU
     /// get bf16 frozen weights, see `runtime::frozen_dtype`). Nothing is packed.
     Bf16,
+    /// On a CPU with Intel AMX-BF16: bf16 weights (lossless for checkpoints stored in bf16)
+    /// and each activation as a pair of bf16 (hi + lo, 16 significant bits), products on the
+    /// tiles with f32 sums ([`bf16x2`]).
+    Bf16x2,
 }
 
 impl Precision {
@@ -39,6 +44,7 @@ impl Precision {
             Precision::F32 => "f32",
             Precision::Int8 => "int8",
             Precision::Bf16 => "bf16",
+            Precision::Bf16x2 => "bf16x2",
         }
     }
 
@@ -50,6 +56,7 @@ impl Precision {
             Precision::F32 => skinny::Kernel::detected().label(),
             Precision::Int8 => int8::Kernel::detected().name(),
             Precision::Bf16 => "cuda",
+            Precision::Bf16x2 => "amx-bf16",
         }
     }
 
@@ -58,7 +65,7 @@ impl Precision {
     pub fn dtype(self) -> candle_core::DType {
         match self {
             Precision::Bf16 => candle_core::DType::BF16,
-            Precision::F32 | Precision::Int8 => candle_core::DType::F32,
+            Precision::F32 | Precision::Int8 | Precision::Bf16x2 => candle_core::DType::F32,
         }
     }
 
@@ -66,11 +73,13 @@ impl Precision {
     /// (docs/results/inference.md): for features, int8 where the CPU has 8-bit dot products
     /// (AVX-512 VNNI; probes on int8 features are within 0.01 of f32's accuracy), else f32 (int8
     /// by widening to 16 bits is not faster than f32's FMA there); for decoding and scoring,
-    /// f32 (int8's greedy continuations are not identical often enough; decoding screens the
-    /// head in int8 where the CPU has VNNI, which keeps f32's tokens, see [`head`]).
+    /// bf16x2 where the CPU has AMX-BF16 (its greedy continuations are f32's), else f32
+    /// (int8's greedy continuations are not identical often enough); decoding screens the head
+    /// in int8 where the CPU has VNNI, which keeps f32's tokens, see [`head`].
     pub fn fastest_for(purpose: Purpose) -> Precision {
         match purpose {
             Purpose::Features if int8::Kernel::Vnni512.available() => Precision::Int8,
+            Purpose::Decoding if bf16x2::available() => Precision::Bf16x2,
             _ => Precision::F32,
         }
     }

@@ -46,6 +46,18 @@ pub(super) fn available() -> bool {
     })
 }
 
+/// Whether the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7) and the operating system lets
+/// this process use the tiles ([`crate::ops::bf16x2`]).
+pub(crate) fn available_bf16() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        let leaf = __cpuid_count(7, 0);
+        let tile = (leaf.edx >> 24) & 1 == 1;
+        let bf16 = (leaf.edx >> 22) & 1 == 1;
+        tile && bf16 && request_tiles()
+    })
+}
+
 /// Asks Linux for the tile data state (once per process; every thread may then use it).
 #[cfg(target_os = "linux")]
 fn request_tiles() -> bool {
@@ -148,7 +160,7 @@ unsafe fn tiles<const RT: usize>(a: *const u8, xstride: usize, w: *const u8, c: 
 ///
 /// # Safety
 /// [`available`].
-pub(super) unsafe fn configure() {
+pub(crate) unsafe fn configure() {
     let cfg = config();
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
 }
@@ -157,7 +169,7 @@ pub(super) unsafe fn configure() {
 ///
 /// # Safety
 /// [`available`].
-pub(super) unsafe fn release() {
+pub(crate) unsafe fn release() {
     asm!("tilerelease", options(nostack, nomem));
 }
 

@@ -729,7 +729,7 @@ impl Tile<'_> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod amx;
+pub(crate) mod amx;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
