@@ -505,10 +505,13 @@ fn loading_for_int8_inference_equals_loading_then_packing() {
         .map(|name| fixture(name))
         .collect();
     paths.push(fixture("llama_gguf").join("tiny-llama.gguf"));
-    for path in paths {
-        let mut reference = Model::load(&path, Trainable::Frozen, 0, &Device::Cpu).unwrap();
-        reference.network.set_precision(Precision::Int8).unwrap();
-        let mut packed = Model::load_for_inference(&path, Precision::Int8, &Device::Cpu).unwrap();
+    for (path, precision) in paths
+        .iter()
+        .flat_map(|p| [(p, Precision::Int8), (p, Precision::Bf16x2)])
+    {
+        let mut reference = Model::load(path, Trainable::Frozen, 0, &Device::Cpu).unwrap();
+        reference.network.set_precision(precision).unwrap();
+        let mut packed = Model::load_for_inference(path, precision, &Device::Cpu).unwrap();
         let ids =
             Tensor::new(&[[3u32, 14, 15, 9, 2, 6], [5, 3, 5, 8, 9, 7]], &Device::Cpu).unwrap();
         let mask = vec![vec![1u32; 6], vec![1, 1, 1, 1, 0, 0]];
@@ -518,7 +521,12 @@ fn loading_for_int8_inference_equals_loading_then_packing() {
                 .unwrap()
         };
         let diff = max_diff_on_mask(&hidden(&reference), &hidden(&packed), &mask);
-        assert_eq!(diff, 0.0, "{}: differs by {diff}", path.display());
+        assert_eq!(
+            diff,
+            0.0,
+            "{} {precision:?}: differs by {diff}",
+            path.display()
+        );
         assert_eq!(
             reference.parameters,
             packed.parameters,
@@ -532,7 +540,7 @@ fn loading_for_int8_inference_equals_loading_then_packing() {
             path.display()
         );
         // Packing again is allowed (and changes nothing).
-        packed.network.set_precision(Precision::Int8).unwrap();
+        packed.network.set_precision(precision).unwrap();
         assert_eq!(
             max_diff_on_mask(&hidden(&reference), &hidden(&packed), &mask),
             0.0

@@ -441,7 +441,8 @@ impl Model {
     }
 
     /// Loads a model for inference in `precision` only: frozen, its weights in the precision's
-    /// type, and, in int8, each linear layer packed as it is built with no f32 copy kept (GGUF
+    /// type, and, in int8 or bf16x2, each linear layer packed as it is built with no f32 copy
+    /// kept (the head and embeddings stay f32) (GGUF
     /// tensors are de-quantised one at a time): the f32 weights never all exist at once, which
     /// saves most of the memory and of the time spent touching it. Such a model cannot switch
     /// to another precision later (load it again).
@@ -450,7 +451,11 @@ impl Model {
         precision: crate::ops::Precision,
         device: &Device,
     ) -> Result<Model> {
-        let pack = (precision == crate::ops::Precision::Int8).then_some(precision);
+        let pack = matches!(
+            precision,
+            crate::ops::Precision::Int8 | crate::ops::Precision::Bf16x2
+        )
+        .then_some(precision);
         let mut model =
             Self::load_packing(path, Trainable::Frozen, 0, device, precision.dtype(), pack)?;
         model.network.set_precision(precision)?;

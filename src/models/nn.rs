@@ -35,9 +35,9 @@ pub struct Linear {
     /// The weight in bf16 for inference in [`Precision::Bf16x2`]; used instead of `weight` when
     /// the layer has no adapter.
     pub split: Option<Arc<Bf16Weight>>,
-    /// The f32 weight was let go after packing ([`Linear::pack_dropping_f32`]): `weight` is a
-    /// placeholder of its shape, and the layer runs in int8 only.
-    f32_dropped: bool,
+    /// The precision whose packed copy replaced the f32 weight ([`Linear::pack_dropping_f32`]):
+    /// `weight` is then a placeholder of its shape, and the layer runs in that precision only.
+    f32_dropped: Option<Precision>,
 }
 
 thread_local! {
@@ -273,23 +273,26 @@ impl Linear {
             lora,
             packed: None,
             split: None,
-            f32_dropped: false,
+            f32_dropped: None,
         }
     }
 
-    /// Packs a frozen layer in int8 and lets go of its f32 weight (a zero-stride placeholder of
-    /// the same shape takes its place): a model loaded for int8 inference never holds all its
-    /// f32 weights at once. The layer can then run in int8 only. Layers that are trained keep
-    /// their f32 weight and are not packed.
-    pub fn pack_dropping_f32(&mut self) -> Result<()> {
-        if !self.is_frozen() {
+    /// Packs a frozen layer for `precision` (int8 or bf16x2) and lets go of its f32 weight (a
+    /// zero-stride placeholder of the same shape takes its place): a model loaded for inference
+    /// in such a precision never holds all its f32 weights at once. The layer can then run in
+    /// that precision only. Layers that are trained keep their f32 weight and are not packed.
+    pub fn pack_dropping_f32(&mut self, precision: Precision) -> Result<()> {
+        if !self.is_frozen() || !matches!(precision, Precision::Int8 | Precision::Bf16x2) {
             return Ok(());
         }
-        if !self.f32_dropped {
-            self.packed = Some(Arc::new(int8::pack_tensor(&self.weight)?));
+        if self.f32_dropped.is_none() {
+            self.set_precision(precision)?;
+            if !self.is_packed() {
+                return Ok(()); // not packable here (a GPU's weight): keep f32
+            }
             let zero = Tensor::zeros((), self.weight.dtype(), self.weight.device())?;
             self.weight = zero.broadcast_as(self.weight.shape())?;
-            self.f32_dropped = true;
+            self.f32_dropped = Some(precision);
         }
         Ok(())
     }
@@ -313,13 +316,14 @@ impl Linear {
     /// Packs the weight for `precision` (int8), or drops the packed copy (f32). Layers with an
     /// adapter or a trained weight stay in f32.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
-        if self.f32_dropped {
-            if precision == Precision::Int8 {
+        if let Some(kept) = self.f32_dropped {
+            if precision == kept {
                 return Ok(());
             }
             candle_core::bail!(
-                "this model was loaded for int8 inference and kept no f32 weights; load it again \
+                "this model was loaded for {} inference and kept no f32 weights; load it again \
                  for {} (Model::load_as)",
+                kept.name(),
                 precision.name()
             );
         }
@@ -727,13 +731,15 @@ impl Params {
             }
             _ => false,
         };
-        !adapted && self.trainable != Trainable::All && self.packing() == Some(Precision::Int8)
+        !adapted
+            && self.trainable != Trainable::All
+            && matches!(self.packing(), Some(Precision::Int8 | Precision::Bf16x2))
     }
 
     /// `linear` (the layer `prefix`), packed now when the parameters say so.
     fn built(&self, prefix: &str, mut linear: Linear) -> Result<Linear> {
-        if self.packs(prefix) {
-            linear.pack_dropping_f32()?;
+        if let (true, Some(precision)) = (self.packs(prefix), self.packing()) {
+            linear.pack_dropping_f32(precision)?;
         }
         Ok(linear)
     }

@@ -92,7 +92,7 @@ impl Params {
     }
 
     /// Frozen linear layers are packed for `precision` as they are built and keep no f32 copy
-    /// (inference only; int8 is the one precision that packs).
+    /// (inference only; int8 and bf16x2 pack).
     pub fn with_packing(mut self, precision: crate::ops::Precision) -> Self {
         self.pack = Some(precision);
         self
