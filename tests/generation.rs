@@ -178,6 +178,46 @@ fn lora() -> Trainable {
 }
 
 #[test]
+fn generation_in_bf16x2_decodes_a_packed_copy_and_leaves_the_model_in_f32() {
+    use ws2s::ops::Precision;
+    let mut s2s = Seq2Seq::load(&tiny_gguf(), lora(), 3, "in: {input} out:", &Device::Cpu).unwrap();
+    let inputs = ["alpha beta", "gamma", "delta epsilon zeta", "eta"];
+    let run = |s2s: &Seq2Seq| {
+        s2s.generate_all(&inputs, 3, 1, 6, 2, false, "test", false)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.into_iter().next().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let f32_hyps = run(&s2s);
+    s2s.precision = Precision::Bf16x2;
+    let bf16_hyps = run(&s2s);
+    let mut same = 0;
+    let mut exact = true;
+    for (a, b) in f32_hyps.iter().zip(&bf16_hyps) {
+        if a.tokens == b.tokens {
+            same += 1;
+            for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+                // bf16 weights (the fixture's are f32): ~2^-9 relative per weight.
+                assert!((x - y).abs() < 0.05, "{x} vs {y}");
+                exact &= x == y;
+            }
+        }
+    }
+    assert!(same >= 3, "{same} of 4 continuations kept");
+    assert!(
+        !exact,
+        "bf16x2 gave f32's log-probabilities exactly (not used?)"
+    );
+    // The model itself was not packed: f32 again gives the first values exactly.
+    s2s.precision = Precision::F32;
+    let again = run(&s2s);
+    for (a, b) in f32_hyps.iter().zip(&again) {
+        assert_eq!((&a.tokens, &a.logprobs), (&b.tokens, &b.logprobs));
+    }
+}
+
+#[test]
 fn dpo_with_policy_equal_to_reference_is_log_2_and_the_reference_stays_unchanged() {
     let policy = Seq2Seq::load(&tiny_gguf(), lora(), 3, "in: {input} out:", &Device::Cpu).unwrap();
     let reference =

@@ -62,6 +62,9 @@ pub struct RunResults {
     pub summary: SummaryTable,
     /// Wall-clock seconds of the whole run (cached stages take almost none).
     pub wall_seconds: f64,
+    /// The precision of decoding's products with its kernel ("f32 (gemm-f32+...)",
+    /// "bf16x2 (amx-bf16)"); training and scoring compute in f32.
+    pub decode_precision: String,
 }
 
 const METRICS: [&str; 4] = ["slu_f1", "span_f1", "exact_match", "unparsable"];
@@ -135,7 +138,8 @@ pub fn markdown(results: &RunResults) -> String {
          defines it; an unparsable output counts as no slots. Cells: mean ± std over seeds [95% \
          bootstrap interval of the mean]. PGR = (student - weak) / (ceiling - weak) on SLU-F1, \
          against the mean of the weak models and against the best one. Unparsable: outputs (of \
-         {}) that are not a JSON object of strings. Wall time of the run: {:.0} s.\n\n",
+         {}) that are not a JSON object of strings. Decoding's products: {}; training and \
+         scoring: f32. Wall time of the run: {:.0} s.\n\n",
         c.name,
         c.task.name,
         sizes[0],
@@ -146,6 +150,7 @@ pub fn markdown(results: &RunResults) -> String {
         c.generation.test_beams,
         c.generation.weak_beams,
         sizes[2],
+        results.decode_precision,
         results.wall_seconds
     );
     let row = |name: &str| results.summary.get(name);

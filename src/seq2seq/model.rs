@@ -21,6 +21,10 @@ pub struct Seq2Seq {
     pub template: String,
     /// Where the model runs (frozen weights bf16 on a GPU, trained ones f32).
     pub device: Device,
+    /// The precision of generation's products on the CPU ([`Seq2Seq::generate_all`]): int8 or
+    /// bf16x2 pack the frozen layers of a copy of the network for decoding (trained layers and
+    /// adapters stay f32); training and scoring are f32 whatever this says.
+    pub precision: crate::ops::Precision,
 }
 
 impl Seq2Seq {
@@ -47,6 +51,7 @@ impl Seq2Seq {
             model,
             template: template.to_string(),
             device: device.clone(),
+            precision: crate::ops::Precision::F32,
         })
     }
 
@@ -182,11 +187,23 @@ impl Seq2Seq {
             .map(|i| self.prompt_ids(i))
             .collect::<Result<_>>()?;
         let order = by_length(&prompts);
+        // A copy of the network (its weights shared) with the frozen layers packed for the
+        // decoding precision; the model itself stays as trained.
+        let packed;
+        let network = match self.precision {
+            crate::ops::Precision::Int8 | crate::ops::Precision::Bf16x2 if self.device.is_cpu() => {
+                let mut copy = self.model.network.clone();
+                copy.set_precision(self.precision)?;
+                packed = copy;
+                &packed
+            }
+            _ => &self.model.network,
+        };
         let mut out: Vec<Vec<Hypothesis>> = vec![Vec::new(); inputs.len()];
         let bar = progress_bar(progress, inputs.len() as u64, label);
         for chunk in order.chunks(batch.max(1)) {
             let p: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-            let results = generate(&self.model.network, &p, &options, &self.device)?;
+            let results = generate(network, &p, &options, &self.device)?;
             for (&i, hyps) in chunk.iter().zip(results) {
                 out[i] = hyps;
             }

@@ -61,7 +61,7 @@ fn run_gen_seed(s: &Seed, decode_json: &str) -> Result<GenSeedOutput> {
         s,
         weak_all,
         joint_key,
-        strong_json: serde_json::to_string(&(g, &weights))?,
+        strong_json: serde_json::to_string(&(g, &weights))? + &s.decode_tag,
     };
     let gold_targets: Vec<&str> = dataset
         .strong_train
@@ -167,12 +167,23 @@ pub fn run(
     let g = &config.generation;
     let strong_spec = config.strong_over_weak()?;
     let device = config.device.device()?;
+    // Decoding's precision (training and scoring stay f32); stage keys name it unless f32, so
+    // that runs in f32 keep their keys.
+    let precision = config
+        .precision
+        .resolve_on(crate::ops::Purpose::Decoding, &device)?;
+    let decode_tag = match precision {
+        crate::ops::Precision::Int8 | crate::ops::Precision::Bf16x2 if device.is_cpu() => {
+            format!("|decode {}", precision.name())
+        }
+        _ => String::new(),
+    };
     let weak_models: Vec<ModelRef> = config
         .weak
         .iter()
-        .map(|spec| ModelRef::new(spec, &device))
+        .map(|spec| ModelRef::new(spec, &device, precision))
         .collect::<Result<_>>()?;
-    let strong = ModelRef::new(strong_spec, &device)?;
+    let strong = ModelRef::new(strong_spec, &device, precision)?;
     let weak_names = config.weak_labels();
     let stages = StageCache::new(&home.stages());
     let decode_json = serde_json::to_string(&(
@@ -181,7 +192,7 @@ pub fn run(
         g.test_beams,
         g.max_new_tokens,
         g.stop_at_json,
-    ))?;
+    ))? + &decode_tag;
     let mut seed_results = Vec::new();
     let mut label_rows: Vec<LabelRow> = Vec::new();
     let mut pair_rows: Vec<PairRow> = Vec::new();
@@ -208,6 +219,7 @@ pub fn run(
                 .map(|m| stage_key(&["gen-weak-train", &m.key(), &data_hash, &g.prompt]))
                 .collect(),
             data_hash,
+            decode_tag: decode_tag.clone(),
         };
         let (result, labels, pairs) = run_gen_seed(&seed, &decode_json)?;
         seed_results.push(result);
@@ -227,6 +239,7 @@ pub fn run(
         seeds: seed_results,
         summary,
         wall_seconds: started.elapsed().as_secs_f64(),
+        decode_precision: format!("{} ({})", precision.name(), precision.kernel()),
     };
     write_outputs(out, &results, &label_rows, &pair_rows, &stages.log())?;
     Ok(results)

@@ -50,10 +50,17 @@ pub(super) struct ModelRef {
     pub(super) hash: String,
     pub(super) tokenizer: Tokenizer,
     pub(super) device: candle_core::Device,
+    /// The precision of its generation (decoding) on the CPU.
+    pub(super) precision: crate::ops::Precision,
 }
 
 impl ModelRef {
-    pub(super) fn new(spec: &ModelSpec, device: &candle_core::Device) -> Result<ModelRef> {
+    /// `precision`: that of its generation (decoding) on the CPU.
+    pub(super) fn new(
+        spec: &ModelSpec,
+        device: &candle_core::Device,
+        precision: crate::ops::Precision,
+    ) -> Result<ModelRef> {
         let path = resolve_model(&spec.model)?;
         let hash = model_hash(&path)?;
         let tokenizer = load_tokenizer(&path)?;
@@ -64,6 +71,7 @@ impl ModelRef {
             hash,
             tokenizer,
             device: device.clone(),
+            precision,
         })
     }
 
@@ -78,14 +86,16 @@ impl ModelRef {
     }
 
     pub(super) fn load(&self, seed: u64, template: &str) -> Result<Seq2Seq> {
-        Seq2Seq::load(
+        let mut s2s = Seq2Seq::load(
             &self.path,
             trainable_of(&self.spec)?,
             seed,
             template,
             &self.device,
         )
-        .with_context(|| format!("loading {}", self.spec.label()))
+        .with_context(|| format!("loading {}", self.spec.label()))?;
+        s2s.precision = self.precision;
+        Ok(s2s)
     }
 }
 

@@ -52,6 +52,8 @@ pub(super) struct Seed<'a> {
     pub(super) strong_inputs: Vec<&'a str>,
     /// The key of each weak model's fine-tuning on weak_train.
     pub(super) weak_train_keys: Vec<String>,
+    /// Decoding's precision in stage keys ("" for f32).
+    pub(super) decode_tag: String,
 }
 
 impl<'a> Seed<'a> {
