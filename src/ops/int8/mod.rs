@@ -555,6 +555,19 @@ pub fn matmul_then(
     bias: Option<&[f32]>,
     then: Epilogue<&[f32]>,
 ) -> Vec<f32> {
+    matmul_into(kernel, x, w, bias, then, Vec::new())
+}
+
+/// [`matmul_then`] into `y`'s memory (its values replaced; a buffer kept from an earlier call
+/// saves the fresh pages of a large output).
+pub fn matmul_into(
+    kernel: Kernel,
+    x: &Int8Rows,
+    w: &Int8Weight,
+    bias: Option<&[f32]>,
+    then: Epilogue<&[f32]>,
+    mut y: Vec<f32>,
+) -> Vec<f32> {
     assert!(
         kernel.available(),
         "int8 kernel {} not available",
@@ -583,11 +596,12 @@ pub fn matmul_then(
             r.len()
         );
     }
+    y.clear();
     if m == 0 || n == 0 {
-        return vec![0f32; m * n];
+        return y;
     }
     // Not zeroed first: the kernels write every value.
-    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    y.reserve(m * n);
     // The threads write disjoint elements (their own panels' columns).
     let out = super::real::SharedMut(y.spare_capacity_mut().as_mut_ptr() as *mut f32);
     let panels = n.div_ceil(NR);
