@@ -178,7 +178,7 @@ fn lora() -> Trainable {
 }
 
 #[test]
-fn generation_in_bf16x2_decodes_a_packed_copy_and_leaves_the_model_in_f32() {
+fn generation_in_bf16x2_decodes_and_scores_a_packed_copy_and_leaves_the_model_in_f32() {
     use ws2s::ops::Precision;
     let mut s2s = Seq2Seq::load(&tiny_gguf(), lora(), 3, "in: {input} out:", &Device::Cpu).unwrap();
     let inputs = ["alpha beta", "gamma", "delta epsilon zeta", "eta"];
@@ -209,8 +209,17 @@ fn generation_in_bf16x2_decodes_a_packed_copy_and_leaves_the_model_in_f32() {
         !exact,
         "bf16x2 gave f32's log-probabilities exactly (not used?)"
     );
-    // The model itself was not packed: f32 again gives the first values exactly.
+    // Rescoring too: mean token log-probabilities close to f32's, not equal.
+    let prompts: Vec<Vec<u32>> = inputs.iter().map(|i| s2s.prompt_ids(i).unwrap()).collect();
+    let conts: Vec<Vec<u32>> = f32_hyps.iter().map(|h| h.tokens.clone()).collect();
+    let bf16_scores = s2s.scores(&prompts, &conts, 2).unwrap();
     s2s.precision = Precision::F32;
+    let f32_scores = s2s.scores(&prompts, &conts, 2).unwrap();
+    for (a, b) in f32_scores.iter().zip(&bf16_scores) {
+        assert!((a - b).abs() < 0.05, "{a} vs {b}");
+    }
+    assert_ne!(f32_scores, bf16_scores);
+    // The model itself was not packed: f32 again gives the first values exactly.
     let again = run(&s2s);
     for (a, b) in f32_hyps.iter().zip(&again) {
         assert_eq!((&a.tokens, &a.logprobs), (&b.tokens, &b.logprobs));

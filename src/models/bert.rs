@@ -76,7 +76,7 @@ impl Layer {
             &self.intermediate_dense,
             &self.output_dense,
         ];
-        if self.query.is_packed() {
+        if linears.iter().any(|l| l.is_packed()) {
             return Ok(None);
         }
         let biases: Option<Vec<&Tensor>> = linears

@@ -83,7 +83,18 @@ impl Layer {
         scale: f64,
     ) -> Result<Option<crate::ops::decoder::PreNormOutput>> {
         use crate::ops::decoder::{pre_norm_layer, Adapter, PreNormParams};
-        if self.q_proj.is_packed() {
+        // A packed layer (int8, bf16x2) runs from its packed copy: the fused op, whose products
+        // are f32, steps aside (with adapters on some layers, the others may be packed).
+        let all = [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ];
+        if all.iter().any(|l| l.is_packed()) {
             return Ok(None);
         }
         let others = [

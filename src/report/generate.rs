@@ -62,8 +62,8 @@ pub struct RunResults {
     pub summary: SummaryTable,
     /// Wall-clock seconds of the whole run (cached stages take almost none).
     pub wall_seconds: f64,
-    /// The precision of decoding's products with its kernel ("f32 (gemm-f32+...)",
-    /// "bf16x2 (amx-bf16)"); training and scoring compute in f32.
+    /// The precision of inference's products (decoding, rescoring) with its kernel ("f32
+    /// (gemm-f32+...)", "bf16x2 (amx-bf16)"); training computes in f32.
     pub decode_precision: String,
 }
 
@@ -138,8 +138,8 @@ pub fn markdown(results: &RunResults) -> String {
          defines it; an unparsable output counts as no slots. Cells: mean ± std over seeds [95% \
          bootstrap interval of the mean]. PGR = (student - weak) / (ceiling - weak) on SLU-F1, \
          against the mean of the weak models and against the best one. Unparsable: outputs (of \
-         {}) that are not a JSON object of strings. Decoding's products: {}; training and \
-         scoring: f32. Wall time of the run: {:.0} s.\n\n",
+         {}) that are not a JSON object of strings. Inference's products (decoding, rescoring): \
+         {}; training: f32. Wall time of the run: {:.0} s.\n\n",
         c.name,
         c.task.name,
         sizes[0],

@@ -21,9 +21,9 @@ pub struct Seq2Seq {
     pub template: String,
     /// Where the model runs (frozen weights bf16 on a GPU, trained ones f32).
     pub device: Device,
-    /// The precision of generation's products on the CPU ([`Seq2Seq::generate_all`]): int8 or
-    /// bf16x2 pack the frozen layers of a copy of the network for decoding (trained layers and
-    /// adapters stay f32); training and scoring are f32 whatever this says.
+    /// The precision of inference's products on the CPU ([`Seq2Seq::generate_all`],
+    /// [`Seq2Seq::scores`]): int8 or bf16x2 pack the frozen layers of a copy of the network
+    /// (trained layers and adapters stay f32); training's losses are f32 whatever this says.
     pub precision: crate::ops::Precision,
 }
 
@@ -117,7 +117,22 @@ impl Seq2Seq {
         Ok(total.neg()?.div(&count)?)
     }
 
-    /// Length-normalised log-likelihood (mean token log-probability) of each continuation.
+    /// The network for inference in [`Seq2Seq::precision`]: in int8 or bf16x2 on the CPU, a copy
+    /// (its weights shared) with the frozen layers packed; the model itself stays as trained.
+    fn inference_network(&self) -> Result<std::borrow::Cow<'_, crate::models::Network>> {
+        use crate::ops::Precision;
+        Ok(match self.precision {
+            Precision::Int8 | Precision::Bf16x2 if self.device.is_cpu() => {
+                let mut copy = self.model.network.clone();
+                copy.set_precision(self.precision)?;
+                std::borrow::Cow::Owned(copy)
+            }
+            _ => std::borrow::Cow::Borrowed(&self.model.network),
+        })
+    }
+
+    /// Length-normalised log-likelihood (mean token log-probability) of each continuation, in
+    /// [`Seq2Seq::precision`] (inference only: training's losses are f32).
     pub fn scores(
         &self,
         prompts: &[Vec<u32>],
@@ -129,11 +144,12 @@ impl Seq2Seq {
         let mut order = by_length(continuations);
         order.sort_by(|&a, &b| prompts[a].cmp(&prompts[b]));
         let mut scored = vec![0f64; prompts.len()];
+        let network = self.inference_network()?;
         for chunk in order.chunks(batch.max(1)) {
             let p: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
             let c: Vec<Vec<u32>> = chunk.iter().map(|&i| continuations[i].clone()).collect();
             let rows = crate::models::decode::continuation_logprobs(
-                &self.model.network,
+                network.as_ref(),
                 &p,
                 &c,
                 &self.device,
@@ -187,18 +203,8 @@ impl Seq2Seq {
             .map(|i| self.prompt_ids(i))
             .collect::<Result<_>>()?;
         let order = by_length(&prompts);
-        // A copy of the network (its weights shared) with the frozen layers packed for the
-        // decoding precision; the model itself stays as trained.
-        let packed;
-        let network = match self.precision {
-            crate::ops::Precision::Int8 | crate::ops::Precision::Bf16x2 if self.device.is_cpu() => {
-                let mut copy = self.model.network.clone();
-                copy.set_precision(self.precision)?;
-                packed = copy;
-                &packed
-            }
-            _ => &self.model.network,
-        };
+        let network = self.inference_network()?;
+        let network = network.as_ref();
         let mut out: Vec<Vec<Hypothesis>> = vec![Vec::new(); inputs.len()];
         let bar = progress_bar(progress, inputs.len() as u64, label);
         for chunk in order.chunks(batch.max(1)) {

@@ -167,8 +167,8 @@ pub fn run(
     let g = &config.generation;
     let strong_spec = config.strong_over_weak()?;
     let device = config.device.device()?;
-    // Decoding's precision (training and scoring stay f32); stage keys name it unless f32, so
-    // that runs in f32 keep their keys.
+    // Inference's precision (decoding, rescoring; training stays f32); stage keys name it
+    // unless f32, so that runs in f32 keep their keys.
     let precision = config
         .precision
         .resolve_on(crate::ops::Purpose::Decoding, &device)?;
