@@ -7,8 +7,10 @@
 # from each model's config) in f32 and in bf16; the faster of the two is PyTorch's time. Sides
 # take turns, with the same number of threads; each side's time is the median of its runs.
 # Installs PyTorch and transformers into a throwaway venv (bench/.venv) when missing.
-#   bench/compare-forward.sh [--precision auto|f32|int8] [--repeats N] [--rounds N]
+#   bench/compare-forward.sh [--precision auto|f32|int8|bf16x2] [--repeats N] [--rounds N]
 #                            [--models "a b .."] [--no-decode]
+# (--models "" measures decoding only; auto: int8 features where the CPU has AVX-512 VNNI,
+# bf16x2 decoding where it has AMX-BF16.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 precision=auto
