@@ -53,12 +53,29 @@ pub fn top_logprobs(row: &[f32], keep: usize) -> Vec<(u32, f32)> {
 fn top_entries(row: &[f32], keep: usize) -> Vec<(u32, f32)> {
     let keep = keep.min(row.len()).max(1);
     let mut top: Vec<(u32, f32)> = Vec::with_capacity(keep + 1);
-    for (v, &x) in row.iter().enumerate() {
+    let offer = |top: &mut Vec<(u32, f32)>, v: usize, x: f32| {
         if top.len() < keep || x > top[top.len() - 1].1 {
             let at = top.partition_point(|&(_, y)| y >= x);
             top.insert(at, (v as u32, x));
             top.truncate(keep);
         }
+    };
+    for (v, &x) in row.iter().enumerate().take(keep) {
+        offer(&mut top, v, x);
+    }
+    // Once `keep` entries are held, a run of values with none above the last one changes
+    // nothing: such runs (nearly all of a vocabulary) are checked a vector at a time.
+    const RUN: usize = 32;
+    let mut v = keep;
+    while v < row.len() {
+        let run = &row[v..(v + RUN).min(row.len())];
+        let last = top[top.len() - 1].1;
+        if run.iter().fold(false, |any, &x| any | (x > last)) {
+            for (i, &x) in run.iter().enumerate() {
+                offer(&mut top, v + i, x);
+            }
+        }
+        v += run.len();
     }
     top
 }
@@ -271,6 +288,30 @@ mod tests {
                     q.1
                 );
             }
+        }
+    }
+
+    #[test]
+    fn top_entries_equal_a_stable_sort_on_rows_with_many_ties() {
+        for (seed, n, keep) in [
+            (1u64, 5000usize, 64usize),
+            (2, 1000, 7),
+            (3, 40, 64),
+            (4, 33, 1),
+        ] {
+            // Values on a coarse grid: many ties.
+            let row: Vec<f32> = random(n, seed, 1.0)
+                .iter()
+                .map(|v| (v * 20.0).round())
+                .collect();
+            let mut want: Vec<(u32, f32)> = row
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| (i as u32, x))
+                .collect();
+            want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            want.truncate(keep.min(n));
+            assert_eq!(top_entries(&row, keep), want, "n {n}, keep {keep}");
         }
     }
 
