@@ -118,6 +118,8 @@ impl Head {
         }
     }
 
+    /// Packs the head in int8 for `precision` int8; f32 and bf16x2 keep the f32 head (decoding
+    /// screens it in int8 where [`Head::screens`] holds, scoring's whole rows stay f32).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         self.packed = match precision {
             Precision::Int8 if !self.weight.track_op() => {
@@ -313,8 +315,8 @@ impl Linear {
         self.int8().is_some() || self.bf16().is_some()
     }
 
-    /// Packs the weight for `precision` (int8), or drops the packed copy (f32). Layers with an
-    /// adapter or a trained weight stay in f32.
+    /// Packs the weight for `precision` (int8, or bf16x2 on the CPU), or drops the packed copies
+    /// (f32). Layers with an adapter or a trained weight stay in f32.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         if let Some(kept) = self.f32_dropped {
             if precision == kept {
