@@ -198,18 +198,10 @@ impl Head {
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             let weight = self.weight.contiguous()?;
-            let (storage, layout) = weight.storage_and_layout();
-            let candle_core::Storage::Cpu(cpu) = &*storage else {
-                candle_core::bail!("screened head: the weight is not on the CPU");
-            };
-            let w = &cpu.as_slice::<f32>()?[layout.start_offset()..];
-            let (top, _) = crate::ops::head::screened_top(
-                &x,
-                rows,
-                (&w[..weight.elem_count()], screen),
-                keep,
-                cap.map(|c| c as f32),
-            );
+            let guard = weight.storage_and_layout();
+            let w = crate::ops::real::operand_values::<f32, _>(&guard, "screened head")?;
+            let (top, _) =
+                crate::ops::head::screened_top(&x, rows, (w, screen), keep, cap.map(|c| c as f32));
             return Ok(top);
         }
         let mut logits = self.logits(hidden)?;

@@ -25,7 +25,8 @@
 //! Used where the CPU has AMX-BF16 and Linux grants the tiles ([`available`]); elsewhere a
 //! scalar version of the definition runs (tests; the precision is refused on such CPUs).
 
-use candle_core::{DType, Result, Storage, Tensor};
+use super::real::operand_values;
+use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
 /// Columns per packed weight panel (two tiles of 16).
@@ -494,14 +495,11 @@ pub fn linear(x: &Tensor, w: &Bf16Weight, bias: Option<&Tensor>) -> Result<Tenso
     }
     let m = lead.iter().product::<usize>();
     let xf = x.to_dtype(DType::F32)?.contiguous()?;
-    let rows = {
-        let (storage, layout) = xf.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("bf16 linear: the input is not on the CPU");
-        };
-        let start = layout.start_offset();
-        SplitRows::new(&cpu.as_slice::<f32>()?[start..start + m * k], m, k)
-    };
+    let rows = SplitRows::new(
+        operand_values::<f32, _>(&xf.storage_and_layout(), "bf16 linear")?,
+        m,
+        k,
+    );
     let bias = bias
         .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
         .transpose()?;
@@ -515,13 +513,9 @@ pub fn linear(x: &Tensor, w: &Bf16Weight, bias: Option<&Tensor>) -> Result<Tenso
 pub fn pack_tensor(w: &Tensor) -> Result<Bf16Weight> {
     let (n, k) = w.dims2()?;
     let w = w.to_dtype(DType::F32)?.contiguous()?;
-    let (storage, layout) = w.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("bf16 pack: the weight is not on the CPU");
-    };
-    let start = layout.start_offset();
+    let guard = w.storage_and_layout();
     Ok(Bf16Weight::pack(
-        &cpu.as_slice::<f32>()?[start..start + n * k],
+        operand_values::<f32, _>(&guard, "bf16 pack")?,
         n,
         k,
     ))

@@ -31,8 +31,9 @@
 //! of fused multiply-adds, so all kernels agree bit for bit (tested).
 //! `WS2S_INT8_KERNEL=scalar|avx2|vnni512|amx` forces one.
 
+use super::real::operand_values;
 use super::simd::Gate;
-use candle_core::{DType, Result, Storage, Tensor};
+use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
@@ -323,14 +324,11 @@ impl QuantizedInput {
         };
         let m = lead.iter().product::<usize>();
         let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let rows = {
-            let (storage, layout) = x.storage_and_layout();
-            let Storage::Cpu(cpu) = &*storage else {
-                candle_core::bail!("int8 linear: the input is not on the CPU");
-            };
-            let start = layout.start_offset();
-            Int8Rows::quantize(&cpu.as_slice::<f32>()?[start..start + m * k], m, k)
-        };
+        let rows = Int8Rows::quantize(
+            operand_values::<f32, _>(&x.storage_and_layout(), "int8 linear")?,
+            m,
+            k,
+        );
         Ok(QuantizedInput {
             rows,
             lead: lead.to_vec(),
@@ -362,16 +360,10 @@ impl QuantizedInput {
             None => None,
         };
         let guard = operand.as_ref().map(|t| t.storage_and_layout());
-        let values: Option<&[f32]> = match &guard {
-            Some((storage, layout)) => {
-                let Storage::Cpu(cpu) = &**storage else {
-                    candle_core::bail!("int8 linear: the operand is not on the CPU");
-                };
-                let start = layout.start_offset();
-                Some(&cpu.as_slice::<f32>()?[start..start + self.rows.m * w.n])
-            }
-            None => None,
-        };
+        let values: Option<&[f32]> = guard
+            .as_ref()
+            .map(|g| operand_values::<f32, _>(g, "int8 linear"))
+            .transpose()?;
         let then =
             then.try_map(|_| values.ok_or_else(|| candle_core::Error::Msg("operand".into())))?;
         let y = self.product(w, bias, then)?;
@@ -414,13 +406,9 @@ pub fn linear(x: &Tensor, w: &Int8Weight, bias: Option<&Tensor>) -> Result<Tenso
 pub fn pack_tensor(w: &Tensor) -> Result<Int8Weight> {
     let (n, k) = w.dims2()?;
     let w = w.to_dtype(DType::F32)?.contiguous()?;
-    let (storage, layout) = w.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("int8 pack: the weight is not on the CPU");
-    };
-    let start = layout.start_offset();
+    let guard = w.storage_and_layout();
     Ok(Int8Weight::pack(
-        &cpu.as_slice::<f32>()?[start..start + n * k],
+        operand_values::<f32, _>(&guard, "int8 pack")?,
         n,
         k,
     ))
