@@ -132,9 +132,9 @@ fn bench(command: BenchCommand) -> Result<()> {
             json,
         } => {
             let device = device.device()?;
-            // Training computes in f32 on the CPU (int8 is for inference only).
+            // Training computes in f32 on the CPU (the packed precisions are for inference only).
             let precision = match precision.resolve_on(Purpose::Decoding, &device)? {
-                Precision::Int8 | Precision::Bf16x2 => Precision::F32,
+                p if p.packs() => Precision::F32,
                 p => p,
             };
             let names: Vec<&str> = if workload == "all" {

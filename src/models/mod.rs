@@ -451,11 +451,7 @@ impl Model {
         precision: crate::ops::Precision,
         device: &Device,
     ) -> Result<Model> {
-        let pack = matches!(
-            precision,
-            crate::ops::Precision::Int8 | crate::ops::Precision::Bf16x2
-        )
-        .then_some(precision);
+        let pack = precision.packs().then_some(precision);
         let mut model =
             Self::load_packing(path, Trainable::Frozen, 0, device, precision.dtype(), pack)?;
         model.network.set_precision(precision)?;

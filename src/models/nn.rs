@@ -276,7 +276,7 @@ impl Linear {
     /// in such a precision never holds all its f32 weights at once. The layer can then run in
     /// that precision only. Layers that are trained keep their f32 weight and are not packed.
     pub fn pack_dropping_f32(&mut self, precision: Precision) -> Result<()> {
-        if !self.is_frozen() || !matches!(precision, Precision::Int8 | Precision::Bf16x2) {
+        if !self.is_frozen() || !precision.packs() {
             return Ok(());
         }
         if self.f32_dropped.is_none() {
@@ -725,9 +725,7 @@ impl Params {
             }
             _ => false,
         };
-        !adapted
-            && self.trainable != Trainable::All
-            && matches!(self.packing(), Some(Precision::Int8 | Precision::Bf16x2))
+        !adapted && self.trainable != Trainable::All && self.packing().is_some_and(Precision::packs)
     }
 
     /// `linear` (the layer `prefix`), packed now when the parameters say so.

@@ -60,6 +60,12 @@ impl Precision {
         }
     }
 
+    /// Whether frozen linear layers are packed for this precision (int8, bf16x2: the CPU's
+    /// packed products); f32 and a GPU's bf16 use the weights as loaded.
+    pub fn packs(self) -> bool {
+        matches!(self, Precision::Int8 | Precision::Bf16x2)
+    }
+
     /// The type the frozen weights are loaded in (bf16 for [`Precision::Bf16`], else f32; int8
     /// packs f32 weights after loading).
     pub fn dtype(self) -> candle_core::DType {

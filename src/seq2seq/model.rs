@@ -120,14 +120,12 @@ impl Seq2Seq {
     /// The network for inference in [`Seq2Seq::precision`]: in int8 or bf16x2 on the CPU, a copy
     /// (its weights shared) with the frozen layers packed; the model itself stays as trained.
     fn inference_network(&self) -> Result<std::borrow::Cow<'_, crate::models::Network>> {
-        use crate::ops::Precision;
-        Ok(match self.precision {
-            Precision::Int8 | Precision::Bf16x2 if self.device.is_cpu() => {
-                let mut copy = self.model.network.clone();
-                copy.set_precision(self.precision)?;
-                std::borrow::Cow::Owned(copy)
-            }
-            _ => std::borrow::Cow::Borrowed(&self.model.network),
+        Ok(if self.precision.packs() && self.device.is_cpu() {
+            let mut copy = self.model.network.clone();
+            copy.set_precision(self.precision)?;
+            std::borrow::Cow::Owned(copy)
+        } else {
+            std::borrow::Cow::Borrowed(&self.model.network)
         })
     }
 

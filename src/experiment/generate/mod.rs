@@ -172,11 +172,10 @@ pub fn run(
     let precision = config
         .precision
         .resolve_on(crate::ops::Purpose::Decoding, &device)?;
-    let decode_tag = match precision {
-        crate::ops::Precision::Int8 | crate::ops::Precision::Bf16x2 if device.is_cpu() => {
-            format!("|decode {}", precision.name())
-        }
-        _ => String::new(),
+    let decode_tag = if precision.packs() && device.is_cpu() {
+        format!("|decode {}", precision.name())
+    } else {
+        String::new()
     };
     let weak_models: Vec<ModelRef> = config
         .weak

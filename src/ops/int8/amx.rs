@@ -39,10 +39,7 @@ pub(super) fn available() -> bool {
         {
             return false;
         }
-        let leaf = __cpuid_count(7, 0);
-        let tile = (leaf.edx >> 24) & 1 == 1;
-        let int8 = (leaf.edx >> 25) & 1 == 1;
-        tile && int8 && request_tiles()
+        tiles_with(25)
     })
 }
 
@@ -50,12 +47,20 @@ pub(super) fn available() -> bool {
 /// this process use the tiles ([`crate::ops::bf16x2`]).
 pub(crate) fn available_bf16() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| {
-        let leaf = __cpuid_count(7, 0);
-        let tile = (leaf.edx >> 24) & 1 == 1;
-        let bf16 = (leaf.edx >> 22) & 1 == 1;
-        tile && bf16 && request_tiles()
-    })
+    *OK.get_or_init(|| tiles_with(22))
+}
+
+/// Whether CPUID leaf 7 reports AMX-TILE (EDX bit 24) and the AMX feature at EDX bit
+/// `feature` (25: AMX-INT8, 22: AMX-BF16), and Linux granted the tiles.
+fn tiles_with(feature: u32) -> bool {
+    let edx = __cpuid_count(7, 0).edx;
+    (edx >> 24) & 1 == 1 && (edx >> feature) & 1 == 1 && tiles_granted()
+}
+
+/// [`request_tiles`], asked once for the process.
+fn tiles_granted() -> bool {
+    static GRANTED: OnceLock<bool> = OnceLock::new();
+    *GRANTED.get_or_init(request_tiles)
 }
 
 /// Asks Linux for the tile data state (once per process; every thread may then use it).
