@@ -22,6 +22,7 @@
 use super::{x86, Int8Rows, Tile, BLOCK, NR};
 use std::arch::asm;
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 /// Rows of a tile: the padding of activation rows.
@@ -196,30 +197,63 @@ pub(super) unsafe fn amx<const RT: usize>(
 ) {
     debug_assert!(rows <= RT * ROWS && (r0 + RT * ROWS) * x.kp <= x.q.len());
     let nb = x.blocks();
-    let mut c = Products([[0; NR]; 2 * ROWS]);
-    let mut facc = [[_mm512_setzero_ps(); 2]; 2 * ROWS];
+    // Neither buffer is zeroed first (8 KB of stores per call, which the compiler makes a
+    // memset: 14-18% of SmolLM2-135M's forward): each block's tiles write every product read
+    // after them, and the first block writes the accumulators of every row read.
+    let mut c = MaybeUninit::<Products>::uninit();
+    let mut facc = MaybeUninit::<[[__m512; 2]; 2 * ROWS]>::uninit();
+    let (c, facc) = (c.as_mut_ptr() as *mut i32, facc.as_mut_ptr() as *mut __m512);
     let a0 = x.q.as_ptr().add(r0 * x.kp) as *const u8;
     for b in 0..nb {
         tiles::<RT>(
             a0.add(b * BLOCK),
             x.kp,
             t.panel.as_ptr().add(b * BLOCK * NR),
-            c.0.as_mut_ptr() as *mut u8,
+            c as *mut u8,
         );
-        let ws = [
-            _mm512_loadu_ps(t.scales.as_ptr().add(b * NR)),
-            _mm512_loadu_ps(t.scales.as_ptr().add(b * NR + 16)),
-        ];
-        for i in 0..rows {
-            let r = r0 + i;
-            let corr = _mm512_set1_epi32(*x.corr.get_unchecked(r * nb + b));
-            let xs = _mm512_set1_ps(*x.scales.get_unchecked(r * nb + b));
-            for h in 0..2 {
-                let p = _mm512_load_si512(c.0[i].as_ptr().add(16 * h) as *const _);
-                let p = _mm512_add_epi32(p, corr);
-                facc[i][h] = x86::finish_block(p, xs, ws[h], facc[i][h]);
-            }
+        if b == 0 {
+            finish::<true>(t, x, r0, rows, b, c, facc);
+        } else {
+            finish::<false>(t, x, r0, rows, b, c, facc);
         }
     }
-    x86::store_rows(t, &facc[..rows], r0, y);
+    x86::store_rows(
+        t,
+        std::slice::from_raw_parts(facc as *const [__m512; 2], rows),
+        r0,
+        y,
+    );
+}
+
+/// Block b's float steps for `rows` rows: the products `c` (row stride [`NR`]) with the
+/// offset taken back, scaled, added to the accumulators `facc` (two per row), which the
+/// first block writes instead.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,fma")]
+unsafe fn finish<const FIRST: bool>(
+    t: &Tile,
+    x: &Int8Rows,
+    r0: usize,
+    rows: usize,
+    b: usize,
+    c: *const i32,
+    facc: *mut __m512,
+) {
+    let nb = x.blocks();
+    let ws = [
+        _mm512_loadu_ps(t.scales.as_ptr().add(b * NR)),
+        _mm512_loadu_ps(t.scales.as_ptr().add(b * NR + 16)),
+    ];
+    for i in 0..rows {
+        let r = r0 + i;
+        let corr = _mm512_set1_epi32(*x.corr.get_unchecked(r * nb + b));
+        let xs = _mm512_set1_ps(*x.scales.get_unchecked(r * nb + b));
+        for h in 0..2 {
+            let p = _mm512_load_si512(c.add(i * NR + 16 * h) as *const _);
+            let p = _mm512_add_epi32(p, corr);
+            let acc = facc.add(2 * i + h);
+            let before = if FIRST { _mm512_setzero_ps() } else { *acc };
+            *acc = x86::finish_block(p, xs, ws[h], before);
+        }
+    }
 }
