@@ -142,6 +142,34 @@ impl Layer {
             gate: &self.gate_proj.weight,
             up: &self.up_proj.weight,
             down: &self.down_proj.weight,
+            transposed: None,
+        };
+        // Trained through (an input or adapter with a gradient): the products read W^T, made
+        // once per layer and kept.
+        let trained = x.track_op()
+            || [q_lora, v_lora]
+                .iter()
+                .flatten()
+                .any(|a| a.a.track_op() || a.b.track_op());
+        let transposed = if trained {
+            let t = all.map(|l| l.transposed());
+            match t {
+                [Ok(Some(q)), Ok(Some(k)), Ok(Some(v)), Ok(Some(o)), Ok(Some(g)), Ok(Some(u)), Ok(Some(d))] => {
+                    Some([q, k, v, o, g, u, d])
+                }
+                t => {
+                    for r in t {
+                        r?;
+                    }
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let params = PreNormParams {
+            transposed,
+            ..params
         };
         Ok(pre_norm_layer(
             x,

@@ -8,7 +8,7 @@ use crate::ops::bf16x2::{self, Bf16Weight};
 use crate::ops::int8::{self, Epilogue, Int8Weight, QuantizedInput};
 use crate::ops::Precision;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A large negative number used as an additive mask: finite, so that a fully masked row gives a
 /// uniform distribution instead of NaN.
@@ -38,6 +38,9 @@ pub struct Linear {
     /// The precision whose packed copy replaced the f32 weight ([`Linear::pack_dropping_f32`]):
     /// `weight` is then a placeholder of its shape, and the layer runs in that precision only.
     f32_dropped: Option<Precision>,
+    /// W^T [in, out], contiguous, made on first use by [`Linear::transposed`] (shared by clones,
+    /// like the weight).
+    transposed: Arc<OnceLock<Tensor>>,
 }
 
 thread_local! {
@@ -268,7 +271,27 @@ impl Linear {
             packed: None,
             split: None,
             f32_dropped: None,
+            transposed: Arc::default(),
         }
+    }
+
+    /// The frozen weight transposed, W^T [in, out] contiguous, made once and kept (as much
+    /// memory again as the weight): for layers trained through, whose products then read it in
+    /// gemm's faster orientation ([`crate::ops::linear::Weight`]). `None` for a trained weight (it
+    /// changes every step) or one that is not f32 on the CPU.
+    pub fn transposed(&self) -> Result<Option<&Tensor>> {
+        if self.weight.track_op()
+            || self.f32_dropped.is_some()
+            || !self.weight.device().is_cpu()
+            || self.weight.dtype() != candle_core::DType::F32
+        {
+            return Ok(None);
+        }
+        if let Some(t) = self.transposed.get() {
+            return Ok(Some(t));
+        }
+        let t = self.weight.t()?.contiguous()?;
+        Ok(Some(self.transposed.get_or_init(|| t)))
     }
 
     /// Packs a frozen layer for `precision` (int8 or bf16x2) and lets go of its f32 weight (a
@@ -795,6 +818,32 @@ mod tests {
     fn bits(t: &Tensor) -> Vec<u32> {
         let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The kept W^T: the weight transposed, made once (the same tensor on every call and in
+    /// clones); none for a trained weight or a layer whose f32 weight was dropped.
+    #[test]
+    fn transposed_weight_is_made_once_and_only_for_frozen_f32_weights() {
+        let l = linear(6, 5, 3, Precision::F32);
+        let t = l.transposed().unwrap().expect("a frozen f32 weight");
+        assert_eq!(t.dims(), &[5, 6]);
+        assert!(t.is_contiguous());
+        assert_eq!(bits(t), bits(&l.weight.t().unwrap().contiguous().unwrap()));
+        let again = l.clone();
+        let t2 = again.transposed().unwrap().unwrap();
+        assert_eq!(t.id(), t2.id());
+        let trained = Linear::new(
+            candle_core::Var::from_tensor(&l.weight)
+                .unwrap()
+                .as_tensor()
+                .clone(),
+            None,
+            None,
+        );
+        assert!(trained.transposed().unwrap().is_none());
+        let mut dropped = linear(6, 5, 3, Precision::F32);
+        dropped.pack_dropping_f32(Precision::Int8).unwrap();
+        assert!(dropped.transposed().unwrap().is_none());
     }
 
     #[test]

@@ -25,7 +25,7 @@
 use super::activation::GeluRows;
 use super::attention::{self, Dims, Strides};
 use super::linear::ColumnSums;
-use super::linear::{self, residual_linear};
+use super::linear::{self, residual_linear, Weight};
 use super::norm::{Norm, NormRows};
 use super::real::{by_dtype, cpu, typed, Kept, Real};
 use super::softmax::SoftmaxRows;
@@ -227,7 +227,7 @@ impl PostNormLayer {
         }
         let s1 = residual_linear(
             &ctx,
-            (&p[sl.wo.clone()], Some(&p[sl.bo.clone()])),
+            (Weight::plain(&p[sl.wo.clone()]), Some(&p[sl.bo.clone()])),
             x,
             rows,
             h,
@@ -248,7 +248,10 @@ impl PostNormLayer {
             .for_each(|(g, u)| T::gelu_keeping_grad(u, g));
         let s2 = residual_linear(
             &g,
-            (&p[sl.wdown.clone()], Some(&p[sl.bdown.clone()])),
+            (
+                Weight::plain(&p[sl.wdown.clone()]),
+                Some(&p[sl.bdown.clone()]),
+            ),
             &a,
             rows,
             i,

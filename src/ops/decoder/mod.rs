@@ -61,6 +61,10 @@ pub struct PreNormParams<'a> {
     pub gate: &'a Tensor,
     pub up: &'a Tensor,
     pub down: &'a Tensor,
+    /// W^T [in, out], contiguous, of q, k, v, o, gate, up and down (in that order), for the
+    /// forward's products in gemm's faster orientation: worth their memory when the layer is
+    /// trained through (every step reads them), not for one inference pass.
+    pub transposed: Option<[&'a Tensor; 7]>,
 }
 
 // Slots of the frozen tensors.
@@ -77,7 +81,24 @@ const N2: usize = 9;
 const WG: usize = 10;
 const WU: usize = 11;
 const WD: usize = 12;
-const SLOTS: usize = 13;
+/// The transposed weights W^T [in, out] of q, k, v, o, gate, up and down, in that order, when the
+/// caller gives them (training: [`linear::Weight`]).
+const TRANSPOSED: usize = 13;
+const SLOTS: usize = 20;
+
+/// The transposed slot of a projection's weight slot.
+fn transposed_slot(w: usize) -> usize {
+    TRANSPOSED
+        + match w {
+            WQ => 0,
+            WK => 1,
+            WV => 2,
+            WO => 3,
+            WG => 4,
+            WU => 5,
+            _ => 6,
+        }
+}
 
 /// Where an adapter lies in the flat adapter input: rank, scale, A's and B's ranges.
 #[derive(Clone, Debug)]
@@ -156,9 +177,13 @@ impl PreNormLayer {
         let (h, i, rows) = (self.hidden, self.inter, self.rows());
         let (qw, kw) = self.widths();
         let fw = |k: usize| w[k].expect("required frozen weight");
+        let weight = |k: usize| linear::Weight {
+            w: fw(k),
+            t: w[transposed_slot(k)],
+        };
         let n1 = norm::norm_rows(x, fw(N1), None, self.norm);
         let project = |slot: Option<&AdapterSlot>, wk: usize, bk: usize, n: usize| {
-            let mut y = linear::forward(&n1, fw(wk), w[bk], rows, h, n);
+            let mut y = linear::forward_weight(&n1, weight(wk), w[bk], rows, h, n);
             let u = match slot {
                 Some(s) => {
                     let u = linear::gemm_new(
@@ -205,14 +230,14 @@ impl PreNormLayer {
             ctx.set_len(rows * qw);
             probs.set_len(probs_len);
         }
-        let s1 = residual_linear(&ctx, (fw(WO), w[BO]), x, rows, qw, h);
+        let s1 = residual_linear(&ctx, (weight(WO), w[BO]), x, rows, qw, h);
         drop(ctx);
         let n2 = norm::norm_rows(&s1, fw(N2), None, self.norm);
-        let a = linear::forward(&n2, fw(WG), None, rows, h, i);
-        let b = linear::forward(&n2, fw(WU), None, rows, h, i);
+        let a = linear::forward_weight(&n2, weight(WG), None, rows, h, i);
+        let b = linear::forward_weight(&n2, weight(WU), None, rows, h, i);
         drop(n2);
         let gated = real::par_rows2(&a, &b, 1, |a, b, out| T::gated_into(Gate::Silu, a, b, out));
-        let y = residual_linear(&gated, (fw(WD), None), &s1, rows, i, h);
+        let y = residual_linear(&gated, (weight(WD), None), &s1, rows, i, h);
         let saved = Saved {
             n1,
             u: [uq, uv],
@@ -519,6 +544,7 @@ pub fn pre_norm_layer(
     scale: f64,
 ) -> Result<Option<PreNormOutput>> {
     let dtype = x.dtype();
+    let t = |j: usize| p.transposed.map(|t| t[j]);
     let frozen: [Option<&Tensor>; SLOTS] = [
         Some(p.input_norm),
         Some(p.q.0),
@@ -533,6 +559,13 @@ pub fn pre_norm_layer(
         Some(p.gate),
         Some(p.up),
         Some(p.down),
+        t(0),
+        t(1),
+        t(2),
+        t(3),
+        t(4),
+        t(5),
+        t(6),
     ];
     let adapters = [p.q_lora, p.v_lora];
     let adapter_tensors = adapters.iter().flatten().flat_map(|a| [a.a, a.b]);
@@ -568,6 +601,13 @@ pub fn pre_norm_layer(
         &[i, h],
         &[i, h],
         &[h, i],
+        &[h, qw],
+        &[h, kw],
+        &[h, kw],
+        &[qw, h],
+        &[h, i],
+        &[h, i],
+        &[i, h],
     ];
     for (k, (tensor, shape)) in frozen.iter().zip(expected).enumerate() {
         if let Some(tensor) = tensor {

@@ -110,6 +110,16 @@ fn values_and_gradients_match_the_layer_op_by_op() {
             i: 6,
             bias: true,
         },
+        // More than one block of rows for the transposed products, in parallel.
+        Case {
+            b: 3,
+            t: 50,
+            h: 16,
+            heads: 2,
+            kv_heads: 1,
+            i: 24,
+            bias: true,
+        },
     ];
     for (n, c) in cases.iter().enumerate() {
         let (h, d) = (c.h, c.h / c.heads);
@@ -159,6 +169,7 @@ fn values_and_gradients_match_the_layer_op_by_op() {
             gate: &wg,
             up: &wu,
             down: &wd,
+            transposed: None,
         };
         let x = Var::from_tensor(&random(&[c.b, c.t, h], seed + 20, 1.0)).unwrap();
         let (cos, sin) = tables(c.b, c.t, d);
@@ -212,6 +223,42 @@ fn values_and_gradients_match_the_layer_op_by_op() {
         for frozen in [&n1, &wq, &wk, &wv, &wo, &wg, &wu, &wd] {
             assert!(gf.get(frozen).is_none());
         }
+        // With the weights also given transposed (training's products in gemm's other
+        // orientation): the same values and gradients up to the order of the sums.
+        let ts: Vec<Tensor> = [&wq, &wk, &wv, &wo, &wg, &wu, &wd]
+            .iter()
+            .map(|w| w.t().unwrap().contiguous().unwrap())
+            .collect();
+        let pt = PreNormParams {
+            transposed: Some([&ts[0], &ts[1], &ts[2], &ts[3], &ts[4], &ts[5], &ts[6]]),
+            ..p
+        };
+        let fused_t = pre_norm_layer(&x, &pt, (&cos, &sin), &m, heads, EPS, scale)
+            .unwrap()
+            .unwrap();
+        let diff = max_diff(&fused_t.y, &plain);
+        assert!(
+            diff < 1e-10,
+            "case {n}, transposed: values differ by {diff}"
+        );
+        let gt = (&fused_t.y * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (k, v) in all.iter().enumerate() {
+            let (a, e) = (gt.get(v).unwrap(), gp.get(v).unwrap());
+            let size = 1.0 + max_diff(e, &e.zeros_like().unwrap());
+            let diff = max_diff(a, e);
+            assert!(
+                diff < 1e-9 * size,
+                "case {n}, transposed: gradient {k} differs by {diff}"
+            );
+        }
+        for t in &ts {
+            assert!(gt.get(t).is_none());
+        }
     }
 }
 
@@ -235,6 +282,7 @@ fn without_adapters_only_the_input_gets_a_gradient_and_trained_bases_are_not_fus
         gate: &wg,
         up: &wu,
         down: &wd,
+        transposed: None,
     };
     let x = Var::from_tensor(&random(&[b, t, h], 11, 1.0)).unwrap();
     let (cos, sin) = tables(b, t, d);
@@ -293,6 +341,7 @@ fn f32_agrees_with_f64() {
             gate: &ts[7],
             up: &ts[8],
             down: &ts[9],
+            transposed: None,
         };
         pre_norm_layer(x, &p, (cos, sin), &m, (heads, kv), EPS, 0.5)
             .unwrap()
