@@ -205,6 +205,9 @@ pub(super) unsafe fn amx<const RT: usize>(
     let (c, facc) = (c.as_mut_ptr() as *mut i32, facc.as_mut_ptr() as *mut __m512);
     let a0 = x.q.as_ptr().add(r0 * x.kp) as *const u8;
     for b in 0..nb {
+        // The output rows' lines asked for in write state a few rows per block (stores after
+        // the last block otherwise wait for each line from L3 in turn).
+        prefetch_rows(t, r0 + b * rows / nb..r0 + (b + 1) * rows / nb, y);
         tiles::<RT>(
             a0.add(b * BLOCK),
             x.kp,
@@ -223,6 +226,21 @@ pub(super) unsafe fn amx<const RT: usize>(
         r0,
         y,
     );
+}
+
+/// Asks for the lines of rows `rows` of the tile's output (its columns) in write state
+/// (`prefetchw`; a hint: no fault, no effect on the values).
+#[inline(always)]
+unsafe fn prefetch_rows(t: &Tile, rows: std::ops::Range<usize>, y: *mut f32) {
+    for r in rows {
+        let first = y.wrapping_add(r * t.n + t.col0) as *const u8;
+        let last = first.wrapping_add(4 * t.cols - 1);
+        let mut at = first;
+        while (at as usize) >> 6 <= (last as usize) >> 6 {
+            asm!("prefetchw [{}]", in(reg) at, options(nostack, readonly, preserves_flags));
+            at = at.wrapping_add(64);
+        }
+    }
 }
 
 /// Block b's float steps for `rows` rows: the products `c` (row stride [`NR`]) with the
