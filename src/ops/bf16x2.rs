@@ -408,6 +408,8 @@ impl Panel<'_> {
         use std::arch::asm;
         #[repr(C, align(64))]
         struct Sums([[f32; NR]; 32]);
+        let rows = (t0 * ROWS_PER_TILE).min(x.m)..((t0 + RT) * ROWS_PER_TILE).min(x.m);
+        super::int8::amx::prefetch_output(y, (self.n, self.col0, self.cols), rows);
         let ksteps = x.kp / KSTEP;
         let tile_bytes = 2 * 2 * ROWS_PER_TILE * KSTEP; // 1 KB
         let a0 = (x.data.as_ptr() as *const u8).add(t0 * ksteps * tile_bytes);

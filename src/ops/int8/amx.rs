@@ -207,7 +207,11 @@ pub(super) unsafe fn amx<const RT: usize>(
     for b in 0..nb {
         // The output rows' lines asked for in write state a few rows per block (stores after
         // the last block otherwise wait for each line from L3 in turn).
-        prefetch_rows(t, r0 + b * rows / nb..r0 + (b + 1) * rows / nb, y);
+        prefetch_output(
+            y,
+            (t.n, t.col0, t.cols),
+            r0 + b * rows / nb..r0 + (b + 1) * rows / nb,
+        );
         tiles::<RT>(
             a0.add(b * BLOCK),
             x.kp,
@@ -228,13 +232,21 @@ pub(super) unsafe fn amx<const RT: usize>(
     );
 }
 
-/// Asks for the lines of rows `rows` of the tile's output (its columns) in write state
-/// (`prefetchw`; a hint: no fault, no effect on the values).
+/// Asks for the lines of rows `rows` of an output [.., n] (row-major), columns col0..col0 +
+/// cols, in write state (`prefetchw`: a hint, no fault, no effect on any value). A kernel calls
+/// it well before its stores, which otherwise wait for each line from L3 in turn.
 #[inline(always)]
-unsafe fn prefetch_rows(t: &Tile, rows: std::ops::Range<usize>, y: *mut f32) {
+pub(crate) unsafe fn prefetch_output(
+    y: *mut f32,
+    (n, col0, cols): (usize, usize, usize),
+    rows: std::ops::Range<usize>,
+) {
+    if cols == 0 {
+        return;
+    }
     for r in rows {
-        let first = y.wrapping_add(r * t.n + t.col0) as *const u8;
-        let last = first.wrapping_add(4 * t.cols - 1);
+        let first = y.wrapping_add(r * n + col0) as *const u8;
+        let last = first.wrapping_add(4 * cols - 1);
         let mut at = first;
         while (at as usize) >> 6 <= (last as usize) >> 6 {
             asm!("prefetchw [{}]", in(reg) at, options(nostack, readonly, preserves_flags));

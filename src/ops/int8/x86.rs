@@ -102,6 +102,7 @@ pub(super) unsafe fn vnni512<const R: usize>(t: &Tile, x: &Int8Rows, r0: usize, 
     let xrows: [*const u8; R] =
         std::array::from_fn(|i| x.q.as_ptr().add((r0 + i) * x.kp) as *const u8);
     let wp = t.panel.as_ptr();
+    super::amx::prefetch_output(y, (t.n, t.col0, t.cols), r0..r0 + R);
     for b in 0..nb {
         let mut iacc = [[_mm512_setzero_si512(); 2]; R];
         for i in 0..R {
