@@ -145,12 +145,13 @@ impl Layer {
             transposed: None,
         };
         // Trained through (an input or adapter with a gradient): the products read W^T, made
-        // once per layer and kept.
-        let trained = x.track_op()
+        // once per layer and kept (`WS2S_KEEP_TRANSPOSED=0`: not made, for less memory).
+        let trained = (x.track_op()
             || [q_lora, v_lora]
                 .iter()
                 .flatten()
-                .any(|a| a.a.track_op() || a.b.track_op());
+                .any(|a| a.a.track_op() || a.b.track_op()))
+            && keep_transposed();
         let transposed = if trained {
             let t = all.map(|l| l.transposed());
             match t {
@@ -181,6 +182,13 @@ impl Layer {
             scale,
         )?)
     }
+}
+
+/// Whether layers trained through keep their frozen projections' W^T (default yes;
+/// `WS2S_KEEP_TRANSPOSED=0` saves that memory at the cost of slower forward products).
+fn keep_transposed() -> bool {
+    static KEEP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KEEP.get_or_init(|| std::env::var("WS2S_KEEP_TRANSPOSED").as_deref() != Ok("0"))
 }
 
 #[derive(Debug, Clone)]
