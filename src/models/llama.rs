@@ -130,6 +130,19 @@ impl Layer {
         {
             return Ok(None);
         }
+        // Trained through (an input or adapter with a gradient): the products read W^T, made
+        // once per layer and kept (`WS2S_KEEP_TRANSPOSED=0`: not made, for less memory).
+        let trained = x.track_op()
+            || [q_lora, v_lora]
+                .iter()
+                .flatten()
+                .any(|a| a.a.track_op() || a.b.track_op());
+        let mut transposed = [None; 7];
+        if trained && keep_transposed() {
+            for (t, l) in transposed.iter_mut().zip(all) {
+                *t = l.transposed()?;
+            }
+        }
         let params = PreNormParams {
             input_norm: &self.input_layernorm.weight,
             q: (&self.q_proj.weight, self.q_proj.bias.as_ref()),
@@ -142,35 +155,7 @@ impl Layer {
             gate: &self.gate_proj.weight,
             up: &self.up_proj.weight,
             down: &self.down_proj.weight,
-            transposed: None,
-        };
-        // Trained through (an input or adapter with a gradient): the products read W^T, made
-        // once per layer and kept (`WS2S_KEEP_TRANSPOSED=0`: not made, for less memory).
-        let trained = (x.track_op()
-            || [q_lora, v_lora]
-                .iter()
-                .flatten()
-                .any(|a| a.a.track_op() || a.b.track_op()))
-            && keep_transposed();
-        let transposed = if trained {
-            let t = all.map(|l| l.transposed());
-            match t {
-                [Ok(Some(q)), Ok(Some(k)), Ok(Some(v)), Ok(Some(o)), Ok(Some(g)), Ok(Some(u)), Ok(Some(d))] => {
-                    Some([q, k, v, o, g, u, d])
-                }
-                t => {
-                    for r in t {
-                        r?;
-                    }
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let params = PreNormParams {
             transposed,
-            ..params
         };
         Ok(pre_norm_layer(
             x,

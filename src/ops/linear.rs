@@ -58,6 +58,28 @@ pub(crate) fn gemm_into<T: Real>(
     rhs: (&[T], usize, usize),
     beta: f64,
 ) {
+    let (m, n, k) = dims;
+    gemm_into_with(
+        dims,
+        dst,
+        accumulate,
+        lhs,
+        rhs,
+        beta,
+        parallelism(m * n * k),
+    );
+}
+
+/// [`gemm_into`] with gemm's threads given.
+fn gemm_into_with<T: Real>(
+    dims: (usize, usize, usize),
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: (&[T], usize, usize),
+    rhs: (&[T], usize, usize),
+    beta: f64,
+    threads: gemm::Parallelism,
+) {
     let (m, n, _) = dims;
     if m == 0 || n == 0 {
         return;
@@ -66,7 +88,7 @@ pub(crate) fn gemm_into<T: Real>(
     check_operands(dims, lhs, rhs);
     // SAFETY: check_operands bounds every element the strides address; dst is a distinct
     // mutable slice of at least m * n elements.
-    unsafe { gemm_raw(dims, dst.as_mut_ptr(), accumulate, lhs, rhs, beta) }
+    unsafe { gemm_raw(dims, dst.as_mut_ptr(), accumulate, lhs, rhs, beta, threads) }
 }
 
 /// A new [m, n] matrix beta lhs rhs. Its memory is written by gemm directly, without being
@@ -86,7 +108,15 @@ pub(crate) fn gemm_new<T: Real>(
     // SAFETY: the operands are bounded by check_operands; gemm writes all m * n elements of the
     // allocation (read_dst = false) through the raw pointer before the length is set.
     unsafe {
-        gemm_raw(dims, out.as_mut_ptr(), false, lhs, rhs, beta);
+        gemm_raw(
+            dims,
+            out.as_mut_ptr(),
+            false,
+            lhs,
+            rhs,
+            beta,
+            parallelism(m * n * k),
+        );
         out.set_len(m * n);
     }
     out
@@ -102,6 +132,7 @@ unsafe fn gemm_raw<T: Real>(
     (lhs, lhs_rs, lhs_cs): (&[T], usize, usize),
     (rhs, rhs_rs, rhs_cs): (&[T], usize, usize),
     beta: f64,
+    threads: gemm::Parallelism,
 ) {
     gemm::gemm(
         m,
@@ -122,7 +153,7 @@ unsafe fn gemm_raw<T: Real>(
         false,
         false,
         false,
-        parallelism(m * n * k),
+        threads,
     );
 }
 
@@ -164,43 +195,27 @@ const TRANSPOSED_ROWS: usize = 128;
 /// 896) run at 175-265 GFLOP/s against 290-380 this way (2 threads, Intel Xeon with AVX-512).
 fn accumulate_transposed<T: Real>(y: &mut [T], x: &[T], wt: &[T], rows: usize, k: usize, n: usize) {
     use rayon::prelude::*;
-    assert!(
-        x.len() >= rows * k && wt.len() >= k * n && y.len() >= rows * n,
-        "transposed product: operands too small"
-    );
+    if n == 0 || k == 0 {
+        return;
+    }
     let block = |(y, x): (&mut [T], &[T])| {
-        let m = y.len() / n.max(1);
-        // SAFETY: y holds m x n values; x m x k and wt k x n (checked above).
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                y.as_mut_ptr(),
-                1,
-                n as isize,
-                true,
-                x.as_ptr(),
-                1,
-                k as isize,
-                wt.as_ptr(),
-                1,
-                n as isize,
-                T::from(1.0),
-                T::from(1.0),
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
-        }
+        let m = y.len() / n;
+        gemm_into_with(
+            (m, n, k),
+            y,
+            true,
+            (x, k, 1),
+            (wt, n, 1),
+            1.0,
+            gemm::Parallelism::None,
+        );
     };
     let (y, x) = (&mut y[..rows * n], &x[..rows * k]);
-    if rows * n * k > 1 << 15 && n > 0 && k > 0 {
+    if rows * n * k > 1 << 15 {
         y.par_chunks_mut(TRANSPOSED_ROWS * n)
             .zip(x.par_chunks(TRANSPOSED_ROWS * k))
             .for_each(block);
-    } else if n > 0 && k > 0 {
+    } else {
         y.chunks_mut(TRANSPOSED_ROWS * n)
             .zip(x.chunks(TRANSPOSED_ROWS * k))
             .for_each(block);
@@ -242,16 +257,19 @@ pub(crate) fn forward_weight<T: Real>(
         return forward(x, w.w, b, rows, k, n);
     }
     let mut y = match b {
-        Some(b) => {
-            let mut y = Vec::with_capacity(rows * n);
-            for _ in 0..rows {
-                y.extend_from_slice(b);
-            }
-            y
-        }
+        Some(b) => bias_rows(b, rows),
         None => vec![T::from(0.0); rows * n],
     };
     accumulate_weight(&mut y, x, w, rows, k, n);
+    y
+}
+
+/// `rows` copies of the bias, one after the other: the rows a product accumulates onto.
+fn bias_rows<T: Real>(b: &[T], rows: usize) -> Vec<T> {
+    let mut y = Vec::with_capacity(rows * b.len());
+    for _ in 0..rows {
+        y.extend_from_slice(b);
+    }
     y
 }
 
@@ -272,10 +290,7 @@ pub(crate) fn forward<T: Real>(
         accumulate_product(&mut y, x, w, rows, k, n);
         return y;
     };
-    let mut y = Vec::with_capacity(rows * n);
-    for _ in 0..rows {
-        y.extend_from_slice(b);
-    }
+    let mut y = bias_rows(b, rows);
     accumulate_product(&mut y, x, w, rows, k, n);
     y
 }

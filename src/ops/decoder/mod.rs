@@ -61,10 +61,10 @@ pub struct PreNormParams<'a> {
     pub gate: &'a Tensor,
     pub up: &'a Tensor,
     pub down: &'a Tensor,
-    /// W^T [in, out], contiguous, of q, k, v, o, gate, up and down (in that order), for the
-    /// forward's products in gemm's faster orientation: worth their memory when the layer is
-    /// trained through (every step reads them), not for one inference pass.
-    pub transposed: Option<[&'a Tensor; 7]>,
+    /// W^T [in, out], contiguous, of q, k, v, o, gate, up and down (in that order) where given,
+    /// for the forward's products in gemm's faster orientation: worth their memory when the
+    /// layer is trained through (every step reads them), not for one inference pass.
+    pub transposed: [Option<&'a Tensor>; 7],
 }
 
 // Slots of the frozen tensors.
@@ -544,7 +544,6 @@ pub fn pre_norm_layer(
     scale: f64,
 ) -> Result<Option<PreNormOutput>> {
     let dtype = x.dtype();
-    let t = |j: usize| p.transposed.map(|t| t[j]);
     let frozen: [Option<&Tensor>; SLOTS] = [
         Some(p.input_norm),
         Some(p.q.0),
@@ -559,13 +558,13 @@ pub fn pre_norm_layer(
         Some(p.gate),
         Some(p.up),
         Some(p.down),
-        t(0),
-        t(1),
-        t(2),
-        t(3),
-        t(4),
-        t(5),
-        t(6),
+        p.transposed[0],
+        p.transposed[1],
+        p.transposed[2],
+        p.transposed[3],
+        p.transposed[4],
+        p.transposed[5],
+        p.transposed[6],
     ];
     let adapters = [p.q_lora, p.v_lora];
     let adapter_tensors = adapters.iter().flatten().flat_map(|a| [a.a, a.b]);

@@ -169,7 +169,7 @@ fn values_and_gradients_match_the_layer_op_by_op() {
             gate: &wg,
             up: &wu,
             down: &wd,
-            transposed: None,
+            transposed: [None; 7],
         };
         let x = Var::from_tensor(&random(&[c.b, c.t, h], seed + 20, 1.0)).unwrap();
         let (cos, sin) = tables(c.b, c.t, d);
@@ -230,7 +230,7 @@ fn values_and_gradients_match_the_layer_op_by_op() {
             .map(|w| w.t().unwrap().contiguous().unwrap())
             .collect();
         let pt = PreNormParams {
-            transposed: Some([&ts[0], &ts[1], &ts[2], &ts[3], &ts[4], &ts[5], &ts[6]]),
+            transposed: std::array::from_fn(|j| Some(&ts[j])),
             ..p
         };
         let fused_t = pre_norm_layer(&x, &pt, (&cos, &sin), &m, heads, EPS, scale)
@@ -282,7 +282,7 @@ fn without_adapters_only_the_input_gets_a_gradient_and_trained_bases_are_not_fus
         gate: &wg,
         up: &wu,
         down: &wd,
-        transposed: None,
+        transposed: [None; 7],
     };
     let x = Var::from_tensor(&random(&[b, t, h], 11, 1.0)).unwrap();
     let (cos, sin) = tables(b, t, d);
@@ -341,7 +341,7 @@ fn f32_agrees_with_f64() {
             gate: &ts[7],
             up: &ts[8],
             down: &ts[9],
-            transposed: None,
+            transposed: [None; 7],
         };
         pre_norm_layer(x, &p, (cos, sin), &m, (heads, kv), EPS, 0.5)
             .unwrap()
