@@ -8,9 +8,14 @@
 # take turns, with the same number of threads; each side's time is the median of its runs.
 # Installs PyTorch and transformers into a throwaway venv (bench/.venv) when missing.
 #   bench/compare-forward.sh [--precision auto|f32|int8|bf16x2] [--repeats N] [--rounds N]
-#                            [--models "a b .."] [--no-decode]
+#                            [--models "a b .."] [--no-decode] [--isa native|avx2]
 # (--models "" measures decoding only; auto: int8 features where the CPU has AVX-512 VNNI,
 # bf16x2 decoding where it has AMX-BF16.)
+# --isa avx2 times the paths of a CPU without AVX-512 or AMX on this one, both sides capped:
+# ws2s built without gemm's AVX-512 kernels (--no-default-features, in target/avx2) and run
+# with WS2S_MAX_ISA=avx2; PyTorch with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 and
+# MKL_ENABLE_INSTRUCTIONS=AVX2. Same cores and caches: it shows the instruction sets' effect,
+# not another machine's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 precision=auto
@@ -18,6 +23,7 @@ repeats=3
 rounds=1
 models="all-minilm-l6-v2 smollm2-135m gemma3-270m qwen2.5-coder-0.5b qwen2.5-coder-1.5b"
 decode=1
+isa=native
 batch=32
 seq_len=32
 while [ $# -gt 0 ]; do
@@ -27,7 +33,8 @@ while [ $# -gt 0 ]; do
     --rounds) rounds="$2"; shift 2 ;;
     --models) models="$2"; shift 2 ;;
     --no-decode) decode=0; shift ;;
-    *) echo "usage: bench/compare-forward.sh [--precision P] [--repeats N] [--rounds N] [--models \"a b\"] [--no-decode]" >&2; exit 2 ;;
+    --isa) isa="$2"; shift 2 ;;
+    *) echo "usage: bench/compare-forward.sh [--precision P] [--repeats N] [--rounds N] [--models \"a b\"] [--no-decode] [--isa native|avx2]" >&2; exit 2 ;;
   esac
 done
 threads="${BENCH_THREADS:-$(nproc)}"
@@ -37,8 +44,20 @@ if ! "$venv/bin/python" -c "import torch, transformers" 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check torch transformers
 fi
-cargo build --release --quiet
-ws2s=./target/release/ws2s
+case "$isa" in
+  native)
+    cargo build --release --quiet
+    ws2s=./target/release/ws2s
+    ws2s_env=()
+    torch_env=() ;;
+  avx2)
+    echo "building ws2s without gemm's AVX-512 kernels into target/avx2 (once) ..." >&2
+    cargo build --release --quiet --no-default-features --target-dir target/avx2
+    ws2s=./target/avx2/release/ws2s
+    ws2s_env=(WS2S_MAX_ISA=avx2)
+    torch_env=(ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2) ;;
+  *) echo "--isa: native or avx2, not $isa" >&2; exit 2 ;;
+esac
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 config_of() {
@@ -46,12 +65,12 @@ config_of() {
 }
 run_ws2s() { # model, bench args...
   local model="$1"; shift
-  RAYON_NUM_THREADS="$threads" "$ws2s" bench "$@" --model "$model" --precision "$precision" \
+  env "${ws2s_env[@]}" RAYON_NUM_THREADS="$threads" "$ws2s" bench "$@" --model "$model" --precision "$precision" \
     --repeats "$repeats" --json | python3 -c "import json,sys; r=json.load(sys.stdin); r['side']='ws2s'; r['name']='$model'; print(json.dumps(r))" >> "$out/runs.jsonl"
 }
 run_torch() { # model, dtype, mode args...
   local model="$1" dtype="$2"; shift 2
-  BENCH_THREADS="$threads" "$venv/bin/python" bench/pytorch_infer.py --config "$out/$model.json" \
+  env "${torch_env[@]}" BENCH_THREADS="$threads" "$venv/bin/python" bench/pytorch_infer.py --config "$out/$model.json" \
     --dtype "$dtype" --repeats "$repeats" "$@" | python3 -c "import json,sys; r=json.load(sys.stdin); r['name']='$model'; print(json.dumps(r))" >> "$out/runs.jsonl"
 }
 measure() { # model, ws2s args (quoted), torch args (quoted)
@@ -77,9 +96,9 @@ if [ "$decode" = 1 ]; then
 fi
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')
 flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|avx512f|avx512_bf16|avx512_vnni|avx_vnni|amx_bf16|amx_int8)$' | tr '\n' ' ')
-python3 - "$out/runs.jsonl" "$cpu" "$flags" "$threads" <<'PY'
+python3 - "$out/runs.jsonl" "$cpu" "$flags" "$threads" "$isa" <<'PY'
 import json, statistics, sys
-path, cpu, flags, threads = sys.argv[1:]
+path, cpu, flags, threads, isa = sys.argv[1:]
 rows = [json.loads(l) for l in open(path)]
 def key(r):
     return (r["name"], r["workload"])
@@ -89,6 +108,11 @@ for r in rows:
         order.append(key(r))
 print(f"CPU: {cpu}; flags: {flags}; {threads} threads")
 torch_version = next((r["torch"] for r in rows if r.get("side") == "pytorch"), "?")
+if isa != "native":
+    caps = sorted({r.get("cpu_capability", "?") for r in rows if r.get("side") == "pytorch"})
+    print(f"Instruction sets capped at {isa} on both sides (ws2s: WS2S_MAX_ISA={isa}, gemm built "
+          f"without AVX-512; PyTorch: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, "
+          f"MKL_ENABLE_INSTRUCTIONS; ATen reports {', '.join(caps)})")
 print(f"PyTorch {torch_version}; times are medians over runs (and rounds); ratio = ws2s time / PyTorch's best time\n")
 print("| model | workload | ws2s (precision, kernel) tok/s | CPU busy | PyTorch f32 tok/s | PyTorch bf16 tok/s | ratio |")
 print("|---|---|---|---|---|---|---|")

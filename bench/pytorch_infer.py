@@ -107,6 +107,8 @@ def main():
         "load_s": load_s,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        # ATen's kernel level (ATEN_CPU_CAPABILITY caps it), to show what ran.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }))
 
 

@@ -203,6 +203,10 @@ fn main() -> ExitCode {
     ws2s::runtime::tune_allocator();
     ws2s::runtime::tune_threads();
     let cli = Cli::parse();
+    if let Err(err) = ws2s::ops::check_env() {
+        eprintln!("error: {err}");
+        return ExitCode::from(2);
+    }
     match ws2s::runtime::on_worker(|| run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

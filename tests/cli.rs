@@ -387,3 +387,46 @@ fn every_bench_and_device_flag_parses() {
         );
     }
 }
+
+#[test]
+fn kernel_variables_with_unknown_values_are_rejected_before_any_work() {
+    // A typo in either variable would otherwise leave the widest kernels in use, silently.
+    let out = Command::new(env!("CARGO_BIN_EXE_ws2s"))
+        .args(["data", "stats", "sciq"])
+        .env("WS2S_MAX_ISA", "avx3")
+        .output()
+        .unwrap();
+    assert_bad_input(
+        &out,
+        &["WS2S_MAX_ISA=\"avx3\"", "scalar, avx2, avx512, amx"],
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_ws2s"))
+        .args(["data", "stats", "sciq"])
+        .env("WS2S_INT8_KERNEL", "vnni")
+        .output()
+        .unwrap();
+    assert_bad_input(
+        &out,
+        &["WS2S_INT8_KERNEL=\"vnni\" names no int8 kernel", "scalar"],
+    );
+    // A cap the CPU does not need to honour is fine; a kernel above the cap is not.
+    let out = Command::new(env!("CARGO_BIN_EXE_ws2s"))
+        .args(["data", "stats", "sciq"])
+        .env("WS2S_MAX_ISA", "scalar")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let out = Command::new(env!("CARGO_BIN_EXE_ws2s"))
+        .args(["data", "stats", "sciq"])
+        .env("WS2S_MAX_ISA", "scalar")
+        .env("WS2S_INT8_KERNEL", "avx2")
+        .output()
+        .unwrap();
+    assert_bad_input(
+        &out,
+        &[
+            "WS2S_INT8_KERNEL=\"avx2\" is a kernel this CPU cannot run",
+            "here: scalar",
+        ],
+    );
+}

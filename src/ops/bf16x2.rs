@@ -65,10 +65,7 @@ pub fn split(v: f32) -> (u16, u16) {
 fn split_into(src: &[f32], hi: &mut [u16], lo: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
     {
-        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *AVX512.get_or_init(|| {
-            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
-        }) {
+        if crate::ops::simd::has_avx512() {
             // SAFETY: the CPU has the features the function was compiled for.
             unsafe { split_avx512(src, hi, lo) };
             return;

@@ -91,6 +91,13 @@ impl Precision {
     }
 }
 
+/// The environment variables that choose kernels (`WS2S_MAX_ISA`, `WS2S_INT8_KERNEL`),
+/// checked: an error that names the variable and what it accepts instead of a silent fallback.
+pub fn check_env() -> Result<(), String> {
+    simd::check_max_isa()?;
+    int8::Kernel::check_env()
+}
+
 /// What a forward pass is for: each use has its own accuracy check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Purpose {

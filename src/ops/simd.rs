@@ -78,16 +78,91 @@ pub fn normal_cdf(x: f32) -> f32 {
     }
 }
 
-/// Whether the CPU has the AVX-512 subsets the wide builds use (F, BW, DQ, VL), once.
+/// Instruction sets ws2s's own kernels choose between at run time, narrowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Plain code (what the compiler makes of it for the build's target).
+    Scalar,
+    /// AVX2 with FMA.
+    Avx2,
+    /// AVX-512 (with VNNI and BF16 where the CPU has them).
+    Avx512,
+    /// Intel AMX tiles (INT8, BF16).
+    Amx,
+}
+
+impl Isa {
+    /// The names `WS2S_MAX_ISA` takes.
+    pub const NAMES: [&'static str; 4] = ["scalar", "avx2", "avx512", "amx"];
+
+    /// The set of a `WS2S_MAX_ISA` name.
+    pub fn parse(name: &str) -> Option<Isa> {
+        let all = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx];
+        Isa::NAMES.iter().position(|n| *n == name).map(|i| all[i])
+    }
+}
+
+/// The widest set ws2s's kernels may use: `WS2S_MAX_ISA` (`scalar`, `avx2`, `avx512` or
+/// `amx`) caps what the CPU has, to run and time a narrower CPU's paths on a wider one (e.g.
+/// `avx2`: the paths of a CPU without AVX-512 or AMX); unset or empty, no cap. Read once. (The f32
+/// products of the `gemm` crate choose their own kernels; a build without the `gemm-avx512`
+/// feature keeps them to AVX2.) The command line rejects a value not in [`Isa::NAMES`]
+/// ([`check_max_isa`]); here such a value caps nothing.
+pub fn max_isa() -> Isa {
+    static MAX: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("WS2S_MAX_ISA")
+            .ok()
+            .and_then(|v| Isa::parse(v.trim()))
+            .unwrap_or(Isa::Amx)
+    })
+}
+
+/// Whether kernels of `isa` may run: not above [`max_isa`] (the CPU's own features are
+/// checked by each kernel's dispatch as well).
+pub fn allows(isa: Isa) -> bool {
+    isa <= max_isa()
+}
+
+/// An error naming the variable and the accepted values when `WS2S_MAX_ISA` is set to
+/// something else.
+pub fn check_max_isa() -> Result<(), String> {
+    match std::env::var("WS2S_MAX_ISA") {
+        Ok(v) if !v.trim().is_empty() && Isa::parse(v.trim()).is_none() => Err(format!(
+            "WS2S_MAX_ISA={v:?} is not an instruction set ws2s knows; expected one of: {}",
+            Isa::NAMES.join(", ")
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Whether the CPU has the AVX-512 subsets the wide builds use (F, BW, DQ, VL), once, and
+/// [`max_isa`] allows AVX-512.
 pub(crate) fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| {
-            std::is_x86_feature_detected!("avx512f")
+            allows(Isa::Avx512)
+                && std::is_x86_feature_detected!("avx512f")
                 && std::is_x86_feature_detected!("avx512bw")
                 && std::is_x86_feature_detected!("avx512dq")
                 && std::is_x86_feature_detected!("avx512vl")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether the CPU has AVX2 and FMA, once, and [`max_isa`] allows them.
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            allows(Isa::Avx2)
+                && std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -119,7 +194,7 @@ macro_rules! multiversion {
                     // SAFETY: the CPU has the features the function was compiled for.
                     return unsafe { avx512($($arg),*) };
                 }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                if crate::ops::simd::has_avx2() {
                     // SAFETY: the CPU has the features the function was compiled for.
                     return unsafe { avx2($($arg),*) };
                 }
@@ -615,6 +690,24 @@ multiversion! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn isa_names_parse_in_order_and_the_cap_is_consistent() {
+        let parsed: Vec<Isa> = Isa::NAMES.iter().map(|n| Isa::parse(n).unwrap()).collect();
+        assert_eq!(parsed, [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx]);
+        assert!(parsed.windows(2).all(|w| w[0] < w[1]));
+        for bad in ["", "AVX2", "avx3", "sse"] {
+            assert_eq!(Isa::parse(bad), None, "{bad}");
+        }
+        // Whatever the cap in this process, a set above it is never reported usable.
+        if !allows(Isa::Avx512) {
+            assert!(!has_avx512());
+        }
+        if !allows(Isa::Avx2) {
+            assert!(!has_avx2());
+        }
+        assert!(allows(Isa::Scalar));
+    }
 
     /// The order `dot_f64` documents, written plainly.
     fn dot_in_documented_order(a: &[f64], b: &[f64]) -> f64 {

@@ -72,10 +72,10 @@ impl Kernel {
         *KERNEL.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
             {
-                if std::is_x86_feature_detected!("avx512f") {
+                if crate::ops::simd::has_avx512() {
                     return Kernel::Avx512;
                 }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                if crate::ops::simd::has_avx2() {
                     return Kernel::Avx2;
                 }
             }

@@ -114,11 +114,9 @@ fn quantize_block(values: &[f32], out: &mut [MaybeUninit<i8>]) -> (f32, i32) {
     {
         static LEVEL: OnceLock<u8> = OnceLock::new();
         let level = *LEVEL.get_or_init(|| {
-            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
-            {
+            if crate::ops::simd::has_avx512() {
                 2
-            } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-            {
+            } else if crate::ops::simd::has_avx2() {
                 1
             } else {
                 0
@@ -433,20 +431,16 @@ impl Kernel {
         }
     }
 
-    /// Whether this CPU can run the kernel.
+    /// Whether this CPU can run the kernel (and `WS2S_MAX_ISA` allows it).
     pub fn available(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             match self {
                 Kernel::Amx => amx::available(),
                 Kernel::Vnni512 => {
-                    std::is_x86_feature_detected!("avx512f")
-                        && std::is_x86_feature_detected!("avx512bw")
-                        && std::is_x86_feature_detected!("avx512vnni")
+                    crate::ops::simd::has_avx512() && std::is_x86_feature_detected!("avx512vnni")
                 }
-                Kernel::Avx2 => {
-                    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-                }
+                Kernel::Avx2 => crate::ops::simd::has_avx2(),
                 Kernel::Scalar => true,
             }
         }
@@ -454,6 +448,33 @@ impl Kernel {
         {
             self == Kernel::Scalar
         }
+    }
+
+    /// An error naming the variable and the kernels this CPU can run when `WS2S_INT8_KERNEL`
+    /// names no kernel, or one this CPU cannot run (or `WS2S_MAX_ISA` excludes).
+    pub fn check_env() -> std::result::Result<(), String> {
+        let name = std::env::var("WS2S_INT8_KERNEL").unwrap_or_default();
+        if name.is_empty() {
+            return Ok(());
+        }
+        let all = [Kernel::Amx, Kernel::Vnni512, Kernel::Avx2, Kernel::Scalar];
+        if all.iter().any(|k| k.name() == name && k.available()) {
+            return Ok(());
+        }
+        let here: Vec<&str> = all
+            .iter()
+            .filter(|k| k.available())
+            .map(|k| k.name())
+            .collect();
+        let why = if all.iter().any(|k| k.name() == name) {
+            "is a kernel this CPU cannot run (or WS2S_MAX_ISA excludes)"
+        } else {
+            "names no int8 kernel"
+        };
+        Err(format!(
+            "WS2S_INT8_KERNEL={name:?} {why}; here: {}",
+            here.join(", ")
+        ))
     }
 
     /// The kernel used: `WS2S_INT8_KERNEL` if set (and available), else the fastest available.
