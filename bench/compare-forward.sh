@@ -8,14 +8,11 @@
 # take turns, with the same number of threads; each side's time is the median of its runs.
 # Installs PyTorch and transformers into a throwaway venv (bench/.venv) when missing.
 #   bench/compare-forward.sh [--precision auto|f32|int8|bf16x2] [--repeats N] [--rounds N]
-#                            [--models "a b .."] [--no-decode] [--isa native|avx2]
+#                            [--models "a b .."] [--no-decode] [--isa native|avx2|avxvnni]
 # (--models "" measures decoding only; auto: int8 features where the CPU has AVX-512 VNNI,
 # bf16x2 decoding where it has AMX-BF16.)
-# --isa avx2 times the paths of a CPU without AVX-512 or AMX on this one, both sides capped:
-# ws2s built without gemm's AVX-512 kernels (--no-default-features, in target/avx2) and run
-# with WS2S_MAX_ISA=avx2; PyTorch with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 and
-# MKL_ENABLE_INSTRUCTIONS=AVX2. Same cores and caches: it shows the instruction sets' effect,
-# not another machine's.
+# --isa avx2 (or avxvnni) times the paths of a CPU without AVX-512 or AMX on this one, both
+# sides capped (bench/isa.sh says how).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 precision=auto
@@ -34,7 +31,7 @@ while [ $# -gt 0 ]; do
     --models) models="$2"; shift 2 ;;
     --no-decode) decode=0; shift ;;
     --isa) isa="$2"; shift 2 ;;
-    *) echo "usage: bench/compare-forward.sh [--precision P] [--repeats N] [--rounds N] [--models \"a b\"] [--no-decode] [--isa native|avx2]" >&2; exit 2 ;;
+    *) echo "usage: bench/compare-forward.sh [--precision P] [--repeats N] [--rounds N] [--models \"a b\"] [--no-decode] [--isa native|avx2|avxvnni]" >&2; exit 2 ;;
   esac
 done
 threads="${BENCH_THREADS:-$(nproc)}"
@@ -44,20 +41,8 @@ if ! "$venv/bin/python" -c "import torch, transformers" 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check torch transformers
 fi
-case "$isa" in
-  native)
-    cargo build --release --quiet
-    ws2s=./target/release/ws2s
-    ws2s_env=()
-    torch_env=() ;;
-  avx2)
-    echo "building ws2s without gemm's AVX-512 kernels into target/avx2 (once) ..." >&2
-    cargo build --release --quiet --no-default-features --target-dir target/avx2
-    ws2s=./target/avx2/release/ws2s
-    ws2s_env=(WS2S_MAX_ISA=avx2)
-    torch_env=(ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2) ;;
-  *) echo "--isa: native or avx2, not $isa" >&2; exit 2 ;;
-esac
+source bench/isa.sh
+select_isa "$isa"
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 config_of() {

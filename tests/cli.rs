@@ -398,7 +398,10 @@ fn kernel_variables_with_unknown_values_are_rejected_before_any_work() {
         .unwrap();
     assert_bad_input(
         &out,
-        &["WS2S_MAX_ISA=\"avx3\"", "scalar, avx2, avx512, amx"],
+        &[
+            "WS2S_MAX_ISA=\"avx3\"",
+            "scalar, avx2, avxvnni, avx512, amx",
+        ],
     );
     let out = Command::new(env!("CARGO_BIN_EXE_ws2s"))
         .args(["data", "stats", "sciq"])

@@ -616,7 +616,7 @@ weak_train = 10
             Precision::F32
         };
         assert_eq!(config.precision.resolve(Purpose::Decoding), decoding);
-        let int8_features = crate::ops::int8::Kernel::Vnni512.available();
+        let int8_features = crate::ops::int8::Kernel::dot_products_available();
         assert_eq!(
             config.precision.resolve(Purpose::Features) == Precision::Int8,
             int8_features

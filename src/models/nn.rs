@@ -240,7 +240,7 @@ fn screening() -> Screening {
         Ok("1") => Screening::Always,
         _ if matches!(
             int8::Kernel::detected(),
-            int8::Kernel::Vnni512 | int8::Kernel::Amx
+            int8::Kernel::Vnni512 | int8::Kernel::Amx | int8::Kernel::AvxVnni
         ) =>
         {
             Screening::Auto

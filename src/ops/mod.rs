@@ -50,7 +50,7 @@ impl Precision {
 
     /// The kernel that computes this precision's products here: for f32, gemm and the
     /// few-rows kernel of decoding ("gemm-f32+rows-avx512", see [`skinny`]); for int8 the
-    /// kernel detected at run time ("amx", "vnni512", "avx2", "scalar").
+    /// kernel detected at run time ("amx", "vnni512", "avxvnni", "avx2", "scalar").
     pub fn kernel(self) -> &'static str {
         match self {
             Precision::F32 => skinny::Kernel::detected().label(),
@@ -77,14 +77,15 @@ impl Precision {
 
     /// The fastest precision on this CPU that passes the accuracy check of `purpose`
     /// (docs/results/inference.md): for features, int8 where the CPU has 8-bit dot products
-    /// (AVX-512 VNNI; probes on int8 features are within 0.01 of f32's accuracy), else f32 (int8
+    /// (AVX-512 VNNI, AMX or AVX-VNNI; probes on int8 features are within 0.01 of f32's
+    /// accuracy), else f32 (int8
     /// by widening to 16 bits is not faster than f32's FMA there); for decoding and scoring,
     /// bf16x2 where the CPU has AMX-BF16 (its greedy continuations are f32's), else f32
     /// (int8's greedy continuations are not identical often enough); decoding screens the head
     /// in int8 where the CPU has VNNI, which keeps f32's tokens, see [`head`].
     pub fn fastest_for(purpose: Purpose) -> Precision {
         match purpose {
-            Purpose::Features if int8::Kernel::Vnni512.available() => Precision::Int8,
+            Purpose::Features if int8::Kernel::dot_products_available() => Precision::Int8,
             Purpose::Decoding if bf16x2::available() => Precision::Bf16x2,
             _ => Precision::F32,
         }

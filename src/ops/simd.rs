@@ -85,6 +85,9 @@ pub enum Isa {
     Scalar,
     /// AVX2 with FMA.
     Avx2,
+    /// AVX2 with AVX-VNNI (256-bit integer dot products: Intel Core 12th generation and later,
+    /// Xeon 6 E-cores, AMD Zen 5).
+    AvxVnni,
     /// AVX-512 (with VNNI and BF16 where the CPU has them).
     Avx512,
     /// Intel AMX tiles (INT8, BF16).
@@ -93,17 +96,17 @@ pub enum Isa {
 
 impl Isa {
     /// The names `WS2S_MAX_ISA` takes.
-    pub const NAMES: [&'static str; 4] = ["scalar", "avx2", "avx512", "amx"];
+    pub const NAMES: [&'static str; 5] = ["scalar", "avx2", "avxvnni", "avx512", "amx"];
 
     /// The set of a `WS2S_MAX_ISA` name.
     pub fn parse(name: &str) -> Option<Isa> {
-        let all = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx];
+        let all = [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512, Isa::Amx];
         Isa::NAMES.iter().position(|n| *n == name).map(|i| all[i])
     }
 }
 
-/// The widest set ws2s's kernels may use: `WS2S_MAX_ISA` (`scalar`, `avx2`, `avx512` or
-/// `amx`) caps what the CPU has, to run and time a narrower CPU's paths on a wider one (e.g.
+/// The widest set ws2s's kernels may use: `WS2S_MAX_ISA` (`scalar`, `avx2`, `avxvnni`,
+/// `avx512` or `amx`) caps what the CPU has, to run and time a narrower CPU's paths on a wider one (e.g.
 /// `avx2`: the paths of a CPU without AVX-512 or AMX); unset or empty, no cap. Read once. (The f32
 /// products of the `gemm` crate choose their own kernels; a build without the `gemm-avx512`
 /// feature keeps them to AVX2.) The command line rejects a value not in [`Isa::NAMES`]
@@ -163,6 +166,19 @@ pub(crate) fn has_avx2() -> bool {
             allows(Isa::Avx2)
                 && std::is_x86_feature_detected!("avx2")
                 && std::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether the CPU has AVX2, FMA and AVX-VNNI, once, and [`max_isa`] allows AVX-VNNI.
+pub(crate) fn has_avx_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            allows(Isa::AvxVnni) && has_avx2() && std::is_x86_feature_detected!("avxvnni")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -694,7 +710,10 @@ mod tests {
     #[test]
     fn isa_names_parse_in_order_and_the_cap_is_consistent() {
         let parsed: Vec<Isa> = Isa::NAMES.iter().map(|n| Isa::parse(n).unwrap()).collect();
-        assert_eq!(parsed, [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx]);
+        assert_eq!(
+            parsed,
+            [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512, Isa::Amx]
+        );
         assert!(parsed.windows(2).all(|w| w[0] < w[1]));
         for bad in ["", "AVX2", "avx3", "sse"] {
             assert_eq!(Isa::parse(bad), None, "{bad}");
@@ -703,8 +722,11 @@ mod tests {
         if !allows(Isa::Avx512) {
             assert!(!has_avx512());
         }
+        if !allows(Isa::AvxVnni) {
+            assert!(!has_avx_vnni());
+        }
         if !allows(Isa::Avx2) {
-            assert!(!has_avx2());
+            assert!(!has_avx2() && !has_avx_vnni());
         }
         assert!(allows(Isa::Scalar));
     }

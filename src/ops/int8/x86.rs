@@ -1,4 +1,4 @@
-//! The x86-64 kernels of [`super::matmul`]: AVX-512 VNNI and AVX2, and the vectorized
+//! The x86-64 kernels of [`super::matmul`]: AVX-512 VNNI, AVX-VNNI and AVX2, and the vectorized
 //! activation quantization.
 
 // The kernels index several register arrays by the same row.
@@ -135,6 +135,81 @@ pub(super) unsafe fn vnni512<const R: usize>(t: &Tile, x: &Int8Rows, r0: usize, 
     store_rows(t, &facc, r0, y);
 }
 
+/// Rows r0..r0+R of the tile with AVX-VNNI (256-bit `vpdpbusd`): the 32 columns as four
+/// groups of 8, R rows; the same integer sums and float steps as [`vnni512`] (same values).
+#[target_feature(enable = "avx2,fma,avxvnni")]
+pub(super) unsafe fn avx_vnni<const R: usize>(t: &Tile, x: &Int8Rows, r0: usize, y: *mut f32) {
+    let nb = x.blocks();
+    let xrows: [*const u8; R] =
+        std::array::from_fn(|i| x.q.as_ptr().add((r0 + i) * x.kp) as *const u8);
+    super::amx::prefetch_output(y, (t.n, t.col0, t.cols), r0..r0 + R);
+    // Two passes of 16 columns: 2R integer sums, two weight vectors and the broadcast
+    // activations fit the 16 registers for R <= 6.
+    for c16 in [0, 16] {
+        if c16 >= t.cols {
+            break;
+        }
+        let wp = t.panel.as_ptr().add(c16 * 4);
+        let mut facc = [[_mm256_setzero_ps(); 2]; R];
+        for b in 0..nb {
+            let mut iacc = [[_mm256_setzero_si256(); 2]; R];
+            for i in 0..R {
+                let c = _mm256_set1_epi32(*x.corr.get_unchecked((r0 + i) * nb + b));
+                iacc[i] = [c, c];
+            }
+            let base = b * BLOCK;
+            for g in 0..BLOCK / 4 {
+                let w = wp.add((base / 4 + g) * NR * 4);
+                let w0 = _mm256_loadu_si256(w as *const __m256i);
+                let w1 = _mm256_loadu_si256(w.add(32) as *const __m256i);
+                for i in 0..R {
+                    let four = (xrows[i].add(base + 4 * g) as *const i32).read_unaligned();
+                    let xv = _mm256_set1_epi32(four);
+                    iacc[i][0] = _mm256_dpbusd_avx_epi32(iacc[i][0], w0, xv);
+                    iacc[i][1] = _mm256_dpbusd_avx_epi32(iacc[i][1], w1, xv);
+                }
+            }
+            let ws = [
+                _mm256_loadu_ps(t.scales.as_ptr().add(b * NR + c16)),
+                _mm256_loadu_ps(t.scales.as_ptr().add(b * NR + c16 + 8)),
+            ];
+            for i in 0..R {
+                let xs = _mm256_set1_ps(*x.scales.get_unchecked((r0 + i) * nb + b));
+                for h in 0..2 {
+                    let p = _mm256_cvtepi32_ps(iacc[i][h]);
+                    facc[i][h] = _mm256_fmadd_ps(p, _mm256_mul_ps(xs, ws[h]), facc[i][h]);
+                }
+            }
+        }
+        for h in 0..2 {
+            let rows: [__m256; R] = std::array::from_fn(|i| facc[i][h]);
+            store8(t, &rows, r0, c16 + 8 * h, y);
+        }
+    }
+}
+
+/// Rows r0.. of the tile's output, columns c8..c8 + 8: each row's accumulator plus the bias,
+/// stored (only the panel's real columns).
+#[target_feature(enable = "avx2")]
+unsafe fn store8(t: &Tile, facc: &[__m256], r0: usize, c8: usize, y: *mut f32) {
+    if c8 >= t.cols {
+        return;
+    }
+    let bias = _mm256_loadu_ps(t.bias.as_ptr().add(c8));
+    let cols = (t.cols - c8).min(8);
+    for (i, acc) in facc.iter().enumerate() {
+        let v = _mm256_add_ps(*acc, bias);
+        let out = y.add((r0 + i) * t.n + t.col0 + c8);
+        if cols == 8 {
+            _mm256_storeu_ps(out, v);
+        } else {
+            let mut tmp = [0f32; 8];
+            _mm256_storeu_ps(tmp.as_mut_ptr(), v);
+            std::ptr::copy_nonoverlapping(tmp.as_ptr(), out, cols);
+        }
+    }
+}
+
 /// The definition's float step for one block of 16 columns: acc + f32(p) x (xs x ws), fused.
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -206,17 +281,5 @@ pub(super) unsafe fn avx2<const R: usize>(
             facc[i] = _mm256_fmadd_ps(p, _mm256_mul_ps(xs, ws), facc[i]);
         }
     }
-    let bias = _mm256_loadu_ps(t.bias.as_ptr().add(c8));
-    let cols = (t.cols - c8).min(8);
-    for (i, acc) in facc.iter().enumerate() {
-        let v = _mm256_add_ps(*acc, bias);
-        let out = y.add((r0 + i) * t.n + t.col0 + c8);
-        if cols == 8 {
-            _mm256_storeu_ps(out, v);
-        } else {
-            let mut tmp = [0f32; 8];
-            _mm256_storeu_ps(tmp.as_mut_ptr(), v);
-            std::ptr::copy_nonoverlapping(tmp.as_ptr(), out, cols);
-        }
-    }
+    store8(t, &facc, r0, c8, y);
 }
