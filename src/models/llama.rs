@@ -169,11 +169,19 @@ impl Layer {
     }
 }
 
-/// Whether layers trained through keep their frozen projections' W^T (default yes;
-/// `WS2S_KEEP_TRANSPOSED=0` saves that memory at the cost of slower forward products).
+/// Whether layers trained through keep their frozen projections' W^T: by default where gemm
+/// runs its AVX-512 kernels (built with `gemm-avx512`, the CPU has AVX-512 and `WS2S_MAX_ISA`
+/// allows it), where products from W^T are faster (Qwen2.5-0.5B LoRA step's forward 722
+/// against 886 ms); with gemm's AVX2 kernels they are slower (987-996 against 1,136-1,159 ms,
+/// docs/results/inference.md). `WS2S_KEEP_TRANSPOSED=0` / `1` decides instead (0 also saves
+/// the memory).
 fn keep_transposed() -> bool {
     static KEEP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *KEEP.get_or_init(|| std::env::var("WS2S_KEEP_TRANSPOSED").as_deref() != Ok("0"))
+    *KEEP.get_or_init(|| match std::env::var("WS2S_KEEP_TRANSPOSED").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => cfg!(feature = "gemm-avx512") && crate::ops::simd::has_avx512(),
+    })
 }
 
 #[derive(Debug, Clone)]

@@ -224,7 +224,8 @@ impl Head {
 pub const SCREEN_MIN_VOCAB: usize = 4096;
 
 /// When heads are screened: `WS2S_HEAD_SCREEN=0` never, `1` always (any CPU, any vocabulary:
-/// for tests), else where it pays (a CPU with AVX-512 VNNI, a vocabulary of at least
+/// for tests), else where it pays (a CPU with 8-bit dot products: AMX, AVX-512 VNNI or
+/// AVX-VNNI; a vocabulary of at least
 /// [`SCREEN_MIN_VOCAB`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Screening {

@@ -1,8 +1,7 @@
 //! The AMX kernel of [`super::matmul`] (Intel AMX-INT8, Sapphire Rapids and later): each
 //! block's integer products p[r, c, b] for 32 rows x 32 columns come from four `tdpbsud`
-//! tile products per 64 inputs (signed activation bytes x the panel's unsigned weight bytes,
-//! 16 x 16 i32 each, summed in the tiles over the block's [`BLOCK`] inputs), stored to a
-//! small buffer; the float steps after them are those of
+//! tile products (signed activation bytes x the panel's unsigned weight bytes, 16 x 16 i32
+//! each, 64 inputs deep), stored to a small buffer; the float steps after them are those of
 //! the AVX-512 kernel (offset correction, scale, fused multiply-add), so the results are the
 //! same bit for bit.
 //!
@@ -26,15 +25,16 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
-// Each block is a whole number of 64-input tile steps.
-const _: () = assert!(BLOCK.is_multiple_of(64));
+// Each block is one 64-input tile step. (A version that sums BLOCK / 64 steps per block in the
+// tiles, to time blocks of 128, made Qwen2.5-0.5B's forward ~5% slower at 64, cause not
+// isolated; see docs/results/inference.md, session 19.)
+const _: () = assert!(BLOCK == 64);
 
 /// Rows of a tile: the padding of activation rows.
 pub(super) const ROWS: usize = super::PAD_ROWS;
 
 /// Whether the CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7), the AVX-512 the epilogue uses,
-/// and the operating system lets this process use the tiles ([`crate::ops::simd::max_isa`]
-/// allowing).
+/// and the operating system lets this process use the tiles.
 pub(super) fn available() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
@@ -53,7 +53,7 @@ pub(super) fn available() -> bool {
 /// this process use the tiles ([`crate::ops::bf16x2`]).
 pub(crate) fn available_bf16() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| crate::ops::simd::allows(crate::ops::simd::Isa::Amx) && tiles_with(22))
+    *OK.get_or_init(|| tiles_with(22))
 }
 
 /// Whether CPUID leaf 7 reports AMX-TILE (EDX bit 24) and the AMX feature at EDX bit
@@ -117,55 +117,46 @@ fn config() -> Config {
 #[repr(C, align(64))]
 struct Products([[i32; NR]; 2 * ROWS]);
 
-/// Block b's tile products for RT row tiles into `c`: tmm0-3 zeroed, then for each 64 inputs
-/// of the block ([`BLOCK`] / 64 steps, the sums staying in the tiles) the activation and weight
-/// tiles loaded and multiplied, then stored. Loads and products interleave so that each
+/// Block b's tile products for RT row tiles into `c`: tmm0-3 zeroed, the activation and
+/// weight tiles loaded, the products, stored. Loads and products interleave so that each
 /// product starts as soon as its two tiles are in.
 #[inline(always)]
 unsafe fn tiles<const RT: usize>(a: *const u8, xstride: usize, w: *const u8, c: *mut u8) {
-    asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
-    if RT == 2 {
-        asm!("tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-    }
-    for step in 0..BLOCK / 64 {
-        // 64 inputs: 64 bytes of each activation row, 16 groups of four inputs of the panel.
-        let (a, w) = (a.add(64 * step), w.add(64 * NR * step));
-        // The first row tile against both column tiles (tmm0, tmm1) ...
-        asm!(
-            "tileloadd tmm4, [{a} + {xs}*1]",
-            "tileloadd tmm6, [{w} + {ws}*1]",
-            "tdpbsud tmm0, tmm4, tmm6",
-            "tileloadd tmm7, [{w1} + {ws}*1]",
-            "tdpbsud tmm1, tmm4, tmm7",
-            a = in(reg) a,
-            xs = in(reg) xstride,
-            w = in(reg) w,
-            w1 = in(reg) w.add(64),
-            ws = in(reg) NR * 4,
-            options(nostack, readonly),
-        );
-        // ... and the second (tmm2, tmm3) with the same weight tiles.
-        if RT == 2 {
-            asm!(
-                "tileloadd tmm5, [{a1} + {xs}*1]",
-                "tdpbsud tmm2, tmm5, tmm6",
-                "tdpbsud tmm3, tmm5, tmm7",
-                a1 = in(reg) a.add(ROWS * xstride),
-                xs = in(reg) xstride,
-                options(nostack, readonly),
-            );
-        }
-    }
+    // The first row tile against both column tiles (tmm0, tmm1) ...
+    asm!(
+        "tileloadd tmm4, [{a} + {xs}*1]",
+        "tileloadd tmm6, [{w} + {ws}*1]",
+        "tilezero tmm0",
+        "tdpbsud tmm0, tmm4, tmm6",
+        "tileloadd tmm7, [{w1} + {ws}*1]",
+        "tilezero tmm1",
+        "tdpbsud tmm1, tmm4, tmm7",
+        a = in(reg) a,
+        xs = in(reg) xstride,
+        w = in(reg) w,
+        w1 = in(reg) w.add(64),
+        ws = in(reg) NR * 4,
+        options(nostack, readonly),
+    );
+    // ... the second (tmm2, tmm3) with the same weight tiles ...
     if RT == 2 {
         asm!(
+            "tileloadd tmm5, [{a1} + {xs}*1]",
+            "tilezero tmm2",
+            "tdpbsud tmm2, tmm5, tmm6",
+            "tilezero tmm3",
+            "tdpbsud tmm3, tmm5, tmm7",
             "tilestored [{c2} + {cs}*1], tmm2",
             "tilestored [{c3} + {cs}*1], tmm3",
+            a1 = in(reg) a.add(ROWS * xstride),
+            xs = in(reg) xstride,
             cs = in(reg) NR * 4,
             c2 = in(reg) c.add(ROWS * NR * 4),
             c3 = in(reg) c.add(ROWS * NR * 4 + 64),
             options(nostack),
         );
     }
+    // ... and the first row tile's products stored.
     asm!(
         "tilestored [{c} + {cs}*1], tmm0",
         "tilestored [{c1} + {cs}*1], tmm1",
