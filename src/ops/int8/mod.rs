@@ -693,6 +693,27 @@ struct Tile<'a> {
     n: usize,
 }
 
+/// Runs a row kernel `kernel::<R>(tile, x, r0, y)` over all rows of `x`: six at a time, then
+/// the rest in one call.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_six_rows {
+    ($module:ident :: $kernel:ident, $tile:expr, $x:expr, $y:expr) => {{
+        let mut r = 0;
+        while r + 6 <= $x.m {
+            $module::$kernel::<6>($tile, $x, r, $y);
+            r += 6;
+        }
+        match $x.m - r {
+            0 => {}
+            1 => $module::$kernel::<1>($tile, $x, r, $y),
+            2 => $module::$kernel::<2>($tile, $x, r, $y),
+            3 => $module::$kernel::<3>($tile, $x, r, $y),
+            4 => $module::$kernel::<4>($tile, $x, r, $y),
+            _ => $module::$kernel::<5>($tile, $x, r, $y),
+        }
+    }};
+}
+
 impl Tile<'_> {
     unsafe fn run(&self, kernel: Kernel, x: &Int8Rows, y: *mut f32) {
         match kernel {
@@ -712,37 +733,9 @@ impl Tile<'_> {
                 amx::release();
             }
             #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni512 | Kernel::Amx => {
-                let mut r = 0;
-                while r + 6 <= x.m {
-                    x86::vnni512::<6>(self, x, r, y);
-                    r += 6;
-                }
-                match x.m - r {
-                    0 => {}
-                    1 => x86::vnni512::<1>(self, x, r, y),
-                    2 => x86::vnni512::<2>(self, x, r, y),
-                    3 => x86::vnni512::<3>(self, x, r, y),
-                    4 => x86::vnni512::<4>(self, x, r, y),
-                    _ => x86::vnni512::<5>(self, x, r, y),
-                }
-            }
+            Kernel::Vnni512 | Kernel::Amx => by_six_rows!(x86::vnni512, self, x, y),
             #[cfg(target_arch = "x86_64")]
-            Kernel::AvxVnni => {
-                let mut r = 0;
-                while r + 6 <= x.m {
-                    x86::avx_vnni::<6>(self, x, r, y);
-                    r += 6;
-                }
-                match x.m - r {
-                    0 => {}
-                    1 => x86::avx_vnni::<1>(self, x, r, y),
-                    2 => x86::avx_vnni::<2>(self, x, r, y),
-                    3 => x86::avx_vnni::<3>(self, x, r, y),
-                    4 => x86::avx_vnni::<4>(self, x, r, y),
-                    _ => x86::avx_vnni::<5>(self, x, r, y),
-                }
-            }
+            Kernel::AvxVnni => by_six_rows!(x86::avx_vnni, self, x, y),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => {
                 for c8 in (0..self.cols).step_by(8) {
