@@ -225,8 +225,7 @@ pub const SCREEN_MIN_VOCAB: usize = 4096;
 
 /// When heads are screened: `WS2S_HEAD_SCREEN=0` never, `1` always (any CPU, any vocabulary:
 /// for tests), else where it pays (a CPU with 8-bit dot products: AMX, AVX-512 VNNI or
-/// AVX-VNNI; a vocabulary of at least
-/// [`SCREEN_MIN_VOCAB`]).
+/// AVX-VNNI; a vocabulary of at least [`SCREEN_MIN_VOCAB`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Screening {
     Off,
@@ -239,13 +238,7 @@ fn screening() -> Screening {
     *MODE.get_or_init(|| match std::env::var("WS2S_HEAD_SCREEN").as_deref() {
         Ok("0") => Screening::Off,
         Ok("1") => Screening::Always,
-        _ if matches!(
-            int8::Kernel::detected(),
-            int8::Kernel::Vnni512 | int8::Kernel::Amx | int8::Kernel::AvxVnni
-        ) =>
-        {
-            Screening::Auto
-        }
+        _ if int8::Kernel::detected().has_dot_products() => Screening::Auto,
         _ => Screening::Off,
     })
 }

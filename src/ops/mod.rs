@@ -78,8 +78,8 @@ impl Precision {
     /// The fastest precision on this CPU that passes the accuracy check of `purpose`
     /// (docs/results/inference.md): for features, int8 where the CPU has 8-bit dot products
     /// (AVX-512 VNNI, AMX or AVX-VNNI; probes on int8 features are within 0.01 of f32's
-    /// accuracy), else f32 (int8
-    /// by widening to 16 bits is not faster than f32's FMA there); for decoding and scoring,
+    /// accuracy), else f32 (int8 by widening to 16 bits is not faster than f32's FMA there);
+    /// for decoding and scoring,
     /// bf16x2 where the CPU has AMX-BF16 (its greedy continuations are f32's), else f32
     /// (int8's greedy continuations are not identical often enough); decoding screens the head
     /// in int8 where the CPU has VNNI, which keeps f32's tokens, see [`head`].

@@ -33,14 +33,14 @@ const _: () = assert!(BLOCK == 64);
 /// Rows of a tile: the padding of activation rows.
 pub(super) const ROWS: usize = super::PAD_ROWS;
 
-/// Whether the CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7), the AVX-512 the epilogue uses,
-/// and the operating system lets this process use the tiles.
+/// Whether the CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7), the AVX-512 the epilogue uses
+/// (the VNNI kernel's, which also runs the few-row products), the operating system lets this
+/// process use the tiles, and `WS2S_MAX_ISA` allows AMX.
 pub(super) fn available() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
         if !(crate::ops::simd::allows(crate::ops::simd::Isa::Amx)
-            && crate::ops::simd::has_avx512()
-            && std::is_x86_feature_detected!("avx512vnni")
+            && super::Kernel::Vnni512.available()
             && std::is_x86_feature_detected!("fma"))
         {
             return false;

@@ -432,10 +432,25 @@ impl Kernel {
         Kernel::Scalar,
     ];
 
-    /// Whether the CPU has an integer dot-product kernel (AMX, AVX-512 VNNI or AVX-VNNI): where
-    /// int8 products are faster than f32's (widening to 16 bits with AVX2 alone is not).
+    /// Whether the kernel has 8-bit dot-product instructions (AMX, AVX-512 VNNI, AVX-VNNI): the
+    /// ones where int8 products are faster than f32's (widening to 16 bits with AVX2 alone is
+    /// not).
+    pub fn has_dot_products(self) -> bool {
+        matches!(self, Kernel::Amx | Kernel::Vnni512 | Kernel::AvxVnni)
+    }
+
+    /// Whether this CPU can run a kernel with 8-bit dot products.
     pub fn dot_products_available() -> bool {
-        Kernel::Vnni512.available() || Kernel::AvxVnni.available()
+        Kernel::ALL
+            .iter()
+            .any(|k| k.has_dot_products() && k.available())
+    }
+
+    /// The kernel called `name`, if this CPU can run it.
+    fn named(name: &str) -> Option<Kernel> {
+        Kernel::ALL
+            .into_iter()
+            .find(|k| k.name() == name && k.available())
     }
 
     pub fn name(self) -> &'static str {
@@ -475,16 +490,15 @@ impl Kernel {
         if name.is_empty() {
             return Ok(());
         }
-        let all = Kernel::ALL;
-        if all.iter().any(|k| k.name() == name && k.available()) {
+        if Kernel::named(&name).is_some() {
             return Ok(());
         }
-        let here: Vec<&str> = all
+        let here: Vec<&str> = Kernel::ALL
             .iter()
             .filter(|k| k.available())
             .map(|k| k.name())
             .collect();
-        let why = if all.iter().any(|k| k.name() == name) {
+        let why = if Kernel::ALL.iter().any(|k| k.name() == name) {
             "is a kernel this CPU cannot run (or WS2S_MAX_ISA excludes)"
         } else {
             "names no int8 kernel"
@@ -499,13 +513,13 @@ impl Kernel {
     pub fn detected() -> Kernel {
         static KERNEL: OnceLock<Kernel> = OnceLock::new();
         *KERNEL.get_or_init(|| {
-            let all = Kernel::ALL;
-            if let Ok(name) = std::env::var("WS2S_INT8_KERNEL") {
-                if let Some(k) = all.iter().find(|k| k.name() == name && k.available()) {
-                    return *k;
-                }
+            if let Some(k) = std::env::var("WS2S_INT8_KERNEL")
+                .ok()
+                .and_then(|name| Kernel::named(&name))
+            {
+                return k;
             }
-            *all.iter().find(|k| k.available()).expect("scalar")
+            *Kernel::ALL.iter().find(|k| k.available()).expect("scalar")
         })
     }
 }
