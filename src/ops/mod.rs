@@ -26,8 +26,9 @@ pub mod special;
 pub enum Precision {
     /// f32 weights and products: the reference.
     F32,
-    /// int8 weights (a scale per output column) and activations (a scale per row and block of
-    /// 64 inputs), exact integer dot products ([`int8`]).
+    /// int8 weights (a scale per output column) and activations (a scale per row), both
+    /// rotated first (random signs and a Walsh-Hadamard transform), exact integer dot products
+    /// ([`int8`]).
     Int8,
     /// bf16 weights and activations on a GPU (candle's CUDA kernels; models loaded on a GPU
     /// get bf16 frozen weights, see `runtime::frozen_dtype`). Nothing is packed.

@@ -1,9 +1,8 @@
-//! The AMX kernel of [`super::matmul`] (Intel AMX-INT8, Sapphire Rapids and later): each
-//! block's integer products p[r, c, b] for 32 rows x 32 columns come from four `tdpbsud`
-//! tile products (signed activation bytes x the panel's unsigned weight bytes, 16 x 16 i32
-//! each, 64 inputs deep), stored to a small buffer; the float steps after them are those of
-//! the AVX-512 kernel (offset correction, scale, fused multiply-add), so the results are the
-//! same bit for bit.
+//! The AMX kernel of [`super::matmul`] (Intel AMX-INT8, Sapphire Rapids and later): the
+//! integer sums p[r, c] for 32 rows x 32 columns accumulate in four tiles (16 x 16 i32 each)
+//! over all inputs, one `tdpbsud` (signed activation bytes x the panel's unsigned weight bytes,
+//! 64 inputs deep) per tile and step; then they are stored once and take the float step of
+//! the AVX-512 kernel (offset correction, scale), so the results are the same bit for bit.
 //!
 //! The panel layout of the other kernels is already AMX's B-tile layout: for a group of four
 //! inputs, the four bytes of each column lie together, and a group's 32 columns are 128
@@ -25,9 +24,7 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
-// Each block is one 64-input tile step. (A version that sums BLOCK / 64 steps per block in the
-// tiles, to time blocks of 128, made Qwen2.5-0.5B's forward ~5% slower at 64, cause not
-// isolated; see docs/results/inference.md, session 19.)
+// Each step is one 64-input tile product.
 const _: () = assert!(BLOCK == 64);
 
 /// Rows of a tile: the padding of activation rows.
@@ -113,23 +110,33 @@ fn config() -> Config {
     Config(c)
 }
 
-/// One block's i32 products for up to 32 rows x 32 columns (row stride 128 bytes).
+/// The i32 sums for up to 32 rows x 32 columns (row stride 128 bytes).
 #[repr(C, align(64))]
 struct Products([[i32; NR]; 2 * ROWS]);
 
-/// Block b's tile products for RT row tiles into `c`: tmm0-3 zeroed, the activation and
-/// weight tiles loaded, the products, stored. Loads and products interleave so that each
-/// product starts as soon as its two tiles are in.
+/// The sums tmm0-3 set to zero.
 #[inline(always)]
-unsafe fn tiles<const RT: usize>(a: *const u8, xstride: usize, w: *const u8, c: *mut u8) {
+unsafe fn zero_sums() {
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        options(nostack, nomem)
+    );
+}
+
+/// One 64-input step for RT row tiles: the activation and weight tiles loaded, their products
+/// added to tmm0-3. Loads and products interleave so that each product starts as soon as its
+/// two tiles are in.
+#[inline(always)]
+unsafe fn step<const RT: usize>(a: *const u8, xstride: usize, w: *const u8) {
     // The first row tile against both column tiles (tmm0, tmm1) ...
     asm!(
         "tileloadd tmm4, [{a} + {xs}*1]",
         "tileloadd tmm6, [{w} + {ws}*1]",
-        "tilezero tmm0",
         "tdpbsud tmm0, tmm4, tmm6",
         "tileloadd tmm7, [{w1} + {ws}*1]",
-        "tilezero tmm1",
         "tdpbsud tmm1, tmm4, tmm7",
         a = in(reg) a,
         xs = in(reg) xstride,
@@ -138,25 +145,22 @@ unsafe fn tiles<const RT: usize>(a: *const u8, xstride: usize, w: *const u8, c: 
         ws = in(reg) NR * 4,
         options(nostack, readonly),
     );
-    // ... the second (tmm2, tmm3) with the same weight tiles ...
+    // ... and the second (tmm2, tmm3) with the same weight tiles.
     if RT == 2 {
         asm!(
             "tileloadd tmm5, [{a1} + {xs}*1]",
-            "tilezero tmm2",
             "tdpbsud tmm2, tmm5, tmm6",
-            "tilezero tmm3",
             "tdpbsud tmm3, tmm5, tmm7",
-            "tilestored [{c2} + {cs}*1], tmm2",
-            "tilestored [{c3} + {cs}*1], tmm3",
             a1 = in(reg) a.add(ROWS * xstride),
             xs = in(reg) xstride,
-            cs = in(reg) NR * 4,
-            c2 = in(reg) c.add(ROWS * NR * 4),
-            c3 = in(reg) c.add(ROWS * NR * 4 + 64),
-            options(nostack),
+            options(nostack, readonly),
         );
     }
-    // ... and the first row tile's products stored.
+}
+
+/// The sums of RT row tiles stored to `c` (row stride [`NR`] i32).
+#[inline(always)]
+unsafe fn store_sums<const RT: usize>(c: *mut u8) {
     asm!(
         "tilestored [{c} + {cs}*1], tmm0",
         "tilestored [{c1} + {cs}*1], tmm1",
@@ -165,6 +169,16 @@ unsafe fn tiles<const RT: usize>(a: *const u8, xstride: usize, w: *const u8, c: 
         c1 = in(reg) c.add(64),
         options(nostack),
     );
+    if RT == 2 {
+        asm!(
+            "tilestored [{c2} + {cs}*1], tmm2",
+            "tilestored [{c3} + {cs}*1], tmm3",
+            cs = in(reg) NR * 4,
+            c2 = in(reg) c.add(ROWS * NR * 4),
+            c3 = in(reg) c.add(ROWS * NR * 4 + 64),
+            options(nostack),
+        );
+    }
 }
 
 /// Loads the tile configuration on this thread (before [`amx`]; ~120 ns).
@@ -186,9 +200,6 @@ pub(crate) unsafe fn release() {
 
 /// Rows r0..r0+rows of the tile (rows <= 16 RT; RT = 1 or 2 row tiles), all its columns.
 ///
-/// (Issuing block b + 1's tile products before block b's float steps, into a second buffer,
-/// gained nothing measurable: the tile loads wait for the vector work before them.)
-///
 /// # Safety
 /// [`available`], [`configure`]d on this thread; the activation rows padded to a multiple of
 /// [`ROWS`]; r0 + rows <= m.
@@ -202,40 +213,41 @@ pub(super) unsafe fn amx<const RT: usize>(
 ) {
     debug_assert!(rows <= RT * ROWS && (r0 + RT * ROWS) * x.kp <= x.q.len());
     let nb = x.blocks();
-    // Neither buffer is zeroed first (8 KB of stores per call, which the compiler made a
-    // memset; without it SmolLM2-135M's forward is 5-10% faster): each block's tiles write
-    // every product read after them, and the first block writes the accumulators of every row
-    // read.
+    // Not zeroed first (the compiler made it a memset): the tiles' stores write every sum read.
     let mut c = MaybeUninit::<Products>::uninit();
-    let mut facc = MaybeUninit::<[[__m512; 2]; 2 * ROWS]>::uninit();
-    let (c, facc) = (c.as_mut_ptr() as *mut i32, facc.as_mut_ptr() as *mut __m512);
+    let c = c.as_mut_ptr() as *mut i32;
     let a0 = x.q.as_ptr().add(r0 * x.kp) as *const u8;
+    zero_sums();
     for b in 0..nb {
-        // The output rows' lines asked for in write state a few rows per block (stores after
-        // the last block otherwise wait for each line from L3 in turn).
+        // The output rows' lines asked for in write state a few rows per step (the stores
+        // otherwise wait for each line from L3 in turn).
         prefetch_output(
             y,
             (t.n, t.col0, t.cols),
             r0 + b * rows / nb..r0 + (b + 1) * rows / nb,
         );
-        tiles::<RT>(
+        step::<RT>(
             a0.add(b * BLOCK),
             x.kp,
             t.panel.as_ptr().add(b * BLOCK * NR),
-            c as *mut u8,
         );
-        if b == 0 {
-            finish::<true>(t, x, r0, rows, b, c, facc);
-        } else {
-            finish::<false>(t, x, r0, rows, b, c, facc);
+    }
+    store_sums::<RT>(c as *mut u8);
+    let ws = [
+        _mm512_loadu_ps(t.scales.as_ptr()),
+        _mm512_loadu_ps(t.scales.as_ptr().add(16)),
+    ];
+    let mut facc = [[_mm512_setzero_ps(); 2]; 2 * ROWS];
+    for i in 0..rows {
+        let r = r0 + i;
+        let corr = _mm512_set1_epi32(*x.corr.get_unchecked(r));
+        let xs = _mm512_set1_ps(*x.scales.get_unchecked(r));
+        for h in 0..2 {
+            let p = _mm512_load_si512(c.add(i * NR + 16 * h) as *const _);
+            facc[i][h] = x86::scaled(_mm512_add_epi32(p, corr), xs, ws[h]);
         }
     }
-    x86::store_rows(
-        t,
-        std::slice::from_raw_parts(facc as *const [__m512; 2], rows),
-        r0,
-        y,
-    );
+    x86::store_rows(t, &facc[..rows], r0, y);
 }
 
 /// Asks for the lines of rows `rows` of an output [.., n] (row-major), columns col0..col0 +
@@ -257,39 +269,6 @@ pub(crate) unsafe fn prefetch_output(
         while (at as usize) >> 6 <= (last as usize) >> 6 {
             asm!("prefetchw [{}]", in(reg) at, options(nostack, readonly, preserves_flags));
             at = at.wrapping_add(64);
-        }
-    }
-}
-
-/// Block b's float steps for `rows` rows: the products `c` (row stride [`NR`]) with the
-/// offset taken back, scaled, added to the accumulators `facc` (two per row), which the
-/// first block writes instead.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,fma")]
-unsafe fn finish<const FIRST: bool>(
-    t: &Tile,
-    x: &Int8Rows,
-    r0: usize,
-    rows: usize,
-    b: usize,
-    c: *const i32,
-    facc: *mut __m512,
-) {
-    let nb = x.blocks();
-    let ws = [
-        _mm512_loadu_ps(t.scales.as_ptr().add(b * NR)),
-        _mm512_loadu_ps(t.scales.as_ptr().add(b * NR + 16)),
-    ];
-    for i in 0..rows {
-        let r = r0 + i;
-        let corr = _mm512_set1_epi32(*x.corr.get_unchecked(r * nb + b));
-        let xs = _mm512_set1_ps(*x.scales.get_unchecked(r * nb + b));
-        for h in 0..2 {
-            let p = _mm512_load_si512(c.add(i * NR + 16 * h) as *const _);
-            let p = _mm512_add_epi32(p, corr);
-            let acc = facc.add(2 * i + h);
-            let before = if FIRST { _mm512_setzero_ps() } else { *acc };
-            *acc = x86::finish_block(p, xs, ws[h], before);
         }
     }
 }

@@ -4,7 +4,7 @@
 // The kernels index several register arrays by the same row.
 #![allow(clippy::needless_range_loop)]
 
-use super::{quantize_value, Int8Rows, Tile, BLOCK, NR};
+use super::{quantize_value, Int8Rows, Tile, NR};
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
@@ -94,52 +94,44 @@ pub(super) unsafe fn quantize_avx2(values: &[f32], out: &mut [MaybeUninit<i8>]) 
     (amax / 127.0, total)
 }
 
-/// Rows r0..r0+R of the tile with AVX-512 VNNI: two 16-column halves, R rows.
+/// Rows r0..r0+R of the tile with AVX-512 VNNI: two 16-column halves, R rows, the integer
+/// sums over all inputs, then the float step.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
 pub(super) unsafe fn vnni512<const R: usize>(t: &Tile, x: &Int8Rows, r0: usize, y: *mut f32) {
-    let nb = x.blocks();
-    let mut facc = [[_mm512_setzero_ps(); 2]; R];
     let xrows: [*const u8; R] =
         std::array::from_fn(|i| x.q.as_ptr().add((r0 + i) * x.kp) as *const u8);
     let wp = t.panel.as_ptr();
     super::amx::prefetch_output(y, (t.n, t.col0, t.cols), r0..r0 + R);
-    for b in 0..nb {
-        let mut iacc = [[_mm512_setzero_si512(); 2]; R];
+    let mut iacc = [[_mm512_setzero_si512(); 2]; R];
+    for i in 0..R {
+        let c = _mm512_set1_epi32(*x.corr.get_unchecked(r0 + i));
+        iacc[i] = [c, c];
+    }
+    for g in 0..x.kp / 4 {
+        let w = wp.add(g * NR * 4);
+        let w0 = _mm512_loadu_si512(w as *const _);
+        let w1 = _mm512_loadu_si512(w.add(64) as *const _);
         for i in 0..R {
-            let c = _mm512_set1_epi32(*x.corr.get_unchecked((r0 + i) * nb + b));
-            iacc[i] = [c, c];
-        }
-        let base = b * BLOCK;
-        for g in 0..BLOCK / 4 {
-            let w = wp.add((base / 4 + g) * NR * 4);
-            let w0 = _mm512_loadu_si512(w as *const _);
-            let w1 = _mm512_loadu_si512(w.add(64) as *const _);
-            for i in 0..R {
-                let xv =
-                    _mm512_set1_epi32((xrows[i].add(base + 4 * g) as *const i32).read_unaligned());
-                iacc[i][0] = _mm512_dpbusd_epi32(iacc[i][0], w0, xv);
-                iacc[i][1] = _mm512_dpbusd_epi32(iacc[i][1], w1, xv);
-            }
-        }
-        let ws = [
-            _mm512_loadu_ps(t.scales.as_ptr().add(b * NR)),
-            _mm512_loadu_ps(t.scales.as_ptr().add(b * NR + 16)),
-        ];
-        for i in 0..R {
-            let xs = _mm512_set1_ps(*x.scales.get_unchecked((r0 + i) * nb + b));
-            for h in 0..2 {
-                facc[i][h] = finish_block(iacc[i][h], xs, ws[h], facc[i][h]);
-            }
+            let xv = _mm512_set1_epi32((xrows[i].add(4 * g) as *const i32).read_unaligned());
+            iacc[i][0] = _mm512_dpbusd_epi32(iacc[i][0], w0, xv);
+            iacc[i][1] = _mm512_dpbusd_epi32(iacc[i][1], w1, xv);
         }
     }
+    let ws = [
+        _mm512_loadu_ps(t.scales.as_ptr()),
+        _mm512_loadu_ps(t.scales.as_ptr().add(16)),
+    ];
+    let facc: [[__m512; 2]; R] = std::array::from_fn(|i| {
+        let xs = _mm512_set1_ps(*x.scales.get_unchecked(r0 + i));
+        [scaled(iacc[i][0], xs, ws[0]), scaled(iacc[i][1], xs, ws[1])]
+    });
     store_rows(t, &facc, r0, y);
 }
 
 /// Rows r0..r0+R of the tile with AVX-VNNI (256-bit `vpdpbusd`): the 32 columns as four
-/// groups of 8, R rows; the same integer sums and float steps as [`vnni512`] (same values).
+/// groups of 8, R rows; the same integer sums and float step as [`vnni512`] (same values).
 #[target_feature(enable = "avx2,fma,avxvnni")]
 pub(super) unsafe fn avx_vnni<const R: usize>(t: &Tile, x: &Int8Rows, r0: usize, y: *mut f32) {
-    let nb = x.blocks();
     let xrows: [*const u8; R] =
         std::array::from_fn(|i| x.q.as_ptr().add((r0 + i) * x.kp) as *const u8);
     super::amx::prefetch_output(y, (t.n, t.col0, t.cols), r0..r0 + R);
@@ -150,42 +142,41 @@ pub(super) unsafe fn avx_vnni<const R: usize>(t: &Tile, x: &Int8Rows, r0: usize,
             break;
         }
         let wp = t.panel.as_ptr().add(c16 * 4);
-        let mut facc = [[_mm256_setzero_ps(); 2]; R];
-        for b in 0..nb {
-            let mut iacc = [[_mm256_setzero_si256(); 2]; R];
+        let mut iacc = [[_mm256_setzero_si256(); 2]; R];
+        for i in 0..R {
+            let c = _mm256_set1_epi32(*x.corr.get_unchecked(r0 + i));
+            iacc[i] = [c, c];
+        }
+        for g in 0..x.kp / 4 {
+            let w = wp.add(g * NR * 4);
+            let w0 = _mm256_loadu_si256(w as *const __m256i);
+            let w1 = _mm256_loadu_si256(w.add(32) as *const __m256i);
             for i in 0..R {
-                let c = _mm256_set1_epi32(*x.corr.get_unchecked((r0 + i) * nb + b));
-                iacc[i] = [c, c];
-            }
-            let base = b * BLOCK;
-            for g in 0..BLOCK / 4 {
-                let w = wp.add((base / 4 + g) * NR * 4);
-                let w0 = _mm256_loadu_si256(w as *const __m256i);
-                let w1 = _mm256_loadu_si256(w.add(32) as *const __m256i);
-                for i in 0..R {
-                    let four = (xrows[i].add(base + 4 * g) as *const i32).read_unaligned();
-                    let xv = _mm256_set1_epi32(four);
-                    iacc[i][0] = _mm256_dpbusd_avx_epi32(iacc[i][0], w0, xv);
-                    iacc[i][1] = _mm256_dpbusd_avx_epi32(iacc[i][1], w1, xv);
-                }
-            }
-            let ws = [
-                _mm256_loadu_ps(t.scales.as_ptr().add(b * NR + c16)),
-                _mm256_loadu_ps(t.scales.as_ptr().add(b * NR + c16 + 8)),
-            ];
-            for i in 0..R {
-                let xs = _mm256_set1_ps(*x.scales.get_unchecked((r0 + i) * nb + b));
-                for h in 0..2 {
-                    let p = _mm256_cvtepi32_ps(iacc[i][h]);
-                    facc[i][h] = _mm256_fmadd_ps(p, _mm256_mul_ps(xs, ws[h]), facc[i][h]);
-                }
+                let four = (xrows[i].add(4 * g) as *const i32).read_unaligned();
+                let xv = _mm256_set1_epi32(four);
+                iacc[i][0] = _mm256_dpbusd_avx_epi32(iacc[i][0], w0, xv);
+                iacc[i][1] = _mm256_dpbusd_avx_epi32(iacc[i][1], w1, xv);
             }
         }
+        let ws = [
+            _mm256_loadu_ps(t.scales.as_ptr().add(c16)),
+            _mm256_loadu_ps(t.scales.as_ptr().add(c16 + 8)),
+        ];
         for h in 0..2 {
-            let rows: [__m256; R] = std::array::from_fn(|i| facc[i][h]);
+            let rows: [__m256; R] = std::array::from_fn(|i| {
+                let xs = _mm256_set1_ps(*x.scales.get_unchecked(r0 + i));
+                scaled8(iacc[i][h], xs, ws[h])
+            });
             store8(t, &rows, r0, c16 + 8 * h, y);
         }
     }
+}
+
+/// The definition's float step for 8 columns: f32(p) x (xs x ws).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn scaled8(p: __m256i, xs: __m256, ws: __m256) -> __m256 {
+    _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(xs, ws))
 }
 
 /// Rows r0.. of the tile's output, columns c8..c8 + 8: each row's accumulator plus the bias,
@@ -210,11 +201,11 @@ unsafe fn store8(t: &Tile, facc: &[__m256], r0: usize, c8: usize, y: *mut f32) {
     }
 }
 
-/// The definition's float step for one block of 16 columns: acc + f32(p) x (xs x ws), fused.
+/// The definition's float step for 16 columns: f32(p) x (xs x ws).
 #[inline]
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn finish_block(p: __m512i, xs: __m512, ws: __m512, acc: __m512) -> __m512 {
-    _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(xs, ws), acc)
+pub(super) unsafe fn scaled(p: __m512i, xs: __m512, ws: __m512) -> __m512 {
+    _mm512_mul_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(xs, ws))
 }
 
 /// Rows r0.. of the tile's output: each row's two 16-column accumulators plus the bias,
@@ -242,7 +233,7 @@ pub(super) unsafe fn store_rows(t: &Tile, facc: &[[__m512; 2]], r0: usize, y: *m
 
 /// Rows r0..r0+R, columns c8..c8+8 of the tile with AVX2: the unsigned weight bytes widened
 /// to i16, the four activation bytes of a group broadcast and widened, `vpmaddwd` (two
-/// products per i32 lane, exact), lane pairs added at the end of each block.
+/// products per i32 lane, exact: at most 2 x 255 x 127 per group), lane pairs added at the end.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn avx2<const R: usize>(
     t: &Tile,
@@ -251,35 +242,29 @@ pub(super) unsafe fn avx2<const R: usize>(
     c8: usize,
     y: *mut f32,
 ) {
-    let nb = x.blocks();
-    let mut facc = [_mm256_setzero_ps(); R];
     let xrows: [*const u8; R] =
         std::array::from_fn(|i| x.q.as_ptr().add((r0 + i) * x.kp) as *const u8);
     let wp = t.panel.as_ptr().add(c8 * 4);
-    for b in 0..nb {
-        let ws = _mm256_loadu_ps(t.scales.as_ptr().add(b * NR + c8));
-        let mut lo = [_mm256_setzero_si256(); R];
-        let mut hi = [_mm256_setzero_si256(); R];
-        let base = b * BLOCK;
-        for g in 0..BLOCK / 4 {
-            let w = wp.add((base / 4 + g) * NR * 4);
-            let w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(w as *const __m128i));
-            let w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(w.add(16) as *const __m128i));
-            for i in 0..R {
-                let four = (xrows[i].add(base + 4 * g) as *const i32).read_unaligned();
-                let xv = _mm256_cvtepi8_epi16(_mm_set1_epi32(four));
-                lo[i] = _mm256_add_epi32(lo[i], _mm256_madd_epi16(w0, xv));
-                hi[i] = _mm256_add_epi32(hi[i], _mm256_madd_epi16(w1, xv));
-            }
-        }
+    let mut lo = [_mm256_setzero_si256(); R];
+    let mut hi = [_mm256_setzero_si256(); R];
+    for g in 0..x.kp / 4 {
+        let w = wp.add(g * NR * 4);
+        let w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(w as *const __m128i));
+        let w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(w.add(16) as *const __m128i));
         for i in 0..R {
-            // [c0 c1 c4 c5 | c2 c3 c6 c7] -> columns in order.
-            let sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo[i], hi[i]), 0b11_01_10_00);
-            let c = _mm256_set1_epi32(*x.corr.get_unchecked((r0 + i) * nb + b));
-            let p = _mm256_cvtepi32_ps(_mm256_add_epi32(sums, c));
-            let xs = _mm256_set1_ps(*x.scales.get_unchecked((r0 + i) * nb + b));
-            facc[i] = _mm256_fmadd_ps(p, _mm256_mul_ps(xs, ws), facc[i]);
+            let four = (xrows[i].add(4 * g) as *const i32).read_unaligned();
+            let xv = _mm256_cvtepi8_epi16(_mm_set1_epi32(four));
+            lo[i] = _mm256_add_epi32(lo[i], _mm256_madd_epi16(w0, xv));
+            hi[i] = _mm256_add_epi32(hi[i], _mm256_madd_epi16(w1, xv));
         }
     }
+    let ws = _mm256_loadu_ps(t.scales.as_ptr().add(c8));
+    let facc: [__m256; R] = std::array::from_fn(|i| {
+        // [c0 c1 c4 c5 | c2 c3 c6 c7] -> columns in order.
+        let sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo[i], hi[i]), 0b11_01_10_00);
+        let c = _mm256_set1_epi32(*x.corr.get_unchecked(r0 + i));
+        let xs = _mm256_set1_ps(*x.scales.get_unchecked(r0 + i));
+        scaled8(_mm256_add_epi32(sums, c), xs, ws)
+    });
     store8(t, &facc, r0, c8, y);
 }

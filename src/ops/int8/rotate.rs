@@ -1,0 +1,229 @@
+//! The rotation applied to both operands of an int8 product before they are quantized: random
+//! signs, then a Walsh-Hadamard transform on each chunk of `s` inputs, `s` the largest power of
+//! two dividing k ([`size`]). With D the signs and H the (unnormalized) block-diagonal
+//! Hadamard matrix, H H^T = s I, so (x D H)(W D H)^T = s x W^T: the product is unchanged up to
+//! the factor s, which the weight's scale takes back.
+//!
+//! Why: activations of decoder models have a few channels far larger than the rest; with one
+//! scale per row they flatten every other channel to a few integer levels. The transform
+//! spreads each channel over the s channels of its chunk (a large value of one channel becomes
+//! s values of magnitude |v| / sqrt(s) after the normalization the scale implies), so one
+//! scale per row and per weight row keeps the products' accuracy (measured against f32 in
+//! docs/results/inference.md, session 20), and the integer sums need no float step until the
+//! whole row is summed. The random signs keep a constant or periodic row from folding into a
+//! single coefficient.
+//!
+//! Every step is an exact sign flip, an addition or a subtraction in f32, in the same order in
+//! every implementation, so the portable and AVX-512 versions give the same bits (tested).
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+/// The chunk size of the transform for rows of k inputs: the largest power of two dividing k
+/// (1, no transform, for odd k).
+pub fn size(k: usize) -> usize {
+    if k == 0 {
+        1
+    } else {
+        1 << k.trailing_zeros()
+    }
+}
+
+/// Inputs whose signs come from the table (beyond, from the hash directly).
+const TABLE: usize = 1 << 16;
+
+/// Whether input j's sign is flipped: one bit of SplitMix64's output for j (a fixed,
+/// well-mixed pattern, the same on every machine).
+fn flipped(j: usize) -> bool {
+    let mut z = (j as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) & 1 == 1
+}
+
+/// The sign flips of inputs 16 c .. 16 c + 16 as a bit mask (bit i: input 16 c + i).
+fn flips16(c: usize) -> u16 {
+    static MASKS: OnceLock<Vec<u16>> = OnceLock::new();
+    let masks = MASKS.get_or_init(|| (0..TABLE / 16).map(compute_flips16).collect());
+    match masks.get(c) {
+        Some(&m) => m,
+        None => compute_flips16(c),
+    }
+}
+
+fn compute_flips16(c: usize) -> u16 {
+    (0..16).fold(0u16, |m, i| m | (u16::from(flipped(16 * c + i)) << i))
+}
+
+/// Rotates `row` (k values, k = its length) in place: signs flipped, then each chunk of
+/// [`size`]`(k)` values replaced by its Walsh-Hadamard transform (unnormalized).
+pub fn rotate(row: &mut [f32]) {
+    let s = size(row.len());
+    if s < 2 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if s >= 16 && crate::ops::simd::has_avx512() {
+        // SAFETY: the CPU has AVX-512F (checked above).
+        unsafe { rotate_avx512(row, s) };
+        return;
+    }
+    rotate_plain(row, s);
+}
+
+/// [`rotate`] written plainly: the definition.
+fn rotate_plain(row: &mut [f32], s: usize) {
+    for (c, chunk) in row.chunks_mut(16).enumerate() {
+        let flips = flips16(c);
+        for (i, v) in chunk.iter_mut().enumerate() {
+            if (flips >> i) & 1 == 1 {
+                *v = -*v;
+            }
+        }
+    }
+    for chunk in row.chunks_exact_mut(s) {
+        let mut h = 1;
+        while h < s {
+            for pair in chunk.chunks_exact_mut(2 * h) {
+                let (a, b) = pair.split_at_mut(h);
+                for (x, y) in a.iter_mut().zip(b) {
+                    let (p, q) = (*x, *y);
+                    *x = p + q;
+                    *y = p - q;
+                }
+            }
+            h *= 2;
+        }
+    }
+}
+
+/// One butterfly stage within 16 lanes: lanes in `high` (the second of each pair) get
+/// partner - own, the others own + partner (`t` holds each lane's partner).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn stage(v: __m512, t: __m512, high: __mmask16) -> __m512 {
+    _mm512_mask_sub_ps(_mm512_add_ps(v, t), high, t, v)
+}
+
+/// [`rotate_plain`] with AVX-512 (s >= 16): the signs and the four stages within 16 values in
+/// registers, then the stages across vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rotate_avx512(row: &mut [f32], s: usize) {
+    debug_assert!(s >= 16 && row.len().is_multiple_of(s));
+    let n = row.len();
+    let p = row.as_mut_ptr();
+    let sign = _mm512_set1_epi32(i32::MIN);
+    for c in 0..n / 16 {
+        let at = p.add(16 * c);
+        let v = _mm512_castps_si512(_mm512_loadu_ps(at));
+        let mut v = _mm512_castsi512_ps(_mm512_mask_xor_epi32(v, flips16(c), v, sign));
+        v = stage(v, _mm512_permute_ps::<0b10_11_00_01>(v), 0xAAAA);
+        v = stage(v, _mm512_permute_ps::<0b01_00_11_10>(v), 0xCCCC);
+        v = stage(v, _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v), 0xF0F0);
+        v = stage(v, _mm512_shuffle_f32x4::<0b01_00_11_10>(v, v), 0xFF00);
+        _mm512_storeu_ps(at, v);
+    }
+    let mut h = 16;
+    while h < s {
+        for base in (0..n).step_by(2 * h) {
+            for i in (0..h).step_by(16) {
+                let (x, y) = (p.add(base + i), p.add(base + h + i));
+                let (a, b) = (_mm512_loadu_ps(x), _mm512_loadu_ps(y));
+                _mm512_storeu_ps(x, _mm512_add_ps(a, b));
+                _mm512_storeu_ps(y, _mm512_sub_ps(a, b));
+            }
+        }
+        h *= 2;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::random_f32 as random;
+
+    #[test]
+    fn sizes_are_the_largest_power_of_two_dividing_k() {
+        for (k, s) in [
+            (0, 1),
+            (1, 1),
+            (7, 1),
+            (6, 2),
+            (896, 128),
+            (1536, 512),
+            (4864, 256),
+        ] {
+            assert_eq!(size(k), s, "{k}");
+        }
+        assert_eq!(size(8960), 256);
+        assert_eq!(size(2048), 2048);
+    }
+
+    #[test]
+    fn the_transform_is_s_times_an_orthogonal_map() {
+        // H H^T = s I and D D = I: rotating twice gives s times the flipped-twice row, and
+        // dot products scale by s.
+        for k in [6, 16, 48, 64, 96, 384] {
+            let s = size(k) as f64;
+            let (a, b) = (random(k, 1, 1.0), random(k, 2, 1.0));
+            let (mut ra, mut rb) = (a.clone(), b.clone());
+            rotate(&mut ra);
+            rotate(&mut rb);
+            let dot = |x: &[f32], y: &[f32]| -> f64 {
+                x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum()
+            };
+            let (want, got) = (dot(&a, &b) * s, dot(&ra, &rb));
+            assert!(
+                (want - got).abs() < 1e-4 * s * k as f64,
+                "{k}: {want} vs {got}"
+            );
+            assert!((dot(&ra, &ra) - s * dot(&a, &a)).abs() < 1e-3 * s * k as f64);
+        }
+    }
+
+    #[test]
+    fn a_single_large_channel_is_spread_over_its_chunk() {
+        let k = 128;
+        let mut row = vec![0f32; k];
+        row[37] = 100.0;
+        rotate(&mut row);
+        // Each of the 128 values is +-100.
+        assert!(row.iter().all(|v| v.abs() == 100.0), "{row:?}");
+        // Hand-checked small case: k = 2, signs (f0, f1): [x0', x1'] = [a + b, a - b].
+        let mut two = [3.0f32, 5.0];
+        let (a, b) = (
+            if flipped(0) { -3.0 } else { 3.0 },
+            if flipped(1) { -5.0 } else { 5.0 },
+        );
+        rotate(&mut two);
+        assert_eq!(two, [a + b, a - b]);
+    }
+
+    #[test]
+    fn the_vector_version_gives_the_same_bits() {
+        if !crate::ops::simd::has_avx512() {
+            eprintln!("no AVX-512 here: the vector rotation is not tested");
+            return;
+        }
+        for (i, k) in [16, 32, 96, 384, 896, 1536, 4864].into_iter().enumerate() {
+            let mut row = random(k, 10 + i as u64, 3.0);
+            row[3] = -0.0;
+            row[5] = f32::INFINITY;
+            let mut plain = row.clone();
+            rotate_plain(&mut plain, size(k));
+            // SAFETY: the CPU has AVX-512F (checked above).
+            unsafe { rotate_avx512(&mut row, size(k)) };
+            for (a, b) in row.iter().zip(&plain) {
+                assert!(
+                    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                    "{k}"
+                );
+            }
+        }
+        // Inputs past the table take their signs from the hash.
+        assert_eq!(flips16(TABLE / 16 + 3), compute_flips16(TABLE / 16 + 3));
+    }
+}
