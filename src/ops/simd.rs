@@ -189,7 +189,7 @@ pub(crate) fn has_avx_vnni() -> bool {
 /// values) or an AVX2 + FMA one when the CPU has them, else as plain code.
 macro_rules! multiversion {
     ($(#[$meta:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        multiversion! { $(#[$meta])* pub fn $name($($arg: $ty),*) -> () $body }
+        $crate::ops::simd::multiversion! { $(#[$meta])* pub fn $name($($arg: $ty),*) -> () $body }
     };
     ($(#[$meta:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
         $(#[$meta])*
@@ -219,6 +219,7 @@ macro_rules! multiversion {
         }
     };
 }
+pub(crate) use multiversion;
 
 #[inline(always)]
 fn max_of(row: &[f32]) -> f32 {

@@ -260,9 +260,8 @@ impl Int8Rows {
         let quantize_row = |(r, ((q, scale), corr)): RowParts| {
             ROTATED.with(|rotated| {
                 let mut rotated = rotated.borrow_mut();
-                rotated.clear();
-                rotated.extend_from_slice(&x[r * k..(r + 1) * k]);
-                rotate::rotate(&mut rotated);
+                rotated.resize(k, 0.0);
+                rotate::rotate_into(&x[r * k..(r + 1) * k], &mut rotated);
                 let (s, sum) = quantize_block(&rotated, &mut q[..k]);
                 *scale = s;
                 *corr = -128 * sum;

@@ -65,35 +65,53 @@ pub fn rotate(row: &mut [f32]) {
     }
     #[cfg(target_arch = "x86_64")]
     if s >= 16 && crate::ops::simd::has_avx512() {
-        // SAFETY: the CPU has AVX-512F (checked above).
-        unsafe { rotate_avx512(row, s) };
+        // SAFETY: the CPU has AVX-512F (checked above); source and destination are the same
+        // k values (the first pass reads each vector before it writes it).
+        unsafe { rotate_avx512(row.as_ptr(), row.as_mut_ptr(), row.len(), s) };
         return;
     }
     rotate_plain(row, s);
 }
 
-/// [`rotate`] written plainly: the definition.
-fn rotate_plain(row: &mut [f32], s: usize) {
-    for (c, chunk) in row.chunks_mut(16).enumerate() {
-        let flips = flips16(c);
-        for (i, v) in chunk.iter_mut().enumerate() {
-            if (flips >> i) & 1 == 1 {
-                *v = -*v;
+/// `dst` = [`rotate`]`(src)` (same lengths), without a copy first where the vector version runs.
+pub fn rotate_into(src: &[f32], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "rotate_into: lengths differ");
+    let s = size(src.len());
+    #[cfg(target_arch = "x86_64")]
+    if s >= 16 && crate::ops::simd::has_avx512() {
+        // SAFETY: the CPU has AVX-512F (checked above); both slices hold k values.
+        unsafe { rotate_avx512(src.as_ptr(), dst.as_mut_ptr(), src.len(), s) };
+        return;
+    }
+    dst.copy_from_slice(src);
+    if s >= 2 {
+        rotate_plain(dst, s);
+    }
+}
+
+crate::ops::simd::multiversion! {
+    /// [`rotate`] written plainly (s >= 2): the definition. Compiled for AVX-512 and AVX2 as
+    /// well (the compiler vectorizes the sign flips and the stages of 8 and more; same values).
+    pub fn rotate_plain(row: &mut [f32], s: usize) {
+        for (c, chunk) in row.chunks_mut(16).enumerate() {
+            let flips = flips16(c) as u32;
+            for (i, v) in chunk.iter_mut().enumerate() {
+                *v = f32::from_bits(v.to_bits() ^ (((flips >> i) & 1) << 31));
             }
         }
-    }
-    for chunk in row.chunks_exact_mut(s) {
-        let mut h = 1;
-        while h < s {
-            for pair in chunk.chunks_exact_mut(2 * h) {
-                let (a, b) = pair.split_at_mut(h);
-                for (x, y) in a.iter_mut().zip(b) {
-                    let (p, q) = (*x, *y);
-                    *x = p + q;
-                    *y = p - q;
+        for chunk in row.chunks_exact_mut(s) {
+            let mut h = 1;
+            while h < s {
+                for pair in chunk.chunks_exact_mut(2 * h) {
+                    let (a, b) = pair.split_at_mut(h);
+                    for (x, y) in a.iter_mut().zip(b) {
+                        let (p, q) = (*x, *y);
+                        *x = p + q;
+                        *y = p - q;
+                    }
                 }
+                h *= 2;
             }
-            h *= 2;
         }
     }
 }
@@ -107,27 +125,43 @@ unsafe fn stage(v: __m512, t: __m512, high: __mmask16) -> __m512 {
     _mm512_mask_sub_ps(_mm512_add_ps(v, t), high, t, v)
 }
 
-/// [`rotate_plain`] with AVX-512 (s >= 16): the signs and the four stages within 16 values in
-/// registers, then the stages across vectors.
+/// [`rotate_plain`] with AVX-512 (s >= 16) from `src` into `p` (n values each; they may be
+/// the same): the signs and the four stages within 16 values in registers, then the stages
+/// across vectors two at a time (four vectors h apart per step), then the last one if their
+/// number is odd. Each value goes through the same additions and subtractions as in
+/// [`rotate_plain`], in the same order.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn rotate_avx512(row: &mut [f32], s: usize) {
-    debug_assert!(s >= 16 && row.len().is_multiple_of(s));
-    let n = row.len();
-    let p = row.as_mut_ptr();
+unsafe fn rotate_avx512(src: *const f32, p: *mut f32, n: usize, s: usize) {
+    debug_assert!(s >= 16 && n.is_multiple_of(s));
     let sign = _mm512_set1_epi32(i32::MIN);
     for c in 0..n / 16 {
-        let at = p.add(16 * c);
-        let v = _mm512_castps_si512(_mm512_loadu_ps(at));
+        let v = _mm512_castps_si512(_mm512_loadu_ps(src.add(16 * c)));
         let mut v = _mm512_castsi512_ps(_mm512_mask_xor_epi32(v, flips16(c), v, sign));
         v = stage(v, _mm512_permute_ps::<0b10_11_00_01>(v), 0xAAAA);
         v = stage(v, _mm512_permute_ps::<0b01_00_11_10>(v), 0xCCCC);
         v = stage(v, _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v), 0xF0F0);
         v = stage(v, _mm512_shuffle_f32x4::<0b01_00_11_10>(v, v), 0xFF00);
-        _mm512_storeu_ps(at, v);
+        _mm512_storeu_ps(p.add(16 * c), v);
     }
     let mut h = 16;
-    while h < s {
+    while 4 * h <= s {
+        // Stages h and 2h: (a, b, c, d) at offsets 0, h, 2h, 3h.
+        for base in (0..n).step_by(4 * h) {
+            for i in (0..h).step_by(16) {
+                let at = [0, h, 2 * h, 3 * h].map(|o| p.add(base + o + i));
+                let [a, b, c, d] = at.map(|q| _mm512_loadu_ps(q));
+                let (a, b) = (_mm512_add_ps(a, b), _mm512_sub_ps(a, b));
+                let (c, d) = (_mm512_add_ps(c, d), _mm512_sub_ps(c, d));
+                _mm512_storeu_ps(at[0], _mm512_add_ps(a, c));
+                _mm512_storeu_ps(at[2], _mm512_sub_ps(a, c));
+                _mm512_storeu_ps(at[1], _mm512_add_ps(b, d));
+                _mm512_storeu_ps(at[3], _mm512_sub_ps(b, d));
+            }
+        }
+        h *= 4;
+    }
+    if h < s {
         for base in (0..n).step_by(2 * h) {
             for i in (0..h).step_by(16) {
                 let (x, y) = (p.add(base + i), p.add(base + h + i));
@@ -136,7 +170,6 @@ unsafe fn rotate_avx512(row: &mut [f32], s: usize) {
                 _mm512_storeu_ps(y, _mm512_sub_ps(a, b));
             }
         }
-        h *= 2;
     }
 }
 
@@ -208,19 +241,25 @@ mod tests {
             eprintln!("no AVX-512 here: the vector rotation is not tested");
             return;
         }
-        for (i, k) in [16, 32, 96, 384, 896, 1536, 4864].into_iter().enumerate() {
+        for (i, k) in [16, 32, 64, 96, 384, 896, 1536, 2048, 4864]
+            .into_iter()
+            .enumerate()
+        {
             let mut row = random(k, 10 + i as u64, 3.0);
             row[3] = -0.0;
             row[5] = f32::INFINITY;
             let mut plain = row.clone();
             rotate_plain(&mut plain, size(k));
-            // SAFETY: the CPU has AVX-512F (checked above).
-            unsafe { rotate_avx512(&mut row, size(k)) };
-            for (a, b) in row.iter().zip(&plain) {
-                assert!(
-                    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
-                    "{k}"
-                );
+            let mut into = vec![7f32; k];
+            rotate_into(&row, &mut into);
+            rotate(&mut row);
+            for got in [&row, &into] {
+                for (a, b) in got.iter().zip(&plain) {
+                    assert!(
+                        a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                        "{k}"
+                    );
+                }
             }
         }
         // Inputs past the table take their signs from the hash.
