@@ -732,16 +732,7 @@ impl Tile<'_> {
             #[cfg(target_arch = "x86_64")]
             Kernel::Amx if x.m >= AMX_MIN_ROWS => {
                 amx::configure();
-                let mut r = 0;
-                while r < x.m {
-                    let rows = (x.m - r).min(2 * amx::ROWS);
-                    if rows > amx::ROWS {
-                        amx::amx::<2>(self, x, r, rows, y);
-                    } else {
-                        amx::amx::<1>(self, x, r, rows, y);
-                    }
-                    r += rows;
-                }
+                amx::panel(self, x, y);
                 amx::release();
             }
             #[cfg(target_arch = "x86_64")]
