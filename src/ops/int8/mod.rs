@@ -261,8 +261,13 @@ impl Int8Rows {
             ROTATED.with(|rotated| {
                 let mut rotated = rotated.borrow_mut();
                 rotated.resize(k, 0.0);
-                rotate::rotate_into(&x[r * k..(r + 1) * k], &mut rotated);
-                let (s, sum) = quantize_block(&rotated, &mut q[..k]);
+                let amax = rotate::rotate_into(&x[r * k..(r + 1) * k], &mut rotated);
+                let (s, sum) = match amax {
+                    // SAFETY: the vector rotation ran, so the CPU has AVX-512.
+                    #[cfg(target_arch = "x86_64")]
+                    Some(amax) => unsafe { x86::quantize_avx512_amax(&rotated, &mut q[..k], amax) },
+                    _ => quantize_block(&rotated, &mut q[..k]),
+                };
                 *scale = s;
                 *corr = -128 * sum;
             });

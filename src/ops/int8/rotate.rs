@@ -73,20 +73,22 @@ pub fn rotate(row: &mut [f32]) {
     rotate_plain(row, s);
 }
 
-/// `dst` = [`rotate`]`(src)` (same lengths), without a copy first where the vector version runs.
-pub fn rotate_into(src: &[f32], dst: &mut [f32]) {
+/// `dst` = [`rotate`]`(src)` (same lengths), without a copy first where the vector version
+/// runs; that version also returns max |dst| (NaN values skipped, as `f32::max` does), which
+/// the quantizer would otherwise compute in a pass of its own.
+pub fn rotate_into(src: &[f32], dst: &mut [f32]) -> Option<f32> {
     assert_eq!(src.len(), dst.len(), "rotate_into: lengths differ");
     let s = size(src.len());
     #[cfg(target_arch = "x86_64")]
     if s >= 16 && crate::ops::simd::has_avx512() {
         // SAFETY: the CPU has AVX-512F (checked above); both slices hold k values.
-        unsafe { rotate_avx512(src.as_ptr(), dst.as_mut_ptr(), src.len(), s) };
-        return;
+        return Some(unsafe { rotate_avx512(src.as_ptr(), dst.as_mut_ptr(), src.len(), s) });
     }
     dst.copy_from_slice(src);
     if s >= 2 {
         rotate_plain(dst, s);
     }
+    None
 }
 
 crate::ops::simd::multiversion! {
@@ -125,26 +127,33 @@ unsafe fn stage(v: __m512, t: __m512, high: __mmask16) -> __m512 {
     _mm512_mask_sub_ps(_mm512_add_ps(v, t), high, t, v)
 }
 
+/// Vectors of 16 values transformed in registers at a time: chunks of up to 256 values.
+#[cfg(target_arch = "x86_64")]
+const IN_REGISTERS: usize = 16;
+
 /// [`rotate_plain`] with AVX-512 (s >= 16) from `src` into `p` (n values each; they may be
-/// the same): the signs and the four stages within 16 values in registers, then the stages
-/// across vectors two at a time (four vectors h apart per step), then the last one if their
-/// number is odd. Each value goes through the same additions and subtractions as in
-/// [`rotate_plain`], in the same order.
+/// the same), returning max |p|: chunks of min(s, 256) values go through the sign flips and
+/// all their stages in registers ([`chunks`]); the stages across larger distances follow in
+/// memory, two at a time (four vectors h apart per step), then the last one if their number is
+/// odd. Each value goes through the same additions and subtractions as in [`rotate_plain`], in
+/// the same order.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn rotate_avx512(src: *const f32, p: *mut f32, n: usize, s: usize) {
+unsafe fn rotate_avx512(src: *const f32, p: *mut f32, n: usize, s: usize) -> f32 {
     debug_assert!(s >= 16 && n.is_multiple_of(s));
-    let sign = _mm512_set1_epi32(i32::MIN);
-    for c in 0..n / 16 {
-        let v = _mm512_castps_si512(_mm512_loadu_ps(src.add(16 * c)));
-        let mut v = _mm512_castsi512_ps(_mm512_mask_xor_epi32(v, flips16(c), v, sign));
-        v = stage(v, _mm512_permute_ps::<0b10_11_00_01>(v), 0xAAAA);
-        v = stage(v, _mm512_permute_ps::<0b01_00_11_10>(v), 0xCCCC);
-        v = stage(v, _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v), 0xF0F0);
-        v = stage(v, _mm512_shuffle_f32x4::<0b01_00_11_10>(v, v), 0xFF00);
-        _mm512_storeu_ps(p.add(16 * c), v);
+    let registers = (s / 16).min(IN_REGISTERS);
+    let last = s / 16 <= IN_REGISTERS;
+    let m = match registers {
+        1 => chunks::<1>(src, p, n, last),
+        2 => chunks::<2>(src, p, n, last),
+        4 => chunks::<4>(src, p, n, last),
+        8 => chunks::<8>(src, p, n, last),
+        _ => chunks::<16>(src, p, n, last),
+    };
+    if last {
+        return _mm512_reduce_max_ps(m);
     }
-    let mut h = 16;
+    let mut h = 16 * IN_REGISTERS;
     while 4 * h <= s {
         // Stages h and 2h: (a, b, c, d) at offsets 0, h, 2h, 3h.
         for base in (0..n).step_by(4 * h) {
@@ -171,6 +180,50 @@ unsafe fn rotate_avx512(src: *const f32, p: *mut f32, n: usize, s: usize) {
             }
         }
     }
+    let mut m = _mm512_setzero_ps();
+    for i in (0..n).step_by(16) {
+        m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(p.add(i))), m);
+    }
+    _mm512_reduce_max_ps(m)
+}
+
+/// The sign flips and the stages up to 8 V of each chunk of 16 V values of `src`, in
+/// registers, into `p`; with `track`, the lanes' max |value| of what was written (NaN skipped).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn chunks<const V: usize>(src: *const f32, p: *mut f32, n: usize, track: bool) -> __m512 {
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let mut m = _mm512_setzero_ps();
+    for chunk in 0..n / (16 * V) {
+        let mut r: [__m512; V] = std::array::from_fn(|i| {
+            let c = chunk * V + i;
+            let v = _mm512_castps_si512(_mm512_loadu_ps(src.add(16 * c)));
+            let mut v = _mm512_castsi512_ps(_mm512_mask_xor_epi32(v, flips16(c), v, sign));
+            v = stage(v, _mm512_permute_ps::<0b10_11_00_01>(v), 0xAAAA);
+            v = stage(v, _mm512_permute_ps::<0b01_00_11_10>(v), 0xCCCC);
+            v = stage(v, _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v), 0xF0F0);
+            stage(v, _mm512_shuffle_f32x4::<0b01_00_11_10>(v, v), 0xFF00)
+        });
+        let mut h = 1;
+        while h < V {
+            for i in 0..V {
+                if i & h == 0 {
+                    let (a, b) = (r[i], r[i + h]);
+                    r[i] = _mm512_add_ps(a, b);
+                    r[i + h] = _mm512_sub_ps(a, b);
+                }
+            }
+            h *= 2;
+        }
+        for (i, v) in r.iter().enumerate() {
+            _mm512_storeu_ps(p.add(16 * (chunk * V + i)), *v);
+            if track {
+                m = _mm512_max_ps(_mm512_abs_ps(*v), m);
+            }
+        }
+    }
+    m
 }
 
 #[cfg(test)]
@@ -251,7 +304,9 @@ mod tests {
             let mut plain = row.clone();
             rotate_plain(&mut plain, size(k));
             let mut into = vec![7f32; k];
-            rotate_into(&row, &mut into);
+            let amax = rotate_into(&row, &mut into);
+            let want = plain.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(amax, Some(want), "{k}");
             rotate(&mut row);
             for got in [&row, &into] {
                 for (a, b) in got.iter().zip(&plain) {

@@ -26,7 +26,25 @@ pub(super) unsafe fn quantize_avx512(values: &[f32], out: &mut [MaybeUninit<i8>]
         // max(|v|, m) keeps m where v is NaN (as f32::max).
         m = _mm512_max_ps(_mm512_abs_ps(v), m);
     }
-    let amax = _mm512_reduce_max_ps(m);
+    quantize_avx512_amax(values, out, _mm512_reduce_max_ps(m))
+}
+
+/// [`quantize_avx512`] with max |v| known (`amax`, as [`quantize_avx512`] computes it).
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn quantize_avx512_amax(
+    values: &[f32],
+    out: &mut [MaybeUninit<i8>],
+    amax: f32,
+) -> (f32, i32) {
+    let n = values.len().min(out.len());
+    let mask = |i: usize| -> __mmask16 {
+        let left = n - i;
+        if left >= 16 {
+            0xffff
+        } else {
+            ((1u32 << left) - 1) as __mmask16
+        }
+    };
     if amax == 0.0 || !amax.is_finite() {
         out[..n].iter_mut().for_each(|o| {
             o.write(0);
