@@ -271,6 +271,38 @@ mod tests {
     }
 
     #[test]
+    fn matches_the_hadamard_matrix_written_out() {
+        // H[i][j] = (-1)^popcount(i & j) (Sylvester's construction), applied to each chunk of
+        // the sign-flipped row, in f64: an independent statement of the definition.
+        for k in [12, 48, 640, 896] {
+            let s = size(k);
+            let x = random(k, 3, 2.0);
+            let mut got = x.clone();
+            rotate(&mut got);
+            for c in 0..k / s {
+                for j in 0..s {
+                    let want: f64 = (0..s)
+                        .map(|i| {
+                            let at = c * s + i;
+                            let v = if flipped(at) { -x[at] } else { x[at] } as f64;
+                            if (i & j).count_ones() % 2 == 1 {
+                                -v
+                            } else {
+                                v
+                            }
+                        })
+                        .sum();
+                    let g = got[c * s + j] as f64;
+                    assert!(
+                        (g - want).abs() <= 1e-5 * s as f64,
+                        "{k} {j}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn a_single_large_channel_is_spread_over_its_chunk() {
         let k = 128;
         let mut row = vec![0f32; k];
