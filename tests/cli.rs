@@ -389,6 +389,42 @@ fn every_bench_and_device_flag_parses() {
 }
 
 #[test]
+fn a_cap_below_amx_keeps_decoding_off_the_tiles() {
+    // Decoding picks bf16x2 (AMX-BF16 tiles) where the CPU has them; WS2S_MAX_ISA=avx512 must
+    // take that path away like every other AMX kernel (it once did not).
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models/llama_gguf/tiny-llama.gguf");
+    let tiny = tiny.display().to_string();
+    let args = [
+        "bench",
+        "decode",
+        "--model",
+        &tiny,
+        "--prompts",
+        "1",
+        "--prompt-len",
+        "4",
+        "--beams",
+        "1",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--json",
+    ];
+    for cap in ["avx512", "avxvnni", "avx2", "scalar"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ws2s"))
+            .args(args)
+            .env("WS2S_MAX_ISA", cap)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cap}: {}", stderr(&out));
+        let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert_eq!(json["precision"], "f32", "{cap}: {json}");
+    }
+}
+
+#[test]
 fn kernel_variables_with_unknown_values_are_rejected_before_any_work() {
     // A typo in either variable would otherwise leave the widest kernels in use, silently.
     let out = Command::new(env!("CARGO_BIN_EXE_ws2s"))

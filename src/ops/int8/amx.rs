@@ -50,11 +50,16 @@ pub(super) fn available() -> bool {
     })
 }
 
-/// Whether the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7) and the operating system lets
-/// this process use the tiles ([`crate::ops::bf16x2`]).
+/// Whether the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7), the AVX-512 the split of the
+/// activations uses, the operating system lets this process use the tiles, and `WS2S_MAX_ISA`
+/// allows AMX ([`crate::ops::bf16x2`]).
 pub(crate) fn available_bf16() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| tiles_with(22))
+    *OK.get_or_init(|| {
+        crate::ops::simd::allows(crate::ops::simd::Isa::Amx)
+            && crate::ops::simd::has_avx512()
+            && tiles_with(22)
+    })
 }
 
 /// Whether CPUID leaf 7 reports AMX-TILE (EDX bit 24) and the AMX feature at EDX bit
