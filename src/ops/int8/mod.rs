@@ -848,7 +848,7 @@ mod tests {
         .enumerate()
         {
             let mut x = random(m * k, 10 + i as u64, 2.0);
-            x[0] = 90.0; // an outlier in the first block of row 0
+            x[0] = 90.0; // an outlier in row 0 (its chunk of the rotation)
             let w = random(n * k, 20 + i as u64, 0.3);
             let bias = random(n, 30 + i as u64, 1.0);
             let packed = Int8Weight::pack(&w, n, k);
@@ -1013,7 +1013,7 @@ mod tests {
 
     #[test]
     fn zero_and_non_finite_blocks_are_written_as_zeros() {
-        // The quantizers write into uninitialized rows: a block they skip must still be zeros.
+        // The quantizers write into uninitialized rows: values they skip must still be zeros.
         let blocks: [Vec<f32>; 3] = [
             vec![0.0; 37],
             (0..37)
