@@ -211,10 +211,9 @@ pub(crate) unsafe fn release() {
 /// tile loads otherwise wait for them from L2, one step's tiles after the other.
 const AHEAD: usize = 2;
 
-/// A row block whose sums wait in a buffer for their float step.
+/// A row block whose sums wait in the panel's sums buffer for their float step.
 #[derive(Clone, Copy)]
 struct Pending {
-    sums: *const i32,
     r0: usize,
     rows: usize,
 }
@@ -241,16 +240,17 @@ pub(super) unsafe fn panel(t: &Tile, x: &Int8Rows, y: *mut f32) {
         } else {
             block::<1>(t, x, (r0, rows), y, pending, sums);
         }
-        pending = Some(Pending { sums, r0, rows });
+        pending = Some(Pending { r0, rows });
         r0 += rows;
     }
     if let Some(p) = pending {
-        finish(t, x, p, 0..p.rows, y);
+        finish(t, x, (sums, p), 0..p.rows, y);
     }
 }
 
 /// Rows r0..r0+rows (rows <= 16 RT; RT = 1 or 2 row tiles): their sums over all inputs into
-/// `sums`, with the float step of the `pending` block spread over the steps.
+/// `sums`, with the float step of the `pending` block (whose sums `sums` holds until then)
+/// spread over the steps.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,fma")]
 unsafe fn block<const RT: usize>(
@@ -285,7 +285,7 @@ unsafe fn block<const RT: usize>(
             t.panel.as_ptr().add(b * BLOCK * NR),
         );
         if let Some(p) = pending {
-            finish(t, x, p, b * p.rows / nb..(b + 1) * p.rows / nb, y);
+            finish(t, x, (sums, p), b * p.rows / nb..(b + 1) * p.rows / nb, y);
         }
     }
     store_sums::<RT>(sums as *mut u8);
@@ -294,7 +294,13 @@ unsafe fn block<const RT: usize>(
 /// The float step of rows `part` of a pending block (offset correction, scales, bias), stored.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,fma")]
-unsafe fn finish(t: &Tile, x: &Int8Rows, p: Pending, part: std::ops::Range<usize>, y: *mut f32) {
+unsafe fn finish(
+    t: &Tile,
+    x: &Int8Rows,
+    (sums, p): (*const i32, Pending),
+    part: std::ops::Range<usize>,
+    y: *mut f32,
+) {
     let ws = [
         _mm512_loadu_ps(t.scales.as_ptr()),
         _mm512_loadu_ps(t.scales.as_ptr().add(16)),
@@ -304,7 +310,7 @@ unsafe fn finish(t: &Tile, x: &Int8Rows, p: Pending, part: std::ops::Range<usize
         let corr = _mm512_set1_epi32(*x.corr.get_unchecked(r));
         let xs = _mm512_set1_ps(*x.scales.get_unchecked(r));
         let acc: [__m512; 2] = std::array::from_fn(|h| {
-            let sum = _mm512_load_si512(p.sums.add(i * NR + 16 * h) as *const _);
+            let sum = _mm512_load_si512(sums.add(i * NR + 16 * h) as *const _);
             x86::scaled(_mm512_add_epi32(sum, corr), xs, ws[h])
         });
         x86::store_rows(t, &[acc], r, y);

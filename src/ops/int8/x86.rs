@@ -8,18 +8,22 @@ use super::{quantize_value, Int8Rows, Tile, NR};
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
+/// The lanes of values i..i + 16 that lie below n (all 16 but in the last step).
+#[inline(always)]
+fn tail_mask(n: usize, i: usize) -> __mmask16 {
+    let left = n - i;
+    if left >= 16 {
+        0xffff
+    } else {
+        ((1u32 << left) - 1) as __mmask16
+    }
+}
+
 /// [`super::quantize_block_plain`] with AVX-512: 16 values per step, masked tail.
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(super) unsafe fn quantize_avx512(values: &[f32], out: &mut [MaybeUninit<i8>]) -> (f32, i32) {
     let n = values.len().min(out.len());
-    let mask = |i: usize| -> __mmask16 {
-        let left = n - i;
-        if left >= 16 {
-            0xffff
-        } else {
-            ((1u32 << left) - 1) as __mmask16
-        }
-    };
+    let mask = |i: usize| tail_mask(n, i);
     let mut m = _mm512_setzero_ps();
     for i in (0..n).step_by(16) {
         let v = _mm512_maskz_loadu_ps(mask(i), values.as_ptr().add(i));
@@ -37,14 +41,7 @@ pub(super) unsafe fn quantize_avx512_amax(
     amax: f32,
 ) -> (f32, i32) {
     let n = values.len().min(out.len());
-    let mask = |i: usize| -> __mmask16 {
-        let left = n - i;
-        if left >= 16 {
-            0xffff
-        } else {
-            ((1u32 << left) - 1) as __mmask16
-        }
-    };
+    let mask = |i: usize| tail_mask(n, i);
     if amax == 0.0 || !amax.is_finite() {
         out[..n].iter_mut().for_each(|o| {
             o.write(0);
