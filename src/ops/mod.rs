@@ -1,6 +1,7 @@
 //! Custom operations with their own backward pass.
 
 pub mod activation;
+pub mod aligned;
 pub mod attention;
 pub mod bf16x2;
 pub mod decoder;

@@ -622,7 +622,7 @@ impl Gate {
 
     /// (act(a), act'(a)) in f32, vectorizable.
     #[inline(always)]
-    fn eval(self, a: f32) -> (f32, f32) {
+    pub(crate) fn eval(self, a: f32) -> (f32, f32) {
         match self {
             Gate::Silu => {
                 let s = 1.0 / (1.0 + exp(-a));

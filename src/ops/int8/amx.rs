@@ -22,7 +22,7 @@
 // The epilogue indexes several register arrays by the same row.
 #![allow(clippy::needless_range_loop)]
 
-use super::{x86, Int8Rows, Tile, BLOCK, NR};
+use super::{x86, Rows, Tile, BLOCK, NR};
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -227,7 +227,7 @@ struct Pending {
 /// [`available`], [`configure`]d on this thread; the activation rows padded to a multiple of
 /// [`ROWS`].
 #[target_feature(enable = "avx512f,avx512bw,fma")]
-pub(super) unsafe fn panel(t: &Tile, x: &Int8Rows, y: *mut f32) {
+pub(super) unsafe fn panel(t: &Tile, x: &Rows, y: *mut f32) {
     // Not zeroed first (the compiler made it a memset): the tiles' stores write every sum read.
     let mut buffer = MaybeUninit::<Products>::uninit();
     let sums = buffer.as_mut_ptr() as *mut i32;
@@ -255,7 +255,7 @@ pub(super) unsafe fn panel(t: &Tile, x: &Int8Rows, y: *mut f32) {
 #[target_feature(enable = "avx512f,avx512bw,fma")]
 unsafe fn block<const RT: usize>(
     t: &Tile,
-    x: &Int8Rows,
+    x: &Rows,
     (r0, rows): (usize, usize),
     y: *mut f32,
     pending: Option<Pending>,
@@ -274,11 +274,9 @@ unsafe fn block<const RT: usize>(
         }
         // The output rows' lines asked for in write state a few rows per step (the stores
         // otherwise wait for each line from L3 in turn).
-        prefetch_output(
-            y,
-            (t.n, t.col0, t.cols),
-            r0 + b * rows / nb..r0 + (b + 1) * rows / nb,
-        );
+        let ahead = r0 + b * rows / nb..r0 + (b + 1) * rows / nb;
+        prefetch_output(y, (t.n, t.col0, t.cols), ahead.clone());
+        prefetch_operand(t, ahead);
         step::<RT>(
             a0.add(b * BLOCK) as *const u8,
             x.kp,
@@ -296,7 +294,7 @@ unsafe fn block<const RT: usize>(
 #[target_feature(enable = "avx512f,avx512bw,fma")]
 unsafe fn finish(
     t: &Tile,
-    x: &Int8Rows,
+    x: &Rows,
     (sums, p): (*const i32, Pending),
     part: std::ops::Range<usize>,
     y: *mut f32,
@@ -314,6 +312,25 @@ unsafe fn finish(
             x86::scaled(_mm512_add_epi32(sum, corr), xs, ws[h])
         });
         x86::store_rows(t, &[acc], r, y);
+    }
+}
+
+/// Asks for the lines of the tile epilogue's operand (if it has one) at rows `rows`, columns
+/// col0..col0 + cols (`prefetcht0`: a hint): read one row at a time at a stride of n values,
+/// they otherwise arrive from memory only as the epilogue asks for each.
+#[inline(always)]
+pub(super) unsafe fn prefetch_operand(t: &Tile, rows: std::ops::Range<usize>) {
+    let (super::Epilogue::Add(r) | super::Epilogue::Gated(_, r)) = t.then else {
+        return;
+    };
+    for row in rows {
+        let first = r.wrapping_add(row * t.n + t.col0) as *const u8;
+        let last = first.wrapping_add(4 * t.cols - 1);
+        let mut at = first;
+        while (at as usize) >> 6 <= (last as usize) >> 6 {
+            _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
+            at = at.wrapping_add(64);
+        }
     }
 }
 

@@ -33,6 +33,7 @@
 //! same two multiplications and addition, so all kernels agree bit for bit (tested).
 //! `WS2S_INT8_KERNEL=scalar|avx2|avxvnni|vnni512|amx` forces one.
 
+use super::aligned::Aligned;
 use super::real::operand_values;
 use super::simd::Gate;
 use candle_core::{DType, Result, Tensor};
@@ -59,8 +60,8 @@ pub struct Int8Weight {
     k: usize,
     /// k rounded up to a multiple of [`BLOCK`].
     kp: usize,
-    /// panels x kp x NR bytes, wq + 128.
-    data: Vec<u8>,
+    /// panels x kp x NR bytes, wq + 128 (from a cache line: whole tile rows).
+    data: Aligned<u8>,
     /// One scale per column: panels x NR (0 for padding columns).
     scales: Vec<f32>,
 }
@@ -156,7 +157,7 @@ impl Int8Weight {
         let panels = n.div_ceil(NR);
         let s = rotate::size(k) as f32;
         let mut scales = vec![0f32; panels * NR];
-        let mut data = vec![128u8; panels * kp * NR];
+        let mut data = Aligned::filled(panels * kp * NR, 128u8);
         data.par_chunks_mut(kp * NR)
             .zip(scales.par_chunks_mut(NR))
             .enumerate()
@@ -230,7 +231,8 @@ type RowParts<'a> = (
 pub struct Int8Rows {
     m: usize,
     kp: usize,
-    q: Vec<i8>,
+    /// mp x kp values (m rounded up to PAD_ROWS), from a cache line: whole tile rows.
+    q: Aligned<i8>,
     scales: Vec<f32>,
     /// -128 x the row's sum of q (the unsigned weights' offset, taken back).
     corr: Vec<i32>,
@@ -254,7 +256,8 @@ impl Int8Rows {
         // zeros for the padding), with no zeroing pass before.
         // Rows padded with zero rows to a multiple of PAD_ROWS (whole tiles for the AMX kernel).
         let mp = round_up(m, PAD_ROWS);
-        let mut q: Vec<i8> = Vec::with_capacity(mp * kp);
+        let mut q = Aligned::<i8>::new();
+        q.reserve_total(mp * kp);
         let mut scales = vec![0f32; m];
         let mut corr = vec![0i32; m];
         let quantize_row = |(r, ((q, scale), corr)): RowParts| {
@@ -305,6 +308,37 @@ impl Int8Rows {
         }
     }
 
+    /// Rows `rows` (all, or a group of them), as the kernels read them; the group's end is
+    /// m or a multiple of [`PAD_ROWS`] (the kernels read whole tiles).
+    fn rows(&self, rows: std::ops::Range<usize>) -> Rows<'_> {
+        debug_assert!(rows.end == self.m || rows.end.is_multiple_of(PAD_ROWS));
+        let end = if rows.end == self.m {
+            self.q.len()
+        } else {
+            rows.end * self.kp
+        };
+        Rows {
+            m: rows.len(),
+            kp: self.kp,
+            q: &self.q[rows.start * self.kp..end],
+            scales: &self.scales[rows.clone()],
+            corr: &self.corr[rows],
+        }
+    }
+}
+
+/// Rows of an [`Int8Rows`] (all of them or a group): what the kernels read, row 0 first.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    m: usize,
+    kp: usize,
+    /// The rows' values, padded with zero rows to a multiple of [`PAD_ROWS`].
+    q: &'a [i8],
+    scales: &'a [f32],
+    corr: &'a [i32],
+}
+
+impl Rows<'_> {
     /// Tile steps of [`BLOCK`] inputs per row.
     fn blocks(&self) -> usize {
         self.kp / BLOCK
@@ -513,6 +547,13 @@ impl Kernel {
         ))
     }
 
+    /// Whether the kernel applies an [`Epilogue`] as it stores its results (the AVX-512 ones),
+    /// rather than in a pass of its own over the output: the output is not read back from
+    /// memory, and under AMX the epilogue runs alongside the tile products.
+    fn fuses(self) -> bool {
+        cfg!(target_arch = "x86_64") && matches!(self, Kernel::Amx | Kernel::Vnni512)
+    }
+
     /// The kernel used: `WS2S_INT8_KERNEL` if set (and available), else the fastest available.
     pub fn detected() -> Kernel {
         static KERNEL: OnceLock<Kernel> = OnceLock::new();
@@ -556,6 +597,14 @@ impl<R> Epilogue<R> {
             Epilogue::Add(r) => Epilogue::Add(f(r)?),
             Epilogue::Gated(g, r) => Epilogue::Gated(g, f(r)?),
         })
+    }
+
+    /// The same epilogue with its operand mapped.
+    fn map<S>(self, f: impl FnOnce(R) -> S) -> Epilogue<S> {
+        match self.try_map(|r| Ok::<S, ()>(f(r))) {
+            Ok(e) => e,
+            Err(()) => unreachable!(),
+        }
     }
 
     fn operand(&self) -> Option<&R> {
@@ -611,8 +660,22 @@ pub fn matmul_into(
     w: &Int8Weight,
     bias: Option<&[f32]>,
     then: Epilogue<&[f32]>,
+    y: Vec<f32>,
+) -> Vec<f32> {
+    let group = group_rows(x.m, w.kp);
+    matmul_grouped(kernel, (x, group), w, bias, then, y)
+}
+
+/// [`matmul_into`] with rows in groups of `group` (a multiple of 32, or >= m).
+fn matmul_grouped(
+    kernel: Kernel,
+    (x, group): (&Int8Rows, usize),
+    w: &Int8Weight,
+    bias: Option<&[f32]>,
+    then: Epilogue<&[f32]>,
     mut y: Vec<f32>,
 ) -> Vec<f32> {
+    assert!(group >= x.m || group.is_multiple_of(2 * PAD_ROWS));
     assert!(
         kernel.available(),
         "int8 kernel {} not available",
@@ -650,33 +713,44 @@ pub fn matmul_into(
     // The threads write disjoint elements (their own panels' columns).
     let out = super::real::SharedMut(y.spare_capacity_mut().as_mut_ptr() as *mut f32);
     let panels = n.div_ceil(NR);
-    let run = |p: usize| {
-        let cols = (n - p * NR).min(NR);
-        let mut bias_panel = [0f32; NR];
-        if let Some(b) = bias {
-            bias_panel[..cols].copy_from_slice(&b[p * NR..p * NR + cols]);
-        }
-        let tile = Tile {
-            panel: w.panel(p),
-            scales: &w.scales[p * NR..(p + 1) * NR],
-            bias: &bias_panel,
-            cols,
-            col0: p * NR,
-            n,
+    let fused = kernel.fuses();
+    for g0 in (0..m).step_by(group) {
+        let rows = x.rows(g0..(g0 + group).min(m));
+        // SAFETY: row g0 of the output is within its m x n values.
+        let y0 = super::real::SharedMut(unsafe { out.ptr().add(g0 * n) });
+        let run = |p: usize| {
+            let cols = (n - p * NR).min(NR);
+            let mut bias_panel = [0f32; NR];
+            if let Some(b) = bias {
+                bias_panel[..cols].copy_from_slice(&b[p * NR..p * NR + cols]);
+            }
+            let tile = Tile {
+                panel: w.panel(p),
+                scales: &w.scales[p * NR..(p + 1) * NR],
+                bias: &bias_panel,
+                cols,
+                col0: p * NR,
+                n,
+                then: match then {
+                    _ if !fused => Epilogue::None,
+                    // Row g0 of the operand (m x n values, checked above).
+                    then => then.map(|r| r[g0 * n..].as_ptr()),
+                },
+            };
+            // SAFETY: the kernel is available (checked above); the panel's columns are this
+            // task's alone, and every row index is below the group's (within m).
+            unsafe { tile.run(kernel, &rows, y0.ptr()) };
         };
-        // SAFETY: the kernel is available (checked above); the panel's columns are this
-        // task's alone, and every row index is below m.
-        unsafe { tile.run(kernel, x, out.ptr()) };
-    };
-    // Work per panel: m x kp x NR multiply-adds; small products stay on this thread.
-    if m * w.kp * n >= 1 << 22 {
-        (0..panels).into_par_iter().for_each(run);
-    } else {
-        (0..panels).for_each(run);
+        // Work per panel: rows x kp x NR multiply-adds; small products stay on this thread.
+        if rows.m * w.kp * n >= 1 << 22 {
+            (0..panels).into_par_iter().for_each(run);
+        } else {
+            (0..panels).for_each(run);
+        }
     }
     // SAFETY: the tiles wrote all m x n values (every row, every real column of each panel).
     unsafe { y.set_len(m * n) };
-    if !matches!(then, Epilogue::None) {
+    if !fused && !matches!(then, Epilogue::None) {
         // Whole rows at a time (the element-wise kernels' vector loops need long runs; a
         // panel's 32 columns per row would leave them in their scalar tails).
         let rows_per_task = (EPILOGUE_VALUES_PER_TASK / n).max(1);
@@ -696,6 +770,45 @@ pub fn matmul_into(
     y
 }
 
+/// Rows per group of [`matmul_into`]: every panel reads a group's rows before the next
+/// group, so a group of at most half this core's L2 ([`l2_bytes`]) is read from L2 by all
+/// panels but the first, instead of streaming all rows from L3 for each panel once they
+/// outgrow L2. A multiple of 32 rows (whole tile pairs), or all m rows when they fit. With
+/// 1,024 rows on an Intel Xeon with 2 MB of L2 per core, products with k = 4,864 and 8,960 ran
+/// 17-28% faster (groups of 1 MB; smaller groups read the weights too often, 256 KB was
+/// slower than none; docs/results/inference.md, session 21).
+fn group_rows(m: usize, kp: usize) -> usize {
+    let rows = (l2_bytes() / 2 / kp).max(2 * PAD_ROWS) / (2 * PAD_ROWS) * (2 * PAD_ROWS);
+    if rows >= m {
+        m
+    } else {
+        rows
+    }
+}
+
+/// This core's L2 in bytes (Linux's sysfs), 1 MB where it does not say.
+fn l2_bytes() -> usize {
+    static BYTES: OnceLock<usize> = OnceLock::new();
+    *BYTES.get_or_init(|| {
+        std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index2/size")
+            .ok()
+            .and_then(|s| parse_cache_size(s.trim()))
+            .unwrap_or(1 << 20)
+    })
+}
+
+/// "2048K" or "1M" (sysfs's cache sizes) in bytes.
+fn parse_cache_size(s: &str) -> Option<usize> {
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: usize = digits.parse().ok()?;
+    match unit {
+        "" => Some(n),
+        "K" => Some(n << 10),
+        "M" => Some(n << 20),
+        _ => None,
+    }
+}
+
 /// Values per task of an epilogue (rows of the output at a time).
 const EPILOGUE_VALUES_PER_TASK: usize = 1 << 15;
 
@@ -708,6 +821,9 @@ struct Tile<'a> {
     cols: usize,
     col0: usize,
     n: usize,
+    /// The epilogue the kernel applies as it stores (the AVX-512 ones, [`Kernel::fuses`]; its
+    /// operand [rows, n] from the kernel's row 0); None where the product's pass applies it.
+    then: Epilogue<*const f32>,
 }
 
 /// Runs a row kernel `kernel::<R>(tile, x, r0, y)` over all rows of `x`: six at a time, then
@@ -732,7 +848,7 @@ macro_rules! by_six_rows {
 }
 
 impl Tile<'_> {
-    unsafe fn run(&self, kernel: Kernel, x: &Int8Rows, y: *mut f32) {
+    unsafe fn run(&self, kernel: Kernel, x: &Rows, y: *mut f32) {
         match kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Amx if x.m >= AMX_MIN_ROWS => {
@@ -765,7 +881,7 @@ impl Tile<'_> {
     }
 
     /// The definition, written plainly.
-    unsafe fn scalar(&self, x: &Int8Rows, y: *mut f32) {
+    unsafe fn scalar(&self, x: &Rows, y: *mut f32) {
         for r in 0..x.m {
             let xq = &x.q[r * x.kp..(r + 1) * x.kp];
             for c in 0..self.cols {
@@ -873,6 +989,62 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn groups_of_rows_give_the_same_values() {
+        // Rows 100 and 150: a partial last group (and a partial last tile); enough work for
+        // the threads. With each epilogue (its operand read from each group's rows).
+        for (m, k, n) in [(100, 130, 70), (150, 896, 96)] {
+            let x = random(m * k, 51, 2.0);
+            let w = random(n * k, 52, 0.3);
+            let bias = random(n, 53, 1.0);
+            let other = random(m * n, 54, 3.0);
+            let (rows, packed) = (Int8Rows::quantize(&x, m, k), Int8Weight::pack(&w, n, k));
+            let epilogues = [
+                Epilogue::None,
+                Epilogue::Gelu,
+                Epilogue::Add(&other[..]),
+                Epilogue::Gated(Gate::Silu, &other[..]),
+            ];
+            for kernel in Kernel::ALL.into_iter().filter(|k| k.available()) {
+                for then in epilogues {
+                    let product = |group| {
+                        let x = (&rows, group);
+                        matmul_grouped(kernel, x, &packed, Some(&bias), then, vec![])
+                    };
+                    let whole = product(m);
+                    for group in [32, 64, 96] {
+                        assert!(
+                            product(group)
+                                .iter()
+                                .zip(&whole)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{} {m}x{k}x{n}, groups of {group}, {then:?}",
+                            kernel.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn groups_fit_half_of_l2() {
+        assert_eq!(parse_cache_size("2048K"), Some(2 << 20));
+        assert_eq!(parse_cache_size("1M"), Some(1 << 20));
+        assert_eq!(parse_cache_size("512"), Some(512));
+        assert_eq!(parse_cache_size("lots"), None);
+        let l2 = l2_bytes();
+        // Small products: one group.
+        assert_eq!(group_rows(1024, 64), 1024);
+        let rows = group_rows(1024, 8960);
+        assert!(rows.is_multiple_of(32) && rows >= 32);
+        assert!(
+            rows == 32 || rows * 8960 <= l2 / 2,
+            "{rows} rows of 8960 for L2 {l2}"
+        );
+        assert!((rows + 32) * 8960 > l2 / 2);
     }
 
     #[test]

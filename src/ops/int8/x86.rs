@@ -4,7 +4,8 @@
 // The kernels index several register arrays by the same row.
 #![allow(clippy::needless_range_loop)]
 
-use super::{quantize_value, Int8Rows, Tile, NR};
+use super::{quantize_value, Epilogue, Rows, Tile, NR};
+use crate::ops::simd::{normal_cdf, Gate};
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
@@ -112,11 +113,12 @@ pub(super) unsafe fn quantize_avx2(values: &[f32], out: &mut [MaybeUninit<i8>]) 
 /// Rows r0..r0+R of the tile with AVX-512 VNNI: two 16-column halves, R rows, the integer
 /// sums over all inputs, then the float step.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
-pub(super) unsafe fn vnni512<const R: usize>(t: &Tile, x: &Int8Rows, r0: usize, y: *mut f32) {
+pub(super) unsafe fn vnni512<const R: usize>(t: &Tile, x: &Rows, r0: usize, y: *mut f32) {
     let xrows: [*const u8; R] =
         std::array::from_fn(|i| x.q.as_ptr().add((r0 + i) * x.kp) as *const u8);
     let wp = t.panel.as_ptr();
     super::amx::prefetch_output(y, (t.n, t.col0, t.cols), r0..r0 + R);
+    super::amx::prefetch_operand(t, r0..r0 + R);
     let mut iacc = [[_mm512_setzero_si512(); 2]; R];
     for i in 0..R {
         let c = _mm512_set1_epi32(*x.corr.get_unchecked(r0 + i));
@@ -146,7 +148,7 @@ pub(super) unsafe fn vnni512<const R: usize>(t: &Tile, x: &Int8Rows, r0: usize, 
 /// Rows r0..r0+R of the tile with AVX-VNNI (256-bit `vpdpbusd`): the 32 columns as four
 /// groups of 8, R rows; the same integer sums and float step as [`vnni512`] (same values).
 #[target_feature(enable = "avx2,fma,avxvnni")]
-pub(super) unsafe fn avx_vnni<const R: usize>(t: &Tile, x: &Int8Rows, r0: usize, y: *mut f32) {
+pub(super) unsafe fn avx_vnni<const R: usize>(t: &Tile, x: &Rows, r0: usize, y: *mut f32) {
     let xrows: [*const u8; R] =
         std::array::from_fn(|i| x.q.as_ptr().add((r0 + i) * x.kp) as *const u8);
     super::amx::prefetch_output(y, (t.n, t.col0, t.cols), r0..r0 + R);
@@ -223,8 +225,8 @@ pub(super) unsafe fn scaled(p: __m512i, xs: __m512, ws: __m512) -> __m512 {
     _mm512_mul_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(xs, ws))
 }
 
-/// Rows r0.. of the tile's output: each row's two 16-column accumulators plus the bias,
-/// stored (masked past the panel's real columns).
+/// Rows r0.. of the tile's output: each row's two 16-column accumulators plus the bias, then
+/// the tile's epilogue, stored (masked past the panel's real columns).
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn store_rows(t: &Tile, facc: &[[__m512; 2]], r0: usize, y: *mut f32) {
     let bias = [
@@ -232,16 +234,57 @@ pub(super) unsafe fn store_rows(t: &Tile, facc: &[[__m512; 2]], r0: usize, y: *m
         _mm512_loadu_ps(t.bias.as_ptr().add(16)),
     ];
     for (i, acc) in facc.iter().enumerate() {
-        let out = y.add((r0 + i) * t.n + t.col0);
+        let at = (r0 + i) * t.n + t.col0;
         for h in 0..2 {
-            let v = _mm512_add_ps(acc[h], bias[h]);
             let lo = 16 * h;
-            if t.cols >= lo + 16 {
-                _mm512_storeu_ps(out.add(lo), v);
-            } else if t.cols > lo {
-                let mask: __mmask16 = ((1u32 << (t.cols - lo)) - 1) as __mmask16;
-                _mm512_mask_storeu_ps(out.add(lo), mask, v);
+            if t.cols <= lo {
+                break;
             }
+            let mask = tail_mask(t.cols, lo);
+            let v = then16(t.then, _mm512_add_ps(acc[h], bias[h]), at + lo, mask);
+            if mask == 0xffff {
+                _mm512_storeu_ps(y.add(at + lo), v);
+            } else {
+                _mm512_mask_storeu_ps(y.add(at + lo), mask, v);
+            }
+        }
+    }
+}
+
+/// The epilogue on 16 values y, at `at` of the output (the operand's values there; lanes
+/// outside `mask` are not read): the separate operations' formulas, element by element, so
+/// the same values bit for bit.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn then16(then: Epilogue<*const f32>, y: __m512, at: usize, mask: __mmask16) -> __m512 {
+    match then {
+        Epilogue::None => y,
+        Epilogue::Add(r) => _mm512_add_ps(_mm512_maskz_loadu_ps(mask, r.add(at)), y),
+        Epilogue::Gelu => {
+            let mut v = [0f32; 16];
+            _mm512_storeu_ps(v.as_mut_ptr(), y);
+            for x in &mut v {
+                *x *= normal_cdf(*x);
+            }
+            _mm512_loadu_ps(v.as_ptr())
+        }
+        Epilogue::Gated(gate, g) => {
+            let (mut v, mut a) = ([0f32; 16], [0f32; 16]);
+            _mm512_storeu_ps(v.as_mut_ptr(), y);
+            _mm512_storeu_ps(a.as_mut_ptr(), _mm512_maskz_loadu_ps(mask, g.add(at)));
+            match gate {
+                Gate::Silu => {
+                    for (y, &a) in v.iter_mut().zip(&a) {
+                        *y *= Gate::Silu.eval(a).0;
+                    }
+                }
+                Gate::GeluTanh => {
+                    for (y, &a) in v.iter_mut().zip(&a) {
+                        *y *= Gate::GeluTanh.eval(a).0;
+                    }
+                }
+            }
+            _mm512_loadu_ps(v.as_ptr())
         }
     }
 }
@@ -250,13 +293,7 @@ pub(super) unsafe fn store_rows(t: &Tile, facc: &[[__m512; 2]], r0: usize, y: *m
 /// to i16, the four activation bytes of a group broadcast and widened, `vpmaddwd` (two
 /// products per i32 lane, exact: at most 2 x 255 x 127 per group), lane pairs added at the end.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn avx2<const R: usize>(
-    t: &Tile,
-    x: &Int8Rows,
-    r0: usize,
-    c8: usize,
-    y: *mut f32,
-) {
+pub(super) unsafe fn avx2<const R: usize>(t: &Tile, x: &Rows, r0: usize, c8: usize, y: *mut f32) {
     let xrows: [*const u8; R] =
         std::array::from_fn(|i| x.q.as_ptr().add((r0 + i) * x.kp) as *const u8);
     let wp = t.panel.as_ptr().add(c8 * 4);
