@@ -25,6 +25,7 @@
 //! Used where the CPU has AMX-BF16 and Linux grants the tiles ([`available`]); elsewhere a
 //! scalar version of the definition runs (tests; the precision is refused on such CPUs).
 
+use super::aligned::Aligned;
 use super::real::operand_values;
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
@@ -132,8 +133,8 @@ pub struct Bf16Weight {
     k: usize,
     /// k rounded up to a multiple of [`KSTEP`].
     kp: usize,
-    /// panels x kp x NR values.
-    data: Vec<u16>,
+    /// panels x kp x NR values (from a cache line: whole tile rows).
+    data: Aligned<u16>,
 }
 
 impl std::fmt::Debug for Bf16Weight {
@@ -152,7 +153,7 @@ impl Bf16Weight {
             w.len()
         );
         let kp = k.max(1).next_multiple_of(KSTEP);
-        let mut data = vec![0u16; n.div_ceil(NR) * kp * NR];
+        let mut data = Aligned::filled(n.div_ceil(NR) * kp * NR, 0u16);
         data.par_chunks_mut(kp * NR)
             .enumerate()
             .for_each(|(p, panel)| {
@@ -198,8 +199,8 @@ pub struct SplitRows {
     kp: usize,
     /// tiles x (kp / KSTEP) x 16 rows x KSTEP values: each tile's 1 KB lies together; its rows
     /// are the hi parts of 8 rows of x, then their lo parts (rows past m and inputs past k
-    /// are zero).
-    data: Vec<u16>,
+    /// are zero). From a cache line: whole tile rows.
+    data: Aligned<u16>,
 }
 
 impl SplitRows {
@@ -215,9 +216,9 @@ impl SplitRows {
         let per_tile = 2 * ROWS_PER_TILE * kp;
         // Every value is written below (the split, or zeros for padding): no zeroing pass. The
         // buffer is this thread's last one, reused (fresh pages cost more than the split).
-        let mut data: Vec<u16> = BUFFER.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        let mut data = BUFFER.with(|b| std::mem::take(&mut *b.borrow_mut()));
         data.clear();
-        data.reserve(tiles * per_tile);
+        data.reserve_total(tiles * per_tile);
         let out = super::real::SharedMut(data.spare_capacity_mut().as_mut_ptr() as *mut u16);
         let fill = |t: usize| {
             // SAFETY: tile t's values are written by this task alone, each exactly once.
@@ -258,7 +259,7 @@ impl SplitRows {
 
 thread_local! {
     /// The activation buffer of this thread's last [`SplitRows`], for the next one.
-    static BUFFER: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    static BUFFER: std::cell::RefCell<Aligned<u16>> = const { std::cell::RefCell::new(Aligned::new()) };
 }
 
 impl Drop for SplitRows {
