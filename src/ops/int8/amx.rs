@@ -311,7 +311,7 @@ unsafe fn finish(
             let sum = _mm512_load_si512(sums.add(i * NR + 16 * h) as *const _);
             x86::scaled(_mm512_add_epi32(sum, corr), xs, ws[h])
         });
-        x86::store_rows(t, &[acc], r, y);
+        x86::store_row(t, acc, r, y);
     }
 }
 

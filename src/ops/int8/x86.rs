@@ -142,7 +142,9 @@ pub(super) unsafe fn vnni512<const R: usize>(t: &Tile, x: &Rows, r0: usize, y: *
         let xs = _mm512_set1_ps(*x.scales.get_unchecked(r0 + i));
         [scaled(iacc[i][0], xs, ws[0]), scaled(iacc[i][1], xs, ws[1])]
     });
-    store_rows(t, &facc, r0, y);
+    for (i, acc) in facc.into_iter().enumerate() {
+        store_row(t, acc, r0 + i, y);
+    }
 }
 
 /// Rows r0..r0+R of the tile with AVX-VNNI (256-bit `vpdpbusd`): the 32 columns as four
@@ -223,6 +225,33 @@ unsafe fn store8(t: &Tile, facc: &[__m256], r0: usize, c8: usize, y: *mut f32) {
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn scaled(p: __m512i, xs: __m512, ws: __m512) -> __m512 {
     _mm512_mul_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(xs, ws))
+}
+
+/// Row r of the tile's output: [`store_rows`] for one row, written out here for a whole panel
+/// with no epilogue or a residual (the call and the general epilogue cost more than the tile
+/// products of a row when k is small: a product of 1,024 rows with k = n = 384 took 0.28 ms
+/// with the call, 0.21 ms without, one thread of this Intel Xeon with AMX; GELU and gating
+/// applied to several rows at a time after their stores were slower than in the call).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn store_row(t: &Tile, acc: [__m512; 2], r: usize, y: *mut f32) {
+    let at = r * t.n + t.col0;
+    let bias = |h: usize| _mm512_loadu_ps(t.bias.as_ptr().add(16 * h));
+    match t.then {
+        Epilogue::None if t.cols == NR => {
+            for h in 0..2 {
+                _mm512_storeu_ps(y.add(at + 16 * h), _mm512_add_ps(acc[h], bias(h)));
+            }
+        }
+        Epilogue::Add(o) if t.cols == NR => {
+            for h in 0..2 {
+                let v = _mm512_add_ps(acc[h], bias(h));
+                let v = _mm512_add_ps(_mm512_loadu_ps(o.add(at + 16 * h)), v);
+                _mm512_storeu_ps(y.add(at + 16 * h), v);
+            }
+        }
+        _ => store_rows(t, &[acc], r, y),
+    }
 }
 
 /// Rows r0.. of the tile's output: each row's two 16-column accumulators plus the bias, then
