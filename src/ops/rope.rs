@@ -29,28 +29,67 @@ pub(crate) fn rope_rows<T: Real>(
     table_of: impl Fn(usize) -> usize + Sync,
     inverse: bool,
 ) -> Vec<T> {
-    let half = d / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
     let rows = rows_per_task(d);
     par_blocks_out(x.len(), rows * d, |block, out: &mut [T]| {
         let x = &x[block * rows * d..block * rows * d + out.len()];
-        {
-            for (i, (out, x)) in out.chunks_mut(d).zip(x.chunks(d)).enumerate() {
-                let table = table_of(block * rows + i) * d;
-                for k in 0..half {
-                    let c = cos[table + k].to();
-                    let s = sin[table + k].to() * sign;
-                    let x1 = x[k].to();
-                    let x2 = x[half + k].to();
-                    out[k] = T::from(x1 * c - x2 * s);
-                    out[half + k] = T::from(x2 * c + x1 * s);
-                }
-                if d % 2 == 1 {
-                    out[d - 1] = x[d - 1];
-                }
-            }
+        let first = block * rows;
+        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+            // SAFETY: T is f32 (the same type, checked just above).
+            let as_f32 = |v: &[T]| unsafe { &*(v as *const [T] as *const [f32]) };
+            // SAFETY: as above.
+            let out = unsafe { &mut *(out as *mut [T] as *mut [f32]) };
+            let (cos, sin) = (as_f32(cos), as_f32(sin));
+            rope_block_f32(as_f32(x), out, (cos, sin), (d, first, &table_of), sign);
+        } else {
+            rope_block(x, out, (cos, sin), (d, first, &table_of), sign);
         }
     })
+}
+
+/// Rows first.. of `x` (whole rows of d values) rotated into `out`: in f64, rounded once.
+#[inline(always)]
+fn rope_block<T: Real>(
+    x: &[T],
+    out: &mut [T],
+    (cos, sin): (&[T], &[T]),
+    (d, first, table_of): (usize, usize, &(dyn Fn(usize) -> usize + Sync)),
+    sign: f64,
+) {
+    let half = d / 2;
+    for (i, (out, x)) in out.chunks_mut(d).zip(x.chunks(d)).enumerate() {
+        let table = table_of(first + i) * d;
+        let (c, s) = (&cos[table..table + half], &sin[table..table + half]);
+        let (x1, x2) = x.split_at(half);
+        let (o1, o2) = out.split_at_mut(half);
+        // Zipped slices (no bounds checks), so that the loop vectorizes.
+        for ((o1, o2), ((&x1, &x2), (&c, &s))) in o1
+            .iter_mut()
+            .zip(o2.iter_mut())
+            .zip(x1.iter().zip(x2).zip(c.iter().zip(s)))
+        {
+            let (c, s, x1, x2) = (c.to(), s.to() * sign, x1.to(), x2.to());
+            *o1 = T::from(x1 * c - x2 * s);
+            *o2 = T::from(x2 * c + x1 * s);
+        }
+        if d % 2 == 1 {
+            out[d - 1] = x[d - 1];
+        }
+    }
+}
+
+super::simd::multiversion! {
+    /// [`rope_block`] for f32, compiled for AVX-512 and AVX2 too (the same values: the same
+    /// f64 operations, in vectors).
+    pub fn rope_block_f32(
+        x: &[f32],
+        out: &mut [f32],
+        tables: (&[f32], &[f32]),
+        rows: (usize, usize, &(dyn Fn(usize) -> usize + Sync)),
+        sign: f64,
+    ) {
+        rope_block(x, out, tables, rows, sign)
+    }
 }
 
 impl CustomOp1 for Rope {
@@ -221,6 +260,39 @@ mod tests {
     use super::*;
     use crate::ops::testing::{max_diff, probe_loss, random};
     use candle_core::{Device, Var};
+
+    #[test]
+    fn the_vector_rotation_gives_the_values_of_f64_rounded_once() {
+        // d = 64 and an odd d = 7 (the last value passes through); two table rows.
+        for d in [64, 7] {
+            let rows = 3;
+            let x = crate::ops::testing::random_f32(rows * d, 5, 2.0);
+            let cos = crate::ops::testing::random_f32(2 * d, 6, 1.0);
+            let sin = crate::ops::testing::random_f32(2 * d, 7, 1.0);
+            let table_of = |r: usize| r % 2;
+            for sign in [1.0, -1.0] {
+                let mut got = vec![0f32; rows * d];
+                rope_block_f32(&x, &mut got, (&cos, &sin), (d, 0, &table_of), sign);
+                let half = d / 2;
+                for r in 0..rows {
+                    let t = table_of(r) * d;
+                    for k in 0..half {
+                        let (c, s) = (cos[t + k] as f64, sin[t + k] as f64 * sign);
+                        let (x1, x2) = (x[r * d + k] as f64, x[r * d + half + k] as f64);
+                        assert_eq!(
+                            got[r * d + k].to_bits(),
+                            ((x1 * c - x2 * s) as f32).to_bits()
+                        );
+                        let want = (x2 * c + x1 * s) as f32;
+                        assert_eq!(got[r * d + half + k].to_bits(), want.to_bits());
+                    }
+                    if d % 2 == 1 {
+                        assert_eq!(got[r * d + d - 1], x[r * d + d - 1]);
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn fused_rope_matches_the_decomposed_one_in_values_and_gradients() {
