@@ -786,12 +786,16 @@ fn group_rows(m: usize, kp: usize) -> usize {
     }
 }
 
-/// This core's L2 in bytes (Linux's sysfs), 1 MB where it does not say.
+/// This core's L2 in bytes (the level-2 cache Linux's sysfs lists for cpu 0), 1 MB where it
+/// does not say.
 fn l2_bytes() -> usize {
     static BYTES: OnceLock<usize> = OnceLock::new();
     *BYTES.get_or_init(|| {
-        std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index2/size")
-            .ok()
+        let dir = "/sys/devices/system/cpu/cpu0/cache";
+        let read = |i: usize, what: &str| std::fs::read_to_string(format!("{dir}/index{i}/{what}"));
+        (0..8)
+            .find(|&i| read(i, "level").is_ok_and(|l| l.trim() == "2"))
+            .and_then(|i| read(i, "size").ok())
             .and_then(|s| parse_cache_size(s.trim()))
             .unwrap_or(1 << 20)
     })
