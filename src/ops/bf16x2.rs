@@ -321,11 +321,7 @@ pub fn matmul_with(tiles: bool, x: &SplitRows, w: &Bf16Weight, bias: Option<&[f3
     // The tasks write disjoint elements (their own panels' columns).
     let out = super::real::SharedMut(y.spare_capacity_mut().as_mut_ptr() as *mut f32);
     let run = |p: usize| {
-        let cols = (n - p * NR).min(NR);
-        let mut bias_panel = [0f32; NR];
-        if let Some(b) = bias {
-            bias_panel[..cols].copy_from_slice(&b[p * NR..p * NR + cols]);
-        }
+        let (cols, bias_panel) = super::real::panel_bias::<NR>(bias, n, p);
         let panel = Panel {
             w: w.panel(p),
             bias: &bias_panel,

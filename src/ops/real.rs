@@ -213,6 +213,21 @@ impl Kept {
 /// elements of one output (the caller of every write states which).
 #[derive(Clone, Copy)]
 pub(crate) struct SharedMut<T>(pub(crate) *mut T);
+
+/// The columns of panel `p` (NR columns from p NR, of n) and their bias values, zero past n or
+/// without a bias: what a packed product's panel adds to its sums.
+pub(crate) fn panel_bias<const NR: usize>(
+    bias: Option<&[f32]>,
+    n: usize,
+    p: usize,
+) -> (usize, [f32; NR]) {
+    let cols = (n - p * NR).min(NR);
+    let mut values = [0f32; NR];
+    if let Some(b) = bias {
+        values[..cols].copy_from_slice(&b[p * NR..p * NR + cols]);
+    }
+    (cols, values)
+}
 // SAFETY: the wrapper only carries the pointer; every write through it is to elements that one
 // task alone writes (see the `SAFETY` comment at each use).
 unsafe impl<T> Send for SharedMut<T> {}

@@ -719,11 +719,7 @@ fn matmul_grouped(
         // SAFETY: row g0 of the output is within its m x n values.
         let y0 = super::real::SharedMut(unsafe { out.ptr().add(g0 * n) });
         let run = |p: usize| {
-            let cols = (n - p * NR).min(NR);
-            let mut bias_panel = [0f32; NR];
-            if let Some(b) = bias {
-                bias_panel[..cols].copy_from_slice(&b[p * NR..p * NR + cols]);
-            }
+            let (cols, bias_panel) = super::real::panel_bias::<NR>(bias, n, p);
             let tile = Tile {
                 panel: w.panel(p),
                 scales: &w.scales[p * NR..(p + 1) * NR],
