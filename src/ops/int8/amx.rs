@@ -323,15 +323,9 @@ pub(super) unsafe fn prefetch_operand(t: &Tile, rows: std::ops::Range<usize>) {
     let (super::Epilogue::Add(r) | super::Epilogue::Gated(_, r)) = t.then else {
         return;
     };
-    for row in rows {
-        let first = r.wrapping_add(row * t.n + t.col0) as *const u8;
-        let last = first.wrapping_add(4 * t.cols - 1);
-        let mut at = first;
-        while (at as usize) >> 6 <= (last as usize) >> 6 {
-            _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
-            at = at.wrapping_add(64);
-        }
-    }
+    for_each_line(r, (t.n, t.col0, t.cols), rows, |at| {
+        _mm_prefetch::<_MM_HINT_T0>(at as *const i8)
+    });
 }
 
 /// Asks for the lines of rows `rows` of an output [.., n] (row-major), columns col0..col0 +
@@ -343,15 +337,32 @@ pub(crate) unsafe fn prefetch_output(
     (n, col0, cols): (usize, usize, usize),
     rows: std::ops::Range<usize>,
 ) {
+    for_each_line(
+        y,
+        (n, col0, cols),
+        rows,
+        |at| asm!("prefetchw [{}]", in(reg) at, options(nostack, readonly, preserves_flags)),
+    );
+}
+
+/// `f` on the address of each cache line holding columns col0..col0 + cols of rows `rows` of
+/// a row-major [.., n] matrix at `base` (addresses only: nothing is read).
+#[inline(always)]
+unsafe fn for_each_line(
+    base: *const f32,
+    (n, col0, cols): (usize, usize, usize),
+    rows: std::ops::Range<usize>,
+    mut f: impl FnMut(*const u8),
+) {
     if cols == 0 {
         return;
     }
     for r in rows {
-        let first = y.wrapping_add(r * n + col0) as *const u8;
+        let first = base.wrapping_add(r * n + col0) as *const u8;
         let last = first.wrapping_add(4 * cols - 1);
         let mut at = first;
         while (at as usize) >> 6 <= (last as usize) >> 6 {
-            asm!("prefetchw [{}]", in(reg) at, options(nostack, readonly, preserves_flags));
+            f(at);
             at = at.wrapping_add(64);
         }
     }
