@@ -354,9 +354,7 @@ pub fn bench_forward(
     let ids = Tensor::from_vec(ids, (batch, seq_len), device)?;
     let mask = vec![vec![1u32; seq_len]; batch];
     let (runs, median_s, cpu_utilisation) = time_runs(repeats, || {
-        let hidden = model
-            .network
-            .hidden(&ids, &mask, &mut model.network.new_cache())?;
+        let hidden = model.network.hidden_parallel(&ids, &mask)?;
         hidden
             .sum_all()?
             .to_dtype(candle_core::DType::F32)?

@@ -223,6 +223,47 @@ fn shared_prefixes_give_the_hidden_states_of_each_full_forward() {
     }
 }
 
+/// Every model, in f32 and int8: a batch run in parts side by side (one per worker thread in
+/// `hidden_parallel`) gives the hidden states of the batch run whole, padding included.
+#[test]
+fn a_batch_in_parts_equals_the_batch_whole() {
+    let names = std::iter::once("bert").chain(DECODERS);
+    for name in names {
+        let mut model = load(name, Trainable::Frozen);
+        let vocab = model.network.vocab_size() as u32;
+        let lengths = [5usize, 9, 3, 9, 7, 1, 8];
+        let rows: Vec<Vec<u32>> = lengths
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| {
+                (0..n)
+                    .map(|j| (r as u32 * 31 + j as u32 * 7 + 3) % vocab)
+                    .collect()
+            })
+            .collect();
+        let rows: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        let (ids, mask) = ws2s::models::prefix::right_pad(&rows, &Device::Cpu).unwrap();
+        for precision in [ws2s::ops::Precision::F32, ws2s::ops::Precision::Int8] {
+            model.network.set_precision(precision).unwrap();
+            let whole = model
+                .network
+                .hidden(&ids, &mask, &mut model.network.new_cache())
+                .unwrap()
+                .to_vec3::<f32>()
+                .unwrap();
+            for parts in [2, 3, 7, 20] {
+                let split = model
+                    .network
+                    .hidden_in_parts(&ids, &mask, parts)
+                    .unwrap()
+                    .to_vec3::<f32>()
+                    .unwrap();
+                assert_eq!(split, whole, "{name} {precision:?}, {parts} parts");
+            }
+        }
+    }
+}
+
 /// A loss that depends on every output coordinate in a non-symmetric way (a plain sum of a
 /// LayerNorm output has zero gradient upstream).
 fn probe_loss(output: &Tensor) -> Tensor {

@@ -7,6 +7,7 @@ use super::{prefix, Model};
 use crate::hash::sha256_hex;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -123,9 +124,7 @@ pub fn extract_pooled(
     for batch in alone.chunks(batch_size) {
         let tokens: Vec<&[u32]> = batch.iter().map(|&i| encoded[i].as_slice()).collect();
         let (ids, mask) = prefix::right_pad(&tokens, device)?;
-        let hidden = model
-            .network
-            .hidden(&ids, &mask, &mut model.network.new_cache())?;
+        let hidden = model.network.hidden_parallel(&ids, &mask)?;
         store(batch, &hidden, &mask)?;
     }
     // Groups by prefix length, then batches of up to `batch_size` texts.
@@ -140,13 +139,31 @@ pub fn extract_pooled(
             members += shared[end].members.len();
             end += 1;
         }
-        let batch = &shared[start..end];
-        let (hidden, mask) = prefix::suffix_hidden(&model.network, &encoded, batch, device)?;
-        let order: Vec<usize> = batch
+        // The batch's groups in parts side by side, as Network::hidden_parallel does.
+        let longest = shared[start..end]
             .iter()
-            .flat_map(|g| g.members.iter().copied())
-            .collect();
-        store(&order, &hidden, &mask)?;
+            .flat_map(|g| g.members.iter().map(|&i| encoded[i].len()))
+            .max()
+            .unwrap_or(1);
+        let parts = if device.is_cpu() {
+            super::batch_parts(members, longest)
+        } else {
+            1
+        };
+        let outputs = split_by_members(&shared[start..end], parts)
+            .into_par_iter()
+            .map(|part| {
+                let (hidden, mask) = prefix::suffix_hidden(&model.network, &encoded, part, device)?;
+                let order: Vec<usize> = part
+                    .iter()
+                    .flat_map(|g| g.members.iter().copied())
+                    .collect();
+                Ok((order, hidden, mask))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (order, hidden, mask) in outputs {
+            store(&order, &hidden, &mask)?;
+        }
         start = end;
     }
     bar.finish_and_clear();
@@ -159,6 +176,30 @@ pub fn extract_pooled(
             Ok(Tensor::from_vec(flat, (texts.len(), hidden_size), device)?)
         })
         .collect()
+}
+
+/// `groups` cut into at most `parts` runs of consecutive groups with about the same number of
+/// members each (none empty).
+fn split_by_members(groups: &[prefix::PrefixGroup], parts: usize) -> Vec<&[prefix::PrefixGroup]> {
+    let total: usize = groups.iter().map(|g| g.members.len()).sum();
+    let parts = parts.clamp(1, groups.len().max(1));
+    let mut out = Vec::with_capacity(parts);
+    let (mut start, mut seen) = (0, 0);
+    for (i, group) in groups.iter().enumerate() {
+        // A run ends before this group where that leaves it nearer its share of the members
+        // (the j-th run ends near total j / parts) than taking the group would.
+        let target = total * (out.len() + 1);
+        let (before, after) = (seen * parts, (seen + group.members.len()) * parts);
+        if i > start && out.len() + 1 < parts && target.abs_diff(before) <= target.abs_diff(after) {
+            out.push(&groups[start..i]);
+            start = i;
+        }
+        seen += group.members.len();
+    }
+    if start < groups.len() {
+        out.push(&groups[start..]);
+    }
+    out
 }
 
 pub fn progress_bar(visible: bool, len: u64, what: &str) -> indicatif::ProgressBar {
@@ -255,4 +296,50 @@ pub fn cached_features(
     let features = extract(model, texts, options, device)?;
     store_cached(&key, &features, cache_dir)?;
     Ok((features, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn groups(sizes: &[usize]) -> Vec<prefix::PrefixGroup> {
+        let mut next = 0;
+        sizes
+            .iter()
+            .map(|&n| {
+                let members = (next..next + n).collect();
+                next += n;
+                prefix::PrefixGroup { shared: 3, members }
+            })
+            .collect()
+    }
+
+    fn sizes_of(parts: &[&[prefix::PrefixGroup]]) -> Vec<usize> {
+        parts
+            .iter()
+            .map(|p| p.iter().map(|g| g.members.len()).sum())
+            .collect()
+    }
+
+    #[test]
+    fn groups_split_into_runs_of_about_equal_members() {
+        let g = groups(&[2, 2, 2, 2, 2, 2, 2, 2]);
+        assert_eq!(sizes_of(&split_by_members(&g, 2)), [8, 8]);
+        assert_eq!(sizes_of(&split_by_members(&g, 3)), [6, 4, 6]);
+        assert_eq!(sizes_of(&split_by_members(&g, 1)), [16]);
+        // Never more runs than groups, none empty; the runs cover the groups in order.
+        let g = groups(&[5, 2, 9]);
+        for parts in 1..6 {
+            let split = split_by_members(&g, parts);
+            assert!(split.len() <= parts.min(3) && split.iter().all(|p| !p.is_empty()));
+            let order: Vec<usize> = split
+                .iter()
+                .flat_map(|p| p.iter())
+                .flat_map(|g| g.members.clone())
+                .collect();
+            assert_eq!(order, (0..16).collect::<Vec<_>>());
+        }
+        assert_eq!(sizes_of(&split_by_members(&g, 2)), [7, 9]);
+        assert!(split_by_members(&[], 2).is_empty());
+    }
 }
