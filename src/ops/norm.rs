@@ -350,6 +350,9 @@ struct ResidualLayerNorm {
     norm: Norm,
     /// x + r from the forward.
     sum: Kept,
+    /// Whether the forward keeps the sum (something needs a gradient); otherwise each block of
+    /// rows forms its sum in a buffer of its own, normalized from there (one output, no pass).
+    keep_sum: bool,
 }
 
 impl CustomOp3 for ResidualLayerNorm {
@@ -374,6 +377,13 @@ impl CustomOp3 for ResidualLayerNorm {
             let (w, b) = wb.split_at(cols);
             let x = typed::<T>(s1, l1, name)?;
             let r = typed::<T>(s2, l2, name)?;
+            if !self.keep_sum {
+                let out = par_rows2(x, r, cols, |x, r, out| {
+                    let sum: Vec<T> = x.iter().zip(r).map(|(&a, &c)| a + c).collect();
+                    T::norm_rows_into(&sum, w, Some(b), out, self.norm);
+                });
+                return Ok((T::wrap(out), shape));
+            }
             let sum = par_rows2(x, r, cols, |x, r, out| {
                 for ((o, &a), &c) in out.iter_mut().zip(x).zip(r) {
                     *o = a + c;
@@ -443,6 +453,7 @@ pub fn layer_norm_residual(
                 unit_offset: false,
             },
             sum: Kept::default(),
+            keep_sum: [x, r, w, b].iter().any(|t| t.track_op()),
         },
     )
 }
@@ -588,7 +599,21 @@ mod tests {
             assert!(g3.get(&rc).is_none() && g3.get(&wc).is_none() && g3.get(&bc).is_none());
             let d = max_diff(g3.get(xt).unwrap(), g1.get(xt).unwrap());
             assert!(d < 1e-12, "{shape:?}: dx with a constant residual {d}");
+            // Nothing needing a gradient (inference): the sum is not kept, same values, in
+            // f64 and f32 (several blocks of rows when there are many).
+            let detached = [xt, rt, wt, bt].map(|t| t.detach());
+            let [xd, rd, wd, bd] = &detached;
+            let inference = layer_norm_residual(xd, rd, wd, bd, 1e-5).unwrap();
+            assert_eq!(max_diff(&inference, &ours), 0.0, "{shape:?}: inference");
         }
+        let to32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let (x, r) = (random(&[300, 200], 7, 2.0), random(&[300, 200], 8, 2.0));
+        let (w, b) = (random(&[200], 9, 1.0), random(&[200], 10, 1.0));
+        let [x, r, w, b] = [&x, &r, &w, &b].map(to32);
+        let plain = layer_norm(&(&x + &r).unwrap(), &w, &b, 1e-5).unwrap();
+        let fused = layer_norm_residual(&x, &r, &w, &b, 1e-5).unwrap();
+        let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        assert_eq!(max_diff(&to64(&fused), &to64(&plain)), 0.0, "f32, 300 rows");
     }
 
     #[test]
