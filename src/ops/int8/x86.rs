@@ -5,7 +5,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::{quantize_value, Epilogue, Rows, Tile, NR};
-use crate::ops::simd::{normal_cdf, Gate};
+use crate::ops::simd::Gate;
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
@@ -289,14 +289,7 @@ unsafe fn then16(then: Epilogue<*const f32>, y: __m512, at: usize, mask: __mmask
     match then {
         Epilogue::None => y,
         Epilogue::Add(r) => _mm512_add_ps(_mm512_maskz_loadu_ps(mask, r.add(at)), y),
-        Epilogue::Gelu => {
-            let mut v = [0f32; 16];
-            _mm512_storeu_ps(v.as_mut_ptr(), y);
-            for x in &mut v {
-                *x *= normal_cdf(*x);
-            }
-            _mm512_loadu_ps(v.as_ptr())
-        }
+        Epilogue::Gelu => super::gelu::gelu16(y),
         Epilogue::Gated(gate, g) => {
             let (mut v, mut a) = ([0f32; 16], [0f32; 16]);
             _mm512_storeu_ps(v.as_mut_ptr(), y);
