@@ -405,6 +405,44 @@ impl CustomOp3 for Attention {
     }
 }
 
+/// The forward alone, in f32 ([`super::attention_infer`]), where nothing needs a gradient.
+struct Inference {
+    dims: Dims,
+    scale: f64,
+    /// The additive mask [B, Tq, Tk], contiguous, f32.
+    mask: Tensor,
+}
+
+impl CustomOp3 for Inference {
+    fn name(&self) -> &'static str {
+        "attention-inference"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let dm = self.dims;
+        let (mask_s, mask_l) = self.mask.storage_and_layout();
+        let mask = typed::<f32>(cpu(&mask_s, name)?, mask_l, name)?;
+        let out = super::attention_infer::forward(
+            typed(s1, l1, name)?,
+            typed(s2, l2, name)?,
+            typed(s3, l3, name)?,
+            mask,
+            dm,
+            self.scale as f32,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((dm.b, dm.tq, dm.q_row()))))
+    }
+}
+
 /// Attention from the projections: q [B, Tq, H * D], k and v [B, Tk, KVH * D] (H a multiple of
 /// KVH; query head h reads key/value head h / (H / KVH)), an additive mask [B, 1, Tq, Tk]
 /// (0 or a large negative number) and the score scale. Returns [B, Tq, H * D].
@@ -443,15 +481,30 @@ pub fn attention(
         let v = repeat_kv(&split_heads(v, kv_heads, d)?, groups)?;
         return attention_decomposed(&q, &k, &v, mask, scale);
     }
+    let dims = Dims {
+        b,
+        tq,
+        tk,
+        heads,
+        kv_heads,
+        d,
+    };
+    let frozen = ![q, k, v].iter().any(|t| t.track_op());
+    if frozen && q.dtype() == DType::F32 && super::attention_infer::supports(d) {
+        let op = Inference {
+            dims,
+            scale,
+            mask: mask
+                .to_dtype(DType::F32)?
+                .reshape((b, tq, tk))?
+                .contiguous()?,
+        };
+        return q
+            .contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
+    }
     let op = Attention {
-        dims: Dims {
-            b,
-            tq,
-            tk,
-            heads,
-            kv_heads,
-            d,
-        },
+        dims,
         scale,
         mask: mask
             .to_dtype(q.dtype())?

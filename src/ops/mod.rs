@@ -3,6 +3,7 @@
 pub mod activation;
 pub mod aligned;
 pub mod attention;
+pub mod attention_infer;
 pub mod bf16x2;
 pub mod decoder;
 pub mod encoder;
