@@ -211,6 +211,12 @@ pub(crate) unsafe fn release() {
 /// tile loads otherwise wait for them from L2, one step's tiles after the other.
 const AHEAD: usize = 2;
 
+/// Steps ahead at which the first row block of a group asks for the panel's weight lines
+/// (`prefetcht0`). That block reads them from memory (the later blocks find them in L2), one
+/// tile load after the other without it. Qwen2.5-1.5B's forward 5% faster, Qwen2.5-0.5B 7%
+/// (paired runs, Intel Xeon with AMX); 2 steps ahead gave 4% on 1.5B, 12 steps less than 6.
+const WEIGHTS_AHEAD: usize = 6;
+
 /// A row block whose sums wait in the panel's sums buffer for their float step.
 #[derive(Clone, Copy)]
 struct Pending {
@@ -270,6 +276,12 @@ unsafe fn block<const RT: usize>(
             let at = a0.add((b + AHEAD) * BLOCK);
             for r in 0..RT * ROWS {
                 _mm_prefetch::<_MM_HINT_T0>(at.add(r * x.kp));
+            }
+        }
+        if r0 == 0 && b + WEIGHTS_AHEAD < nb {
+            let wp = t.panel.as_ptr().add((b + WEIGHTS_AHEAD) * BLOCK * NR);
+            for line in 0..BLOCK * NR / 64 {
+                _mm_prefetch::<_MM_HINT_T0>(wp.add(64 * line) as *const i8);
             }
         }
         // The output rows' lines asked for in write state a few rows per step (the stores
