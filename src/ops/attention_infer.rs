@@ -265,61 +265,47 @@ mod x86 {
     use super::{Block, Vector};
     use std::arch::x86_64::*;
 
-    /// 16 lanes (AVX-512F).
-    #[derive(Clone, Copy)]
-    pub(super) struct Z(__m512);
+    /// A [`Vector`] of `$lanes` lanes over the register type `$reg` and its intrinsics.
+    macro_rules! vector {
+        ($(#[$doc:meta])* $name:ident($reg:ty, $lanes:expr): $zero:ident, $splat:ident, $load:ident, $store:ident, $fma:ident) => {
+            $(#[$doc])*
+            #[derive(Clone, Copy)]
+            pub(super) struct $name($reg);
 
-    impl Vector for Z {
-        const LANES: usize = 16;
-        #[inline(always)]
-        unsafe fn zero() -> Self {
-            Z(_mm512_setzero_ps())
-        }
-        #[inline(always)]
-        unsafe fn splat(x: f32) -> Self {
-            Z(_mm512_set1_ps(x))
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> Self {
-            Z(_mm512_loadu_ps(p))
-        }
-        #[inline(always)]
-        unsafe fn store(self, p: *mut f32) {
-            _mm512_storeu_ps(p, self.0)
-        }
-        #[inline(always)]
-        unsafe fn mul_add(self, b: Self, c: Self) -> Self {
-            Z(_mm512_fmadd_ps(self.0, b.0, c.0))
-        }
+            impl Vector for $name {
+                const LANES: usize = $lanes;
+                #[inline(always)]
+                unsafe fn zero() -> Self {
+                    $name($zero())
+                }
+                #[inline(always)]
+                unsafe fn splat(x: f32) -> Self {
+                    $name($splat(x))
+                }
+                #[inline(always)]
+                unsafe fn load(p: *const f32) -> Self {
+                    $name($load(p))
+                }
+                #[inline(always)]
+                unsafe fn store(self, p: *mut f32) {
+                    $store(p, self.0)
+                }
+                #[inline(always)]
+                unsafe fn mul_add(self, b: Self, c: Self) -> Self {
+                    $name($fma(self.0, b.0, c.0))
+                }
+            }
+        };
     }
 
-    /// 8 lanes (AVX2 with FMA).
-    #[derive(Clone, Copy)]
-    pub(super) struct Y(__m256);
-
-    impl Vector for Y {
-        const LANES: usize = 8;
-        #[inline(always)]
-        unsafe fn zero() -> Self {
-            Y(_mm256_setzero_ps())
-        }
-        #[inline(always)]
-        unsafe fn splat(x: f32) -> Self {
-            Y(_mm256_set1_ps(x))
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> Self {
-            Y(_mm256_loadu_ps(p))
-        }
-        #[inline(always)]
-        unsafe fn store(self, p: *mut f32) {
-            _mm256_storeu_ps(p, self.0)
-        }
-        #[inline(always)]
-        unsafe fn mul_add(self, b: Self, c: Self) -> Self {
-            Y(_mm256_fmadd_ps(self.0, b.0, c.0))
-        }
-    }
+    vector!(
+        /// 16 lanes (AVX-512F).
+        Z(__m512, 16): _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps
+    );
+    vector!(
+        /// 8 lanes (AVX2 with FMA).
+        Y(__m256, 8): _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps
+    );
 
     /// [`super::transpose`] with AVX-512: each row of kt gathered 16 keys at a time.
     #[target_feature(enable = "avx512f")]
@@ -369,16 +355,9 @@ mod x86 {
             set(1.428_606_8e-6),
             _mm512_fnmadd_ps(n, set(0.693_145_75), x),
         );
-        let mut p = set(1.0 / 5040.0);
-        for c in [
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ] {
+        let [first, rest @ ..] = crate::ops::simd::EXP_TAYLOR;
+        let mut p = set(first);
+        for c in rest {
             p = _mm512_fmadd_ps(p, r, set(c));
         }
         let bits = _mm512_sub_epi32(

@@ -9,6 +9,19 @@
 
 const LANES: usize = 8;
 
+/// The coefficients of e^r on [-ln 2 / 2, ln 2 / 2] in [`exp`], highest power first (Taylor to
+/// r^7), for Horner's rule.
+pub(crate) const EXP_TAYLOR: [f32; 8] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
 /// e^x for f32, branch-free. Inputs below -87.3 give 0 (subnormal results are flushed), above 88.3
 /// they are clamped to 88.3 (the results stay finite).
 #[inline(always)]
@@ -25,16 +38,9 @@ pub fn exp(x: f32) -> f32 {
     let shifted = x.mul_add(LOG2E, ROUND);
     let n = shifted - ROUND;
     let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
-    let mut p: f32 = 1.0 / 5040.0;
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
+    let [first, rest @ ..] = EXP_TAYLOR;
+    let mut p = first;
+    for c in rest {
         p = p.mul_add(r, c);
     }
     // 2^n from the bits of `shifted` = 1.5 * 2^23 + n, whose integer part sits in the low
