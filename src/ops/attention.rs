@@ -489,31 +489,24 @@ pub fn attention(
         kv_heads,
         d,
     };
-    let frozen = ![q, k, v].iter().any(|t| t.track_op());
+    // The mask [B, Tq, Tk], contiguous, in the inputs' dtype (both ops read it so).
+    let mask = mask
+        .to_dtype(q.dtype())?
+        .reshape((b, tq, tk))?
+        .contiguous()?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let frozen = ![&q, &k, &v].iter().any(|t| t.track_op());
     if frozen && q.dtype() == DType::F32 && super::attention_infer::supports(d) {
-        let op = Inference {
-            dims,
-            scale,
-            mask: mask
-                .to_dtype(DType::F32)?
-                .reshape((b, tq, tk))?
-                .contiguous()?,
-        };
-        return q
-            .contiguous()?
-            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
+        let op = Inference { dims, scale, mask };
+        return q.apply_op3_no_bwd(&k, &v, &op);
     }
     let op = Attention {
         dims,
         scale,
-        mask: mask
-            .to_dtype(q.dtype())?
-            .reshape((b, tq, tk))?
-            .contiguous()?,
+        mask,
         probs: Kept::default(),
     };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    q.apply_op3(&k, &v, op)
 }
 
 /// The unfused forms (any device and dtype; autograd differentiates them).

@@ -263,6 +263,7 @@ impl Vector for Scalar {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Block, Vector};
+    use crate::ops::simd::tail_mask16 as tail_mask;
     use std::arch::x86_64::*;
 
     /// A [`Vector`] of `$lanes` lanes over the register type `$reg` and its intrinsics.
@@ -329,15 +330,6 @@ mod x86 {
                 _mm512_storeu_ps(kt.as_mut_ptr().add(c * tkp + j0), v);
                 at = _mm512_add_epi32(at, step);
             }
-        }
-    }
-
-    /// The lanes of keys j0..j0 + 16 that lie below tk.
-    #[inline(always)]
-    fn tail_mask(tk: usize, j0: usize) -> __mmask16 {
-        match tk.saturating_sub(j0) {
-            n if n >= 16 => 0xffff,
-            n => ((1u32 << n) - 1) as __mmask16,
         }
     }
 

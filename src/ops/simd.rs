@@ -474,11 +474,11 @@ unsafe fn norm_rows_avx512(
     }
 }
 
-/// The lanes of values j..j + 16 of a row of `cols` that lie inside it.
-#[cfg(target_arch = "x86_64")]
+/// The lanes of values i..i + 16 that lie below n, as an AVX-512 mask (all 16 but in the last
+/// step; none past n).
 #[inline(always)]
-fn tail_mask16(cols: usize, j: usize) -> u16 {
-    match cols - j {
+pub(crate) fn tail_mask16(n: usize, i: usize) -> u16 {
+    match n.saturating_sub(i) {
         left if left >= 16 => 0xffff,
         left => ((1u32 << left) - 1) as u16,
     }
@@ -613,15 +613,6 @@ multiversion! {
     pub fn gelu(x: &[f32], out: &mut [f32]) {
         for (o, &v) in out.iter_mut().zip(x) {
             *o = v * normal_cdf(v);
-        }
-    }
-}
-
-multiversion! {
-    /// x = x Phi(x), in place (the values of [`gelu`]).
-    pub fn gelu_in_place(x: &mut [f32]) {
-        for v in x.iter_mut() {
-            *v *= normal_cdf(*v);
         }
     }
 }

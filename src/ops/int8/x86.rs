@@ -5,20 +5,9 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::{quantize_value, Epilogue, Rows, Tile, NR};
-use crate::ops::simd::Gate;
+use crate::ops::simd::{tail_mask16 as tail_mask, Gate};
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
-
-/// The lanes of values i..i + 16 that lie below n (all 16 but in the last step).
-#[inline(always)]
-fn tail_mask(n: usize, i: usize) -> __mmask16 {
-    let left = n - i;
-    if left >= 16 {
-        0xffff
-    } else {
-        ((1u32 << left) - 1) as __mmask16
-    }
-}
 
 /// [`super::quantize_block_plain`] with AVX-512: 16 values per step, masked tail.
 #[target_feature(enable = "avx512f,avx512bw")]
