@@ -18,6 +18,8 @@ pub use crate::report::classify::{
 };
 use crate::report::classify::{paired_statistics, summarise, write_outputs, LabelRow};
 use crate::supervision::{dawid_skene, majority_vote, weighted_average};
+use crate::train::convex::{Objective, SoftXent};
+use crate::train::objectives::MethodObjective;
 use crate::train::probe::Step;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
@@ -121,7 +123,7 @@ fn fit_on_ground_truth<'l>(
         loss: &loss,
         staged: false,
         targets,
-        xent_targets: Some(targets),
+        native: Some(&SoftXent { targets }),
     };
     learner.fit(train, &supervision, config)
 }
@@ -349,6 +351,8 @@ struct Targets {
     vote: Rows,
     /// The hard-label counts, normalised (what cross-validation scores against).
     count_shares: Rows,
+    /// The hard-label counts [n][K].
+    count_rows: Rows,
     joint_average: Tensor,
     joint_vote: Tensor,
     joint_ds: Tensor,
@@ -411,6 +415,7 @@ fn targets(seed: &Seed, weak: &[Rows]) -> Result<Targets> {
         joint_vote: to_tensor(&vote, &device)?,
         joint_ds: to_tensor(&ds.posteriors, &device)?,
         counts: to_tensor(&count_rows, &device)?,
+        count_rows,
         ds,
         weights,
         average,
@@ -552,11 +557,21 @@ fn students(
                             _ => losses::product_anchored(logits, anchor, &target)?,
                         })
                     };
+                    let labels = &weak.labels[j][..];
+                    let native: &dyn Objective = match method {
+                        Method::Xent => &SoftXent { targets: labels },
+                        Method::Logconf => &MethodObjective::Logconf {
+                            weak: labels,
+                            a_max: m.logconf_a_max,
+                            warmup: m.logconf_warmup,
+                        },
+                        _ => &MethodObjective::Product { weak: labels },
+                    };
                     let supervision = Supervision {
                         loss: &loss,
                         staged: method != Method::Xent,
-                        targets: &weak.labels[j],
-                        xent_targets: (method == Method::Xent).then_some(&weak.labels[j][..]),
+                        targets: labels,
+                        native: Some(native),
                     };
                     let name = format!("{}[{}]", method.as_str(), weak_names[j]);
                     train(name, &supervision, false)?;
@@ -574,7 +589,7 @@ fn students(
                     loss: &loss,
                     staged: false,
                     targets: &t.average,
-                    xent_targets: Some(&t.naive),
+                    native: Some(&SoftXent { targets: &t.naive }),
                 };
                 train(method.as_str().into(), &supervision, false)?;
             }
@@ -594,7 +609,7 @@ fn students(
                     loss: &loss,
                     staged: false,
                     targets: rows,
-                    xent_targets: Some(rows),
+                    native: Some(&SoftXent { targets: rows }),
                 };
                 train(method.as_str().into(), &supervision, false)?;
             }
@@ -617,11 +632,19 @@ fn students(
                         )?
                     })
                 };
+                let native = MethodObjective::Edl {
+                    weak: &weak.labels,
+                    weights: &t.weights,
+                    c: m.edl_c,
+                    evidence,
+                    step: (method == Method::EdlStep)
+                        .then_some((m.edl_step_a_max, m.edl_step_warmup)),
+                };
                 let supervision = Supervision {
                     loss: &loss,
                     staged: true,
                     targets: &t.average,
-                    xent_targets: None,
+                    native: Some(&native),
                 };
                 train(method.as_str().into(), &supervision, method == Method::Edl)?;
             }
@@ -637,7 +660,10 @@ fn students(
                     loss: &loss,
                     staged: false,
                     targets: &t.count_shares,
-                    xent_targets: None,
+                    native: Some(&MethodObjective::DirichletMultinomial {
+                        counts: &t.count_rows,
+                        evidence,
+                    }),
                 };
                 train(method.as_str().into(), &supervision, false)?;
             }

@@ -10,7 +10,7 @@ use crate::models::params::{LoraConfig, Params, Trainable};
 use crate::models::Model;
 use crate::models::{model_hash, resolve_model};
 use crate::report::classify::Timing;
-use crate::train::convex::{CvReport, Objective, SoftXent, SolverConfig};
+use crate::train::convex::{CvReport, Objective, SolverConfig};
 use crate::train::probe::{self, LinearProbe, ProbeLoss, Step, TensorObjective};
 use crate::train::trainer::{train, TrainConfig, TrainTask};
 use anyhow::Context;
@@ -39,10 +39,11 @@ pub struct Supervision<'a> {
     /// truth one-hot, or the weak labels): what cross-validation scores held-out predictions
     /// against when a learner chooses its regularisation.
     pub targets: &'a [Vec<f64>],
-    /// Set when `loss` is exactly the soft cross-entropy -sum_k t_k log p_k against these rows
-    /// (which need not sum to 1): probes then evaluate it natively in f64 instead of through
-    /// candle (same value and gradient, much cheaper per solver step).
-    pub xent_targets: Option<&'a [Vec<f64>]>,
+    /// The same loss as `loss`, written in f64 with its gradient (`SoftXent` for a
+    /// cross-entropy against fixed rows, [`crate::train::objectives::MethodObjective`] for the
+    /// others): probes evaluate it instead of `loss` through candle (same value and gradient,
+    /// much cheaper per solver step). `None`: probes use `loss` and candle's autograd.
+    pub native: Option<&'a dyn Objective>,
 }
 
 /// A trained predictor and, for probes, how its regularisation was chosen.
@@ -86,6 +87,42 @@ pub struct ProbeLearner {
     pub table: FeatureTable,
     pub classes: usize,
     pub solver: SolverConfig,
+    /// The last few training sets made ready for the solver, by their examples' ids (a seed's
+    /// ceiling and every student fit on the same strong_train rows).
+    pub prepared: PreparedCache,
+}
+
+/// Training sets made ready for the solver ([`probe::prepare`]), the most recent
+/// [`PreparedCache::KEEP`] of them.
+#[derive(Default)]
+pub struct PreparedCache(std::sync::Mutex<Vec<(Vec<String>, std::sync::Arc<probe::Prepared>)>>);
+
+impl PreparedCache {
+    /// Enough for the seeds that run side by side, each reusing one set.
+    const KEEP: usize = 4;
+
+    fn get_or_prepare(
+        &self,
+        train: &[Example],
+        features: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<std::sync::Arc<probe::Prepared>> {
+        let ids: Vec<String> = train.iter().map(|e| e.id.clone()).collect();
+        let lock = || {
+            self.0
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
+        if let Some((_, prepared)) = lock().iter().find(|(k, _)| *k == ids) {
+            return Ok(prepared.clone());
+        }
+        let prepared = std::sync::Arc::new(probe::prepare(&features()?)?);
+        let mut entries = lock();
+        if entries.len() == Self::KEEP {
+            entries.remove(0);
+        }
+        entries.push((ids, prepared.clone()));
+        Ok(prepared)
+    }
 }
 
 struct ProbePredictor<'a> {
@@ -116,16 +153,12 @@ impl Learner for ProbeLearner {
             classes: self.classes,
             staged: supervision.staged,
         };
-        let native;
-        let objective: &dyn Objective = match supervision.xent_targets {
-            Some(targets) => {
-                native = SoftXent { targets };
-                &native
-            }
-            None => &tensor_objective,
-        };
-        let (probe, cv) = probe::fit(
-            &self.table.rows(train)?,
+        let objective = supervision.native.unwrap_or(&tensor_objective);
+        let prepared = self
+            .prepared
+            .get_or_prepare(train, || self.table.rows(train))?;
+        let (probe, cv) = probe::fit_prepared(
+            &prepared,
             self.classes,
             objective,
             supervision.targets,
@@ -443,6 +476,7 @@ impl<'a> Learners<'a> {
                 table,
                 classes: self.classes,
                 solver: self.config.solver.clone(),
+                prepared: Default::default(),
             };
             return Ok((Box::new(learner), hash));
         }

@@ -2,6 +2,7 @@
 //! comment. All are written with differentiable candle operations, take logits (and targets as
 //! probability tensors), and return the mean over the batch (or over real tokens).
 
+pub mod native;
 pub mod special;
 
 use candle_core::{DType, Result, Tensor, D};
@@ -27,26 +28,8 @@ pub fn xent(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// probability of class 1 (linear interpolation between order statistics); K > 2: argmax.
 pub fn balanced_hard_predictions(probs: &Tensor, weak: &Tensor) -> Result<Tensor> {
     let (b, k) = probs.dims2()?;
-    let p = probs.to_dtype(DType::F64)?.to_vec2::<f64>()?;
-    let mut hard = vec![0f64; b * k];
-    if k == 2 {
-        let rate = weak
-            .to_dtype(DType::F64)?
-            .narrow(1, 1, 1)?
-            .mean_all()?
-            .to_scalar::<f64>()?;
-        let mut p1: Vec<f64> = p.iter().map(|row| row[1]).collect();
-        p1.sort_by(f64::total_cmp);
-        let threshold = crate::eval::summary::quantile_sorted(&p1, (1.0 - rate).clamp(0.0, 1.0));
-        for (i, row) in p.iter().enumerate() {
-            let class = usize::from(row[1] > threshold);
-            hard[i * k + class] = 1.0;
-        }
-    } else {
-        for (i, row) in p.iter().enumerate() {
-            hard[i * k + crate::eval::classify::argmax(row)] = 1.0;
-        }
-    }
+    let flat = |t: &Tensor| t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
+    let hard = native::balanced_hard(&flat(probs)?, &flat(weak)?, k);
     Tensor::from_vec(hard, (b, k), probs.device())?.to_dtype(probs.dtype())
 }
 

@@ -23,6 +23,7 @@
 
 use super::lbfgs::dot;
 pub use super::lbfgs::SolveReport;
+pub use crate::losses::native::{log_sum_exp, softmax};
 use crate::ops::simd::axpy_f64;
 use crate::rng::Rng;
 use anyhow::{bail, Result};
@@ -114,10 +115,23 @@ pub struct EvalPoint<'a> {
     pub anchor: &'a [f64],
 }
 
+/// A loss of the logits at one point of the continuation: the mean over the rows and its
+/// gradient with respect to the logits (row-major [rows, K]).
+pub type StageLoss<'a> = Box<dyn Fn(&[f64]) -> Result<(f64, Vec<f64>)> + 'a>;
+
 /// A loss of the logits: the mean over the rows and its gradient with respect to the logits
 /// (row-major [rows, K]).
 pub trait Objective: Sync {
-    fn loss(&self, logits: &[f64], point: &EvalPoint) -> Result<(f64, Vec<f64>)>;
+    /// The loss at `point` as a function of the logits alone: whatever depends only on the point
+    /// (targets built from the anchor, weights of the progress) is computed here, once per stage
+    /// of the continuation rather than once per evaluation.
+    fn stage<'a>(&'a self, point: &'a EvalPoint<'a>) -> Result<StageLoss<'a>>;
+
+    /// The loss and its gradient at `logits`.
+    fn loss(&self, logits: &[f64], point: &EvalPoint) -> Result<(f64, Vec<f64>)> {
+        (self.stage(point)?)(logits)
+    }
+
     /// Whether the loss depends on `progress` or `anchor` (then it is solved by continuation).
     fn staged(&self) -> bool;
 }
@@ -128,40 +142,18 @@ pub struct SoftXent<'a> {
 }
 
 impl Objective for SoftXent<'_> {
-    fn loss(&self, logits: &[f64], point: &EvalPoint) -> Result<(f64, Vec<f64>)> {
-        let k = logits.len() / point.rows.len().max(1);
-        let n = point.rows.len() as f64;
-        let mut grad = vec![0.0; logits.len()];
-        let mut total = 0.0;
-        for (r, &i) in point.rows.iter().enumerate() {
-            let z = &logits[r * k..(r + 1) * k];
-            let y = &self.targets[i];
-            let lse = log_sum_exp(z);
-            let mass: f64 = y.iter().sum();
-            for c in 0..k {
-                total -= y[c] * (z[c] - lse);
-                grad[r * k + c] = (mass * (z[c] - lse).exp() - y[c]) / n;
-            }
-        }
-        Ok((total / n, grad))
+    fn stage<'a>(&'a self, point: &'a EvalPoint<'a>) -> Result<StageLoss<'a>> {
+        Ok(Box::new(move |logits: &[f64]| {
+            let k = logits.len() / point.rows.len().max(1);
+            Ok(crate::losses::native::xent(logits, k, |r| {
+                &self.targets[point.rows[r]]
+            }))
+        }))
     }
 
     fn staged(&self) -> bool {
         false
     }
-}
-
-pub fn log_sum_exp(z: &[f64]) -> f64 {
-    let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    if !m.is_finite() {
-        return m;
-    }
-    m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln()
-}
-
-pub fn softmax(z: &[f64]) -> Vec<f64> {
-    let lse = log_sum_exp(z);
-    z.iter().map(|v| (v - lse).exp()).collect()
 }
 
 /// An orthonormal basis of the row space of `x` (r <= min(n, d) rows of length d, Gram-Schmidt
@@ -528,9 +520,10 @@ fn solve_logged(
             progress,
             anchor: &anchor,
         };
+        let stage_loss = objective.stage(&point)?;
         let f = |t: &[f64]| -> Result<(f64, Vec<f64>)> {
             let z = logits_of(t, x, Some(&support), classes);
-            let (loss, dz) = objective.loss(&z, &point)?;
+            let (loss, dz) = stage_loss(&z)?;
             let p = outputs(classes) * x.cols;
             let reg: f64 = t[..p].iter().map(|v| v * v).sum::<f64>() * penalty / 2.0;
             Ok((

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod convex;
 pub mod lbfgs;
 pub mod log;
+pub mod objectives;
 pub mod optimizer;
 pub mod probe;
 pub mod schedule;

@@ -7,7 +7,7 @@
 
 use super::convex::{
     fit_cv, row_space, stratified_folds, CvReport, EvalPoint, LinearModel, Matrix, Objective,
-    SolverConfig, Standardizer,
+    SolverConfig, StageLoss, Standardizer,
 };
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -37,22 +37,24 @@ pub struct TensorObjective<'a> {
 }
 
 impl Objective for TensorObjective<'_> {
-    fn loss(&self, logits: &[f64], point: &EvalPoint) -> Result<(f64, Vec<f64>)> {
+    fn stage<'a>(&'a self, point: &'a EvalPoint<'a>) -> Result<StageLoss<'a>> {
         let shape = (point.rows.len(), self.classes);
-        let z = Var::from_vec(logits.to_vec(), shape, &Device::Cpu)?;
         let anchor = Tensor::from_slice(point.anchor, shape, &Device::Cpu)?;
-        let step = Step {
-            batch: point.rows,
-            progress: point.progress,
-            anchor: Some(&anchor),
-        };
-        let value = (self.loss)(z.as_tensor(), &step)?;
-        let grads = value.backward()?;
-        let grad = match grads.get(z.as_tensor()) {
-            Some(g) => g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
-            None => vec![0.0; logits.len()],
-        };
-        Ok((value.to_dtype(DType::F64)?.to_scalar::<f64>()?, grad))
+        Ok(Box::new(move |logits: &[f64]| {
+            let z = Var::from_vec(logits.to_vec(), shape, &Device::Cpu)?;
+            let step = Step {
+                batch: point.rows,
+                progress: point.progress,
+                anchor: Some(&anchor),
+            };
+            let value = (self.loss)(z.as_tensor(), &step)?;
+            let grads = value.backward()?;
+            let grad = match grads.get(z.as_tensor()) {
+                Some(g) => g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+                None => vec![0.0; logits.len()],
+            };
+            Ok((value.to_dtype(DType::F64)?.to_scalar::<f64>()?, grad))
+        }))
     }
 
     fn staged(&self) -> bool {
@@ -98,6 +100,39 @@ impl LinearProbe {
     }
 }
 
+/// Training features made ready for the solver: standardised, and with fewer examples than
+/// features, replaced by their coordinates in the rows' span (exact, cheaper to solve on). The
+/// same training rows give the same preparation for every loss fitted on them, so a caller
+/// fitting several losses on one set of rows prepares it once.
+pub struct Prepared {
+    pub standardizer: Standardizer,
+    /// What the solver sees: the standardised rows, or their row-space coordinates.
+    pub x: Matrix,
+    /// The row space's orthonormal basis when `x` holds coordinates.
+    pub basis: Option<Matrix>,
+}
+
+/// Standardises `features` [N, H] (and takes their row space when N < H).
+pub fn prepare(features: &Tensor) -> Result<Prepared> {
+    let raw = matrix_of(features)?;
+    let standardizer = Standardizer::fit(&raw);
+    let x = standardizer.apply(&raw);
+    Ok(if x.rows < x.cols {
+        let (basis, coords) = row_space(&x);
+        Prepared {
+            standardizer,
+            x: coords,
+            basis: Some(basis),
+        }
+    } else {
+        Prepared {
+            standardizer,
+            x,
+            basis: None,
+        }
+    })
+}
+
 /// Fits a probe with `classes` outputs on `features` [N, H]: the loss is minimised to
 /// convergence for each C of the grid on k - 1 folds, C chosen by the held-out cross-entropy
 /// against `targets` (one distribution per row: what the probe learns from), then refit on all
@@ -110,26 +145,40 @@ pub fn fit(
     config: &SolverConfig,
     seed: u64,
 ) -> Result<(LinearProbe, CvReport)> {
-    let raw = matrix_of(features)?;
-    let standardizer = Standardizer::fit(&raw);
-    let x = standardizer.apply(&raw);
+    fit_prepared(
+        &prepare(features)?,
+        classes,
+        objective,
+        targets,
+        config,
+        seed,
+    )
+}
+
+/// [`fit`] on features made ready by [`prepare`].
+pub fn fit_prepared(
+    prepared: &Prepared,
+    classes: usize,
+    objective: &dyn Objective,
+    targets: &[Vec<f64>],
+    config: &SolverConfig,
+    seed: u64,
+) -> Result<(LinearProbe, CvReport)> {
+    let x = &prepared.x;
     let strata: Vec<usize> = targets
         .iter()
         .map(|t| crate::eval::classify::argmax(t))
         .collect();
     let folds = stratified_folds(&strata, config.folds.min(x.rows.max(2)), seed);
-    // Fewer examples than features: solve on the coordinates in the rows' span (exact, cheaper).
-    let (model, report) = if x.rows < x.cols {
-        let (basis, coords) = row_space(&x);
-        let (model, report) = fit_cv(&coords, classes, objective, targets, &folds, config)
-            .context("fitting a linear probe")?;
-        (model.lift(&basis), report)
-    } else {
-        fit_cv(&x, classes, objective, targets, &folds, config).context("fitting a linear probe")?
+    let (model, report) =
+        fit_cv(x, classes, objective, targets, &folds, config).context("fitting a linear probe")?;
+    let model = match &prepared.basis {
+        Some(basis) => model.lift(basis),
+        None => model,
     };
     Ok((
         LinearProbe {
-            standardizer,
+            standardizer: prepared.standardizer.clone(),
             model,
         },
         report,
