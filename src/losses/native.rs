@@ -33,6 +33,27 @@ pub fn xent<'t>(logits: &[f64], k: usize, target: impl Fn(usize) -> &'t [f64]) -
     let n = rows as f64;
     let mut grad = vec![0.0; logits.len()];
     let mut total = 0.0;
+    if k == 2 {
+        // With d = z_1 - z_0 and e = exp(-|d|): log-sum-exp = max(z) + ln(1 + e), and the
+        // larger logit's probability is 1 / (1 + e) (one exponential and one logarithm a row).
+        for r in 0..rows {
+            let (z0, z1) = (logits[2 * r], logits[2 * r + 1]);
+            let y = target(r);
+            let e = (-(z1 - z0).abs()).exp();
+            let lse = z0.max(z1) + e.ln_1p();
+            let big = 1.0 / (1.0 + e);
+            let (p0, p1) = if z1 >= z0 {
+                (e * big, big)
+            } else {
+                (big, e * big)
+            };
+            let mass = y[0] + y[1];
+            total -= y[0] * (z0 - lse) + y[1] * (z1 - lse);
+            grad[2 * r] = (mass * p0 - y[0]) / n;
+            grad[2 * r + 1] = (mass * p1 - y[1]) / n;
+        }
+        return (total / n, grad);
+    }
     for r in 0..rows {
         let z = &logits[r * k..(r + 1) * k];
         let y = target(r);
@@ -175,10 +196,12 @@ pub fn edl(
     let mut total = 0.0;
     let mut alpha = vec![0.0; k];
     let mut dalpha = vec![0.0; k];
+    let mut log_alpha = vec![0.0; k];
     let mut tilde = vec![0.0; k];
     for r in 0..rows {
         for c in 0..k {
             (alpha[c], dalpha[c]) = alpha_of(logits[r * k + c], evidence);
+            log_alpha[c] = alpha[c].ln();
         }
         let s: f64 = alpha.iter().sum();
         let log_s = s.ln();
@@ -187,7 +210,7 @@ pub fn edl(
             let y = &y[r * k..(r + 1) * k];
             let mass: f64 = y.iter().sum();
             for c in 0..k {
-                total += w * y[c] * (log_s - alpha[c].ln());
+                total += w * y[c] * (log_s - log_alpha[c]);
                 g[c] += w * (mass / s - y[c] / alpha[c]);
             }
             if lambda != 0.0 {

@@ -286,27 +286,82 @@ multiversion! {
     /// products of zeros leave it unchanged (a row's trailing zeros may be skipped).
     pub fn dot_f64(a: &[f64], b: &[f64]) -> f64 {
         let n = a.len().min(b.len());
-        let (a, b) = (&a[..n], &b[..n]);
         let mut lanes = [0f64; F64_LANES];
-        let ca = a.chunks_exact(F64_LANES);
-        let cb = b.chunks_exact(F64_LANES);
-        let (ra, rb) = (ca.remainder(), cb.remainder());
-        for (x, y) in ca.zip(cb) {
-            for l in 0..F64_LANES {
-                lanes[l] = x[l].mul_add(y[l], lanes[l]);
+        dot_lanes_from(&mut lanes, &a[..n], &b[..n], 0);
+        reduce_lanes_f64(lanes)
+    }
+}
+
+/// Adds a_j b_j to lane j mod 16 for j from `from` (a multiple of 16) to the end.
+#[inline(always)]
+fn dot_lanes_from(lanes: &mut [f64; F64_LANES], a: &[f64], b: &[f64], from: usize) {
+    let (a, b) = (&a[from..], &b[from..]);
+    let ca = a.chunks_exact(F64_LANES);
+    let cb = b.chunks_exact(F64_LANES);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..F64_LANES {
+            lanes[l] = x[l].mul_add(y[l], lanes[l]);
+        }
+    }
+    for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
+        lanes[l] = x.mul_add(*y, lanes[l]);
+    }
+}
+
+/// The lanes summed pairwise: l + 8, then + 4, + 2, + 1.
+#[inline(always)]
+fn reduce_lanes_f64(mut lanes: [f64; F64_LANES]) -> f64 {
+    let mut width = F64_LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            lanes[l] += lanes[l + width];
+        }
+        width /= 2;
+    }
+    lanes[0]
+}
+
+/// y_j += c_r x_rj for the R rows in order (one fused multiply-add each), y's values loaded and
+/// stored once for all rows over their common length: the values of [`axpy_f64`] row after row.
+#[inline(always)]
+fn axpy_rows<const R: usize>(y: &mut [f64], coefs: [f64; R], rows: [&[f64]; R]) {
+    let lens = rows.map(|r| r.len().min(y.len()));
+    let common = lens.iter().copied().min().unwrap_or(0);
+    for (j, o) in y[..common].iter_mut().enumerate() {
+        let mut v = *o;
+        for r in 0..R {
+            v = coefs[r].mul_add(rows[r][j], v);
+        }
+        *o = v;
+    }
+    for r in 0..R {
+        for (o, x) in y[common..lens[r]].iter_mut().zip(&rows[r][common..]) {
+            *o = coefs[r].mul_add(*x, *o);
+        }
+    }
+}
+
+multiversion! {
+    /// y += sum_i coefs[i] rows[i], row after row: the values of [`axpy_f64`] applied to each
+    /// row in order, with y read and written once per group of four rows (two without AVX-512).
+    pub fn axpy_many_f64(y: &mut [f64], coefs: &[f64], rows: &[&[f64]]) {
+        let group = if has_avx512() { 4 } else { 2 };
+        let mut i = 0;
+        while i < rows.len() {
+            let rest = rows.len() - i;
+            if group == 4 && rest >= 4 {
+                let c = [coefs[i], coefs[i + 1], coefs[i + 2], coefs[i + 3]];
+                axpy_rows(y, c, [rows[i], rows[i + 1], rows[i + 2], rows[i + 3]]);
+                i += 4;
+            } else if rest >= 2 {
+                axpy_rows(y, [coefs[i], coefs[i + 1]], [rows[i], rows[i + 1]]);
+                i += 2;
+            } else {
+                axpy_rows(y, [coefs[i]], [rows[i]]);
+                i += 1;
             }
         }
-        for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
-            lanes[l] = x.mul_add(*y, lanes[l]);
-        }
-        let mut width = F64_LANES / 2;
-        while width > 0 {
-            for l in 0..width {
-                lanes[l] += lanes[l + width];
-            }
-            width /= 2;
-        }
-        lanes[0]
     }
 }
 
@@ -881,6 +936,52 @@ mod tests {
         assert_eq!(dot_f64(&a, &a), (40.0 * 41.0 * 81.0) / 6.0);
         assert_eq!(dot_f64(&a[..3], &a), 14.0);
         assert_eq!(dot_f64(&[], &a), 0.0);
+    }
+
+    #[test]
+    fn f64_axpy_of_many_rows_equals_row_by_row_bit_for_bit() {
+        let mut rng = crate::rng::Rng::new(11);
+        let d = 75;
+        let w: Vec<f64> = (0..d).map(|_| (rng.next_f64() - 0.5) * 3.0).collect();
+        let data: Vec<Vec<f64>> = (0..9)
+            .map(|_| (0..d).map(|_| rng.next_f64() - 0.5).collect())
+            .collect();
+        // Rows of different lengths (as a row space's lower-triangular coordinates), some empty,
+        // some shorter than a lane group, some longer than w.
+        for lens in [
+            [0, 3, 16, 17, 33, 40, 64, 70, 75],
+            [75, 74, 50, 31, 16, 15, 1, 0, 75],
+        ] {
+            let rows: Vec<&[f64]> = data.iter().zip(lens).map(|(r, n)| &r[..n]).collect();
+            let coefs: Vec<f64> = (0..rows.len()).map(|i| (i as f64 * 0.9).sin()).collect();
+            let mut want = w.clone();
+            for (c, r) in coefs.iter().zip(&rows) {
+                axpy_f64(&mut want, *c, r);
+            }
+            let mut got = w.clone();
+            axpy_many_f64(&mut got, &coefs, &rows);
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            for group in [2, 4] {
+                let mut got = w.clone();
+                for (c, r) in coefs.chunks(group).zip(rows.chunks(group)) {
+                    match (group, c.len()) {
+                        (4, 4) => {
+                            axpy_rows(&mut got, [c[0], c[1], c[2], c[3]], [r[0], r[1], r[2], r[3]])
+                        }
+                        (2, 2) => axpy_rows(&mut got, [c[0], c[1]], [r[0], r[1]]),
+                        _ => (0..c.len()).for_each(|i| axpy_rows(&mut got, [c[i]], [r[i]])),
+                    }
+                }
+                assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "groups of {group}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@
 use super::lbfgs::dot;
 pub use super::lbfgs::SolveReport;
 pub use crate::losses::native::{log_sum_exp, softmax};
-use crate::ops::simd::axpy_f64;
+use crate::ops::simd::{axpy_f64, axpy_many_f64};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
@@ -364,15 +364,14 @@ fn param_grad(
         .with_min_len(min_blocks(x))
         .map(|block| {
             let mut acc = vec![0.0; p * d + p];
-            let end = ((block + 1) * ROW_BLOCK).min(x.rows);
-            for r in block * ROW_BLOCK..end {
-                let xi = &x.row(r)[..support[r]];
-                for o in 0..p {
-                    let go = g[r * p + o];
-                    if go != 0.0 {
-                        axpy_f64(&mut acc[o * d..(o + 1) * d], go, xi);
-                        acc[p * d + o] += go;
-                    }
+            let range = block * ROW_BLOCK..((block + 1) * ROW_BLOCK).min(x.rows);
+            let rows: Vec<&[f64]> = range.clone().map(|r| &x.row(r)[..support[r]]).collect();
+            for o in 0..p {
+                // Rows of a zero coefficient add exact zeros (finite features): no change.
+                let coefs: Vec<f64> = range.clone().map(|r| g[r * p + o]).collect();
+                axpy_many_f64(&mut acc[o * d..(o + 1) * d], &coefs, &rows);
+                for c in coefs {
+                    acc[p * d + o] += c;
                 }
             }
             acc
