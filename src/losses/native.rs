@@ -29,9 +29,22 @@ pub fn softmax(z: &[f64]) -> Vec<f64> {
 /// Soft cross-entropy mean_r [-sum_k y_rk log softmax(z_r)_k], y_r = `target(r)` (need not sum
 /// to 1: the gradient of a row is (sum_m y_m) p_k - y_k).
 pub fn xent<'t>(logits: &[f64], k: usize, target: impl Fn(usize) -> &'t [f64]) -> (f64, Vec<f64>) {
-    let rows = logits.len() / k.max(1);
-    let n = rows as f64;
     let mut grad = vec![0.0; logits.len()];
+    let rows = logits.len() / k.max(1);
+    let value = xent_rows(logits, k, target, rows as f64, &mut grad);
+    (value, grad)
+}
+
+/// The terms of [`xent`] for some rows: returns their sum divided by `n` (the number of rows
+/// the mean is over) and writes their gradient (divided by `n`) to `grad`.
+pub fn xent_rows<'t>(
+    logits: &[f64],
+    k: usize,
+    target: impl Fn(usize) -> &'t [f64],
+    n: f64,
+    grad: &mut [f64],
+) -> f64 {
+    let rows = logits.len() / k.max(1);
     let mut total = 0.0;
     if k == 2 {
         // With d = z_1 - z_0 and e = exp(-|d|): log-sum-exp = max(z) + ln(1 + e), and the
@@ -52,7 +65,7 @@ pub fn xent<'t>(logits: &[f64], k: usize, target: impl Fn(usize) -> &'t [f64]) -
             grad[2 * r] = (mass * p0 - y[0]) / n;
             grad[2 * r + 1] = (mass * p1 - y[1]) / n;
         }
-        return (total / n, grad);
+        return total / n;
     }
     for r in 0..rows {
         let z = &logits[r * k..(r + 1) * k];
@@ -64,7 +77,7 @@ pub fn xent<'t>(logits: &[f64], k: usize, target: impl Fn(usize) -> &'t [f64]) -
             grad[r * k + c] = (mass * (z[c] - lse).exp() - y[c]) / n;
         }
     }
-    (total / n, grad)
+    total / n
 }
 
 /// The student's predictions hardened to one-hot rows with the weak labels' class balance
@@ -190,9 +203,32 @@ pub fn edl(
     lambda: f64,
     evidence: Evidence,
 ) -> (f64, Vec<f64>) {
-    let rows = logits.len() / k.max(1);
-    let n = rows as f64;
     let mut grad = vec![0.0; logits.len()];
+    let n = (logits.len() / k.max(1)) as f64;
+    let value = edl_rows(
+        logits,
+        k,
+        (weak, weights, 0),
+        (lambda, evidence),
+        n,
+        &mut grad,
+    );
+    (value, grad)
+}
+
+/// The terms of [`edl`] for the rows from `first` on (`weak[j]` holds every row; `logits` and
+/// `grad` only these): their sum divided by `n`, their gradient (divided by `n`) written to
+/// `grad`.
+pub fn edl_rows(
+    logits: &[f64],
+    k: usize,
+    (weak, weights, first): (&[Vec<f64>], &[f64], usize),
+    (lambda, evidence): (f64, Evidence),
+    n: f64,
+    grad: &mut [f64],
+) -> f64 {
+    let rows = logits.len() / k.max(1);
+    grad.iter_mut().for_each(|g| *g = 0.0);
     let mut total = 0.0;
     let mut alpha = vec![0.0; k];
     let mut dalpha = vec![0.0; k];
@@ -207,7 +243,7 @@ pub fn edl(
         let log_s = s.ln();
         let g = &mut grad[r * k..(r + 1) * k];
         for (y, &w) in weak.iter().zip(weights) {
-            let y = &y[r * k..(r + 1) * k];
+            let y = &y[(first + r) * k..(first + r + 1) * k];
             let mass: f64 = y.iter().sum();
             for c in 0..k {
                 total += w * y[c] * (log_s - log_alpha[c]);
@@ -228,7 +264,7 @@ pub fn edl(
             g[c] *= dalpha[c] / n;
         }
     }
-    (total / n, grad)
+    total / n
 }
 
 /// Dirichlet-multinomial negative log-likelihood of the weak hard-label counts n [rows, k]
@@ -240,9 +276,23 @@ pub fn dirichlet_multinomial(
     counts: &[f64],
     evidence: Evidence,
 ) -> (f64, Vec<f64>) {
-    let rows = logits.len() / k.max(1);
-    let n = rows as f64;
     let mut grad = vec![0.0; logits.len()];
+    let n = (logits.len() / k.max(1)) as f64;
+    let value = dirichlet_multinomial_rows(logits, k, (counts, 0), evidence, n, &mut grad);
+    (value, grad)
+}
+
+/// The terms of [`dirichlet_multinomial`] for the rows from `first` on (`counts` holds every
+/// row): their sum divided by `n`, their gradient (divided by `n`) written to `grad`.
+pub fn dirichlet_multinomial_rows(
+    logits: &[f64],
+    k: usize,
+    (counts, first): (&[f64], usize),
+    evidence: Evidence,
+    n: f64,
+    grad: &mut [f64],
+) -> f64 {
+    let rows = logits.len() / k.max(1);
     let mut total = 0.0;
     let mut alpha = vec![0.0; k];
     let mut dalpha = vec![0.0; k];
@@ -250,7 +300,7 @@ pub fn dirichlet_multinomial(
         for c in 0..k {
             (alpha[c], dalpha[c]) = alpha_of(logits[r * k + c], evidence);
         }
-        let counts = &counts[r * k..(r + 1) * k];
+        let counts = &counts[(first + r) * k..(first + r + 1) * k];
         let s: f64 = alpha.iter().sum();
         let j: f64 = counts.iter().sum();
         let shared = digamma_scalar(s) - digamma_scalar(s + j);
@@ -262,5 +312,5 @@ pub fn dirichlet_multinomial(
             grad[r * k + c] = -d * dalpha[c] / n;
         }
     }
-    (total / n, grad)
+    total / n
 }

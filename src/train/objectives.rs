@@ -5,7 +5,7 @@
 //! computed once per stage. Each is the same loss as its candle form in [`crate::losses`], which
 //! fine-tuning uses (tests/losses.rs compares the two).
 
-use super::convex::{EvalPoint, Objective, StageLoss};
+use super::convex::{EvalPoint, Objective, RowsLoss, StageLoss};
 use crate::losses::{native, ramp, Evidence};
 use anyhow::{bail, Result};
 
@@ -14,6 +14,13 @@ fn gather(table: &[Vec<f64>], rows: &[usize]) -> Vec<f64> {
     rows.iter()
         .flat_map(|&i| table[i].iter().copied())
         .collect()
+}
+
+/// The cross-entropy against fixed target rows [rows, k] (the solve's rows), as per-row terms.
+fn xent_of<'a>(targets: Vec<f64>, k: usize, n: f64) -> RowsLoss<'a> {
+    Box::new(move |first: usize, z: &[f64], grad: &mut [f64]| {
+        native::xent_rows(z, k, |r| &targets[(first + r) * k..][..k], n, grad)
+    })
 }
 
 /// A classification method's loss on the weak labels of the training rows.
@@ -64,20 +71,25 @@ impl Objective for MethodObjective<'_> {
     fn stage<'a>(&'a self, point: &'a EvalPoint<'a>) -> Result<StageLoss<'a>> {
         let k = self.classes()?;
         let (rows, progress, anchor) = (point.rows, point.progress, point.anchor);
-        Ok(match *self {
+        let n = rows.len() as f64;
+        let rows_loss: RowsLoss<'a> = match *self {
             MethodObjective::Logconf {
                 weak,
                 a_max,
                 warmup,
             } => {
                 let a = ramp(progress, a_max, warmup);
-                let targets = native::logconf_targets(anchor, &gather(weak, rows), k, a);
-                Box::new(move |z: &[f64]| Ok(native::xent(z, k, |r| &targets[r * k..][..k])))
+                xent_of(
+                    native::logconf_targets(anchor, &gather(weak, rows), k, a),
+                    k,
+                    n,
+                )
             }
-            MethodObjective::Product { weak } => {
-                let targets = native::product_targets(anchor, &gather(weak, rows), k);
-                Box::new(move |z: &[f64]| Ok(native::xent(z, k, |r| &targets[r * k..][..k])))
-            }
+            MethodObjective::Product { weak } => xent_of(
+                native::product_targets(anchor, &gather(weak, rows), k),
+                k,
+                n,
+            ),
             MethodObjective::Edl {
                 weak,
                 weights,
@@ -98,15 +110,18 @@ impl Objective for MethodObjective<'_> {
                         }
                     })
                     .collect();
-                Box::new(move |z: &[f64]| Ok(native::edl(z, k, (&ys, weights), lambda, evidence)))
+                Box::new(move |first: usize, z: &[f64], grad: &mut [f64]| {
+                    native::edl_rows(z, k, (&ys, weights, first), (lambda, evidence), n, grad)
+                })
             }
             MethodObjective::DirichletMultinomial { counts, evidence } => {
                 let counts = gather(counts, rows);
-                Box::new(move |z: &[f64]| {
-                    Ok(native::dirichlet_multinomial(z, k, &counts, evidence))
+                Box::new(move |first: usize, z: &[f64], grad: &mut [f64]| {
+                    native::dirichlet_multinomial_rows(z, k, (&counts, first), evidence, n, grad)
                 })
             }
-        })
+        };
+        Ok(StageLoss::Rows(rows_loss))
     }
 
     fn staged(&self) -> bool {

@@ -40,7 +40,7 @@ impl Objective for TensorObjective<'_> {
     fn stage<'a>(&'a self, point: &'a EvalPoint<'a>) -> Result<StageLoss<'a>> {
         let shape = (point.rows.len(), self.classes);
         let anchor = Tensor::from_slice(point.anchor, shape, &Device::Cpu)?;
-        Ok(Box::new(move |logits: &[f64]| {
+        Ok(StageLoss::Batch(Box::new(move |logits: &[f64]| {
             let z = Var::from_vec(logits.to_vec(), shape, &Device::Cpu)?;
             let step = Step {
                 batch: point.rows,
@@ -54,7 +54,7 @@ impl Objective for TensorObjective<'_> {
                 None => vec![0.0; logits.len()],
             };
             Ok((value.to_dtype(DType::F64)?.to_scalar::<f64>()?, grad))
-        }))
+        })))
     }
 
     fn staged(&self) -> bool {
