@@ -14,6 +14,32 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+/// A buffered file that knows its position. The GGUF metadata is read a few bytes at a time
+/// (a 150,000-token vocabulary is some 300,000 reads), and candle asks for the position before
+/// every string: on the bare file each read and each question is a system call.
+struct Tracked {
+    inner: std::io::BufReader<std::fs::File>,
+    position: u64,
+}
+
+impl std::io::Read for Tracked {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.position += n as u64;
+        Ok(n)
+    }
+}
+
+impl std::io::Seek for Tracked {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        if to == std::io::SeekFrom::Current(0) {
+            return Ok(self.position);
+        }
+        self.position = self.inner.seek(to)?;
+        Ok(self.position)
+    }
+}
+
 /// An opened GGUF file: its metadata and tensor directory.
 pub struct GgufFile {
     pub content: Content,
@@ -22,9 +48,13 @@ pub struct GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let mut file =
+        let file =
             std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let content = Content::read(&mut file).with_context(|| {
+        let mut reader = Tracked {
+            inner: std::io::BufReader::with_capacity(1 << 20, file),
+            position: 0,
+        };
+        let content = Content::read(&mut reader).with_context(|| {
             format!(
                 "{}: not a readable GGUF file (truncated or corrupt?)",
                 path.display()

@@ -340,7 +340,9 @@ pub fn check_model_files(path: &Path) -> Result<ArchConfig> {
     } else if path.extension().is_some_and(|e| e == "gguf") {
         let file = gguf::GgufFile::open(path)?;
         file.check_extents()?;
-        ArchConfig::parse(&file.config_json()?, path)?
+        let arch = ArchConfig::parse(&file.config_json()?, path)?;
+        tokenizer::Tokenizer::from_gguf(&file)?;
+        return Ok(arch);
     } else if path.exists() {
         bail!(
             "{}: expected an HF model folder or a .gguf file",
