@@ -103,7 +103,11 @@ pub fn set_precision_all<'a>(
 #[derive(Debug, Clone)]
 pub struct Head {
     pub weight: Tensor,
-    pub packed: Option<Arc<Int8Weight>>,
+    /// Whether logits come from an int8 copy of the weight (precision int8).
+    int8: bool,
+    /// That copy, packed at the first logits: a model loaded for its hidden states alone
+    /// (features) never packs its head, often its largest matrix (Gemma-3's 262,144 x 640).
+    packed: std::sync::OnceLock<Arc<Int8Weight>>,
     /// The int8 copy of an f32 head that screens decoding's next tokens
     /// ([`crate::ops::head`]), made at the first step where [`Head::screens`] holds.
     screen: std::sync::OnceLock<Option<Arc<Int8Weight>>>,
@@ -115,7 +119,8 @@ impl Head {
     pub fn new(weight: Tensor) -> Head {
         Head {
             weight,
-            packed: None,
+            int8: false,
+            packed: std::sync::OnceLock::new(),
             screen: std::sync::OnceLock::new(),
             screening: None,
         }
@@ -124,22 +129,25 @@ impl Head {
     /// Packs the head in int8 for `precision` int8; f32 and bf16x2 keep the f32 head (decoding
     /// screens it in int8 where [`Head::screens`] holds, scoring's whole rows stay f32).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
-        self.packed = match precision {
-            Precision::Int8 if !self.weight.track_op() => {
-                Some(Arc::new(int8::pack_tensor(&self.weight)?))
-            }
-            _ => None,
-        };
+        self.int8 = precision == Precision::Int8 && !self.weight.track_op();
+        self.packed = std::sync::OnceLock::new();
         self.screen = std::sync::OnceLock::new();
         Ok(())
     }
 
     /// hidden W^T: logits [.., V].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        match &self.packed {
-            Some(w) => int8::linear(hidden, w, None),
-            None => crate::ops::linear::linear(hidden, &self.weight, None),
+        if !self.int8 {
+            return crate::ops::linear::linear(hidden, &self.weight, None);
         }
+        let packed = match self.packed.get() {
+            Some(w) => w,
+            None => {
+                let made = Arc::new(int8::pack_tensor(&self.weight)?);
+                self.packed.get_or_init(|| made)
+            }
+        };
+        int8::linear(hidden, packed, None)
     }
 
     /// Forces screening on (`Some(true)`: any f32 head on the CPU that is not trained) or off,
@@ -154,7 +162,7 @@ impl Head {
     /// CPU with 8-bit dot products (AVX-512 VNNI; elsewhere int8 is not faster than f32);
     /// `WS2S_HEAD_SCREEN=0` turns it off, `=1` on for every f32 head.
     pub fn screens(&self) -> bool {
-        self.packed.is_none()
+        !self.int8
             && self.weight.device().is_cpu()
             && self.weight.dtype() == candle_core::DType::F32
             && !self.weight.track_op()
