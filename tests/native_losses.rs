@@ -269,6 +269,12 @@ fn balanced_hardening_keeps_the_weak_class_rate() {
     // K = 3: the argmax, the first on ties.
     let hard = native::balanced_hard(&[0.2, 0.4, 0.4, 0.5, 0.3, 0.2], &[0.0; 6], 3);
     assert_eq!(hard, vec![0.0, 1.0, 0.0, 1.0, 0.0, 0.0]);
+    // candle's argmax (edl_step's anchor) breaks ties the same way.
+    let tied = Tensor::new(&[[0.2f64, 0.4, 0.4], [0.5, 0.5, 0.5]], &Device::Cpu).unwrap();
+    let idx = tied.argmax(1).unwrap().to_vec1::<u32>().unwrap();
+    assert_eq!(idx, vec![1, 0]);
+    let mixed = native::step_targets(&[0.2, 0.4, 0.4, 0.5, 0.5, 0.5], &[0.0; 6], 3, 1.0);
+    assert_eq!(mixed, vec![0.0, 1.0, 0.0, 1.0, 0.0, 0.0]);
 }
 
 #[test]

@@ -66,7 +66,15 @@ fn a_linear_probe_learns_a_separable_task() {
         staged: false,
     };
     let config = ws2s::train::convex::SolverConfig::default();
-    let (fitted, report) = probe::fit(&x, 2, &objective, &rows, &config, 0).unwrap();
+    let (fitted, report) = probe::fit(
+        &probe::prepare(&x).unwrap(),
+        2,
+        &objective,
+        &rows,
+        &config,
+        0,
+    )
+    .unwrap();
     assert!(report.refit.converged, "{report:?}");
     // The held-out loss falls from the strongest regularisation to the chosen one.
     let chosen = report

@@ -157,7 +157,7 @@ impl Learner for ProbeLearner {
         let prepared = self
             .prepared
             .get_or_prepare(train, || self.table.rows(train))?;
-        let (probe, cv) = probe::fit_prepared(
+        let (probe, cv) = probe::fit(
             &prepared,
             self.classes,
             objective,

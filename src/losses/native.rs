@@ -9,6 +9,7 @@
 //! (each row's gradient divided by the number of rows).
 
 use super::Evidence;
+use crate::eval::classify::argmax;
 use crate::ops::special::{digamma_scalar, lgamma_scalar, trigamma_scalar};
 
 /// log sum_k exp(z_k), stable (a row of -inf gives -inf).
@@ -83,7 +84,8 @@ pub fn xent_rows<'t>(
 /// The student's predictions hardened to one-hot rows with the weak labels' class balance
 /// (the definition of [`super::balanced_hard_predictions`]): binary: class 1 where p_1 is above
 /// the (1 - r) quantile of p_1 over the rows, r the mean weak probability of class 1 (linear
-/// interpolation between order statistics); K > 2: the argmax. `probs`, `weak`: [rows, k].
+/// interpolation between order statistics); K > 2: the argmax (the first on ties, as candle's).
+/// `probs`, `weak`: [rows, k].
 pub fn balanced_hard(probs: &[f64], weak: &[f64], k: usize) -> Vec<f64> {
     let rows = probs.len() / k.max(1);
     let mut hard = vec![0.0; rows * k];
@@ -97,21 +99,10 @@ pub fn balanced_hard(probs: &[f64], weak: &[f64], k: usize) -> Vec<f64> {
         }
     } else {
         for r in 0..rows {
-            hard[r * k + first_argmax(&probs[r * k..(r + 1) * k])] = 1.0;
+            hard[r * k + argmax(&probs[r * k..(r + 1) * k])] = 1.0;
         }
     }
     hard
-}
-
-/// Index of the largest value, the first one on ties (as candle's `argmax`).
-pub fn first_argmax(values: &[f64]) -> usize {
-    let mut best = 0;
-    for (i, &v) in values.iter().enumerate() {
-        if v > values[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 /// Softmax of every row of `logits` [rows, k].
@@ -147,7 +138,7 @@ pub fn product_targets(anchor: &[f64], weak: &[f64], k: usize) -> Vec<f64> {
 pub fn step_targets(anchor: &[f64], weak: &[f64], k: usize, aux_weight: f64) -> Vec<f64> {
     let mut mixed: Vec<f64> = weak.iter().map(|y| y * (1.0 - aux_weight)).collect();
     for (r, z) in anchor.chunks(k.max(1)).enumerate() {
-        mixed[r * k + first_argmax(z)] += aux_weight;
+        mixed[r * k + argmax(z)] += aux_weight;
     }
     mixed
 }

@@ -133,30 +133,11 @@ pub fn prepare(features: &Tensor) -> Result<Prepared> {
     })
 }
 
-/// Fits a probe with `classes` outputs on `features` [N, H]: the loss is minimised to
-/// convergence for each C of the grid on k - 1 folds, C chosen by the held-out cross-entropy
-/// against `targets` (one distribution per row: what the probe learns from), then refit on all
-/// rows. Folds are stratified by the targets' argmax and drawn with `seed`.
+/// Fits a probe with `classes` outputs on features made ready by [`prepare`]: the loss is
+/// minimised to convergence for each C of the grid on k - 1 folds, C chosen by the held-out
+/// cross-entropy against `targets` (one distribution per row: what the probe learns from), then
+/// refit on all rows. Folds are stratified by the targets' argmax and drawn with `seed`.
 pub fn fit(
-    features: &Tensor,
-    classes: usize,
-    objective: &dyn Objective,
-    targets: &[Vec<f64>],
-    config: &SolverConfig,
-    seed: u64,
-) -> Result<(LinearProbe, CvReport)> {
-    fit_prepared(
-        &prepare(features)?,
-        classes,
-        objective,
-        targets,
-        config,
-        seed,
-    )
-}
-
-/// [`fit`] on features made ready by [`prepare`].
-pub fn fit_prepared(
     prepared: &Prepared,
     classes: usize,
     objective: &dyn Objective,
