@@ -337,3 +337,24 @@ fn a_probe_solved_natively_equals_the_candle_solve() {
     .unwrap();
     assert!(max_diff(&m1.weights, &m3.weights) > 1e-3);
 }
+
+#[test]
+fn a_cross_entropy_needs_no_anchor_and_a_staged_loss_rejects_a_wrong_one() {
+    let targets = vec![vec![0.3, 0.7], vec![1.0, 0.0]];
+    let rows = [1usize, 0];
+    let z = [0.0, 0.4, 0.0, -1.0];
+    let bare = EvalPoint {
+        rows: &rows,
+        progress: 1.0,
+        anchor: &[],
+    };
+    let (value, grad) = SoftXent { targets: &targets }.loss(&z, &bare).unwrap();
+    // Row 0 is target [1, 0] at logits [0, 0.4]; row 1 is [0.3, 0.7] at [0, -1].
+    let lse = |s: f64| (1.0 + s.exp()).ln();
+    let want = (lse(0.4) + lse(-1.0) + 0.7) / 2.0;
+    assert!((value - want).abs() < 1e-15, "{value} {want}");
+    assert_eq!(grad.len(), 4);
+    let staged = MethodObjective::Product { weak: &targets };
+    let err = staged.loss(&z, &bare).unwrap_err().to_string();
+    assert!(err.contains("anchor"), "{err}");
+}

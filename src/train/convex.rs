@@ -173,7 +173,9 @@ pub struct SoftXent<'a> {
 impl Objective for SoftXent<'_> {
     fn stage<'a>(&'a self, point: &'a EvalPoint<'a>) -> Result<StageLoss<'a>> {
         let n = point.rows.len() as f64;
-        let k = point.anchor.len() / point.rows.len().max(1);
+        // Classes per row: the targets' width (the anchor may be empty for a loss that is not
+        // staged).
+        let k = self.targets.first().map_or(1, Vec::len).max(1);
         Ok(StageLoss::Rows(Box::new(
             move |first: usize, logits: &[f64], grad: &mut [f64]| {
                 let target = |r: usize| &self.targets[point.rows[first + r]][..];

@@ -71,6 +71,13 @@ impl Objective for MethodObjective<'_> {
     fn stage<'a>(&'a self, point: &'a EvalPoint<'a>) -> Result<StageLoss<'a>> {
         let k = self.classes()?;
         let (rows, progress, anchor) = (point.rows, point.progress, point.anchor);
+        if self.staged() && anchor.len() != rows.len() * k {
+            bail!(
+                "internal: an anchor of {} logits for {} rows of {k} classes",
+                anchor.len(),
+                rows.len()
+            );
+        }
         let n = rows.len() as f64;
         let rows_loss: RowsLoss<'a> = match *self {
             MethodObjective::Logconf {
