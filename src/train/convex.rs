@@ -351,29 +351,76 @@ fn supports(x: &Matrix) -> Vec<usize> {
 /// Logits [rows, classes] of `theta` on the rows of `x`, each row's product over its support
 /// (`support[i]` values; the whole row where `None`).
 fn logits_of(theta: &[f64], x: &Matrix, support: Option<&[usize]>, classes: usize) -> Vec<f64> {
-    let p = outputs(classes);
     let d = x.cols;
-    let (w, b) = theta.split_at(p * d);
     let mut z = vec![0.0; x.rows * classes];
     z.par_chunks_mut(ROW_BLOCK * classes)
         .with_min_len(min_blocks(x))
         .enumerate()
         .for_each(|(block, out)| {
-            for (r, zr) in out.chunks_mut(classes).enumerate() {
-                let i = block * ROW_BLOCK + r;
-                let len = support.map_or(d, |s| s[i]);
-                let xi = &x.row(i)[..len];
-                if classes == 2 {
-                    zr[0] = 0.0;
-                    zr[1] = dot(&w[..len], xi) + b[0];
-                } else {
-                    for c in 0..classes {
-                        zr[c] = dot(&w[c * d..c * d + len], xi) + b[c];
-                    }
-                }
-            }
+            let first = block * ROW_BLOCK;
+            let rows: Vec<&[f64]> = (first..first + out.len() / classes)
+                .map(|i| &x.row(i)[..support.map_or(d, |s| s[i])])
+                .collect();
+            rows_logits(theta, d, &rows, classes, out);
         });
     z
+}
+
+/// The logits [rows.len(), classes] of `theta` (outputs of `d` weights, then the biases) on
+/// `rows` (each over its own length), into `z`.
+fn rows_logits(theta: &[f64], d: usize, rows: &[&[f64]], classes: usize, z: &mut [f64]) {
+    let p = outputs(classes);
+    let (w, b) = theta.split_at(p * d);
+    let mut dots = vec![0.0; rows.len()];
+    for o in 0..p {
+        dot_many_f64(&w[o * d..(o + 1) * d], rows, &mut dots);
+        for (zr, v) in z.chunks_mut(classes).zip(&dots) {
+            if classes == 2 {
+                zr[0] = 0.0;
+                zr[1] = v + b[0];
+            } else {
+                zr[o] = v + b[o];
+            }
+        }
+    }
+}
+
+/// Adds the gradient contributions of `rows` (their logits' gradient `dz`, [rows.len(),
+/// classes]) to `acc` (outputs of `d` weights, then the biases), row after row. Rows of a zero
+/// coefficient add exact zeros (finite features): no change.
+fn add_rows_gradient(acc: &mut [f64], d: usize, rows: &[&[f64]], dz: &[f64], classes: usize) {
+    let p = outputs(classes);
+    let mut coefs = vec![0.0; rows.len()];
+    for o in 0..p {
+        // Binary logits are [0, s]: the gradient of s.
+        for (c, g) in coefs.iter_mut().zip(dz.chunks(classes)) {
+            *c = if classes == 2 { g[1] } else { g[o] };
+        }
+        axpy_many_f64(&mut acc[o * d..(o + 1) * d], &coefs, rows);
+        for c in &coefs {
+            acc[p * d + o] += c;
+        }
+    }
+}
+
+/// The blocks' gradients summed in block order, plus the penalty's gradient on the weights
+/// (`theta`'s first `weights` values).
+fn sum_blocks<'b>(
+    blocks: impl Iterator<Item = &'b Vec<f64>>,
+    theta: &[f64],
+    weights: usize,
+    penalty: f64,
+) -> Vec<f64> {
+    let mut grad = vec![0.0; theta.len()];
+    for block in blocks {
+        for (a, v) in grad.iter_mut().zip(block) {
+            *a += v;
+        }
+    }
+    for j in 0..weights {
+        grad[j] += penalty * theta[j];
+    }
+    grad
 }
 
 /// Gradient of F with respect to theta from dLoss/dz [rows, classes].
@@ -384,42 +431,20 @@ fn param_grad(
     dz: &[f64],
     penalty: f64,
 ) -> Vec<f64> {
-    let p = outputs(classes);
     let d = x.cols;
-    // Per output: g_o[r] = dL/d(output o of row r); binary logits are [0, s].
-    let g: Vec<f64> = if classes == 2 {
-        dz.chunks(2).map(|r| r[1]).collect()
-    } else {
-        dz.to_vec()
-    };
     let blocks: Vec<Vec<f64>> = (0..x.rows.div_ceil(ROW_BLOCK))
         .into_par_iter()
         .with_min_len(min_blocks(x))
         .map(|block| {
-            let mut acc = vec![0.0; p * d + p];
+            let mut acc = vec![0.0; theta.len()];
             let range = block * ROW_BLOCK..((block + 1) * ROW_BLOCK).min(x.rows);
             let rows: Vec<&[f64]> = range.clone().map(|r| &x.row(r)[..support[r]]).collect();
-            for o in 0..p {
-                // Rows of a zero coefficient add exact zeros (finite features): no change.
-                let coefs: Vec<f64> = range.clone().map(|r| g[r * p + o]).collect();
-                axpy_many_f64(&mut acc[o * d..(o + 1) * d], &coefs, &rows);
-                for c in coefs {
-                    acc[p * d + o] += c;
-                }
-            }
+            let dz = &dz[range.start * classes..range.end * classes];
+            add_rows_gradient(&mut acc, d, &rows, dz, classes);
             acc
         })
         .collect();
-    let mut grad = vec![0.0; p * d + p];
-    for block in &blocks {
-        for (a, v) in grad.iter_mut().zip(block) {
-            *a += v;
-        }
-    }
-    for j in 0..p * d {
-        grad[j] += penalty * theta[j];
-    }
-    grad
+    sum_blocks(blocks.iter(), theta, outputs(classes) * d, penalty)
 }
 
 /// Rows whose logits, loss terms and gradient contributions [`one_pass`] takes together: their
@@ -437,63 +462,35 @@ fn one_pass(
     loss: &RowsLoss,
     penalty: f64,
 ) -> (f64, Vec<f64>) {
-    let p = outputs(classes);
     let d = x.cols;
-    let (w, b) = theta.split_at(p * d);
     let blocks: Vec<(f64, Vec<f64>)> = (0..x.rows.div_ceil(ROW_BLOCK))
         .into_par_iter()
         .with_min_len(min_blocks(x))
         .map(|block| {
-            let mut acc = vec![0.0; p * d + p];
+            let mut acc = vec![0.0; theta.len()];
             let mut value = 0.0;
             let end = ((block + 1) * ROW_BLOCK).min(x.rows);
             let mut z_all = vec![0.0; PASS_ROWS * classes];
             let mut dz_all = vec![0.0; PASS_ROWS * classes];
-            let mut coefs = [0.0; PASS_ROWS];
-            let mut dots = [0.0; PASS_ROWS];
             for first in (block * ROW_BLOCK..end).step_by(PASS_ROWS) {
                 let last = (first + PASS_ROWS).min(end);
                 let rows: Vec<&[f64]> = (first..last).map(|r| &x.row(r)[..support[r]]).collect();
                 let len = rows.len() * classes;
                 let (z, dz) = (&mut z_all[..len], &mut dz_all[..len]);
-                let dots = &mut dots[..rows.len()];
-                for o in 0..p {
-                    dot_many_f64(&w[o * d..(o + 1) * d], &rows, dots);
-                    for (zr, v) in z.chunks_mut(classes).zip(dots.iter()) {
-                        if classes == 2 {
-                            zr[0] = 0.0;
-                            zr[1] = v + b[0];
-                        } else {
-                            zr[o] = v + b[o];
-                        }
-                    }
-                }
+                rows_logits(theta, d, &rows, classes, z);
                 value += loss(first, z, dz);
-                for o in 0..p {
-                    let coefs = &mut coefs[..rows.len()];
-                    for (c, g) in coefs.iter_mut().zip(dz.chunks(classes)) {
-                        *c = if classes == 2 { g[1] } else { g[o] };
-                    }
-                    axpy_many_f64(&mut acc[o * d..(o + 1) * d], coefs, &rows);
-                    for c in coefs.iter() {
-                        acc[p * d + o] += c;
-                    }
-                }
+                add_rows_gradient(&mut acc, d, &rows, dz, classes);
             }
             (value, acc)
         })
         .collect();
-    let mut grad = vec![0.0; p * d + p];
-    let mut value = 0.0;
-    for (v, block) in &blocks {
-        value += v;
-        for (a, g) in grad.iter_mut().zip(block) {
-            *a += g;
-        }
-    }
-    for j in 0..p * d {
-        grad[j] += penalty * theta[j];
-    }
+    let value = blocks.iter().map(|(v, _)| v).sum();
+    let grad = sum_blocks(
+        blocks.iter().map(|(_, g)| g),
+        theta,
+        outputs(classes) * d,
+        penalty,
+    );
     (value, grad)
 }
 
