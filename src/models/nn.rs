@@ -99,6 +99,16 @@ pub fn set_precision_all<'a>(
     head.map_or(Ok(()), |h| h.set_precision(precision))
 }
 
+/// The value of `cell`, made by `make` the first time (fallible, unlike `OnceLock::get_or_init`;
+/// two threads may both make it, one value is kept).
+fn once<T>(cell: &OnceLock<T>, make: impl FnOnce() -> Result<T>) -> Result<&T> {
+    if let Some(v) = cell.get() {
+        return Ok(v);
+    }
+    let made = make()?;
+    Ok(cell.get_or_init(|| made))
+}
+
 /// A language-model head's weight [V, H], with its int8 copy for inference.
 #[derive(Debug, Clone)]
 pub struct Head {
@@ -107,10 +117,10 @@ pub struct Head {
     int8: bool,
     /// That copy, packed at the first logits: a model loaded for its hidden states alone
     /// (features) never packs its head, often its largest matrix (Gemma-3's 262,144 x 640).
-    packed: std::sync::OnceLock<Arc<Int8Weight>>,
+    packed: OnceLock<Arc<Int8Weight>>,
     /// The int8 copy of an f32 head that screens decoding's next tokens
     /// ([`crate::ops::head`]), made at the first step where [`Head::screens`] holds.
-    screen: std::sync::OnceLock<Option<Arc<Int8Weight>>>,
+    screen: OnceLock<Option<Arc<Int8Weight>>>,
     /// Screening forced on or off for this head (studies, tests); `None`: [`screening`].
     screening: Option<bool>,
 }
@@ -120,8 +130,8 @@ impl Head {
         Head {
             weight,
             int8: false,
-            packed: std::sync::OnceLock::new(),
-            screen: std::sync::OnceLock::new(),
+            packed: OnceLock::new(),
+            screen: OnceLock::new(),
             screening: None,
         }
     }
@@ -130,8 +140,8 @@ impl Head {
     /// screens it in int8 where [`Head::screens`] holds, scoring's whole rows stay f32).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         self.int8 = precision == Precision::Int8 && !self.weight.track_op();
-        self.packed = std::sync::OnceLock::new();
-        self.screen = std::sync::OnceLock::new();
+        self.packed = OnceLock::new();
+        self.screen = OnceLock::new();
         Ok(())
     }
 
@@ -140,13 +150,9 @@ impl Head {
         if !self.int8 {
             return crate::ops::linear::linear(hidden, &self.weight, None);
         }
-        let packed = match self.packed.get() {
-            Some(w) => w,
-            None => {
-                let made = Arc::new(int8::pack_tensor(&self.weight)?);
-                self.packed.get_or_init(|| made)
-            }
-        };
+        let packed = once(&self.packed, || {
+            Ok(Arc::new(int8::pack_tensor(&self.weight)?))
+        })?;
         int8::linear(hidden, packed, None)
     }
 
@@ -154,7 +160,7 @@ impl Head {
     /// or leaves it to the default (`None`, [`Head::screens`]).
     pub fn set_screening(&mut self, on: Option<bool>) {
         self.screening = on;
-        self.screen = std::sync::OnceLock::new();
+        self.screen = OnceLock::new();
     }
 
     /// Whether decoding's next tokens are screened in int8 ([`crate::ops::head`]): an f32 head
@@ -180,15 +186,14 @@ impl Head {
     }
 
     fn screen(&self) -> Result<Option<&Arc<Int8Weight>>> {
-        if let Some(s) = self.screen.get() {
-            return Ok(s.as_ref());
-        }
-        let made = if self.screens() {
-            Some(Arc::new(int8::pack_tensor(&self.weight)?))
-        } else {
-            None
-        };
-        Ok(self.screen.get_or_init(|| made).as_ref())
+        let screen = once(&self.screen, || {
+            Ok(if self.screens() {
+                Some(Arc::new(int8::pack_tensor(&self.weight)?))
+            } else {
+                None
+            })
+        })?;
+        Ok(screen.as_ref())
     }
 
     /// For each row of `hidden` [rows, H]: the `keep` most likely next tokens with their
@@ -242,7 +247,7 @@ enum Screening {
 }
 
 fn screening() -> Screening {
-    static MODE: std::sync::OnceLock<Screening> = std::sync::OnceLock::new();
+    static MODE: OnceLock<Screening> = OnceLock::new();
     *MODE.get_or_init(|| match std::env::var("WS2S_HEAD_SCREEN").as_deref() {
         Ok("0") => Screening::Off,
         Ok("1") => Screening::Always,
