@@ -10,7 +10,7 @@
 
 use super::Evidence;
 use crate::eval::classify::argmax;
-use crate::ops::special::{digamma_scalar, lgamma_scalar, trigamma_scalar};
+use crate::ops::special::{lgamma_digamma, lgamma_scalar, trigamma_scalar};
 
 /// log sum_k exp(z_k), stable (a row of -inf gives -inf).
 pub fn log_sum_exp(z: &[f64]) -> f64 {
@@ -166,22 +166,22 @@ pub fn alpha_of(z: f64, evidence: Evidence) -> (f64, f64) {
     }
 }
 
-/// KL(Dir(a) || Dir(1)) of one row and its gradient with respect to a:
+/// KL(Dir(a) || Dir(1)) of one row, its gradient with respect to a written to `grad`:
 /// KL = lgamma(S) - lgamma(K) - sum lgamma(a_k) + sum (a_k - 1)(psi(a_k) - psi(S)),
-/// dKL/da_k = (a_k - 1) psi'(a_k) - psi'(S) sum_m (a_m - 1).
-pub fn kl_to_uniform(a: &[f64]) -> (f64, Vec<f64>) {
+/// dKL/da_k = (a_k - 1) psi'(a_k) - psi'(S) sum_m (a_m - 1). `lgamma_k` is lgamma(K), K =
+/// a.len() (the same for every row).
+pub fn kl_to_uniform(a: &[f64], lgamma_k: f64, grad: &mut [f64]) -> f64 {
     let s: f64 = a.iter().sum();
-    let (psi_s, tri_s) = (digamma_scalar(s), trigamma_scalar(s));
+    let (lgamma_s, psi_s) = lgamma_digamma(s);
+    let tri_s = trigamma_scalar(s);
     let excess: f64 = a.iter().map(|v| v - 1.0).sum();
-    let mut value = lgamma_scalar(s) - lgamma_scalar(a.len() as f64);
-    let grad = a
-        .iter()
-        .map(|&ak| {
-            value += (ak - 1.0) * (digamma_scalar(ak) - psi_s) - lgamma_scalar(ak);
-            (ak - 1.0) * trigamma_scalar(ak) - tri_s * excess
-        })
-        .collect();
-    (value, grad)
+    let mut value = lgamma_s - lgamma_k;
+    for (g, &ak) in grad.iter_mut().zip(a) {
+        let (lgamma_a, psi_a) = lgamma_digamma(ak);
+        value += (ak - 1.0) * (psi_a - psi_s) - lgamma_a;
+        *g = (ak - 1.0) * trigamma_scalar(ak) - tri_s * excess;
+    }
+    value
 }
 
 /// The Bayesian multi-weak (EDL) loss: mean_r sum_j w_j [A(y_j, alpha) + lambda KL_j], with
@@ -221,10 +221,12 @@ pub fn edl_rows(
     let rows = logits.len() / k.max(1);
     grad.iter_mut().for_each(|g| *g = 0.0);
     let mut total = 0.0;
-    let mut alpha = vec![0.0; k];
-    let mut dalpha = vec![0.0; k];
-    let mut log_alpha = vec![0.0; k];
-    let mut tilde = vec![0.0; k];
+    let mut scratch = vec![0.0; 5 * k];
+    let (alpha, rest) = scratch.split_at_mut(k);
+    let (dalpha, rest) = rest.split_at_mut(k);
+    let (log_alpha, rest) = rest.split_at_mut(k);
+    let (tilde, dkl) = rest.split_at_mut(k);
+    let lgamma_k = lgamma_scalar(k as f64);
     for r in 0..rows {
         for c in 0..k {
             (alpha[c], dalpha[c]) = alpha_of(logits[r * k + c], evidence);
@@ -244,7 +246,7 @@ pub fn edl_rows(
                 for c in 0..k {
                     tilde[c] = y[c] + (1.0 - y[c]) * alpha[c];
                 }
-                let (kl, dkl) = kl_to_uniform(&tilde);
+                let kl = kl_to_uniform(tilde, lgamma_k, dkl);
                 total += w * lambda * kl;
                 for c in 0..k {
                     g[c] += w * lambda * dkl[c] * (1.0 - y[c]);
@@ -294,12 +296,15 @@ pub fn dirichlet_multinomial_rows(
         let counts = &counts[(first + r) * k..(first + r + 1) * k];
         let s: f64 = alpha.iter().sum();
         let j: f64 = counts.iter().sum();
-        let shared = digamma_scalar(s) - digamma_scalar(s + j);
-        total -= lgamma_scalar(s) - lgamma_scalar(s + j);
+        let ((lgamma_s, psi_s), (lgamma_sj, psi_sj)) = (lgamma_digamma(s), lgamma_digamma(s + j));
+        let shared = psi_s - psi_sj;
+        total -= lgamma_s - lgamma_sj;
         for c in 0..k {
             let (a, m) = (alpha[c], counts[c]);
-            total -= lgamma_scalar(a + m) - lgamma_scalar(a);
-            let d = shared + digamma_scalar(a + m) - digamma_scalar(a);
+            let ((lgamma_am, psi_am), (lgamma_a, psi_a)) =
+                (lgamma_digamma(a + m), lgamma_digamma(a));
+            total -= lgamma_am - lgamma_a;
+            let d = shared + psi_am - psi_a;
             grad[r * k + c] = -d * dalpha[c] / n;
         }
     }

@@ -182,6 +182,19 @@ mod tests {
         assert!((digamma_scalar(s) - (s.ln() - 0.5 / s)).abs() < 1e-9);
     }
 
+    /// The fused pair shares one logarithm and gives both functions' values bit for bit, on
+    /// both sides of the shift's threshold.
+    #[test]
+    fn lgamma_digamma_pair_equals_each_function() {
+        for x in [
+            1e-300, 1e-3, 0.5, 1.0, 2.0, 6.5, 63.999, 64.0, 1e3, 1e51, 1e300,
+        ] {
+            let (l, d) = crate::ops::special::lgamma_digamma(x);
+            assert_eq!(l.to_bits(), lgamma_scalar(x).to_bits(), "lgamma {x}");
+            assert_eq!(d.to_bits(), digamma_scalar(x).to_bits(), "digamma {x}");
+        }
+    }
+
     #[test]
     fn trigamma_known_values_and_finite_differences() {
         let pi2 = std::f64::consts::PI.powi(2);

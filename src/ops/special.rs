@@ -13,30 +13,48 @@ pub(crate) const SHIFT: usize = 6;
 /// From here on the scalar forms use the series directly (z = x >= 6 is where it is accurate).
 const LARGE: f64 = 64.0;
 
+/// Where the series is evaluated for x: z = x + SHIFT below LARGE, x itself above.
+fn shifted(x: f64) -> f64 {
+    if x < LARGE {
+        x + SHIFT as f64
+    } else {
+        x
+    }
+}
+
 /// log Gamma(x) of one number, x > 0.
 pub fn lgamma_scalar(x: f64) -> f64 {
+    let z = shifted(x);
+    lgamma_at(x, z, z.ln())
+}
+
+/// log Gamma(x) from z = [`shifted`]`(x)` and ln z.
+fn lgamma_at(x: f64, z: f64, ln_z: f64) -> f64 {
     // The shift only matters for small x; past it the series alone is as accurate (and
     // x (x+1) ... (x+5) would overflow for x near 1e51).
-    let (z, product) = if x < LARGE {
-        (x + SHIFT as f64, (0..SHIFT).map(|k| x + k as f64).product())
+    let product: f64 = if x < LARGE {
+        (0..SHIFT).map(|k| x + k as f64).product()
     } else {
-        (x, 1.0)
+        1.0
     };
     let inv2 = 1.0 / (z * z);
     let series =
         ((((-1.0 / 1680.0) * inv2 + 1.0 / 1260.0) * inv2 - 1.0 / 360.0) * inv2 + 1.0 / 12.0) / z;
-    (z - 0.5) * z.ln() - z + 0.5 * (2.0 * std::f64::consts::PI).ln() + series - product.ln()
+    (z - 0.5) * ln_z - z + 0.5 * (2.0 * std::f64::consts::PI).ln() + series - product.ln()
 }
 
 /// psi(x) of one number, x > 0.
 pub fn digamma_scalar(x: f64) -> f64 {
-    let (z, correction) = if x < LARGE {
-        (
-            x + SHIFT as f64,
-            (0..SHIFT).map(|k| 1.0 / (x + k as f64)).sum(),
-        )
+    let z = shifted(x);
+    digamma_at(x, z, z.ln())
+}
+
+/// psi(x) from z = [`shifted`]`(x)` and ln z.
+fn digamma_at(x: f64, z: f64, ln_z: f64) -> f64 {
+    let correction: f64 = if x < LARGE {
+        (0..SHIFT).map(|k| 1.0 / (x + k as f64)).sum()
     } else {
-        (x, 0.0)
+        0.0
     };
     let inv2 = 1.0 / (z * z);
     let series = (((((-1.0 / 132.0) * inv2 + 1.0 / 240.0) * inv2 - 1.0 / 252.0) * inv2
@@ -44,7 +62,15 @@ pub fn digamma_scalar(x: f64) -> f64 {
         * inv2
         - 1.0 / 12.0)
         * inv2;
-    z.ln() - 0.5 / z + series - correction
+    ln_z - 0.5 / z + series - correction
+}
+
+/// (lgamma(x), psi(x)): the values of [`lgamma_scalar`] and [`digamma_scalar`], bit for bit,
+/// with one logarithm of the shifted argument for both.
+pub fn lgamma_digamma(x: f64) -> (f64, f64) {
+    let z = shifted(x);
+    let ln_z = z.ln();
+    (lgamma_at(x, z, ln_z), digamma_at(x, z, ln_z))
 }
 
 /// psi'(x) (trigamma) of one number, x > 0: sum_k 1/(x+k)^2 for the shift, then

@@ -358,10 +358,12 @@ fn logits_of(theta: &[f64], x: &Matrix, support: Option<&[usize]>, classes: usiz
         .enumerate()
         .for_each(|(block, out)| {
             let first = block * ROW_BLOCK;
-            let rows: Vec<&[f64]> = (first..first + out.len() / classes)
-                .map(|i| &x.row(i)[..support.map_or(d, |s| s[i])])
-                .collect();
-            rows_logits(theta, d, &rows, classes, out);
+            let mut rows = [&[][..]; ROW_BLOCK];
+            let rows = &mut rows[..out.len() / classes];
+            for (i, row) in rows.iter_mut().enumerate() {
+                *row = &x.row(first + i)[..support.map_or(d, |s| s[first + i])];
+            }
+            rows_logits(theta, d, rows, classes, out);
         });
     z
 }
@@ -371,10 +373,11 @@ fn logits_of(theta: &[f64], x: &Matrix, support: Option<&[usize]>, classes: usiz
 fn rows_logits(theta: &[f64], d: usize, rows: &[&[f64]], classes: usize, z: &mut [f64]) {
     let p = outputs(classes);
     let (w, b) = theta.split_at(p * d);
-    let mut dots = vec![0.0; rows.len()];
+    let mut dots = [0.0; ROW_BLOCK];
+    let dots = &mut dots[..rows.len()];
     for o in 0..p {
-        dot_many_f64(&w[o * d..(o + 1) * d], rows, &mut dots);
-        for (zr, v) in z.chunks_mut(classes).zip(&dots) {
+        dot_many_f64(&w[o * d..(o + 1) * d], rows, dots);
+        for (zr, v) in z.chunks_mut(classes).zip(dots.iter()) {
             if classes == 2 {
                 zr[0] = 0.0;
                 zr[1] = v + b[0];
@@ -390,37 +393,81 @@ fn rows_logits(theta: &[f64], d: usize, rows: &[&[f64]], classes: usize, z: &mut
 /// coefficient add exact zeros (finite features): no change.
 fn add_rows_gradient(acc: &mut [f64], d: usize, rows: &[&[f64]], dz: &[f64], classes: usize) {
     let p = outputs(classes);
-    let mut coefs = vec![0.0; rows.len()];
+    let mut coefs = [0.0; ROW_BLOCK];
+    let coefs = &mut coefs[..rows.len()];
     for o in 0..p {
         // Binary logits are [0, s]: the gradient of s.
         for (c, g) in coefs.iter_mut().zip(dz.chunks(classes)) {
             *c = if classes == 2 { g[1] } else { g[o] };
         }
-        axpy_many_f64(&mut acc[o * d..(o + 1) * d], &coefs, rows);
-        for c in &coefs {
+        axpy_many_f64(&mut acc[o * d..(o + 1) * d], coefs, rows);
+        for c in coefs.iter() {
             acc[p * d + o] += c;
         }
     }
 }
 
-/// The blocks' gradients summed in block order, plus the penalty's gradient on the weights
-/// (`theta`'s first `weights` values).
-fn sum_blocks<'b>(
-    blocks: impl Iterator<Item = &'b Vec<f64>>,
+/// The rows of block `block` (ROW_BLOCK rows from block * ROW_BLOCK), each over its support.
+fn block_rows<'x>(
+    x: &'x Matrix,
+    support: &[usize],
+    range: std::ops::Range<usize>,
+    rows: &mut [&'x [f64]; ROW_BLOCK],
+) -> usize {
+    for (slot, r) in rows.iter_mut().zip(range.clone()) {
+        *slot = &x.row(r)[..support[r]];
+    }
+    range.len()
+}
+
+/// The row range of block `block` of `x`.
+fn block_range(x: &Matrix, block: usize) -> std::ops::Range<usize> {
+    block * ROW_BLOCK..((block + 1) * ROW_BLOCK).min(x.rows)
+}
+
+/// Sums the row blocks' contributions, `each(block, acc)` writing block `block`'s into a zeroed
+/// `acc` and returning its loss value: the blocks' gradients summed in block order, plus the
+/// penalty's gradient on the weights (`theta`'s first `weights` values). Small products run
+/// their blocks one after the other through one accumulator (no allocation per block), larger
+/// ones side by side; the values are the same either way.
+fn sum_blocks(
+    x: &Matrix,
     theta: &[f64],
-    weights: usize,
-    penalty: f64,
-) -> Vec<f64> {
+    (weights, penalty): (usize, f64),
+    each: impl Fn(usize, &mut [f64]) -> f64 + Sync,
+) -> (f64, Vec<f64>) {
+    let blocks = x.rows.div_ceil(ROW_BLOCK);
     let mut grad = vec![0.0; theta.len()];
-    for block in blocks {
-        for (a, v) in grad.iter_mut().zip(block) {
-            *a += v;
+    let mut value = 0.0;
+    if min_blocks(x) == usize::MAX {
+        let mut acc = vec![0.0; theta.len()];
+        for block in 0..blocks {
+            acc.iter_mut().for_each(|a| *a = 0.0);
+            value += each(block, &mut acc);
+            for (g, v) in grad.iter_mut().zip(&acc) {
+                *g += v;
+            }
+        }
+    } else {
+        let parts: Vec<(f64, Vec<f64>)> = (0..blocks)
+            .into_par_iter()
+            .map(|block| {
+                let mut acc = vec![0.0; theta.len()];
+                let v = each(block, &mut acc);
+                (v, acc)
+            })
+            .collect();
+        for (v, acc) in &parts {
+            value += v;
+            for (g, a) in grad.iter_mut().zip(acc) {
+                *g += a;
+            }
         }
     }
     for j in 0..weights {
         grad[j] += penalty * theta[j];
     }
-    grad
+    (value, grad)
 }
 
 /// Gradient of F with respect to theta from dLoss/dz [rows, classes].
@@ -432,19 +479,16 @@ fn param_grad(
     penalty: f64,
 ) -> Vec<f64> {
     let d = x.cols;
-    let blocks: Vec<Vec<f64>> = (0..x.rows.div_ceil(ROW_BLOCK))
-        .into_par_iter()
-        .with_min_len(min_blocks(x))
-        .map(|block| {
-            let mut acc = vec![0.0; theta.len()];
-            let range = block * ROW_BLOCK..((block + 1) * ROW_BLOCK).min(x.rows);
-            let rows: Vec<&[f64]> = range.clone().map(|r| &x.row(r)[..support[r]]).collect();
-            let dz = &dz[range.start * classes..range.end * classes];
-            add_rows_gradient(&mut acc, d, &rows, dz, classes);
-            acc
-        })
-        .collect();
-    sum_blocks(blocks.iter(), theta, outputs(classes) * d, penalty)
+    let weights = outputs(classes) * d;
+    let (_, grad) = sum_blocks(x, theta, (weights, penalty), |block, acc| {
+        let range = block_range(x, block);
+        let mut rows = [&[][..]; ROW_BLOCK];
+        let n = block_rows(x, support, range.clone(), &mut rows);
+        let dz = &dz[range.start * classes..range.end * classes];
+        add_rows_gradient(acc, d, &rows[..n], dz, classes);
+        0.0
+    });
+    grad
 }
 
 /// Rows whose logits, loss terms and gradient contributions [`one_pass`] takes together: their
@@ -463,35 +507,31 @@ fn one_pass(
     penalty: f64,
 ) -> (f64, Vec<f64>) {
     let d = x.cols;
-    let blocks: Vec<(f64, Vec<f64>)> = (0..x.rows.div_ceil(ROW_BLOCK))
-        .into_par_iter()
-        .with_min_len(min_blocks(x))
-        .map(|block| {
-            let mut acc = vec![0.0; theta.len()];
-            let mut value = 0.0;
-            let end = ((block + 1) * ROW_BLOCK).min(x.rows);
-            let mut z_all = vec![0.0; PASS_ROWS * classes];
-            let mut dz_all = vec![0.0; PASS_ROWS * classes];
-            for first in (block * ROW_BLOCK..end).step_by(PASS_ROWS) {
-                let last = (first + PASS_ROWS).min(end);
-                let rows: Vec<&[f64]> = (first..last).map(|r| &x.row(r)[..support[r]]).collect();
-                let len = rows.len() * classes;
-                let (z, dz) = (&mut z_all[..len], &mut dz_all[..len]);
-                rows_logits(theta, d, &rows, classes, z);
-                value += loss(first, z, dz);
-                add_rows_gradient(&mut acc, d, &rows, dz, classes);
-            }
-            (value, acc)
-        })
-        .collect();
-    let value = blocks.iter().map(|(v, _)| v).sum();
-    let grad = sum_blocks(
-        blocks.iter().map(|(_, g)| g),
-        theta,
-        outputs(classes) * d,
-        penalty,
-    );
-    (value, grad)
+    let weights = outputs(classes) * d;
+    sum_blocks(x, theta, (weights, penalty), |block, acc| {
+        let mut value = 0.0;
+        // Logits and their gradient for PASS_ROWS rows: on the stack up to 16 classes.
+        let mut stack = [0.0; 2 * PASS_ROWS * 16];
+        let mut heap = Vec::new();
+        let buffer: &mut [f64] = if classes <= 16 {
+            &mut stack
+        } else {
+            heap.resize(2 * PASS_ROWS * classes, 0.0);
+            &mut heap
+        };
+        let (z_all, dz_all) = buffer.split_at_mut(PASS_ROWS * classes.max(16));
+        let range = block_range(x, block);
+        let mut rows = [&[][..]; ROW_BLOCK];
+        let n = block_rows(x, support, range.clone(), &mut rows);
+        for (chunk, first) in rows[..n].chunks(PASS_ROWS).zip(range.step_by(PASS_ROWS)) {
+            let len = chunk.len() * classes;
+            let (z, dz) = (&mut z_all[..len], &mut dz_all[..len]);
+            rows_logits(theta, d, chunk, classes, z);
+            value += loss(first, z, dz);
+            add_rows_gradient(acc, d, chunk, dz, classes);
+        }
+        value
+    })
 }
 
 /// How a probe is solved and its strength chosen.
