@@ -619,8 +619,13 @@ impl Model {
         // Checked before the tensors are read: their layout depends on the head counts.
         let arch = ArchConfig::parse(&config, path)?;
         let mut params = make_params(file.lazy_tensors(device)?);
-        let network = arch.build(&mut params)?;
-        let tokenizer = Some(tokenizer::Tokenizer::from_gguf(&file)?);
+        // The tokenizer (~0.2 s on one thread for a 150k vocabulary) is built while the layers
+        // are read and packed.
+        let (network, tokenizer) = rayon::join(
+            || arch.build(&mut params),
+            || tokenizer::Tokenizer::from_gguf(&file),
+        );
+        let (network, tokenizer) = (network?, Some(tokenizer?));
         let (parameters, _) = params.checkpoint_summary();
         Ok(Model {
             network,
