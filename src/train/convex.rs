@@ -8,7 +8,8 @@
 //!
 //! the convention of scikit-learn's `LogisticRegression` divided by n. It is minimised with
 //! L-BFGS (memory 10, strong-Wolfe line search; in variables scaled by a diagonal estimate of
-//! the curvature, [`jacobi_scale`]) until the largest absolute gradient entry is at most `tol`. The loss is any function of the logits with its gradient ([`Objective`]); losses
+//! the curvature, [`jacobi_scale`]) until the largest absolute gradient entry is at most `tol`.
+//! The loss is any function of the logits with its gradient ([`Objective`]); losses
 //! whose target depends on the student itself or on the training progress (logconf, product,
 //! EDL's annealed KL, edl_step) are minimised by *continuation*: stages s = 0..=S with progress
 //! s / S, each solved to convergence from the previous stage's solution, the self-referential
@@ -325,9 +326,14 @@ const ROW_BLOCK: usize = 64;
 /// Either way the blocks and their order are the same, and so are the values.
 const PAR_MIN: usize = 1 << 18;
 
+/// Whether a product over `x` runs its row blocks one after the other on one thread.
+fn in_order(x: &Matrix) -> bool {
+    x.rows * x.cols < PAR_MIN
+}
+
 /// The smallest number of row blocks per task for a product over `x`.
 fn min_blocks(x: &Matrix) -> usize {
-    if x.rows * x.cols < PAR_MIN {
+    if in_order(x) {
         usize::MAX
     } else {
         1
@@ -357,13 +363,9 @@ fn logits_of(theta: &[f64], x: &Matrix, support: Option<&[usize]>, classes: usiz
         .with_min_len(min_blocks(x))
         .enumerate()
         .for_each(|(block, out)| {
-            let first = block * ROW_BLOCK;
             let mut rows = [&[][..]; ROW_BLOCK];
-            let rows = &mut rows[..out.len() / classes];
-            for (i, row) in rows.iter_mut().enumerate() {
-                *row = &x.row(first + i)[..support.map_or(d, |s| s[first + i])];
-            }
-            rows_logits(theta, d, rows, classes, out);
+            let n = block_rows(x, support, block_range(x, block), &mut rows);
+            rows_logits(theta, d, &rows[..n], classes, out);
         });
     z
 }
@@ -407,15 +409,16 @@ fn add_rows_gradient(acc: &mut [f64], d: usize, rows: &[&[f64]], dz: &[f64], cla
     }
 }
 
-/// The rows of block `block` (ROW_BLOCK rows from block * ROW_BLOCK), each over its support.
+/// The rows `range` of `x` (at most ROW_BLOCK), each over its support (whole where `None`),
+/// into `rows`; returns how many.
 fn block_rows<'x>(
     x: &'x Matrix,
-    support: &[usize],
+    support: Option<&[usize]>,
     range: std::ops::Range<usize>,
     rows: &mut [&'x [f64]; ROW_BLOCK],
 ) -> usize {
     for (slot, r) in rows.iter_mut().zip(range.clone()) {
-        *slot = &x.row(r)[..support[r]];
+        *slot = &x.row(r)[..support.map_or(x.cols, |s| s[r])];
     }
     range.len()
 }
@@ -439,7 +442,7 @@ fn sum_blocks(
     let blocks = x.rows.div_ceil(ROW_BLOCK);
     let mut grad = vec![0.0; theta.len()];
     let mut value = 0.0;
-    if min_blocks(x) == usize::MAX {
+    if in_order(x) {
         let mut acc = vec![0.0; theta.len()];
         for block in 0..blocks {
             acc.iter_mut().for_each(|a| *a = 0.0);
@@ -483,7 +486,7 @@ fn param_grad(
     let (_, grad) = sum_blocks(x, theta, (weights, penalty), |block, acc| {
         let range = block_range(x, block);
         let mut rows = [&[][..]; ROW_BLOCK];
-        let n = block_rows(x, support, range.clone(), &mut rows);
+        let n = block_rows(x, Some(support), range.clone(), &mut rows);
         let dz = &dz[range.start * classes..range.end * classes];
         add_rows_gradient(acc, d, &rows[..n], dz, classes);
         0.0
@@ -510,19 +513,11 @@ fn one_pass(
     let weights = outputs(classes) * d;
     sum_blocks(x, theta, (weights, penalty), |block, acc| {
         let mut value = 0.0;
-        // Logits and their gradient for PASS_ROWS rows: on the stack up to 16 classes.
-        let mut stack = [0.0; 2 * PASS_ROWS * 16];
-        let mut heap = Vec::new();
-        let buffer: &mut [f64] = if classes <= 16 {
-            &mut stack
-        } else {
-            heap.resize(2 * PASS_ROWS * classes, 0.0);
-            &mut heap
-        };
-        let (z_all, dz_all) = buffer.split_at_mut(PASS_ROWS * classes.max(16));
+        let mut z_all = vec![0.0; PASS_ROWS * classes];
+        let mut dz_all = vec![0.0; PASS_ROWS * classes];
         let range = block_range(x, block);
         let mut rows = [&[][..]; ROW_BLOCK];
-        let n = block_rows(x, support, range.clone(), &mut rows);
+        let n = block_rows(x, Some(support), range.clone(), &mut rows);
         for (chunk, first) in rows[..n].chunks(PASS_ROWS).zip(range.step_by(PASS_ROWS)) {
             let len = chunk.len() * classes;
             let (z, dz) = (&mut z_all[..len], &mut dz_all[..len]);
