@@ -264,6 +264,103 @@ fn a_batch_in_parts_equals_the_batch_whole() {
     }
 }
 
+/// Every model, in f32 and int8, right- and left-padded: the final hidden states at each
+/// sequence's last token, with the last layer's work after attention done for those positions
+/// alone (`last_hidden`, whole and in parts, and after shared prefixes), equal those positions of
+/// the full forward.
+#[test]
+fn the_last_positions_alone_equal_those_of_the_full_forward() {
+    use ws2s::models::heads::{pool, Pooling};
+    use ws2s::models::prefix::{group_by_prefix, right_pad, suffix_hidden, suffix_last_hidden};
+    let names = std::iter::once("bert").chain(DECODERS);
+    for name in names {
+        let mut model = load(name, Trainable::Frozen);
+        let vocab = model.network.vocab_size() as u32;
+        let lengths = [5usize, 9, 3, 9, 7, 1, 8];
+        let rows: Vec<Vec<u32>> = lengths
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| {
+                (0..n)
+                    .map(|j| (r as u32 * 31 + j as u32 * 7 + 3) % vocab)
+                    .collect()
+            })
+            .collect();
+        let slices: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        let (ids, right) = right_pad(&slices, &Device::Cpu).unwrap();
+        // Left padding (as for decoding's prompts): the same tokens moved to the end of each row.
+        let t = ids.dim(1).unwrap();
+        let mut left_ids = vec![0u32; rows.len() * t];
+        let mut left = vec![vec![0u32; t]; rows.len()];
+        for (r, row) in rows.iter().enumerate() {
+            left_ids[r * t + t - row.len()..(r + 1) * t].copy_from_slice(row);
+            left[r][t - row.len()..].fill(1);
+        }
+        let left_ids = Tensor::from_vec(left_ids, (rows.len(), t), &Device::Cpu).unwrap();
+        let mut cases = vec![(ids, right)];
+        if model.network.is_decoder() {
+            cases.push((left_ids, left));
+        }
+        for precision in [ws2s::ops::Precision::F32, ws2s::ops::Precision::Int8] {
+            model.network.set_precision(precision).unwrap();
+            let network = &model.network;
+            for (case, (ids, mask)) in cases.iter().enumerate() {
+                let full = network.hidden(ids, mask, &mut network.new_cache()).unwrap();
+                let want = pool(&full, mask, Pooling::LastToken)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+                let alone = network
+                    .last_hidden(ids, mask, &mut network.new_cache())
+                    .unwrap();
+                assert_eq!(alone.dims(), &[rows.len(), network.hidden_size()]);
+                let alone = alone.to_vec2::<f32>().unwrap();
+                let what = format!("{name} {precision:?} case {case}");
+                assert_same(&alone, &want, precision, &what);
+                let parts = network
+                    .last_hidden_parallel(ids, mask)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+                assert_eq!(parts, alone, "{what}, in parts");
+            }
+            if !network.is_decoder() {
+                continue;
+            }
+            let seqs = prefix_sequences(vocab);
+            let groups = group_by_prefix(&seqs, 2);
+            let (hidden, mask) = suffix_hidden(network, &seqs, &groups, &Device::Cpu).unwrap();
+            let want = pool(&hidden, &mask, Pooling::LastToken)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let got = suffix_last_hidden(network, &seqs, &groups, &Device::Cpu)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let what = format!("{name} {precision:?} after shared prefixes");
+            assert_same(&got, &want, precision, &what);
+        }
+    }
+}
+
+/// int8: the same bits (integer products, the same float steps per row). f32: within rounding,
+/// as the full forward of a fresh batch may run each layer as one fused op, which the last
+/// layer of a forward that keeps some positions does not.
+fn assert_same(got: &[Vec<f32>], want: &[Vec<f32>], precision: ws2s::ops::Precision, what: &str) {
+    if precision == ws2s::ops::Precision::Int8 {
+        assert_eq!(got, want, "{what}");
+        return;
+    }
+    let worst = got
+        .iter()
+        .flatten()
+        .zip(want.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "{what}: {worst}");
+}
+
 /// A loss that depends on every output coordinate in a non-symmetric way (a plain sum of a
 /// LayerNorm output has zero gradient upstream).
 fn probe_loss(output: &Tensor) -> Tensor {

@@ -189,8 +189,15 @@ impl Bert {
         })
     }
 
-    /// Last hidden states [B, T, H] of `ids` [B, T] with 0/1 `mask` rows (right padding).
-    pub fn forward(&self, ids: &Tensor, mask: &[Vec<u32>]) -> Result<Tensor> {
+    /// Last hidden states [B, T, H] of `ids` [B, T] with 0/1 `mask` rows (right padding); with
+    /// `keep` (N indices into the B x T positions), those positions alone, [1, N, H]: the last
+    /// layer's work after attention runs for them only.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: &[Vec<u32>],
+        keep: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let device = ids.device();
         let (_, t) = ids.dims2()?;
@@ -212,8 +219,15 @@ impl Bert {
         let mut x = self.embeddings_layer_norm.forward(&x)?;
         let attn_mask = nn::additive_mask(mask, t, false, None, device)?;
         let scale = 1.0 / ((c.hidden_size / c.num_heads) as f64).sqrt();
-        for layer in &self.layers {
-            if let Some(y) = layer.fused(&x, &attn_mask, c)? {
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let keep = keep.filter(|_| i == last);
+            // The fused layer computes every position.
+            let fused = match keep {
+                None => layer.fused(&x, &attn_mask, c)?,
+                Some(_) => None,
+            };
+            if let Some(y) = fused {
                 x = y;
                 continue;
             }
@@ -226,9 +240,16 @@ impl Bert {
                 (c.num_heads, c.num_heads),
                 scale,
             )?;
+            let (attn, residual) = match keep {
+                Some(rows) => (
+                    nn::gather_positions(&attn, rows)?,
+                    nn::gather_positions(&x, rows)?,
+                ),
+                None => (attn, x),
+            };
             let a = layer
                 .attention_output_layer_norm
-                .forward_residual(&layer.attention_output_dense.forward(&attn)?, &x)?;
+                .forward_residual(&layer.attention_output_dense.forward(&attn)?, &residual)?;
             let mlp = nn::gelu_mlp(&a, &layer.intermediate_dense, &layer.output_dense)?;
             x = layer.output_layer_norm.forward_residual(&mlp, &a)?;
         }

@@ -182,8 +182,10 @@ pub fn generate(
     let (ids, mask) = left_pad(prompts, device)?;
     let mut cache = network.new_cache();
     cache.detached = true;
-    let hidden = network.hidden(&ids, &mask, &mut cache)?;
-    let mut logprobs = last_top_logprobs(network, &hidden, 2 * k)?;
+    // Only the prompts' last positions are read: the last layer's work after attention runs
+    // for them alone.
+    let last = network.last_hidden(&ids, &mask, &mut cache)?.detach();
+    let mut logprobs = network.top_logprobs(&last, 2 * k)?;
     // Live beams per prompt; live[p][j] is batch row first_row[p] + j.
     let mut live: Vec<Vec<Beam>> = vec![
         vec![Beam {

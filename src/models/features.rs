@@ -71,9 +71,16 @@ pub fn extract_pooled(
     let hidden_size = model.network.hidden_size();
     let mut rows: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; texts.len()]; poolings.len()];
     let bar = progress_bar(options.progress, texts.len() as u64, "features");
+    // Pooled at the last token only, a forward computes the last layer's position-wise work
+    // for that token alone (Network::last_hidden): `hidden` is then [B, H], already pooled.
+    let last_only = poolings.iter().all(|&p| p == Pooling::LastToken);
     let mut store = |members: &[usize], hidden: &Tensor, mask: &[Vec<u32>]| -> Result<()> {
         for (rows, &pooling) in rows.iter_mut().zip(poolings) {
-            let pooled = pool(hidden, mask, pooling)?.to_vec2::<f32>()?;
+            let pooled = if last_only {
+                hidden.to_vec2::<f32>()?
+            } else {
+                pool(hidden, mask, pooling)?.to_vec2::<f32>()?
+            };
             for (&i, values) in members.iter().zip(pooled) {
                 rows[i] = Some(values);
             }
@@ -84,9 +91,9 @@ pub fn extract_pooled(
     let batch_size = options.batch_size.max(1);
     // Texts of a decoder pooled at their last token that begin alike (SciQ's answers to one
     // question, with or without its support paragraph) share the keys and values of that
-    // beginning: it runs once per group (prefix::suffix_hidden) where that saves a tenth of the
-    // tokens or more.
-    let shareable = model.network.is_decoder() && poolings.iter().all(|&p| p == Pooling::LastToken);
+    // beginning: it runs once per group (prefix::suffix_last_hidden) where that saves a tenth
+    // of the tokens or more.
+    let shareable = model.network.is_decoder() && last_only;
     let mut groups = if shareable {
         prefix::group_by_prefix(&encoded, MIN_SHARED_TOKENS)
     } else {
@@ -124,7 +131,11 @@ pub fn extract_pooled(
     for batch in alone.chunks(batch_size) {
         let tokens: Vec<&[u32]> = batch.iter().map(|&i| encoded[i].as_slice()).collect();
         let (ids, mask) = prefix::right_pad(&tokens, device)?;
-        let hidden = model.network.hidden_parallel(&ids, &mask)?;
+        let hidden = if last_only {
+            model.network.last_hidden_parallel(&ids, &mask)?
+        } else {
+            model.network.hidden_parallel(&ids, &mask)?
+        };
         store(batch, &hidden, &mask)?;
     }
     // Groups by prefix length, then batches of up to `batch_size` texts.
@@ -153,16 +164,16 @@ pub fn extract_pooled(
         let outputs = split_by_members(&shared[start..end], parts)
             .into_par_iter()
             .map(|part| {
-                let (hidden, mask) = prefix::suffix_hidden(&model.network, &encoded, part, device)?;
+                let hidden = prefix::suffix_last_hidden(&model.network, &encoded, part, device)?;
                 let order: Vec<usize> = part
                     .iter()
                     .flat_map(|g| g.members.iter().copied())
                     .collect();
-                Ok((order, hidden, mask))
+                Ok((order, hidden))
             })
             .collect::<Result<Vec<_>>>()?;
-        for (order, hidden, mask) in outputs {
-            store(&order, &hidden, &mask)?;
+        for (order, hidden) in outputs {
+            store(&order, &hidden, &[])?;
         }
         start = end;
     }

@@ -222,7 +222,13 @@ impl Gemma3 {
     }
 
     /// Final hidden states of the new tokens; see [`super::llama::Llama::forward`].
-    pub fn forward(&self, ids: &Tensor, mask: &[Vec<u32>], cache: &mut KvCache) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: &[Vec<u32>],
+        cache: &mut KvCache,
+        keep: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let device = ids.device();
         let (_, t) = ids.dims2()?;
@@ -235,6 +241,7 @@ impl Gemma3 {
         let scale = 1.0 / c.query_pre_attn_scalar.sqrt();
         let embed_scale = (c.hidden_size as f32).sqrt() as f64;
         let mut x = (nn::embed(&self.embed_tokens, ids)? * embed_scale)?;
+        let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             let ((cos, sin), attn_mask) = if c.sliding[i] {
                 (&local_tables, &local_mask)
@@ -263,9 +270,17 @@ impl Gemma3 {
                 attn_mask,
                 scale,
             )?;
-            x = (x + layer
-                .post_attention_layernorm
-                .forward(&layer.o_proj.forward(&attn)?)?)?;
+            let (attn, residual) = match keep.filter(|_| i == last) {
+                Some(rows) => (
+                    nn::gather_positions(&attn, rows)?,
+                    nn::gather_positions(&x, rows)?,
+                ),
+                None => (attn, x),
+            };
+            x = (residual
+                + layer
+                    .post_attention_layernorm
+                    .forward(&layer.o_proj.forward(&attn)?)?)?;
             let n = layer.pre_feedforward_layernorm.forward(&x)?;
             let mlp = nn::gated_mlp(
                 &n,

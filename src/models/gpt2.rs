@@ -100,7 +100,13 @@ impl Gpt2 {
     }
 
     /// Final hidden states (after `ln_f`) of the new tokens; see [`super::llama::Llama::forward`].
-    pub fn forward(&self, ids: &Tensor, mask: &[Vec<u32>], cache: &mut KvCache) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: &[Vec<u32>],
+        cache: &mut KvCache,
+        keep: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let device = ids.device();
         let (b, t) = ids.dims2()?;
@@ -125,6 +131,7 @@ impl Gpt2 {
         let attn_mask = nn::additive_mask(&full_mask, t, true, None, device)?;
         let head_dim = c.hidden_size / c.num_heads;
         let scale = 1.0 / (head_dim as f64).sqrt();
+        let last = self.blocks.len().saturating_sub(1);
         for (i, block) in self.blocks.iter().enumerate() {
             let qkv = block.c_attn.forward(&block.ln_1.forward(&x)?)?;
             let part = |j: usize| qkv.narrow(D::Minus1, j * c.hidden_size, c.hidden_size);
@@ -133,7 +140,14 @@ impl Gpt2 {
             let v = nn::split_heads(&part(2)?, c.num_heads, head_dim)?;
             let (k, v) = cache.update(i, &k, &v)?;
             let attn = nn::attention(&q, &k, &v, &attn_mask, scale)?;
-            x = (x + block.attn_c_proj.forward(&attn)?)?;
+            let (attn, residual) = match keep.filter(|_| i == last) {
+                Some(rows) => (
+                    nn::gather_positions(&attn, rows)?,
+                    nn::gather_positions(&x, rows)?,
+                ),
+                None => (attn, x),
+            };
+            x = (residual + block.attn_c_proj.forward(&attn)?)?;
             let m = block.c_fc.forward(&block.ln_2.forward(&x)?)?.gelu()?;
             x = (x + block.mlp_c_proj.forward(&m)?)?;
         }

@@ -262,8 +262,16 @@ impl Llama {
     }
 
     /// Final hidden states (after the last norm) of the new tokens `ids` [B, T], whose 0/1 mask
-    /// rows are `mask`; earlier positions come from `cache`, which receives the new ones.
-    pub fn forward(&self, ids: &Tensor, mask: &[Vec<u32>], cache: &mut KvCache) -> Result<Tensor> {
+    /// rows are `mask`; earlier positions come from `cache`, which receives the new ones. With
+    /// `keep` (N indices into the B x T positions), those positions alone, [1, N, H]: the last
+    /// layer's work after attention runs for them only.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: &[Vec<u32>],
+        cache: &mut KvCache,
+        keep: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let device = ids.device();
         let (_, t) = ids.dims2()?;
@@ -276,8 +284,10 @@ impl Llama {
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let mut x = nn::embed(&self.embed_tokens, ids)?;
         let d = c.head_dim;
+        let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
-            if fresh {
+            let keep = keep.filter(|_| i == last);
+            if fresh && keep.is_none() {
                 let fused = layer.fused(&x, (&cos, &sin), &attn_mask, c, scale)?;
                 if let Some(out) = fused {
                     let (k, v) = (
@@ -302,7 +312,14 @@ impl Llama {
                 &attn_mask,
                 scale,
             )?;
-            x = layer.o_proj.forward_then(&attn, Epilogue::Add(&x))?;
+            let (attn, residual) = match keep {
+                Some(rows) => (
+                    nn::gather_positions(&attn, rows)?,
+                    nn::gather_positions(&x, rows)?,
+                ),
+                None => (attn, x),
+            };
+            x = layer.o_proj.forward_then(&attn, Epilogue::Add(&residual))?;
             let n = layer.post_attention_layernorm.forward(&x)?;
             x = nn::gated_mlp(
                 &n,

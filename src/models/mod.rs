@@ -93,11 +93,35 @@ impl Network {
     /// Final hidden states [B, T, H] of the new tokens `ids` [B, T] with 0/1 `mask` rows.
     /// Decoders continue from `cache` (and extend it); encoders ignore it.
     pub fn hidden(&self, ids: &Tensor, mask: &[Vec<u32>], cache: &mut KvCache) -> Result<Tensor> {
+        self.forward(ids, mask, cache, None)
+    }
+
+    /// Final hidden states [B, H] at each sequence's last real token (the last 1 of its `mask`
+    /// row): what last-token pooling and next-token logits read. The same values as those
+    /// positions of [`Network::hidden`]; the last layer's projections after attention, its
+    /// MLP and the final norm run for these B positions alone (a T-th of their work).
+    pub fn last_hidden(
+        &self,
+        ids: &Tensor,
+        mask: &[Vec<u32>],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let keep = nn::last_positions(mask, ids.device())?;
+        Ok(self.forward(ids, mask, cache, Some(&keep))?.squeeze(0)?)
+    }
+
+    fn forward(
+        &self,
+        ids: &Tensor,
+        mask: &[Vec<u32>],
+        cache: &mut KvCache,
+        keep: Option<&Tensor>,
+    ) -> Result<Tensor> {
         match self {
-            Network::Bert(m) => m.forward(ids, mask),
-            Network::Llama(m) => m.forward(ids, mask, cache),
-            Network::Gpt2(m) => m.forward(ids, mask, cache),
-            Network::Gemma3(m) => m.forward(ids, mask, cache),
+            Network::Bert(m) => m.forward(ids, mask, keep),
+            Network::Llama(m) => m.forward(ids, mask, cache, keep),
+            Network::Gpt2(m) => m.forward(ids, mask, cache, keep),
+            Network::Gemma3(m) => m.forward(ids, mask, cache, keep),
         }
     }
 
@@ -116,6 +140,28 @@ impl Network {
 
     /// [`Network::hidden_parallel`] in `parts` parts (1: one call; the CPU only).
     pub fn hidden_in_parts(&self, ids: &Tensor, mask: &[Vec<u32>], parts: usize) -> Result<Tensor> {
+        self.in_parts(ids, mask, parts, |ids, mask, cache| {
+            self.hidden(ids, mask, cache)
+        })
+    }
+
+    /// [`Network::last_hidden`] of whole sequences, in parts as [`Network::hidden_parallel`].
+    pub fn last_hidden_parallel(&self, ids: &Tensor, mask: &[Vec<u32>]) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.in_parts(ids, mask, batch_parts(b, t), |ids, mask, cache| {
+            self.last_hidden(ids, mask, cache)
+        })
+    }
+
+    /// `run` on each of `parts` parts of consecutive sequences (a fresh cache each), side by
+    /// side on the CPU, the results concatenated along the batch.
+    fn in_parts(
+        &self,
+        ids: &Tensor,
+        mask: &[Vec<u32>],
+        parts: usize,
+        run: impl Fn(&Tensor, &[Vec<u32>], &mut KvCache) -> Result<Tensor> + Sync,
+    ) -> Result<Tensor> {
         use rayon::prelude::*;
         let b = ids.dim(0)?;
         if mask.len() != b {
@@ -123,14 +169,14 @@ impl Network {
         }
         let parts = parts.min(b);
         if parts <= 1 || !ids.device().is_cpu() {
-            return self.hidden(ids, mask, &mut self.new_cache());
+            return run(ids, mask, &mut self.new_cache());
         }
         let outputs: Vec<Tensor> = (0..parts)
             .into_par_iter()
             .map(|i| {
                 let (start, end) = (i * b / parts, (i + 1) * b / parts);
                 let ids = ids.narrow(0, start, end - start)?;
-                self.hidden(&ids, &mask[start..end], &mut self.new_cache())
+                run(&ids, &mask[start..end], &mut self.new_cache())
             })
             .collect::<Result<_>>()?;
         Ok(Tensor::cat(&outputs, 0)?)

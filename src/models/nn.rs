@@ -608,6 +608,27 @@ impl RmsNorm {
     }
 }
 
+/// The positions of `x` [B, T, D] at `rows` (indices into its B x T positions, row-major), as
+/// [1, N, D]: the last layer of a forward whose pooling reads N positions runs its
+/// position-wise part (projections after attention, MLP, norms) on those alone.
+pub fn gather_positions(x: &Tensor, rows: &Tensor) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    x.reshape((b * t, d))?.index_select(rows, 0)?.unsqueeze(0)
+}
+
+/// The index of each row's last real token (its last 1) in the B x T positions of a batch
+/// with 0/1 `mask` rows of T values, row-major, as a u32 tensor of B values.
+pub fn last_positions(mask: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+    let mut rows = Vec::with_capacity(mask.len());
+    for (b, row) in mask.iter().enumerate() {
+        match row.iter().rposition(|&m| m == 1) {
+            Some(i) => rows.push((b * row.len() + i) as u32),
+            None => candle_core::bail!("a sequence without any real token has no last position"),
+        }
+    }
+    Tensor::new(rows, device)
+}
+
 /// Token embeddings by row lookup.
 pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     crate::ops::rope::embedding(table, ids)

@@ -8,6 +8,7 @@
 //! tokens (`positions_from_mask`) and attention masks every padding key, so each suffix sees
 //! exactly the keys and positions of its full sequence.
 
+use super::cache::KvCache;
 use super::Network;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -118,6 +119,32 @@ pub fn suffix_hidden(
     groups: &[PrefixGroup],
     device: &Device,
 ) -> Result<(Tensor, Vec<Vec<u32>>)> {
+    let (mut cache, ids, mask) = prefix_then_suffixes(network, seqs, groups, device)?;
+    let hidden = network.hidden(&ids, &mask, &mut cache)?;
+    Ok((hidden, mask))
+}
+
+/// The final hidden state [B, H] of each member's last token, for the members of `groups` in
+/// order: [`suffix_hidden`] at the last position of each row, with the last layer's work after
+/// attention run for those positions alone ([`Network::last_hidden`]).
+pub fn suffix_last_hidden(
+    network: &Network,
+    seqs: &[Vec<u32>],
+    groups: &[PrefixGroup],
+    device: &Device,
+) -> Result<Tensor> {
+    let (mut cache, ids, mask) = prefix_then_suffixes(network, seqs, groups, device)?;
+    network.last_hidden(&ids, &mask, &mut cache)
+}
+
+/// The cache after each group's shared prefix (one row per member), and the members' tokens
+/// after it, right-padded, with their mask rows.
+fn prefix_then_suffixes(
+    network: &Network,
+    seqs: &[Vec<u32>],
+    groups: &[PrefixGroup],
+    device: &Device,
+) -> Result<(KvCache, Tensor, Vec<Vec<u32>>)> {
     if !network.is_decoder() {
         bail!("shared prefixes need a causal decoder (an encoder's tokens see what follows them)");
     }
@@ -151,8 +178,7 @@ pub fn suffix_hidden(
         }
     }
     let (ids, mask) = right_pad(&suffixes, device)?;
-    let hidden = network.hidden(&ids, &mask, &mut cache)?;
-    Ok((hidden, mask))
+    Ok((cache, ids, mask))
 }
 
 #[cfg(test)]
