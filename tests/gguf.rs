@@ -349,3 +349,69 @@ fn hf_tokenizers_do_not_pad_and_add_bert_specials() {
     assert!(ids.len() < 20, "{ids:?}");
     assert_eq!((ids[0], *ids.last().unwrap()), (101, 102));
 }
+
+/// A GGUF model whose token embeddings are quantised (here the fixture's, re-stored in Q8_0),
+/// loaded for int8 inference, keeps them quantised and reads them row by row: its hidden
+/// states and its (tied) head's logits equal those of the model loaded whole and then packed.
+#[test]
+fn quantised_embeddings_read_by_rows_give_the_values_of_the_whole_table() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let source = fixtures().join("models/llama_gguf/tiny-llama.gguf");
+    let mut file = std::fs::File::open(&source).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for name in content.tensor_infos.keys() {
+        let mut q = content.tensor(&mut file, name, &Device::Cpu).unwrap();
+        if name == "token_embd.weight" {
+            let values = q.dequantize(&Device::Cpu).unwrap();
+            q = QTensor::quantize(&values, GgmlDType::Q8_0).unwrap();
+        }
+        tensors.push((name.clone(), q));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-llama-q8-embeddings.gguf");
+    let mut out = std::fs::File::create(&path).unwrap();
+    let metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
+    gguf_file::write(&mut out, &metadata, &tensors).unwrap();
+    drop(out);
+
+    let precision = ws2s::ops::Precision::Int8;
+    let mut reference = Model::load(&path, Trainable::Frozen, 0, &Device::Cpu).unwrap();
+    reference.network.set_precision(precision).unwrap();
+    let packed = Model::load_for_inference(&path, precision, &Device::Cpu).unwrap();
+    assert_eq!(reference.parameters, packed.parameters);
+    let ids = Tensor::new(&[[3u32, 14, 15, 9, 2, 6], [5, 3, 5, 8, 9, 7]], &Device::Cpu).unwrap();
+    let mask = vec![vec![1u32; 6], vec![1, 1, 1, 1, 0, 0]];
+    let hidden = |m: &Model| {
+        m.network
+            .hidden(&ids, &mask, &mut m.network.new_cache())
+            .unwrap()
+    };
+    let (a, b) = (hidden(&reference), hidden(&packed));
+    assert_eq!(max_diff_on_mask(&a, &b, &mask), 0.0);
+    let logits = |m: &Model, h: &Tensor| {
+        m.network
+            .logits(h)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert_eq!(logits(&reference, &a), logits(&packed, &b));
+    // A token id outside the vocabulary is an error, not a read past the table.
+    let bad = Tensor::new(&[[3u32, 4000]], &Device::Cpu).unwrap();
+    let err = packed
+        .network
+        .hidden(&bad, &[vec![1, 1]], &mut packed.network.new_cache())
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("outside the vocabulary"),
+        "{err:#}"
+    );
+}

@@ -139,7 +139,7 @@ struct Layer {
 #[derive(Debug, Clone)]
 pub struct Gemma3 {
     pub config: Gemma3Config,
-    embed_tokens: Tensor,
+    embed_tokens: std::sync::Arc<nn::Table>,
     pub(crate) head: nn::Head,
     layers: Vec<Layer>,
     norm: RmsNorm,
@@ -162,7 +162,8 @@ impl Gemma3 {
                 add_unit_offset: true,
             })
         };
-        let embed = params.weight("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed =
+            std::sync::Arc::new(params.table("model.embed_tokens.weight", &[c.vocab_size, h])?);
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
@@ -214,7 +215,7 @@ impl Gemma3 {
             rope_global: Rope::new(c.head_dim, c.rope_theta_global),
             rope_local: Rope::new(c.head_dim, c.rope_theta_local),
             config,
-            head: nn::Head::new(embed.clone()),
+            head: nn::Head::of(embed.clone()),
             embed_tokens: embed,
             layers,
             norm,
@@ -240,7 +241,7 @@ impl Gemma3 {
         let local_mask = nn::additive_mask(&full_mask, t, true, Some(c.sliding_window), device)?;
         let scale = 1.0 / c.query_pre_attn_scalar.sqrt();
         let embed_scale = (c.hidden_size as f32).sqrt() as f64;
-        let mut x = (nn::embed(&self.embed_tokens, ids)? * embed_scale)?;
+        let mut x = (self.embed_tokens.embed(ids)? * embed_scale)?;
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             let ((cos, sin), attn_mask) = if c.sliding[i] {

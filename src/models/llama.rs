@@ -187,7 +187,7 @@ fn keep_transposed() -> bool {
 #[derive(Debug, Clone)]
 pub struct Llama {
     pub config: LlamaConfig,
-    embed_tokens: Tensor,
+    embed_tokens: std::sync::Arc<nn::Table>,
     layers: Vec<Layer>,
     norm: RmsNorm,
     pub(crate) lm_head: nn::Head,
@@ -209,7 +209,8 @@ impl Llama {
                 add_unit_offset: false,
             })
         };
-        let embed = params.weight("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed =
+            std::sync::Arc::new(params.table("model.embed_tokens.weight", &[c.vocab_size, h])?);
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
@@ -245,11 +246,10 @@ impl Llama {
         }
         let norm = rms(params, "model.norm.weight")?;
         let lm_head = if c.tie_word_embeddings || !params.contains("lm_head.weight") {
-            embed.clone()
+            nn::Head::of(embed.clone())
         } else {
-            params.weight("lm_head.weight", &[c.vocab_size, h])?
+            nn::Head::new(params.weight("lm_head.weight", &[c.vocab_size, h])?)
         };
-        let lm_head = nn::Head::new(lm_head);
         let rope = Rope::new(c.head_dim, c.rope_theta);
         Ok(Llama {
             config,
@@ -282,7 +282,7 @@ impl Llama {
         let (cos, sin) = self.rope.tables(&positions)?;
         let attn_mask = nn::additive_mask(&full_mask, t, true, None, device)?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let mut x = nn::embed(&self.embed_tokens, ids)?;
+        let mut x = self.embed_tokens.embed(ids)?;
         let d = c.head_dim;
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {

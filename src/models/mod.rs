@@ -668,7 +668,17 @@ impl Model {
         // The tokenizer (~0.2 s on one thread for a 150k vocabulary) is built while the layers
         // are read and packed.
         let (network, tokenizer) = rayon::join(
-            || arch.build(&mut params),
+            || {
+                // Packed for inference on the CPU, the token embeddings stay quantised (read
+                // row by row; the f32 table, often the largest matrix, is made only if a tied
+                // head needs it).
+                if params.keeps_quantised() {
+                    if let Some(rows) = file.embedding_rows()? {
+                        params.keep_quantised("model.embed_tokens.weight", rows);
+                    }
+                }
+                arch.build(&mut params)
+            },
             || tokenizer::Tokenizer::from_gguf(&file),
         );
         let (network, tokenizer) = (network?, Some(tokenizer?));

@@ -112,7 +112,9 @@ fn once<T>(cell: &OnceLock<T>, make: impl FnOnce() -> Result<T>) -> Result<&T> {
 /// A language-model head's weight [V, H], with its int8 copy for inference.
 #[derive(Debug, Clone)]
 pub struct Head {
-    pub weight: Tensor,
+    /// The weight (a tied model's embedding table, which may be quantised rows until the
+    /// first logits).
+    table: Arc<Table>,
     /// Whether logits come from an int8 copy of the weight (precision int8).
     int8: bool,
     /// That copy, packed at the first logits: a model loaded for its hidden states alone
@@ -127,8 +129,13 @@ pub struct Head {
 
 impl Head {
     pub fn new(weight: Tensor) -> Head {
+        Head::of(Arc::new(Table::Dense(weight)))
+    }
+
+    /// A head whose weight is `table` (shared with the embeddings of a tied model).
+    pub fn of(table: Arc<Table>) -> Head {
         Head {
-            weight,
+            table,
             int8: false,
             packed: OnceLock::new(),
             screen: OnceLock::new(),
@@ -136,10 +143,15 @@ impl Head {
         }
     }
 
+    /// The weight [V, H] in f32.
+    pub fn weight(&self) -> Result<&Tensor> {
+        self.table.dense()
+    }
+
     /// Packs the head in int8 for `precision` int8; f32 and bf16x2 keep the f32 head (decoding
     /// screens it in int8 where [`Head::screens`] holds, scoring's whole rows stay f32).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
-        self.int8 = precision == Precision::Int8 && !self.weight.track_op();
+        self.int8 = precision == Precision::Int8 && !self.table.trained();
         self.packed = OnceLock::new();
         self.screen = OnceLock::new();
         Ok(())
@@ -148,10 +160,10 @@ impl Head {
     /// hidden W^T: logits [.., V].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         if !self.int8 {
-            return crate::ops::linear::linear(hidden, &self.weight, None);
+            return crate::ops::linear::linear(hidden, self.weight()?, None);
         }
         let packed = once(&self.packed, || {
-            Ok(Arc::new(int8::pack_tensor(&self.weight)?))
+            Ok(Arc::new(int8::pack_tensor(self.weight()?)?))
         })?;
         int8::linear(hidden, packed, None)
     }
@@ -169,9 +181,7 @@ impl Head {
     /// `WS2S_HEAD_SCREEN=0` turns it off, `=1` on for every f32 head.
     pub fn screens(&self) -> bool {
         !self.int8
-            && self.weight.device().is_cpu()
-            && self.weight.dtype() == candle_core::DType::F32
-            && !self.weight.track_op()
+            && self.table.frozen_cpu_f32()
             && match self.screening.map_or(screening(), |on| {
                 if on {
                     Screening::Always
@@ -181,14 +191,14 @@ impl Head {
             }) {
                 Screening::Off => false,
                 Screening::Always => true,
-                Screening::Auto => self.weight.dim(0).is_ok_and(|v| v >= SCREEN_MIN_VOCAB),
+                Screening::Auto => self.table.vocabulary().is_ok_and(|v| v >= SCREEN_MIN_VOCAB),
             }
     }
 
     fn screen(&self) -> Result<Option<&Arc<Int8Weight>>> {
         let screen = once(&self.screen, || {
             Ok(if self.screens() {
-                Some(Arc::new(int8::pack_tensor(&self.weight)?))
+                Some(Arc::new(int8::pack_tensor(self.weight()?)?))
             } else {
                 None
             })
@@ -213,7 +223,7 @@ impl Head {
                 .to_dtype(candle_core::DType::F32)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            let weight = self.weight.contiguous()?;
+            let weight = self.weight()?.contiguous()?;
             let guard = weight.storage_and_layout();
             let w = crate::ops::real::operand_values::<f32, _>(&guard, "screened head")?;
             let (top, _) =
@@ -627,6 +637,80 @@ pub fn last_positions(mask: &[Vec<u32>], device: &Device) -> Result<Tensor> {
         }
     }
     Tensor::new(rows, device)
+}
+
+/// A token embedding table: f32 values, or (a GGUF model loaded for inference on the CPU)
+/// the quantised rows of its file, de-quantised as a forward reads them; the whole table is
+/// de-quantised only when a tied head first needs it ([`Table::dense`]).
+pub enum Table {
+    Dense(Tensor),
+    Rows {
+        rows: super::gguf::QuantRows,
+        dense: OnceLock<Tensor>,
+    },
+}
+
+impl Table {
+    pub fn rows(rows: super::gguf::QuantRows) -> Table {
+        Table::Rows {
+            rows,
+            dense: OnceLock::new(),
+        }
+    }
+
+    /// The embeddings [B, T, H] of `ids` [B, T].
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Table::Dense(table) => embed(table, ids),
+            Table::Rows { rows, .. } => {
+                let (b, t) = ids.dims2()?;
+                let h = rows.dims().1;
+                let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                let mut out = vec![0f32; ids.len() * h];
+                rows.read(&ids, &mut out)?;
+                // Quantised rows live on the CPU.
+                Tensor::from_vec(out, (b, t, h), &Device::Cpu)
+            }
+        }
+    }
+
+    /// The whole table in f32 (a quantised one de-quantised at the first call, then kept).
+    pub fn dense(&self) -> Result<&Tensor> {
+        match self {
+            Table::Dense(table) => Ok(table),
+            Table::Rows { rows, dense } => once(dense, || rows.dense(&Device::Cpu)),
+        }
+    }
+
+    /// Rows (the vocabulary).
+    pub fn vocabulary(&self) -> Result<usize> {
+        match self {
+            Table::Dense(table) => table.dim(0),
+            Table::Rows { rows, .. } => Ok(rows.dims().0),
+        }
+    }
+
+    /// Whether the values are f32 on the CPU, with no gradient (what decoding's int8 screen
+    /// needs).
+    fn frozen_cpu_f32(&self) -> bool {
+        match self {
+            Table::Dense(t) => t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op(),
+            Table::Rows { .. } => true,
+        }
+    }
+
+    fn trained(&self) -> bool {
+        matches!(self, Table::Dense(t) if t.track_op())
+    }
+}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Table::Dense(t) => write!(f, "Table::Dense({:?})", t.shape()),
+            Table::Rows { rows, .. } => write!(f, "Table::Rows({:?})", rows.dims()),
+        }
+    }
 }
 
 /// Token embeddings by row lookup.

@@ -52,6 +52,8 @@ pub struct Params {
     frozen_dtype: DType,
     /// See [`Params::with_packing`].
     pack: Option<crate::ops::Precision>,
+    /// Tables kept quantised ([`Params::keep_quantised`]).
+    quantised: HashMap<String, super::gguf::QuantRows>,
 }
 
 impl Params {
@@ -74,6 +76,7 @@ impl Params {
             frozen_dtype: DType::F32,
             pack: None,
             lazy: HashMap::new(),
+            quantised: HashMap::new(),
         }
     }
 
@@ -96,6 +99,38 @@ impl Params {
     pub fn with_packing(mut self, precision: crate::ops::Precision) -> Self {
         self.pack = Some(precision);
         self
+    }
+
+    /// `name`'s table is kept as these quantised rows by [`Params::table`] (a frozen model
+    /// packed for inference on the CPU only; otherwise ignored).
+    pub fn keep_quantised(&mut self, name: &str, rows: super::gguf::QuantRows) {
+        if self.keeps_quantised() {
+            self.quantised.insert(name.to_string(), rows);
+        }
+    }
+
+    /// Whether [`Params::keep_quantised`] keeps tables quantised.
+    pub fn keeps_quantised(&self) -> bool {
+        self.pack.is_some() && self.trainable == Trainable::Frozen && self.device.is_cpu()
+    }
+
+    /// An embedding table [V, H]: its quantised rows where [`Params::keep_quantised`]
+    /// gave them (the f32 table is then not read), else [`Params::weight`].
+    pub fn table(&mut self, name: &str, shape: &[usize]) -> Result<super::nn::Table> {
+        if let Some(rows) = self.quantised.remove(name) {
+            let (v, h) = rows.dims();
+            if [v, h] != shape {
+                return Err(Error::Msg(format!(
+                    "{}: tensor `{name}` has shape {:?}, expected {shape:?} from the config",
+                    self.source,
+                    [v, h]
+                )));
+            }
+            self.lazy.remove(name);
+            self.used.insert(name.to_string(), (v * h, DType::F32));
+            return Ok(super::nn::Table::rows(rows));
+        }
+        Ok(super::nn::Table::Dense(self.weight(name, shape)?))
     }
 
     /// The precision frozen linear layers are packed in as they are built, if any.
