@@ -223,6 +223,19 @@ fn shared_prefixes_give_the_hidden_states_of_each_full_forward() {
     }
 }
 
+/// Seven token rows of 1 to 9 tokens (ids below `vocab`), for batches with padding.
+fn ragged_rows(vocab: u32) -> Vec<Vec<u32>> {
+    [5usize, 9, 3, 9, 7, 1, 8]
+        .iter()
+        .enumerate()
+        .map(|(r, &n)| {
+            (0..n)
+                .map(|j| (r as u32 * 31 + j as u32 * 7 + 3) % vocab)
+                .collect()
+        })
+        .collect()
+}
+
 /// Every model, in f32 and int8: a batch run in parts side by side (one per worker thread in
 /// `hidden_parallel`) gives the hidden states of the batch run whole, padding included.
 #[test]
@@ -231,16 +244,7 @@ fn a_batch_in_parts_equals_the_batch_whole() {
     for name in names {
         let mut model = load(name, Trainable::Frozen);
         let vocab = model.network.vocab_size() as u32;
-        let lengths = [5usize, 9, 3, 9, 7, 1, 8];
-        let rows: Vec<Vec<u32>> = lengths
-            .iter()
-            .enumerate()
-            .map(|(r, &n)| {
-                (0..n)
-                    .map(|j| (r as u32 * 31 + j as u32 * 7 + 3) % vocab)
-                    .collect()
-            })
-            .collect();
+        let rows = ragged_rows(vocab);
         let rows: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
         let (ids, mask) = ws2s::models::prefix::right_pad(&rows, &Device::Cpu).unwrap();
         for precision in [ws2s::ops::Precision::F32, ws2s::ops::Precision::Int8] {
@@ -276,16 +280,7 @@ fn the_last_positions_alone_equal_those_of_the_full_forward() {
     for name in names {
         let mut model = load(name, Trainable::Frozen);
         let vocab = model.network.vocab_size() as u32;
-        let lengths = [5usize, 9, 3, 9, 7, 1, 8];
-        let rows: Vec<Vec<u32>> = lengths
-            .iter()
-            .enumerate()
-            .map(|(r, &n)| {
-                (0..n)
-                    .map(|j| (r as u32 * 31 + j as u32 * 7 + 3) % vocab)
-                    .collect()
-            })
-            .collect();
+        let rows = ragged_rows(vocab);
         let slices: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
         let (ids, right) = right_pad(&slices, &Device::Cpu).unwrap();
         // Left padding (as for decoding's prompts): the same tokens moved to the end of each row.

@@ -240,13 +240,7 @@ impl Bert {
                 (c.num_heads, c.num_heads),
                 scale,
             )?;
-            let (attn, residual) = match keep {
-                Some(rows) => (
-                    nn::gather_positions(&attn, rows)?,
-                    nn::gather_positions(&x, rows)?,
-                ),
-                None => (attn, x),
-            };
+            let (attn, residual) = nn::kept_positions(attn, x, keep)?;
             let a = layer
                 .attention_output_layer_norm
                 .forward_residual(&layer.attention_output_dense.forward(&attn)?, &residual)?;

@@ -271,13 +271,7 @@ impl Gemma3 {
                 attn_mask,
                 scale,
             )?;
-            let (attn, residual) = match keep.filter(|_| i == last) {
-                Some(rows) => (
-                    nn::gather_positions(&attn, rows)?,
-                    nn::gather_positions(&x, rows)?,
-                ),
-                None => (attn, x),
-            };
+            let (attn, residual) = nn::kept_positions(attn, x, keep.filter(|_| i == last))?;
             x = (residual
                 + layer
                     .post_attention_layernorm

@@ -140,13 +140,7 @@ impl Gpt2 {
             let v = nn::split_heads(&part(2)?, c.num_heads, head_dim)?;
             let (k, v) = cache.update(i, &k, &v)?;
             let attn = nn::attention(&q, &k, &v, &attn_mask, scale)?;
-            let (attn, residual) = match keep.filter(|_| i == last) {
-                Some(rows) => (
-                    nn::gather_positions(&attn, rows)?,
-                    nn::gather_positions(&x, rows)?,
-                ),
-                None => (attn, x),
-            };
+            let (attn, residual) = nn::kept_positions(attn, x, keep.filter(|_| i == last))?;
             x = (residual + block.attn_c_proj.forward(&attn)?)?;
             let m = block.c_fc.forward(&block.ln_2.forward(&x)?)?.gelu()?;
             x = (x + block.mlp_c_proj.forward(&m)?)?;

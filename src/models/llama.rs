@@ -312,13 +312,7 @@ impl Llama {
                 &attn_mask,
                 scale,
             )?;
-            let (attn, residual) = match keep {
-                Some(rows) => (
-                    nn::gather_positions(&attn, rows)?,
-                    nn::gather_positions(&x, rows)?,
-                ),
-                None => (attn, x),
-            };
+            let (attn, residual) = nn::kept_positions(attn, x, keep)?;
             x = layer.o_proj.forward_then(&attn, Epilogue::Add(&residual))?;
             let n = layer.post_attention_layernorm.forward(&x)?;
             x = nn::gated_mlp(

@@ -626,6 +626,22 @@ pub fn gather_positions(x: &Tensor, rows: &Tensor) -> Result<Tensor> {
     x.reshape((b * t, d))?.index_select(rows, 0)?.unsqueeze(0)
 }
 
+/// `(attn, residual)` at the `keep` positions ([`gather_positions`]) in a forward's last layer,
+/// else as they are.
+pub fn kept_positions(
+    attn: Tensor,
+    residual: Tensor,
+    keep: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    Ok(match keep {
+        Some(rows) => (
+            gather_positions(&attn, rows)?,
+            gather_positions(&residual, rows)?,
+        ),
+        None => (attn, residual),
+    })
+}
+
 /// The index of each row's last real token (its last 1) in the B x T positions of a batch
 /// with 0/1 `mask` rows of T values, row-major, as a u32 tensor of B values.
 pub fn last_positions(mask: &[Vec<u32>], device: &Device) -> Result<Tensor> {
