@@ -391,7 +391,20 @@ fn assert_every_var_has_a_gradient(
     model: &Model,
     grads: &candle_core::backprop::GradStore,
 ) {
+    assert_gradients_except(name, model, grads, None);
+}
+
+/// [`assert_every_var_has_a_gradient`] but for the variables whose names start with `except`.
+fn assert_gradients_except(
+    name: &str,
+    model: &Model,
+    grads: &candle_core::backprop::GradStore,
+    except: Option<&str>,
+) {
     for (param, var) in &model.vars {
+        if except.is_some_and(|prefix| param.starts_with(prefix)) {
+            continue;
+        }
         let grad = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{name}: no gradient for {param}"));
@@ -413,6 +426,28 @@ fn every_weight_gets_a_gradient_in_full_fine_tuning() {
         assert!(!model.vars.is_empty());
         let grads = probe_loss(&output_of(&model, name)).backward().unwrap();
         assert_every_var_has_a_gradient(name, &model, &grads);
+    }
+}
+
+/// Fine-tuning on last-token features runs the last layer's work after attention for the last
+/// positions alone (`last_hidden`): every weight the features depend on still gets a gradient
+/// (all but an untied LM head, which features never use).
+#[test]
+fn every_weight_gets_a_gradient_through_the_last_positions_alone() {
+    for name in ["bert", "llama", "qwen2", "qwen2_untied", "gpt2", "gemma3"] {
+        let model = load(name, Trainable::All);
+        let r = reference(name);
+        let mask = nn::mask_rows(&r["attention_mask"]).unwrap();
+        let last = model
+            .network
+            .last_hidden(
+                &ids_u32(&r["input_ids"]),
+                &mask,
+                &mut model.network.new_cache(),
+            )
+            .unwrap();
+        let grads = probe_loss(&last.unsqueeze(1).unwrap()).backward().unwrap();
+        assert_gradients_except(name, &model, &grads, Some("lm_head"));
     }
 }
 

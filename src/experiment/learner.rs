@@ -224,15 +224,17 @@ impl Finetuned {
         }
         let device = self.head.weight.device();
         let ids = Tensor::from_vec(ids, (encoded.len(), t), device)?;
-        let hidden = self
-            .model
-            .network
-            .hidden(&ids, &mask, &mut self.model.network.new_cache())?;
+        let network = &self.model.network;
+        // Pooled at the last token, the last layer's work after attention runs for that token
+        // alone (Network::last_hidden; the gradient flows through the same positions).
+        let pooled = if self.pooling == Pooling::LastToken {
+            network.last_hidden(&ids, &mask, &mut network.new_cache())?
+        } else {
+            let hidden = network.hidden(&ids, &mask, &mut network.new_cache())?;
+            pool(&hidden, &mask, self.pooling)?
+        };
         // The losses and their targets live on the CPU (the transfer is differentiable).
-        Ok(self
-            .head
-            .forward(&pool(&hidden, &mask, self.pooling)?)?
-            .to_device(&Device::Cpu)?)
+        Ok(self.head.forward(&pooled)?.to_device(&Device::Cpu)?)
     }
 }
 
