@@ -282,10 +282,10 @@ impl QuantRows {
         let (rows, cols) = q.shape().dims2().ok()?;
         let block = q.dtype().block_size();
         let supported = rows_of(&q, &[], &mut []).is_ok();
-        let aligned = q
+        let whole = q
             .data()
             .is_ok_and(|d| d.len() == rows * cols / block * q.dtype().type_size());
-        (supported && aligned && cols.is_multiple_of(block)).then_some(QuantRows { q, rows, cols })
+        (supported && whole && cols.is_multiple_of(block)).then_some(QuantRows { q, rows, cols })
     }
 
     pub fn dims(&self) -> (usize, usize) {
@@ -308,6 +308,28 @@ impl QuantRows {
     }
 }
 
+/// `$f::<T>($args)` with the block type T of `$dtype` (the k-quants and the legacy 4-, 5-
+/// and 8-bit types: those de-quantised block by block), else `$other`.
+macro_rules! by_block_type {
+    ($dtype:expr, $f:ident($($arg:expr),*), $other:pat => $fallback:expr) => {{
+        use candle_core::quantized::k_quants::*;
+        use candle_core::quantized::GgmlDType as G;
+        match $dtype {
+            G::Q4_0 => $f::<BlockQ4_0>($($arg),*),
+            G::Q4_1 => $f::<BlockQ4_1>($($arg),*),
+            G::Q5_0 => $f::<BlockQ5_0>($($arg),*),
+            G::Q5_1 => $f::<BlockQ5_1>($($arg),*),
+            G::Q8_0 => $f::<BlockQ8_0>($($arg),*),
+            G::Q2K => $f::<BlockQ2K>($($arg),*),
+            G::Q3K => $f::<BlockQ3K>($($arg),*),
+            G::Q4K => $f::<BlockQ4K>($($arg),*),
+            G::Q5K => $f::<BlockQ5K>($($arg),*),
+            G::Q6K => $f::<BlockQ6K>($($arg),*),
+            $other => $fallback,
+        }
+    }};
+}
+
 /// [`QuantRows::read`] for the block type of `q` (an error for other types, or bytes that are
 /// not the blocks' storage).
 fn rows_of(q: &QTensor, ids: &[u32], out: &mut [f32]) -> candle_core::Result<()> {
@@ -317,13 +339,9 @@ fn rows_of(q: &QTensor, ids: &[u32], out: &mut [f32]) -> candle_core::Result<()>
         out: &mut [f32],
     ) -> candle_core::Result<()> {
         let data = q.data()?;
-        let count = data.len() / std::mem::size_of::<T>();
-        if !(data.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
+        let Some(blocks) = as_blocks::<T>(&data) else {
             candle_core::bail!("quantised blocks not aligned");
-        }
-        // SAFETY: the bytes are the tensor's storage, a Vec<T> (aligned, checked above) of
-        // `count` blocks; they outlive this borrow.
-        let blocks: &[T] = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const T, count) };
+        };
         let cols = q.shape().dims().last().copied().unwrap_or(0);
         let per_row = cols / T::BLCK_SIZE;
         out.par_chunks_mut(cols.max(1) * 16)
@@ -336,21 +354,21 @@ fn rows_of(q: &QTensor, ids: &[u32], out: &mut [f32]) -> candle_core::Result<()>
             });
         Ok(())
     }
-    use candle_core::quantized::k_quants::*;
-    use candle_core::quantized::GgmlDType as G;
-    match q.dtype() {
-        G::Q4_0 => typed::<BlockQ4_0>(q, ids, out),
-        G::Q4_1 => typed::<BlockQ4_1>(q, ids, out),
-        G::Q5_0 => typed::<BlockQ5_0>(q, ids, out),
-        G::Q5_1 => typed::<BlockQ5_1>(q, ids, out),
-        G::Q8_0 => typed::<BlockQ8_0>(q, ids, out),
-        G::Q2K => typed::<BlockQ2K>(q, ids, out),
-        G::Q3K => typed::<BlockQ3K>(q, ids, out),
-        G::Q4K => typed::<BlockQ4K>(q, ids, out),
-        G::Q5K => typed::<BlockQ5K>(q, ids, out),
-        G::Q6K => typed::<BlockQ6K>(q, ids, out),
-        other => candle_core::bail!("{other:?} rows are not read one by one"),
+    by_block_type!(q.dtype(), typed(q, ids, out), other => {
+        candle_core::bail!("{other:?} rows are not read one by one")
+    })
+}
+
+/// `data` (a quantised tensor's storage) as the blocks of type T it holds, if it is aligned
+/// for T (whole blocks: any bytes past the last are not read).
+fn as_blocks<T>(data: &[u8]) -> Option<&[T]> {
+    if !(data.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
+        return None;
     }
+    let count = data.len() / std::mem::size_of::<T>();
+    // SAFETY: aligned for T (checked above), `count` whole blocks within `data`, which the
+    // returned slice borrows; the storage is a Vec<T> of k-quant or legacy blocks (plain data).
+    Some(unsafe { std::slice::from_raw_parts(data.as_ptr() as *const T, count) })
 }
 
 /// Blocks of a quantised tensor de-quantised per task by [`dequantize`] (~256 K values).
@@ -367,15 +385,9 @@ fn dequantize(q: &QTensor, device: &Device) -> candle_core::Result<Tensor> {
     ) -> candle_core::Result<Tensor> {
         let data = q.data()?;
         let n = q.shape().elem_count();
-        let count = data.len() / std::mem::size_of::<T>();
-        if count * T::BLCK_SIZE != n
-            || !(data.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
-        {
+        let Some(blocks) = as_blocks::<T>(&data).filter(|b| b.len() * T::BLCK_SIZE == n) else {
             return q.dequantize(device);
-        }
-        // SAFETY: the bytes are the tensor's storage, a Vec<T> (aligned, checked above) of
-        // `count` blocks; they outlive this borrow.
-        let blocks: &[T] = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const T, count) };
+        };
         let mut out: Vec<f32> = Vec::with_capacity(n);
         let chunk = DEQUANTIZE_BLOCKS * T::BLCK_SIZE;
         // Each task's values set to zero (`to_float` takes initialised values) and de-quantised
@@ -393,24 +405,10 @@ fn dequantize(q: &QTensor, device: &Device) -> candle_core::Result<Tensor> {
         unsafe { out.set_len(n) };
         Tensor::from_vec(out, q.shape(), device)
     }
-    use candle_core::quantized::k_quants::*;
-    use candle_core::quantized::GgmlDType as G;
     if !device.is_cpu() {
         return q.dequantize(device);
     }
-    match q.dtype() {
-        G::Q4_0 => blocks::<BlockQ4_0>(q, device),
-        G::Q4_1 => blocks::<BlockQ4_1>(q, device),
-        G::Q5_0 => blocks::<BlockQ5_0>(q, device),
-        G::Q5_1 => blocks::<BlockQ5_1>(q, device),
-        G::Q8_0 => blocks::<BlockQ8_0>(q, device),
-        G::Q2K => blocks::<BlockQ2K>(q, device),
-        G::Q3K => blocks::<BlockQ3K>(q, device),
-        G::Q4K => blocks::<BlockQ4K>(q, device),
-        G::Q5K => blocks::<BlockQ5K>(q, device),
-        G::Q6K => blocks::<BlockQ6K>(q, device),
-        _ => q.dequantize(device),
-    }
+    by_block_type!(q.dtype(), blocks(q, device), _ => q.dequantize(device))
 }
 
 /// A de-quantised GGUF tensor in the HF layout: llama-arch Q/K rows un-permuted, Gemma's norm

@@ -621,7 +621,7 @@ impl RmsNorm {
 /// The positions of `x` [B, T, D] at `rows` (indices into its B x T positions, row-major), as
 /// [1, N, D]: the last layer of a forward whose pooling reads N positions runs its
 /// position-wise part (projections after attention, MLP, norms) on those alone.
-pub fn gather_positions(x: &Tensor, rows: &Tensor) -> Result<Tensor> {
+fn gather_positions(x: &Tensor, rows: &Tensor) -> Result<Tensor> {
     let (b, t, d) = x.dims3()?;
     x.reshape((b * t, d))?.index_select(rows, 0)?.unsqueeze(0)
 }

@@ -120,11 +120,7 @@ impl Params {
         if let Some(rows) = self.quantised.remove(name) {
             let (v, h) = rows.dims();
             if [v, h] != shape {
-                return Err(Error::Msg(format!(
-                    "{}: tensor `{name}` has shape {:?}, expected {shape:?} from the config",
-                    self.source,
-                    [v, h]
-                )));
+                return Err(self.shape_error(name, &[v, h], shape));
             }
             self.lazy.remove(name);
             self.used.insert(name.to_string(), (v * h, DType::F32));
@@ -212,16 +208,19 @@ impl Params {
             self.tensors.remove(name);
         }
         if tensor.dims() != shape {
-            return Err(Error::Msg(format!(
-                "{}: tensor `{name}` has shape {:?}, expected {:?} from the config",
-                self.source,
-                tensor.dims(),
-                shape
-            )));
+            return Err(self.shape_error(name, tensor.dims(), shape));
         }
         self.used
             .insert(name.to_string(), (tensor.elem_count(), tensor.dtype()));
         tensor.to_dtype(DType::F32)?.to_device(&self.device)
+    }
+
+    /// The checkpoint's tensor `name` has shape `got` where the config implies `want`.
+    fn shape_error(&self, name: &str, got: &[usize], want: &[usize]) -> Error {
+        Error::Msg(format!(
+            "{}: tensor `{name}` has shape {got:?}, expected {want:?} from the config",
+            self.source
+        ))
     }
 
     /// Number of checkpoint parameters the network uses (tied weights counted once) and the
