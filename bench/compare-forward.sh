@@ -51,12 +51,12 @@ config_of() {
 run_ws2s() { # model, bench args...
   local model="$1"; shift
   env "${ws2s_env[@]}" RAYON_NUM_THREADS="$threads" "$ws2s" bench "$@" --model "$model" --precision "$precision" \
-    --repeats "$repeats" --json | python3 -c "import json,sys; r=json.load(sys.stdin); r['side']='ws2s'; r['name']='$model'; print(json.dumps(r))" >> "$out/runs.jsonl"
+    --repeats "$repeats" --json | python3 -c "import json,sys; r=json.load(sys.stdin); r['side']='ws2s'; r['name']='$model'; r['round']=$round; print(json.dumps(r))" >> "$out/runs.jsonl"
 }
 run_torch() { # model, dtype, mode args...
   local model="$1" dtype="$2"; shift 2
   env "${torch_env[@]}" BENCH_THREADS="$threads" "$venv/bin/python" bench/pytorch_infer.py --config "$out/$model.json" \
-    --dtype "$dtype" --repeats "$repeats" "$@" | python3 -c "import json,sys; r=json.load(sys.stdin); r['name']='$model'; print(json.dumps(r))" >> "$out/runs.jsonl"
+    --dtype "$dtype" --repeats "$repeats" "$@" | python3 -c "import json,sys; r=json.load(sys.stdin); r['name']='$model'; r['round']=$round; print(json.dumps(r))" >> "$out/runs.jsonl"
 }
 measure() { # model, ws2s args (quoted), torch args (quoted)
   local model="$1" wargs="$2" targs="$3"
@@ -98,10 +98,12 @@ if isa != "native":
     print(f"Instruction sets capped at {isa} on both sides (ws2s: WS2S_MAX_ISA={isa}, gemm built "
           f"without AVX-512; PyTorch: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, "
           f"MKL_ENABLE_INSTRUCTIONS; ATen reports {', '.join(caps)})")
-print(f"PyTorch {torch_version}; times are medians over runs (and rounds); ratio = ws2s time / PyTorch's best time\n")
-print("| model | workload | ws2s (precision, kernel) tok/s | CPU busy | PyTorch f32 tok/s | PyTorch bf16 tok/s | ratio |")
-print("|---|---|---|---|---|---|---|")
+print(f"PyTorch {torch_version}; times are medians over runs (and rounds); ratio = ws2s time / PyTorch's best time; "
+      "per round: the same ratio from each round's runs alone (sides run in turn within a round), lowest-highest\n")
+print("| model | workload | ws2s (precision, kernel) tok/s | CPU busy | PyTorch f32 tok/s | PyTorch bf16 tok/s | ratio | per round |")
+print("|---|---|---|---|---|---|---|---|")
 worst = {"forward": 0.0, "decode": 0.0}
+highest = {"forward": 0.0, "decode": 0.0}
 for k in order:
     group = [r for r in rows if key(r) == k]
     def side(pred):
@@ -117,10 +119,24 @@ for k in order:
     tokens = group[0]["tokens"]
     best = min(t for t in (f, b) if t is not None)
     ratio = w / best
+    # The ratio within each round: the machine's speed drifts between rounds more than
+    # between the sides of one round.
+    per_round = []
+    for rnd in sorted({r["round"] for r in group}):
+        def round_median(pred):
+            times = [x for r in group if r["round"] == rnd and pred(r) for x in r["runs"]]
+            return statistics.median(times) if times else None
+        rw = round_median(lambda r: r.get("side") == "ws2s")
+        rt = [t for t in (round_median(lambda r: r.get("side") == "pytorch" and r["dtype"] == d) for d in ("f32", "bf16")) if t is not None]
+        if rw is not None and rt:
+            per_round.append(rw / min(rt))
+    spread = f"{min(per_round):.2f}-{max(per_round):.2f}" if len(per_round) > 1 else "-"
     kind = "decode" if k[1].startswith("decode") else "forward"
     worst[kind] = max(worst[kind], ratio)
-    print(f"| {k[0]} | {k[1]} | {tokens / w:.0f} ({wr['precision']}, {wr['kernel']}) | {100 * wu:.0f}% (PyTorch {100 * min(fu, bu):.0f}-{100 * max(fu, bu):.0f}%) | {tokens / f:.0f} | {tokens / b:.0f} | {ratio:.2f} |")
+    highest[kind] = max(highest[kind], max(per_round, default=ratio))
+    print(f"| {k[0]} | {k[1]} | {tokens / w:.0f} ({wr['precision']}, {wr['kernel']}) | {100 * wu:.0f}% (PyTorch {100 * min(fu, bu):.0f}-{100 * max(fu, bu):.0f}%) | {tokens / f:.0f} | {tokens / b:.0f} | {ratio:.2f} | {spread} |")
 print()
+print(f"highest forward ratio of any round: {highest['forward']:.2f}")
 print(f"worst forward ratio: {worst['forward']:.2f}")
 print(f"worst decode ratio: {worst['decode']:.2f}")
 print(f"worst ratio: {max(worst.values()):.2f}")
