@@ -12,7 +12,9 @@
 //! inputs, the four bytes of each column lie together, and a group's 32 columns are 128
 //! bytes, so a tile of 16 columns is 16 rows of 64 bytes with a stride of 128. Activation
 //! rows are padded with zero rows to a multiple of [`ROWS`] ([`super::Int8Rows`]) so every
-//! tile load is whole.
+//! tile load is whole. For products where it pays ([`super::tile_major_pays`]), the kernel
+//! reads a copy of the rows laid out tile by tile (each step's 16 rows x 64 bytes in one
+//! 1 KB piece, which the hardware prefetchers follow) and asks for no activation lines itself.
 //!
 //! Rust has no stable AMX intrinsics or target features; the assembler takes the
 //! instructions in `asm!` as they are. Linux hands out the tile registers' state only to a
@@ -139,7 +141,7 @@ unsafe fn zero_sums() {
 /// added to tmm0-3. Loads and products interleave so that each product starts as soon as its
 /// two tiles are in.
 #[inline(always)]
-unsafe fn step<const RT: usize>(a: *const u8, xstride: usize, w: *const u8) {
+unsafe fn step<const RT: usize>(a: *const u8, (xstride, next): (usize, usize), w: *const u8) {
     // The first row tile against both column tiles (tmm0, tmm1) ...
     asm!(
         "tileloadd tmm4, [{a} + {xs}*1]",
@@ -160,7 +162,7 @@ unsafe fn step<const RT: usize>(a: *const u8, xstride: usize, w: *const u8) {
             "tileloadd tmm5, [{a1} + {xs}*1]",
             "tdpbsud tmm2, tmm5, tmm6",
             "tdpbsud tmm3, tmm5, tmm7",
-            a1 = in(reg) a.add(ROWS * xstride),
+            a1 = in(reg) a.add(next),
             xs = in(reg) xstride,
             options(nostack, readonly),
         );
@@ -207,8 +209,9 @@ pub(crate) unsafe fn release() {
     asm!("tilerelease", options(nostack, nomem));
 }
 
-/// Steps ahead at which a row block's activation lines are asked for (`prefetcht0`): the
-/// tile loads otherwise wait for them from L2, one step's tiles after the other.
+/// Steps ahead at which a row block's activation lines are asked for (`prefetcht0`; rows as
+/// they are, not tile by tile): the tile loads otherwise wait for them from L2, one step's
+/// tiles after the other.
 const AHEAD: usize = 2;
 
 /// Steps ahead at which the first row block of a group asks for the panel's weight lines
@@ -270,9 +273,11 @@ unsafe fn block<const RT: usize>(
     debug_assert!(rows <= RT * ROWS && (r0 + RT * ROWS) * x.kp <= x.q.len());
     let nb = x.blocks();
     let a0 = x.q.as_ptr().add(r0 * x.kp);
+    // Tile by tile: row tile r0 / 16's steps of 1 KB each, the next tile's nb KB further.
+    let tiled = x.tiles.map(|t| t.as_ptr().add(r0 * x.kp));
     zero_sums();
     for b in 0..nb {
-        if b + AHEAD < nb {
+        if tiled.is_none() && b + AHEAD < nb {
             let at = a0.add((b + AHEAD) * BLOCK);
             for r in 0..RT * ROWS {
                 _mm_prefetch::<_MM_HINT_T0>(at.add(r * x.kp));
@@ -289,11 +294,18 @@ unsafe fn block<const RT: usize>(
         let ahead = r0 + b * rows / nb..r0 + (b + 1) * rows / nb;
         prefetch_output(y, (t.n, t.col0, t.cols), ahead.clone());
         prefetch_operand(t, ahead);
-        step::<RT>(
-            a0.add(b * BLOCK) as *const u8,
-            x.kp,
-            t.panel.as_ptr().add(b * BLOCK * NR),
-        );
+        match tiled {
+            Some(a) => step::<RT>(
+                a.add(b * ROWS * BLOCK) as *const u8,
+                (BLOCK, nb * ROWS * BLOCK),
+                t.panel.as_ptr().add(b * BLOCK * NR),
+            ),
+            None => step::<RT>(
+                a0.add(b * BLOCK) as *const u8,
+                (x.kp, ROWS * x.kp),
+                t.panel.as_ptr().add(b * BLOCK * NR),
+            ),
+        }
         if let Some(p) = pending {
             finish(t, x, (sums, p), b * p.rows / nb..(b + 1) * p.rows / nb, y);
         }
