@@ -446,8 +446,13 @@ impl Linear {
     }
 }
 
-/// Bytes of one intermediate product of a gated MLP in int8, at most, per chunk of rows.
-const MLP_CHUNK_BYTES: usize = 8 << 20;
+/// Bytes of one intermediate product of a gated MLP in int8, at most, per chunk of rows: 32
+/// MB, a whole half of the demo's batch (512 rows) of Qwen2.5-1.5B (18 MB) in one chunk. Each
+/// chunk reads all three weights of the MLP (41 MB for Qwen2.5-1.5B) again; against chunks of
+/// 8 MB (224 + 224 + 64 rows), both in turn in one process (40 forwards of 32 x 32 tokens,
+/// Intel Xeon with AMX; docs/results/inference.md, session 26), Qwen2.5-1.5B's forward was
+/// 4.2-4.4% faster in two runs and Qwen2.5-0.5B's 2.9%.
+const MLP_CHUNK_BYTES: usize = 32 << 20;
 
 /// down(act(gate x) * up x) (Llama, Qwen2, Gemma), plus `residual` when given: one fused op
 /// when the three layers are frozen and have no bias ([`crate::ops::mlp::frozen_mlp`]), else
@@ -470,9 +475,10 @@ pub fn gated_mlp(
 
 /// [`gated_mlp`] when the three layers are packed in int8 (None otherwise): rows in chunks whose intermediate
 /// products hold at most `chunk_bytes` (rows are independent: the values do not change). Two
-/// [rows, intermediate] outputs of 36 MB each (1,024 rows of Qwen2.5-1.5B) were fresh memory
-/// mappings on every call, past the allocator's reuse limit; in chunks of 8 MB the forward of
-/// Qwen2.5-0.5B and 1.5B was 5-12% faster (paired runs, Intel Xeon with AMX).
+/// [rows, intermediate] outputs of 36 MB each (1,024 rows of Qwen2.5-1.5B) were once fresh
+/// memory mappings on every call, past glibc's reuse limit (chunks of 8 MB were then 5-12%
+/// faster); the binary's allocator settings (`runtime::tune_allocator`) since keep such
+/// buffers for reuse, and chunks now only bound the intermediate memory.
 fn int8_gated_mlp(
     x: &Tensor,
     (gate, up, down): (&Linear, &Linear, &Linear),
