@@ -272,12 +272,16 @@ unsafe fn block<const RT: usize>(
 ) {
     debug_assert!(rows <= RT * ROWS && (r0 + RT * ROWS) * x.kp <= x.q.len());
     let nb = x.blocks();
-    let a0 = x.q.as_ptr().add(r0 * x.kp);
+    // Row by row: step b at b BLOCK bytes, rows kp apart, the second row tile 16 rows down.
     // Tile by tile: row tile r0 / 16's steps of 1 KB each, the next tile's nb KB further.
-    let tiled = x.tiles.map(|t| t.as_ptr().add(r0 * x.kp));
+    let (a0, step_bytes, strides) = match x.tiles {
+        None => (x.q.as_ptr(), BLOCK, (x.kp, ROWS * x.kp)),
+        Some(t) => (t.as_ptr(), ROWS * BLOCK, (BLOCK, nb * ROWS * BLOCK)),
+    };
+    let a0 = a0.add(r0 * x.kp);
     zero_sums();
     for b in 0..nb {
-        if tiled.is_none() && b + AHEAD < nb {
+        if x.tiles.is_none() && b + AHEAD < nb {
             let at = a0.add((b + AHEAD) * BLOCK);
             for r in 0..RT * ROWS {
                 _mm_prefetch::<_MM_HINT_T0>(at.add(r * x.kp));
@@ -294,18 +298,11 @@ unsafe fn block<const RT: usize>(
         let ahead = r0 + b * rows / nb..r0 + (b + 1) * rows / nb;
         prefetch_output(y, (t.n, t.col0, t.cols), ahead.clone());
         prefetch_operand(t, ahead);
-        match tiled {
-            Some(a) => step::<RT>(
-                a.add(b * ROWS * BLOCK) as *const u8,
-                (BLOCK, nb * ROWS * BLOCK),
-                t.panel.as_ptr().add(b * BLOCK * NR),
-            ),
-            None => step::<RT>(
-                a0.add(b * BLOCK) as *const u8,
-                (x.kp, ROWS * x.kp),
-                t.panel.as_ptr().add(b * BLOCK * NR),
-            ),
-        }
+        step::<RT>(
+            a0.add(b * step_bytes) as *const u8,
+            strides,
+            t.panel.as_ptr().add(b * BLOCK * NR),
+        );
         if let Some(p) = pending {
             finish(t, x, (sums, p), b * p.rows / nb..(b + 1) * p.rows / nb, y);
         }
