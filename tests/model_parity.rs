@@ -23,6 +23,12 @@ fn ids_u32(t: &Tensor) -> Tensor {
     t.to_dtype(DType::U32).unwrap()
 }
 
+/// The padded batch of a reference: its token ids and its attention mask's rows.
+fn padded_batch(r: &HashMap<String, Tensor>) -> (Tensor, Vec<Vec<u32>>) {
+    let mask = nn::mask_rows(&r["attention_mask"]).unwrap();
+    (ids_u32(&r["input_ids"]), mask)
+}
+
 /// Largest absolute difference over the positions where `mask` is 1.
 fn max_diff_on_mask(a: &Tensor, b: &Tensor, mask: &[Vec<u32>]) -> f32 {
     let a = a.to_dtype(DType::F32).unwrap().to_vec3::<f32>().unwrap();
@@ -58,14 +64,10 @@ fn decoders_match_hf_logits() {
     for name in DECODERS {
         let model = load(name, Trainable::Frozen);
         let r = reference(name);
-        let mask = nn::mask_rows(&r["attention_mask"]).unwrap();
+        let (ids, mask) = padded_batch(&r);
         let hidden = model
             .network
-            .hidden(
-                &ids_u32(&r["input_ids"]),
-                &mask,
-                &mut model.network.new_cache(),
-            )
+            .hidden(&ids, &mask, &mut model.network.new_cache())
             .unwrap();
         let logits = model.network.logits(&hidden).unwrap();
         let diff = max_diff_on_mask(&logits, &r["logits"], &mask);
@@ -87,14 +89,10 @@ fn decoders_match_hf_logits() {
 fn bert_matches_hf_hidden_states() {
     let model = load("bert", Trainable::Frozen);
     let r = reference("bert");
-    let mask = nn::mask_rows(&r["attention_mask"]).unwrap();
+    let (ids, mask) = padded_batch(&r);
     let hidden = model
         .network
-        .hidden(
-            &ids_u32(&r["input_ids"]),
-            &mask,
-            &mut model.network.new_cache(),
-        )
+        .hidden(&ids, &mask, &mut model.network.new_cache())
         .unwrap();
     let diff = max_diff_on_mask(&hidden, &r["last_hidden_state"], &mask);
     assert!(diff < 1e-4, "bert: max |diff| {diff}");
@@ -369,14 +367,10 @@ fn probe_loss(output: &Tensor) -> Tensor {
 
 fn output_of(model: &Model, name: &str) -> Tensor {
     let r = reference(name);
-    let mask = nn::mask_rows(&r["attention_mask"]).unwrap();
+    let (ids, mask) = padded_batch(&r);
     let hidden = model
         .network
-        .hidden(
-            &ids_u32(&r["input_ids"]),
-            &mask,
-            &mut model.network.new_cache(),
-        )
+        .hidden(&ids, &mask, &mut model.network.new_cache())
         .unwrap();
     if model.network.is_decoder() {
         model.network.logits(&hidden).unwrap()
@@ -437,14 +431,10 @@ fn every_weight_gets_a_gradient_through_the_last_positions_alone() {
     for name in ["bert", "llama", "qwen2", "qwen2_untied", "gpt2", "gemma3"] {
         let model = load(name, Trainable::All);
         let r = reference(name);
-        let mask = nn::mask_rows(&r["attention_mask"]).unwrap();
+        let (ids, mask) = padded_batch(&r);
         let last = model
             .network
-            .last_hidden(
-                &ids_u32(&r["input_ids"]),
-                &mask,
-                &mut model.network.new_cache(),
-            )
+            .last_hidden(&ids, &mask, &mut model.network.new_cache())
             .unwrap();
         let grads = probe_loss(&last.unsqueeze(1).unwrap()).backward().unwrap();
         assert_gradients_except(name, &model, &grads, Some("lm_head"));
