@@ -241,11 +241,16 @@ impl Bert {
                 scale,
             )?;
             let (attn, residual) = nn::kept_positions(attn, x, keep)?;
-            let a = layer
-                .attention_output_layer_norm
-                .forward_residual(&layer.attention_output_dense.forward(&attn)?, &residual)?;
-            let mlp = nn::gelu_mlp(&a, &layer.intermediate_dense, &layer.output_dense)?;
-            x = layer.output_layer_norm.forward_residual(&mlp, &a)?;
+            let a = layer.attention_output_layer_norm.forward_after(
+                &layer.attention_output_dense,
+                &attn,
+                &residual,
+            )?;
+            x = nn::gelu_mlp_norm(
+                &a,
+                (&layer.intermediate_dense, &layer.output_dense),
+                &layer.output_layer_norm,
+            )?;
         }
         Ok(x)
     }

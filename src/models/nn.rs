@@ -575,6 +575,19 @@ pub fn gelu_mlp(x: &Tensor, up: &Linear, down: &Linear) -> Result<Tensor> {
     down.forward(&crate::ops::activation::gelu_erf(&h)?)
 }
 
+/// norm([`gelu_mlp`](x) + x) (BERT's feed-forward block, its residual and post-norm): in int8
+/// the residual is added in the down projection's epilogue ([`LayerNorm::forward_after`]).
+pub fn gelu_mlp_norm(
+    x: &Tensor,
+    (up, down): (&Linear, &Linear),
+    norm: &LayerNorm,
+) -> Result<Tensor> {
+    if up.int8().is_some() && down.int8().is_some() {
+        return norm.forward_after(down, &up.forward_then(x, Epilogue::Gelu)?, x);
+    }
+    norm.forward_residual(&gelu_mlp(x, up, down)?, x)
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Linear::forward(self, x)
@@ -606,6 +619,17 @@ impl LayerNorm {
     /// LN(x + residual), the sum formed inside one op (post-norm blocks).
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         crate::ops::norm::layer_norm_residual(x, residual, &self.weight, &self.bias, self.eps)
+    }
+
+    /// LN(layer(x) + residual): in int8 the residual is added in the product's epilogue
+    /// (`Epilogue::Add`: the same sums, whose two terms commute) and the norm reads the
+    /// product's output, with no pass of its own for the sum; otherwise the layer, then
+    /// [`Self::forward_residual`].
+    pub fn forward_after(&self, layer: &Linear, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if layer.int8().is_some() {
+            return self.forward(&layer.forward_then(x, Epilogue::Add(residual))?);
+        }
+        self.forward_residual(&layer.forward(x)?, residual)
     }
 }
 
@@ -1022,8 +1046,49 @@ mod tests {
     }
 
     #[test]
+    fn a_norm_after_a_product_and_its_residual_equals_the_norm_of_the_sum() {
+        // In int8 the residual is added in the product's epilogue (forward_after, and BERT's
+        // feed-forward block in gelu_mlp_norm): the same values as the sum's own op.
+        let (k, n) = (150, 70);
+        let x = tensor(&[3, 5, k], 21, 2.0);
+        let residual = tensor(&[3, 5, n], 22, 3.0);
+        let norm = LayerNorm {
+            weight: tensor(&[n], 23, 1.0),
+            bias: tensor(&[n], 24, 1.0),
+            eps: 1e-12,
+        };
+        for precision in [Precision::Int8, Precision::F32] {
+            let l = linear(n, k, 25, precision);
+            let want = norm
+                .forward_residual(&l.forward(&x).unwrap(), &residual)
+                .unwrap();
+            let got = norm.forward_after(&l, &x, &residual).unwrap();
+            assert_eq!(bits(&got), bits(&want), "{precision:?}");
+            // up [k, n] then down [n, k] with a GELU between, the block's input as residual.
+            let (up, down) = (linear(k, n, 26, precision), linear(n, k, 27, precision));
+            let block = LayerNorm {
+                weight: tensor(&[n], 28, 1.0),
+                bias: tensor(&[n], 29, 1.0),
+                eps: 1e-12,
+            };
+            let input = tensor(&[3, 5, n], 30, 1.0);
+            let mlp = gelu_mlp(&input, &up, &down).unwrap();
+            let want = block.forward_residual(&mlp, &input).unwrap();
+            let got = gelu_mlp_norm(&input, (&up, &down), &block).unwrap();
+            assert_eq!(bits(&got), bits(&want), "{precision:?}");
+        }
+    }
+
+    #[test]
     fn int8_gated_mlp_with_residual_equals_its_steps() {
-        let (h, i) = (96, 200);
+        // 208 intermediate values: gate and up in one product where the kernel allows it
+        // (QuantizedInput::gated); 200: two products.
+        for i in [200, 208] {
+            gated_mlp_steps(96, i);
+        }
+    }
+
+    fn gated_mlp_steps(h: usize, i: usize) {
         let x = tensor(&[2, 7, h], 5, 1.5);
         let residual = tensor(&[2, 7, h], 6, 1.0);
         let [gate, up, down] = [(i, h, 7), (i, h, 9), (h, i, 11)]
