@@ -141,7 +141,11 @@ unsafe fn zero_sums() {
 /// added to tmm0-3. Loads and products interleave so that each product starts as soon as its
 /// two tiles are in.
 #[inline(always)]
-unsafe fn step<const RT: usize>(a: *const u8, (xstride, next): (usize, usize), w: *const u8) {
+unsafe fn step<const RT: usize>(
+    a: *const u8,
+    (xstride, next): (usize, usize),
+    [w, w1]: [*const u8; 2],
+) {
     // The first row tile against both column tiles (tmm0, tmm1) ...
     asm!(
         "tileloadd tmm4, [{a} + {xs}*1]",
@@ -152,7 +156,7 @@ unsafe fn step<const RT: usize>(a: *const u8, (xstride, next): (usize, usize), w
         a = in(reg) a,
         xs = in(reg) xstride,
         w = in(reg) w,
-        w1 = in(reg) w.add(64),
+        w1 = in(reg) w1,
         ws = in(reg) NR * 4,
         options(nostack, readonly),
     );
@@ -288,9 +292,12 @@ unsafe fn block<const RT: usize>(
             }
         }
         if r0 == 0 && b + WEIGHTS_AHEAD < nb {
-            let wp = t.panel.as_ptr().add((b + WEIGHTS_AHEAD) * BLOCK * NR);
-            for line in 0..BLOCK * NR / 64 {
-                _mm_prefetch::<_MM_HINT_T0>(wp.add(64 * line) as *const i8);
+            // Each half's line of each group of four inputs (a whole panel: all its lines).
+            for half in t.halves {
+                let wp = half.add((b + WEIGHTS_AHEAD) * BLOCK * NR);
+                for group in 0..BLOCK / 4 {
+                    _mm_prefetch::<_MM_HINT_T0>(wp.add(4 * NR * group) as *const i8);
+                }
             }
         }
         // The output rows' lines asked for in write state a few rows per step (the stores
@@ -301,7 +308,7 @@ unsafe fn block<const RT: usize>(
         step::<RT>(
             a0.add(b * step_bytes) as *const u8,
             strides,
-            t.panel.as_ptr().add(b * BLOCK * NR),
+            t.halves.map(|h| h.add(b * BLOCK * NR)),
         );
         if let Some(p) = pending {
             finish(t, x, (sums, p), b * p.rows / nb..(b + 1) * p.rows / nb, y);

@@ -409,6 +409,41 @@ impl QuantizedInput {
         Tensor::from_vec(y, dims, &self.device)
     }
 
+    /// act(x G^T + bg) * (x U^T + bu) as a tensor [.., n] ([`matmul_gated`]) for the gate and
+    /// up projections of a gated MLP, where the detected kernel and the shapes allow it (None
+    /// otherwise: the two products then run as [`Self::linear`] and an
+    /// [`Epilogue::Gated`]).
+    pub fn gated(
+        &self,
+        (gate, up): (&Int8Weight, &Int8Weight),
+        (gate_bias, up_bias): (Option<&Tensor>, Option<&Tensor>),
+        act: Gate,
+    ) -> Result<Option<Tensor>> {
+        let kernel = Kernel::detected();
+        if !(kernel.fuses()
+            && gate.n == up.n
+            && gate.k == up.k
+            && gate.n.is_multiple_of(HALF)
+            && self.rows.kp == gate.kp)
+        {
+            return Ok(None);
+        }
+        let values = |b: Option<&Tensor>| {
+            b.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+                .transpose()
+        };
+        let (gb, ub) = (values(gate_bias)?, values(up_bias)?);
+        let y = matmul_gated(
+            kernel,
+            &self.rows,
+            ((gate, gb.as_deref()), (up, ub.as_deref())),
+            act,
+        );
+        let mut dims = self.lead.clone();
+        dims.push(gate.n);
+        Tensor::from_vec(y, dims, &self.device).map(Some)
+    }
+
     fn product(
         &self,
         w: &Int8Weight,
@@ -668,7 +703,154 @@ pub fn matmul_into(
 ) -> Vec<f32> {
     let group = group_rows(x.m, w.kp);
     let tiled = tile_major_pays(w.kp, w.n);
-    matmul_grouped(kernel, (x, group, tiled), w, bias, then, y)
+    matmul_grouped(kernel, (x, group, tiled), Panels::One(w, bias), then, y)
+}
+
+/// act(x G^T + bg) * (x U^T + bu) [m, n] for the gate and up projections G, U [n, k] of a
+/// gated MLP (n a multiple of 16), as one product with a kernel that applies epilogues as it
+/// stores ([`Kernel::fuses`]): each task reads 16 columns of the gate and the same 16 of the
+/// up projection and stores their gated values alone. Two products (the gate's output
+/// stored, then read back by the up projection's epilogue) write and read three [m, n]
+/// outputs where this writes one, and read the rows once. The same values bit for bit.
+pub fn matmul_gated(
+    kernel: Kernel,
+    x: &Int8Rows,
+    (gate, up): (Projection, Projection),
+    act: Gate,
+) -> Vec<f32> {
+    assert!(
+        kernel.fuses(),
+        "int8 gated product: kernel {} applies no epilogue as it stores",
+        kernel.name()
+    );
+    assert!(
+        gate.0.n == up.0.n && gate.0.k == up.0.k && gate.0.n.is_multiple_of(HALF),
+        "int8 gated product: gate [{}, {}] and up [{}, {}] (rows a multiple of {HALF})",
+        gate.0.n,
+        gate.0.k,
+        up.0.n,
+        up.0.k
+    );
+    let panels = Panels::Pair { gate, up, act };
+    let group = group_rows(x.m, gate.0.kp);
+    let tiled = tile_major_pays(gate.0.kp, 2 * gate.0.n);
+    matmul_grouped(
+        kernel,
+        (x, group, tiled),
+        panels,
+        Epilogue::None,
+        Vec::new(),
+    )
+}
+
+/// A weight and its bias.
+type Projection<'a> = (&'a Int8Weight, Option<&'a [f32]>);
+
+/// Columns of one of a panel's two halves (a B tile of the AMX kernel, a vector of the AVX-512
+/// one): for each group of four inputs, a panel's first 16 columns are its first 64 bytes.
+const HALF: usize = NR / 2;
+
+/// The weights a product's tasks read, one panel of [`NR`] columns each.
+#[derive(Clone, Copy)]
+enum Panels<'a> {
+    /// A weight's own panels, with its bias: output [m, n].
+    One(&'a Int8Weight, Option<&'a [f32]>),
+    /// A gate's and an up projection's ([`matmul_gated`]): panel p is columns 16p.. of the
+    /// gate (its first half) and the same of the up projection (its second half); output
+    /// act(gate) * up [m, n].
+    Pair {
+        gate: Projection<'a>,
+        up: Projection<'a>,
+        act: Gate,
+    },
+}
+
+/// One task's panel: its two halves' bytes, scales, bias, and where its output goes.
+struct PanelParts<'a> {
+    /// The panel as one weight stores it (the non-fused kernels read it): [`Panels::One`].
+    panel: &'a [u8],
+    halves: [*const u8; 2],
+    scales: [f32; NR],
+    bias: [f32; NR],
+    /// Output columns col0..col0 + cols.
+    col0: usize,
+    cols: usize,
+    pair: Option<Gate>,
+}
+
+impl<'a> Panels<'a> {
+    fn kp(&self) -> usize {
+        match self {
+            Panels::One(w, _) => w.kp,
+            Panels::Pair { gate, .. } => gate.0.kp,
+        }
+    }
+
+    /// Columns of the output.
+    fn n(&self) -> usize {
+        match self {
+            Panels::One(w, _) => w.n,
+            Panels::Pair { gate, .. } => gate.0.n,
+        }
+    }
+
+    /// Columns of the product (both projections' for a pair).
+    fn width(&self) -> usize {
+        match self {
+            Panels::One(w, _) => w.n,
+            Panels::Pair { gate, .. } => 2 * gate.0.n,
+        }
+    }
+
+    /// Tasks (panels).
+    fn count(&self) -> usize {
+        self.width().div_ceil(NR)
+    }
+
+    fn part(&self, p: usize) -> PanelParts<'a> {
+        match *self {
+            Panels::One(w, bias) => {
+                let (cols, bias) = super::real::panel_bias::<NR>(bias, w.n, p);
+                let panel = w.panel(p);
+                PanelParts {
+                    panel,
+                    // SAFETY (of the add): within the panel (kp x NR bytes, kp >= 64).
+                    halves: [panel.as_ptr(), unsafe { panel.as_ptr().add(4 * HALF) }],
+                    scales: w.scales[p * NR..(p + 1) * NR]
+                        .try_into()
+                        .expect("NR scales"),
+                    bias,
+                    col0: p * NR,
+                    cols,
+                    pair: None,
+                }
+            }
+            Panels::Pair { gate, up, act } => {
+                // Panel p / 2 of each weight, its half p % 2.
+                let (q, h) = (p / 2, p % 2);
+                let (c0, c1) = (q * NR + h * HALF, q * NR + (h + 1) * HALF);
+                let mut scales = [0f32; NR];
+                let mut bias = [0f32; NR];
+                for (i, (w, b)) in [gate, up].into_iter().enumerate() {
+                    scales[i * HALF..(i + 1) * HALF].copy_from_slice(&w.scales[c0..c1]);
+                    if let Some(b) = b {
+                        bias[i * HALF..(i + 1) * HALF].copy_from_slice(&b[c0..c1]);
+                    }
+                }
+                PanelParts {
+                    panel: gate.0.panel(q),
+                    // SAFETY (of the adds): within each panel (kp x NR bytes, kp >= 64).
+                    halves: [gate.0, up.0]
+                        .map(|w| unsafe { w.panel(q).as_ptr().add(4 * HALF * h) }),
+                    scales,
+                    bias,
+                    col0: p * HALF,
+                    cols: HALF,
+                    pair: Some(act),
+                }
+            }
+        }
+    }
 }
 
 /// Whether the AMX kernel reads the activations from a copy laid out tile by tile
@@ -688,8 +870,7 @@ fn tile_major_pays(kp: usize, n: usize) -> bool {
 fn matmul_grouped(
     kernel: Kernel,
     (x, group, tiled): (&Int8Rows, usize, bool),
-    w: &Int8Weight,
-    bias: Option<&[f32]>,
+    panels: Panels,
     then: Epilogue<&[f32]>,
     mut y: Vec<f32>,
 ) -> Vec<f32> {
@@ -700,20 +881,28 @@ fn matmul_grouped(
         kernel.name()
     );
     assert_eq!(
-        x.kp, w.kp,
+        x.kp,
+        panels.kp(),
         "int8 matmul: inputs of {} and {} values",
-        x.kp, w.kp
+        x.kp,
+        panels.kp()
     );
-    if let Some(b) = bias {
-        assert_eq!(
-            b.len(),
-            w.n,
-            "int8 matmul: bias of {} values for {} columns",
-            b.len(),
-            w.n
-        );
+    let biases = match panels {
+        Panels::One(w, b) => vec![(w, b)],
+        Panels::Pair { gate, up, .. } => vec![gate, up],
+    };
+    for (w, b) in biases {
+        if let Some(b) = b {
+            assert_eq!(
+                b.len(),
+                w.n,
+                "int8 matmul: bias of {} values for {} columns",
+                b.len(),
+                w.n
+            );
+        }
     }
-    let (m, n) = (x.m, w.n);
+    let (m, n) = (x.m, panels.n());
     if let Some(r) = then.operand() {
         assert_eq!(
             r.len(),
@@ -730,8 +919,12 @@ fn matmul_grouped(
     y.reserve(m * n);
     // The threads write disjoint elements (their own panels' columns).
     let out = super::real::SharedMut(y.spare_capacity_mut().as_mut_ptr() as *mut f32);
-    let panels = n.div_ceil(NR);
     let fused = kernel.fuses();
+    assert!(
+        fused || matches!(panels, Panels::One(..)),
+        "int8 gated product with kernel {}",
+        kernel.name()
+    );
     let mut tiles = super::aligned::Aligned::<i8>::new();
     for g0 in (0..m).step_by(group) {
         let mut rows = x.rows(g0..(g0 + group).min(m));
@@ -742,14 +935,16 @@ fn matmul_grouped(
         // SAFETY: row g0 of the output is within its m x n values.
         let y0 = super::real::SharedMut(unsafe { out.ptr().add(g0 * n) });
         let run = |p: usize| {
-            let (cols, bias_panel) = super::real::panel_bias::<NR>(bias, n, p);
+            let part = panels.part(p);
             let tile = Tile {
-                panel: w.panel(p),
-                scales: &w.scales[p * NR..(p + 1) * NR],
-                bias: &bias_panel,
-                cols,
-                col0: p * NR,
+                panel: part.panel,
+                halves: part.halves,
+                scales: &part.scales,
+                bias: &part.bias,
+                cols: part.cols,
+                col0: part.col0,
                 n,
+                pair: part.pair,
                 then: match then {
                     _ if !fused => Epilogue::None,
                     // Row g0 of the operand (m x n values, checked above).
@@ -761,10 +956,10 @@ fn matmul_grouped(
             unsafe { tile.run(kernel, &rows, y0.ptr()) };
         };
         // Work per panel: rows x kp x NR multiply-adds; small products stay on this thread.
-        if rows.m * w.kp * n >= 1 << 22 {
-            (0..panels).into_par_iter().for_each(run);
+        if rows.m * panels.kp() * panels.width() >= 1 << 22 {
+            (0..panels.count()).into_par_iter().for_each(run);
         } else {
-            (0..panels).for_each(run);
+            (0..panels.count()).for_each(run);
         }
     }
     // SAFETY: the tiles wrote all m x n values (every row, every real column of each panel).
@@ -867,7 +1062,12 @@ const EPILOGUE_VALUES_PER_TASK: usize = 1 << 15;
 
 /// One panel of NR columns against all rows.
 struct Tile<'a> {
+    /// The panel as its weight stores it (the kernels that apply no epilogue read it).
     panel: &'a [u8],
+    /// Where its two halves of [`HALF`] columns start (the AVX-512 and AMX kernels read them:
+    /// 64 bytes of each group of four inputs, NR x 4 bytes apart): the panel's first and
+    /// second 64 bytes, or halves of two weights' panels ([`Panels::Pair`]).
+    halves: [*const u8; 2],
     scales: &'a [f32],
     bias: &'a [f32; NR],
     /// Real columns in this panel (<= NR).
@@ -877,6 +1077,9 @@ struct Tile<'a> {
     /// The epilogue the kernel applies as it stores (the AVX-512 ones, [`Kernel::fuses`]; its
     /// operand [rows, n] from the kernel's row 0); None where the product's pass applies it.
     then: Epilogue<*const f32>,
+    /// A gate and an up projection's halves ([`Panels::Pair`]): act(first half) x second
+    /// half stored, [`HALF`] columns.
+    pair: Option<Gate>,
 }
 
 /// Runs a row kernel `kernel::<R>(tile, x, r0, y)` over all rows of `x`: six at a time, then
@@ -902,6 +1105,7 @@ macro_rules! by_six_rows {
 
 impl Tile<'_> {
     unsafe fn run(&self, kernel: Kernel, x: &Rows, y: *mut f32) {
+        debug_assert!(self.pair.is_none() || kernel.fuses());
         match kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Amx if x.m >= AMX_MIN_ROWS => {
@@ -1046,6 +1250,43 @@ mod tests {
     }
 
     #[test]
+    fn the_gated_product_gives_the_two_products_values() {
+        // Rows below a tile (the AVX-512 kernel under AMX), a partial last group, and rows in
+        // groups read tile by tile (k = 1,024, 2 n = 2,048: tile_major_pays); with and without
+        // biases; each activation. Against the gate's product, then the up projection's with
+        // the gate's output in its epilogue, bit for bit.
+        for (m, k, n) in [(5, 96, 48), (100, 130, 80), (70, 1024, 1024)] {
+            let x = random(m * k, 61, 2.0);
+            let rows = Int8Rows::quantize(&x, m, k);
+            let (g, u) = (random(n * k, 62, 0.3), random(n * k, 63, 0.3));
+            let (g, u) = (Int8Weight::pack(&g, n, k), Int8Weight::pack(&u, n, k));
+            let (gb, ub) = (random(n, 64, 1.0), random(n, 65, 1.0));
+            for kernel in Kernel::ALL
+                .into_iter()
+                .filter(|k| k.available() && k.fuses())
+            {
+                for act in [Gate::Silu, Gate::GeluTanh] {
+                    for biases in [(None, None), (Some(&gb[..]), Some(&ub[..]))] {
+                        let a = matmul_then(kernel, &rows, &g, biases.0, Epilogue::None);
+                        let want =
+                            matmul_then(kernel, &rows, &u, biases.1, Epilogue::Gated(act, &a));
+                        let got =
+                            matmul_gated(kernel, &rows, ((&g, biases.0), (&u, biases.1)), act);
+                        assert_eq!(got.len(), m * n);
+                        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                a.to_bits() == b.to_bits(),
+                                "{} {m}x{k}x{n} {act:?} at {i}: {a} vs {b}",
+                                kernel.name()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn groups_of_rows_and_rows_tile_by_tile_give_the_same_values() {
         // Rows 100 and 150: a partial last group (and a partial last tile); enough work for
         // the threads. With each epilogue (its operand read from each group's rows), and the
@@ -1066,7 +1307,8 @@ mod tests {
                 for then in epilogues {
                     let product = |group, tiled| {
                         let x = (&rows, group, tiled);
-                        matmul_grouped(kernel, x, &packed, Some(&bias), then, vec![])
+                        let panels = Panels::One(&packed, Some(&bias));
+                        matmul_grouped(kernel, x, panels, then, vec![])
                     };
                     let whole = product(m, false);
                     for (group, tiled) in [32, 64, 96, m]

@@ -44,8 +44,18 @@ fn flipped(j: usize) -> bool {
 
 /// The sign flips of inputs 16 c .. 16 c + 16 as a bit mask (bit i: input 16 c + i).
 fn flips16(c: usize) -> u16 {
+    flips_from(masks(), c)
+}
+
+/// The table of [`flips16`] for inputs below [`TABLE`] (made once).
+fn masks() -> &'static [u16] {
     static MASKS: OnceLock<Vec<u16>> = OnceLock::new();
-    let masks = MASKS.get_or_init(|| (0..TABLE / 16).map(compute_flips16).collect());
+    MASKS.get_or_init(|| (0..TABLE / 16).map(compute_flips16).collect())
+}
+
+/// [`flips16`] from the table [`masks`] (taken once by a loop over many vectors).
+#[inline(always)]
+fn flips_from(masks: &[u16], c: usize) -> u16 {
     match masks.get(c) {
         Some(&m) => m,
         None => compute_flips16(c),
@@ -198,11 +208,13 @@ unsafe fn rotate_avx512(src: *const f32, p: *mut f32, n: usize, s: usize) -> f32
 unsafe fn chunks<const V: usize>(src: *const f32, p: *mut f32, n: usize, track: bool) -> __m512 {
     let sign = _mm512_set1_epi32(i32::MIN);
     let mut m = _mm512_setzero_ps();
+    let masks = masks();
     for chunk in 0..n / (16 * V) {
         let mut r: [__m512; V] = std::array::from_fn(|i| {
             let c = chunk * V + i;
             let v = _mm512_castps_si512(_mm512_loadu_ps(src.add(16 * c)));
-            let mut v = _mm512_castsi512_ps(_mm512_mask_xor_epi32(v, flips16(c), v, sign));
+            let flips = flips_from(masks, c);
+            let mut v = _mm512_castsi512_ps(_mm512_mask_xor_epi32(v, flips, v, sign));
             v = stage(v, _mm512_permute_ps::<0b10_11_00_01>(v), 0xAAAA);
             v = stage(v, _mm512_permute_ps::<0b01_00_11_10>(v), 0xCCCC);
             v = stage(v, _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v), 0xF0F0);

@@ -105,7 +105,6 @@ pub(super) unsafe fn quantize_avx2(values: &[f32], out: &mut [MaybeUninit<i8>]) 
 pub(super) unsafe fn vnni512<const R: usize>(t: &Tile, x: &Rows, r0: usize, y: *mut f32) {
     let xrows: [*const u8; R] =
         std::array::from_fn(|i| x.q.as_ptr().add((r0 + i) * x.kp) as *const u8);
-    let wp = t.panel.as_ptr();
     super::amx::prefetch_output(y, (t.n, t.col0, t.cols), r0..r0 + R);
     super::amx::prefetch_operand(t, r0..r0 + R);
     let mut iacc = [[_mm512_setzero_si512(); 2]; R];
@@ -114,9 +113,8 @@ pub(super) unsafe fn vnni512<const R: usize>(t: &Tile, x: &Rows, r0: usize, y: *
         iacc[i] = [c, c];
     }
     for g in 0..x.kp / 4 {
-        let w = wp.add(g * NR * 4);
-        let w0 = _mm512_loadu_si512(w as *const _);
-        let w1 = _mm512_loadu_si512(w.add(64) as *const _);
+        let w0 = _mm512_loadu_si512(t.halves[0].add(g * NR * 4) as *const _);
+        let w1 = _mm512_loadu_si512(t.halves[1].add(g * NR * 4) as *const _);
         for i in 0..R {
             let xv = _mm512_set1_epi32((xrows[i].add(4 * g) as *const i32).read_unaligned());
             iacc[i][0] = _mm512_dpbusd_epi32(iacc[i][0], w0, xv);
@@ -226,6 +224,16 @@ pub(super) unsafe fn scaled(p: __m512i, xs: __m512, ws: __m512) -> __m512 {
 pub(super) unsafe fn store_row(t: &Tile, acc: [__m512; 2], r: usize, y: *mut f32) {
     let at = r * t.n + t.col0;
     let bias = |h: usize| _mm512_loadu_ps(t.bias.as_ptr().add(16 * h));
+    if let Some(gate) = t.pair {
+        // act(gate's 16 values) x the up projection's: what the gate's output, stored and
+        // read back by the up projection's epilogue, gives.
+        let (g, u) = (
+            _mm512_add_ps(acc[0], bias(0)),
+            _mm512_add_ps(acc[1], bias(1)),
+        );
+        _mm512_storeu_ps(y.add(at), gated16(gate, g, u));
+        return;
+    }
     match t.then {
         Epilogue::None if t.cols == NR => {
             for h in 0..2 {
@@ -279,25 +287,30 @@ unsafe fn then16(then: Epilogue<*const f32>, y: __m512, at: usize, mask: __mmask
         Epilogue::None => y,
         Epilogue::Add(r) => _mm512_add_ps(_mm512_maskz_loadu_ps(mask, r.add(at)), y),
         Epilogue::Gelu => super::gelu::gelu16(y),
-        Epilogue::Gated(gate, g) => {
-            let (mut v, mut a) = ([0f32; 16], [0f32; 16]);
-            _mm512_storeu_ps(v.as_mut_ptr(), y);
-            _mm512_storeu_ps(a.as_mut_ptr(), _mm512_maskz_loadu_ps(mask, g.add(at)));
-            match gate {
-                Gate::Silu => {
-                    for (y, &a) in v.iter_mut().zip(&a) {
-                        *y *= Gate::Silu.eval(a).0;
-                    }
-                }
-                Gate::GeluTanh => {
-                    for (y, &a) in v.iter_mut().zip(&a) {
-                        *y *= Gate::GeluTanh.eval(a).0;
-                    }
-                }
+        Epilogue::Gated(gate, g) => gated16(gate, _mm512_maskz_loadu_ps(mask, g.add(at)), y),
+    }
+}
+
+/// act(g) x y for 16 values, lane by lane as [`crate::ops::simd::gated_in_place`] computes it.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn gated16(gate: Gate, g: __m512, y: __m512) -> __m512 {
+    let (mut v, mut a) = ([0f32; 16], [0f32; 16]);
+    _mm512_storeu_ps(v.as_mut_ptr(), y);
+    _mm512_storeu_ps(a.as_mut_ptr(), g);
+    match gate {
+        Gate::Silu => {
+            for (y, &a) in v.iter_mut().zip(&a) {
+                *y *= Gate::Silu.eval(a).0;
             }
-            _mm512_loadu_ps(v.as_ptr())
+        }
+        Gate::GeluTanh => {
+            for (y, &a) in v.iter_mut().zip(&a) {
+                *y *= Gate::GeluTanh.eval(a).0;
+            }
         }
     }
+    _mm512_loadu_ps(v.as_ptr())
 }
 
 /// Rows r0..r0+R, columns c8..c8+8 of the tile with AVX2: the unsigned weight bytes widened
