@@ -1462,8 +1462,12 @@ mod tests {
             {
                 continue;
             }
-            // Every length up to 40 (tails), and the whole set.
-            for len in (1..40).chain([values.len()]) {
+            // Every length up to 40 (tails), 64 and more (whole blocks of 64 and a tail), and
+            // the whole set; and values so small that 127 / max overflows (infinite scaled
+            // values, NaN for zeros: the clamp's path).
+            let tiny: Vec<f32> = (0..150).map(|i| (i % 3) as f32 * -1e-38).collect();
+            let lengths = (1..40).chain([64, 100, 130, values.len()]);
+            for (values, len) in lengths.map(|len| (&values, len)).chain([(&tiny, 150)]) {
                 // Poisoned outputs: every value must be written.
                 let mut want = vec![99i8; len];
                 let mut got = vec![-99i8; len];
