@@ -200,10 +200,7 @@ fn bench(command: BenchCommand) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    // One heap for every command but the training benchmark (runtime::tune_allocator): the
-    // others spend their time in frozen forwards (features, decoding, linear probes).
-    let args: Vec<String> = std::env::args().skip(1).take(2).collect();
-    ws2s::runtime::tune_allocator(args != ["bench", "train"]);
+    ws2s::runtime::tune_allocator();
     ws2s::runtime::tune_threads();
     let cli = Cli::parse();
     if let Err(err) = ws2s::ops::check_env() {

@@ -11,17 +11,7 @@
 /// is returned to the system at exit rather than between steps. A no-op on other platforms.
 /// Setting the environment variable `WS2S_DEFAULT_ALLOCATOR` (to anything) keeps glibc's
 /// defaults, and its `MALLOC_*_` variables then apply.
-///
-/// With `one_arena`, every thread allocates from one heap (glibc gives each thread that meets
-/// a locked heap an arena of its own). Buffers of a forward then land in memory an earlier
-/// forward touched: with an arena per thread, each arena grew to its own high-water mark
-/// over the first forwards, and buffers placed in its fresh memory paid a page fault per page
-/// (MiniLM-L6's int8 forward 32x32: 1,800-3,200 faults in each of its first three timed
-/// forwards, 14-17.5 ms against 13.7 ms without; none after the warm-up with one arena; Intel
-/// Xeon model 207, `ws2s bench forward`). Training steps, which allocate small buffers from
-/// both threads at once, were 3-4% slower with one arena (MiniLM) and 3-7% faster (Qwen2.5-0.5B
-/// full), so `ws2s bench train` keeps the arenas.
-pub fn tune_allocator(one_arena: bool) {
+pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("WS2S_DEFAULT_ALLOCATOR").is_none() {
         const MIB: libc::c_int = 1 << 20;
@@ -34,13 +24,8 @@ pub fn tune_allocator(one_arena: bool) {
             // -1 is SIZE_MAX once glibc converts it: never trim.
             libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
             libc::mallopt(libc::M_TOP_PAD, 256 * MIB);
-            if one_arena {
-                libc::mallopt(libc::M_ARENA_MAX, 1);
-            }
         }
     }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    let _ = one_arena;
 }
 
 /// Allocations of at least this many bytes are advised to use transparent huge pages.
