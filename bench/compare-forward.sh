@@ -5,9 +5,13 @@
 # decoding (Qwen2.5-Coder-0.5B shape, 8 prompts of 24 tokens, beam 5, exactly 40 new tokens, KV
 # cache on both sides). PyTorch runs models of the same shapes with random weights (transformers,
 # from each model's config) in f32 and in bf16; the faster of the two is PyTorch's time. Sides
-# take turns, with the same number of threads; each side's time is the median of its runs.
+# take turns, with the same number of threads; each side's time is the median of its runs,
+# timed after the same number of untimed warm-up runs on both sides (--warmup, default 3: the
+# first forwards of a process are slower on both sides while their memory is faulted in; a
+# 13 ms MiniLM forward paid 1-4 ms of page faults in each of its first three timed runs after
+# one warm-up).
 # Installs PyTorch and transformers into a throwaway venv (bench/.venv) when missing.
-#   bench/compare-forward.sh [--precision auto|f32|int8|bf16x2] [--repeats N] [--rounds N]
+#   bench/compare-forward.sh [--precision auto|f32|int8|bf16x2] [--repeats N] [--warmup N] [--rounds N]
 #                            [--models "a b .."] [--no-decode] [--isa native|avx2|avxvnni]
 # (--models "" measures decoding only; auto: int8 features where the CPU has AVX-512 VNNI,
 # bf16x2 decoding where it has AMX-BF16.)
@@ -17,6 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 precision=auto
 repeats=3
+warmup=3
 rounds=1
 models="all-minilm-l6-v2 smollm2-135m gemma3-270m qwen2.5-coder-0.5b qwen2.5-coder-1.5b"
 decode=1
@@ -27,11 +32,12 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --precision) precision="$2"; shift 2 ;;
     --repeats) repeats="$2"; shift 2 ;;
+    --warmup) warmup="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
     --models) models="$2"; shift 2 ;;
     --no-decode) decode=0; shift ;;
     --isa) isa="$2"; shift 2 ;;
-    *) echo "usage: bench/compare-forward.sh [--precision P] [--repeats N] [--rounds N] [--models \"a b\"] [--no-decode] [--isa native|avx2|avxvnni]" >&2; exit 2 ;;
+    *) echo "usage: bench/compare-forward.sh [--precision P] [--repeats N] [--warmup N] [--rounds N] [--models \"a b\"] [--no-decode] [--isa native|avx2|avxvnni]" >&2; exit 2 ;;
   esac
 done
 threads="${BENCH_THREADS:-$(nproc)}"
@@ -51,12 +57,12 @@ config_of() {
 run_ws2s() { # model, bench args...
   local model="$1"; shift
   env "${ws2s_env[@]}" RAYON_NUM_THREADS="$threads" "$ws2s" bench "$@" --model "$model" --precision "$precision" \
-    --repeats "$repeats" --json | python3 -c "import json,sys; r=json.load(sys.stdin); r['side']='ws2s'; r['name']='$model'; r['round']=$round; print(json.dumps(r))" >> "$out/runs.jsonl"
+    --repeats "$repeats" --warmup "$warmup" --json | python3 -c "import json,sys; r=json.load(sys.stdin); r['side']='ws2s'; r['name']='$model'; r['round']=$round; print(json.dumps(r))" >> "$out/runs.jsonl"
 }
 run_torch() { # model, dtype, mode args...
   local model="$1" dtype="$2"; shift 2
   env "${torch_env[@]}" BENCH_THREADS="$threads" "$venv/bin/python" bench/pytorch_infer.py --config "$out/$model.json" \
-    --dtype "$dtype" --repeats "$repeats" "$@" | python3 -c "import json,sys; r=json.load(sys.stdin); r['name']='$model'; r['round']=$round; print(json.dumps(r))" >> "$out/runs.jsonl"
+    --dtype "$dtype" --repeats "$repeats" --warmup "$warmup" "$@" | python3 -c "import json,sys; r=json.load(sys.stdin); r['name']='$model'; r['round']=$round; print(json.dumps(r))" >> "$out/runs.jsonl"
 }
 measure() { # model, ws2s args (quoted), torch args (quoted)
   local model="$1" wargs="$2" targs="$3"
@@ -81,9 +87,9 @@ if [ "$decode" = 1 ]; then
 fi
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')
 flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|avx512f|avx512_bf16|avx512_vnni|avx_vnni|amx_bf16|amx_int8)$' | tr '\n' ' ')
-python3 - "$out/runs.jsonl" "$cpu" "$flags" "$threads" "$isa" <<'PY'
+python3 - "$out/runs.jsonl" "$cpu" "$flags" "$threads" "$isa" "$warmup" <<'PY'
 import json, statistics, sys
-path, cpu, flags, threads, isa = sys.argv[1:]
+path, cpu, flags, threads, isa, warmup = sys.argv[1:]
 rows = [json.loads(l) for l in open(path)]
 def key(r):
     return (r["name"], r["workload"])
@@ -98,7 +104,7 @@ if isa != "native":
     print(f"Instruction sets capped at {isa} on both sides (ws2s: WS2S_MAX_ISA={isa}, gemm built "
           f"without AVX-512; PyTorch: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, "
           f"MKL_ENABLE_INSTRUCTIONS; ATen reports {', '.join(caps)})")
-print(f"PyTorch {torch_version}; times are medians over runs (and rounds); ratio = ws2s time / PyTorch's best time; "
+print(f"PyTorch {torch_version}; times are medians over runs (and rounds), each side after {warmup} untimed runs; ratio = ws2s time / PyTorch's best time; "
       "per round: the same ratio from each round's runs alone (sides run in turn within a round), lowest-highest\n")
 print("| model | workload | ws2s (precision, kernel) tok/s | CPU busy | PyTorch f32 tok/s | PyTorch bf16 tok/s | ratio | per round |")
 print("|---|---|---|---|---|---|---|---|")

@@ -22,8 +22,9 @@ def cpu_seconds():
     return u.ru_utime + u.ru_stime
 
 
-def timed(repeats, run):
-    run()
+def timed(warmup, repeats, run):
+    for _ in range(max(1, warmup)):
+        run()
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     times = []
     for _ in range(max(1, repeats)):
@@ -39,6 +40,7 @@ def main():
     p.add_argument("--config", required=True)
     p.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (at least one)")
     sub = p.add_subparsers(dest="mode", required=True)
     f = sub.add_parser("forward")
     f.add_argument("--batch", type=int, default=32)
@@ -93,7 +95,7 @@ def main():
 
         tokens = a.prompts * a.new_tokens
         workload = f"decode {a.prompts}x{a.prompt_len} beam {a.beams} +{a.new_tokens}"
-    runs, med, util = timed(a.repeats, run)
+    runs, med, util = timed(a.warmup, a.repeats, run)
     print(json.dumps({
         "side": "pytorch",
         "dtype": a.dtype,

@@ -283,8 +283,15 @@ impl InferenceTimes {
     }
 }
 
-fn time_runs(repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<(Vec<f64>, f64, f64)> {
-    run()?;
+/// `run` `warmup` times (at least once), then `repeats` times timed: (times, median, share of
+/// the threads' CPU time busy during the timed runs).
+fn time_runs(
+    (warmup, repeats): (usize, usize),
+    mut run: impl FnMut() -> Result<()>,
+) -> Result<(Vec<f64>, f64, f64)> {
+    for _ in 0..warmup.max(1) {
+        run()?;
+    }
     let (cpu0, wall0) = (cpu_seconds(), Instant::now());
     let mut times = Vec::new();
     for _ in 0..repeats.max(1) {
@@ -341,7 +348,7 @@ fn load_for_inference(
 /// random token ids, with nothing cached.
 pub fn bench_forward(
     name: &str,
-    (batch, seq_len, repeats): (usize, usize, usize),
+    (batch, seq_len, repeats): (usize, usize, (usize, usize)),
     precision: crate::ops::Precision,
     device: &Device,
 ) -> Result<InferenceTimes> {
@@ -377,7 +384,7 @@ pub fn bench_forward(
 /// token ids, exactly `new_tokens` new tokens each (no end-of-sequence token).
 pub fn bench_decode(
     name: &str,
-    (prompts, prompt_len, beams, new_tokens, repeats): (usize, usize, usize, usize, usize),
+    (prompts, prompt_len, beams, new_tokens, repeats): (usize, usize, usize, usize, (usize, usize)),
     precision: crate::ops::Precision,
     device: &Device,
 ) -> Result<InferenceTimes> {

@@ -290,9 +290,13 @@ pub(crate) enum BenchCommand {
 /// The flags both inference benchmarks take.
 #[derive(Args)]
 pub(crate) struct InferenceFlags {
-    /// Timed repetitions (after one warm-up).
+    /// Timed repetitions (after the warm-up runs).
     #[arg(long, value_parser = at_least_one, default_value_t = 3)]
     pub(crate) repeats: usize,
+    /// Untimed runs first (at least one: the first run also faults in the memory later runs
+    /// reuse).
+    #[arg(long, value_parser = at_least_one, default_value_t = 1)]
+    pub(crate) warmup: usize,
     /// Where the model runs: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub(crate) device: DeviceSetting,
