@@ -7,9 +7,9 @@
 # from each model's config) in f32 and in bf16; the faster of the two is PyTorch's time. Sides
 # take turns, with the same number of threads; each side's time is the median of its runs,
 # timed after the same number of untimed warm-up runs on both sides (--warmup, default 3: the
-# first forwards of a process are slower on both sides while their memory is faulted in; a
-# 13 ms MiniLM forward paid 1-4 ms of page faults in each of its first three timed runs after
-# one warm-up).
+# first forwards of a process are slower on both sides while their memory is faulted in: after
+# one warm-up, a 13-14 ms MiniLM forward paid up to 3,200 page faults, 14-17.5 ms, in its first
+# three timed runs).
 # Installs PyTorch and transformers into a throwaway venv (bench/.venv) when missing.
 #   bench/compare-forward.sh [--precision auto|f32|int8|bf16x2] [--repeats N] [--warmup N] [--rounds N]
 #                            [--models "a b .."] [--no-decode] [--isa native|avx2|avxvnni]
