@@ -103,6 +103,7 @@ def main():
         "tokens": tokens,
         "median_s": med,
         "runs": runs,
+        "warmup": max(1, a.warmup),
         "tokens_per_s": tokens / med,
         "cpu_utilisation": util,
         "threads": torch.get_num_threads(),

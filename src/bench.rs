@@ -249,6 +249,8 @@ pub struct InferenceTimes {
     pub cpu_utilisation: f64,
     pub threads: usize,
     pub load_s: f64,
+    /// Untimed runs before `runs`.
+    pub warmup: usize,
 }
 
 impl InferenceTimes {
@@ -257,7 +259,7 @@ impl InferenceTimes {
         model: &Model,
         precision: crate::ops::Precision,
         (workload, tokens): (String, usize),
-        (runs, median_s, cpu_utilisation, load_s): (Vec<f64>, f64, f64, f64),
+        (runs, median_s, cpu_utilisation, load_s, warmup): (Vec<f64>, f64, f64, f64, usize),
         device: &Device,
     ) -> InferenceTimes {
         // On a GPU the frozen weights are bf16 and candle's CUDA kernels run.
@@ -279,6 +281,7 @@ impl InferenceTimes {
             cpu_utilisation,
             threads: rayon::current_num_threads(),
             load_s,
+            warmup,
         }
     }
 }
@@ -369,7 +372,7 @@ pub fn bench_forward(
         Ok(())
     })?;
     let workload = format!("forward {batch}x{seq_len}");
-    let timed = (runs, median_s, cpu_utilisation, load_s);
+    let timed = (runs, median_s, cpu_utilisation, load_s, repeats.0.max(1));
     Ok(InferenceTimes::new(
         name,
         &model,
@@ -419,7 +422,7 @@ pub fn bench_decode(
         Ok(())
     })?;
     let workload = format!("decode {prompts}x{prompt_len} beam {beams} +{new_tokens}");
-    let timed = (runs, median_s, cpu_utilisation, load_s);
+    let timed = (runs, median_s, cpu_utilisation, load_s, repeats.0.max(1));
     let mut times = InferenceTimes::new(
         name,
         &model,
