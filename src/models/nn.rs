@@ -491,13 +491,13 @@ fn int8_gated_mlp(
     };
     let mlp = |x: &Tensor, residual: Option<&Tensor>| -> Result<Tensor> {
         let q = QuantizedInput::new(x)?;
-        let biases = (gate.bias.as_ref(), up.bias.as_ref());
+        let (gb, ub) = (gate.bias.as_ref(), up.bias.as_ref());
         // One product for both projections where the kernel allows it, else two.
-        let h = match q.gated((g, u), biases, act)? {
+        let h = match q.gated((g, u), (gb, ub), act)? {
             Some(h) => h,
-            _ => {
-                let a = q.linear(g, gate.bias.as_ref())?;
-                q.linear_then(u, up.bias.as_ref(), Epilogue::Gated(act, &a))?
+            None => {
+                let a = q.linear(g, gb)?;
+                q.linear_then(u, ub, Epilogue::Gated(act, &a))?
             }
         };
         let then = residual.map_or(Epilogue::None, Epilogue::Add);

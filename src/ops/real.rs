@@ -94,17 +94,7 @@ fn par_row_pieces<T: Real>(
 ) -> Vec<T> {
     let block = rows_per_task(cols) * cols;
     let piece = (PIECE_VALUES / cols.max(1)).max(1) * cols;
-    par_blocks_out_uninit(len, block, |i, o| {
-        for (j, p) in o.chunks_mut(piece).enumerate() {
-            for v in p.iter_mut() {
-                v.write(T::from(0.0));
-            }
-            // SAFETY: every value of the piece was just initialized.
-            let p = unsafe { &mut *(p as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
-            let start = i * block + j * piece;
-            f(start..start + p.len(), p)
-        }
-    })
+    par_pieces_out(len, (block, piece), |start, p| f(start..start + p.len(), p))
 }
 
 /// A new vector of `len` values filled by `f(block index, block)` over blocks of `block`
@@ -115,30 +105,35 @@ pub(crate) fn par_blocks_out<T: Real>(
     block: usize,
     f: impl Fn(usize, &mut [T]) + Sync,
 ) -> Vec<T> {
-    par_blocks_out_uninit(len, block, |i, o| {
-        for v in o.iter_mut() {
-            v.write(T::from(0.0));
-        }
-        // SAFETY: every value of the block was just initialized.
-        let o = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
-        f(i, o)
-    })
+    let block = block.max(1);
+    par_pieces_out(len, (block, block), |start, o| f(start / block, o))
 }
 
-/// A new vector of `len` values, `f(block index, block)` over blocks of `block` values in
-/// parallel; `f` must initialize every value of its block.
-fn par_blocks_out_uninit<T: Real>(
+/// A new vector of `len` values, one task per block of `block` values in parallel; each task
+/// zeroes a piece of `piece` values of its block and fills it, `f(piece's start, piece)`, then
+/// the next.
+fn par_pieces_out<T: Real>(
     len: usize,
-    block: usize,
-    f: impl Fn(usize, &mut [std::mem::MaybeUninit<T>]) + Sync,
+    (block, piece): (usize, usize),
+    f: impl Fn(usize, &mut [T]) + Sync,
 ) -> Vec<T> {
     use rayon::prelude::*;
+    let (block, piece) = (block.max(1), piece.max(1));
     let mut out: Vec<T> = Vec::with_capacity(len);
     out.spare_capacity_mut()[..len]
-        .par_chunks_mut(block.max(1))
+        .par_chunks_mut(block)
         .enumerate()
-        .for_each(|(i, o)| f(i, o));
-    // SAFETY: the blocks cover all len values, each initialized by f.
+        .for_each(|(i, o)| {
+            for (j, p) in o.chunks_mut(piece).enumerate() {
+                for v in p.iter_mut() {
+                    v.write(T::from(0.0));
+                }
+                // SAFETY: every value of the piece was just initialized.
+                let p = unsafe { &mut *(p as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+                f(i * block + j * piece, p)
+            }
+        });
+    // SAFETY: the pieces cover all len values, each initialized above.
     unsafe { out.set_len(len) };
     out
 }

@@ -388,8 +388,7 @@ impl QuantizedInput {
         bias: Option<&Tensor>,
         then: Epilogue<&Tensor>,
     ) -> Result<Tensor> {
-        let mut dims = self.lead.clone();
-        dims.push(w.n);
+        let dims = self.output_dims(w.n);
         let operand = match then.operand() {
             Some(t) if t.dims() != dims.as_slice() => candle_core::bail!(
                 "int8 linear: an operand of shape {:?} for an output of shape {dims:?}",
@@ -420,28 +419,24 @@ impl QuantizedInput {
         act: Gate,
     ) -> Result<Option<Tensor>> {
         let kernel = Kernel::detected();
-        if !(kernel.fuses()
-            && gate.n == up.n
-            && gate.k == up.k
-            && gate.n.is_multiple_of(HALF)
-            && self.rows.kp == gate.kp)
-        {
+        if !(kernel.fuses() && pairs(gate, up) && self.rows.kp == gate.kp) {
             return Ok(None);
         }
-        let values = |b: Option<&Tensor>| {
-            b.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
-                .transpose()
-        };
-        let (gb, ub) = (values(gate_bias)?, values(up_bias)?);
+        let (gb, ub) = (bias_values(gate_bias)?, bias_values(up_bias)?);
         let y = matmul_gated(
             kernel,
             &self.rows,
             ((gate, gb.as_deref()), (up, ub.as_deref())),
             act,
         );
+        Tensor::from_vec(y, self.output_dims(gate.n), &self.device).map(Some)
+    }
+
+    /// The output's shape: the input's leading dimensions, then `n`.
+    fn output_dims(&self, n: usize) -> Vec<usize> {
         let mut dims = self.lead.clone();
-        dims.push(gate.n);
-        Tensor::from_vec(y, dims, &self.device).map(Some)
+        dims.push(n);
+        dims
     }
 
     fn product(
@@ -458,9 +453,7 @@ impl QuantizedInput {
                 w.k
             );
         }
-        let bias = bias
-            .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
-            .transpose()?;
+        let bias = bias_values(bias)?;
         Ok(matmul_then(
             Kernel::detected(),
             &self.rows,
@@ -469,6 +462,12 @@ impl QuantizedInput {
             then,
         ))
     }
+}
+
+/// A bias tensor's values in f32.
+fn bias_values(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
+    bias.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+        .transpose()
 }
 
 /// x W^T + bias with W in int8, x [.., k] quantized on the fly (inference only: no gradient).
@@ -724,7 +723,7 @@ pub fn matmul_gated(
         kernel.name()
     );
     assert!(
-        gate.0.n == up.0.n && gate.0.k == up.0.k && gate.0.n.is_multiple_of(HALF),
+        pairs(gate.0, up.0),
         "int8 gated product: gate [{}, {}] and up [{}, {}] (rows a multiple of {HALF})",
         gate.0.n,
         gate.0.k,
@@ -741,6 +740,12 @@ pub fn matmul_gated(
         Epilogue::None,
         Vec::new(),
     )
+}
+
+/// Whether a gate and an up projection can run as one product ([`matmul_gated`]): the same
+/// shape, whose rows (output columns) are whole halves of panels.
+fn pairs(gate: &Int8Weight, up: &Int8Weight) -> bool {
+    gate.n == up.n && gate.k == up.k && gate.n.is_multiple_of(HALF)
 }
 
 /// A weight and its bias.
@@ -888,10 +893,10 @@ fn matmul_grouped(
         panels.kp()
     );
     let biases = match panels {
-        Panels::One(w, b) => vec![(w, b)],
-        Panels::Pair { gate, up, .. } => vec![gate, up],
+        Panels::One(w, b) => [Some((w, b)), None],
+        Panels::Pair { gate, up, .. } => [Some(gate), Some(up)],
     };
-    for (w, b) in biases {
+    for (w, b) in biases.into_iter().flatten() {
         if let Some(b) = b {
             assert_eq!(
                 b.len(),
