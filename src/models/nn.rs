@@ -492,15 +492,15 @@ fn int8_gated_mlp(
     let mlp = |x: &Tensor, residual: Option<&Tensor>| -> Result<Tensor> {
         let q = QuantizedInput::new(x)?;
         let (gb, ub) = (gate.bias.as_ref(), up.bias.as_ref());
-        // One product for both projections where the kernel allows it, else two.
-        let h = match q.gated((g, u), (gb, ub), act)? {
-            Some(h) => h,
-            None => {
-                let a = q.linear(g, gb)?;
-                q.linear_then(u, ub, Epilogue::Gated(act, &a))?
-            }
-        };
         let then = residual.map_or(Epilogue::None, Epilogue::Add);
+        // One product for both projections, quantized for the down projection as it goes,
+        // where the kernel allows it; else the gated output in f32, then quantized.
+        if let Some(h) = q.gated_quantized((g, u), (gb, ub), act)? {
+            return h.linear_then(d, down.bias.as_ref(), then);
+        }
+        // One product for both projections where the kernel allows it, else two.
+        let a = q.linear(g, gb)?;
+        let h = q.linear_then(u, ub, Epilogue::Gated(act, &a))?;
         QuantizedInput::new(&h)?.linear_then(d, down.bias.as_ref(), then)
     };
     let k = x.dim(D::Minus1)?;
@@ -589,8 +589,11 @@ pub fn gelu_mlp_norm(
     (up, down): (&Linear, &Linear),
     norm: &LayerNorm,
 ) -> Result<Tensor> {
-    if up.int8().is_some() && down.int8().is_some() {
-        return norm.forward_after(down, &up.forward_then(x, Epilogue::Gelu)?, x);
+    if let (Some(u), Some(d)) = (up.int8(), down.int8()) {
+        // The up projection's GELU output goes to the down projection already quantized
+        // (never stored whole in f32), the residual is added as the down projection stores.
+        let h = QuantizedInput::new(x)?.linear_quantized(u, up.bias.as_ref(), Epilogue::Gelu)?;
+        return norm.forward(&h.linear_then(d, down.bias.as_ref(), Epilogue::Add(x))?);
     }
     norm.forward_residual(&gelu_mlp(x, up, down)?, x)
 }
