@@ -7,6 +7,7 @@
 use super::config::ConfigJson;
 use super::nn::{self, LayerNorm, Linear};
 use super::params::Params;
+use crate::ops::int8::Epilogue;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -231,21 +232,35 @@ impl Bert {
                 x = y;
                 continue;
             }
-            let [q, k, v] = nn::project_shared(&x, [&layer.query, &layer.key, &layer.value])?;
-            let attn = crate::ops::attention::attention(
-                &q,
-                &k,
-                &v,
-                &attn_mask,
-                (c.num_heads, c.num_heads),
-                scale,
-            )?;
-            let (attn, residual) = nn::kept_positions(attn, x, keep)?;
-            let a = layer.attention_output_layer_norm.forward_after(
-                &layer.attention_output_dense,
-                &attn,
-                &residual,
-            )?;
+            let attention = [&layer.query, &layer.key, &layer.value];
+            let quantized = match keep {
+                None => nn::int8_self_attention(&x, attention, &attn_mask, c.num_heads, scale)?,
+                Some(_) => None,
+            };
+            let dense = &layer.attention_output_dense;
+            let a = match (quantized, dense.int8()) {
+                // The attention's output already quantized for its projection, the residual
+                // added as the projection stores.
+                (Some(attn), Some(w)) => {
+                    let y = attn.linear_then(w, dense.bias.as_ref(), Epilogue::Add(&x))?;
+                    layer.attention_output_layer_norm.forward(&y)?
+                }
+                _ => {
+                    let [q, k, v] = nn::project_shared(&x, attention)?;
+                    let attn = crate::ops::attention::attention(
+                        &q,
+                        &k,
+                        &v,
+                        &attn_mask,
+                        (c.num_heads, c.num_heads),
+                        scale,
+                    )?;
+                    let (attn, residual) = nn::kept_positions(attn, x, keep)?;
+                    layer
+                        .attention_output_layer_norm
+                        .forward_after(dense, &attn, &residual)?
+                }
+            };
             x = nn::gelu_mlp_norm(
                 &a,
                 (&layer.intermediate_dense, &layer.output_dense),

@@ -332,7 +332,7 @@ impl Linear {
     }
 
     /// The int8 weight, when packed and used (no adapter).
-    fn int8(&self) -> Option<&Int8Weight> {
+    pub fn int8(&self) -> Option<&Int8Weight> {
         self.packed.as_deref().filter(|_| self.lora.is_none())
     }
 
@@ -580,6 +580,58 @@ pub fn gelu_mlp(x: &Tensor, up: &Linear, down: &Linear) -> Result<Tensor> {
         }
     }
     down.forward(&crate::ops::activation::gelu_erf(&h)?)
+}
+
+/// Self-attention's output (no output projection), quantized for that projection: in int8
+/// with the AMX kernel, tasks of whole sequences (at least 64 rows, a multiple of 16) project
+/// their rows to queries, keys and values, attend and quantize the result while all of it is
+/// in the core's L2, so none of the four [m, hidden] f32 tensors is written whole and read
+/// back. `x` [B, T, hidden], `mask` the additive [B, 1, T, T], `layers` the query, key and
+/// value projections (as many heads each). The same values as the separate steps
+/// ([`project_shared`], [`crate::ops::attention::attention`], [`QuantizedInput::new`]); None
+/// where the layers are not packed in int8 or the shapes or kernel do not allow it.
+pub fn int8_self_attention(
+    x: &Tensor,
+    layers: [&Linear; 3],
+    mask: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Option<QuantizedInput>> {
+    let [Some(wq), Some(wk), Some(wv)] = layers.map(|l| l.int8()) else {
+        return Ok(None);
+    };
+    let (b, t, _) = x.dims3()?;
+    let width = wq.rows();
+    let d = width / heads.max(1);
+    if heads == 0
+        || d * heads != width
+        || wk.rows() != width
+        || wv.rows() != width
+        || !crate::ops::attention_infer::supports(d)
+        || mask.dims() != [b, 1, t, t]
+    {
+        return Ok(None);
+    }
+    // Whole sequences per task: at least 64 rows, a multiple of 16.
+    let Some(per_task) = (1..=b).find(|s| s * t >= 64 && (s * t).is_multiple_of(16)) else {
+        return Ok(None);
+    };
+    let mask = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let biases = layers.map(|l| l.bias.as_ref());
+    let weights = [(wq, biases[0]), (wk, biases[1]), (wv, biases[2])];
+    QuantizedInput::new(x)?.products_then(weights, (per_task * t, width), |r0, [q, k, v], out| {
+        let (b0, seqs) = (r0 / t, out.len() / (t * width));
+        let dims = crate::ops::attention::Dims {
+            b: seqs,
+            tq: t,
+            tk: t,
+            heads,
+            kv_heads: heads,
+            d,
+        };
+        let mask = &mask[b0 * t * t..(b0 + seqs) * t * t];
+        crate::ops::attention_infer::forward_serial((q, k, v), mask, dims, scale as f32, out);
+    })
 }
 
 /// norm([`gelu_mlp`](x) + x) (BERT's feed-forward block, its residual and post-norm): in int8
@@ -1087,6 +1139,42 @@ mod tests {
             let got = gelu_mlp_norm(&input, (&up, &down), &block).unwrap();
             assert_eq!(bits(&got), bits(&want), "{precision:?}");
         }
+    }
+
+    #[test]
+    fn int8_self_attention_equals_its_steps() {
+        // Six sequences of 16 (tasks of four: 64 rows, then 32), padded keys, four heads of 16.
+        let (b, t, h, heads) = (6, 16, 64, 4);
+        let x = tensor(&[b, t, h], 21, 1.5);
+        let [q, k, v] = [22, 24, 26].map(|seed| linear(h, h, seed, Precision::Int8));
+        let key_mask: Vec<Vec<u32>> = (0..b)
+            .map(|i| (0..t).map(|j| u32::from(j + i < t)).collect())
+            .collect();
+        let mask = additive_mask(&key_mask, t, false, None, &Device::Cpu).unwrap();
+        let scale = 0.25;
+        let out = linear(h, h, 28, Precision::Int8);
+        let [qs, ks, vs] = project_shared(&x, [&q, &k, &v]).unwrap();
+        let attn =
+            crate::ops::attention::attention(&qs, &ks, &vs, &mask, (heads, heads), scale).unwrap();
+        let want = out.forward(&attn).unwrap();
+        match int8_self_attention(&x, [&q, &k, &v], &mask, heads, scale).unwrap() {
+            Some(a) => {
+                let got = a.linear(out.int8().unwrap(), out.bias.as_ref()).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                assert_eq!(bits(&got), bits(&want));
+            }
+            None => assert!(!int8::Kernel::Amx.available(), "the path runs with AMX"),
+        }
+        // Too few rows for a task (fewer than 64), and an f32 layer: the separate steps.
+        let x2 = tensor(&[2, t, h], 29, 1.0);
+        let mask2 = additive_mask(&key_mask[..2], t, false, None, &Device::Cpu).unwrap();
+        assert!(int8_self_attention(&x2, [&q, &k, &v], &mask2, heads, scale)
+            .unwrap()
+            .is_none());
+        let f = linear(h, h, 30, Precision::F32);
+        assert!(int8_self_attention(&x, [&q, &k, &f], &mask, heads, scale)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

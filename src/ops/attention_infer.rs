@@ -90,6 +90,57 @@ pub(crate) fn forward_with(
     dm: Dims,
     scale: f32,
 ) -> Vec<f32> {
+    check(q, k, v, mask, dm);
+    let (b, tq, qr, heads) = (dm.b, dm.tq, dm.heads * dm.d, dm.heads);
+    let len = b * tq * qr;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let dst = SharedMut(out.as_mut_ptr());
+    (0..b * heads).into_par_iter().for_each_init(
+        || Scratch::new(dm),
+        // SAFETY: one task per (batch, head); the sizes were checked above.
+        |scratch, bh| unsafe {
+            batch_head(path, (q, k, v, mask), dm, scale, scratch, bh, dst.ptr())
+        },
+    );
+    // SAFETY: every (batch, row, head) stripe was written above.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// [`forward`] on this thread alone, into `out` [B, Tq, H D] (for a caller's task that keeps
+/// its rows in its core's caches).
+pub(crate) fn forward_serial(
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    mask: &[f32],
+    dm: Dims,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let path = Path::detected();
+    check(q, k, v, mask, dm);
+    assert!(
+        out.len() >= dm.b * dm.tq * dm.heads * dm.d,
+        "attention: output too small"
+    );
+    let mut scratch = Scratch::new(dm);
+    for bh in 0..dm.b * dm.heads {
+        // SAFETY: the sizes were checked above; this thread writes every stripe in turn.
+        unsafe {
+            batch_head(
+                path,
+                (q, k, v, mask),
+                dm,
+                scale,
+                &mut scratch,
+                bh,
+                out.as_mut_ptr(),
+            )
+        };
+    }
+}
+
+/// Checks the operands' sizes for [`forward_with`] and [`forward_serial`].
+fn check(q: &[f32], k: &[f32], v: &[f32], mask: &[f32], dm: Dims) {
     let Dims {
         b,
         tq,
@@ -105,51 +156,70 @@ pub(crate) fn forward_with(
     let (qr, kr) = (heads * d, kv_heads * d);
     assert!(q.len() >= b * tq * qr && k.len() >= b * tk * kr && v.len() >= b * tk * kr);
     assert!(mask.len() >= b * tq * tk, "attention: mask too small");
-    let len = b * tq * qr;
-    let mut out: Vec<f32> = Vec::with_capacity(len);
-    let dst = SharedMut(out.as_mut_ptr());
-    let tkp = tk.next_multiple_of(KEYS);
-    let group = heads / kv_heads;
-    (0..b * heads).into_par_iter().for_each_init(
-        || {
-            (
-                vec![0f32; d * tkp],
-                vec![0f32; ROWS * tkp],
-                vec![0f32; tq * d],
-            )
-        },
-        |(kt, s, o), bh| {
-            let (bi, h) = (bh / heads, bh % heads);
-            let g = h / group;
-            let q = &q[bi * tq * qr + h * d..];
-            let k = &k[bi * tk * kr + g * d..];
-            let v = &v[bi * tk * kr + g * d..];
-            let mask = &mask[bi * tq * tk..(bi + 1) * tq * tk];
-            head(
-                path,
-                q,
-                qr,
-                (k, v),
-                kr,
-                mask,
-                (tq, tk, d),
-                scale,
-                (kt, s),
-                o,
-            );
-            for i in 0..tq {
-                // SAFETY: row i of batch bi, columns h D..(h + 1) D of out: written by this task
-                // only (one task per (batch, head)); every value of out is written by some task.
-                unsafe {
-                    let row = dst.ptr().add((bi * tq + i) * qr + h * d);
-                    std::ptr::copy_nonoverlapping(o.as_ptr().add(i * d), row, d);
-                }
-            }
-        },
+}
+
+/// One task's scratch: K^T, a block of scores, the head's output.
+struct Scratch {
+    kt: Vec<f32>,
+    s: Vec<f32>,
+    o: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(dm: Dims) -> Scratch {
+        let tkp = dm.tk.next_multiple_of(KEYS);
+        Scratch {
+            kt: vec![0f32; dm.d * tkp],
+            s: vec![0f32; ROWS * tkp],
+            o: vec![0f32; dm.tq * dm.d],
+        }
+    }
+}
+
+/// Batch bh / H, head bh % H, written to its stripe of `out` [B, Tq, H D].
+///
+/// # Safety
+/// The operands' sizes checked ([`check`]); `out` holds B Tq H D values, and no other thread
+/// writes this stripe meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn batch_head(
+    path: Path,
+    (q, k, v, mask): (&[f32], &[f32], &[f32], &[f32]),
+    dm: Dims,
+    scale: f32,
+    scratch: &mut Scratch,
+    bh: usize,
+    out: *mut f32,
+) {
+    let Dims {
+        tq,
+        tk,
+        heads,
+        kv_heads,
+        d,
+        ..
+    } = dm;
+    let (qr, kr) = (heads * d, kv_heads * d);
+    let (bi, h) = (bh / heads, bh % heads);
+    let g = h / (heads / kv_heads);
+    let Scratch { kt, s, o } = scratch;
+    head(
+        path,
+        &q[bi * tq * qr + h * d..],
+        qr,
+        (&k[bi * tk * kr + g * d..], &v[bi * tk * kr + g * d..]),
+        kr,
+        &mask[bi * tq * tk..(bi + 1) * tq * tk],
+        (tq, tk, d),
+        scale,
+        (kt, s),
+        o,
     );
-    // SAFETY: every (batch, row, head) stripe was written above.
-    unsafe { out.set_len(len) };
-    out
+    for i in 0..tq {
+        // Row i of batch bi, columns h D..(h + 1) D of out.
+        let row = out.add((bi * tq + i) * qr + h * d);
+        std::ptr::copy_nonoverlapping(o.as_ptr().add(i * d), row, d);
+    }
 }
 
 /// One (batch, head): o [tq, d] (rows d apart) from q rows `qr` apart, k and v rows `kr`

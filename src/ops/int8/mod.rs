@@ -265,8 +265,10 @@ fn quantize_row(x: &[f32], q: &mut [MaybeUninit<i8>]) -> (f32, i32) {
 }
 
 thread_local! {
-    /// A task's f32 outputs in [`product_quantized`] (this thread's, reused: it stays in L2).
+    /// A task's f32 rows in [`quantized_tasks`] (this thread's, reused: it stays in L2).
     static CHUNK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A task's products in [`products_then_quantized`] (this thread's, reused).
+    static OUTPUTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Rows per task of [`product_quantized`] (a multiple of 32: whole pairs of row tiles); 128
@@ -308,6 +310,110 @@ fn product_quantized(
         };
         return Int8Rows::quantize(&y, m, n);
     }
+    quantized_tasks(x.m, (QUANTIZED_CHUNK, n), |r0, out| {
+        let rows = x.rows(r0..(r0 + QUANTIZED_CHUNK).min(m));
+        panels_into(kernel, &rows, panels, then, out);
+    })
+}
+
+/// Each product of `weights` (their biases added) for a task's rows, then `f` on them, rotated
+/// and quantized for the next product: `f(r0, outputs, out)` gets the products of rows r0..
+/// (each [rows, n_i], from a buffer of the task's own) and writes `out` [rows, n_out]. Tasks
+/// of `rows_per_task` rows (a multiple of 16, a whole number of what `f` needs, e.g.
+/// sequences): their products, `f`'s work and the quantization stay in the core's L2, and
+/// none of them is written whole in f32. None where that does not pay or cannot run (no AMX,
+/// fewer rows than a tile, weights beyond half of L2), for the caller's separate steps.
+pub fn products_then_quantized<const N: usize>(
+    kernel: Kernel,
+    x: &Int8Rows,
+    weights: [Projection; N],
+    (rows_per_task, n_out): (usize, usize),
+    f: impl Fn(usize, [&[f32]; N], &mut [f32]) + Sync,
+) -> Option<Int8Rows> {
+    let bytes: usize = weights.iter().map(|(w, _)| w.kp * w.n).sum();
+    let ok = kernel == Kernel::Amx
+        && x.m >= AMX_MIN_ROWS
+        && bytes <= l2_bytes() / 2
+        && rows_per_task > 0
+        && rows_per_task.is_multiple_of(PAD_ROWS)
+        && weights.iter().all(|(w, _)| w.kp == x.kp);
+    if !ok {
+        return None;
+    }
+    let widths = weights.map(|(w, _)| w.n);
+    let total: usize = widths.iter().sum();
+    Some(quantized_tasks(x.m, (rows_per_task, n_out), |r0, out| {
+        let rows = x.rows(r0..(r0 + rows_per_task).min(x.m));
+        OUTPUTS.with(|buffer| {
+            let mut buffer = buffer.borrow_mut();
+            // Every value is written by the products before `f` reads it.
+            buffer.resize(rows_per_task * total, 0.0);
+            let mut rest = &mut buffer[..rows.m * total];
+            let mut parts: [&[f32]; N] = [&[]; N];
+            for (i, (w, bias)) in weights.into_iter().enumerate() {
+                let (part, tail) = rest.split_at_mut(rows.m * widths[i]);
+                panels_into(kernel, &rows, Panels::One(w, bias), Epilogue::None, part);
+                parts[i] = part;
+                rest = tail;
+            }
+            f(r0, parts, out);
+        });
+    }))
+}
+
+/// The product of `panels` for `rows` (then `then`, no operand) into `out` [rows, n] with the
+/// AMX kernel (the AVX-512 one for fewer rows than a tile), on this thread.
+fn panels_into(
+    kernel: Kernel,
+    rows: &Rows,
+    panels: Panels,
+    then: Epilogue<&[f32]>,
+    out: &mut [f32],
+) {
+    let n = panels.n();
+    assert!(out.len() >= rows.m * n, "int8 product: output too small");
+    let tiles = rows.m >= AMX_MIN_ROWS;
+    if tiles {
+        // SAFETY: AMX is available (the caller's kernel).
+        unsafe { amx::configure() };
+    }
+    for p in 0..panels.count() {
+        let part = panels.part(p);
+        let tile = Tile {
+            panel: part.panel,
+            halves: part.halves,
+            scales: &part.scales,
+            bias: &part.bias,
+            cols: part.cols,
+            col0: part.col0,
+            n,
+            pair: part.pair,
+            then: then.map(|_| std::ptr::null()),
+        };
+        // SAFETY: AMX is available (and configured where the rows fill a tile: they are
+        // padded to whole tiles); `out` holds the rows' outputs (checked above).
+        unsafe {
+            if tiles {
+                amx::panel(&tile, rows, out.as_mut_ptr());
+            } else {
+                tile.run(kernel, rows, out.as_mut_ptr());
+            }
+        }
+    }
+    if tiles {
+        // SAFETY: configured above.
+        unsafe { amx::release() };
+    }
+}
+
+/// Rows [m, n] made by tasks of `rows_per_task` rows, rotated and quantized: `fill(r0, out)`
+/// writes rows r0.. (all of `out`, [rows, n]: a buffer of the thread's own, reused, so it stays
+/// in L2), which are then quantized from there.
+fn quantized_tasks(
+    m: usize,
+    (rows_per_task, n): (usize, usize),
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+) -> Int8Rows {
     let kp = round_up(n.max(1), BLOCK);
     let mp = round_up(m, PAD_ROWS);
     let mut q = Aligned::<i8>::new();
@@ -315,58 +421,24 @@ fn product_quantized(
     let mut scales = vec![0f32; m];
     let mut corr = vec![0i32; m];
     let spare = &mut q.spare_capacity_mut()[..m * kp];
-    let chunk_rows = QUANTIZED_CHUNK;
     spare
-        .par_chunks_mut(chunk_rows * kp)
-        .zip(scales.par_chunks_mut(chunk_rows))
-        .zip(corr.par_chunks_mut(chunk_rows))
+        .par_chunks_mut(rows_per_task * kp)
+        .zip(scales.par_chunks_mut(rows_per_task))
+        .zip(corr.par_chunks_mut(rows_per_task))
         .enumerate()
         .for_each(|(c, ((q, scales), corr))| {
-            let r0 = c * chunk_rows;
-            let rows = x.rows(r0..(r0 + chunk_rows).min(m));
             CHUNK.with(|chunk| {
                 let mut chunk = chunk.borrow_mut();
-                // Every value is written by the panels before it is read.
-                chunk.resize(chunk_rows * n, 0.0);
-                // A last task of fewer rows than a tile takes the AVX-512 kernel (`Tile::run`).
-                let tiles = rows.m >= AMX_MIN_ROWS;
-                if tiles {
-                    // SAFETY: AMX is available (the kernel).
-                    unsafe { amx::configure() };
-                }
-                for p in 0..panels.count() {
-                    let part = panels.part(p);
-                    let tile = Tile {
-                        panel: part.panel,
-                        halves: part.halves,
-                        scales: &part.scales,
-                        bias: &part.bias,
-                        cols: part.cols,
-                        col0: part.col0,
-                        n,
-                        pair: part.pair,
-                        then: then.map(|_| std::ptr::null()),
-                    };
-                    // SAFETY: AMX is available (and configured where the rows fill a tile:
-                    // they are padded to whole tiles); the chunk holds the rows' outputs.
-                    unsafe {
-                        if tiles {
-                            amx::panel(&tile, &rows, chunk.as_mut_ptr());
-                        } else {
-                            tile.run(kernel, &rows, chunk.as_mut_ptr());
-                        }
-                    }
-                }
-                if tiles {
-                    // SAFETY: configured above.
-                    unsafe { amx::release() };
-                }
+                // Every value is written by `fill` before it is read.
+                chunk.resize(rows_per_task * n, 0.0);
+                let out = &mut chunk[..scales.len() * n];
+                fill(c * rows_per_task, out);
                 for (i, (q, (scale, corr))) in q
                     .chunks_mut(kp)
                     .zip(scales.iter_mut().zip(corr.iter_mut()))
                     .enumerate()
                 {
-                    (*scale, *corr) = quantize_row(&chunk[i * n..(i + 1) * n], q);
+                    (*scale, *corr) = quantize_row(&out[i * n..(i + 1) * n], q);
                 }
             });
         });
@@ -557,6 +629,35 @@ impl QuantizedInput {
             lead: self.lead.clone(),
             device: self.device.clone(),
         })
+    }
+
+    /// [`products_then_quantized`] of these rows with the detected kernel (biases as tensors):
+    /// `f` makes each task's rows [rows, n_out] from its products, and those come back
+    /// quantized, with this input's leading dimensions. None where that path does not run.
+    pub fn products_then<const N: usize>(
+        &self,
+        weights: [(&Int8Weight, Option<&Tensor>); N],
+        (rows_per_task, n_out): (usize, usize),
+        f: impl Fn(usize, [&[f32]; N], &mut [f32]) + Sync,
+    ) -> Result<Option<QuantizedInput>> {
+        let biases = weights
+            .iter()
+            .map(|(_, b)| bias_values(*b))
+            .collect::<Result<Vec<_>>>()?;
+        let projections: [Projection; N] =
+            std::array::from_fn(|i| (weights[i].0, biases[i].as_deref()));
+        let rows = products_then_quantized(
+            Kernel::detected(),
+            &self.rows,
+            projections,
+            (rows_per_task, n_out),
+            f,
+        );
+        Ok(rows.map(|rows| QuantizedInput {
+            rows,
+            lead: self.lead.clone(),
+            device: self.device.clone(),
+        }))
     }
 
     /// act(x G^T + bg) * (x U^T + bu) for the gate and up projections of a gated MLP, as one
@@ -904,7 +1005,7 @@ fn pairs(gate: &Int8Weight, up: &Int8Weight) -> bool {
 }
 
 /// A weight and its bias.
-type Projection<'a> = (&'a Int8Weight, Option<&'a [f32]>);
+pub type Projection<'a> = (&'a Int8Weight, Option<&'a [f32]>);
 
 /// Columns of one of a panel's two halves (a B tile of the AMX kernel, a vector of the AVX-512
 /// one): for each group of four inputs, a panel's first 16 columns are its first 64 bytes.
