@@ -583,7 +583,7 @@ pub fn gelu_mlp(x: &Tensor, up: &Linear, down: &Linear) -> Result<Tensor> {
 }
 
 /// Self-attention's output (no output projection), quantized for that projection: in int8
-/// with the AMX kernel, tasks of whole sequences (at least 64 rows, a multiple of 16) project
+/// with the AMX kernel, tasks of whole sequences (at least 64 rows) project
 /// their rows to queries, keys and values, attend and quantize the result while all of it is
 /// in the core's L2, so none of the four [m, hidden] f32 tensors is written whole and read
 /// back. `x` [B, T, hidden], `mask` the additive [B, 1, T, T], `layers` the query, key and
@@ -612,10 +612,8 @@ pub fn int8_self_attention(
     {
         return Ok(None);
     }
-    // Whole sequences per task: at least 64 rows, a multiple of 16.
-    let Some(per_task) = (1..=b).find(|s| s * t >= 64 && (s * t).is_multiple_of(16)) else {
-        return Ok(None);
-    };
+    // Whole sequences per task, at least 64 rows (all of them where there are fewer).
+    let per_task = 64usize.div_ceil(t.max(1)).min(b.max(1));
     let mask = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let biases = layers.map(|l| l.bias.as_ref());
     let weights = [(wq, biases[0]), (wk, biases[1]), (wv, biases[2])];
@@ -1143,38 +1141,41 @@ mod tests {
 
     #[test]
     fn int8_self_attention_equals_its_steps() {
-        // Six sequences of 16 (tasks of four: 64 rows, then 32), padded keys, four heads of 16.
-        let (b, t, h, heads) = (6, 16, 64, 4);
-        let x = tensor(&[b, t, h], 21, 1.5);
+        // Four heads of 16, padded keys. Sequences of 16 (tasks of four: 64 rows, then 32);
+        // of 13 (tasks of five, 65 rows, starting off the tiles' rows, and a last one of 13,
+        // below a tile); 2 x 5 rows: fewer than a tile, the separate steps.
+        let (h, heads, scale) = (64, 4, 0.25);
         let [q, k, v] = [22, 24, 26].map(|seed| linear(h, h, seed, Precision::Int8));
-        let key_mask: Vec<Vec<u32>> = (0..b)
-            .map(|i| (0..t).map(|j| u32::from(j + i < t)).collect())
-            .collect();
-        let mask = additive_mask(&key_mask, t, false, None, &Device::Cpu).unwrap();
-        let scale = 0.25;
         let out = linear(h, h, 28, Precision::Int8);
-        let [qs, ks, vs] = project_shared(&x, [&q, &k, &v]).unwrap();
-        let attn =
-            crate::ops::attention::attention(&qs, &ks, &vs, &mask, (heads, heads), scale).unwrap();
-        let want = out.forward(&attn).unwrap();
-        match int8_self_attention(&x, [&q, &k, &v], &mask, heads, scale).unwrap() {
-            Some(a) => {
-                let got = a.linear(out.int8().unwrap(), out.bias.as_ref()).unwrap();
-                assert_eq!(got.dims(), want.dims());
-                assert_eq!(bits(&got), bits(&want));
+        for (b, t) in [(6, 16), (11, 13), (2, 5)] {
+            let x = tensor(&[b, t, h], 21, 1.5);
+            let key_mask: Vec<Vec<u32>> = (0..b)
+                .map(|i| (0..t).map(|j| u32::from(j + i % 4 < t)).collect())
+                .collect();
+            let mask = additive_mask(&key_mask, t, false, None, &Device::Cpu).unwrap();
+            let [qs, ks, vs] = project_shared(&x, [&q, &k, &v]).unwrap();
+            let attn =
+                crate::ops::attention::attention(&qs, &ks, &vs, &mask, (heads, heads), scale);
+            let want = out.forward(&attn.unwrap()).unwrap();
+            let fused = int8_self_attention(&x, [&q, &k, &v], &mask, heads, scale).unwrap();
+            match fused {
+                Some(a) => {
+                    let got = a.linear(out.int8().unwrap(), out.bias.as_ref()).unwrap();
+                    assert_eq!(got.dims(), want.dims());
+                    assert_eq!(bits(&got), bits(&want), "{b} x {t}");
+                }
+                None => assert!(
+                    b * t < 16 || !int8::Kernel::Amx.available(),
+                    "{b} x {t}: the path runs with AMX"
+                ),
             }
-            None => assert!(!int8::Kernel::Amx.available(), "the path runs with AMX"),
         }
-        // Too few rows for a task (fewer than 64), and an f32 layer: the separate steps.
-        let x2 = tensor(&[2, t, h], 29, 1.0);
-        let mask2 = additive_mask(&key_mask[..2], t, false, None, &Device::Cpu).unwrap();
-        assert!(int8_self_attention(&x2, [&q, &k, &v], &mask2, heads, scale)
-            .unwrap()
-            .is_none());
+        // An f32 layer among them: the separate steps.
+        let x = tensor(&[6, 16, h], 29, 1.0);
+        let mask = additive_mask(&vec![vec![1; 16]; 6], 16, false, None, &Device::Cpu).unwrap();
         let f = linear(h, h, 30, Precision::F32);
-        assert!(int8_self_attention(&x, [&q, &k, &f], &mask, heads, scale)
-            .unwrap()
-            .is_none());
+        let fused = int8_self_attention(&x, [&q, &k, &f], &mask, heads, scale).unwrap();
+        assert!(fused.is_none());
     }
 
     #[test]

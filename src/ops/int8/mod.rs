@@ -231,7 +231,8 @@ type RowParts<'a> = (
 pub struct Int8Rows {
     m: usize,
     kp: usize,
-    /// mp x kp values (m rounded up to PAD_ROWS), from a cache line: whole tile rows.
+    /// mp x kp values ([`padded_rows`]: zero rows after the m real ones), from a cache line:
+    /// whole tile rows from any row on.
     q: Aligned<i8>,
     scales: Vec<f32>,
     /// -128 x the row's sum of q (the unsigned weights' offset, taken back).
@@ -269,6 +270,13 @@ thread_local! {
     static CHUNK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// A task's products in [`products_then_quantized`] (this thread's, reused).
     static OUTPUTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Rows of an [`Int8Rows`]' values: m rounded up to a whole tile ([`PAD_ROWS`]), and one tile
+/// of zero rows more, so that whole tiles read from any row r < m stay within them (a task of
+/// [`products_then_quantized`] may start and end anywhere: at whole sequences).
+fn padded_rows(m: usize) -> usize {
+    round_up(m, PAD_ROWS) + PAD_ROWS
 }
 
 /// Rows per task of [`product_quantized`] (a multiple of 32: whole pairs of row tiles); 128
@@ -319,8 +327,7 @@ fn product_quantized(
 /// Each product of `weights` (their biases added) for a task's rows, then `f` on them, rotated
 /// and quantized for the next product: `f(r0, outputs, out)` gets the products of rows r0..
 /// (each [rows, n_i], from a buffer of the task's own) and writes `out` [rows, n_out]. Tasks
-/// of `rows_per_task` rows (a multiple of 16, a whole number of what `f` needs, e.g.
-/// sequences): their products, `f`'s work and the quantization stay in the core's L2, and
+/// of `rows_per_task` rows (a whole number of what `f` needs, e.g. sequences): their products, `f`'s work and the quantization stay in the core's L2, and
 /// none of them is written whole in f32. None where that does not pay or cannot run (no AMX,
 /// fewer rows than a tile, weights beyond half of L2), for the caller's separate steps.
 pub fn products_then_quantized<const N: usize>(
@@ -335,7 +342,6 @@ pub fn products_then_quantized<const N: usize>(
         && x.m >= AMX_MIN_ROWS
         && bytes <= l2_bytes() / 2
         && rows_per_task > 0
-        && rows_per_task.is_multiple_of(PAD_ROWS)
         && weights.iter().all(|(w, _)| w.kp == x.kp);
     if !ok {
         return None;
@@ -415,7 +421,7 @@ fn quantized_tasks(
     fill: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Int8Rows {
     let kp = round_up(n.max(1), BLOCK);
-    let mp = round_up(m, PAD_ROWS);
+    let mp = padded_rows(m);
     let mut q = Aligned::<i8>::new();
     q.reserve_total(mp * kp);
     let mut scales = vec![0f32; m];
@@ -468,7 +474,7 @@ impl Int8Rows {
         // Every value of each row is written by the thread that quantizes it (the row, then
         // zeros for the padding), with no zeroing pass before.
         // Rows padded with zero rows to a multiple of PAD_ROWS (whole tiles for the AMX kernel).
-        let mp = round_up(m, PAD_ROWS);
+        let mp = padded_rows(m);
         let mut q = Aligned::<i8>::new();
         q.reserve_total(mp * kp);
         let mut scales = vec![0f32; m];
@@ -506,15 +512,12 @@ impl Int8Rows {
         }
     }
 
-    /// Rows `rows` (all, or a group of them), as the kernels read them; the group's end is
-    /// m or a multiple of [`PAD_ROWS`] (the kernels read whole tiles).
+    /// Rows `rows` (all, or a group of them), as the kernels read them: with the values of
+    /// the rows after them up to a whole number of tiles (the kernels read whole tiles; their
+    /// sums for rows past the group are not stored), which [`padded_rows`] keeps within q.
     fn rows(&self, rows: std::ops::Range<usize>) -> Rows<'_> {
-        debug_assert!(rows.end == self.m || rows.end.is_multiple_of(PAD_ROWS));
-        let end = if rows.end == self.m {
-            self.q.len()
-        } else {
-            rows.end * self.kp
-        };
+        let end = (rows.start + round_up(rows.len(), PAD_ROWS)) * self.kp;
+        debug_assert!(rows.end <= self.m && end <= self.q.len());
         Rows {
             m: rows.len(),
             kp: self.kp,
