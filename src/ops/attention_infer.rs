@@ -191,17 +191,10 @@ unsafe fn batch_head(
     bh: usize,
     out: *mut f32,
 ) {
-    let Dims {
-        tq,
-        tk,
-        heads,
-        kv_heads,
-        d,
-        ..
-    } = dm;
-    let (qr, kr) = (heads * d, kv_heads * d);
+    let (tq, tk, d, heads) = (dm.tq, dm.tk, dm.d, dm.heads);
+    let (qr, kr) = (heads * d, dm.kv_heads * d);
     let (bi, h) = (bh / heads, bh % heads);
-    let g = h / (heads / kv_heads);
+    let g = h / (heads / dm.kv_heads);
     let Scratch { kt, s, o } = scratch;
     head(
         path,

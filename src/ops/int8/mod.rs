@@ -385,17 +385,7 @@ fn panels_into(
     }
     for p in 0..panels.count() {
         let part = panels.part(p);
-        let tile = Tile {
-            panel: part.panel,
-            halves: part.halves,
-            scales: &part.scales,
-            bias: &part.bias,
-            cols: part.cols,
-            col0: part.col0,
-            n,
-            pair: part.pair,
-            then: then.map(|_| std::ptr::null()),
-        };
+        let tile = part.tile(n, then.map(|_| std::ptr::null()));
         // SAFETY: AMX is available (and configured where the rows fill a tile: they are
         // padded to whole tiles); `out` holds the rows' outputs (checked above).
         unsafe {
@@ -421,11 +411,7 @@ fn quantized_tasks(
     fill: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Int8Rows {
     let kp = round_up(n.max(1), BLOCK);
-    let mp = padded_rows(m);
-    let mut q = Aligned::<i8>::new();
-    q.reserve_total(mp * kp);
-    let mut scales = vec![0f32; m];
-    let mut corr = vec![0i32; m];
+    let (mut q, mut scales, mut corr) = Int8Rows::alloc(m, kp);
     let spare = &mut q.spare_capacity_mut()[..m * kp];
     spare
         .par_chunks_mut(rows_per_task * kp)
@@ -448,21 +434,41 @@ fn quantized_tasks(
                 }
             });
         });
-    for v in &mut q.spare_capacity_mut()[m * kp..mp * kp] {
-        v.write(0);
-    }
-    // SAFETY: every row (all mp x kp values) was initialized above.
-    unsafe { q.set_len(mp * kp) };
-    Int8Rows {
-        m,
-        kp,
-        q,
-        scales,
-        corr,
-    }
+    Int8Rows::padded(q, (m, kp), scales, corr)
 }
 
 impl Int8Rows {
+    /// Values for m rows of kp ([`padded_rows`] of them), uninitialized, and their scales
+    /// and corrections (zeros).
+    fn alloc(m: usize, kp: usize) -> (Aligned<i8>, Vec<f32>, Vec<i32>) {
+        let mut q = Aligned::<i8>::new();
+        q.reserve_total(padded_rows(m) * kp);
+        (q, vec![0f32; m], vec![0i32; m])
+    }
+
+    /// The rows from their values `q`, whose first m x kp were written: the padding rows
+    /// zeroed.
+    fn padded(
+        mut q: Aligned<i8>,
+        (m, kp): (usize, usize),
+        scales: Vec<f32>,
+        corr: Vec<i32>,
+    ) -> Int8Rows {
+        let mp = padded_rows(m);
+        for v in &mut q.spare_capacity_mut()[m * kp..mp * kp] {
+            v.write(0);
+        }
+        // SAFETY: the first m rows were written by the caller, the rest above.
+        unsafe { q.set_len(mp * kp) };
+        Int8Rows {
+            m,
+            kp,
+            q,
+            scales,
+            corr,
+        }
+    }
+
     pub fn quantize(x: &[f32], m: usize, k: usize) -> Int8Rows {
         assert_eq!(
             x.len(),
@@ -472,13 +478,8 @@ impl Int8Rows {
         );
         let kp = round_up(k.max(1), BLOCK);
         // Every value of each row is written by the thread that quantizes it (the row, then
-        // zeros for the padding), with no zeroing pass before.
-        // Rows padded with zero rows to a multiple of PAD_ROWS (whole tiles for the AMX kernel).
-        let mp = padded_rows(m);
-        let mut q = Aligned::<i8>::new();
-        q.reserve_total(mp * kp);
-        let mut scales = vec![0f32; m];
-        let mut corr = vec![0i32; m];
+        // zeros for the padding), with no zeroing pass before; then the padding rows.
+        let (mut q, mut scales, mut corr) = Int8Rows::alloc(m, kp);
         let quantize_row = |(r, ((q, scale), corr)): RowParts| {
             (*scale, *corr) = quantize_row(&x[r * k..(r + 1) * k], q);
         };
@@ -498,18 +499,7 @@ impl Int8Rows {
                 .enumerate()
                 .for_each(quantize_row);
         }
-        for v in &mut q.spare_capacity_mut()[m * kp..mp * kp] {
-            v.write(0);
-        }
-        // SAFETY: every row (all mp x kp values) was initialized above.
-        unsafe { q.set_len(mp * kp) };
-        Int8Rows {
-            m,
-            kp,
-            q,
-            scales,
-            corr,
-        }
+        Int8Rows::padded(q, (m, kp), scales, corr)
     }
 
     /// Rows `rows` (all, or a group of them), as the kernels read them: with the values of
@@ -1042,6 +1032,23 @@ struct PanelParts<'a> {
     pair: Option<Gate>,
 }
 
+impl PanelParts<'_> {
+    /// The kernels' view of this panel, for an output of n columns and epilogue `then`.
+    fn tile(&self, n: usize, then: Epilogue<*const f32>) -> Tile<'_> {
+        Tile {
+            panel: self.panel,
+            halves: self.halves,
+            scales: &self.scales,
+            bias: &self.bias,
+            cols: self.cols,
+            col0: self.col0,
+            n,
+            pair: self.pair,
+            then,
+        }
+    }
+}
+
 impl<'a> Panels<'a> {
     fn kp(&self) -> usize {
         match self {
@@ -1200,21 +1207,14 @@ fn matmul_grouped(
         let y0 = super::real::SharedMut(unsafe { out.ptr().add(g0 * n) });
         let run = |p: usize| {
             let part = panels.part(p);
-            let tile = Tile {
-                panel: part.panel,
-                halves: part.halves,
-                scales: &part.scales,
-                bias: &part.bias,
-                cols: part.cols,
-                col0: part.col0,
+            let tile = part.tile(
                 n,
-                pair: part.pair,
-                then: match then {
+                match then {
                     _ if !fused => Epilogue::None,
                     // Row g0 of the operand (m x n values, checked above).
                     then => then.map(|r| r[g0 * n..].as_ptr()),
                 },
-            };
+            );
             // SAFETY: the kernel is available (checked above); the panel's columns are this
             // task's alone, and every row index is below the group's (within m).
             unsafe { tile.run(kernel, &rows, y0.ptr()) };
