@@ -1181,7 +1181,7 @@ mod tests {
     #[test]
     fn int8_gated_mlp_with_residual_equals_its_steps() {
         // 208 intermediate values: gate and up in one product where the kernel allows it
-        // (QuantizedInput::gated); 200: two products.
+        // (QuantizedInput::gated_quantized); 200: two products.
         for i in [200, 208] {
             gated_mlp_steps(96, i);
         }
