@@ -498,7 +498,7 @@ fn int8_gated_mlp(
         if let Some(h) = q.gated_quantized((g, u), (gb, ub), act)? {
             return h.linear_then(d, down.bias.as_ref(), then);
         }
-        // One product for both projections where the kernel allows it, else two.
+        // Else the two products, the gate's output in the up projection's epilogue.
         let a = q.linear(g, gb)?;
         let h = q.linear_then(u, ub, Epilogue::Gated(act, &a))?;
         QuantizedInput::new(&h)?.linear_then(d, down.bias.as_ref(), then)
@@ -633,7 +633,9 @@ pub fn int8_self_attention(
 }
 
 /// norm([`gelu_mlp`](x) + x) (BERT's feed-forward block, its residual and post-norm): in int8
-/// the residual is added in the down projection's epilogue ([`LayerNorm::forward_after`]).
+/// the up projection's output reaches the down projection quantized
+/// ([`QuantizedInput::linear_quantized`]) and the residual is added in the down projection's
+/// epilogue.
 pub fn gelu_mlp_norm(
     x: &Tensor,
     (up, down): (&Linear, &Linear),

@@ -310,8 +310,7 @@ fn product_quantized(
     then: Epilogue<&[f32]>,
 ) -> Int8Rows {
     let (m, n) = (x.m, panels.n());
-    let fits = panels.kp() * panels.width() <= l2_bytes() / 2;
-    if !(kernel == Kernel::Amx && m >= AMX_MIN_ROWS && fits) || then.operand().is_some() {
+    if !l2_tasks_run(kernel, m, panels.kp() * panels.width()) || then.operand().is_some() {
         let y = match panels {
             Panels::One(w, b) => matmul_then(kernel, x, w, b, then),
             Panels::Pair { gate, up, act } => matmul_gated(kernel, x, (gate, up), act),
@@ -324,12 +323,20 @@ fn product_quantized(
     })
 }
 
+/// Whether products of m rows reading `weight_bytes` of weights run in tasks whose outputs stay
+/// in L2 ([`quantized_tasks`]): with the AMX kernel, at least a tile of rows, and weights within
+/// half of this core's L2 (every task reads all of them; larger ones would come from L3).
+fn l2_tasks_run(kernel: Kernel, m: usize, weight_bytes: usize) -> bool {
+    kernel == Kernel::Amx && m >= AMX_MIN_ROWS && weight_bytes <= l2_bytes() / 2
+}
+
 /// Each product of `weights` (their biases added) for a task's rows, then `f` on them, rotated
 /// and quantized for the next product: `f(r0, outputs, out)` gets the products of rows r0..
 /// (each [rows, n_i], from a buffer of the task's own) and writes `out` [rows, n_out]. Tasks
-/// of `rows_per_task` rows (a whole number of what `f` needs, e.g. sequences): their products, `f`'s work and the quantization stay in the core's L2, and
-/// none of them is written whole in f32. None where that does not pay or cannot run (no AMX,
-/// fewer rows than a tile, weights beyond half of L2), for the caller's separate steps.
+/// of `rows_per_task` rows (a whole number of what `f` needs, e.g. sequences): their
+/// products, `f`'s work and the quantization stay in the core's L2, and none of them is
+/// written whole in f32. None where that does not pay or cannot run ([`l2_tasks_run`]), for
+/// the caller's separate steps.
 pub fn products_then_quantized<const N: usize>(
     kernel: Kernel,
     x: &Int8Rows,
@@ -338,9 +345,7 @@ pub fn products_then_quantized<const N: usize>(
     f: impl Fn(usize, [&[f32]; N], &mut [f32]) + Sync,
 ) -> Option<Int8Rows> {
     let bytes: usize = weights.iter().map(|(w, _)| w.kp * w.n).sum();
-    let ok = kernel == Kernel::Amx
-        && x.m >= AMX_MIN_ROWS
-        && bytes <= l2_bytes() / 2
+    let ok = l2_tasks_run(kernel, x.m, bytes)
         && rows_per_task > 0
         && weights.iter().all(|(w, _)| w.kp == x.kp);
     if !ok {
@@ -617,11 +622,13 @@ impl QuantizedInput {
         }
         let bias = bias_values(bias)?;
         let then = then.map(|_| &[][..]);
-        Ok(QuantizedInput {
-            rows: matmul_quantized(Kernel::detected(), &self.rows, (w, bias.as_deref()), then),
-            lead: self.lead.clone(),
-            device: self.device.clone(),
-        })
+        let kernel = Kernel::detected();
+        Ok(self.with_rows(matmul_quantized(
+            kernel,
+            &self.rows,
+            (w, bias.as_deref()),
+            then,
+        )))
     }
 
     /// [`products_then_quantized`] of these rows with the detected kernel (biases as tensors):
@@ -646,11 +653,7 @@ impl QuantizedInput {
             (rows_per_task, n_out),
             f,
         );
-        Ok(rows.map(|rows| QuantizedInput {
-            rows,
-            lead: self.lead.clone(),
-            device: self.device.clone(),
-        }))
+        Ok(rows.map(|rows| self.with_rows(rows)))
     }
 
     /// act(x G^T + bg) * (x U^T + bu) for the gate and up projections of a gated MLP, as one
@@ -674,11 +677,17 @@ impl QuantizedInput {
             up: (up, ub.as_deref()),
             act,
         };
-        Ok(Some(QuantizedInput {
-            rows: product_quantized(kernel, &self.rows, panels, Epilogue::None),
+        let rows = product_quantized(kernel, &self.rows, panels, Epilogue::None);
+        Ok(Some(self.with_rows(rows)))
+    }
+
+    /// Rows made from these (one per input row), with this input's leading dimensions.
+    fn with_rows(&self, rows: Int8Rows) -> QuantizedInput {
+        QuantizedInput {
+            rows,
             lead: self.lead.clone(),
             device: self.device.clone(),
-        }))
+        }
     }
 
     /// The output's shape: the input's leading dimensions, then `n`.
