@@ -12,11 +12,11 @@
 # three timed runs).
 # Installs PyTorch and transformers into a throwaway venv (bench/.venv) when missing.
 #   bench/compare-forward.sh [--precision auto|f32|int8|bf16x2] [--repeats N] [--warmup N] [--rounds N]
-#                            [--models "a b .."] [--no-decode] [--isa native|avx2|avxvnni]
+#                            [--models "a b .."] [--no-decode] [--isa native|avx512|avx2|avxvnni]
 # (--models "" measures decoding only; auto: int8 features where the CPU has AVX-512 VNNI,
 # bf16x2 decoding where it has AMX-BF16.)
-# --isa avx2 (or avxvnni) times the paths of a CPU without AVX-512 or AMX on this one, both
-# sides capped (bench/isa.sh says how).
+# --isa avx2 (or avxvnni) times the paths of a CPU without AVX-512 or AMX on this one, --isa
+# avx512 those of a CPU with AVX-512 but no AMX, both sides capped (bench/isa.sh says how).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 precision=auto
@@ -37,7 +37,7 @@ while [ $# -gt 0 ]; do
     --models) models="$2"; shift 2 ;;
     --no-decode) decode=0; shift ;;
     --isa) isa="$2"; shift 2 ;;
-    *) echo "usage: bench/compare-forward.sh [--precision P] [--repeats N] [--warmup N] [--rounds N] [--models \"a b\"] [--no-decode] [--isa native|avx2|avxvnni]" >&2; exit 2 ;;
+    *) echo "usage: bench/compare-forward.sh [--precision P] [--repeats N] [--warmup N] [--rounds N] [--models \"a b\"] [--no-decode] [--isa native|avx512|avx2|avxvnni]" >&2; exit 2 ;;
   esac
 done
 threads="${BENCH_THREADS:-$(nproc)}"
@@ -101,9 +101,14 @@ print(f"CPU: {cpu}; flags: {flags}; {threads} threads")
 torch_version = next((r["torch"] for r in rows if r.get("side") == "pytorch"), "?")
 if isa != "native":
     caps = sorted({r.get("cpu_capability", "?") for r in rows if r.get("side") == "pytorch"})
-    print(f"Instruction sets capped at {isa} on both sides (ws2s: WS2S_MAX_ISA={isa}, gemm built "
-          f"without AVX-512; PyTorch: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, "
-          f"MKL_ENABLE_INSTRUCTIONS; ATen reports {', '.join(caps)})")
+    if isa == "avx512":
+        print("Instruction sets capped at AVX-512 (with VNNI and BF16, no AMX) on both sides "
+              "(ws2s: WS2S_MAX_ISA=avx512; PyTorch: ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16; "
+              f"ATen reports {', '.join(caps)})")
+    else:
+        print(f"Instruction sets capped at {isa} on both sides (ws2s: WS2S_MAX_ISA={isa}, gemm built "
+              f"without AVX-512; PyTorch: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, "
+              f"MKL_ENABLE_INSTRUCTIONS; ATen reports {', '.join(caps)})")
 print(f"PyTorch {torch_version}; times are medians over runs (and rounds), each side after {warmup} untimed runs; ratio = ws2s time / PyTorch's best time; "
       "per round: the same ratio from each round's runs alone (sides run in turn within a round), lowest-highest\n")
 print("| model | workload | ws2s (precision, kernel) tok/s | CPU busy | PyTorch f32 tok/s | PyTorch bf16 tok/s | ratio | per round |")

@@ -3,12 +3,12 @@
 # interleaved (ws2s, then PyTorch, per workload) with the same number of threads, then a table of
 # the ratios ws2s / PyTorch of the median step times. Installs PyTorch and transformers into a
 # throwaway venv (bench/.venv) when missing.
-#   bench/compare.sh [--steps N] [--warmup N] [--rounds N] [--isa native|avx2|avxvnni]
+#   bench/compare.sh [--steps N] [--warmup N] [--rounds N] [--isa native|avx512|avx2|avxvnni]
 # With --rounds N (default 1) every workload is measured N times, ws2s and PyTorch taking turns
 # to go first, and each side's time is the median over the rounds: on a shared machine whose
 # speed drifts from minute to minute, this keeps the drift from favouring one side.
-# --isa avx2 (or avxvnni) times the paths of a CPU without AVX-512 or AMX on this one, both
-# sides capped (bench/isa.sh says how).
+# --isa avx2 (or avxvnni) times the paths of a CPU without AVX-512 or AMX on this one, --isa
+# avx512 those of a CPU with AVX-512 but no AMX, both sides capped (bench/isa.sh says how).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=5
@@ -21,7 +21,7 @@ while [ $# -gt 0 ]; do
     --warmup) warmup="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
     --isa) isa="$2"; shift 2 ;;
-    *) echo "usage: bench/compare.sh [--steps N] [--warmup N] [--rounds N] [--isa native|avx2|avxvnni]" >&2; exit 2 ;;
+    *) echo "usage: bench/compare.sh [--steps N] [--warmup N] [--rounds N] [--isa native|avx512|avx2|avxvnni]" >&2; exit 2 ;;
   esac
 done
 threads="${BENCH_THREADS:-$(nproc)}"
