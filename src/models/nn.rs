@@ -493,8 +493,14 @@ fn int8_gated_mlp(
         let q = QuantizedInput::new(x)?;
         let (gb, ub) = (gate.bias.as_ref(), up.bias.as_ref());
         let then = residual.map_or(Epilogue::None, Epilogue::Add);
-        // One product for both projections, quantized for the down projection as it goes,
-        // where the kernel allows it; else the gated output in f32, then quantized.
+        // One product for both projections, quantized for the down projection as it goes
+        // where its weights fit in L2 (else beside the down projection's tiles), where the
+        // kernel allows it; else the gated output in f32, then quantized.
+        if let Some(y) =
+            q.gated_then_linear((g, u), (gb, ub), act, (d, down.bias.as_ref()), then)?
+        {
+            return Ok(y);
+        }
         if let Some(h) = q.gated_quantized((g, u), (gb, ub), act)? {
             return h.linear_then(d, down.bias.as_ref(), then);
         }

@@ -241,6 +241,28 @@ struct Pending {
 /// [`ROWS`].
 #[target_feature(enable = "avx512f,avx512bw,fma")]
 pub(super) unsafe fn panel(t: &Tile, x: &Rows, y: *mut f32) {
+    panel_beside(t, x, y, &mut ());
+}
+
+/// Vector work a product's task does beside its tiles: [`Beside::step`] once after each
+/// tile step, so that the vector units work while the tile unit does (the epilogue's float
+/// step overlaps the tiles that way too).
+pub(super) trait Beside {
+    /// Work for one tile step.
+    fn step(&mut self);
+}
+
+impl Beside for () {
+    #[inline(always)]
+    fn step(&mut self) {}
+}
+
+/// [`panel`] with `beside` stepped once per tile step.
+///
+/// # Safety
+/// As [`panel`].
+#[target_feature(enable = "avx512f,avx512bw,fma")]
+pub(super) unsafe fn panel_beside<B: Beside>(t: &Tile, x: &Rows, y: *mut f32, beside: &mut B) {
     // Not zeroed first (the compiler made it a memset): the tiles' stores write every sum read.
     let mut buffer = MaybeUninit::<Products>::uninit();
     let sums = buffer.as_mut_ptr() as *mut i32;
@@ -249,9 +271,9 @@ pub(super) unsafe fn panel(t: &Tile, x: &Rows, y: *mut f32) {
     while r0 < x.m {
         let rows = (x.m - r0).min(2 * ROWS);
         if rows > ROWS {
-            block::<2>(t, x, (r0, rows), y, pending, sums);
+            block::<2, B>(t, x, (r0, rows), y, (pending, sums), beside);
         } else {
-            block::<1>(t, x, (r0, rows), y, pending, sums);
+            block::<1, B>(t, x, (r0, rows), y, (pending, sums), beside);
         }
         pending = Some(Pending { r0, rows });
         r0 += rows;
@@ -266,13 +288,13 @@ pub(super) unsafe fn panel(t: &Tile, x: &Rows, y: *mut f32) {
 /// spread over the steps.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,fma")]
-unsafe fn block<const RT: usize>(
+unsafe fn block<const RT: usize, B: Beside>(
     t: &Tile,
     x: &Rows,
     (r0, rows): (usize, usize),
     y: *mut f32,
-    pending: Option<Pending>,
-    sums: *mut i32,
+    (pending, sums): (Option<Pending>, *mut i32),
+    beside: &mut B,
 ) {
     debug_assert!(rows <= RT * ROWS && (r0 + RT * ROWS) * x.kp <= x.q.len());
     let nb = x.blocks();
@@ -313,6 +335,7 @@ unsafe fn block<const RT: usize>(
         if let Some(p) = pending {
             finish(t, x, (sums, p), b * p.rows / nb..(b + 1) * p.rows / nb, y);
         }
+        beside.step();
     }
     store_sums::<RT>(sums as *mut u8);
 }

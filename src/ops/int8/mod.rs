@@ -585,23 +585,50 @@ impl QuantizedInput {
         then: Epilogue<&Tensor>,
     ) -> Result<Tensor> {
         let dims = self.output_dims(w.n);
-        let operand = match then.operand() {
-            Some(t) if t.dims() != dims.as_slice() => candle_core::bail!(
-                "int8 linear: an operand of shape {:?} for an output of shape {dims:?}",
-                t.dims()
-            ),
-            Some(t) => Some(t.to_dtype(DType::F32)?.contiguous()?),
-            None => None,
-        };
-        let guard = operand.as_ref().map(|t| t.storage_and_layout());
-        let values: Option<&[f32]> = guard
-            .as_ref()
-            .map(|g| operand_values::<f32, _>(g, "int8 linear"))
-            .transpose()?;
-        let then =
-            then.try_map(|_| values.ok_or_else(|| candle_core::Error::Msg("operand".into())))?;
-        let y = self.product(w, bias, then)?;
+        let y = with_operand(then, &dims, |then| self.product(w, bias, then))?;
         Tensor::from_vec(y, dims, &self.device)
+    }
+
+    /// A gated MLP's gate and up projections ([`matmul_gated`]), then the down projection
+    /// `down` followed by `then` ([`matmul_quantizing_ahead`]: the gated rows rotated and
+    /// quantized beside the down projection's tiles), as a tensor [.., n]. None where the
+    /// gated product would run in L2 tasks ([`Self::gated_quantized`]) or cannot run fused:
+    /// the caller's other paths.
+    pub fn gated_then_linear(
+        &self,
+        (gate, up): (&Int8Weight, &Int8Weight),
+        (gate_bias, up_bias): (Option<&Tensor>, Option<&Tensor>),
+        act: Gate,
+        (down, down_bias): (&Int8Weight, Option<&Tensor>),
+        then: Epilogue<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let kernel = Kernel::detected();
+        let m = self.rows.m;
+        if !(kernel == Kernel::Amx && pairs(gate, up) && self.rows.kp == gate.kp)
+            || l2_tasks_run(kernel, m, 2 * gate.kp * gate.n)
+            || down.kp != round_up(gate.n.max(1), BLOCK)
+        {
+            return Ok(None);
+        }
+        let (gb, ub) = (bias_values(gate_bias)?, bias_values(up_bias)?);
+        let mut h = matmul_gated(
+            kernel,
+            &self.rows,
+            ((gate, gb.as_deref()), (up, ub.as_deref())),
+            act,
+        );
+        let db = bias_values(down_bias)?;
+        let dims = self.output_dims(down.n);
+        let y = with_operand(then, &dims, |then| {
+            Ok(matmul_quantizing_ahead(
+                kernel,
+                (&mut h, m, gate.n),
+                down,
+                db.as_deref(),
+                then,
+            ))
+        })?;
+        Tensor::from_vec(y, dims, &self.device).map(Some)
     }
 
     /// x W^T + bias, then `then` (GELU or nothing: no operand), rotated and quantized for the
@@ -720,6 +747,28 @@ impl QuantizedInput {
             then,
         ))
     }
+}
+
+/// `f` on `then` with its operand's values (a tensor of shape `dims`, in f32).
+fn with_operand<R>(
+    then: Epilogue<&Tensor>,
+    dims: &[usize],
+    f: impl FnOnce(Epilogue<&[f32]>) -> Result<R>,
+) -> Result<R> {
+    let operand = match then.operand() {
+        Some(t) if t.dims() != dims => candle_core::bail!(
+            "int8 linear: an operand of shape {:?} for an output of shape {dims:?}",
+            t.dims()
+        ),
+        Some(t) => Some(t.to_dtype(DType::F32)?.contiguous()?),
+        None => None,
+    };
+    let guard = operand.as_ref().map(|t| t.storage_and_layout());
+    let values: Option<&[f32]> = guard
+        .as_ref()
+        .map(|g| operand_values::<f32, _>(g, "int8 linear"))
+        .transpose()?;
+    f(then.try_map(|_| values.ok_or_else(|| candle_core::Error::Msg("operand".into())))?)
 }
 
 /// A bias tensor's values in f32.
@@ -1257,6 +1306,283 @@ fn matmul_grouped(
     y
 }
 
+/// `matmul_then(kernel, &Int8Rows::quantize(x, m, k), w, bias, then)`, bit for bit, with the
+/// rows of each group after the first rotated and quantized by the previous group's tasks
+/// beside their tiles ([`amx::Beside`]): the vector work of the rotation runs while the
+/// tile unit sums, instead of in a pass of its own before the product. `x` is consumed (its
+/// rows are rotated in place). Where that cannot run (another kernel, chunks of the rotation
+/// above 256 values, a single group of rows) the rows are quantized first, as
+/// [`Int8Rows::quantize`] does.
+pub fn matmul_quantizing_ahead(
+    kernel: Kernel,
+    (x, m, k): (&mut [f32], usize, usize),
+    w: &Int8Weight,
+    bias: Option<&[f32]>,
+    then: Epilogue<&[f32]>,
+) -> Vec<f32> {
+    assert_eq!(
+        x.len(),
+        m * k,
+        "int8 rows: {} values, not {m} x {k}",
+        x.len()
+    );
+    let kp = round_up(k.max(1), BLOCK);
+    let group = group_rows(m, kp);
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Amx
+        && w.kp == kp
+        && (16..=256).contains(&rotate::size(k))
+        && group < m
+        && !tile_major_pays(kp, w.n)
+    {
+        // SAFETY: the AMX kernel is available (it was detected), hence AVX-512; shapes
+        // checked above.
+        return unsafe { ahead::product(x, (m, k, kp, group), w, bias, then) };
+    }
+    let rows = Int8Rows::quantize(x, m, k);
+    matmul_then(kernel, &rows, w, bias, then)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod ahead {
+    use super::{
+        amx, rotate, round_up, x86, Epilogue, Int8Weight, Kernel, Panels, Rows, NR, PAD_ROWS,
+    };
+    use crate::ops::real::SharedMut;
+    use rayon::prelude::*;
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    use std::mem::MaybeUninit;
+
+    /// Where rows go: the f32 rows (rotated in place), their int8 values, scales and
+    /// corrections ([`super::Int8Rows`]'s parts).
+    #[derive(Clone, Copy)]
+    struct Dest {
+        x: *mut f32,
+        q: *mut i8,
+        scales: *mut f32,
+        corr: *mut i32,
+        k: usize,
+        kp: usize,
+    }
+
+    // SAFETY: tasks write disjoint rows through these pointers.
+    unsafe impl Send for Dest {}
+    unsafe impl Sync for Dest {}
+
+    impl Dest {
+        /// Chunks of the rotation per row.
+        fn chunks(&self) -> usize {
+            self.k / rotate::size(self.k)
+        }
+
+        /// Chunk c of row r quantized from its rotated values (the row's max |value| `amax`):
+        /// the sum of its integer values. The quantizer takes 64 values at a time, so chunks
+        /// (multiples of 64) give the whole row's values, and their sums add up to its sum.
+        unsafe fn quantize(&self, r: usize, c: usize, amax: f32) -> (f32, i32) {
+            let s = rotate::size(self.k);
+            let row = std::slice::from_raw_parts(self.x.add(r * self.k + c * s), s);
+            let q = std::slice::from_raw_parts_mut(
+                self.q.add(r * self.kp + c * s) as *mut MaybeUninit<i8>,
+                s,
+            );
+            x86::quantize_avx512_amax(row, q, amax)
+        }
+
+        /// Row r's scale and correction (`quantize_row`'s), its padding zeroed.
+        unsafe fn close(&self, r: usize, (scale, sum): (f32, i32)) {
+            let q = std::slice::from_raw_parts_mut(
+                self.q.add(r * self.kp) as *mut MaybeUninit<i8>,
+                self.kp,
+            );
+            for v in &mut q[self.k..] {
+                v.write(0);
+            }
+            *self.scales.add(r) = scale;
+            *self.corr.add(r) = -128 * sum;
+        }
+
+        /// Row r rotated and quantized at once.
+        unsafe fn row(&self, r: usize) {
+            let amax = (0..self.chunks()).fold(0f32, |a, c| a.max(self.rotate(r, c)));
+            let mut total = (0.0, 0);
+            for c in 0..self.chunks() {
+                let (scale, sum) = self.quantize(r, c, amax);
+                total = (scale, total.1 + sum);
+            }
+            self.close(r, total);
+        }
+
+        /// Chunk c of row r rotated in place: its max |value|.
+        unsafe fn rotate(&self, r: usize, c: usize) -> f32 {
+            rotate::rotate_chunks_avx512(self.x.add(r * self.k), rotate::size(self.k), c..c + 1)
+        }
+    }
+
+    /// Rows rotated and quantized a chunk at a time beside a task's tiles, paced so that the
+    /// last unit falls on the last of `calls` steps.
+    struct Beside {
+        dest: Dest,
+        rows: std::ops::Range<usize>,
+        /// The current row's next unit: chunks 0.. rotated, then chunks 0.. quantized.
+        unit: usize,
+        amax: f32,
+        quantized: (f32, i32),
+        /// Units (chunks, and one quantization per row) done and in all.
+        done: usize,
+        units: usize,
+        calls: usize,
+        called: usize,
+    }
+
+    impl Beside {
+        fn new(dest: Dest, rows: std::ops::Range<usize>, calls: usize) -> Beside {
+            let units = rows.len() * 2 * dest.chunks();
+            Beside {
+                dest,
+                rows,
+                unit: 0,
+                amax: 0.0,
+                quantized: (0.0, 0),
+                done: 0,
+                units,
+                calls: calls.max(1),
+                called: 0,
+            }
+        }
+
+        /// The next unit: a chunk of the current row rotated, or quantized.
+        unsafe fn unit(&mut self) {
+            let (r, chunks) = (self.rows.start, self.dest.chunks());
+            if self.unit < chunks {
+                self.amax = self.amax.max(self.dest.rotate(r, self.unit));
+                // The next chunk's lines asked for now (they come from L3).
+                let next = self.unit + 1;
+                if next < chunks {
+                    let s = rotate::size(self.dest.k);
+                    let at = self.dest.x.add(r * self.dest.k + next * s) as *const i8;
+                    for line in 0..s / 16 {
+                        _mm_prefetch::<_MM_HINT_T0>(at.add(64 * line));
+                    }
+                }
+            } else {
+                let (scale, sum) = self.dest.quantize(r, self.unit - chunks, self.amax);
+                self.quantized = (scale, self.quantized.1 + sum);
+            }
+            self.unit += 1;
+            if self.unit == 2 * chunks {
+                self.dest.close(r, self.quantized);
+                (self.unit, self.amax, self.quantized) = (0, 0.0, (0.0, 0));
+                self.rows.start += 1;
+            }
+            self.done += 1;
+        }
+
+        /// Whatever is left.
+        unsafe fn finish(&mut self) {
+            while self.done < self.units {
+                self.unit();
+            }
+        }
+    }
+
+    impl amx::Beside for Beside {
+        #[inline(always)]
+        fn step(&mut self) {
+            self.called += 1;
+            while self.done < self.units && self.done * self.calls < self.called * self.units {
+                // SAFETY: the rows are this task's alone, within the destination.
+                unsafe { self.unit() };
+            }
+        }
+    }
+
+    /// [`super::matmul_quantizing_ahead`]'s product.
+    ///
+    /// # Safety
+    /// The AMX kernel is available; x holds m x k values, w has kp inputs, group < m is a
+    /// multiple of 2 [`PAD_ROWS`].
+    #[target_feature(enable = "avx512f,avx512bw,fma")]
+    pub(super) unsafe fn product(
+        x: &mut [f32],
+        (m, k, kp, group): (usize, usize, usize, usize),
+        w: &Int8Weight,
+        bias: Option<&[f32]>,
+        then: Epilogue<&[f32]>,
+    ) -> Vec<f32> {
+        let n = w.n;
+        if let Some(r) = then.operand() {
+            assert_eq!(
+                r.len(),
+                m * n,
+                "int8 matmul: epilogue operand for {m} x {n}"
+            );
+        }
+        let (mut q, mut scales, mut corr) = super::Int8Rows::alloc(m, kp);
+        let mp = super::padded_rows(m);
+        let spare = q.spare_capacity_mut();
+        for v in &mut spare[m * kp..mp * kp] {
+            v.write(0);
+        }
+        let dest = Dest {
+            x: x.as_mut_ptr(),
+            q: spare.as_mut_ptr() as *mut i8,
+            scales: scales.as_mut_ptr(),
+            corr: corr.as_mut_ptr(),
+            k,
+            kp,
+        };
+        // The first group's rows before its product.
+        (0..group).into_par_iter().for_each(|r| dest.row(r));
+        let mut y: Vec<f32> = Vec::with_capacity(m * n);
+        let out = SharedMut(y.as_mut_ptr());
+        let panels = Panels::One(w, bias);
+        let count = panels.count();
+        for g0 in (0..m).step_by(group) {
+            let g1 = (g0 + group).min(m);
+            let next = g1..(g1 + group).min(m);
+            let len = g1 - g0;
+            // This group's rows, written (by the previous group's tasks, or above), with
+            // the zero rows after the last one up to whole tiles.
+            let rows = Rows {
+                m: len,
+                kp,
+                q: std::slice::from_raw_parts(dest.q.add(g0 * kp), round_up(len, PAD_ROWS) * kp),
+                tiles: None,
+                scales: std::slice::from_raw_parts(dest.scales.add(g0), len),
+                corr: std::slice::from_raw_parts(dest.corr.add(g0), len),
+            };
+            let per_task = next.len().div_ceil(count);
+            let steps = len.div_ceil(2 * PAD_ROWS) * rows.blocks();
+            let y0 = SharedMut(out.ptr().add(g0 * n));
+            let run = |p: usize| {
+                let part = panels.part(p);
+                let tile = part.tile(n, then.map(|r| r[g0 * n..].as_ptr()));
+                if next.is_empty() {
+                    // The last group (perhaps below a tile): nothing beside it.
+                    // SAFETY: as below.
+                    unsafe { tile.run(Kernel::Amx, &rows, y0.ptr()) };
+                    return;
+                }
+                let from = (next.start + p * per_task).min(next.end);
+                let mut beside = Beside::new(dest, from..(from + per_task).min(next.end), steps);
+                // SAFETY: AMX is available; the panel's columns and the rows `beside`
+                // quantizes are this task's alone.
+                unsafe {
+                    amx::configure();
+                    amx::panel_beside(&tile, &rows, y0.ptr(), &mut beside);
+                    amx::release();
+                    beside.finish();
+                }
+            };
+            (0..count).into_par_iter().for_each(run);
+        }
+        // SAFETY: every panel's task wrote its columns of every row.
+        y.set_len(m * n);
+        debug_assert!(NR * count >= n);
+        y
+    }
+}
+
 /// The rows' values `x.q` (whole tiles of [`PAD_ROWS`] rows) laid out tile by tile for the
 /// AMX kernel into `out`: for each tile of 16 rows, for each step of [`BLOCK`] inputs, its
 /// 16 x 64 bytes together. A tile load then reads 1 KB in one piece, which the hardware
@@ -1607,6 +1933,46 @@ mod tests {
                         &want,
                         &format!("{} gated {act:?} {m}x{k}x{n}", kernel.name()),
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_quantized_beside_the_tiles_equal_rows_quantized_first() {
+        // Two whole groups of rows and a last one below a tile; rotation chunks of 256
+        // (k = 8,960, Qwen2.5-1.5B's down projection) and 128 (k = 4,992, whose group holds
+        // more rows than this test's n spreads over); n with a partial last panel; a bias
+        // and a residual. Bit for bit what quantizing the rows first gives, with any kernel
+        // (only AMX takes the path beside the tiles; the others quantize first).
+        for (k, n) in [(8960, 80), (4992, 48)] {
+            let group = group_rows(usize::MAX, k);
+            let m = 2 * group + 9;
+            let x = random(m * k, 81, 2.0);
+            let w = Int8Weight::pack(&random(n * k, 82, 0.3), n, k);
+            let bias = random(n, 83, 1.0);
+            let residual = random(m * n, 84, 1.0);
+            for kernel in Kernel::ALL.into_iter().filter(|k| k.available()) {
+                for then in [Epilogue::None, Epilogue::Add(&residual[..])] {
+                    let rows = Int8Rows::quantize(&x, m, k);
+                    let want = matmul_then(kernel, &rows, &w, Some(&bias), then);
+                    let mut consumed = x.clone();
+                    let got = matmul_quantizing_ahead(
+                        kernel,
+                        (&mut consumed, m, k),
+                        &w,
+                        Some(&bias),
+                        then,
+                    );
+                    assert_eq!(got.len(), want.len());
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{} k {k} value {i}",
+                            kernel.name()
+                        );
+                    }
                 }
             }
         }

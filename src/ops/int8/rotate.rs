@@ -158,11 +158,11 @@ unsafe fn rotate_avx512(src: *const f32, p: *mut f32, n: usize, s: usize) -> f32
     let registers = (s / 16).min(IN_REGISTERS);
     let last = s / 16 <= IN_REGISTERS;
     let m = match registers {
-        1 => chunks::<1>(src, p, n, last),
-        2 => chunks::<2>(src, p, n, last),
-        4 => chunks::<4>(src, p, n, last),
-        8 => chunks::<8>(src, p, n, last),
-        _ => chunks::<16>(src, p, n, last),
+        1 => chunks::<1>(src, p, (n, 0), last),
+        2 => chunks::<2>(src, p, (n, 0), last),
+        4 => chunks::<4>(src, p, (n, 0), last),
+        8 => chunks::<8>(src, p, (n, 0), last),
+        _ => chunks::<16>(src, p, (n, 0), last),
     };
     if last {
         return _mm512_reduce_max_ps(m);
@@ -211,12 +211,45 @@ unsafe fn rotate_avx512(src: *const f32, p: *mut f32, n: usize, s: usize) -> f32
     _mm512_reduce_max_ps(m)
 }
 
+/// Chunks `range` of s values (s = [`size`]`(k)` in 16..=256) of a row of k values at `row`,
+/// rotated in place; max |value| of what they became (NaN skipped). Chunk by chunk, the
+/// same bits as [`rotate_into`] of the whole row, and the maximum of the parts' maxima is its
+/// maximum: a row can be rotated a piece at a time.
+///
+/// # Safety
+/// AVX-512F; `row` holds the chunks' values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn rotate_chunks_avx512(
+    row: *mut f32,
+    s: usize,
+    range: std::ops::Range<usize>,
+) -> f32 {
+    debug_assert!((16..=16 * IN_REGISTERS).contains(&s) && s.is_power_of_two());
+    let (at, n, first) = (range.start * s, range.len() * s, range.start * s / 16);
+    let p = row.add(at);
+    let m = match s / 16 {
+        1 => chunks::<1>(p, p, (n, first), true),
+        2 => chunks::<2>(p, p, (n, first), true),
+        4 => chunks::<4>(p, p, (n, first), true),
+        8 => chunks::<8>(p, p, (n, first), true),
+        _ => chunks::<16>(p, p, (n, first), true),
+    };
+    _mm512_reduce_max_ps(m)
+}
+
 /// The sign flips and the stages up to 8 V of each chunk of 16 V values of `src`, in
-/// registers, into `p`; with `track`, the lanes' max |value| of what was written (NaN skipped).
+/// registers, into `p` (n values; `src` starts at the row's 16-value group `first`, whose
+/// signs it takes); with `track`, the lanes' max |value| of what was written (NaN skipped).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn chunks<const V: usize>(src: *const f32, p: *mut f32, n: usize, track: bool) -> __m512 {
+unsafe fn chunks<const V: usize>(
+    src: *const f32,
+    p: *mut f32,
+    (n, first): (usize, usize),
+    track: bool,
+) -> __m512 {
     let sign = _mm512_set1_epi32(i32::MIN);
     let mut m = _mm512_setzero_ps();
     let masks = masks();
@@ -224,7 +257,7 @@ unsafe fn chunks<const V: usize>(src: *const f32, p: *mut f32, n: usize, track: 
         // The chunk's sign masks first: the vector loop below then has no call in it, so it
         // is unrolled and its array stays in registers (with the table's fallback call inside,
         // it was kept on the stack: three more memory operations per vector).
-        let flips: [u16; V] = std::array::from_fn(|i| flips_from(masks, chunk * V + i));
+        let flips: [u16; V] = std::array::from_fn(|i| flips_from(masks, first + chunk * V + i));
         let mut r = [_mm512_setzero_ps(); V];
         for (i, r) in r.iter_mut().enumerate() {
             let c = chunk * V + i;
@@ -348,6 +381,44 @@ mod tests {
         );
         rotate(&mut two);
         assert_eq!(two, [a + b, a - b]);
+    }
+
+    #[test]
+    fn a_row_rotated_chunk_by_chunk_is_the_row_rotated_whole() {
+        if !crate::ops::simd::has_avx512() {
+            eprintln!("no AVX-512 here: the chunk-wise rotation is not tested");
+            return;
+        }
+        // Chunks of 256 (k = 8,960 and 4,864), 128 (4,992), 32 (96), 16 (48), in pieces of
+        // one chunk and of several; a NaN, an infinity and a signed zero among the values.
+        for (i, k) in [8960, 4864, 4992, 96, 48].into_iter().enumerate() {
+            let s = size(k);
+            let mut row = random(k, 20 + i as u64, 3.0);
+            row[7] = -0.0;
+            row[k - 3] = f32::NAN;
+            row[k / 2] = f32::INFINITY;
+            let mut whole = vec![0f32; k];
+            let want = rotate_into(&row, &mut whole).expect("AVX-512");
+            for piece in [1, 3] {
+                let mut parts = row.clone();
+                let mut amax = 0f32;
+                let mut c = 0;
+                while c < k / s {
+                    let end = (c + piece).min(k / s);
+                    // SAFETY: AVX-512 (checked above); the row holds every chunk.
+                    let m = unsafe { rotate_chunks_avx512(parts.as_mut_ptr(), s, c..end) };
+                    amax = amax.max(m);
+                    c = end;
+                }
+                assert_eq!(amax.to_bits(), want.to_bits(), "{k} {piece}");
+                for (a, b) in parts.iter().zip(&whole) {
+                    assert!(
+                        a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                        "{k}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
