@@ -442,6 +442,13 @@ fn quantized_tasks(
     Int8Rows::padded(q, (m, kp), scales, corr)
 }
 
+/// The bytes of a quantized row of k values (whole steps of [`BLOCK`]), `len` checked to be
+/// m x k values.
+fn row_bytes(len: usize, m: usize, k: usize) -> usize {
+    assert_eq!(len, m * k, "int8 rows: {len} values, not {m} x {k}");
+    round_up(k.max(1), BLOCK)
+}
+
 impl Int8Rows {
     /// Values for m rows of kp ([`padded_rows`] of them), uninitialized, and their scales
     /// and corrections (zeros).
@@ -475,13 +482,7 @@ impl Int8Rows {
     }
 
     pub fn quantize(x: &[f32], m: usize, k: usize) -> Int8Rows {
-        assert_eq!(
-            x.len(),
-            m * k,
-            "int8 rows: {} values, not {m} x {k}",
-            x.len()
-        );
-        let kp = round_up(k.max(1), BLOCK);
+        let kp = row_bytes(x.len(), m, k);
         // Every value of each row is written by the thread that quantizes it (the row, then
         // zeros for the padding), with no zeroing pass before; then the padding rows.
         let (mut q, mut scales, mut corr) = Int8Rows::alloc(m, kp);
@@ -1320,13 +1321,7 @@ pub fn matmul_quantizing_ahead(
     bias: Option<&[f32]>,
     then: Epilogue<&[f32]>,
 ) -> Vec<f32> {
-    assert_eq!(
-        x.len(),
-        m * k,
-        "int8 rows: {} values, not {m} x {k}",
-        x.len()
-    );
-    let kp = round_up(k.max(1), BLOCK);
+    let kp = row_bytes(x.len(), m, k);
     let group = group_rows(m, kp);
     #[cfg(target_arch = "x86_64")]
     if kernel == Kernel::Amx
@@ -1515,6 +1510,14 @@ mod ahead {
                 r.len(),
                 m * n,
                 "int8 matmul: epilogue operand for {m} x {n}"
+            );
+        }
+        if let Some(b) = bias {
+            assert_eq!(
+                b.len(),
+                n,
+                "int8 matmul: bias of {} values for {n} columns",
+                b.len()
             );
         }
         let (mut q, mut scales, mut corr) = super::Int8Rows::alloc(m, kp);
