@@ -1187,6 +1187,25 @@ mod tests {
     }
 
     #[test]
+    fn int8_gated_mlp_with_large_weights_equals_its_steps() {
+        // Gate and up weights beyond half of L2 (1.1 MB) and 200 rows: with AMX (and an L2 of
+        // at most 2 MB) the down projection quantizes its rows beside its tiles in several
+        // row groups (QuantizedInput::gated_then_linear); elsewhere the other paths. The same
+        // bits as the separate steps either way.
+        let (h, i) = (64, 8960);
+        let x = tensor(&[5, 40, h], 31, 1.5);
+        let residual = tensor(&[5, 40, h], 32, 1.0);
+        let [gate, up, down] = [(i, h, 33), (i, h, 34), (h, i, 35)]
+            .map(|(n, k, seed)| linear(n, k, seed, Precision::Int8));
+        let act = Gate::Silu;
+        let h_steps = gated(&gate.forward(&x).unwrap(), &up.forward(&x).unwrap(), act).unwrap();
+        let steps = (&residual + &down.forward(&h_steps).unwrap()).unwrap();
+        let fused = gated_mlp(&x, (&gate, &up, &down), act, Some(&residual)).unwrap();
+        assert_eq!(fused.dims(), &[5, 40, h]);
+        assert_eq!(bits(&fused), bits(&steps));
+    }
+
+    #[test]
     fn int8_gated_mlp_with_residual_equals_its_steps() {
         // 208 intermediate values: gate and up in one product where the kernel allows it
         // (QuantizedInput::gated_quantized); 200: two products.

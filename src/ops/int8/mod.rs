@@ -442,6 +442,13 @@ fn quantized_tasks(
     Int8Rows::padded(q, (m, kp), scales, corr)
 }
 
+/// Rows m.. of `q`'s [`padded_rows`] (rows of kp values, spare capacity) set to zero.
+fn zero_padding_rows(q: &mut Aligned<i8>, m: usize, kp: usize) {
+    for v in &mut q.spare_capacity_mut()[m * kp..padded_rows(m) * kp] {
+        v.write(0);
+    }
+}
+
 /// The bytes of a quantized row of k values (whole steps of [`BLOCK`]), `len` checked to be
 /// m x k values.
 fn row_bytes(len: usize, m: usize, k: usize) -> usize {
@@ -466,12 +473,9 @@ impl Int8Rows {
         scales: Vec<f32>,
         corr: Vec<i32>,
     ) -> Int8Rows {
-        let mp = padded_rows(m);
-        for v in &mut q.spare_capacity_mut()[m * kp..mp * kp] {
-            v.write(0);
-        }
+        zero_padding_rows(&mut q, m, kp);
         // SAFETY: the first m rows were written by the caller, the rest above.
-        unsafe { q.set_len(mp * kp) };
+        unsafe { q.set_len(padded_rows(m) * kp) };
         Int8Rows {
             m,
             kp,
@@ -1109,6 +1113,34 @@ impl PanelParts<'_> {
 }
 
 impl<'a> Panels<'a> {
+    /// Panics unless each bias has a value per column and the epilogue's operand m x n.
+    fn check(&self, m: usize, then: Epilogue<&[f32]>) {
+        let biases = match *self {
+            Panels::One(w, b) => [Some((w, b)), None],
+            Panels::Pair { gate, up, .. } => [Some(gate), Some(up)],
+        };
+        for (w, b) in biases.into_iter().flatten() {
+            if let Some(b) = b {
+                assert_eq!(
+                    b.len(),
+                    w.n,
+                    "int8 matmul: bias of {} values for {} columns",
+                    b.len(),
+                    w.n
+                );
+            }
+        }
+        let n = self.n();
+        if let Some(r) = then.operand() {
+            assert_eq!(
+                r.len(),
+                m * n,
+                "int8 matmul: epilogue operand of {} values for {m} x {n}",
+                r.len()
+            );
+        }
+    }
+
     fn kp(&self) -> usize {
         match self {
             Panels::One(w, _) => w.kp,
@@ -1217,30 +1249,8 @@ fn matmul_grouped(
         x.kp,
         panels.kp()
     );
-    let biases = match panels {
-        Panels::One(w, b) => [Some((w, b)), None],
-        Panels::Pair { gate, up, .. } => [Some(gate), Some(up)],
-    };
-    for (w, b) in biases.into_iter().flatten() {
-        if let Some(b) = b {
-            assert_eq!(
-                b.len(),
-                w.n,
-                "int8 matmul: bias of {} values for {} columns",
-                b.len(),
-                w.n
-            );
-        }
-    }
     let (m, n) = (x.m, panels.n());
-    if let Some(r) = then.operand() {
-        assert_eq!(
-            r.len(),
-            m * n,
-            "int8 matmul: epilogue operand of {} values for {m} x {n}",
-            r.len()
-        );
-    }
+    panels.check(m, then);
     y.clear();
     if m == 0 || n == 0 {
         return y;
@@ -1396,17 +1406,6 @@ mod ahead {
             *self.corr.add(r) = -128 * sum;
         }
 
-        /// Row r rotated and quantized at once.
-        unsafe fn row(&self, r: usize) {
-            let amax = (0..self.chunks()).fold(0f32, |a, c| a.max(self.rotate(r, c)));
-            let mut total = (0.0, 0);
-            for c in 0..self.chunks() {
-                let (scale, sum) = self.quantize(r, c, amax);
-                total = (scale, total.1 + sum);
-            }
-            self.close(r, total);
-        }
-
         /// Chunk c of row r rotated in place: its max |value|.
         unsafe fn rotate(&self, r: usize, c: usize) -> f32 {
             rotate::rotate_chunks_avx512(self.x.add(r * self.k), rotate::size(self.k), c..c + 1)
@@ -1422,7 +1421,7 @@ mod ahead {
         unit: usize,
         amax: f32,
         quantized: (f32, i32),
-        /// Units (chunks, and one quantization per row) done and in all.
+        /// Units (each chunk of a row rotated, then each quantized) done and in all.
         done: usize,
         units: usize,
         calls: usize,
@@ -1505,27 +1504,11 @@ mod ahead {
         then: Epilogue<&[f32]>,
     ) -> Vec<f32> {
         let n = w.n;
-        if let Some(r) = then.operand() {
-            assert_eq!(
-                r.len(),
-                m * n,
-                "int8 matmul: epilogue operand for {m} x {n}"
-            );
-        }
-        if let Some(b) = bias {
-            assert_eq!(
-                b.len(),
-                n,
-                "int8 matmul: bias of {} values for {n} columns",
-                b.len()
-            );
-        }
+        let panels = Panels::One(w, bias);
+        panels.check(m, then);
         let (mut q, mut scales, mut corr) = super::Int8Rows::alloc(m, kp);
-        let mp = super::padded_rows(m);
+        super::zero_padding_rows(&mut q, m, kp);
         let spare = q.spare_capacity_mut();
-        for v in &mut spare[m * kp..mp * kp] {
-            v.write(0);
-        }
         let dest = Dest {
             x: x.as_mut_ptr(),
             q: spare.as_mut_ptr() as *mut i8,
@@ -1534,11 +1517,12 @@ mod ahead {
             k,
             kp,
         };
-        // The first group's rows before its product.
-        (0..group).into_par_iter().for_each(|r| dest.row(r));
+        // The first group's rows before its product (the same units, all at once).
+        (0..group)
+            .into_par_iter()
+            .for_each(|r| Beside::new(dest, r..r + 1, 1).finish());
         let mut y: Vec<f32> = Vec::with_capacity(m * n);
         let out = SharedMut(y.as_mut_ptr());
-        let panels = Panels::One(w, bias);
         let count = panels.count();
         for g0 in (0..m).step_by(group) {
             let g1 = (g0 + group).min(m);
