@@ -5,7 +5,10 @@
 # decoding (Qwen2.5-Coder-0.5B shape, 8 prompts of 24 tokens, beam 5, exactly 40 new tokens, KV
 # cache on both sides). PyTorch runs models of the same shapes with random weights (transformers,
 # from each model's config) in f32 and in bf16; the faster of the two is PyTorch's time. Sides
-# take turns, with the same number of threads; each side's time is the median of its runs,
+# take turns run by run, with the same number of threads: in each round (--rounds) one process per
+# side (ws2s, PyTorch f32, PyTorch bf16) warms up alone, then the three run one timed run each in
+# turn, --repeats times (bench/turns.py), so that outside load falls on the sides alike and each
+# ws2s run pairs with a PyTorch run of the same turn. Each side's time is the median of its runs,
 # timed after the same number of untimed warm-up runs on both sides (--warmup, default 3: the
 # first forwards of a process are slower on both sides while their memory is faulted in: after
 # one warm-up, a 13-14 ms MiniLM forward paid up to 3,200 page faults, 14-17.5 ms, in its first
@@ -54,25 +57,36 @@ trap 'rm -rf "$out"' EXIT
 config_of() {
   "$ws2s" model info "$1" --json | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["config"]))' > "$out/$1.json"
 }
-run_ws2s() { # model, bench args...
+cmd_ws2s() { # model, bench args...: the ws2s side's command line (takes turns)
   local model="$1"; shift
-  env "${ws2s_env[@]}" RAYON_NUM_THREADS="$threads" "$ws2s" bench "$@" --model "$model" --precision "$precision" \
-    --repeats "$repeats" --warmup "$warmup" --json | python3 -c "import json,sys; r=json.load(sys.stdin); r['side']='ws2s'; r['name']='$model'; r['round']=$round; print(json.dumps(r))" >> "$out/runs.jsonl"
+  printf '%q ' env "${ws2s_env[@]}" RAYON_NUM_THREADS="$threads" "$ws2s" bench "$@" --model "$model" \
+    --precision "$precision" --repeats "$repeats" --warmup "$warmup" --turns --json
 }
-run_torch() { # model, dtype, mode args...
+cmd_torch() { # model, dtype, mode args...: a PyTorch side's command line (takes turns)
   local model="$1" dtype="$2"; shift 2
-  env "${torch_env[@]}" BENCH_THREADS="$threads" "$venv/bin/python" bench/pytorch_infer.py --config "$out/$model.json" \
-    --dtype "$dtype" --repeats "$repeats" --warmup "$warmup" "$@" | python3 -c "import json,sys; r=json.load(sys.stdin); r['name']='$model'; r['round']=$round; print(json.dumps(r))" >> "$out/runs.jsonl"
+  printf '%q ' env "${torch_env[@]}" BENCH_THREADS="$threads" "$venv/bin/python" bench/pytorch_infer.py \
+    --config "$out/$model.json" --dtype "$dtype" --repeats "$repeats" --warmup "$warmup" --turns "$@"
 }
 measure() { # model, ws2s args (quoted), torch args (quoted)
   local model="$1" wargs="$2" targs="$3"
   for round in $(seq 1 "$rounds"); do
-    echo "$model: $wargs (round $round of $rounds) ..." >&2
+    echo "$model: $wargs (round $round of $rounds: $repeats turns) ..." >&2
+    rm -f "$out/round.jsonl"
+    # The three sides take turns run by run (bench/turns.py); the first side alternates by round.
     if [ $((round % 2)) -eq 1 ]; then
-      run_ws2s "$model" $wargs; run_torch "$model" f32 $targs; run_torch "$model" bf16 $targs
+      python3 bench/turns.py "$repeats" "$out/round.jsonl" -- "$(cmd_ws2s "$model" $wargs)" \
+        -- "$(cmd_torch "$model" f32 $targs)" -- "$(cmd_torch "$model" bf16 $targs)"
     else
-      run_torch "$model" bf16 $targs; run_torch "$model" f32 $targs; run_ws2s "$model" $wargs
+      python3 bench/turns.py "$repeats" "$out/round.jsonl" -- "$(cmd_torch "$model" bf16 $targs)" \
+        -- "$(cmd_torch "$model" f32 $targs)" -- "$(cmd_ws2s "$model" $wargs)"
     fi
+    python3 -c "
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    r.setdefault('side', 'ws2s')
+    r['name'], r['round'] = sys.argv[2], int(sys.argv[3])
+    print(json.dumps(r))" "$out/round.jsonl" "$model" "$round" >> "$out/runs.jsonl"
   done
 }
 for model in $models; do
@@ -88,7 +102,7 @@ fi
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')
 flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|avx512f|avx512_bf16|avx512_vnni|avx_vnni|amx_bf16|amx_int8)$' | tr '\n' ' ')
 python3 - "$out/runs.jsonl" "$cpu" "$flags" "$threads" "$isa" "$warmup" <<'PY'
-import json, statistics, sys
+import json, math, statistics, sys
 path, cpu, flags, threads, isa, warmup = sys.argv[1:]
 rows = [json.loads(l) for l in open(path)]
 def key(r):
@@ -110,11 +124,29 @@ if isa != "native":
               f"without AVX-512; PyTorch: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, "
               f"MKL_ENABLE_INSTRUCTIONS; ATen reports {', '.join(caps)})")
 print(f"PyTorch {torch_version}; times are medians over runs (and rounds), each side after {warmup} untimed runs; ratio = ws2s time / PyTorch's best time; "
-      "per round: the same ratio from each round's runs alone (sides run in turn within a round), lowest-highest\n")
-print("| model | workload | ws2s (precision, kernel) tok/s | CPU busy | PyTorch f32 tok/s | PyTorch bf16 tok/s | ratio | per round |")
-print("|---|---|---|---|---|---|---|---|")
+      "per round: the same ratio from each round's runs alone (sides run in turn within a round), lowest-highest; "
+      "per turn: the median of the ratios of each ws2s run to the same turn's run of PyTorch's faster dtype "
+      "(the sides take turns run by run: bench/turns.py), with its distribution-free 95% interval\n")
+print("| model | workload | ws2s (precision, kernel) tok/s | CPU busy | PyTorch f32 tok/s | PyTorch bf16 tok/s | ratio | per round | per turn (95% CI), turns |")
+print("|---|---|---|---|---|---|---|---|---|")
+def median_interval(values):
+    """The median of `values` and its distribution-free 95% interval: order statistics j and
+    n + 1 - j, j the largest with P(Binomial(n, 1/2) < j) <= 0.025 (no interval below 6)."""
+    x = sorted(values)
+    n = len(x)
+    med = statistics.median(x)
+    j, below = 0, 0.0
+    while True:
+        below += math.comb(n, j) / 2 ** n  # P(B <= j)
+        if below > 0.025:
+            break
+        j += 1
+    if j == 0:
+        return med, None
+    return med, (x[j - 1], x[n - j])
 worst = {"forward": 0.0, "decode": 0.0}
 highest = {"forward": 0.0, "decode": 0.0}
+highest_upper = {"forward": 0.0, "decode": 0.0}
 for k in order:
     group = [r for r in rows if key(r) == k]
     def side(pred):
@@ -143,11 +175,23 @@ for k in order:
             per_round.append(rw / min(rt))
     spread = f"{min(per_round):.2f}-{max(per_round):.2f}" if len(per_round) > 1 else "-"
     kind = "decode" if k[1].startswith("decode") else "forward"
+    # Turn by turn: each ws2s run against the same turn's run of PyTorch's faster dtype.
+    best_dtype = "f32" if b is None or (f is not None and f < b) else "bf16"
+    per_turn = []
+    for rnd in sorted({r["round"] for r in group}):
+        ours = [r for r in group if r["round"] == rnd and r.get("side") == "ws2s"]
+        theirs = [r for r in group if r["round"] == rnd and r.get("side") == "pytorch" and r["dtype"] == best_dtype]
+        if ours and theirs:
+            per_turn += [x / y for x, y in zip(ours[0]["runs"], theirs[0]["runs"])]
+    turn_median, turn_ci = median_interval(per_turn)
+    interval = f"{turn_median:.2f} ({turn_ci[0]:.2f}-{turn_ci[1]:.2f}), {len(per_turn)}" if turn_ci else f"{turn_median:.2f}, {len(per_turn)}"
+    highest_upper[kind] = max(highest_upper[kind], turn_ci[1] if turn_ci else turn_median)
     worst[kind] = max(worst[kind], ratio)
     highest[kind] = max(highest[kind], max(per_round, default=ratio))
-    print(f"| {k[0]} | {k[1]} | {tokens / w:.0f} ({wr['precision']}, {wr['kernel']}) | {100 * wu:.0f}% (PyTorch {100 * min(fu, bu):.0f}-{100 * max(fu, bu):.0f}%) | {tokens / f:.0f} | {tokens / b:.0f} | {ratio:.2f} | {spread} |")
+    print(f"| {k[0]} | {k[1]} | {tokens / w:.0f} ({wr['precision']}, {wr['kernel']}) | {100 * wu:.0f}% (PyTorch {100 * min(fu, bu):.0f}-{100 * max(fu, bu):.0f}%) | {tokens / f:.0f} | {tokens / b:.0f} | {ratio:.2f} | {spread} | {interval} |")
 print()
 print(f"highest forward ratio of any round: {highest['forward']:.2f}")
+print(f"highest upper 95% bound of a forward's per-turn ratio: {highest_upper['forward']:.2f}")
 print(f"worst forward ratio: {worst['forward']:.2f}")
 print(f"worst decode ratio: {worst['decode']:.2f}")
 print(f"worst ratio: {max(worst.values()):.2f}")

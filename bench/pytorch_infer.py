@@ -5,12 +5,14 @@ its config.json with transformers), in f32 or bf16. Prints one JSON object.
   pytorch_infer.py --config CONFIG.json --dtype f32|bf16 forward --batch 32 --seq-len 24
   pytorch_infer.py --config CONFIG.json --dtype f32|bf16 decode --prompts 8 --prompt-len 24 \
       --beams 5 --new-tokens 40
+  (--repeats N --warmup N before the mode; --turns: run by run on cue, see timed())
 """
 import argparse
 import json
 import os
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -22,17 +24,30 @@ def cpu_seconds():
     return u.ru_utime + u.ru_stime
 
 
-def timed(warmup, repeats, run):
+def timed(warmup, repeats, run, turns=False):
+    """run() warmup times, then repeats times timed: (times, median, share of the threads' CPU
+    time busy during the timed runs). With turns, as `ws2s bench --turns`: `ready` on stderr
+    after the warm-up, then each timed run waits for a line on stdin and reports `turn SECONDS`
+    on stderr; the runs end early where stdin ends."""
     for _ in range(max(1, warmup)):
         run()
-    cpu0, wall0 = cpu_seconds(), time.perf_counter()
-    times = []
+    if turns:
+        print("ready", file=sys.stderr, flush=True)
+    times, busy_s = [], 0.0
     for _ in range(max(1, repeats)):
+        if turns and not sys.stdin.readline():
+            break
+        cpu0 = cpu_seconds()
         start = time.perf_counter()
         run()
-        times.append(time.perf_counter() - start)
-    busy = (cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
-    return times, statistics.median(times), busy / torch.get_num_threads()
+        t = time.perf_counter() - start
+        busy_s += cpu_seconds() - cpu0
+        times.append(t)
+        if turns:
+            print(f"turn {t:.6f}", file=sys.stderr, flush=True)
+    if not times:
+        sys.exit("no timed run: the input ended before the first turn")
+    return times, statistics.median(times), busy_s / sum(times) / torch.get_num_threads()
 
 
 def main():
@@ -41,6 +56,8 @@ def main():
     p.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (at least one)")
+    p.add_argument("--turns", action="store_true",
+                   help="take turns with another program run by run (as `ws2s bench --turns`)")
     sub = p.add_subparsers(dest="mode", required=True)
     f = sub.add_parser("forward")
     f.add_argument("--batch", type=int, default=32)
@@ -95,7 +112,7 @@ def main():
 
         tokens = a.prompts * a.new_tokens
         workload = f"decode {a.prompts}x{a.prompt_len} beam {a.beams} +{a.new_tokens}"
-    runs, med, util = timed(a.warmup, a.repeats, run)
+    runs, med, util = timed(a.warmup, a.repeats, run, a.turns)
     print(json.dumps({
         "side": "pytorch",
         "dtype": a.dtype,

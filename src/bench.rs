@@ -286,23 +286,55 @@ impl InferenceTimes {
     }
 }
 
-/// `run` `warmup` times (at least once), then `repeats` times timed: (times, median, share of
-/// the threads' CPU time busy during the timed runs).
-fn time_runs(
-    (warmup, repeats): (usize, usize),
-    mut run: impl FnMut() -> Result<()>,
-) -> Result<(Vec<f64>, f64, f64)> {
-    for _ in 0..warmup.max(1) {
+/// How an inference benchmark times its workload: `warmup` untimed runs (at least one), then
+/// `repeats` timed ones. With `turns`, each timed run waits for a line on standard input first
+/// and reports its time on standard error right after (`turn <seconds>`; `ready` once the
+/// warm-up is done); the timed runs end early at the end of the input. A driver that holds
+/// several such processes (bench/compare-forward.sh: ws2s and PyTorch) then lets them take
+/// turns run by run, so that each run of one side has a run of the other a few seconds away,
+/// under the same outside load.
+#[derive(Clone, Copy, Debug)]
+pub struct Runs {
+    pub warmup: usize,
+    pub repeats: usize,
+    pub turns: bool,
+}
+
+/// `run` as `plan` says: (times, median, share of the threads' CPU time busy during the timed
+/// runs).
+fn time_runs(plan: Runs, mut run: impl FnMut() -> Result<()>) -> Result<(Vec<f64>, f64, f64)> {
+    use std::io::{BufRead, Write};
+    for _ in 0..plan.warmup.max(1) {
         run()?;
     }
-    let (cpu0, wall0) = (cpu_seconds(), Instant::now());
+    let mut turns = plan.turns.then(|| std::io::stdin().lock());
+    if turns.is_some() {
+        writeln!(std::io::stderr(), "ready")?;
+    }
+    let mut busy_s = 0.0;
     let mut times = Vec::new();
-    for _ in 0..repeats.max(1) {
+    for _ in 0..plan.repeats.max(1) {
+        if let Some(input) = turns.as_mut() {
+            let mut line = String::new();
+            if input.read_line(&mut line)? == 0 {
+                break;
+            }
+        }
+        let cpu0 = cpu_seconds();
         let start = Instant::now();
         run()?;
-        times.push(start.elapsed().as_secs_f64());
+        let t = start.elapsed().as_secs_f64();
+        busy_s += cpu_seconds() - cpu0;
+        times.push(t);
+        if turns.is_some() {
+            writeln!(std::io::stderr(), "turn {t:.6}")?;
+        }
     }
-    let busy = (cpu_seconds() - cpu0) / wall0.elapsed().as_secs_f64();
+    if times.is_empty() {
+        bail!("no timed run: the input ended before the first turn");
+    }
+    // Busy over the timed runs alone (with turns, the waits between them are not counted).
+    let busy = busy_s / times.iter().sum::<f64>();
     let med = median(&mut times.clone());
     Ok((times, med, busy / rayon::current_num_threads() as f64))
 }
@@ -351,7 +383,7 @@ fn load_for_inference(
 /// random token ids, with nothing cached.
 pub fn bench_forward(
     name: &str,
-    (batch, seq_len, repeats): (usize, usize, (usize, usize)),
+    (batch, seq_len, repeats): (usize, usize, Runs),
     precision: crate::ops::Precision,
     device: &Device,
 ) -> Result<InferenceTimes> {
@@ -372,7 +404,13 @@ pub fn bench_forward(
         Ok(())
     })?;
     let workload = format!("forward {batch}x{seq_len}");
-    let timed = (runs, median_s, cpu_utilisation, load_s, repeats.0.max(1));
+    let timed = (
+        runs,
+        median_s,
+        cpu_utilisation,
+        load_s,
+        repeats.warmup.max(1),
+    );
     Ok(InferenceTimes::new(
         name,
         &model,
@@ -387,7 +425,7 @@ pub fn bench_forward(
 /// token ids, exactly `new_tokens` new tokens each (no end-of-sequence token).
 pub fn bench_decode(
     name: &str,
-    (prompts, prompt_len, beams, new_tokens, repeats): (usize, usize, usize, usize, (usize, usize)),
+    (prompts, prompt_len, beams, new_tokens, repeats): (usize, usize, usize, usize, Runs),
     precision: crate::ops::Precision,
     device: &Device,
 ) -> Result<InferenceTimes> {
@@ -422,7 +460,13 @@ pub fn bench_decode(
         Ok(())
     })?;
     let workload = format!("decode {prompts}x{prompt_len} beam {beams} +{new_tokens}");
-    let timed = (runs, median_s, cpu_utilisation, load_s, repeats.0.max(1));
+    let timed = (
+        runs,
+        median_s,
+        cpu_utilisation,
+        load_s,
+        repeats.warmup.max(1),
+    );
     let mut times = InferenceTimes::new(
         name,
         &model,

@@ -172,7 +172,7 @@ fn bench(command: BenchCommand) -> Result<()> {
             let device = run.device.device()?;
             let times = ws2s::bench::bench_forward(
                 &model,
-                (batch, seq_len, (run.warmup, run.repeats)),
+                (batch, seq_len, run.plan()),
                 precision.resolve_on(Purpose::Features, &device)?,
                 &device,
             )?;
@@ -190,13 +190,7 @@ fn bench(command: BenchCommand) -> Result<()> {
             let device = run.device.device()?;
             let times = ws2s::bench::bench_decode(
                 &model,
-                (
-                    prompts,
-                    prompt_len,
-                    beams,
-                    new_tokens,
-                    (run.warmup, run.repeats),
-                ),
+                (prompts, prompt_len, beams, new_tokens, run.plan()),
                 precision.resolve_on(Purpose::Decoding, &device)?,
                 &device,
             )?;

@@ -425,6 +425,70 @@ fn a_cap_below_amx_keeps_decoding_off_the_tiles() {
 }
 
 #[test]
+fn a_bench_with_turns_runs_once_per_line_of_input() {
+    // `--turns` (bench/compare-forward.sh alternates ws2s and PyTorch with it): `ready` after
+    // the warm-up, one timed run per line of input, each reported as `turn SECONDS`, and no
+    // more runs than lines even where --repeats allows more.
+    use std::io::Write;
+    use std::process::Stdio;
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models/llama_gguf/tiny-llama.gguf");
+    let tiny = tiny.display().to_string();
+    let args = [
+        "bench",
+        "forward",
+        "--model",
+        &tiny,
+        "--batch",
+        "2",
+        "--seq-len",
+        "3",
+        "--repeats",
+        "5",
+        "--turns",
+        "--json",
+    ];
+    let run = |input: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ws2s"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = run("go\ngo\n");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.first(), Some(&"ready"), "{err}");
+    let turns: Vec<f64> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("turn "))
+        .map(|t| t.parse().unwrap())
+        .collect();
+    assert_eq!(turns.len(), 2, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let runs = json["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{json}");
+    for (run, turn) in runs.iter().zip(&turns) {
+        assert!((run.as_f64().unwrap() - turn).abs() < 1e-5, "{json} {err}");
+    }
+    // No line at all: no timed run, an error, nothing on standard output.
+    let out = run("");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no timed run"), "{}", stderr(&out));
+    assert!(stdout(&out).is_empty());
+}
+
+#[test]
 fn kernel_variables_with_unknown_values_are_rejected_before_any_work() {
     // A typo in either variable would otherwise leave the widest kernels in use, silently.
     let out = Command::new(env!("CARGO_BIN_EXE_ws2s"))

@@ -287,6 +287,17 @@ pub(crate) enum BenchCommand {
     },
 }
 
+impl InferenceFlags {
+    /// The timing plan these flags give.
+    pub(crate) fn plan(&self) -> ws2s::bench::Runs {
+        ws2s::bench::Runs {
+            warmup: self.warmup,
+            repeats: self.repeats,
+            turns: self.turns,
+        }
+    }
+}
+
 /// The flags both inference benchmarks take.
 #[derive(Args)]
 pub(crate) struct InferenceFlags {
@@ -297,6 +308,12 @@ pub(crate) struct InferenceFlags {
     /// reuse).
     #[arg(long, value_parser = at_least_one, default_value_t = 1)]
     pub(crate) warmup: usize,
+    /// Take turns with another program: after the warm-up print `ready` on standard error,
+    /// then before each timed run wait for a line on standard input and after it print `turn
+    /// SECONDS` on standard error (the timed runs end early where the input ends).
+    /// bench/compare-forward.sh uses it to alternate ws2s and PyTorch run by run.
+    #[arg(long)]
+    pub(crate) turns: bool,
     /// Where the model runs: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub(crate) device: DeviceSetting,
