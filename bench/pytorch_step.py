@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -66,7 +67,7 @@ def build(name):
     return model, head, batch, minilm
 
 
-def bench(name, warmup, steps):
+def bench(name, warmup, steps, turns=False):
     torch.manual_seed(0)
     model, head, batch, minilm = build(name)
     seq = 128
@@ -77,6 +78,12 @@ def bench(name, warmup, steps):
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
     forward, backward, update = [], [], []
     for step in range(warmup + steps):
+        if turns and step >= warmup:
+            # On cue, as `ws2s bench train --turns`: `ready` once, then a step per input line.
+            if step == warmup:
+                print("ready", file=sys.stderr, flush=True)
+            if not sys.stdin.readline():
+                break
         t0 = time.perf_counter()
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
         pooled = hidden.mean(dim=1) if minilm else hidden[:, -1]
@@ -94,13 +101,17 @@ def bench(name, warmup, steps):
             forward.append((t1 - t0) * 1e3)
             backward.append((t2 - t1) * 1e3)
             update.append((t3 - t2) * 1e3)
+            if turns:
+                print(f"turn {t3 - t0:.6f}", file=sys.stderr, flush=True)
+    if not forward:
+        sys.exit("no timed step: the input ended before the first turn")
     total = [f + b + u for f, b, u in zip(forward, backward, update)]
     return {
         "workload": name, "batch": batch, "seq_len": seq,
         "trainable_parameters": sum(p.numel() for p in params),
         "forward_ms": statistics.median(forward), "backward_ms": statistics.median(backward),
         "optimizer_ms": statistics.median(update), "step_ms": statistics.median(total),
-        "steps": steps, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "step_runs_ms": total, "steps": len(total), "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
 
 
@@ -109,11 +120,15 @@ def main():
     parser.add_argument("--workload", default="all", choices=["all"] + WORKLOADS)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--turns", action="store_true",
+                        help="take turns with another program step by step (one workload; as `ws2s bench train --turns`)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     args = parser.parse_args()
+    if args.turns and args.workload == "all":
+        parser.error("--turns times one workload: name it with --workload")
     torch.set_num_threads(args.threads)
     for name in WORKLOADS if args.workload == "all" else [args.workload]:
-        print(json.dumps(bench(name, args.warmup, args.steps)), flush=True)
+        print(json.dumps(bench(name, args.warmup, args.steps, args.turns)), flush=True)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ pub struct StepTimes {
     pub backward_ms: f64,
     pub optimizer_ms: f64,
     pub step_ms: f64,
+    /// Each timed step's time in order, in milliseconds.
+    pub step_runs_ms: Vec<f64>,
     pub steps: usize,
     pub threads: usize,
     /// "cpu" or "cuda", and the frozen weights' type.
@@ -125,11 +127,12 @@ fn build(name: &str, device: &Device, dtype: candle_core::DType) -> Result<Workl
     })
 }
 
-/// Runs `warmup` untimed and `steps` timed training steps of a workload.
+/// Runs `plan.warmup` untimed and `plan.repeats` timed training steps of a workload (with
+/// `plan.turns`, each timed step on cue, as [`Runs`] says).
 /// `precision` is the type of the frozen base (LoRA); trained weights are f32 whatever it says.
 pub fn bench_train(
     name: &str,
-    (warmup, steps): (usize, usize),
+    plan: Runs,
     precision: crate::ops::Precision,
     device: &Device,
 ) -> Result<StepTimes> {
@@ -148,7 +151,20 @@ pub fn bench_train(
     let labels = Tensor::from_vec(labels, (w.batch, 2), &device)?;
     let mut optimizer = AdamW::new(&w.vars, AdamWConfig::default());
     let (mut forward, mut backward, mut update) = (Vec::new(), Vec::new(), Vec::new());
-    for step in 0..warmup + steps {
+    let warmup = plan.warmup;
+    let mut turns = plan.turns.then(|| std::io::stdin().lock());
+    for step in 0..warmup + plan.repeats {
+        if step >= warmup {
+            if let Some(input) = turns.as_mut() {
+                use std::io::{BufRead, Write};
+                if step == warmup {
+                    writeln!(std::io::stderr(), "ready")?;
+                }
+                if input.read_line(&mut String::new())? == 0 {
+                    break;
+                }
+            }
+        }
         let t0 = Instant::now();
         let hidden = w.network.hidden(&ids, &mask, &mut w.network.new_cache())?;
         let logits = w.head.forward(&pool(&hidden, &mask, w.pooling)?)?;
@@ -167,9 +183,16 @@ pub fn bench_train(
             forward.push((t1 - t0).as_secs_f64() * 1e3);
             backward.push((t2 - t1).as_secs_f64() * 1e3);
             update.push((t3 - t2).as_secs_f64() * 1e3);
+            if turns.is_some() {
+                use std::io::Write;
+                writeln!(std::io::stderr(), "turn {:.6}", (t3 - t0).as_secs_f64())?;
+            }
         }
     }
-    let mut totals: Vec<f64> = (0..forward.len())
+    if forward.is_empty() {
+        bail!("no timed step: the input ended before the first turn");
+    }
+    let totals: Vec<f64> = (0..forward.len())
         .map(|i| forward[i] + backward[i] + update[i])
         .collect();
     Ok(StepTimes {
@@ -180,8 +203,9 @@ pub fn bench_train(
         forward_ms: median(&mut forward),
         backward_ms: median(&mut backward),
         optimizer_ms: median(&mut update),
-        step_ms: median(&mut totals),
-        steps,
+        step_ms: median(&mut totals.clone()),
+        steps: totals.len(),
+        step_runs_ms: totals,
         threads: rayon::current_num_threads(),
         device: if device.is_cpu() { "cpu" } else { "cuda" }.to_string(),
         precision: precision.name().to_string(),

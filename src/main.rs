@@ -3,7 +3,7 @@
 
 mod cli;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Parser;
 use cli::args::*;
 use cli::commands::*;
@@ -130,7 +130,11 @@ fn bench(command: BenchCommand) -> Result<()> {
             precision,
             device,
             json,
+            turns,
         } => {
+            if turns && workload == "all" {
+                bail!("bench train --turns times one workload: name it with --workload");
+            }
             let device = device.device()?;
             // Training computes in f32 on the CPU (the packed precisions are for inference only).
             let precision = match precision.resolve_on(Purpose::Decoding, &device)? {
@@ -143,7 +147,12 @@ fn bench(command: BenchCommand) -> Result<()> {
                 vec![workload.as_str()]
             };
             for name in names {
-                let times = ws2s::bench::bench_train(name, (warmup, steps), precision, &device)?;
+                let plan = ws2s::bench::Runs {
+                    warmup,
+                    repeats: steps,
+                    turns,
+                };
+                let times = ws2s::bench::bench_train(name, plan, precision, &device)?;
                 if json {
                     println!("{}", serde_json::to_string(&times)?);
                 } else {

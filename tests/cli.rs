@@ -486,6 +486,9 @@ fn a_bench_with_turns_runs_once_per_line_of_input() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("no timed run"), "{}", stderr(&out));
     assert!(stdout(&out).is_empty());
+    // Training takes turns one workload at a time (all four would print four `ready`s).
+    let out = ws2s(&["bench", "train", "--turns"]);
+    assert_bad_input(&out, &["--turns", "--workload"]);
 }
 
 #[test]

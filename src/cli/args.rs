@@ -234,6 +234,11 @@ pub(crate) enum BenchCommand {
         /// One JSON object per workload.
         #[arg(long)]
         json: bool,
+        /// Take turns with another program (one workload): after the warm-up print `ready` on
+        /// standard error, then before each timed step wait for a line on standard input and
+        /// after it print `turn SECONDS` (bench/compare.sh alternates ws2s and PyTorch so).
+        #[arg(long)]
+        turns: bool,
     },
     /// lgamma + digamma, forward and backward, fused against decomposed (token EDL's cost).
     Special {
