@@ -305,7 +305,8 @@ impl InferenceTimes {
             cpu_utilisation,
             threads: rayon::current_num_threads(),
             load_s,
-            warmup,
+            // As many as ran: at least one (time_runs).
+            warmup: warmup.max(1),
         }
     }
 }
@@ -407,7 +408,7 @@ fn load_for_inference(
 /// random token ids, with nothing cached.
 pub fn bench_forward(
     name: &str,
-    (batch, seq_len, repeats): (usize, usize, Runs),
+    (batch, seq_len, plan): (usize, usize, Runs),
     precision: crate::ops::Precision,
     device: &Device,
 ) -> Result<InferenceTimes> {
@@ -419,7 +420,7 @@ pub fn bench_forward(
         .collect();
     let ids = Tensor::from_vec(ids, (batch, seq_len), device)?;
     let mask = vec![vec![1u32; seq_len]; batch];
-    let (runs, median_s, cpu_utilisation) = time_runs(repeats, || {
+    let (runs, median_s, cpu_utilisation) = time_runs(plan, || {
         let hidden = model.network.hidden_parallel(&ids, &mask)?;
         hidden
             .sum_all()?
@@ -428,13 +429,7 @@ pub fn bench_forward(
         Ok(())
     })?;
     let workload = format!("forward {batch}x{seq_len}");
-    let timed = (
-        runs,
-        median_s,
-        cpu_utilisation,
-        load_s,
-        repeats.warmup.max(1),
-    );
+    let timed = (runs, median_s, cpu_utilisation, load_s, plan.warmup);
     Ok(InferenceTimes::new(
         name,
         &model,
@@ -449,7 +444,7 @@ pub fn bench_forward(
 /// token ids, exactly `new_tokens` new tokens each (no end-of-sequence token).
 pub fn bench_decode(
     name: &str,
-    (prompts, prompt_len, beams, new_tokens, repeats): (usize, usize, usize, usize, Runs),
+    (prompts, prompt_len, beams, new_tokens, plan): (usize, usize, usize, usize, Runs),
     precision: crate::ops::Precision,
     device: &Device,
 ) -> Result<InferenceTimes> {
@@ -473,7 +468,7 @@ pub fn bench_decode(
         n_best: 1,
         ..DecodeOptions::default()
     };
-    let (runs, median_s, cpu_utilisation) = time_runs(repeats, || {
+    let (runs, median_s, cpu_utilisation) = time_runs(plan, || {
         let out = generate(&model.network, &ids, &options, device)?;
         if out
             .iter()
@@ -484,13 +479,7 @@ pub fn bench_decode(
         Ok(())
     })?;
     let workload = format!("decode {prompts}x{prompt_len} beam {beams} +{new_tokens}");
-    let timed = (
-        runs,
-        median_s,
-        cpu_utilisation,
-        load_s,
-        repeats.warmup.max(1),
-    );
+    let timed = (runs, median_s, cpu_utilisation, load_s, plan.warmup);
     let mut times = InferenceTimes::new(
         name,
         &model,

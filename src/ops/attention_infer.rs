@@ -209,9 +209,13 @@ unsafe fn batch_head(
         o,
     );
     for i in 0..tq {
-        // Row i of batch bi, columns h D..(h + 1) D of out.
+        // Row i of batch bi, columns h D..(h + 1) D of out, 16 values at a time (d is a
+        // multiple of 16: `head` checks it): copies of a fixed size are inlined, where one of
+        // d values was a call to memcpy per row (MiniLM-L6: 32 calls of 128 bytes per head).
         let row = out.add((bi * tq + i) * qr + h * d);
-        std::ptr::copy_nonoverlapping(o.as_ptr().add(i * d), row, d);
+        for c in (0..d).step_by(16) {
+            std::ptr::copy_nonoverlapping(o.as_ptr().add(i * d + c), row.add(c), 16);
+        }
     }
 }
 
