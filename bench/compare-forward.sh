@@ -102,7 +102,7 @@ fi
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')
 flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|avx512f|avx512_bf16|avx512_vnni|avx_vnni|amx_bf16|amx_int8)$' | tr '\n' ' ')
 python3 - "$out/runs.jsonl" "$cpu" "$flags" "$threads" "$isa" "$warmup" <<'PY'
-import json, math, statistics, sys
+import json, statistics, sys
 path, cpu, flags, threads, isa, warmup = sys.argv[1:]
 rows = [json.loads(l) for l in open(path)]
 def key(r):
@@ -129,21 +129,8 @@ print(f"PyTorch {torch_version}; times are medians over runs (and rounds), each 
       "(the sides take turns run by run: bench/turns.py), with its distribution-free 95% interval\n")
 print("| model | workload | ws2s (precision, kernel) tok/s | CPU busy | PyTorch f32 tok/s | PyTorch bf16 tok/s | ratio | per round | per turn (95% CI), turns |")
 print("|---|---|---|---|---|---|---|---|---|")
-def median_interval(values):
-    """The median of `values` and its distribution-free 95% interval: order statistics j and
-    n + 1 - j, j the largest with P(Binomial(n, 1/2) < j) <= 0.025 (no interval below 6)."""
-    x = sorted(values)
-    n = len(x)
-    med = statistics.median(x)
-    j, below = 0, 0.0
-    while True:
-        below += math.comb(n, j) / 2 ** n  # P(B <= j)
-        if below > 0.025:
-            break
-        j += 1
-    if j == 0:
-        return med, None
-    return med, (x[j - 1], x[n - j])
+sys.path.insert(0, "bench")
+from turns import median_interval
 worst = {"forward": 0.0, "decode": 0.0}
 highest = {"forward": 0.0, "decode": 0.0}
 highest_upper = {"forward": 0.0, "decode": 0.0}

@@ -62,7 +62,7 @@ for workload in minilm-full minilm-lora qwen-full qwen-lora; do
   done
 done
 python3 - "$out/ws2s.jsonl" "$out/torch.jsonl" "$isa" <<'PY'
-import json, math, statistics, sys
+import json, statistics, sys
 
 def by_workload(path):
     runs = {}
@@ -75,17 +75,8 @@ def median(runs, key):
     return statistics.median(r[key] for r in runs)
 
 ours, theirs = by_workload(sys.argv[1]), by_workload(sys.argv[2])
-def median_interval(values):
-    """The median and its distribution-free 95% interval (order statistics j and n + 1 - j, j
-    the largest with P(Binomial(n, 1/2) < j) <= 0.025; None below 6 values)."""
-    x = sorted(values)
-    n, j, below = len(x), 0, 0.0
-    while True:
-        below += math.comb(n, j) / 2 ** n
-        if below > 0.025:
-            break
-        j += 1
-    return statistics.median(x), ((x[j - 1], x[n - j]) if j else None)
+sys.path.insert(0, "bench")
+from turns import median_interval
 print(f"{'workload':<12} {'ws2s ms':>9} {'torch ms':>9} {'ratio':>6} {'per step (95% CI)':>22}   (forward / backward / optimizer, ms: ws2s | torch)")
 worst = 0.0
 for name, runs in ours.items():

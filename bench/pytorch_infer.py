@@ -18,6 +18,8 @@ import time
 import torch
 import transformers
 
+from turns import Cues  # bench/turns.py, beside this script
+
 
 def cpu_seconds():
     u = resource.getrusage(resource.RUSAGE_SELF)
@@ -31,11 +33,10 @@ def timed(warmup, repeats, run, turns=False):
     on stderr; the runs end early where stdin ends."""
     for _ in range(max(1, warmup)):
         run()
-    if turns:
-        print("ready", file=sys.stderr, flush=True)
+    cues = Cues(turns)
     times, busy_s = [], 0.0
     for _ in range(max(1, repeats)):
-        if turns and not sys.stdin.readline():
+        if not cues.wait():
             break
         cpu0 = cpu_seconds()
         start = time.perf_counter()
@@ -43,8 +44,7 @@ def timed(warmup, repeats, run, turns=False):
         t = time.perf_counter() - start
         busy_s += cpu_seconds() - cpu0
         times.append(t)
-        if turns:
-            print(f"turn {t:.6f}", file=sys.stderr, flush=True)
+        cues.report(t)
     if not times:
         sys.exit("no timed run: the input ended before the first turn")
     return times, statistics.median(times), busy_s / sum(times) / torch.get_num_threads()

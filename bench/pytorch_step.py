@@ -15,6 +15,8 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from turns import Cues  # bench/turns.py, beside this script
 from transformers import BertConfig, BertModel, Qwen2Config, Qwen2Model
 
 WORKLOADS = ["minilm-full", "minilm-lora", "qwen-full", "qwen-lora"]
@@ -77,13 +79,12 @@ def bench(name, warmup, steps, turns=False):
     params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
     forward, backward, update = [], [], []
+    cues = None
     for step in range(warmup + steps):
-        if turns and step >= warmup:
-            # On cue, as `ws2s bench train --turns`: `ready` once, then a step per input line.
-            if step == warmup:
-                print("ready", file=sys.stderr, flush=True)
-            if not sys.stdin.readline():
-                break
+        if step == warmup:
+            cues = Cues(turns)
+        if cues and not cues.wait():
+            break
         t0 = time.perf_counter()
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
         pooled = hidden.mean(dim=1) if minilm else hidden[:, -1]
@@ -101,8 +102,7 @@ def bench(name, warmup, steps, turns=False):
             forward.append((t1 - t0) * 1e3)
             backward.append((t2 - t1) * 1e3)
             update.append((t3 - t2) * 1e3)
-            if turns:
-                print(f"turn {t3 - t0:.6f}", file=sys.stderr, flush=True)
+            cues.report(t3 - t0)
     if not forward:
         sys.exit("no timed step: the input ended before the first turn")
     total = [f + b + u for f, b, u in zip(forward, backward, update)]

@@ -10,12 +10,49 @@ same outside load: bench/compare-forward.sh pairs them turn by turn.
 Each CMD is one shell command whose standard output is one JSON object (its "runs" hold the
 times of its turns in order); each object is appended to OUT.jsonl as one line. Exits non-zero,
 appending nothing, if any side fails.
+
+Also the pieces the sides and the summaries share: `Cues` (a side's end of the protocol, in
+bench/pytorch_infer.py and bench/pytorch_step.py) and `median_interval` (compare-forward.sh and
+compare.sh).
 """
+import math
+import statistics
 import subprocess
 import sys
 import time
 
 PAUSE_S = 0.25
+
+
+class Cues:
+    """A side's end of the protocol (as `ws2s bench --turns`), inert without turns: `ready` on
+    stderr once the warm-up is done, a line read from stdin before each timed run (False at
+    the end of the input), `turn SECONDS` on stderr after it."""
+
+    def __init__(self, turns):
+        self.turns = turns
+        if turns:
+            print("ready", file=sys.stderr, flush=True)
+
+    def wait(self):
+        return not self.turns or bool(sys.stdin.readline())
+
+    def report(self, seconds):
+        if self.turns:
+            print(f"turn {seconds:.6f}", file=sys.stderr, flush=True)
+
+
+def median_interval(values):
+    """The median of `values` and its distribution-free 95% interval: order statistics j and
+    n + 1 - j, j the largest with P(Binomial(n, 1/2) < j) <= 0.025 (None below 6 values)."""
+    x = sorted(values)
+    n, j, below = len(x), 0, 0.0
+    while True:
+        below += math.comb(n, j) / 2 ** n  # P(B <= j)
+        if below > 0.025:
+            break
+        j += 1
+    return statistics.median(x), ((x[j - 1], x[n - j]) if j else None)
 
 
 def expect(proc, name, prefix):

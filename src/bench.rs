@@ -152,17 +152,14 @@ pub fn bench_train(
     let mut optimizer = AdamW::new(&w.vars, AdamWConfig::default());
     let (mut forward, mut backward, mut update) = (Vec::new(), Vec::new(), Vec::new());
     let warmup = plan.warmup;
-    let mut turns = plan.turns.then(|| std::io::stdin().lock());
+    let mut cues = None;
     for step in 0..warmup + plan.repeats {
-        if step >= warmup {
-            if let Some(input) = turns.as_mut() {
-                use std::io::{BufRead, Write};
-                if step == warmup {
-                    writeln!(std::io::stderr(), "ready")?;
-                }
-                if input.read_line(&mut String::new())? == 0 {
-                    break;
-                }
+        if step == warmup {
+            cues = Some(Cues::start(plan));
+        }
+        if let Some(cues) = cues.as_mut() {
+            if !cues.wait()? {
+                break;
             }
         }
         let t0 = Instant::now();
@@ -183,9 +180,8 @@ pub fn bench_train(
             forward.push((t1 - t0).as_secs_f64() * 1e3);
             backward.push((t2 - t1).as_secs_f64() * 1e3);
             update.push((t3 - t2).as_secs_f64() * 1e3);
-            if turns.is_some() {
-                use std::io::Write;
-                writeln!(std::io::stderr(), "turn {:.6}", (t3 - t0).as_secs_f64())?;
+            if let Some(cues) = &cues {
+                cues.report((t3 - t0).as_secs_f64());
             }
         }
     }
@@ -325,25 +321,49 @@ pub struct Runs {
     pub turns: bool,
 }
 
+/// The cue protocol of [`Runs::turns`] on this process's standard input and error (None
+/// without turns): `ready` once, a line read before each timed run, `turn SECONDS` after it.
+struct Cues(Option<std::io::StdinLock<'static>>);
+
+impl Cues {
+    /// After the warm-up: `ready` where the plan takes turns.
+    fn start(plan: Runs) -> Cues {
+        let cues = Cues(plan.turns.then(|| std::io::stdin().lock()));
+        if cues.0.is_some() {
+            eprintln!("ready");
+        }
+        cues
+    }
+
+    /// Before a timed run: whether to run it (false at the end of the input).
+    fn wait(&mut self) -> Result<bool> {
+        use std::io::BufRead;
+        match self.0.as_mut() {
+            Some(input) => Ok(input.read_line(&mut String::new())? > 0),
+            None => Ok(true),
+        }
+    }
+
+    /// After a timed run of `seconds`.
+    fn report(&self, seconds: f64) {
+        if self.0.is_some() {
+            eprintln!("turn {seconds:.6}");
+        }
+    }
+}
+
 /// `run` as `plan` says: (times, median, share of the threads' CPU time busy during the timed
 /// runs).
 fn time_runs(plan: Runs, mut run: impl FnMut() -> Result<()>) -> Result<(Vec<f64>, f64, f64)> {
-    use std::io::{BufRead, Write};
     for _ in 0..plan.warmup.max(1) {
         run()?;
     }
-    let mut turns = plan.turns.then(|| std::io::stdin().lock());
-    if turns.is_some() {
-        writeln!(std::io::stderr(), "ready")?;
-    }
+    let mut cues = Cues::start(plan);
     let mut busy_s = 0.0;
     let mut times = Vec::new();
     for _ in 0..plan.repeats.max(1) {
-        if let Some(input) = turns.as_mut() {
-            let mut line = String::new();
-            if input.read_line(&mut line)? == 0 {
-                break;
-            }
+        if !cues.wait()? {
+            break;
         }
         let cpu0 = cpu_seconds();
         let start = Instant::now();
@@ -351,9 +371,7 @@ fn time_runs(plan: Runs, mut run: impl FnMut() -> Result<()>) -> Result<(Vec<f64
         let t = start.elapsed().as_secs_f64();
         busy_s += cpu_seconds() - cpu0;
         times.push(t);
-        if turns.is_some() {
-            writeln!(std::io::stderr(), "turn {t:.6}")?;
-        }
+        cues.report(t);
     }
     if times.is_empty() {
         bail!("no timed run: the input ended before the first turn");
