@@ -7,7 +7,6 @@
 use super::config::ConfigJson;
 use super::nn::{self, LayerNorm, Linear};
 use super::params::Params;
-use crate::ops::int8::Epilogue;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -221,6 +220,9 @@ impl Bert {
         let attn_mask = nn::additive_mask(mask, t, false, None, device)?;
         let scale = 1.0 / ((c.hidden_size / c.num_heads) as f64).sqrt();
         let last = self.layers.len().saturating_sub(1);
+        // x already rotated and quantized for the next layer's projections (int8: made by the
+        // tasks of the previous layer's down projection).
+        let mut x_rows = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let keep = keep.filter(|_| i == last);
             // The fused layer computes every position.
@@ -230,20 +232,28 @@ impl Bert {
             };
             if let Some(y) = fused {
                 x = y;
+                x_rows = None;
                 continue;
             }
             let attention = [&layer.query, &layer.key, &layer.value];
             let quantized = match keep {
-                None => nn::int8_self_attention(&x, attention, &attn_mask, c.num_heads, scale)?,
+                None => nn::int8_self_attention(
+                    &x,
+                    x_rows.take(),
+                    attention,
+                    &attn_mask,
+                    c.num_heads,
+                    scale,
+                )?,
                 Some(_) => None,
             };
             let dense = &layer.attention_output_dense;
-            let a = match (quantized, dense.int8()) {
-                // The attention's output already quantized for its projection, the residual
-                // added as the projection stores.
+            let norm = &layer.attention_output_layer_norm;
+            let (a, a_rows) = match (quantized, dense.int8()) {
+                // The attention's output already quantized for its projection, whose tasks add
+                // the residual and norm their rows, quantized for the up projection too.
                 (Some(attn), Some(w)) => {
-                    let y = attn.linear_then(w, dense.bias.as_ref(), Epilogue::Add(&x))?;
-                    layer.attention_output_layer_norm.forward(&y)?
+                    norm.after_int8(&attn, (w, dense.bias.as_ref()), &x, true)?
                 }
                 _ => {
                     let [q, k, v] = nn::project_shared(&x, attention)?;
@@ -256,15 +266,15 @@ impl Bert {
                         scale,
                     )?;
                     let (attn, residual) = nn::kept_positions(attn, x, keep)?;
-                    layer
-                        .attention_output_layer_norm
-                        .forward_after(dense, &attn, &residual)?
+                    (norm.forward_after(dense, &attn, &residual)?, None)
                 }
             };
-            x = nn::gelu_mlp_norm(
+            (x, x_rows) = nn::gelu_mlp_norm(
                 &a,
+                a_rows,
                 (&layer.intermediate_dense, &layer.output_dense),
                 &layer.output_layer_norm,
+                i != last,
             )?;
         }
         Ok(x)

@@ -598,6 +598,7 @@ pub fn gelu_mlp(x: &Tensor, up: &Linear, down: &Linear) -> Result<Tensor> {
 /// where the layers are not packed in int8 or the shapes or kernel do not allow it.
 pub fn int8_self_attention(
     x: &Tensor,
+    quantized: Option<QuantizedInput>,
     layers: [&Linear; 3],
     mask: &Tensor,
     heads: usize,
@@ -623,7 +624,11 @@ pub fn int8_self_attention(
     let mask = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let biases = layers.map(|l| l.bias.as_ref());
     let weights = [(wq, biases[0]), (wk, biases[1]), (wv, biases[2])];
-    QuantizedInput::new(x)?.products_then(weights, (per_task * t, width), |r0, [q, k, v], out| {
+    let x = match quantized {
+        Some(x) => x,
+        None => QuantizedInput::new(x)?,
+    };
+    x.products_then(weights, (per_task * t, width), |r0, [q, k, v], out| {
         let (b0, seqs) = (r0 / t, out.len() / (t * width));
         let dims = crate::ops::attention::Dims {
             b: seqs,
@@ -640,20 +645,25 @@ pub fn int8_self_attention(
 
 /// norm([`gelu_mlp`](x) + x) (BERT's feed-forward block, its residual and post-norm): in int8
 /// the up projection's output reaches the down projection quantized
-/// ([`QuantizedInput::linear_quantized`]) and the residual is added in the down projection's
-/// epilogue.
+/// ([`QuantizedInput::linear_quantized`]), and the down projection's tasks add the residual and
+/// norm their rows ([`QuantizedInput::linear_add_norm`]), with `quantize` also quantizing them
+/// for the next product (the second result). `quantized`: x already quantized, if it is.
 pub fn gelu_mlp_norm(
     x: &Tensor,
+    quantized: Option<QuantizedInput>,
     (up, down): (&Linear, &Linear),
     norm: &LayerNorm,
-) -> Result<Tensor> {
+    quantize: bool,
+) -> Result<(Tensor, Option<QuantizedInput>)> {
     if let (Some(u), Some(d)) = (up.int8(), down.int8()) {
-        // The up projection's GELU output goes to the down projection already quantized
-        // (never stored whole in f32), the residual is added as the down projection stores.
-        let h = QuantizedInput::new(x)?.linear_quantized(u, up.bias.as_ref(), Epilogue::Gelu)?;
-        return norm.forward(&h.linear_then(d, down.bias.as_ref(), Epilogue::Add(x))?);
+        let x_rows = match quantized {
+            Some(q) => q,
+            None => QuantizedInput::new(x)?,
+        };
+        let h = x_rows.linear_quantized(u, up.bias.as_ref(), Epilogue::Gelu)?;
+        return norm.after_int8(&h, (d, down.bias.as_ref()), x, quantize);
     }
-    norm.forward_residual(&gelu_mlp(x, up, down)?, x)
+    Ok((norm.forward_residual(&gelu_mlp(x, up, down)?, x)?, None))
 }
 
 impl Module for Linear {
@@ -687,6 +697,35 @@ impl LayerNorm {
     /// LN(x + residual), the sum formed inside one op (post-norm blocks).
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         crate::ops::norm::layer_norm_residual(x, residual, &self.weight, &self.bias, self.eps)
+    }
+
+    /// Weight, bias and parameters of the norm row by row, as [`crate::ops::norm::layer_norm`]
+    /// applies it.
+    pub fn row_norm(&self) -> (&Tensor, Option<&Tensor>, crate::ops::simd::NormParams) {
+        let params = crate::ops::simd::NormParams {
+            eps: self.eps as f32,
+            centre: true,
+            offset: 0.0,
+        };
+        (&self.weight, Some(&self.bias), params)
+    }
+
+    /// LN(x W^T + b + residual) for int8 rows x (W, b: `layer`): the product's tasks add the
+    /// residual and norm their rows ([`QuantizedInput::linear_add_norm`]), with `quantize` also
+    /// quantized for the next product; where that path does not run, the residual added in
+    /// the product's epilogue, then the norm (not quantized).
+    pub fn after_int8(
+        &self,
+        x: &QuantizedInput,
+        layer: (&Int8Weight, Option<&Tensor>),
+        residual: &Tensor,
+        quantize: bool,
+    ) -> Result<(Tensor, Option<QuantizedInput>)> {
+        if let Some(made) = x.linear_add_norm(layer, residual, self.row_norm(), quantize)? {
+            return Ok(made);
+        }
+        let y = x.linear_then(layer.0, layer.1, Epilogue::Add(residual))?;
+        Ok((self.forward(&y)?, None))
     }
 
     /// LN(layer(x) + residual): in int8 the residual is added in the product's epilogue
@@ -1115,35 +1154,66 @@ mod tests {
 
     #[test]
     fn a_norm_after_a_product_and_its_residual_equals_the_norm_of_the_sum() {
-        // In int8 the residual is added in the product's epilogue (forward_after, and BERT's
-        // feed-forward block in gelu_mlp_norm): the same values as the sum's own op.
+        // In int8 the residual is added in the product's epilogue (forward_after), or by the
+        // product's tasks, which also norm the rows (after_int8, and BERT's feed-forward
+        // block in gelu_mlp_norm): the same values as the sum's own op. Rows quantized by
+        // those tasks give the same products as the values quantized afterwards. 3 x 5 rows
+        // (fewer than a tile: no tasks) and 3 x 40.
         let (k, n) = (150, 70);
-        let x = tensor(&[3, 5, k], 21, 2.0);
-        let residual = tensor(&[3, 5, n], 22, 3.0);
-        let norm = LayerNorm {
-            weight: tensor(&[n], 23, 1.0),
-            bias: tensor(&[n], 24, 1.0),
-            eps: 1e-12,
-        };
-        for precision in [Precision::Int8, Precision::F32] {
-            let l = linear(n, k, 25, precision);
-            let want = norm
-                .forward_residual(&l.forward(&x).unwrap(), &residual)
-                .unwrap();
-            let got = norm.forward_after(&l, &x, &residual).unwrap();
-            assert_eq!(bits(&got), bits(&want), "{precision:?}");
-            // up [k, n] then down [n, k] with a GELU between, the block's input as residual.
-            let (up, down) = (linear(k, n, 26, precision), linear(n, k, 27, precision));
-            let block = LayerNorm {
-                weight: tensor(&[n], 28, 1.0),
-                bias: tensor(&[n], 29, 1.0),
+        for t in [5, 40] {
+            let x = tensor(&[3, t, k], 21, 2.0);
+            let residual = tensor(&[3, t, n], 22, 3.0);
+            let norm = LayerNorm {
+                weight: tensor(&[n], 23, 1.0),
+                bias: tensor(&[n], 24, 1.0),
                 eps: 1e-12,
             };
-            let input = tensor(&[3, 5, n], 30, 1.0);
-            let mlp = gelu_mlp(&input, &up, &down).unwrap();
-            let want = block.forward_residual(&mlp, &input).unwrap();
-            let got = gelu_mlp_norm(&input, (&up, &down), &block).unwrap();
-            assert_eq!(bits(&got), bits(&want), "{precision:?}");
+            let next = linear(k, n, 31, Precision::Int8);
+            let same_rows = |got: Option<QuantizedInput>, values: &Tensor, what: &str| {
+                let Some(got) = got else { return };
+                let w = next.int8().unwrap();
+                let want = QuantizedInput::new(values)
+                    .unwrap()
+                    .linear(w, None)
+                    .unwrap();
+                assert_eq!(bits(&got.linear(w, None).unwrap()), bits(&want), "{what}");
+            };
+            for precision in [Precision::Int8, Precision::F32] {
+                let l = linear(n, k, 25, precision);
+                let want = norm
+                    .forward_residual(&l.forward(&x).unwrap(), &residual)
+                    .unwrap();
+                let got = norm.forward_after(&l, &x, &residual).unwrap();
+                assert_eq!(bits(&got), bits(&want), "{precision:?}");
+                if let Some(w) = l.int8() {
+                    let rows = QuantizedInput::new(&x).unwrap();
+                    for quantize in [false, true] {
+                        let (got, q) = norm
+                            .after_int8(&rows, (w, l.bias.as_ref()), &residual, quantize)
+                            .unwrap();
+                        assert_eq!(bits(&got), bits(&want), "after_int8 {t} {quantize}");
+                        assert!(quantize || q.is_none());
+                        same_rows(q, &want, "after_int8 rows");
+                    }
+                }
+                // up [k, n] then down [n, k] with a GELU between, the block's input as residual.
+                let (up, down) = (linear(k, n, 26, precision), linear(n, k, 27, precision));
+                let block = LayerNorm {
+                    weight: tensor(&[n], 28, 1.0),
+                    bias: tensor(&[n], 29, 1.0),
+                    eps: 1e-12,
+                };
+                let input = tensor(&[3, t, n], 30, 1.0);
+                let mlp = gelu_mlp(&input, &up, &down).unwrap();
+                let want = block.forward_residual(&mlp, &input).unwrap();
+                let ahead = QuantizedInput::new(&input).unwrap();
+                for quantized in [None, Some(ahead)] {
+                    let (got, rows) =
+                        gelu_mlp_norm(&input, quantized, (&up, &down), &block, true).unwrap();
+                    assert_eq!(bits(&got), bits(&want), "{precision:?} {t}");
+                    same_rows(rows, &want, "gelu_mlp_norm rows");
+                }
+            }
         }
     }
 
@@ -1165,7 +1235,7 @@ mod tests {
             let attn =
                 crate::ops::attention::attention(&qs, &ks, &vs, &mask, (heads, heads), scale);
             let want = out.forward(&attn.unwrap()).unwrap();
-            let fused = int8_self_attention(&x, [&q, &k, &v], &mask, heads, scale).unwrap();
+            let fused = int8_self_attention(&x, None, [&q, &k, &v], &mask, heads, scale).unwrap();
             match fused {
                 Some(a) => {
                     let got = a.linear(out.int8().unwrap(), out.bias.as_ref()).unwrap();
@@ -1182,7 +1252,7 @@ mod tests {
         let x = tensor(&[6, 16, h], 29, 1.0);
         let mask = additive_mask(&vec![vec![1; 16]; 6], 16, false, None, &Device::Cpu).unwrap();
         let f = linear(h, h, 30, Precision::F32);
-        let fused = int8_self_attention(&x, [&q, &k, &f], &mask, heads, scale).unwrap();
+        let fused = int8_self_attention(&x, None, [&q, &k, &f], &mask, heads, scale).unwrap();
         assert!(fused.is_none());
     }
 

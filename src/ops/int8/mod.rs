@@ -319,7 +319,7 @@ fn product_quantized(
     }
     quantized_tasks(x.m, (QUANTIZED_CHUNK, n), |r0, out| {
         let rows = x.rows(r0..(r0 + QUANTIZED_CHUNK).min(m));
-        panels_into(kernel, &rows, panels, then, out);
+        panels_into(kernel, &rows, panels, then.map(|_| std::ptr::null()), out);
     })
 }
 
@@ -344,6 +344,48 @@ pub fn products_then_quantized<const N: usize>(
     (rows_per_task, n_out): (usize, usize),
     f: impl Fn(usize, [&[f32]; N], &mut [f32]) + Sync,
 ) -> Option<Int8Rows> {
+    let made = products_then_rows(
+        kernel,
+        x,
+        weights,
+        (rows_per_task, n_out),
+        Keep::Quantized,
+        f,
+    );
+    made.and_then(|(_, rows)| rows)
+}
+
+/// What [`row_tasks`] keeps of the rows its tasks make.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Keep {
+    /// Only the rows rotated and quantized.
+    Quantized,
+    /// The f32 rows, whole.
+    Values,
+    /// Both.
+    Both,
+}
+
+impl Keep {
+    fn values(self) -> bool {
+        self != Keep::Quantized
+    }
+
+    fn quantized(self) -> bool {
+        self != Keep::Values
+    }
+}
+
+/// [`products_then_quantized`], keeping what `keep` says: the rows `f` made in f32 (written
+/// whole, [m, n_out]; empty unless kept) and/or quantized.
+fn products_then_rows<const N: usize>(
+    kernel: Kernel,
+    x: &Int8Rows,
+    weights: [Projection; N],
+    (rows_per_task, n_out): (usize, usize),
+    keep: Keep,
+    f: impl Fn(usize, [&[f32]; N], &mut [f32]) + Sync,
+) -> Option<(Vec<f32>, Option<Int8Rows>)> {
     let bytes: usize = weights.iter().map(|(w, _)| w.kp * w.n).sum();
     let ok = l2_tasks_run(kernel, x.m, bytes)
         && rows_per_task > 0
@@ -353,7 +395,7 @@ pub fn products_then_quantized<const N: usize>(
     }
     let widths = weights.map(|(w, _)| w.n);
     let total: usize = widths.iter().sum();
-    Some(quantized_tasks(x.m, (rows_per_task, n_out), |r0, out| {
+    Some(row_tasks(x.m, (rows_per_task, n_out), keep, |r0, out| {
         let rows = x.rows(r0..(r0 + rows_per_task).min(x.m));
         OUTPUTS.with(|buffer| {
             let mut buffer = buffer.borrow_mut();
@@ -363,7 +405,8 @@ pub fn products_then_quantized<const N: usize>(
             let mut parts: [&[f32]; N] = [&[]; N];
             for (i, (w, bias)) in weights.into_iter().enumerate() {
                 let (part, tail) = rest.split_at_mut(rows.m * widths[i]);
-                panels_into(kernel, &rows, Panels::One(w, bias), Epilogue::None, part);
+                let then = Epilogue::None;
+                panels_into(kernel, &rows, Panels::One(w, bias), then, part);
                 parts[i] = part;
                 rest = tail;
             }
@@ -372,13 +415,66 @@ pub fn products_then_quantized<const N: usize>(
     }))
 }
 
-/// The product of `panels` for `rows` (then `then`, no operand) into `out` [rows, n] with the
-/// AMX kernel (the AVX-512 one for fewer rows than a tile), on this thread.
+/// A LayerNorm or RMSNorm applied row by row ([`crate::ops::simd::norm_rows`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RowNorm<'a> {
+    pub weight: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub params: crate::ops::simd::NormParams,
+}
+
+/// norm(x W^T + bias + residual), row by row, in tasks of [`QUANTIZED_CHUNK`] rows whose
+/// products stay in L2 ([`products_then_rows`]): the f32 rows (whole, [m, n]) and, with
+/// `quantize`, the same rows rotated and quantized for the next product. Bit for bit
+/// `norm_rows` of [`matmul_then`] with `Epilogue::Add(residual)`, and [`Int8Rows::quantize`]
+/// of that (the sum's two terms commute): the product's output is never written whole and
+/// read back for the norm, nor the norm's for the quantization. None where the tasks do not
+/// run ([`l2_tasks_run`]; the caller's separate steps).
+pub fn product_add_norm(
+    kernel: Kernel,
+    x: &Int8Rows,
+    (w, bias): Projection,
+    residual: &[f32],
+    norm: RowNorm,
+    quantize: bool,
+) -> Option<(Vec<f32>, Option<Int8Rows>)> {
+    let n = w.n;
+    assert_eq!(
+        residual.len(),
+        x.m * n,
+        "int8 product: residual of the wrong size"
+    );
+    assert!(
+        norm.weight.len() == n && norm.bias.is_none_or(|b| b.len() == n),
+        "int8 product: norm of the wrong width"
+    );
+    if !(l2_tasks_run(kernel, x.m, w.kp * w.n) && w.kp == x.kp) {
+        return None;
+    }
+    let keep = if quantize { Keep::Both } else { Keep::Values };
+    Some(row_tasks(x.m, (QUANTIZED_CHUNK, n), keep, |r0, out| {
+        let rows = x.rows(r0..(r0 + QUANTIZED_CHUNK).min(x.m));
+        OUTPUTS.with(|buffer| {
+            let mut buffer = buffer.borrow_mut();
+            // Every value is written by the product before the norm reads it.
+            buffer.resize(QUANTIZED_CHUNK * n, 0.0);
+            let sums = &mut buffer[..rows.m * n];
+            // The residual's rows r0.. (m x n values, checked above).
+            let then = Epilogue::Add(residual[r0 * n..].as_ptr());
+            panels_into(kernel, &rows, Panels::One(w, bias), then, sums);
+            crate::ops::simd::norm_rows(sums, norm.weight, norm.bias, out, norm.params);
+        });
+    }))
+}
+
+/// The product of `panels` for `rows` (then `then`, whose operand, if any, holds the rows'
+/// [rows, n] values from its pointer on) into `out` [rows, n] with the AMX kernel (the
+/// AVX-512 one for fewer rows than a tile), on this thread.
 fn panels_into(
     kernel: Kernel,
     rows: &Rows,
     panels: Panels,
-    then: Epilogue<&[f32]>,
+    then: Epilogue<*const f32>,
     out: &mut [f32],
 ) {
     let n = panels.n();
@@ -390,9 +486,10 @@ fn panels_into(
     }
     for p in 0..panels.count() {
         let part = panels.part(p);
-        let tile = part.tile(n, then.map(|_| std::ptr::null()));
+        let tile = part.tile(n, then);
         // SAFETY: AMX is available (and configured where the rows fill a tile: they are
-        // padded to whole tiles); `out` holds the rows' outputs (checked above).
+        // padded to whole tiles); `out` holds the rows' outputs (checked above), the
+        // operand the caller's.
         unsafe {
             if tiles {
                 amx::panel(&tile, rows, out.as_mut_ptr());
@@ -415,31 +512,91 @@ fn quantized_tasks(
     (rows_per_task, n): (usize, usize),
     fill: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Int8Rows {
+    let (_, rows) = row_tasks(m, (rows_per_task, n), Keep::Quantized, fill);
+    rows.expect("quantized rows")
+}
+
+/// A task's part of [`row_tasks`]' quantized rows: values, scales, offset corrections.
+type QuantizedPart<'a> = (&'a mut [MaybeUninit<i8>], &'a mut [f32], &'a mut [i32]);
+
+/// Rows [m, n] made by tasks of `rows_per_task` rows as [`quantized_tasks`] makes them, kept
+/// as `keep` says: the f32 rows copied whole into the first result (empty unless kept), the
+/// rotated and quantized rows in the second (None unless kept).
+fn row_tasks(
+    m: usize,
+    (rows_per_task, n): (usize, usize),
+    keep: Keep,
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+) -> (Vec<f32>, Option<Int8Rows>) {
     let kp = round_up(n.max(1), BLOCK);
-    let (mut q, mut scales, mut corr) = Int8Rows::alloc(m, kp);
-    let spare = &mut q.spare_capacity_mut()[..m * kp];
-    spare
-        .par_chunks_mut(rows_per_task * kp)
-        .zip(scales.par_chunks_mut(rows_per_task))
-        .zip(corr.par_chunks_mut(rows_per_task))
-        .enumerate()
-        .for_each(|(c, ((q, scales), corr))| {
-            CHUNK.with(|chunk| {
-                let mut chunk = chunk.borrow_mut();
-                // Every value is written by `fill` before it is read.
-                chunk.resize(rows_per_task * n, 0.0);
-                let out = &mut chunk[..scales.len() * n];
-                fill(c * rows_per_task, out);
-                for (i, (q, (scale, corr))) in q
-                    .chunks_mut(kp)
-                    .zip(scales.iter_mut().zip(corr.iter_mut()))
-                    .enumerate()
-                {
-                    (*scale, *corr) = quantize_row(&out[i * n..(i + 1) * n], q);
-                }
+    let tasks = m.div_ceil(rows_per_task);
+    let mut values = Vec::<f32>::with_capacity(if keep.values() { m * n } else { 0 });
+    let (mut q, mut scales, mut corr) = if keep.quantized() {
+        Int8Rows::alloc(m, kp)
+    } else {
+        (Aligned::new(), Vec::new(), Vec::new())
+    };
+    {
+        let value_parts: Vec<&mut [MaybeUninit<f32>]> = if keep.values() {
+            values.spare_capacity_mut()[..m * n]
+                .chunks_mut(rows_per_task * n)
+                .collect()
+        } else {
+            (0..tasks).map(|_| Default::default()).collect()
+        };
+        let quantized_parts: Vec<Option<QuantizedPart>> = if keep.quantized() {
+            q.spare_capacity_mut()[..m * kp]
+                .chunks_mut(rows_per_task * kp)
+                .zip(scales.chunks_mut(rows_per_task))
+                .zip(corr.chunks_mut(rows_per_task))
+                .map(|((q, s), c)| Some((q, s, c)))
+                .collect()
+        } else {
+            (0..tasks).map(|_| None).collect()
+        };
+        value_parts
+            .into_par_iter()
+            .zip(quantized_parts)
+            .enumerate()
+            .for_each(|(c, (kept, quantized))| {
+                let r0 = c * rows_per_task;
+                let rows = rows_per_task.min(m - r0);
+                CHUNK.with(|chunk| {
+                    let mut chunk = chunk.borrow_mut();
+                    // Every value is written by `fill` before it is read.
+                    chunk.resize(rows_per_task * n, 0.0);
+                    let out = &mut chunk[..rows * n];
+                    fill(r0, out);
+                    if let Some((q, scales, corr)) = quantized {
+                        for (i, (q, (scale, corr))) in q
+                            .chunks_mut(kp)
+                            .zip(scales.iter_mut().zip(corr.iter_mut()))
+                            .enumerate()
+                        {
+                            (*scale, *corr) = quantize_row(&out[i * n..(i + 1) * n], q);
+                        }
+                    }
+                    if !kept.is_empty() {
+                        // SAFETY: `kept` holds this task's rows x n values, as `out` does.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                out.as_ptr(),
+                                kept.as_mut_ptr() as *mut f32,
+                                out.len(),
+                            )
+                        };
+                    }
+                });
             });
-        });
-    Int8Rows::padded(q, (m, kp), scales, corr)
+    }
+    if keep.values() {
+        // SAFETY: every task wrote all of its rows' values (m x n in all) above.
+        unsafe { values.set_len(m * n) };
+    }
+    let rows = keep
+        .quantized()
+        .then(|| Int8Rows::padded(q, (m, kp), scales, corr));
+    (values, rows)
 }
 
 /// Rows m.. of `q`'s [`padded_rows`] (rows of kp values, spare capacity) set to zero.
@@ -686,6 +843,61 @@ impl QuantizedInput {
             f,
         );
         Ok(rows.map(|rows| self.with_rows(rows)))
+    }
+
+    /// norm(x W^T + bias + residual) ([`product_add_norm`]): the f32 rows as a tensor [.., n],
+    /// and with `quantize` the same rows quantized for the next product. None where that path
+    /// does not run (the caller's separate steps).
+    pub fn linear_add_norm(
+        &self,
+        (w, bias): (&Int8Weight, Option<&Tensor>),
+        residual: &Tensor,
+        (norm_weight, norm_bias, params): (&Tensor, Option<&Tensor>, crate::ops::simd::NormParams),
+        quantize: bool,
+    ) -> Result<Option<(Tensor, Option<QuantizedInput>)>> {
+        if self.rows.kp != w.kp {
+            candle_core::bail!(
+                "int8 linear: input of width {} for a weight [{}, {}]",
+                self.rows.kp,
+                w.n,
+                w.k
+            );
+        }
+        let dims = self.output_dims(w.n);
+        let bias = bias_values(bias)?;
+        let weight = norm_weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let norm_bias = bias_values(norm_bias)?;
+        if weight.len() != w.n || norm_bias.as_ref().is_some_and(|b| b.len() != w.n) {
+            candle_core::bail!(
+                "int8 linear: a norm of width {} after {} outputs",
+                weight.len(),
+                w.n
+            );
+        }
+        let norm = RowNorm {
+            weight: &weight,
+            bias: norm_bias.as_deref(),
+            params,
+        };
+        let made = with_operand(Epilogue::Add(residual), &dims, |then| {
+            let Epilogue::Add(residual) = then else {
+                unreachable!("the operand is a residual")
+            };
+            let projection = (w, bias.as_deref());
+            Ok(product_add_norm(
+                Kernel::detected(),
+                &self.rows,
+                projection,
+                residual,
+                norm,
+                quantize,
+            ))
+        })?;
+        let Some((values, rows)) = made else {
+            return Ok(None);
+        };
+        let values = Tensor::from_vec(values, dims, &self.device)?;
+        Ok(Some((values, rows.map(|rows| self.with_rows(rows)))))
     }
 
     /// act(x G^T + bg) * (x U^T + bu) for the gate and up projections of a gated MLP, as one
@@ -1920,6 +2132,75 @@ mod tests {
                         &want,
                         &format!("{} gated {act:?} {m}x{k}x{n}", kernel.name()),
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_product_added_and_normed_in_tasks_equals_its_steps() {
+        // As above: rows below a tile, a partial task, a last task below a tile, several
+        // tasks; LayerNorm (with and without its bias) and RMSNorm. The values equal the
+        // product with the residual added in its epilogue, then `norm_rows`; the quantized
+        // rows, those values quantized. Where the tasks cannot run (no AMX, or fewer rows
+        // than a tile), None.
+        use crate::ops::simd::{norm_rows, NormParams};
+        for (m, k, n) in [(5, 96, 48), (40, 130, 80), (70, 64, 96), (150, 384, 200)] {
+            let x = random(m * k, 81, 2.0);
+            let rows = Int8Rows::quantize(&x, m, k);
+            let w = Int8Weight::pack(&random(n * k, 82, 0.3), n, k);
+            let bias = random(n, 83, 1.0);
+            let residual = random(m * n, 84, 3.0);
+            let (nw, nb) = (random(n, 85, 1.0), random(n, 86, 1.0));
+            let layer_norm = NormParams {
+                eps: 1e-12,
+                centre: true,
+                offset: 0.0,
+            };
+            let rms_norm = NormParams {
+                eps: 1e-6,
+                centre: false,
+                offset: 1.0,
+            };
+            let norms = [
+                (Some(&nb[..]), layer_norm),
+                (None, layer_norm),
+                (None, rms_norm),
+            ];
+            for kernel in Kernel::ALL.into_iter().filter(|k| k.available()) {
+                for (norm_bias, params) in norms {
+                    let sums =
+                        matmul_then(kernel, &rows, &w, Some(&bias), Epilogue::Add(&residual));
+                    let mut want = vec![0f32; m * n];
+                    norm_rows(&sums, &nw, norm_bias, &mut want, params);
+                    let norm = RowNorm {
+                        weight: &nw,
+                        bias: norm_bias,
+                        params,
+                    };
+                    let what = format!("{} {m}x{k}x{n} {params:?}", kernel.name());
+                    for quantize in [false, true] {
+                        let got = product_add_norm(
+                            kernel,
+                            &rows,
+                            (&w, Some(&bias)),
+                            &residual,
+                            norm,
+                            quantize,
+                        );
+                        let Some((values, q)) = got else {
+                            assert!(!l2_tasks_run(kernel, m, w.kp * w.n), "{what}: not run");
+                            continue;
+                        };
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&values), bits(&want), "{what}: values");
+                        match q {
+                            Some(q) => {
+                                assert_same_rows(&q, &Int8Rows::quantize(&want, m, n), &what)
+                            }
+                            None => assert!(!quantize, "{what}: not quantized"),
+                        }
+                    }
                 }
             }
         }
