@@ -1139,7 +1139,7 @@ pub enum Epilogue<R> {
     /// y as computed.
     None,
     /// y = gelu(y), the erf form (BERT's feed-forward block), by [`gelu::gelu`] (a table of
-    /// polynomials; within 1.3e-7 max(1, |y|) of the exact value).
+    /// polynomials; within 1.9e-6 max(1, |y|) of the exact value).
     Gelu,
     /// y = r + y (a residual connection).
     Add(R),
