@@ -855,14 +855,7 @@ impl QuantizedInput {
         (norm_weight, norm_bias, params): (&Tensor, Option<&Tensor>, crate::ops::simd::NormParams),
         quantize: bool,
     ) -> Result<Option<(Tensor, Option<QuantizedInput>)>> {
-        if self.rows.kp != w.kp {
-            candle_core::bail!(
-                "int8 linear: input of width {} for a weight [{}, {}]",
-                self.rows.kp,
-                w.n,
-                w.k
-            );
-        }
+        self.check_width(w)?;
         let dims = self.output_dims(w.n);
         let bias = bias_values(bias)?;
         let weight = norm_weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
@@ -925,6 +918,19 @@ impl QuantizedInput {
         Ok(Some(self.with_rows(rows)))
     }
 
+    /// An error unless these rows are as wide as `w`'s inputs.
+    fn check_width(&self, w: &Int8Weight) -> Result<()> {
+        if self.rows.kp != w.kp {
+            candle_core::bail!(
+                "int8 linear: input of width {} for a weight [{}, {}]",
+                self.rows.kp,
+                w.n,
+                w.k
+            );
+        }
+        Ok(())
+    }
+
     /// Rows made from these (one per input row), with this input's leading dimensions.
     fn with_rows(&self, rows: Int8Rows) -> QuantizedInput {
         QuantizedInput {
@@ -947,14 +953,7 @@ impl QuantizedInput {
         bias: Option<&Tensor>,
         then: Epilogue<&[f32]>,
     ) -> Result<Vec<f32>> {
-        if self.rows.kp != w.kp {
-            candle_core::bail!(
-                "int8 linear: input of width {} for a weight [{}, {}]",
-                self.rows.kp,
-                w.n,
-                w.k
-            );
-        }
+        self.check_width(w)?;
         let bias = bias_values(bias)?;
         Ok(matmul_then(
             Kernel::detected(),
