@@ -536,22 +536,41 @@ pub fn norm_rows(x: &[f32], w: &[f32], b: Option<&[f32]>, out: &mut [f32], p: No
     if has_avx512() {
         assert!(out.len() == x.len() && b.is_none_or(|b| b.len() == w.len()));
         // SAFETY: the CPU has AVX-512F; the lengths were checked.
-        return unsafe { norm_rows_avx512(x, w, b, out, p) };
+        return unsafe { norm_rows_avx512(x, w, b, out.as_mut_ptr(), p) };
     }
     norm_rows_lanes(x, w, b, out, p)
+}
+
+/// [`norm_rows`] into `out`, which may be uninitialized: its values are written, never read.
+/// With AVX-512 only (None without: the caller's other path).
+///
+/// # Safety
+/// `out` is valid for writes of `x.len()` values.
+pub(crate) unsafe fn norm_rows_uninit(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    out: *mut f32,
+    p: NormParams,
+) -> Option<()> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        assert!(
+            (w.is_empty() || x.len().is_multiple_of(w.len()))
+                && b.is_none_or(|b| b.len() == w.len())
+        );
+        norm_rows_avx512(x, w, b, out, p);
+        return Some(());
+    }
+    let _ = (x, w, b, out, p);
+    None
 }
 
 /// [`norm_rows`] with AVX-512: the row's sum and sum of squared deviations in four 16-lane
 /// accumulators each (tails masked), the output's operations as in [`norm_rows_lanes`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn norm_rows_avx512(
-    x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    out: &mut [f32],
-    p: NormParams,
-) {
+unsafe fn norm_rows_avx512(x: &[f32], w: &[f32], b: Option<&[f32]>, out: *mut f32, p: NormParams) {
     use std::arch::x86_64::*;
     let NormParams {
         eps,
@@ -565,7 +584,8 @@ unsafe fn norm_rows_avx512(
     let n = cols as f32;
     let lanes = |j: usize| tail_mask16(cols, j);
     let offset_v = _mm512_set1_ps(offset);
-    for (row, o) in x.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+    for (r, row) in x.chunks_exact(cols).enumerate() {
+        let o = out.add(r * cols);
         let rp = row.as_ptr();
         let mean = if centre {
             lane_sums16(rp, cols, |v| v) / n
@@ -587,7 +607,7 @@ unsafe fn norm_rows_avx512(
             if let Some(b) = b {
                 y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, b.as_ptr().add(j)));
             }
-            _mm512_mask_storeu_ps(o.as_mut_ptr().add(j), m, y);
+            _mm512_mask_storeu_ps(o.add(j), m, y);
             j += 16;
         }
     }

@@ -395,24 +395,43 @@ fn products_then_rows<const N: usize>(
     }
     let widths = weights.map(|(w, _)| w.n);
     let total: usize = widths.iter().sum();
-    Some(row_tasks(x.m, (rows_per_task, n_out), keep, |r0, out| {
-        let rows = x.rows(r0..(r0 + rows_per_task).min(x.m));
-        OUTPUTS.with(|buffer| {
-            let mut buffer = buffer.borrow_mut();
-            // Every value is written by the products before `f` reads it.
-            buffer.resize(rows_per_task * total, 0.0);
-            let mut rest = &mut buffer[..rows.m * total];
-            let mut parts: [&[f32]; N] = [&[]; N];
-            for (i, (w, bias)) in weights.into_iter().enumerate() {
-                let (part, tail) = rest.split_at_mut(rows.m * widths[i]);
-                let then = Epilogue::None;
-                panels_into(kernel, &rows, Panels::One(w, bias), then, part);
-                parts[i] = part;
-                rest = tail;
-            }
-            f(r0, parts, out);
-        });
-    }))
+    Some(row_tasks(
+        x.m,
+        (rows_per_task, n_out),
+        keep,
+        |r0, out, _| {
+            task_buffer(x, (r0, rows_per_task), total, |rows, buffer| {
+                // Every value is written by the products before `f` reads it.
+                let mut rest = buffer;
+                let mut parts: [&[f32]; N] = [&[]; N];
+                for (i, (w, bias)) in weights.into_iter().enumerate() {
+                    let (part, tail) = rest.split_at_mut(rows.m * widths[i]);
+                    let then = Epilogue::None;
+                    panels_into(kernel, rows, Panels::One(w, bias), then, part);
+                    parts[i] = part;
+                    rest = tail;
+                }
+                f(r0, parts, out);
+            });
+            false
+        },
+    ))
+}
+
+/// `f` on a task's rows r0.. of `x` (at most `rows_per_task`) and a buffer of this thread's
+/// (reused: it stays in L2) of `width` values per row, for their products.
+fn task_buffer<R>(
+    x: &Int8Rows,
+    (r0, rows_per_task): (usize, usize),
+    width: usize,
+    f: impl FnOnce(&Rows, &mut [f32]) -> R,
+) -> R {
+    let rows = x.rows(r0..(r0 + rows_per_task).min(x.m));
+    OUTPUTS.with(|buffer| {
+        let mut buffer = buffer.borrow_mut();
+        buffer.resize(rows_per_task * width, 0.0);
+        f(&rows, &mut buffer[..rows.m * width])
+    })
 }
 
 /// A LayerNorm or RMSNorm applied row by row ([`crate::ops::simd::norm_rows`]).
@@ -452,19 +471,39 @@ pub fn product_add_norm(
         return None;
     }
     let keep = if quantize { Keep::Both } else { Keep::Values };
-    Some(row_tasks(x.m, (QUANTIZED_CHUNK, n), keep, |r0, out| {
-        let rows = x.rows(r0..(r0 + QUANTIZED_CHUNK).min(x.m));
-        OUTPUTS.with(|buffer| {
-            let mut buffer = buffer.borrow_mut();
-            // Every value is written by the product before the norm reads it.
-            buffer.resize(QUANTIZED_CHUNK * n, 0.0);
-            let sums = &mut buffer[..rows.m * n];
-            // The residual's rows r0.. (m x n values, checked above).
-            let then = Epilogue::Add(residual[r0 * n..].as_ptr());
-            panels_into(kernel, &rows, Panels::One(w, bias), then, sums);
-            crate::ops::simd::norm_rows(sums, norm.weight, norm.bias, out, norm.params);
-        });
-    }))
+    Some(row_tasks(
+        x.m,
+        (QUANTIZED_CHUNK, n),
+        keep,
+        |r0, out, kept| {
+            task_buffer(x, (r0, QUANTIZED_CHUNK), n, |rows, sums| {
+                // Every value is written by the product before the norm reads it. The
+                // residual's rows r0.. (m x n values, checked above).
+                let then = Epilogue::Add(residual[r0 * n..].as_ptr());
+                panels_into(kernel, rows, Panels::One(w, bias), then, sums);
+                let (nw, nb, params) = (norm.weight, norm.bias, norm.params);
+                // Straight into the result where it is kept (its lines written once, not also a
+                // buffer's, then copied): this task's rows x n values.
+                if kept.len() == sums.len() {
+                    // SAFETY: `kept` holds sums.len() values.
+                    let done = unsafe {
+                        crate::ops::simd::norm_rows_uninit(
+                            sums,
+                            nw,
+                            nb,
+                            kept.as_mut_ptr().cast(),
+                            params,
+                        )
+                    };
+                    if done.is_some() {
+                        return true;
+                    }
+                }
+                crate::ops::simd::norm_rows(sums, nw, nb, out, params);
+                false
+            })
+        },
+    ))
 }
 
 /// The product of `panels` for `rows` (then `then`, whose operand, if any, holds the rows'
@@ -512,7 +551,10 @@ fn quantized_tasks(
     (rows_per_task, n): (usize, usize),
     fill: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Int8Rows {
-    let (_, rows) = row_tasks(m, (rows_per_task, n), Keep::Quantized, fill);
+    let (_, rows) = row_tasks(m, (rows_per_task, n), Keep::Quantized, |r0, out, _| {
+        fill(r0, out);
+        false
+    });
     rows.expect("quantized rows")
 }
 
@@ -520,13 +562,16 @@ fn quantized_tasks(
 type QuantizedPart<'a> = (&'a mut [MaybeUninit<i8>], &'a mut [f32], &'a mut [i32]);
 
 /// Rows [m, n] made by tasks of `rows_per_task` rows as [`quantized_tasks`] makes them, kept
-/// as `keep` says: the f32 rows copied whole into the first result (empty unless kept), the
-/// rotated and quantized rows in the second (None unless kept).
+/// as `keep` says: the f32 rows whole in the first result (empty unless kept), the rotated and
+/// quantized rows in the second (None unless kept). `fill(r0, out, kept)` writes the task's
+/// rows into `out` and returns false, or (where `kept`, the task's part of the first result,
+/// is not empty) may write every value of `kept` instead and return true; rows in `out` are
+/// copied into `kept`.
 fn row_tasks(
     m: usize,
     (rows_per_task, n): (usize, usize),
     keep: Keep,
-    fill: impl Fn(usize, &mut [f32]) + Sync,
+    fill: impl Fn(usize, &mut [f32], &mut [MaybeUninit<f32>]) -> bool + Sync,
 ) -> (Vec<f32>, Option<Int8Rows>) {
     let kp = round_up(n.max(1), BLOCK);
     let tasks = m.div_ceil(rows_per_task);
@@ -566,7 +611,13 @@ fn row_tasks(
                     // Every value is written by `fill` before it is read.
                     chunk.resize(rows_per_task * n, 0.0);
                     let out = &mut chunk[..rows * n];
-                    fill(r0, out);
+                    let in_kept = fill(r0, out, &mut *kept) && !kept.is_empty();
+                    let out: &[f32] = if in_kept {
+                        // SAFETY: `fill` wrote every value of `kept` (it said so).
+                        unsafe { std::slice::from_raw_parts(kept.as_ptr() as *const f32, rows * n) }
+                    } else {
+                        &*out
+                    };
                     if let Some((q, scales, corr)) = quantized {
                         for (i, (q, (scale, corr))) in q
                             .chunks_mut(kp)
@@ -576,7 +627,7 @@ fn row_tasks(
                             (*scale, *corr) = quantize_row(&out[i * n..(i + 1) * n], q);
                         }
                     }
-                    if !kept.is_empty() {
+                    if !kept.is_empty() && !in_kept {
                         // SAFETY: `kept` holds this task's rows x n values, as `out` does.
                         unsafe {
                             std::ptr::copy_nonoverlapping(
