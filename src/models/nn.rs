@@ -624,10 +624,7 @@ pub fn int8_self_attention(
     let mask = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let biases = layers.map(|l| l.bias.as_ref());
     let weights = [(wq, biases[0]), (wk, biases[1]), (wv, biases[2])];
-    let x = match quantized {
-        Some(x) => x,
-        None => QuantizedInput::new(x)?,
-    };
+    let x = quantized.map_or_else(|| QuantizedInput::new(x), Ok)?;
     x.products_then(weights, (per_task * t, width), |r0, [q, k, v], out| {
         let (b0, seqs) = (r0 / t, out.len() / (t * width));
         let dims = crate::ops::attention::Dims {
@@ -656,10 +653,7 @@ pub fn gelu_mlp_norm(
     quantize: bool,
 ) -> Result<(Tensor, Option<QuantizedInput>)> {
     if let (Some(u), Some(d)) = (up.int8(), down.int8()) {
-        let x_rows = match quantized {
-            Some(q) => q,
-            None => QuantizedInput::new(x)?,
-        };
+        let x_rows = quantized.map_or_else(|| QuantizedInput::new(x), Ok)?;
         let h = x_rows.linear_quantized(u, up.bias.as_ref(), Epilogue::Gelu)?;
         return norm.after_int8(&h, (d, down.bias.as_ref()), x, quantize);
     }
@@ -702,11 +696,7 @@ impl LayerNorm {
     /// Weight, bias and parameters of the norm row by row, as [`crate::ops::norm::layer_norm`]
     /// applies it.
     pub fn row_norm(&self) -> (&Tensor, Option<&Tensor>, crate::ops::simd::NormParams) {
-        let params = crate::ops::simd::NormParams {
-            eps: self.eps as f32,
-            centre: true,
-            offset: 0.0,
-        };
+        let params = crate::ops::norm::Norm::layer(self.eps).simd();
         (&self.weight, Some(&self.bias), params)
     }
 

@@ -335,11 +335,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     x.contiguous()?.apply_op3(
         &w.contiguous()?,
         &b.contiguous()?,
-        LayerNormOp(Norm {
-            eps,
-            centre: true,
-            unit_offset: false,
-        }),
+        LayerNormOp(Norm::layer(eps)),
     )
 }
 
@@ -447,11 +443,7 @@ pub fn layer_norm_residual(
         &r.contiguous()?,
         &Tensor::stack(&[w, b], 0)?,
         ResidualLayerNorm {
-            norm: Norm {
-                eps,
-                centre: true,
-                unit_offset: false,
-            },
+            norm: Norm::layer(eps),
             sum: Kept::default(),
             keep_sum: [x, r, w, b].iter().any(|t| t.track_op()),
         },

@@ -344,48 +344,6 @@ pub fn products_then_quantized<const N: usize>(
     (rows_per_task, n_out): (usize, usize),
     f: impl Fn(usize, [&[f32]; N], &mut [f32]) + Sync,
 ) -> Option<Int8Rows> {
-    let made = products_then_rows(
-        kernel,
-        x,
-        weights,
-        (rows_per_task, n_out),
-        Keep::Quantized,
-        f,
-    );
-    made.and_then(|(_, rows)| rows)
-}
-
-/// What [`row_tasks`] keeps of the rows its tasks make.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Keep {
-    /// Only the rows rotated and quantized.
-    Quantized,
-    /// The f32 rows, whole.
-    Values,
-    /// Both.
-    Both,
-}
-
-impl Keep {
-    fn values(self) -> bool {
-        self != Keep::Quantized
-    }
-
-    fn quantized(self) -> bool {
-        self != Keep::Values
-    }
-}
-
-/// [`products_then_quantized`], keeping what `keep` says: the rows `f` made in f32 (written
-/// whole, [m, n_out]; empty unless kept) and/or quantized.
-fn products_then_rows<const N: usize>(
-    kernel: Kernel,
-    x: &Int8Rows,
-    weights: [Projection; N],
-    (rows_per_task, n_out): (usize, usize),
-    keep: Keep,
-    f: impl Fn(usize, [&[f32]; N], &mut [f32]) + Sync,
-) -> Option<(Vec<f32>, Option<Int8Rows>)> {
     let bytes: usize = weights.iter().map(|(w, _)| w.kp * w.n).sum();
     let ok = l2_tasks_run(kernel, x.m, bytes)
         && rows_per_task > 0
@@ -395,27 +353,21 @@ fn products_then_rows<const N: usize>(
     }
     let widths = weights.map(|(w, _)| w.n);
     let total: usize = widths.iter().sum();
-    Some(row_tasks(
-        x.m,
-        (rows_per_task, n_out),
-        keep,
-        |r0, out, _| {
-            task_buffer(x, (r0, rows_per_task), total, |rows, buffer| {
-                // Every value is written by the products before `f` reads it.
-                let mut rest = buffer;
-                let mut parts: [&[f32]; N] = [&[]; N];
-                for (i, (w, bias)) in weights.into_iter().enumerate() {
-                    let (part, tail) = rest.split_at_mut(rows.m * widths[i]);
-                    let then = Epilogue::None;
-                    panels_into(kernel, rows, Panels::One(w, bias), then, part);
-                    parts[i] = part;
-                    rest = tail;
-                }
-                f(r0, parts, out);
-            });
-            false
-        },
-    ))
+    Some(quantized_tasks(x.m, (rows_per_task, n_out), |r0, out| {
+        task_buffer(x, (r0, rows_per_task), total, |rows, buffer| {
+            // Every value is written by the products before `f` reads it.
+            let mut rest = buffer;
+            let mut parts: [&[f32]; N] = [&[]; N];
+            for (i, (w, bias)) in weights.into_iter().enumerate() {
+                let (part, tail) = rest.split_at_mut(rows.m * widths[i]);
+                let then = Epilogue::None;
+                panels_into(kernel, rows, Panels::One(w, bias), then, part);
+                parts[i] = part;
+                rest = tail;
+            }
+            f(r0, parts, out);
+        });
+    }))
 }
 
 /// `f` on a task's rows r0.. of `x` (at most `rows_per_task`) and a buffer of this thread's
@@ -443,8 +395,9 @@ pub struct RowNorm<'a> {
 }
 
 /// norm(x W^T + bias + residual), row by row, in tasks of [`QUANTIZED_CHUNK`] rows whose
-/// products stay in L2 ([`products_then_rows`]): the f32 rows (whole, [m, n]) and, with
-/// `quantize`, the same rows rotated and quantized for the next product. Bit for bit
+/// products stay in L2 ([`row_tasks`], as in [`products_then_quantized`]): the f32 rows
+/// (whole, [m, n]) and, with `quantize`, the same rows rotated and quantized for the next
+/// product. Bit for bit
 /// `norm_rows` of [`matmul_then`] with `Epilogue::Add(residual)`, and [`Int8Rows::quantize`]
 /// of that (the sum's two terms commute): the product's output is never written whole and
 /// read back for the norm, nor the norm's for the quantization. None where the tasks do not
@@ -556,6 +509,27 @@ fn quantized_tasks(
         false
     });
     rows.expect("quantized rows")
+}
+
+/// What [`row_tasks`] keeps of the rows its tasks make.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Keep {
+    /// Only the rows rotated and quantized.
+    Quantized,
+    /// The f32 rows, whole.
+    Values,
+    /// Both.
+    Both,
+}
+
+impl Keep {
+    fn values(self) -> bool {
+        self != Keep::Quantized
+    }
+
+    fn quantized(self) -> bool {
+        self != Keep::Values
+    }
 }
 
 /// A task's part of [`row_tasks`]' quantized rows: values, scales, offset corrections.
