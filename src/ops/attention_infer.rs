@@ -91,15 +91,15 @@ pub(crate) fn forward_with(
     scale: f32,
 ) -> Vec<f32> {
     check(q, k, v, mask, dm);
-    let (b, tq, qr, heads) = (dm.b, dm.tq, dm.heads * dm.d, dm.heads);
+    let (b, tq, qr) = (dm.b, dm.tq, dm.heads * dm.d);
     let len = b * tq * qr;
     let mut out: Vec<f32> = Vec::with_capacity(len);
     let dst = SharedMut(out.as_mut_ptr());
-    (0..b * heads).into_par_iter().for_each_init(
+    (0..b * dm.kv_heads).into_par_iter().for_each_init(
         || Scratch::new(dm),
-        // SAFETY: one task per (batch, head); the sizes were checked above.
-        |scratch, bh| unsafe {
-            batch_head(path, (q, k, v, mask), dm, scale, scratch, bh, dst.ptr())
+        // SAFETY: one task per (batch, key/value head); the sizes were checked above.
+        |scratch, bg| unsafe {
+            batch_group(path, (q, k, v, mask), dm, scale, scratch, bg, dst.ptr())
         },
     );
     // SAFETY: every (batch, row, head) stripe was written above.
@@ -123,16 +123,16 @@ pub(crate) fn forward_serial(
         "attention: output too small"
     );
     let mut scratch = Scratch::new(dm);
-    for bh in 0..dm.b * dm.heads {
+    for bg in 0..dm.b * dm.kv_heads {
         // SAFETY: the sizes were checked above; this thread writes every stripe in turn.
         unsafe {
-            batch_head(
+            batch_group(
                 path,
                 (q, k, v, mask),
                 dm,
                 scale,
                 &mut scratch,
-                bh,
+                bg,
                 out.as_mut_ptr(),
             )
         };
@@ -176,63 +176,86 @@ impl Scratch {
     }
 }
 
-/// Batch bh / H, head bh % H, written to its stripe of `out` [B, Tq, H D].
+/// Batch bg / KVH, key/value head bg % KVH: the query heads that read it, each written to its
+/// stripe of `out` [B, Tq, H D]. K^T is formed once for all of them (with grouped-query
+/// attention, 2 key/value heads for 14 query heads in Qwen2.5-0.5B, forming it per query head
+/// cost six times the scores' arithmetic in decoding, one query row per beam).
 ///
 /// # Safety
 /// The operands' sizes checked ([`check`]); `out` holds B Tq H D values, and no other thread
-/// writes this stripe meanwhile.
+/// writes these stripes meanwhile.
 #[allow(clippy::too_many_arguments)]
-unsafe fn batch_head(
+unsafe fn batch_group(
     path: Path,
     (q, k, v, mask): (&[f32], &[f32], &[f32], &[f32]),
     dm: Dims,
     scale: f32,
     scratch: &mut Scratch,
-    bh: usize,
+    bg: usize,
     out: *mut f32,
 ) {
     let (tq, tk, d, heads) = (dm.tq, dm.tk, dm.d, dm.heads);
     let (qr, kr) = (heads * d, dm.kv_heads * d);
-    let (bi, h) = (bh / heads, bh % heads);
-    let g = h / (heads / dm.kv_heads);
+    let (bi, g) = (bg / dm.kv_heads, bg % dm.kv_heads);
+    let per_group = heads / dm.kv_heads;
     let Scratch { kt, s, o } = scratch;
-    head(
-        path,
-        &q[bi * tq * qr + h * d..],
-        qr,
-        (&k[bi * tk * kr + g * d..], &v[bi * tk * kr + g * d..]),
-        kr,
-        &mask[bi * tq * tk..(bi + 1) * tq * tk],
-        (tq, tk, d),
-        scale,
-        (kt, s),
-        o,
-    );
-    for i in 0..tq {
-        // Row i of batch bi, columns h D..(h + 1) D of out, 16 values at a time (d is a
-        // multiple of 16: `head` checks it): copies of a fixed size are inlined, where one of
-        // d values was a call to memcpy per row (MiniLM-L6: 32 calls of 128 bytes per head).
-        let row = out.add((bi * tq + i) * qr + h * d);
-        for c in (0..d).step_by(16) {
-            std::ptr::copy_nonoverlapping(o.as_ptr().add(i * d + c), row.add(c), 16);
+    let (k, v) = (&k[bi * tk * kr + g * d..], &v[bi * tk * kr + g * d..]);
+    assert!(tk == 0 || (k.len() > (tk - 1) * kr + d - 1 && v.len() > (tk - 1) * kr + d - 1));
+    assert!(kt.len() >= d * tk.next_multiple_of(KEYS) && d.is_multiple_of(16));
+    transpose_keys(path, k, kr, (tk, d), kt);
+    for h in g * per_group..(g + 1) * per_group {
+        head(
+            path,
+            &q[bi * tq * qr + h * d..],
+            qr,
+            (kt, v),
+            kr,
+            &mask[bi * tq * tk..(bi + 1) * tq * tk],
+            (tq, tk, d),
+            scale,
+            s,
+            o,
+        );
+        for i in 0..tq {
+            // Row i of batch bi, columns h D..(h + 1) D of out, 16 values at a time (d is a
+            // multiple of 16: checked above): copies of a fixed size are inlined, where one of
+            // d values was a call to memcpy per row (MiniLM-L6: 32 calls of 128 bytes per
+            // head).
+            let row = out.add((bi * tq + i) * qr + h * d);
+            for c in (0..d).step_by(16) {
+                std::ptr::copy_nonoverlapping(o.as_ptr().add(i * d + c), row.add(c), 16);
+            }
         }
     }
 }
 
-/// One (batch, head): o [tq, d] (rows d apart) from q rows `qr` apart, k and v rows `kr`
-/// apart (each head's d values at the start of its row) and the head's mask [tq, tk]; `kt` (d x
-/// tk rounded up to KEYS) and `s` (ROWS of those) are scratch. The widest vectors the CPU has.
+/// K [tk, d] (rows `kr` apart) into kt [d][tk rounded up to KEYS] with the widest vectors the
+/// CPU has.
+fn transpose_keys(path: Path, k: &[f32], kr: usize, (tk, d): (usize, usize), kt: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if path == Path::Avx512 {
+        // SAFETY: the CPU has AVX-512F (path); the caller checked the sizes.
+        return unsafe { x86::transpose_avx512(k, kr, (tk, d), kt) };
+    }
+    let _ = path;
+    transpose(k, kr, (tk, d), kt);
+}
+
+/// One (batch, head): o [tq, d] (rows d apart) from q rows `qr` apart, K^T `kt` (d x tk
+/// rounded up to KEYS, [`transpose_keys`]), v rows `kr` apart (the head's d values at the start
+/// of its row) and the head's mask [tq, tk]; `s` (ROWS x tk rounded up) is scratch. The widest
+/// vectors the CPU has.
 #[allow(clippy::too_many_arguments)]
 fn head(
     path: Path,
     q: &[f32],
     qr: usize,
-    (k, v): (&[f32], &[f32]),
+    (kt, v): (&[f32], &[f32]),
     kr: usize,
     mask: &[f32],
     (tq, tk, d): (usize, usize, usize),
     scale: f32,
-    (kt, s): (&mut [f32], &mut [f32]),
+    s: &mut [f32],
     o: &mut [f32],
 ) {
     let tkp = tk.next_multiple_of(KEYS);
@@ -240,7 +263,7 @@ fn head(
         q.len() > (tq - 1) * qr + d - 1 || tq == 0,
         "attention: q too short"
     );
-    assert!(tk == 0 || (k.len() > (tk - 1) * kr + d - 1 && v.len() > (tk - 1) * kr + d - 1));
+    assert!(tk == 0 || v.len() > (tk - 1) * kr + d - 1);
     assert!(mask.len() >= tq * tk && kt.len() >= d * tkp && s.len() >= ROWS * tkp);
     assert!(o.len() >= tq * d && d.is_multiple_of(16));
     let block = Block {
@@ -259,18 +282,13 @@ fn head(
     {
         if path == Path::Avx512 {
             // SAFETY: the CPU has AVX-512F (path); the sizes were checked above.
-            return unsafe {
-                x86::transpose_avx512(k, kr, (tk, d), kt);
-                block.all_avx512(tq, s, o)
-            };
+            return unsafe { block.all_avx512(tq, s, o) };
         }
         if path == Path::Avx2 {
-            transpose(k, kr, (tk, d), kt);
             // SAFETY: the CPU has AVX2 and FMA (path); the sizes were checked above.
             return unsafe { block.all_avx2(tq, s, o) };
         }
     }
-    transpose(k, kr, (tk, d), kt);
     // SAFETY: the sizes were checked above.
     unsafe { block.all::<Scalar, 4, 1>(tq, s, o) }
 }
@@ -665,7 +683,8 @@ mod tests {
     #[test]
     fn every_path_matches_the_definition() {
         // Fewer and more keys than a block of 32 (tails of 1 and 16), rows below and above a
-        // block of 8, heads of 16 to 64 values, grouped heads, a causal mask with padding.
+        // block of 8, heads of 16 to 64 values, grouped heads (up to three query heads per
+        // key/value head, one query row as in decoding), a causal mask with padding.
         let cases = [
             (2, 1, 1, 2, 1, 16),
             (1, 5, 5, 2, 2, 32),
@@ -674,6 +693,7 @@ mod tests {
             (2, 17, 17, 1, 1, 64),
             (1, 40, 70, 3, 3, 16),
             (1, 1, 64, 2, 1, 64),
+            (3, 1, 40, 6, 2, 32),
         ];
         for (case, &(b, tq, tk, heads, kv_heads, d)) in cases.iter().enumerate() {
             let dm = Dims {
@@ -713,6 +733,11 @@ mod tests {
                     );
                 }
             }
+            // On the caller's thread: the same values as the parallel path.
+            let mut serial = vec![0f32; want.len()];
+            forward_serial((&q, &k, &v), &mask, dm, scale, &mut serial);
+            let parallel = forward_with(Path::detected(), &q, &k, &v, &mask, dm, scale);
+            assert_eq!(serial, parallel, "case {case}");
         }
     }
 }
