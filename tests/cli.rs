@@ -390,8 +390,9 @@ fn every_bench_and_device_flag_parses() {
 
 #[test]
 fn a_cap_below_amx_keeps_decoding_off_the_tiles() {
-    // Decoding picks bf16x2 (AMX-BF16 tiles) where the CPU has them; WS2S_MAX_ISA=avx512 must
-    // take that path away like every other AMX kernel (it once did not).
+    // Decoding picks bf16x2 on the AMX-BF16 tiles where the CPU has them; WS2S_MAX_ISA=avx512
+    // must take the tiles away like every other AMX kernel (it once did not), leaving bf16x2 by
+    // AVX512-BF16 where the CPU has that, else f32; below AVX-512, f32.
     let tiny = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/models/llama_gguf/tiny-llama.gguf");
     let tiny = tiny.display().to_string();
@@ -420,7 +421,13 @@ fn a_cap_below_amx_keeps_decoding_off_the_tiles() {
             .unwrap();
         assert!(out.status.success(), "{cap}: {}", stderr(&out));
         let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-        assert_eq!(json["precision"], "f32", "{cap}: {json}");
+        let kernel = json["kernel"].as_str().unwrap_or_default();
+        assert!(!kernel.contains("amx"), "{cap}: {json}");
+        if cap == "avx512" && json["precision"] == "bf16x2" {
+            assert!(kernel.starts_with("avx512-bf16"), "{cap}: {json}");
+        } else {
+            assert_eq!(json["precision"], "f32", "{cap}: {json}");
+        }
     }
 }
 

@@ -132,7 +132,7 @@ pub(crate) enum StudyCommand {
     /// SciQ's valid split: probe accuracy on the features, greedy continuations, token
     /// log-probabilities.
     Precision {
-        /// Precisions compared with f32, comma-separated (bf16x2 needs a CPU with Intel AMX;
+        /// Precisions compared with f32, comma-separated (bf16x2 needs a CPU with AVX512-BF16 or Intel AMX;
         /// default: int8, and bf16x2 where the CPU has it).
         #[arg(long, value_delimiter = ',')]
         precisions: Vec<PrecisionSetting>,
@@ -201,7 +201,7 @@ pub(crate) struct GenerateArgs {
     /// Print each token with its log-probability.
     #[arg(long)]
     pub(crate) logprobs: bool,
-    /// Number type of the products: auto (bf16x2 on CPUs with Intel AMX-BF16, else f32: int8
+    /// Number type of the products: auto (bf16x2 on CPUs with AVX512-BF16 or Intel AMX-BF16, else f32: int8
     /// does not pass the greedy-decoding check), f32, int8 or bf16x2.
     #[arg(long, value_enum, default_value = "auto")]
     pub(crate) precision: PrecisionSetting,
@@ -260,7 +260,7 @@ pub(crate) enum BenchCommand {
         /// Tokens per sequence.
         #[arg(long, value_parser = at_least_one, default_value_t = 24)]
         seq_len: usize,
-        /// Number type of the products: f32, int8, bf16x2 (CPUs with Intel AMX), or auto (the
+        /// Number type of the products: f32, int8, bf16x2 (CPUs with AVX512-BF16 or Intel AMX), or auto (the
         /// fastest whose features pass the accuracy check on this CPU: int8 with AVX-512 VNNI,
         /// else f32).
         #[arg(long, value_enum, default_value = "auto")]
@@ -283,8 +283,8 @@ pub(crate) enum BenchCommand {
         beams: usize,
         #[arg(long, value_parser = at_least_one, default_value_t = 40)]
         new_tokens: usize,
-        /// Number type of the products: f32, int8, bf16x2 (CPUs with Intel AMX), or auto
-        /// (bf16x2 where the CPU has AMX-BF16, else f32: int8 does not pass the greedy check).
+        /// Number type of the products: f32, int8, bf16x2 (CPUs with AVX512-BF16 or Intel AMX), or auto
+        /// (bf16x2 where the CPU has AVX512-BF16 or AMX-BF16, else f32: int8 does not pass the greedy check).
         #[arg(long, value_enum, default_value = "auto")]
         precision: PrecisionSetting,
         #[command(flatten)]

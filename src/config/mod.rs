@@ -364,10 +364,10 @@ impl ExperimentConfig {
     fn check_values(&self) -> Result<()> {
         match (self.device, self.precision) {
             (crate::runtime::DeviceSetting::Cpu, PrecisionSetting::Bf16) => {
-                bail!("precision: bf16 is a GPU's precision (device = \"cuda\"); on the CPU use \"auto\", \"f32\", \"int8\" or \"bf16x2\" (CPUs with Intel AMX)")
+                bail!("precision: bf16 is a GPU's precision (device = \"cuda\"); on the CPU use \"auto\", \"f32\", \"int8\" or \"bf16x2\" (CPUs with AVX512-BF16 or Intel AMX)")
             }
             (crate::runtime::DeviceSetting::Cuda(_), PrecisionSetting::Bf16x2) => {
-                bail!("precision: bf16x2 runs on CPUs with Intel AMX only; with device = \"{}\" use \"auto\" (bf16) or \"f32\"", self.device)
+                bail!("precision: bf16x2 runs on CPUs only (with AVX512-BF16 or Intel AMX); with device = \"{}\" use \"auto\" (bf16) or \"f32\"", self.device)
             }
             (crate::runtime::DeviceSetting::Cuda(_), PrecisionSetting::Int8) => {
                 bail!("precision: int8 runs on the CPU only; with device = \"{}\" use \"auto\" (bf16) or \"f32\"", self.device)
@@ -608,7 +608,7 @@ weak_train = 10
         use crate::ops::{Precision, Purpose};
         let config = ExperimentConfig::parse(GOOD, Path::new("exp.toml")).unwrap();
         assert_eq!(config.precision, PrecisionSetting::Auto);
-        // Decoding never defaults to int8 (bf16x2 on CPUs with AMX-BF16, else f32); features
+        // Decoding never defaults to int8 (bf16x2 on CPUs with AVX512-BF16 or AMX-BF16, else f32); features
         // follow the CPU.
         let decoding = if crate::ops::bf16x2::available() {
             Precision::Bf16x2

@@ -38,7 +38,7 @@ pub enum PrecisionSetting {
     Int8,
     /// bf16 weights and activations: a GPU's precision.
     Bf16,
-    /// bf16 weights, activations as two bf16 (hi + lo): CPUs with Intel AMX-BF16.
+    /// bf16 weights, activations as two bf16 (hi + lo): CPUs with AVX512-BF16 or Intel AMX-BF16.
     Bf16x2,
 }
 
@@ -70,13 +70,13 @@ impl PrecisionSetting {
                 bail!("precision int8 runs on the CPU only; on a GPU use bf16 (auto) or f32")
             }
             (false, PrecisionSetting::Bf16x2) => {
-                bail!("precision bf16x2 runs on CPUs with Intel AMX only; on a GPU use bf16 (auto) or f32")
+                bail!("precision bf16x2 runs on CPUs only (with AVX512-BF16 or Intel AMX); on a GPU use bf16 (auto) or f32")
             }
             (true, PrecisionSetting::Bf16) => {
                 bail!(
                     "precision bf16 is a GPU's precision; on the CPU use auto, f32, int8{}",
                     if crate::ops::bf16x2::available() {
-                        " or bf16x2 (bf16 weights on this CPU's AMX tiles)"
+                        " or bf16x2 (bf16 weights, activations as two bf16)"
                     } else {
                         ""
                     }
@@ -84,9 +84,9 @@ impl PrecisionSetting {
             }
             (true, PrecisionSetting::Bf16x2) if !crate::ops::bf16x2::available() => {
                 bail!(
-                    "precision bf16x2 needs a CPU with Intel AMX-BF16 (Xeon 4th generation or \
-                     later) and Linux's permission to use its tiles; this one has none: use \
-                     auto, f32 or int8"
+                    "precision bf16x2 needs a CPU with AVX512-BF16 (AMD Zen 4 or later, Intel \
+                     Cooper Lake) or Intel AMX-BF16 (Xeon 4th generation or later); this one has \
+                     neither (or WS2S_MAX_ISA excludes them): use auto, f32 or int8"
                 )
             }
             (true, setting) => setting.resolve(purpose),
