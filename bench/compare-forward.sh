@@ -17,7 +17,7 @@
 #   bench/compare-forward.sh [--precision auto|f32|int8|bf16x2] [--repeats N] [--warmup N] [--rounds N]
 #                            [--models "a b .."] [--no-decode] [--isa native|avx512|avx2|avxvnni]
 # (--models "" measures decoding only; auto: int8 features where the CPU has AVX-512 VNNI,
-# bf16x2 decoding where it has AMX-BF16.)
+# bf16x2 decoding where it has AVX512-BF16 or AMX-BF16.)
 # --isa avx2 (or avxvnni) times the paths of a CPU without AVX-512 or AMX on this one, --isa
 # avx512 those of a CPU with AVX-512 but no AMX, both sides capped (bench/isa.sh says how).
 set -euo pipefail
