@@ -352,9 +352,7 @@ pub(super) fn describe_precision(precision: crate::ops::Precision) -> String {
         crate::ops::Precision::F32 => "f32".into(),
         crate::ops::Precision::Int8 => format!("int8 ({} kernel)", precision.kernel()),
         crate::ops::Precision::Bf16 => "bf16 (GPU)".into(),
-        crate::ops::Precision::Bf16x2 => {
-            format!("bf16x2 ({})", crate::ops::bf16x2::Kernel::detected().name())
-        }
+        crate::ops::Precision::Bf16x2 => format!("bf16x2 ({})", precision.kernel()),
     }
 }
 
