@@ -2,8 +2,11 @@
 
 use candle_core::{Result, Tensor};
 
-/// Per layer, the keys and values seen so far ([B, KVH, T, D], after RoPE, before head
-/// repetition), and the 0/1 mask of every position seen so far.
+/// Per layer, the keys and values seen so far (after RoPE, before head repetition), in the
+/// layout the model's attention reads, and the 0/1 mask of every position seen so far. Models
+/// with rotary attention keep [B, T, KVH D] (what [`crate::ops::attention::attention`] takes:
+/// no copy into heads and back per step), GPT-2 keeps [B, H, T, D]; [`KvCache::update`] is
+/// told which dimension is time.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -54,8 +57,15 @@ impl KvCache {
         (full, positions)
     }
 
-    /// Appends new keys and values of one layer; returns all of them.
-    pub fn update(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// Appends new keys and values of one layer along dimension `time` (the same for every call
+    /// on a layer); returns all of them, contiguous.
+    pub fn update(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        time: usize,
+    ) -> Result<(Tensor, Tensor)> {
         let (k, v) = if self.detached {
             (k.detach(), v.detach())
         } else {
@@ -63,7 +73,7 @@ impl KvCache {
         };
         let (k, v) = match &self.layers[layer] {
             None => (k.contiguous()?, v.contiguous()?),
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], time)?, Tensor::cat(&[pv, &v], time)?),
         };
         self.layers[layer] = Some((k.clone(), v.clone()));
         Ok((k, v))

@@ -138,7 +138,7 @@ impl Gpt2 {
             let q = nn::split_heads(&part(0)?, c.num_heads, head_dim)?;
             let k = nn::split_heads(&part(1)?, c.num_heads, head_dim)?;
             let v = nn::split_heads(&part(2)?, c.num_heads, head_dim)?;
-            let (k, v) = cache.update(i, &k, &v)?;
+            let (k, v) = cache.update(i, &k, &v, 2)?;
             let attn = nn::attention(&q, &k, &v, &attn_mask, scale)?;
             let (attn, residual) = nn::kept_positions(attn, x, keep.filter(|_| i == last))?;
             x = (residual + block.attn_c_proj.forward(&attn)?)?;

@@ -283,18 +283,13 @@ impl Llama {
         let attn_mask = nn::additive_mask(&full_mask, t, true, None, device)?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let mut x = self.embed_tokens.embed(ids)?;
-        let d = c.head_dim;
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             let keep = keep.filter(|_| i == last);
             if fresh && keep.is_none() {
                 let fused = layer.fused(&x, (&cos, &sin), &attn_mask, c, scale)?;
                 if let Some(out) = fused {
-                    let (k, v) = (
-                        nn::split_heads(&out.k, c.num_kv_heads, d)?,
-                        nn::split_heads(&out.v, c.num_kv_heads, d)?,
-                    );
-                    cache.update(i, &k, &v)?;
+                    cache.update(i, &out.k, &out.v, 1)?;
                     x = out.y;
                     continue;
                 }

@@ -911,22 +911,10 @@ pub fn rotary_gqa_attention(
     mask: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    let (b, t, width) = k.dims3()?;
-    let d = width / kv_heads;
     let q = crate::ops::rope::rope_bthd(q, cos, sin, heads)?;
     let k = crate::ops::rope::rope_bthd(k, cos, sin, kv_heads)?;
-    let (k_all, v_all) = cache.update(
-        layer,
-        &split_heads(&k, kv_heads, d)?,
-        &split_heads(v, kv_heads, d)?,
-    )?;
-    let tk = k_all.dim(2)?;
-    let (k, v) = if tk == t {
-        (k, v.clone())
-    } else {
-        let merge = |x: &Tensor| x.transpose(1, 2)?.contiguous()?.reshape((b, tk, width));
-        (merge(&k_all)?, merge(&v_all)?)
-    };
+    // The cache keeps [B, T, KVH D], the layout the attention reads.
+    let (k, v) = cache.update(layer, &k, v, 1)?;
     crate::ops::attention::attention(&q, &k, &v, mask, (heads, kv_heads), scale)
 }
 
