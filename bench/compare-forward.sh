@@ -131,9 +131,8 @@ print("| model | workload | ws2s (precision, kernel) tok/s | CPU busy | PyTorch 
 print("|---|---|---|---|---|---|---|---|---|")
 sys.path.insert(0, "bench")
 from turns import median_interval
-worst = {"forward": 0.0, "decode": 0.0}
-highest = {"forward": 0.0, "decode": 0.0}
-highest_upper = {"forward": 0.0, "decode": 0.0}
+# Per kind of workload measured (forward, decode): a kind not measured prints no line.
+worst, highest, highest_upper = {}, {}, {}
 for k in order:
     group = [r for r in rows if key(r) == k]
     def side(pred):
@@ -172,14 +171,16 @@ for k in order:
             per_turn += [x / y for x, y in zip(ours[0]["runs"], theirs[0]["runs"])]
     turn_median, turn_ci = median_interval(per_turn)
     interval = f"{turn_median:.2f} ({turn_ci[0]:.2f}-{turn_ci[1]:.2f}), {len(per_turn)}" if turn_ci else f"{turn_median:.2f}, {len(per_turn)}"
-    highest_upper[kind] = max(highest_upper[kind], turn_ci[1] if turn_ci else turn_median)
-    worst[kind] = max(worst[kind], ratio)
-    highest[kind] = max(highest[kind], max(per_round, default=ratio))
+    highest_upper[kind] = max(highest_upper.get(kind, 0.0), turn_ci[1] if turn_ci else turn_median)
+    worst[kind] = max(worst.get(kind, 0.0), ratio)
+    highest[kind] = max(highest.get(kind, 0.0), max(per_round, default=ratio))
     print(f"| {k[0]} | {k[1]} | {tokens / w:.0f} ({wr['precision']}, {wr['kernel']}) | {100 * wu:.0f}% (PyTorch {100 * min(fu, bu):.0f}-{100 * max(fu, bu):.0f}%) | {tokens / f:.0f} | {tokens / b:.0f} | {ratio:.2f} | {spread} | {interval} |")
 print()
-print(f"highest forward ratio of any round: {highest['forward']:.2f}")
-print(f"highest upper 95% bound of a forward's per-turn ratio: {highest_upper['forward']:.2f}")
-print(f"worst forward ratio: {worst['forward']:.2f}")
-print(f"worst decode ratio: {worst['decode']:.2f}")
+if "forward" in worst:
+    print(f"highest forward ratio of any round: {highest['forward']:.2f}")
+    print(f"highest upper 95% bound of a forward's per-turn ratio: {highest_upper['forward']:.2f}")
+for kind in ("forward", "decode"):
+    if kind in worst:
+        print(f"worst {kind} ratio: {worst[kind]:.2f}")
 print(f"worst ratio: {max(worst.values()):.2f}")
 PY
